@@ -1,0 +1,1 @@
+"""onnxcompress: compress recommender models in ONNX."""
