@@ -1,0 +1,3 @@
+from onnxcompress.cli import main
+
+main()

@@ -1,0 +1,182 @@
+"""``compress()``: load, run passes, stage the result beside OUT, prove parity, then commit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxcompress import io, runtime
+from onnxcompress.calibration import Calibration, Feeds, load_feeds, load_labels, synthesize_feeds
+from onnxcompress.errors import ParityFailedError, UsageError
+from onnxcompress.parity import LOSSLESS, LOSSY, Budgets, ParityResult, budget_with, compare
+from onnxcompress.passes.base import PassContext
+from onnxcompress.pipeline import Pipeline
+from onnxcompress.recipe import PassSpec, build_specs
+from onnxcompress.report import Report
+
+__all__ = ["compress"]
+
+Progress = Callable[[str], None]
+
+
+def _bytes_on_disk(model_path: Path, data_files: set[Path]) -> int:
+    return model_path.stat().st_size + sum(path.stat().st_size for path in data_files)
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in ("onnxcompress", "onnx-ir", "onnx", "onnxruntime", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def _budgets(
+    lossy: bool, tolerances: Mapping[str, float] | None, output_tolerances: Mapping[str, Mapping[str, float]] | None
+) -> Budgets:
+    default = budget_with(LOSSY if lossy else LOSSLESS, **dict(tolerances or {}))
+    per_output = {name: budget_with(default, **dict(values)) for name, values in (output_tolerances or {}).items()}
+    return Budgets(default, per_output)
+
+
+def compress(
+    in_path: str | Path,
+    out_path: str | Path,
+    passes: Sequence[str] | Sequence[PassSpec] = ("cleanup",),
+    *,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    assignments: Sequence[str] = (),
+    feeds: str | Path | None = None,
+    calib: str | Path | None = None,
+    labels: str | Path | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    tolerances: Mapping[str, float] | None = None,
+    output_tolerances: Mapping[str, Mapping[str, float]] | None = None,
+    parity: bool = True,
+    force: bool = False,
+    opt_level: str = "basic",
+    external_data: str = "auto",
+    rank_group: int | None = None,
+    progress: Progress | None = None,
+) -> Report:
+    """Compress ``in_path`` into ``out_path`` with the given passes, behind the parity gate.
+
+    Args:
+        passes: pass names (options from ``options``/``assignments``) or ready ``PassSpec`` objects.
+        options: per-pass option tables, as in a TOML recipe.
+        assignments: ``PASS.FIELD=VALUE`` strings that override ``options``.
+        feeds: an .npz keyed by graph input names; synthesized with a fixed seed when omitted.
+        calib: calibration rows for passes that need data (default: the feeds).
+        labels: a .npy of 0/1 labels aligned with the feeds, for AUC.
+        input_shapes: full shapes for synthesized inputs with symbolic dimensions.
+        tolerances: parity budget fields (``atol``, ``rtol``, ``min_cosine``, ``min_rank_corr``,
+            ``max_auc_drop``, ``max_mismatch``) replacing the default budget's.
+        output_tolerances: the same, per output name.
+        parity: False skips the check (the report says so).
+        force: write OUT even when parity fails (the report says so).
+        opt_level: onnxruntime graph optimisation level for the parity runs.
+        external_data: ``auto``, ``always`` or ``never``.
+        rank_group: rows per ranking group (e.g. items per user) for top-10 overlap and Spearman.
+
+    Raises:
+        CompressError: a subclass naming the problem; ``ParityFailedError`` carries the report.
+    """
+    notify = progress or (lambda _stage: None)
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    in_path, out_path = Path(in_path), Path(out_path)
+    if opt_level not in runtime.OPT_LEVELS:
+        raise UsageError(f"optimisation level {opt_level!r}; choose from {', '.join(runtime.OPT_LEVELS)}")
+    if external_data not in ("auto", "always", "never"):
+        raise UsageError(f"--external-data {external_data!r}; choose from auto, always, never")
+    if passes and isinstance(passes[0], PassSpec):
+        specs = list(passes)  # type: ignore[arg-type]
+    else:
+        specs = build_specs(list(passes), options, assignments)  # type: ignore[arg-type]
+
+    notify("loading")
+    clock = time.perf_counter()
+    model = io.load(in_path)
+    input_data = io.external_data_files(model)
+    io.check_output_path(in_path, out_path, input_data)
+    input_bytes = _bytes_on_disk(in_path, input_data)
+    seconds["load"] = time.perf_counter() - clock
+
+    if feeds is not None:
+        if input_shapes:
+            raise UsageError("--input-shape only shapes synthesized feeds; drop it or drop --feeds")
+        parity_feeds = load_feeds(Path(feeds), model)
+    else:
+        parity_feeds = synthesize_feeds(model, input_shapes)
+    label_array: np.ndarray | None = load_labels(Path(labels), parity_feeds.rows) if labels is not None else None
+    calib_feeds: Feeds = load_feeds(Path(calib), model, "--calib") if calib is not None else parity_feeds
+    pipeline = Pipeline(specs, PassContext(calibration=Calibration(calib_feeds)))
+    budgets = _budgets(pipeline.lossy, tolerances, output_tolerances)
+
+    reference: dict[str, np.ndarray] = {}
+    if parity:
+        notify("running the original")
+        clock = time.perf_counter()
+        reference = runtime.run(runtime.make_session(in_path, opt_level), parity_feeds.arrays)
+        seconds["reference_run"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    records = pipeline.run(model, on_pass=lambda name: notify(f"pass {name}"))
+    seconds["passes"] = time.perf_counter() - clock
+
+    notify("saving")
+    clock = time.perf_counter()
+    staged = io.stage(model, out_path, external_data)
+    seconds["save"] = time.perf_counter() - clock
+    try:
+        result = ParityResult(checked=False)
+        if parity:
+            notify("checking parity")
+            clock = time.perf_counter()
+            candidate = runtime.run(runtime.make_session(staged.model_path, opt_level), parity_feeds.arrays)
+            result = compare(
+                reference,
+                candidate,
+                budgets,
+                labels=label_array,
+                rank_group=rank_group,
+                opt_level=opt_level,
+                feeds=parity_feeds.source,
+            )
+            seconds["parity"] = time.perf_counter() - clock
+        write = not parity or result.passed or force
+        output_bytes = staged.bytes_on_disk
+        if write:
+            staged.commit()
+        seconds["total"] = time.perf_counter() - started
+        report = Report(
+            input_path=str(in_path),
+            output_path=str(out_path),
+            input_bytes=input_bytes,
+            output_bytes=output_bytes,
+            passes=tuple(records),
+            parity=result,
+            written=write,
+            forced=write and parity and not result.passed,
+            feeds=parity_feeds.source,
+            feed_notes=parity_feeds.notes,
+            calibration=calib_feeds.source if pipeline.lossy else "",
+            seconds=seconds,
+            versions=_versions(),
+        )
+        if not write:
+            names = ", ".join(output.name for output in result.failing)
+            raise ParityFailedError(
+                f"parity failed for {names}; nothing written (loosen the budget, or use --force to write anyway)",
+                report,
+            )
+        return report
+    finally:
+        staged.discard()

@@ -1,0 +1,413 @@
+"""Feeds for parity and calibration: read from .npz, or synthesized from the graph's signature.
+
+Synthesized integer inputs that index embedding tables are drawn inside the rows of the table they
+reach: the input is followed through Cast, Add/Sub of constant offsets, reshapes, Concat and
+column-selecting Gathers to every Gather whose data is an initializer, and the tightest valid range
+wins. The activation-capture helper runs onnxruntime with chosen intermediate values exposed as
+outputs, batch by batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress import runtime
+from onnxcompress.errors import UsageError
+
+__all__ = [
+    "DEFAULT_DIM",
+    "DEFAULT_ROWS",
+    "Calibration",
+    "Feeds",
+    "InputSpec",
+    "graph_inputs",
+    "id_ranges",
+    "load_feeds",
+    "load_labels",
+    "synthesize_feeds",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Rows synthesized for a symbolic first (batch) dimension.
+DEFAULT_ROWS = 512
+#: Size given to any other symbolic dimension.
+DEFAULT_DIM = 16
+#: Integer inputs that reach no embedding table are drawn from [0, this).
+DEFAULT_INT_HIGH = 10
+#: Id ranges wider than this are sampled in windows spread over the whole table: a random id in
+#: a memory-mapped table pages in a whole folio (about 1 MB here), so 512 uniform ids over five
+#: 512 MB tables would map 2 GB; windows keep it near 100 MB and still reach every region.
+WINDOWED_ID_RANGE = 1 << 17
+ID_WINDOWS = 32
+ID_WINDOW_ROWS = 64
+_INDEX_TRANSPARENT = frozenset(
+    {
+        "Cast",
+        "Identity",
+        "Reshape",
+        "Flatten",
+        "Unsqueeze",
+        "Squeeze",
+        "Concat",
+        "Slice",
+        "Split",
+        "Expand",
+        "Tile",
+        "Transpose",
+        "Clip",
+    }
+)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input that must be fed: name, numpy dtype and shape (str or None for symbolic dims)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+
+    def describe(self) -> str:
+        dims = "?" if self.shape is None else ",".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype.name}[{dims}]"
+
+
+def graph_inputs(model: ir.Model) -> list[InputSpec]:
+    """The inputs a caller must feed (inputs that are also initializers have defaults and are optional)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.is_initializer() or value.name is None:
+            continue
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        shape = (
+            None
+            if value.shape is None
+            else tuple(
+                dim if isinstance(dim, int) else (dim.value if isinstance(dim, ir.SymbolicDim) else None)
+                for dim in value.shape
+            )
+        )
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape))
+    return specs
+
+
+@dataclass(frozen=True)
+class Feeds:
+    """Named input arrays that share their first (row) dimension, and where they came from."""
+
+    arrays: Mapping[str, np.ndarray]
+    source: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        sizes = {array.shape[0] if array.ndim else 1 for array in self.arrays.values()}
+        return sizes.pop() if len(sizes) == 1 else 1
+
+    def head(self, rows: int) -> Feeds:
+        """The first ``rows`` rows (all of them if there are fewer)."""
+        if rows >= self.rows:
+            return self
+        arrays = {name: array[:rows] for name, array in self.arrays.items()}
+        return Feeds(arrays, f"{self.source}, first {rows} rows", self.notes)
+
+
+def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise UsageError(f"{what} {path}: no such file; give an .npz with one array per graph input")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise UsageError(f"{what} {path}: a single .npy array, expected an .npz keyed by input name")
+            return {name: archive[name] for name in archive.files}
+    except UsageError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise UsageError(f"{what} {path}: not a readable .npz file ({error}); save it with numpy.savez") from None
+
+
+def _check_feeds(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], what: str) -> None:
+    expected = ", ".join(spec.describe() for spec in specs)
+    wanted = {spec.name for spec in specs}
+    missing = sorted(wanted - set(arrays))
+    extra = sorted(set(arrays) - wanted)
+    if missing or extra:
+        problem = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing)}" if missing else "",
+                f"unknown {', '.join(extra)}" if extra else "",
+            )
+            if part
+        )
+        raise UsageError(f"{what}: {problem}; the model expects {expected}")
+    for spec in specs:
+        array = arrays[spec.name]
+        if array.dtype != spec.dtype:
+            raise UsageError(
+                f"{what}: {spec.name} is {array.dtype.name} but the model expects {spec.describe()}; "
+                f"convert it with .astype(np.{spec.dtype.name})"
+            )
+        if spec.shape is not None:
+            if array.ndim != len(spec.shape):
+                raise UsageError(
+                    f"{what}: {spec.name} has rank {array.ndim} (shape {list(array.shape)}) but the model "
+                    f"expects {spec.describe()}"
+                )
+            for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+                if isinstance(want, int) and got != want:
+                    raise UsageError(
+                        f"{what}: {spec.name} has {got} in dimension {axis} but the model expects {spec.describe()}"
+                    )
+    rows = {array.shape[0] for array in arrays.values() if array.ndim}
+    if len(rows) > 1:
+        raise UsageError(f"{what}: the inputs have different numbers of rows {sorted(rows)}; give all the same")
+
+
+def load_feeds(path: Path, model: ir.Model, what: str = "--feeds") -> Feeds:
+    """Read and validate an .npz whose keys are the graph input names."""
+    arrays = _read_npz(Path(path), f"{what} {path}")
+    _check_feeds(arrays, graph_inputs(model), f"{what} {path}")
+    return Feeds(arrays, f"{path} ({next(iter(arrays.values())).shape[0] if arrays else 0} rows)")
+
+
+def load_labels(path: Path, rows: int) -> np.ndarray:
+    """Read binary labels (.npy) aligned with the feeds' rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--labels {path}: no such file; give a .npy array with one label per feeds row")
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise UsageError(f"--labels {path}: not a readable .npy file ({error}); save it with numpy.save") from None
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "biuf":
+        raise UsageError(f"--labels {path}: expected a numeric .npy array of 0/1 labels")
+    labels = labels.reshape(-1)
+    if labels.size != rows:
+        raise UsageError(f"--labels {path}: has {labels.size} labels but the feeds have {rows} rows; align them")
+    values = np.unique(labels)
+    if not np.isin(values, (0, 1)).all():
+        raise UsageError(f"--labels {path}: labels must be 0 or 1, found values such as {values[:5].tolist()}")
+    return labels.astype(np.float32)
+
+
+# --- id ranges --------------------------------------------------------------------------------------
+
+Bounds = tuple[np.ndarray, np.ndarray]  # lower (inclusive), upper (exclusive); scalar or per last axis
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].as_tensor().numpy()
+    return None
+
+
+def _unbounded() -> Bounds:
+    return np.array(-np.inf), np.array(np.inf)
+
+
+def _collapse(bounds: Bounds) -> Bounds:
+    return np.array(bounds[0].max()), np.array(bounds[1].min())
+
+
+def _intersect(a: Bounds, b: Bounds) -> Bounds:
+    try:
+        return np.maximum(a[0], b[0]), np.minimum(a[1], b[1])
+    except ValueError:
+        return _intersect(_collapse(a), _collapse(b))
+
+
+def _value_bounds(value: ir.Value, depth: int = 0) -> Bounds:
+    """Valid values of ``value``'s elements implied by the Gathers it reaches."""
+    bounds = _unbounded()
+    if depth > 32:
+        return bounds
+    for node, index in value.uses():
+        bounds = _intersect(bounds, _use_bounds(node, index, depth))
+    return bounds
+
+
+def _use_bounds(node: ir.Node, index: int, depth: int) -> Bounds:
+    op = node.op_type
+    if op == "Gather" and index == 1:
+        table = node.inputs[0]
+        if table is not None and table.const_value is not None:
+            axis = node.attributes.get_int("axis", 0)
+            rows = table.const_value.shape[axis]
+            return np.array(0.0), np.array(float(rows))
+        return _unbounded()
+    if op == "Gather" and index == 0:
+        # Selecting columns of an id matrix (ids[:, k]): the column's bounds apply to column k only.
+        columns = _constant(node.inputs[1])
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        axis = node.attributes.get_int("axis", 0)
+        out = _collapse(_value_bounds(node.outputs[0], depth + 1))
+        if columns is None or rank is None or axis not in (rank - 1, -1) or node.inputs[0].shape[-1] is None:
+            return out
+        width = node.inputs[0].shape[-1]
+        if not isinstance(width, int):
+            return out
+        low, high = np.full(width, -np.inf), np.full(width, np.inf)
+        low[columns.reshape(-1)] = out[0]
+        high[columns.reshape(-1)] = out[1]
+        return low, high
+    if op in ("Add", "Sub") and len(node.inputs) == 2:
+        other = node.inputs[1 - index]
+        offset = _constant(other)
+        if offset is None:
+            return _unbounded()
+        out = _value_bounds(node.outputs[0], depth + 1)
+        offset = offset.astype(np.float64)
+        if offset.ndim > 1:
+            offset = offset.reshape(-1) if offset.size == offset.shape[-1] else np.array(offset.min())
+        if op == "Add":
+            return _intersect((out[0] - offset, out[1] - offset), _unbounded())
+        if index == 0:
+            return _intersect((out[0] + offset, out[1] + offset), _unbounded())
+        return _unbounded()
+    if op in ("Cast", "Identity"):
+        return _value_bounds(node.outputs[0], depth + 1)
+    if (op in _INDEX_TRANSPARENT and index == 0) or op == "Concat":
+        return _collapse(_value_bounds(node.outputs[0], depth + 1))
+    return _unbounded()
+
+
+def id_ranges(model: ir.Model) -> dict[str, Bounds]:
+    """For each integer graph input that reaches an embedding Gather: the valid [low, high) per column."""
+    ranges = {}
+    for value in model.graph.inputs:
+        if value.dtype is None or not value.dtype.is_integer() or value.is_initializer():
+            continue
+        low, high = _value_bounds(value)
+        if np.isfinite(high).any():
+            assert value.name is not None
+            ranges[value.name] = (np.maximum(low, 0.0), high)
+    return ranges
+
+
+def synthesize_feeds(
+    model: ir.Model,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    rows: int = DEFAULT_ROWS,
+    seed: int = 0,
+) -> Feeds:
+    """Random feeds from the graph signature, with a fixed seed.
+
+    Symbolic first dimensions get ``rows``, other symbolic dimensions ``DEFAULT_DIM``, unless
+    ``input_shapes`` names the full shape of an input.
+    """
+    input_shapes = dict(input_shapes or {})
+    specs = graph_inputs(model)
+    unknown = sorted(set(input_shapes) - {spec.name for spec in specs})
+    if unknown:
+        raise UsageError(
+            f"--input-shape names {', '.join(unknown)}, which the model does not take; inputs are: "
+            f"{', '.join(spec.describe() for spec in specs)}"
+        )
+    ranges = id_ranges(model)
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    notes = []
+    for spec in specs:
+        shape = _concrete_shape(spec, input_shapes.get(spec.name), rows)
+        if spec.dtype.kind == "f":
+            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            arrays[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        elif spec.dtype.kind in "iu":
+            low, high = ranges.get(spec.name, (np.array(0.0), np.array(float(DEFAULT_INT_HIGH))))
+            if (high <= low).any():
+                raise UsageError(
+                    f"cannot synthesize {spec.name}: the embedding tables it reaches leave no valid id; "
+                    f"give real inputs with --feeds"
+                )
+            low_b = np.broadcast_to(low, shape[-1:] if shape else ()).astype(np.int64)
+            high_b = np.broadcast_to(high, shape[-1:] if shape else ()).astype(np.int64)
+            arrays[spec.name] = _draw_ids(rng, low_b, high_b, shape).astype(spec.dtype)
+            span = (
+                f"[{int(low)}, {int(high)})"
+                if low.ndim == 0
+                else "per column " + ", ".join(f"[{int(a)}, {int(b)})" for a, b in zip(low_b, high_b, strict=True))
+            )
+            origin = "rows of the embedding tables it indexes" if spec.name in ranges else "no table reached"
+            if (high_b - low_b).max(initial=0) > WINDOWED_ID_RANGE:
+                origin += f"; {ID_WINDOWS} windows of {ID_WINDOW_ROWS} rows spread over the range"
+            notes.append(f"{spec.name} drawn from {span} ({origin})")
+        else:
+            raise UsageError(f"cannot synthesize {spec.describe()}; give real inputs with --feeds")
+    return Feeds(arrays, f"synthesized (seed {seed}, {rows} rows, other symbolic dims {DEFAULT_DIM})", tuple(notes))
+
+
+def _draw_ids(rng: np.random.Generator, low: np.ndarray, high: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform ids in [low, high), or for very wide ranges ids from windows spread evenly over it."""
+    if (high - low).max(initial=0) <= WINDOWED_ID_RANGE:
+        return rng.integers(low, high, size=shape)
+    span = np.maximum(high - low - ID_WINDOW_ROWS, 0)
+    window = rng.integers(0, ID_WINDOWS, size=shape)
+    starts = low + (span * window) // max(ID_WINDOWS - 1, 1)
+    return np.minimum(starts + rng.integers(0, ID_WINDOW_ROWS, size=shape), high - 1)
+
+
+def _concrete_shape(spec: InputSpec, override: Sequence[int] | None, rows: int) -> tuple[int, ...]:
+    if override is not None:
+        if spec.shape is not None and len(override) != len(spec.shape):
+            raise UsageError(
+                f"--input-shape {spec.name}: gives {len(override)} dimensions but the model expects {spec.describe()}"
+            )
+        return tuple(int(d) for d in override)
+    if spec.shape is None:
+        raise UsageError(f"{spec.name} has no declared shape; give it with --input-shape {spec.name}=D0,D1")
+    return tuple(
+        dim if isinstance(dim, int) else (rows if axis == 0 else DEFAULT_DIM) for axis, dim in enumerate(spec.shape)
+    )
+
+
+# --- activation capture ----------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """Calibration rows for passes that need data, and a way to read intermediate activations."""
+
+    feeds: Feeds
+    batch_size: int = 1024
+    opt_level: str = "disable"
+    notes: list[str] = field(default_factory=list)
+
+    def iter_capture(self, model: ir.Model, values: Sequence[ir.Value]) -> Iterator[dict[str, np.ndarray]]:
+        """Yield, batch by batch, the arrays of ``values`` (exposed as extra outputs) on the feeds."""
+        names = [value.name for value in values]
+        if any(name is None for name in names):
+            raise ValueError("every captured value needs a name")
+        graph_outputs = list(model.graph.outputs)
+        added = [value for value in values if value not in graph_outputs]
+        for value in added:
+            model.graph.outputs.append(value)
+        try:
+            session = runtime.make_session(model, self.opt_level)
+        finally:
+            for value in added:
+                model.graph.outputs.remove(value)
+        for batch in runtime.batches(self.feeds.arrays, self.batch_size):
+            yield runtime.run(session, batch, names, batch_size=None)  # type: ignore[arg-type]
+
+    def capture(self, model: ir.Model, values: Sequence[ir.Value]) -> dict[str, np.ndarray]:
+        """The arrays of ``values`` over all calibration rows (keep the list short: it is all in memory)."""
+        parts: dict[str, list[np.ndarray]] = {}
+        for batch in self.iter_capture(model, values):
+            for name, array in batch.items():
+                parts.setdefault(name, []).append(array)
+        return {name: np.concatenate(chunks, axis=0) for name, chunks in parts.items()}

@@ -1,0 +1,287 @@
+"""The ``onnxcompress`` command: a thin click layer over ``compress()`` that renders the report."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from onnxcompress.errors import EXIT_CODES, CompressError, ParityFailedError, UsageError
+
+__all__ = ["main"]
+
+EXIT_INTERNAL = 4
+EXIT_INTERRUPTED = 130
+TOLERANCE_OPTIONS = ("atol", "rtol", "min_cosine", "min_rank_corr", "max_auc_drop", "max_mismatch")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _list_passes(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from rich.console import Console
+
+    from onnxcompress.render import pass_catalogue
+
+    Console(highlight=False).print(pass_catalogue())
+    ctx.exit(0)
+
+
+def _split_passes(text: str | None) -> list[str]:
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+def _parse_shapes(values: Sequence[str]) -> dict[str, list[int]]:
+    shapes = {}
+    for text in values:
+        name, sep, dims = text.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name.strip()] = [int(dim) for dim in dims.split(",")]
+        except ValueError:
+            raise UsageError(f"--input-shape {text!r}: expected NAME=D0,D1,... such as ids=512,20") from None
+    return shapes
+
+
+def _parse_tolerances(option: str, values: Sequence[str]) -> tuple[float | None, dict[str, float]]:
+    overall: float | None = None
+    per_output: dict[str, float] = {}
+    for text in values:
+        name, sep, number = text.rpartition("=")
+        try:
+            value = float(number)
+        except ValueError:
+            raise UsageError(f"--{option.replace('_', '-')} {text!r}: expected a number or OUTPUT=NUMBER") from None
+        if sep:
+            per_output[name] = value
+        else:
+            overall = value
+    return overall, per_output
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.argument("in_path", metavar="IN", required=False, type=click.Path(path_type=Path))
+@click.argument("out_path", metavar="OUT", required=False, type=click.Path(path_type=Path))
+@click.option("-p", "--passes", help="Comma-separated passes to run in order, e.g. prune,quant.")
+@click.option(
+    "-s",
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="PASS.FIELD=VALUE",
+    help="Set a pass option (repeatable); see --list-passes.",
+)
+@click.option(
+    "--config",
+    "recipe",
+    type=click.Path(path_type=Path),
+    help="TOML recipe: optional passes = [...] and a [pass] table of options per pass.",
+)
+@click.option(
+    "--feeds",
+    type=click.Path(path_type=Path),
+    help=".npz keyed by graph input names; default: synthesized with a fixed seed.",
+)
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    help=".npz of calibration rows for passes that need data; default: the feeds.",
+)
+@click.option("--labels", type=click.Path(path_type=Path), help=".npy of 0/1 labels aligned with the feeds (AUC).")
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME=D0,D1",
+    help="Shape of a synthesized input with symbolic dims (repeatable).",
+)
+@click.option("--atol", multiple=True, metavar="[OUTPUT=]X", help="Max abs error (lossless default 1e-5).")
+@click.option("--rtol", multiple=True, metavar="[OUTPUT=]X", help="Relative tolerance added to atol.")
+@click.option("--min-cosine", multiple=True, metavar="[OUTPUT=]X", help="Min cosine similarity (lossy: 0.99).")
+@click.option(
+    "--min-rank-corr",
+    multiple=True,
+    metavar="[OUTPUT=]X",
+    help="Min Spearman rank correlation of score outputs (lossy default 0.99).",
+)
+@click.option(
+    "--max-auc-drop", multiple=True, metavar="[OUTPUT=]X", help="Max AUC drop with --labels (lossy default 0.003)."
+)
+@click.option(
+    "--max-mismatch",
+    multiple=True,
+    metavar="[OUTPUT=]X",
+    help="Max fraction of differing values in integer outputs (lossy default 0.01).",
+)
+@click.option(
+    "--rank-group",
+    type=click.IntRange(min=1),
+    help="Rows per ranking group (e.g. items per user) for top-10 overlap and Spearman.",
+)
+@click.option(
+    "--ort-opt-level",
+    default="basic",
+    show_default=True,
+    type=click.Choice(["disable", "basic", "extended", "all"]),
+    help="onnxruntime graph optimisation level for the parity runs.",
+)
+@click.option(
+    "--external-data",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "always", "never"]),
+    help="Write tensors to OUT.data: auto = when the input had external data or tensors exceed 256 MiB.",
+)
+@click.option("--no-parity", is_flag=True, help="Skip the parity check (the report says it was not checked).")
+@click.option("--force", is_flag=True, help="Write OUT even if parity fails (the report says so).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the report as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option(
+    "--list-passes",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_list_passes,
+    help="List the passes with their options, defaults and help, then exit.",
+)
+def command(
+    in_path: Path | None,
+    out_path: Path | None,
+    passes: str | None,
+    assignments: tuple[str, ...],
+    recipe: Path | None,
+    feeds: Path | None,
+    calib: Path | None,
+    labels: Path | None,
+    input_shapes: tuple[str, ...],
+    rank_group: int | None,
+    ort_opt_level: str,
+    external_data: str,
+    no_parity: bool,
+    force: bool,
+    report_path: Path | None,
+    debug: bool,
+    **tolerance_values: tuple[str, ...],
+) -> None:
+    """Compress the ONNX model IN into OUT, proving parity with onnxruntime before writing.
+
+    \b
+    Exit codes:
+    """
+    console = _console()
+    try:
+        if in_path is None or out_path is None:
+            raise UsageError("give IN and OUT, e.g. onnxcompress model.onnx small.onnx --passes cleanup")
+        from onnxcompress.recipe import read_recipe
+
+        recipe_passes, options = read_recipe(recipe) if recipe is not None else (None, {})
+        pass_names = _split_passes(passes) or recipe_passes or []
+        if not pass_names:
+            raise UsageError("no passes given; use --passes (see --list-passes) or a --config recipe with passes")
+        tolerances: dict[str, float] = {}
+        per_output: dict[str, dict[str, float]] = {}
+        for option in TOLERANCE_OPTIONS:
+            overall, outputs = _parse_tolerances(option, tolerance_values[option])
+            if overall is not None:
+                tolerances[option] = overall
+            for output, value in outputs.items():
+                per_output.setdefault(output, {})[option] = value
+        if report_path is not None and not report_path.resolve().parent.is_dir():
+            raise UsageError(f"--report {report_path}: the folder does not exist; create it first")
+        report = _run(
+            console,
+            in_path,
+            out_path,
+            pass_names,
+            options=options,
+            assignments=assignments,
+            feeds=feeds,
+            calib=calib,
+            labels=labels,
+            input_shapes=_parse_shapes(input_shapes),
+            tolerances=tolerances,
+            output_tolerances=per_output,
+            parity=not no_parity,
+            force=force,
+            opt_level=ort_opt_level,
+            external_data=external_data,
+            rank_group=rank_group,
+        )
+    except ParityFailedError as error:
+        from onnxcompress.render import report_view
+
+        console.print(report_view(error.report))
+        if report_path is not None:
+            report_path.write_text(error.report.to_json(), encoding="utf-8")
+        _fail(console, error, debug)
+    except CompressError as error:
+        _fail(console, error, debug)
+    except KeyboardInterrupt:
+        console.print("[bold red]error:[/] interrupted; nothing was written")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as error:
+        if debug:
+            raise
+        console.print(
+            f"[bold red]error:[/] internal error {type(error).__name__}: {error}; rerun with --debug and report it",
+            markup=True,
+        )
+        sys.exit(EXIT_INTERNAL)
+    from onnxcompress.render import report_view
+
+    console.print(report_view(report))
+    if report_path is not None:
+        report_path.write_text(report.to_json(), encoding="utf-8")
+
+
+def _run(console: Any, *args: Any, **kwargs: Any) -> Any:
+    from onnxcompress.api import compress
+
+    if not console.is_terminal:
+        return compress(*args, **kwargs)
+    with console.status("starting") as status:
+        return compress(*args, progress=lambda stage: status.update(stage), **kwargs)
+
+
+def _fail(console: Any, error: CompressError, debug: bool) -> None:
+    if debug:
+        raise error
+    from rich.text import Text
+
+    console.print(Text.assemble(("error: ", "bold red"), str(error)))
+    sys.exit(error.exit_code)
+
+
+command.help = (command.help or "") + "".join(
+    f"\n  {code}  {meaning}" for code, meaning in [*sorted(EXIT_CODES.items()), (EXIT_INTERNAL, "internal error")]
+)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: one-line usage errors, SIGTERM handled like Ctrl-C (nothing written)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        command.main(args=list(argv) if argv is not None else None, prog_name="onnxcompress", standalone_mode=False)
+    except click.UsageError as error:
+        click.echo(f"error: {error.format_message()} (see onnxcompress --help)", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("error: interrupted; nothing was written", err=True)
+        sys.exit(EXIT_INTERRUPTED)

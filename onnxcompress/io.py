@@ -1,0 +1,275 @@
+"""Load and save policy on onnx-ir: validated loads, external data, atomic writes.
+
+Loading memory-maps external data (nothing is copied until a pass touches a tensor). Saving goes
+to a staging folder beside OUT and is moved into place only when the caller commits, so a failed
+parity check, an error or an interrupt never leaves a partial OUT or data file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from onnxcompress.errors import InputModelError, OutputPathError
+
+__all__ = [
+    "AUTO_EXTERNAL_BYTES",
+    "StagedModel",
+    "check_output_path",
+    "data_file_for",
+    "external_data_files",
+    "initializer_bytes",
+    "load",
+    "stage",
+]
+
+logger = logging.getLogger(__name__)
+
+# Models whose tensors add up to more than this are written with external data even when the
+# input was a single file: a single-file model cannot exceed 2 GiB, and onnx-ir memory-maps
+# external data but must parse an embedded tensor into memory.
+AUTO_EXTERNAL_BYTES = 256 * 1024 * 1024
+# Tensors smaller than this stay inside the .onnx file even when external data is written.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+STAGING_PREFIX = ".onnxcompress-staging-"
+
+
+def data_file_for(out_path: Path) -> Path:
+    """The external-data file written next to OUT: ``OUT.data`` (e.g. ``model.onnx.data``)."""
+    return out_path.with_name(out_path.name + ".data")
+
+
+def _tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers, from dtype and shape only (no tensor is read)."""
+    return sum(tensor.nbytes for tensor in _tensors(model))
+
+
+def external_data_files(model: ir.Model) -> set[Path]:
+    """Resolved paths of every external-data file the model's tensors point into."""
+    return {Path(tensor.path).resolve() for tensor in _tensors(model) if isinstance(tensor, ir.ExternalTensor)}
+
+
+def _check_external_tensor(tensor: ir.ExternalTensor, model_dir: Path, model_name: str) -> None:
+    location = tensor.location
+    fix = f"re-export {model_name} with its external data next to it"
+    if Path(location).is_absolute():
+        raise InputModelError(
+            f"{model_name}: tensor {tensor.name!r} points to the absolute path {location!r}; "
+            f"external data must be a relative path inside the model's folder ({fix})"
+        )
+    target = model_dir / location
+    if not os.path.normpath(target).startswith(os.path.normpath(model_dir) + os.sep):
+        raise InputModelError(
+            f"{model_name}: tensor {tensor.name!r} points outside the model's folder ({location!r}); "
+            f"refusing to read it ({fix})"
+        )
+    resolved = target.resolve()
+    if not resolved.is_relative_to(model_dir.resolve()):
+        raise InputModelError(
+            f"{model_name}: external data {location!r} of tensor {tensor.name!r} is a link that leaves "
+            f"the model's folder; refusing to read it (copy the data file into the folder)"
+        )
+    if not resolved.is_file():
+        raise InputModelError(
+            f"{model_name}: external data file {location!r} (tensor {tensor.name!r}) is missing; "
+            f"copy it next to the model"
+        )
+    needed = (tensor.offset or 0) + tensor.nbytes
+    size = resolved.stat().st_size
+    if size < needed:
+        raise InputModelError(
+            f"{model_name}: external data file {location!r} has {size} bytes but tensor {tensor.name!r} "
+            f"needs {needed}; the data file is truncated or belongs to another model"
+        )
+
+
+def load(path: str | os.PathLike[str]) -> ir.Model:
+    """Load an ONNX model after checking the file, its external data and the ONNX checker.
+
+    Raises:
+        InputModelError: with a one-line message naming the problem and the fix.
+    """
+    path = Path(path)
+    name = str(path)
+    if not path.exists():
+        raise InputModelError(f"{name}: no such file; check the path")
+    if not path.is_file():
+        raise InputModelError(f"{name}: is not a file; give the path of a .onnx model")
+    if path.stat().st_size == 0:
+        raise InputModelError(f"{name}: the file is empty; re-export the model")
+    try:
+        model = ir.load(path)
+    except Exception as error:
+        raise InputModelError(
+            f"{name}: not a readable ONNX model (the file is truncated, corrupted or not ONNX: "
+            f"{_first_line(error)}); re-export it"
+        ) from error
+    if not model.graph.outputs:
+        raise InputModelError(f"{name}: not an ONNX model with a graph (no graph outputs); re-export it")
+    model_dir = path.resolve().parent
+    for tensor in _tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            _check_external_tensor(tensor, model_dir, name)
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as error:
+        raise InputModelError(
+            f"{name}: fails the ONNX checker: {_first_line(error)}; fix the graph or re-export the model"
+        ) from error
+    return model
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    line = next((part.strip() for part in text.splitlines() if part.strip()), text)
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def check_output_path(in_path: Path, out_path: Path, input_data_files: set[Path]) -> None:
+    """Refuse OUT when writing it could damage the input or cannot succeed."""
+    out_resolved = out_path.resolve()
+    if out_resolved == in_path.resolve():
+        raise OutputPathError(f"{out_path}: OUT is the input model; choose a different output path")
+    out_data = data_file_for(out_resolved)
+    for data_file in input_data_files:
+        if data_file in (out_resolved, out_data):
+            raise OutputPathError(
+                f"{out_path}: writing OUT would overwrite the input's external data {data_file.name}; "
+                f"choose a different output name"
+            )
+    if out_path.is_dir():
+        raise OutputPathError(f"{out_path}: is a directory; give a file name such as {out_path / 'model.onnx'}")
+    folder = out_resolved.parent
+    if not folder.is_dir():
+        raise OutputPathError(f"{out_path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{out_path}: the folder {folder} is not writable; choose another output path")
+
+
+@dataclass
+class StagedModel:
+    """A model saved into a staging folder beside OUT, not yet visible under OUT's name."""
+
+    staging_dir: Path
+    model_path: Path
+    data_path: Path | None
+    out_path: Path
+
+    @property
+    def bytes_on_disk(self) -> int:
+        size = self.model_path.stat().st_size
+        return size + (self.data_path.stat().st_size if self.data_path else 0)
+
+    def commit(self) -> None:
+        """Move the staged files into place; OUT's data file first, so OUT never points at nothing."""
+        final_data = data_file_for(self.out_path)
+        with _signals_deferred():
+            if self.data_path is not None:
+                self.data_path.replace(final_data)
+            self.model_path.replace(self.out_path)
+            if self.data_path is None and final_data.exists():
+                # A previous OUT's data file would otherwise be left behind, now unreferenced.
+                final_data.unlink()
+        self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the two renames of a commit run, so OUT and its data stay paired."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _uses_external_data(model: ir.Model, external_data: str) -> bool:
+    if external_data == "always":
+        return True
+    if external_data == "never":
+        return False
+    has_external = any(isinstance(tensor, ir.ExternalTensor) for tensor in _tensors(model))
+    return has_external or initializer_bytes(model) > AUTO_EXTERNAL_BYTES
+
+
+def _embed_external_tensors(model: ir.Model) -> None:
+    """Read external tensors into memory so a single-file save does not point at the input's data."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                value.const_value = ir.tensor(tensor.numpy(), name=tensor.name)
+
+
+def stage(model: ir.Model, out_path: Path, external_data: str = "auto") -> StagedModel:
+    """Save ``model`` into a staging folder beside OUT (same file system, so commit is a rename).
+
+    Args:
+        external_data: ``auto`` (external when the input had it or tensors exceed 256 MiB),
+            ``always`` or ``never``.
+
+    Raises:
+        OutputPathError: the folder is not writable or the disk is full.
+    """
+    out_path = out_path.resolve()
+    try:
+        staging_dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_path.parent))
+    except OSError as error:
+        raise OutputPathError(f"{out_path}: cannot write in {out_path.parent}: {error.strerror}") from error
+    model_path = staging_dir / out_path.name
+    data_path = staging_dir / data_file_for(out_path).name
+    try:
+        if _uses_external_data(model, external_data):
+            ir.save(
+                model,
+                model_path,
+                external_data=data_path.name,
+                size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
+            )
+        else:
+            if initializer_bytes(model) > 2**31 - 2**20:
+                raise OutputPathError(
+                    f"{out_path}: the model's tensors exceed the 2 GiB single-file limit; "
+                    f"use --external-data auto or always"
+                )
+            _embed_external_tensors(model)
+            ir.save(model, model_path)
+    except OSError as error:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        raise OutputPathError(
+            f"{out_path}: writing failed: {error.strerror or error}; free space or choose another output folder"
+        ) from error
+    except BaseException:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        raise
+    return StagedModel(
+        staging_dir=staging_dir,
+        model_path=model_path,
+        data_path=data_path if data_path.exists() else None,
+        out_path=out_path,
+    )

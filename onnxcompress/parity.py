@@ -1,0 +1,242 @@
+"""The parity gate: compare the original and the compressed model's outputs on the same feeds.
+
+Every output gets error statistics (max/mean abs, max rel, cosine); score outputs (one value per
+row, or the positive column of a two-class probability output) also get rank agreement (Spearman,
+top-10 overlap) and AUC against labels when given. A budget decides pass/fail per output, and the
+result records the smallest tolerances that would have passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxcompress.metrics import auc, spearman, top_k_overlap
+
+__all__ = ["LOSSLESS", "LOSSY", "Budget", "Budgets", "OutputComparison", "ParityResult", "compare"]
+
+#: Elements whose reference magnitude is below this are left out of the relative error.
+REL_ERROR_FLOOR = 1e-6
+TOP_K = 10
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Tolerances for one output. ``None`` means the figure is reported but not checked.
+
+    A float output passes when, elementwise, ``|candidate - reference| <= atol + rtol * |reference|``
+    and the cosine, rank correlation and AUC drop are within their bounds. Integer and boolean
+    outputs pass when the fraction of differing elements is at most ``max_mismatch``.
+    """
+
+    atol: float | None = None
+    rtol: float = 0.0
+    min_cosine: float | None = None
+    min_rank_corr: float | None = None
+    max_auc_drop: float | None = None
+    max_mismatch: float = 0.0
+
+
+#: Default for pipelines of lossless passes only: outputs must agree to 1e-5.
+LOSSLESS = Budget(atol=1e-5)
+#: Default once a lossy pass runs: ranking must be preserved, values may move.
+LOSSY = Budget(min_cosine=0.99, min_rank_corr=0.99, max_auc_drop=0.003, max_mismatch=0.01)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """A default budget and per-output overrides."""
+
+    default: Budget
+    per_output: Mapping[str, Budget] = field(default_factory=dict)
+
+    def for_output(self, name: str) -> Budget:
+        return self.per_output.get(name, self.default)
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """How one output of the compressed model compares with the original's."""
+
+    name: str
+    kind: str  # "score", "tensor" or "integer"
+    shape: tuple[int, ...]
+    passed: bool
+    failures: tuple[str, ...] = ()
+    max_abs: float = 0.0
+    mean_abs: float = 0.0
+    max_rel: float = 0.0
+    cosine: float = 1.0
+    mismatch: float = 0.0
+    spearman: float | None = None
+    top10_overlap: float | None = None
+    auc_reference: float | None = None
+    auc_candidate: float | None = None
+    #: The loosest settings that would have made this output pass (``--atol`` etc.).
+    would_pass_with: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def auc_delta(self) -> float | None:
+        if self.auc_reference is None or self.auc_candidate is None:
+            return None
+        return self.auc_candidate - self.auc_reference
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """The verdict over all outputs; truthy when every output passed."""
+
+    checked: bool
+    outputs: tuple[OutputComparison, ...] = ()
+    opt_level: str = ""
+    rows: int = 0
+    feeds: str = ""
+    budget: Budget | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.checked and all(output.passed for output in self.outputs)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def failing(self) -> tuple[OutputComparison, ...]:
+        return tuple(output for output in self.outputs if not output.passed)
+
+
+def score_column(shape: tuple[int, ...]) -> int | None:
+    """Which column holds the score: rank-1 outputs are scores, [N,1] column 0, [N,2] column 1."""
+    if len(shape) == 1:
+        return 0
+    if len(shape) == 2 and shape[1] in (1, 2):
+        return shape[1] - 1
+    return None
+
+
+def _scores(array: np.ndarray, column: int) -> np.ndarray:
+    return array.reshape(-1) if array.ndim == 1 else array[:, column]
+
+
+def _ranking_groups(size: int, group: int | None) -> list[slice]:
+    if not group or group >= size or size % group:
+        return [slice(0, size)]
+    return [slice(start, start + group) for start in range(0, size, group)]
+
+
+def _compare_one(
+    name: str,
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    budget: Budget,
+    labels: np.ndarray | None,
+    rank_group: int | None,
+) -> OutputComparison:
+    shape = tuple(reference.shape)
+    if candidate.shape != reference.shape:
+        return OutputComparison(
+            name, "tensor", shape, False, (f"shape changed from {list(shape)} to {list(candidate.shape)}",)
+        )
+    if reference.dtype.kind not in "fc":
+        mismatch = float(np.mean(reference != candidate)) if reference.size else 0.0
+        failures = (
+            ()
+            if mismatch <= budget.max_mismatch
+            else (f"{mismatch:.2%} of values differ (budget {budget.max_mismatch:.2%})",)
+        )
+        return OutputComparison(
+            name,
+            "integer",
+            shape,
+            not failures,
+            failures,
+            mismatch=mismatch,
+            would_pass_with={"max_mismatch": mismatch},
+        )
+    ref = reference.astype(np.float64)
+    cand = candidate.astype(np.float64)
+    failures: list[str] = []
+    if not np.array_equal(np.isnan(ref), np.isnan(cand)) or not np.array_equal(np.isinf(ref), np.isinf(cand)):
+        failures.append("NaN or infinity where the original has a finite value")
+    finite = np.isfinite(ref) & np.isfinite(cand)
+    ref, cand = ref[finite], cand[finite]
+    error = np.abs(cand - ref)
+    max_abs = float(error.max()) if error.size else 0.0
+    mean_abs = float(error.mean()) if error.size else 0.0
+    significant = np.abs(ref) >= REL_ERROR_FLOOR
+    max_rel = float((error[significant] / np.abs(ref[significant])).max()) if significant.any() else 0.0
+    norms = float(np.linalg.norm(ref) * np.linalg.norm(cand))
+    cosine = float(ref @ cand / norms) if norms > 0 else (1.0 if max_abs == 0 else 0.0)
+    needed: dict[str, float] = {
+        "atol": float((error - budget.rtol * np.abs(ref)).max(initial=0.0)),
+        "min_cosine": cosine,
+    }
+    if budget.atol is not None and needed["atol"] > budget.atol:
+        failures.append(f"max abs error {max_abs:.3g} exceeds atol {budget.atol:g} (rtol {budget.rtol:g})")
+    if budget.min_cosine is not None and cosine < budget.min_cosine:
+        failures.append(f"cosine {cosine:.6f} below {budget.min_cosine:g}")
+    kind = "tensor"
+    rank_corr = overlap = auc_ref = auc_cand = None
+    column = score_column(shape)
+    if column is not None and reference.shape[0] > 1:
+        kind = "score"
+        ref_scores = _scores(reference, column).astype(np.float64)
+        cand_scores = _scores(candidate, column).astype(np.float64)
+        groups = _ranking_groups(ref_scores.size, rank_group)
+        rank_corr = float(np.mean([spearman(ref_scores[g], cand_scores[g]) for g in groups]))
+        overlap = float(np.mean([top_k_overlap(ref_scores[g], cand_scores[g], TOP_K) for g in groups]))
+        needed["min_rank_corr"] = rank_corr
+        if budget.min_rank_corr is not None and rank_corr < budget.min_rank_corr:
+            failures.append(f"rank correlation {rank_corr:.5f} below {budget.min_rank_corr:g}")
+        if labels is not None and labels.size == ref_scores.size:
+            auc_ref, auc_cand = auc(labels, ref_scores), auc(labels, cand_scores)
+            drop = auc_ref - auc_cand
+            needed["max_auc_drop"] = max(drop, 0.0)
+            if budget.max_auc_drop is not None and not math.isnan(drop) and drop > budget.max_auc_drop:
+                failures.append(f"AUC dropped by {drop:.5f} (budget {budget.max_auc_drop:g})")
+    return OutputComparison(
+        name,
+        kind,
+        shape,
+        not failures,
+        tuple(failures),
+        max_abs=max_abs,
+        mean_abs=mean_abs,
+        max_rel=max_rel,
+        cosine=cosine,
+        spearman=rank_corr,
+        top10_overlap=overlap,
+        auc_reference=auc_ref,
+        auc_candidate=auc_cand,
+        would_pass_with=needed,
+    )
+
+
+def compare(
+    reference: Mapping[str, np.ndarray],
+    candidate: Mapping[str, np.ndarray],
+    budgets: Budgets,
+    *,
+    labels: np.ndarray | None = None,
+    rank_group: int | None = None,
+    opt_level: str = "",
+    feeds: str = "",
+) -> ParityResult:
+    """Compare every output of ``reference`` with the same-named output of ``candidate``."""
+    outputs = []
+    for name, ref in reference.items():
+        if name not in candidate:
+            outputs.append(OutputComparison(name, "tensor", tuple(ref.shape), False, ("output is missing",)))
+            continue
+        outputs.append(_compare_one(name, ref, candidate[name], budgets.for_output(name), labels, rank_group))
+    rows = next((array.shape[0] for array in reference.values() if array.ndim), 1)
+    return ParityResult(True, tuple(outputs), opt_level, rows, feeds, budgets.default)
+
+
+def budget_with(base: Budget, **changes: float | None) -> Budget:
+    """``base`` with the given fields replaced (fields left as ``None`` in ``changes`` keep their value)."""
+    return dataclasses.replace(base, **{key: value for key, value in changes.items() if value is not None})

@@ -1,0 +1,59 @@
+"""The pass interface: an onnx-ir in-place pass with a typed Config and a result carrying stats."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+if typing.TYPE_CHECKING:
+    from onnxcompress.calibration import Calibration
+
+__all__ = ["CompressionPass", "CompressionResult", "PassContext", "config_fields"]
+
+
+@dataclasses.dataclass
+class CompressionResult(ir.passes.PassResult):
+    """A pass result with the statistics the report shows (JSON-serialisable values only)."""
+
+    stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pass may use besides the model: calibration data and the user's labels."""
+
+    calibration: Calibration | None = None
+
+
+class CompressionPass(ir.passes.InPlacePass):
+    """Base class of every registered pass.
+
+    Subclasses define a nested frozen dataclass ``Config`` whose fields carry their help text in
+    ``metadata["help"]`` (and optionally ``metadata["choices"]``), and implement ``call``.
+    """
+
+    name: ClassVar[str] = ""
+    #: Whether the pass changes what the model computes (selects the default parity budget).
+    lossy: ClassVar[bool] = False
+    Config: ClassVar[type] = type("Config", (), {})
+
+    def __init__(self, config: Any = None, context: PassContext | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else self.Config()
+        self.context = context if context is not None else PassContext()
+
+    def call(self, model: ir.Model) -> CompressionResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def config_fields(config_class: type) -> list[dataclasses.Field[Any]]:
+    """The fields of a pass's Config with their annotations resolved to real types."""
+    hints = typing.get_type_hints(config_class)
+    fields = list(dataclasses.fields(config_class))
+    for field in fields:
+        field.type = hints[field.name]
+    return fields

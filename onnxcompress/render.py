@@ -1,0 +1,149 @@
+"""Human-readable views of a Report and of the pass registry, as rich renderables."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from onnxcompress.parity import OutputComparison
+from onnxcompress.passes import PASSES
+from onnxcompress.passes.base import config_fields
+from onnxcompress.recipe import describe_field
+from onnxcompress.report import Report
+
+__all__ = ["human_bytes", "pass_catalogue", "report_view"]
+
+
+def human_bytes(count: int | float) -> str:
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(value) < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1000
+    return f"{value:.2f} GB"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, Mapping):
+        return (
+            "{"
+            + ", ".join(f"{key}: {_short(item)}" for key, item in list(value.items())[:6])
+            + (", …}" if len(value) > 6 else "}")
+        )
+    return str(value)
+
+
+def _stats_text(stats: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key}={_short(value)}" for key, value in stats.items() if value not in (0, {}, [], None))
+
+
+def _optional(value: float | None, digits: int = 5) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _auc_cell(output: OutputComparison) -> str:
+    if output.auc_reference is None or output.auc_candidate is None:
+        return "—"
+    return f"{output.auc_reference:.4f}→{output.auc_candidate:.4f} ({output.auc_delta:+.4f})"
+
+
+def report_view(report: Report) -> RenderableType:
+    """The before/after table of passes, the parity table and a summary."""
+    parts: list[RenderableType] = []
+    passes = Table(title="passes", title_justify="left", expand=False)
+    for column in ("pass", "time", "initializers", "nodes", "stats"):
+        passes.add_column(column, overflow="fold")
+    for record in report.passes:
+        passes.add_row(
+            record.name,
+            f"{record.seconds:.2f}s",
+            f"{human_bytes(record.initializer_bytes_before)} → {human_bytes(record.initializer_bytes_after)}",
+            f"{record.nodes_before} → {record.nodes_after}",
+            _stats_text(record.stats) or ("no change" if not record.modified else ""),
+        )
+    parts.append(passes)
+
+    if report.parity.checked:
+        parity = Table(
+            title=f"parity (onnxruntime CPU, optimisation level {report.parity.opt_level}, {report.parity.rows} rows)",
+            title_justify="left",
+        )
+        for column in (
+            "output",
+            "kind",
+            "max abs",
+            "mean abs",
+            "max rel",
+            "cosine",
+            "spearman",
+            "top-10",
+            "AUC",
+            "verdict",
+        ):
+            parity.add_column(column, overflow="fold")
+        for output in report.parity.outputs:
+            parity.add_row(
+                output.name,
+                output.kind,
+                f"{output.max_abs:.3g}" if output.kind != "integer" else f"{output.mismatch:.2%} differ",
+                f"{output.mean_abs:.3g}" if output.kind != "integer" else "—",
+                f"{output.max_rel:.3g}" if output.kind != "integer" else "—",
+                f"{output.cosine:.6f}" if output.kind != "integer" else "—",
+                _optional(output.spearman),
+                _optional(output.top10_overlap, 2),
+                _auc_cell(output),
+                Text("pass", style="green") if output.passed else Text("FAIL", style="bold red"),
+            )
+        parts.append(parity)
+        for output in report.parity.failing:
+            hints = ", ".join(f"{key}={_short(value)}" for key, value in output.would_pass_with.items())
+            parts.append(Text(f"  {output.name}: {'; '.join(output.failures)}. Would pass with: {hints}"))
+
+    summary = Text()
+    summary.append(f"{report.input_path}: {human_bytes(report.input_bytes)} → ")
+    summary.append(f"{report.output_path}: {human_bytes(report.output_bytes)}")
+    summary.append(f"  ({report.size_ratio:.2f}x smaller)\n" if report.output_bytes else "\n")
+    summary.append(f"feeds: {report.feeds}\n")
+    for note in report.feed_notes:
+        summary.append(f"  {note}\n")
+    if report.calibration:
+        summary.append(f"calibration: {report.calibration}\n")
+    style = "green" if report.parity.passed else ("yellow" if not report.parity.checked else "bold red")
+    summary.append("parity: ")
+    summary.append(report.verdict, style=style)
+    summary.append(f"   written: {'yes' if report.written else 'no'}   total {report.seconds.get('total', 0):.2f}s")
+    parts.append(summary)
+    return Group(*parts)
+
+
+def _option_rows(config_class: type) -> Iterator[tuple[str, str, str, str]]:
+    defaults = config_class()
+    for field in config_fields(config_class):
+        default = getattr(defaults, field.name)
+        yield field.name, describe_field(field), repr(default), field.metadata.get("help", "")
+
+
+def pass_catalogue() -> RenderableType:
+    """Every registered pass with its options, defaults and help, straight from the Config classes."""
+    parts: list[RenderableType] = []
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        doc = inspect.cleandoc(cls.__doc__ or "").replace("\n", " ")
+        parts.append(Text.assemble((name, "bold"), f" ({'lossy' if cls.lossy else 'lossless'}): {doc}"))
+        table = Table(show_header=True, box=None, padding=(0, 2))
+        for column in ("option", "type", "default", "help"):
+            table.add_column(column)
+        for option, kind, default, help_text in _option_rows(cls.Config):
+            table.add_row(f"{name}.{option}", kind, default, help_text)
+        if dataclasses.fields(cls.Config):
+            parts.append(table)
+        parts.append(Text(""))
+    return Group(*parts)

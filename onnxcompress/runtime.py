@@ -1,0 +1,159 @@
+"""onnxruntime sessions on files or in-memory models, and batched runs over feeds.
+
+In-memory models are handed to onnxruntime without copying their large tensors: each one is
+marked external in the serialized graph and supplied as an OrtValue over the (often memory-mapped)
+numpy buffer, so a 2 GB model never becomes a 2 GB protobuf.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.errors import UnsupportedModelError, UsageError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+__all__ = ["OPT_LEVELS", "batches", "make_session", "run"]
+
+logger = logging.getLogger(__name__)
+
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+# Tensors at least this large are passed to onnxruntime as OrtValues instead of protobuf bytes.
+_SIDE_LOAD_MIN_BYTES = 64 * 1024
+_SIDE_LOAD_DTYPES = frozenset(
+    {
+        ir.DataType.FLOAT,
+        ir.DataType.DOUBLE,
+        ir.DataType.FLOAT16,
+        ir.DataType.INT8,
+        ir.DataType.UINT8,
+        ir.DataType.INT16,
+        ir.DataType.UINT16,
+        ir.DataType.INT32,
+        ir.DataType.UINT32,
+        ir.DataType.INT64,
+        ir.DataType.UINT64,
+        ir.DataType.BOOL,
+    }
+)
+
+
+def _session_options(opt_level: str, threads: int | None) -> ort.SessionOptions:
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[opt_level]
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def _serialize_side_loading(model: ir.Model, options: ort.SessionOptions) -> tuple[bytes, list[ort.OrtValue]]:
+    """Serialize ``model`` with its large tensors moved into ``options`` as external initializers."""
+    import onnxruntime as ort
+
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    names: list[str] = []
+    values: list[ort.OrtValue] = []
+    try:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.dtype not in _SIDE_LOAD_DTYPES or tensor.nbytes < _SIDE_LOAD_MIN_BYTES:
+                continue
+            array = np.ascontiguousarray(tensor.numpy())
+            assert value.name is not None
+            names.append(value.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(array))
+            swapped.append((value, tensor))
+            value.const_value = ir.ExternalTensor(
+                "onnxcompress-in-memory", 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=value.name
+            )
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+    if names:
+        options.add_external_initializers(names, values)
+    return proto.SerializeToString(), values
+
+
+def make_session(source: Path | ir.Model, opt_level: str = "basic", threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session on a model file (memory-mapped by onnxruntime) or an ir.Model.
+
+    Raises:
+        UnsupportedModelError: onnxruntime cannot build a session (unknown op, bad graph).
+    """
+    import onnxruntime as ort
+
+    options = _session_options(opt_level, threads)
+    what = str(source) if isinstance(source, Path) else "the transformed model"
+    try:
+        if isinstance(source, Path):
+            return ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        payload, buffers = _serialize_side_loading(source, options)
+        session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+        # onnxruntime reads the side-loaded tensors in place: they must live as long as the session.
+        session._onnxcompress_buffers = buffers  # type: ignore[attr-defined]
+        return session
+    except Exception as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnsupportedModelError(
+            f"{what}: onnxruntime cannot load it ({message}); the model uses an op, type or opset "
+            f"the installed onnxruntime does not support"
+        ) from error
+
+
+def batches(feeds: Mapping[str, np.ndarray], batch_size: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """Split feeds along axis 0 into batches of at most ``batch_size`` rows (all at once if None)."""
+    arrays = dict(feeds)
+    rows = {array.shape[0] if array.ndim else 1 for array in arrays.values()}
+    if batch_size is None or len(rows) != 1 or any(array.ndim == 0 for array in arrays.values()):
+        yield arrays
+        return
+    (total,) = rows
+    for start in range(0, total, batch_size):
+        yield {name: array[start : start + batch_size] for name, array in arrays.items()}
+
+
+def run(
+    session: ort.InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    output_names: Sequence[str] | None = None,
+    batch_size: int | None = 4096,
+) -> dict[str, np.ndarray]:
+    """Run ``session`` over the feeds in batches and concatenate each output along axis 0.
+
+    Raises:
+        UsageError: onnxruntime rejected the feeds (shape or value out of range).
+        UnsupportedModelError: onnxruntime failed inside a kernel for another reason.
+    """
+    names = list(output_names) if output_names is not None else [o.name for o in session.get_outputs()]
+    pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for batch in batches(feeds, batch_size):
+        try:
+            results = session.run(names, batch)
+        except Exception as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if "INVALID_ARGUMENT" in message or "out of bounds" in message or "indices" in message:
+                raise UsageError(
+                    f"onnxruntime rejected the feeds ({message}); check the feeds' shapes and id ranges"
+                ) from error
+            raise UnsupportedModelError(f"onnxruntime failed while running the model ({message})") from error
+        for name, result in zip(names, results, strict=True):
+            pieces[name].append(np.asarray(result))
+    return {name: parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0) for name, parts in pieces.items()}
