@@ -23,7 +23,10 @@ TOLERANCE_OPTIONS = ("atol", "rtol", "min_cosine", "min_rank_corr", "max_auc_dro
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:
+        console.width = 140
+    return console
 
 
 def _list_passes(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -228,19 +231,16 @@ def command(
         console.print(report_view(error.report))
         if report_path is not None:
             report_path.write_text(error.report.to_json(), encoding="utf-8")
-        _fail(console, error, debug)
+        _fail(error, debug)
     except CompressError as error:
-        _fail(console, error, debug)
+        _fail(error, debug)
     except KeyboardInterrupt:
-        console.print("[bold red]error:[/] interrupted; nothing was written")
+        _error("interrupted; nothing was written")
         sys.exit(EXIT_INTERRUPTED)
     except Exception as error:
         if debug:
             raise
-        console.print(
-            f"[bold red]error:[/] internal error {type(error).__name__}: {error}; rerun with --debug and report it",
-            markup=True,
-        )
+        _error(f"internal error {type(error).__name__}: {error}; rerun with --debug and report it")
         sys.exit(EXIT_INTERNAL)
     from onnxcompress.render import report_view
 
@@ -258,12 +258,15 @@ def _run(console: Any, *args: Any, **kwargs: Any) -> Any:
         return compress(*args, progress=lambda stage: status.update(stage), **kwargs)
 
 
-def _fail(console: Any, error: CompressError, debug: bool) -> None:
+def _error(message: str) -> None:
+    """One unwrapped line on stderr, so scripts can grep it."""
+    click.echo(f"{click.style('error:', fg='red', bold=True)} {' '.join(message.split())}", err=True)
+
+
+def _fail(error: CompressError, debug: bool) -> None:
     if debug:
         raise error
-    from rich.text import Text
-
-    console.print(Text.assemble(("error: ", "bold red"), str(error)))
+    _error(str(error))
     sys.exit(error.exit_code)
 
 
@@ -278,10 +281,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         command.main(args=list(argv) if argv is not None else None, prog_name="onnxcompress", standalone_mode=False)
     except click.UsageError as error:
-        click.echo(f"error: {error.format_message()} (see onnxcompress --help)", err=True)
+        _error(f"{error.format_message()} (see onnxcompress --help)")
         sys.exit(2)
     except click.exceptions.Exit as exit_:
         sys.exit(exit_.exit_code)
     except (click.Abort, KeyboardInterrupt):
-        click.echo("error: interrupted; nothing was written", err=True)
+        _error("interrupted; nothing was written")
         sys.exit(EXIT_INTERRUPTED)

@@ -104,8 +104,12 @@ def report_view(report: Report) -> RenderableType:
             )
         parts.append(parity)
         for output in report.parity.failing:
-            hints = ", ".join(f"{key}={_short(value)}" for key, value in output.would_pass_with.items())
-            parts.append(Text(f"  {output.name}: {'; '.join(output.failures)}. Would pass with: {hints}"))
+            parts.append(Text(f"  {output.name}: {'; '.join(output.failures)}"))
+            flags = " ".join(
+                f"--{key.replace('_', '-')} {output.name}={_short(value)}"
+                for key, value in output.would_pass_with.items()
+            )
+            parts.append(Text(f"  {output.name} would pass with: {flags}"))
 
     summary = Text()
     summary.append(f"{report.input_path}: {human_bytes(report.input_bytes)} → ")

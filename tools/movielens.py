@@ -160,6 +160,6 @@ def load_movielens(history_len: int = 20, cache: Path = DEFAULT_CACHE) -> MovieL
 if __name__ == "__main__":
     data = load_movielens()
     print("rows", len(data.label), "positive rate", data.label.mean())
-    print("cardinalities", dict(zip(SPARSE_FIELDS, data.cardinalities)))
+    print("cardinalities", dict(zip(SPARSE_FIELDS, data.cardinalities, strict=True)))
     print("dense", data.dense.shape, "history", data.history.shape)
     print("split", len(data.train), len(data.valid), len(data.test))

@@ -168,6 +168,13 @@ def strip_metadata(model: ir.Model) -> int:
             graph.metadata_props.clear()
             cleared += 1
         interface = {*graph.inputs, *graph.outputs}
+        if isinstance(graph, ir.Graph):
+            for value in graph.initializers.values():
+                # The tensor carries dtype and shape; a value_info entry for it is redundant.
+                if value not in interface and (value.type is not None or value.shape is not None):
+                    value.type = None
+                    value.shape = None
+                    cleared += 1
         for node in graph:
             if node.doc_string or node.metadata_props:
                 node.doc_string = None

@@ -1,0 +1,188 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import MODELS, mlp_model, text_model
+
+from onnxcompress import io
+from onnxcompress.calibration import (
+    Calibration,
+    Feeds,
+    graph_inputs,
+    id_ranges,
+    load_feeds,
+    load_labels,
+    synthesize_feeds,
+)
+from onnxcompress.errors import UsageError
+
+
+def tables(*rows: int) -> dict[str, np.ndarray]:
+    return {f"t{k}": np.zeros((count, 4), np.float32) for k, count in enumerate(rows)}
+
+
+def test_ids_reaching_a_gather_through_cast_and_reshape_use_the_table_rows() -> None:
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int32[N,1] ids, float[50,4] t0) => (float[N,4] y) {
+          c = Cast <to = 7> (ids)
+          shape = Constant <value = int64[1] {-1}> ()
+          r = Reshape(c, shape)
+          y = Gather(t0, r)
+        }
+        """,
+        tables(50),
+    )
+    low, high = id_ranges(model)["ids"]
+    assert (float(low), float(high)) == (0.0, 50.0)
+
+
+def test_offsets_added_per_column_give_each_column_its_range() -> None:
+    offsets = "int64[3] {0, 10, 30}"
+    model = text_model(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N,3] ids, float[40,4] t0) => (float[N,3,4] y) {{
+          off = Constant <value = {offsets}> ()
+          shifted = Add(ids, off)
+          y = Gather(t0, shifted)
+        }}
+        """,
+        tables(40),
+    )
+    low, high = id_ranges(model)["ids"]
+    assert low.tolist() == [0, 0, 0]
+    assert high.tolist() == [40, 30, 10]
+    feeds = synthesize_feeds(model, rows=2000)
+    ids = feeds.arrays["ids"]
+    assert ids.shape == (2000, 3) and ids.dtype == np.int64
+    assert (ids.max(axis=0) < np.array([40, 30, 10])).all() and ids.min() >= 0
+    assert ids[:, 0].max() > 30  # the first column really uses its wider range
+
+
+def test_column_selection_and_shared_input_take_the_tightest_range() -> None:
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N,2] ids, float[100,4] t0, float[7,4] t1, float[20,4] t2) => (float[N,4] a, float[N,4] b, float[N,2,4] c) {
+          k0 = Constant <value = int64 {0}> ()
+          k1 = Constant <value = int64 {1}> ()
+          col0 = Gather <axis = 1> (ids, k0)
+          col1 = Gather <axis = 1> (ids, k1)
+          a = Gather(t0, col0)
+          b = Gather(t1, col1)
+          c = Gather(t2, ids)
+        }
+        """,
+        tables(100, 7, 20),
+    )
+    _, high = id_ranges(model)["ids"]
+    assert high.tolist() == [20, 7]
+
+
+def test_integer_inputs_without_a_table_and_float_inputs() -> None:
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] k, float[N,3] x) => (float[N,3] y) {
+          kf = Cast <to = 1> (k)
+          u = Unsqueeze(kf, axes)
+          y = Add(x, u)
+        }
+        """.replace("Unsqueeze(kf, axes)", "Unsqueeze(kf, one)").replace(
+            "kf = Cast", "one = Constant <value = int64[1] {1}> ()\n          kf = Cast"
+        )
+    )
+    feeds = synthesize_feeds(model, {"x": [7, 3], "k": [7]})
+    assert feeds.arrays["x"].shape == (7, 3) and feeds.arrays["x"].dtype == np.float32
+    assert feeds.arrays["k"].max() < 10
+    assert any("no table reached" in note for note in feeds.notes)
+    again = synthesize_feeds(model, {"x": [7, 3], "k": [7]})
+    np.testing.assert_array_equal(feeds.arrays["x"], again.arrays["x"])  # fixed seed
+
+
+def test_wide_tables_are_sampled_in_windows_across_the_whole_range() -> None:
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] ids, float[1000000,1] t0) => (float[N,1] y) {
+          y = Gather(t0, ids)
+        }
+        """,
+        {"t0": np.zeros((1_000_000, 1), np.float32)},
+    )
+    ids = synthesize_feeds(model, rows=4096).arrays["ids"]
+    assert ids.min() < 1000 and ids.max() >= 999_000  # both ends of the table are reached
+    assert len(np.unique(ids // 64)) <= 64  # but only a few regions are touched
+
+
+def test_input_shape_override_errors() -> None:
+    model = mlp_model()
+    with pytest.raises(UsageError, match="--input-shape names nope"):
+        synthesize_feeds(model, {"nope": [1]})
+    with pytest.raises(UsageError, match="gives 1 dimensions but the model expects x: float32"):
+        synthesize_feeds(model, {"x": [4]})
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"y": np.zeros((2, 8), np.float32)}, "missing x; unknown y; the model expects x: float32"),
+        ({"x": np.zeros((2, 8), np.float64)}, "x is float64 but the model expects x: float32"),
+        ({"x": np.zeros((2, 8, 1), np.float32)}, "x has rank 3"),
+        ({"x": np.zeros((2, 9), np.float32)}, "x has 9 in dimension 1"),
+    ],
+)
+def test_bad_feeds_name_the_expected_signature(tmp_path: Path, arrays: dict, message: str) -> None:
+    path = write_npz(tmp_path / "f.npz", **arrays)
+    with pytest.raises(UsageError, match=message.replace("[", r"\[")):
+        load_feeds(path, mlp_model())
+
+
+def test_feeds_file_problems(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no such file"):
+        load_feeds(tmp_path / "none.npz", mlp_model())
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(UsageError, match=r"not a readable \.npz"):
+        load_feeds(bad, mlp_model())
+
+
+def test_labels_must_align_and_be_binary(tmp_path: Path) -> None:
+    path = tmp_path / "l.npy"
+    np.save(path, np.array([0, 1, 1]))
+    assert load_labels(path, 3).tolist() == [0.0, 1.0, 1.0]
+    with pytest.raises(UsageError, match="has 3 labels but the feeds have 4 rows"):
+        load_labels(path, 4)
+    np.save(path, np.array([0, 2, 1]))
+    with pytest.raises(UsageError, match="labels must be 0 or 1"):
+        load_labels(path, 3)
+
+
+def test_activation_capture_exposes_intermediates_in_batches_and_restores_outputs() -> None:
+    model = io.load(MODELS / "dlrm.onnx")
+    feeds = load_feeds(MODELS / "dlrm.feeds.npz", model).head(1000)
+    relu = next(node for node in model.graph if node.op_type == "Relu")
+    calibration = Calibration(feeds, batch_size=300)
+    batches = list(calibration.iter_capture(model, [relu.outputs[0], model.graph.outputs[0]]))
+    assert [len(batch[model.graph.outputs[0].name]) for batch in batches] == [300, 300, 300, 100]
+    captured = calibration.capture(model, [relu.outputs[0]])
+    assert captured[relu.outputs[0].name].shape[0] == 1000
+    assert (captured[relu.outputs[0].name] >= 0).all()
+    assert [value.name for value in model.graph.outputs] == ["score"]
+
+
+def test_graph_inputs_skip_initializers_that_are_also_inputs() -> None:
+    model = mlp_model()
+    w1 = model.graph.initializers["w1"]
+    model.graph.inputs.append(w1)
+    assert [spec.name for spec in graph_inputs(model)] == ["x"]
+    assert Feeds({"x": np.zeros((3, 8))}, "test").rows == 3

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from conftest import mlp_model, save_model, text_model
+from onnx.reference import ReferenceEvaluator
+
+from onnxcompress.passes.cleanup import Cleanup, merge_identical_initializers, remove_inference_dropout
+
+
+def op_types(model: ir.Model) -> list[str]:
+    return [node.op_type for node in model.graph]
+
+
+def run_reference(model: ir.Model, tmp_path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    path = save_model(model, tmp_path / f"m{len(list(tmp_path.iterdir()))}.onnx")
+    return ReferenceEvaluator(str(path)).run(None, feeds)
+
+
+def test_cleanup_removes_identity_dropout_and_keeps_outputs_exact(tmp_path: Path) -> None:
+    feeds = {"x": np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)}
+    before = run_reference(mlp_model(), tmp_path, feeds)
+    model = mlp_model()
+    result = Cleanup()(model)
+    assert result.modified
+    assert "Dropout" not in op_types(model) and "Identity" not in op_types(model)
+    assert result.stats["dropout_removed"] == 1
+    assert result.stats["removed_by_op"] == {"Dropout": 1, "Identity": 1}
+    after = run_reference(model, tmp_path, feeds)
+    np.testing.assert_array_equal(before[0], after[0])
+    # The second Gemm now reads the Relu's output directly (object identity, not a copy).
+    relu = next(node for node in model.graph if node.op_type == "Relu")
+    second_gemm = [node for node in model.graph if node.op_type == "Gemm"][1]
+    assert second_gemm.inputs[0] is relu.outputs[0]
+
+
+def test_cleanup_is_a_no_op_on_a_clean_graph() -> None:
+    model = mlp_model()
+    Cleanup()(model)
+    again = Cleanup()(model)
+    assert not again.modified
+    assert again.stats["nodes_removed"] == 0
+
+
+def test_dropout_in_training_mode_or_with_used_mask_is_kept() -> None:
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x) => (float[N,4] y, bool[N,4] mask) {
+          ratio = Constant <value = float {0.5}> ()
+          training = Constant <value = bool {1}> ()
+          a = Dropout(x, ratio, training)
+          y, mask = Dropout(a)
+        }
+        """
+    )
+    assert remove_inference_dropout(model) == 0
+    assert op_types(model).count("Dropout") == 2
+
+
+def test_dead_nodes_and_unused_initializers_are_removed() -> None:
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x, float[4] unused, float[4] bias) => (float[N,4] y) {
+          dead = Mul(x, unused)
+          y = Add(x, bias)
+        }
+        """,
+        {"unused": np.ones(4, np.float32), "bias": np.ones(4, np.float32)},
+    )
+    result = Cleanup()(model)
+    assert result.stats["removed_by_op"] == {"Mul": 1}
+    assert result.stats["initializers_removed"] == 1
+    assert list(model.graph.initializers) == ["bias"]
+
+
+def test_identical_initializers_are_merged_to_one_value() -> None:
+    table = np.arange(12, dtype=np.float32).reshape(3, 4)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] i, float[3,4] t1, float[3,4] t2, float[3,4] t3) => (float[N,4] a, float[N,4] b, float[N,4] c) {
+          a = Gather(t1, i)
+          b = Gather(t2, i)
+          c = Gather(t3, i)
+        }
+        """,
+        {"t1": table, "t2": table.copy(), "t3": table + 1},
+    )
+    merged, saved = merge_identical_initializers(model)
+    assert (merged, saved) == (1, table.nbytes)
+    gathers = list(model.graph)
+    assert gathers[0].inputs[0] is gathers[1].inputs[0]
+    assert gathers[2].inputs[0] is not gathers[0].inputs[0]
+
+
+def test_merging_reads_external_tensors_by_file_and_leaves_them_external(tmp_path: Path) -> None:
+    base = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
+    tail_differs = base.copy()
+    tail_differs[150] += 1.0  # same first and last bytes: only a full read tells them apart
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] i, float[300,64] t1, float[300,64] t2, float[300,64] t3) => (float[N,64] a, float[N,64] b, float[N,64] c) {
+          a = Gather(t1, i)
+          b = Gather(t2, i)
+          c = Gather(t3, i)
+        }
+        """,
+        {"t1": base, "t2": base.copy(), "t3": tail_differs},
+    )
+    path = save_model(model, tmp_path / "ext.onnx", external=True)
+    loaded = ir.load(path)
+    assert merge_identical_initializers(loaded) == (1, base.nbytes)
+    assert sorted(loaded.graph.initializers) == ["t1", "t3"]
+    assert all(isinstance(v.const_value, ir.ExternalTensor) for v in loaded.graph.initializers.values())
+
+
+def test_strip_metadata_drops_doc_strings_and_intermediate_types() -> None:
+    model = mlp_model()
+    node = next(iter(model.graph))
+    node.doc_string = "exported from torch"
+    node.metadata_props["pkg.torch.stack"] = "x" * 100
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    result = Cleanup(Cleanup.Config(strip_metadata=True))(model)
+    assert result.stats["metadata_items_stripped"] >= 2
+    assert node.doc_string is None and not node.metadata_props
+    assert node.outputs[0].type is None
+    assert model.graph.outputs[0].type is not None  # the interface keeps its types

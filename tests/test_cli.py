@@ -1,0 +1,265 @@
+"""The command line end to end: real models, every error path, the parity gate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import MODELS, REPO, files_in, model_files
+
+DLRM = model_files("dlrm")
+
+
+def assert_clean_failure(result, code: int, message: str, out_dir: Path) -> None:
+    assert result.code == code, result.err
+    assert len(result.error_lines) == 1, result.err
+    assert message in result.error_lines[0], result.err
+    assert "Traceback" not in result.err
+    assert not any(name.startswith(("out", ".onnxcompress")) for name in files_in(out_dir)), files_in(out_dir)
+
+
+def test_cleanup_on_the_dlrm_is_exact_and_reports_auc(cli, tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    result = cli(DLRM["onnx"], out, "--passes", "cleanup", "--feeds", DLRM["feeds"], "--labels", DLRM["labels"])
+    assert result.code == 0, result.err
+    assert out.exists()
+    report = result.report
+    assert report["verdict"] == "passed" and report["written"] is True
+    (score,) = report["parity"]["outputs"]
+    assert score["name"] == "score" and score["kind"] == "score"
+    assert score["max_abs"] == 0.0
+    assert score["auc_reference"] == score["auc_candidate"] > 0.6
+    assert report["parity"]["opt_level"] == "basic"
+    assert report["parity"]["rows"] == 10000
+    assert report["passes"][0]["name"] == "cleanup"
+    assert "parity: passed" in result.err
+    onnx.checker.check_model(str(out))
+
+
+def test_synthesized_feeds_are_stated_in_the_report(cli, tmp_path: Path) -> None:
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--passes", "cleanup")
+    assert result.code == 0, result.err
+    assert result.report["feeds"].startswith("synthesized (seed 0, 512 rows")
+    assert "user drawn from [0, 943) (rows of the embedding tables it indexes)" in result.report["feed_notes"]
+
+
+def test_list_passes_shows_options_defaults_and_help(cli) -> None:
+    result = cli("--list-passes")
+    assert result.code == 0
+    assert "cleanup (lossless)" in result.out
+    assert "cleanup.strip_metadata" in result.out and "False" in result.out
+
+
+def test_recipe_file_selects_passes_and_options(cli, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('passes = ["cleanup"]\n[cleanup]\nstrip_metadata = true\n')
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--config", recipe)
+    assert result.code == 0, result.err
+    assert result.report["passes"][0]["options"]["strip_metadata"] is True
+
+
+def test_parity_failure_writes_nothing_and_names_the_fix(cli, tmp_path: Path, perturb_pass) -> None:
+    out = tmp_path / "out.onnx"
+    result = cli(DLRM["onnx"], out, "--passes", "perturb", "--feeds", DLRM["feeds"], "--labels", DLRM["labels"])
+    assert_clean_failure(result, 1, "parity failed for score; nothing written", tmp_path)
+    assert result.report["verdict"] == "FAILED, nothing written"
+    assert result.report["written"] is False
+    assert "score would pass with: --atol score=" in result.err
+
+
+def test_force_writes_a_failing_model_and_says_so(cli, tmp_path: Path, perturb_pass) -> None:
+    out = tmp_path / "out.onnx"
+    result = cli(DLRM["onnx"], out, "--passes", "perturb", "--force")
+    assert result.code == 0
+    assert out.exists()
+    assert result.report["verdict"] == "FAILED, written anyway (--force)"
+    assert result.report["forced"] is True
+    assert "FAILED, written anyway (--force)" in result.err
+
+
+def test_no_parity_says_it_was_not_checked(cli, tmp_path: Path, perturb_pass) -> None:
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--passes", "perturb", "--no-parity")
+    assert result.code == 0
+    assert result.report["verdict"] == "not checked (--no-parity)"
+    assert result.report["parity"]["checked"] is False
+
+
+def test_loosened_budget_lets_a_small_perturbation_pass(cli, tmp_path: Path, perturb_pass) -> None:
+    args = [DLRM["onnx"], tmp_path / "out.onnx", "--passes", "perturb", "--set", "perturb.noise=1e-4"]
+    assert cli(*args, "--min-rank-corr", "0.999999", "--min-cosine", "0.999999").code == 1
+    result = cli(*args, "--min-rank-corr", "score=0.99")
+    assert result.code == 0, result.err
+
+
+def truncated(tmp_path: Path) -> Path:
+    path = tmp_path / "in" / "truncated.onnx"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(DLRM["onnx"].read_bytes()[: DLRM["onnx"].stat().st_size // 2])
+    return path
+
+
+def not_onnx(tmp_path: Path) -> Path:
+    path = tmp_path / "in" / "notes.onnx"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("this is a text file, not a model\n" * 20)
+    return path
+
+
+def empty(tmp_path: Path) -> Path:
+    path = tmp_path / "in" / "empty.onnx"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def invalid_graph(tmp_path: Path) -> Path:
+    proto = onnx.load(str(DLRM["onnx"]))
+    proto.graph.node[3].input[0] = "no_such_value"
+    path = tmp_path / "in" / "invalid.onnx"
+    path.parent.mkdir(exist_ok=True)
+    onnx.save(proto, str(path))
+    return path
+
+
+def missing_data(tmp_path: Path) -> Path:
+    proto = onnx.load(str(DLRM["onnx"]))
+    path = tmp_path / "in" / "ext.onnx"
+    path.parent.mkdir(exist_ok=True)
+    onnx.save(proto, str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    (tmp_path / "in" / "ext.onnx.data").unlink()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_input", "message"),
+    [
+        (lambda tmp: tmp / "in" / "absent.onnx", "no such file; check the path"),
+        (empty, "the file is empty"),
+        (truncated, "not a readable ONNX model"),
+        (not_onnx, "not a readable ONNX model"),
+        (invalid_graph, "fails the ONNX checker"),
+        (missing_data, "external data file 'ext.onnx.data' (tensor"),
+    ],
+    ids=["missing", "empty", "truncated", "not-onnx", "checker", "missing-data"],
+)
+def test_bad_input_models(cli, tmp_path: Path, make_input, message: str) -> None:
+    source = make_input(tmp_path)
+    before = source.read_bytes() if source.exists() else None
+    result = cli(source, tmp_path / "out.onnx", "--passes", "cleanup")
+    assert_clean_failure(result, 2, message, tmp_path)
+    assert (source.read_bytes() if source.exists() else None) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--passes", "cleanup,quantise"], "unknown pass 'quantise'; choose from: cleanup"),
+        (["--passes", "cleanup", "--set", "cleanup.sparsity=0.5"], "unknown option cleanup.sparsity"),
+        (["--passes", "cleanup", "--set", "cleanup.strip_metadata=perhaps"], "expected true or false"),
+        (["--passes", "cleanup", "--set", "sparsity"], "expected PASS.FIELD=VALUE"),
+        ([], "no passes given"),
+        (["--passes", "cleanup", "--bogus-flag"], "No such option '--bogus-flag'"),
+        (["--passes", "cleanup", "--atol", "tight"], "--atol 'tight': expected a number or OUTPUT=NUMBER"),
+        (["--passes", "cleanup", "--input-shape", "user"], "expected NAME=D0,D1"),
+        (["--passes", "cleanup", "--config", "/nonexistent/r.toml"], "--config /nonexistent/r.toml: no such file"),
+    ],
+)
+def test_usage_errors(cli, tmp_path: Path, args: list[str], message: str) -> None:
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", *args)
+    assert_clean_failure(result, 2, message, tmp_path)
+
+
+def feeds_with(tmp_path: Path, **changes: np.ndarray | None) -> Path:
+    with np.load(DLRM["feeds"]) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    for name, value in changes.items():
+        if value is None:
+            del arrays[name]
+        else:
+            arrays[name] = value
+    path = tmp_path / "in" / "feeds.npz"
+    path.parent.mkdir(exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"user": None}, "missing user; the model expects dense: float32[batch,25], user: int64[batch]"),
+        ({"usr": np.zeros(10000, np.int64)}, "unknown usr"),
+        ({"user": np.zeros(10000, np.int32)}, "user is int32 but the model expects user: int64[batch]"),
+        ({"dense": np.zeros((10000, 25, 1), np.float32)}, "dense has rank 3"),
+        ({"user": np.full(10000, 5000, np.int64)}, "onnxruntime rejected the feeds"),
+    ],
+    ids=["missing", "unknown", "dtype", "rank", "out-of-range-id"],
+)
+def test_bad_feeds(cli, tmp_path: Path, changes: dict, message: str) -> None:
+    feeds = feeds_with(tmp_path, **changes)
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--passes", "cleanup", "--feeds", feeds)
+    assert_clean_failure(result, 2, message, tmp_path)
+
+
+def test_bad_labels(cli, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros(3))
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--passes", "cleanup", "--feeds", DLRM["feeds"],
+                 "--labels", labels)
+    assert_clean_failure(result, 2, "has 3 labels but the feeds have 10000 rows", tmp_path)
+
+
+def test_out_equal_to_in_is_refused_and_input_untouched(cli, tmp_path: Path) -> None:
+    source = tmp_path / "model.onnx"
+    source.write_bytes(DLRM["onnx"].read_bytes())
+    result = cli(source, tmp_path / "." / "model.onnx", "--passes", "cleanup")
+    assert result.code == 2
+    assert "OUT is the input model; choose a different output path" in result.error_lines[0]
+    assert source.read_bytes() == DLRM["onnx"].read_bytes()
+    assert files_in(tmp_path) == ["model.onnx"]
+
+
+def test_out_overwriting_the_input_data_is_refused(cli, tmp_path: Path) -> None:
+    source = missing_data(tmp_path)
+    onnx.save(onnx.load(str(DLRM["onnx"])), str(source), save_as_external_data=True, location="ext.onnx.data")
+    result = cli(source, tmp_path / "in" / "ext.onnx.data", "--passes", "cleanup")
+    assert result.code == 2
+    assert "would overwrite the input's external data ext.onnx.data" in result.error_lines[0]
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("missing-folder/out.onnx", "does not exist; create it first"),
+        ("/proc/onnxcompress-out.onnx", "cannot write in /proc"),
+    ],
+)
+def test_unwritable_output(cli, tmp_path: Path, out: str, message: str) -> None:
+    result = cli(DLRM["onnx"], tmp_path / out if not out.startswith("/") else out, "--passes", "cleanup")
+    assert_clean_failure(result, 2, message, tmp_path)
+
+
+def test_real_process_prints_one_line_without_traceback(tmp_path: Path) -> None:
+    process = subprocess.run(
+        [sys.executable, "-m", "onnxcompress", str(tmp_path / "absent.onnx"), str(tmp_path / "o.onnx"),
+         "--passes", "cleanup"],
+        capture_output=True, text=True, cwd=REPO, check=False,
+    )
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines() == [f"error: {tmp_path / 'absent.onnx'}: no such file; check the path"]
+    debug = subprocess.run(
+        [sys.executable, "-m", "onnxcompress", str(tmp_path / "absent.onnx"), str(tmp_path / "o.onnx"),
+         "--passes", "cleanup", "--debug"],
+        capture_output=True, text=True, cwd=REPO, check=False,
+    )
+    assert "Traceback" in debug.stderr
+
+
+def test_help_lists_exit_codes(cli) -> None:
+    result = cli("--help")
+    assert result.code == 0
+    assert "parity gate failed: nothing written" in result.out
+    assert MODELS.is_dir()

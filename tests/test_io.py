@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import files_in, mlp_model, save_model, text_model
+
+from onnxcompress import io
+from onnxcompress.errors import InputModelError, OutputPathError
+
+TABLE_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (int64[N] i, float[256,16] table) => (float[N,16] y) {
+  y = Gather(table, i)
+}
+"""
+
+
+def table_model() -> ir.Model:
+    table = np.random.default_rng(0).standard_normal((256, 16)).astype(np.float32)
+    return text_model(TABLE_TEXT, {"table": table})
+
+
+def external_model(folder: Path) -> Path:
+    return save_model(table_model(), folder / "table.onnx", external=True)
+
+
+def test_stage_and_commit_write_external_data_named_after_out(tmp_path: Path) -> None:
+    source = external_model(tmp_path / "in")
+    model = io.load(source)
+    out = tmp_path / "out" / "small.onnx"
+    out.parent.mkdir()
+    staged = io.stage(model, out)
+    assert files_in(out.parent) == [staged.staging_dir.name]
+    staged.commit()
+    assert files_in(out.parent) == ["small.onnx", "small.onnx.data"]
+    written = onnx.load(str(out), load_external_data=False)
+    locations = {entry.value for tensor in written.graph.initializer for entry in tensor.external_data}
+    assert "small.onnx.data" in locations
+    np.testing.assert_array_equal(
+        io.load(out).graph.initializers["table"].const_value.numpy(),
+        io.load(source).graph.initializers["table"].const_value.numpy(),
+    )
+
+
+def test_resaving_the_same_out_does_not_grow_the_data_file(tmp_path: Path) -> None:
+    model = io.load(external_model(tmp_path / "in"))
+    out = tmp_path / "out.onnx"
+    io.stage(model, out).commit()
+    size = io.data_file_for(out).stat().st_size
+    io.stage(model, out).commit()
+    assert io.data_file_for(out).stat().st_size == size
+    assert files_in(tmp_path) == ["in", "out.onnx", "out.onnx.data"]
+
+
+def test_auto_keeps_small_single_file_models_single_and_removes_stale_data(tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    io.stage(io.load(external_model(tmp_path / "in")), out).commit()
+    assert io.data_file_for(out).exists()
+    io.stage(table_model(), out).commit()  # in-memory tensors, small: one file
+    assert files_in(tmp_path) == ["in", "out.onnx"]
+    io.stage(table_model(), out, external_data="always").commit()
+    assert io.data_file_for(out).exists()
+
+
+def test_never_embeds_external_tensors_instead_of_pointing_at_the_input(tmp_path: Path) -> None:
+    model = io.load(external_model(tmp_path / "in"))
+    out = tmp_path / "out.onnx"
+    io.stage(model, out, external_data="never").commit()
+    written = onnx.load(str(out), load_external_data=False)
+    assert all(not tensor.external_data for tensor in written.graph.initializer)
+
+
+def test_a_failing_save_leaves_no_partial_file_and_keeps_the_previous_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous")
+
+    def broken_save(model: ir.Model, path: str | os.PathLike, **kwargs: object) -> None:
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.ir, "save", broken_save)
+    with pytest.raises(OutputPathError, match="writing failed: No space left on device"):
+        io.stage(table_model(), out)
+    assert files_in(tmp_path) == ["out.onnx"]
+    assert out.read_bytes() == b"previous"
+
+
+def test_out_equal_to_in_or_its_data_is_refused(tmp_path: Path) -> None:
+    source = external_model(tmp_path)
+    data_files = io.external_data_files(io.load(source))
+    with pytest.raises(OutputPathError, match="OUT is the input model"):
+        io.check_output_path(source, tmp_path / "." / "table.onnx", data_files)
+    with pytest.raises(OutputPathError, match=r"overwrite the input's external data table\.onnx\.data"):
+        io.check_output_path(source, tmp_path / "table.onnx.data", data_files)
+    with pytest.raises(OutputPathError, match="is a directory"):
+        io.check_output_path(source, tmp_path, data_files)
+    with pytest.raises(OutputPathError, match="does not exist; create it first"):
+        io.check_output_path(source, tmp_path / "missing" / "o.onnx", data_files)
+
+
+def rewrite_location(model_path: Path, location: str) -> None:
+    proto = onnx.load(str(model_path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(proto, str(model_path))
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("../escape.data", "points outside the model's folder"),
+        ("/etc/passwd", "points to the absolute path"),
+        ("missing.data", "is missing; copy it next to the model"),
+    ],
+)
+def test_hostile_or_missing_external_data_is_refused(tmp_path: Path, location: str, message: str) -> None:
+    source = external_model(tmp_path / "in")
+    (tmp_path / "escape.data").write_bytes(b"\0" * 100_000)
+    rewrite_location(source, location)
+    with pytest.raises(InputModelError, match=message):
+        io.load(source)
+
+
+def test_symlinked_data_leaving_the_folder_is_refused(tmp_path: Path) -> None:
+    source = external_model(tmp_path / "in")
+    outside = tmp_path / "outside.data"
+    (tmp_path / "in" / "table.onnx.data").rename(outside)
+    (tmp_path / "in" / "table.onnx.data").symlink_to(outside)
+    with pytest.raises(InputModelError, match="is a link that leaves the model's folder"):
+        io.load(source)
+
+
+def test_short_data_file_is_reported(tmp_path: Path) -> None:
+    source = external_model(tmp_path / "in")
+    data = tmp_path / "in" / "table.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(InputModelError, match="has 1000 bytes but tensor 'table' needs"):
+        io.load(source)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "the file is empty"),
+        (b"hello, this is not a model", "not a readable ONNX model"),
+    ],
+)
+def test_unreadable_inputs(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(content)
+    with pytest.raises(InputModelError, match=message):
+        io.load(path)
+
+
+def test_input_file_is_never_modified(tmp_path: Path) -> None:
+    source = external_model(tmp_path / "in")
+    data = tmp_path / "in" / "table.onnx.data"
+    before = (source.read_bytes(), data.read_bytes(), source.stat().st_mtime_ns, data.stat().st_mtime_ns)
+    io.stage(io.load(source), tmp_path / "o.onnx").commit()
+    assert before == (source.read_bytes(), data.read_bytes(), source.stat().st_mtime_ns, data.stat().st_mtime_ns)
+
+
+def test_initializer_bytes_reads_no_data(tmp_path: Path) -> None:
+    model = io.load(external_model(tmp_path / "in"))
+    assert io.initializer_bytes(model) == 256 * 16 * 4
+    assert mlp_model().graph.initializers["w1"].const_value.nbytes == 16 * 8 * 4

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxcompress.parity import LOSSLESS, LOSSY, Budget, Budgets, compare, score_column
+
+
+def test_identical_outputs_pass_the_strict_budget() -> None:
+    scores = np.random.default_rng(0).random(100).astype(np.float32)
+    result = compare({"score": scores}, {"score": scores.copy()}, Budgets(LOSSLESS))
+    assert result and result.passed
+    (output,) = result.outputs
+    assert output.kind == "score" and output.max_abs == 0 and output.spearman == pytest.approx(1.0)
+
+
+def test_failure_reports_the_tolerance_that_would_have_passed() -> None:
+    reference = np.linspace(0, 1, 50, dtype=np.float32)
+    candidate = reference + np.float32(2e-4)
+    result = compare({"score": reference}, {"score": candidate}, Budgets(LOSSLESS))
+    assert not result
+    (output,) = result.failing
+    assert "exceeds atol 1e-05" in output.failures[0]
+    assert output.would_pass_with["atol"] == pytest.approx(2e-4, rel=1e-3)
+    loosened = compare(
+        {"score": reference}, {"score": candidate}, Budgets(Budget(atol=output.would_pass_with["atol"] * 1.001))
+    )
+    assert loosened.passed
+
+
+def test_rtol_scales_with_the_reference() -> None:
+    reference = np.array([1.0, 100.0], np.float32)
+    candidate = reference * np.float32(1.001)
+    assert not compare({"y": reference}, {"y": candidate}, Budgets(Budget(atol=1e-3))).passed
+    assert compare({"y": reference}, {"y": candidate}, Budgets(Budget(atol=1e-3, rtol=2e-3))).passed
+
+
+def test_auc_drop_and_rank_correlation_are_checked_against_labels() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 2000).astype(np.float32)
+    reference = labels * 0.5 + rng.random(2000) * 0.6
+    candidate = reference + rng.normal(0, 0.2, 2000)
+    result = compare({"score": reference}, {"score": candidate}, Budgets(LOSSY), labels=labels)
+    (output,) = result.outputs
+    assert output.auc_reference > output.auc_candidate
+    assert output.auc_delta == pytest.approx(output.auc_candidate - output.auc_reference)
+    assert not output.passed
+    assert any("AUC dropped" in failure for failure in output.failures)
+    assert any("rank correlation" in failure for failure in output.failures)
+    assert output.would_pass_with["max_auc_drop"] == pytest.approx(-output.auc_delta)
+
+
+def test_per_output_budget_overrides_the_default() -> None:
+    reference = {"a": np.zeros(4, np.float32), "b": np.zeros((4, 3), np.float32)}
+    candidate = {"a": np.full(4, 0.01, np.float32), "b": np.full((4, 3), 0.01, np.float32)}
+    budgets = Budgets(LOSSLESS, {"a": Budget(atol=0.1)})
+    result = compare(reference, candidate, budgets)
+    assert [output.passed for output in result.outputs] == [True, False]
+    assert result.outputs[1].kind == "tensor"
+
+
+def test_integer_outputs_count_mismatches_and_shapes_must_match() -> None:
+    labels = np.array([0, 1, 1, 0], np.int64)
+    result = compare({"label": labels}, {"label": np.array([0, 1, 0, 0])}, Budgets(LOSSY))
+    (output,) = result.outputs
+    assert output.kind == "integer" and output.mismatch == 0.25 and not output.passed
+    shape = compare({"y": np.zeros(3)}, {"y": np.zeros(4)}, Budgets(LOSSY))
+    assert "shape changed" in shape.outputs[0].failures[0]
+
+
+def test_nan_in_the_candidate_fails() -> None:
+    result = compare({"y": np.ones(3)}, {"y": np.array([1.0, np.nan, 1.0])}, Budgets(Budget()))
+    assert not result.passed and "NaN" in result.outputs[0].failures[0]
+
+
+def test_ranking_groups_average_per_user_top_k() -> None:
+    reference = np.concatenate([np.arange(20.0), np.arange(20.0)])
+    candidate = reference.copy()
+    candidate[39], candidate[20] = candidate[20], candidate[39]  # second user's best item moved
+    result = compare({"s": reference}, {"s": candidate}, Budgets(LOSSY), rank_group=20)
+    assert result.outputs[0].top10_overlap == pytest.approx((1.0 + 0.9) / 2)
+
+
+def test_score_column_detection() -> None:
+    assert score_column((10,)) == 0
+    assert score_column((10, 1)) == 0
+    assert score_column((10, 2)) == 1
+    assert score_column((10, 64)) is None

@@ -1,0 +1,94 @@
+"""Wall time and peak RSS of onnxcompress on a generated multi-gigabyte DLRM, beside the I/O floor.
+
+Each command runs under ``/usr/bin/time -v`` (peak RSS as the kernel reports it, file-backed pages
+included), interleaved over repeats, and the medians are reported side by side:
+
+    python tools/bench_large.py --workdir /tmp/onnxcompress-large --repeats 3
+
+The floor is ``onnx.load`` + ``onnx.save`` of the same model (with external data), which is what
+any tool that reads and rewrites the model must at least pay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_synthetic_dlrm import SyntheticSpec, make_synthetic_dlrm
+
+FLOOR = """
+import sys, onnx
+model = onnx.load(sys.argv[1])
+onnx.save_model(model, sys.argv[2], save_as_external_data=True, location=sys.argv[2].split('/')[-1] + '.data')
+"""
+
+
+def timed(argv: list[str]) -> tuple[float, float]:
+    """Run ``argv`` under /usr/bin/time -v; return (wall seconds, peak RSS in MiB)."""
+    process = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, check=False)
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{process.stderr[-3000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", process.stderr)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", process.stderr)
+    assert wall and rss
+    seconds = 0.0
+    for part in wall.group(1).split(":"):
+        seconds = seconds * 60 + float(part)
+    return seconds, int(rss.group(1)) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxcompress-large"))
+    parser.add_argument("--tables", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--passes", nargs="*", default=["cleanup"], help="pipelines to time, e.g. cleanup quant")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    model_dir = args.workdir / "model"
+    model = model_dir / "dlrm_large.onnx"
+    if not model.exists():
+        make_synthetic_dlrm(model_dir, SyntheticSpec(tables=args.tables, rows=args.rows))
+    size = model.stat().st_size + model.with_name(model.name + ".data").stat().st_size
+    out_dir = args.workdir / "out"
+    out_dir.mkdir(exist_ok=True)
+
+    commands: dict[str, list[str]] = {
+        "onnx.load + onnx.save (floor)": [sys.executable, "-c", FLOOR, str(model), str(out_dir / "floor.onnx")],
+    }
+    for passes in args.passes:
+        commands[f"onnxcompress --passes {passes}"] = [
+            sys.executable, "-m", "onnxcompress", str(model), str(out_dir / f"{passes.replace(',', '_')}.onnx"),
+            "--passes", passes,
+        ]
+    results: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
+    for _ in range(args.repeats):
+        for label, argv in commands.items():
+            results[label].append(timed(argv))
+
+    floor_wall = statistics.median(wall for wall, _ in results["onnx.load + onnx.save (floor)"])
+    rows = []
+    print(f"model: {size / 1e9:.2f} GB ({args.tables} tables of {args.rows} x 64), repeats {args.repeats}, medians")
+    print("| command | wall s | vs floor | peak RSS MiB | RSS / model size |\n|---|---|---|---|---|")
+    for label, runs in results.items():
+        wall = statistics.median(w for w, _ in runs)
+        rss = statistics.median(r for _, r in runs)
+        rows.append({"command": label, "wall_s": wall, "peak_rss_mib": rss, "model_bytes": size})
+        print(f"| {label} | {wall:.2f} | {wall / floor_wall:.2f}x | {rss:.0f} | {rss * 2**20 / size:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
