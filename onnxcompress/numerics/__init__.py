@@ -1,0 +1,1 @@
+"""Pure numeric functions (no graphs): quantization, pruning, least squares."""
