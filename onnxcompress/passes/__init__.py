@@ -27,4 +27,4 @@ def register(name: str) -> Callable[[type[CompressionPass]], type[CompressionPas
 
 
 # Built-in passes register themselves on import.
-from onnxcompress.passes import cleanup  # noqa: E402, F401
+from onnxcompress.passes import cleanup, quantize  # noqa: E402, F401

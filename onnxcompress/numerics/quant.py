@@ -1,0 +1,232 @@
+"""Fixed-point and binary quantization of weight rows: scales, zero points, rounding, bit packing.
+
+Everything works on a 2-D view ``rows[g, e]`` in which each row shares one scale (and zero point):
+a linear layer's output channel, an embedding table's row, or one block of a row. The
+dequantized value is ``r = s * (q - z)`` (ONNX DequantizeLinear).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "QuantizedRows",
+    "binarize_rows",
+    "dequantize_rows",
+    "gptq_quantize",
+    "pack_codes",
+    "quantize_rows",
+    "unpack_codes",
+]
+
+#: Clip ratios tried by the MSE scale search (fraction of the row's max magnitude).
+MSE_CLIP_GRID = np.linspace(0.5, 1.0, 26)
+_MSE_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """Integer codes per row with the row's scale and zero point: ``r = scale * (code - zero_point)``.
+
+    ``codes`` are int8 for symmetric quantization (centred on 0, zero point 0) and uint8 for
+    asymmetric quantization (in ``[0, 2**bits)``).
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    bits: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+
+def _levels(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer range: symmetric [-(2^(b-1)-1), 2^(b-1)-1] (restricted, so 0 is exact and the
+    range mirrors), asymmetric [0, 2^b - 1]."""
+    if symmetric:
+        top = 2 ** (bits - 1) - 1
+        return -top, top
+    return 0, 2**bits - 1
+
+
+def _round_scale(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Store the scale in ``dtype``, never rounding it down (a smaller scale would clip)."""
+    stored = scale.astype(dtype)
+    low = stored.astype(np.float64) < scale
+    if low.any():
+        stored[low] = np.nextafter(stored[low], np.array(np.inf, dtype=dtype))
+    return np.maximum(stored, np.finfo(dtype).tiny)
+
+
+def _codes(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray, low: int, high: int) -> np.ndarray:
+    return np.clip(np.rint(rows / scale[:, None]) + zero[:, None], low, high)
+
+
+def _params(
+    rows: np.ndarray, bits: int, symmetric: bool, clip: np.ndarray | float, scale_dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    low, high = _levels(bits, symmetric)
+    if symmetric:
+        magnitude = np.abs(rows).max(axis=1) * clip
+        scale = _round_scale(magnitude / high, scale_dtype).astype(np.float64)
+        return scale, np.zeros(len(rows))
+    row_min = np.minimum(rows.min(axis=1), 0.0) * clip
+    row_max = np.maximum(rows.max(axis=1), 0.0) * clip
+    scale = _round_scale((row_max - row_min) / (high - low), scale_dtype).astype(np.float64)
+    zero = np.clip(np.rint(low - row_min / scale), low, high)
+    return scale, zero
+
+
+def _mse_clip(rows: np.ndarray, bits: int, symmetric: bool, scale_dtype: np.dtype) -> np.ndarray:
+    """Per row, the clip ratio from ``MSE_CLIP_GRID`` with the smallest squared rounding error."""
+    low, high = _levels(bits, symmetric)
+    best = np.ones(len(rows))
+    best_error = np.full(len(rows), np.inf)
+    for ratio in MSE_CLIP_GRID:
+        scale, zero = _params(rows, bits, symmetric, ratio, scale_dtype)
+        error = ((scale[:, None] * (_codes(rows, scale, zero, low, high) - zero[:, None]) - rows) ** 2).sum(axis=1)
+        better = error < best_error
+        best[better], best_error[better] = ratio, error[better]
+    return best
+
+
+def quantize_rows(
+    rows: np.ndarray,
+    bits: int,
+    *,
+    symmetric: bool = True,
+    search: bool = False,
+    scale_dtype: np.dtype | type = np.float32,
+) -> QuantizedRows:
+    """Round-to-nearest quantization with one scale (and zero point) per row.
+
+    Args:
+        rows: float array ``[groups, elements]``.
+        bits: 2 to 8.
+        symmetric: zero point 0 and int8 codes; otherwise min/max with a uint8 zero point.
+        search: choose each row's clipping range by minimising the squared error (MSE search)
+            instead of using the full min/max range.
+        scale_dtype: the dtype scales are stored in (float16 halves their size); rounding uses the
+            stored value, so dequantization is exact to what is saved.
+    """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be between 2 and 8, got {bits}")
+    rows = np.asarray(rows, dtype=np.float64)
+    scale_dtype = np.dtype(scale_dtype)
+    low, high = _levels(bits, symmetric)
+    scale = np.empty(len(rows))
+    zero = np.empty(len(rows))
+    codes = np.empty(rows.shape, dtype=np.int8 if symmetric else np.uint8)
+    chunk = max(1, _MSE_CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        clip = _mse_clip(part, bits, symmetric, scale_dtype) if search else 1.0
+        part_scale, part_zero = _params(part, bits, symmetric, clip, scale_dtype)
+        codes[start : start + chunk] = _codes(part, part_scale, part_zero, low, high)
+        scale[start : start + chunk], zero[start : start + chunk] = part_scale, part_zero
+    return QuantizedRows(
+        codes=codes,
+        scale=scale.astype(scale_dtype),
+        zero_point=None if symmetric else zero.astype(np.uint8),
+        bits=bits,
+    )
+
+
+def dequantize_rows(quantized: QuantizedRows) -> np.ndarray:
+    """The float rows that ``quantized`` stands for (``scale * (code - zero_point)``)."""
+    zero = 0.0 if quantized.zero_point is None else quantized.zero_point.astype(np.float64)[:, None]
+    return quantized.scale.astype(np.float64)[:, None] * (quantized.codes.astype(np.float64) - zero)
+
+
+def binarize_rows(rows: np.ndarray, scale_dtype: np.dtype | type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Binary weights ``sign(w) * alpha`` per row, with ``alpha = mean|w|`` (the L2-optimal scale).
+
+    Returns ``(bits, alpha)``: uint8 codes (1 for non-negative, 0 for negative) and the scales.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    alpha = np.abs(rows).mean(axis=1).astype(np.dtype(scale_dtype))
+    return (rows >= 0).astype(np.uint8), alpha
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ``bits``-wide codes along the last axis, element ``i`` of a byte in bits
+    ``[i*bits, (i+1)*bits)`` (little-endian), padding the last byte with zeros."""
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"packing supports 1, 2, 4 or 8 bits, got {bits}")
+    codes = np.asarray(codes, dtype=np.uint8)
+    if bits == 8:
+        return codes.copy()
+    per_byte = 8 // bits
+    pad = (-codes.shape[-1]) % per_byte
+    if pad:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], pad), np.uint8)], axis=-1)
+    grouped = codes.reshape(*codes.shape[:-1], -1, per_byte).astype(np.uint16)
+    shifts = (np.arange(per_byte) * bits).astype(np.uint16)
+    return (grouped << shifts).sum(axis=-1).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: the first ``count`` codes along the last axis."""
+    if bits == 8:
+        return np.asarray(packed, dtype=np.uint8)[..., :count]
+    per_byte = 8 // bits
+    shifts = (np.arange(per_byte) * bits).astype(np.uint8)
+    unpacked = (np.asarray(packed, dtype=np.uint8)[..., None] >> shifts) & np.uint8(2**bits - 1)
+    return unpacked.reshape(*packed.shape[:-1], -1)[..., :count]
+
+
+def gptq_quantize(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    bits: int,
+    *,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    damping: float = 0.01,
+    scale_dtype: np.dtype | type = np.float32,
+) -> QuantizedRows:
+    """GPTQ: quantize ``weight[out, in]`` column by column, spreading each column's rounding error
+    over the columns not yet quantized so that ``weight @ x`` is preserved on the calibration inputs.
+
+    Args:
+        hessian: ``X^T X`` of the layer's calibration inputs, ``[in, in]``.
+        group_size: one scale per ``group_size`` consecutive input columns (None: per output row).
+
+    Returns rows of codes shaped like ``weight`` (one row per output channel, or per output
+    channel and group when ``group_size`` is set: ``[out * in/group_size, group_size]``).
+    """
+    weight = np.array(weight, dtype=np.float64)
+    rows, columns = weight.shape
+    hessian = np.array(hessian, dtype=np.float64)
+    dead = np.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    hessian += np.eye(columns) * damping * float(np.mean(np.diag(hessian)))
+    # Upper Cholesky factor of H^-1: row i holds the error-propagation weights for column i.
+    inverse = np.linalg.cholesky(np.linalg.inv(hessian)).T
+    group = group_size or columns
+    low, high = _levels(bits, symmetric)
+    scale_dtype = np.dtype(scale_dtype)
+    codes = np.empty((rows, columns))
+    scales = np.empty((rows, columns // group))
+    zeros = np.empty((rows, columns // group))
+    for start in range(0, columns, group):
+        stop = start + group
+        scale, zero = _params(weight[:, start:stop], bits, symmetric, 1.0, scale_dtype)
+        scales[:, start // group], zeros[:, start // group] = scale, zero
+        for column in range(start, stop):
+            code = np.clip(np.rint(weight[:, column] / scale) + zero, low, high)
+            codes[:, column] = code
+            error = (weight[:, column] - scale * (code - zero)) / inverse[column, column]
+            weight[:, column + 1 :] -= np.outer(error, inverse[column, column + 1 :])
+    layout = (rows * (columns // group), group)
+    return QuantizedRows(
+        codes=codes.reshape(layout).astype(np.int8 if symmetric else np.uint8),
+        scale=scales.reshape(-1).astype(scale_dtype),
+        zero_point=None if symmetric else zeros.reshape(-1).astype(np.uint8),
+        bits=bits,
+    )

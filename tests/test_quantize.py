@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import model_files, save_model, text_model
+from onnx.reference import ReferenceEvaluator
+
+from onnxcompress import runtime
+from onnxcompress.passes.quantize import Quantize
+
+RNG = np.random.default_rng(0)
+
+LINEAR = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,64] x, float[64,32] w_mm, float[16,32] w_gemm, float[16] b, float[32,8] w_gemm_t) => (float[N,8] y) {
+  h = MatMul(x, w_mm)
+  g1 = Gemm <transB = 1> (h, w_gemm, b)
+  r = Relu(g1)
+  r2 = Concat <axis = 1> (r, r)
+  y = Gemm (r2, w_gemm_t)
+}
+"""
+
+TABLES = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (int64[N] user, int64[N,3] items, float[50,16] users, float[40,16] item_table) => (float[N,16] u, float[N,3,16] i, float[N,16] again) {
+  u = Gather(users, user)
+  i = Gather(item_table, items)
+  again = Gather(users, user)
+}
+"""
+
+
+def linear_model() -> ir.Model:
+    rng = np.random.default_rng(1)
+    return text_model(
+        LINEAR,
+        {
+            "w_mm": rng.standard_normal((64, 32)).astype(np.float32),
+            "w_gemm": rng.standard_normal((16, 32)).astype(np.float32),
+            "b": rng.standard_normal(16).astype(np.float32),
+            "w_gemm_t": rng.standard_normal((32, 8)).astype(np.float32),
+        },
+    )
+
+
+def table_model() -> ir.Model:
+    rng = np.random.default_rng(2)
+    return text_model(
+        TABLES,
+        {
+            "users": rng.standard_normal((50, 16)).astype(np.float32),
+            "item_table": (rng.standard_normal((40, 16)) * np.linspace(0.01, 10, 40)[:, None]).astype(np.float32),
+        },
+    )
+
+
+def evaluate(model: ir.Model, tmp_path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    path = save_model(model, tmp_path / f"m{len(list(tmp_path.iterdir()))}.onnx")
+    reference = ReferenceEvaluator(str(path)).run(None, feeds)
+    session = runtime.make_session(path, "disable")
+    ort_outputs = session.run(None, feeds)
+    for exact, ort_output in zip(reference, ort_outputs, strict=True):
+        np.testing.assert_allclose(exact, ort_output, rtol=1e-4, atol=1e-5 * float(np.abs(exact).max()))
+    return reference
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+@pytest.mark.parametrize(
+    ("options", "tolerance", "dq_count", "min_ratio"),
+    [
+        ({"bits": 8}, 0.01, 3, 3.6),
+        ({"bits": 8, "granularity": "tensor"}, 0.02, 3, 3.9),
+        ({"bits": 4, "granularity": "block", "block_size": 16}, 0.15, 3, 5.0),
+        ({"bits": 4, "symmetric": False}, 0.2, 3, 6.5),
+        ({"bits": 2}, 1.5, 3, 10.0),
+        ({"bits": 1}, 1.5, 0, 12.0),
+    ],
+)
+def test_linear_weights_become_dequantize_linear(
+    options: dict, tolerance: float, dq_count: int, min_ratio: float, tmp_path: Path
+) -> None:
+    feeds = {"x": RNG.standard_normal((20, 64)).astype(np.float32)}
+    (expected,) = evaluate(linear_model(), tmp_path, feeds)
+    model = linear_model()
+    result = Quantize(Quantize.Config(**options, rounding="nearest"))(model)
+    assert result.modified and result.stats["weights_quantized"] == 3
+    assert not {"w_mm", "w_gemm", "w_gemm_t"} & set(model.graph.initializers)
+    assert model.opset_imports[""] == 21 and model.ir_version >= 10
+    assert sum(node.op_type == "DequantizeLinear" for node in model.graph) == dq_count
+    (got,) = evaluate(model, tmp_path, feeds)
+    assert relative_error(expected, got) < tolerance
+    assert result.stats["bytes_before"] / result.stats["bytes_after"] > min_ratio
+
+
+def test_int4_weights_are_stored_as_int4(tmp_path: Path) -> None:
+    model = linear_model()
+    Quantize(Quantize.Config(bits=4, granularity="block", block_size=16))(model)
+    q = model.graph.initializers["w_mm_q"].const_value
+    assert q.dtype == ir.DataType.INT4 and q.nbytes == 64 * 32 // 2
+    scale = model.graph.initializers["w_mm_scale"].const_value
+    assert tuple(scale.shape) == (32, 4)  # [channels, inputs / block]
+
+
+def test_tables_are_gathered_quantized_and_dequantized_after_the_gather(tmp_path: Path) -> None:
+    feeds = {"user": RNG.integers(0, 50, 30).astype(np.int64), "items": RNG.integers(0, 40, (30, 3)).astype(np.int64)}
+    expected = evaluate(table_model(), tmp_path, feeds)
+    model = table_model()
+    result = Quantize()(model)
+    assert result.stats["tensors"]["users"]["lookups"] == 2  # shared table quantized once
+    assert set(model.graph.initializers) >= {"users_q", "users_scale", "users_zero_point", "item_table_q"}
+    for node in model.graph:
+        if node.op_type == "DequantizeLinear":
+            assert node.inputs[0].producer().op_type == "Gather"  # never a whole-table dequantization
+            assert node.attributes.get_int("axis") == 0
+    assert model.graph.initializers["users_scale"].const_value.dtype == ir.DataType.FLOAT16
+    got = evaluate(model, tmp_path, feeds)
+    assert [value.name for value in model.graph.outputs] == ["u", "i", "again"]
+    for exact, approximate in zip(expected, got, strict=True):
+        assert exact.shape == approximate.shape
+        # per-row scales: every row, even the small-norm ones, keeps ~1% accuracy
+        error = np.abs(exact - approximate).max(axis=-1) / np.abs(exact).max(axis=-1)
+        assert error.max() < 0.01
+
+
+@pytest.mark.parametrize(("bits", "tolerance"), [(4, 0.1), (2, 0.5), (1, 0.9)])
+def test_low_bit_tables_are_bit_packed_and_unpacked_after_the_gather(bits: int, tolerance: float, tmp_path: Path) -> None:
+    feeds = {"user": RNG.integers(0, 50, 30).astype(np.int64), "items": RNG.integers(0, 40, (30, 3)).astype(np.int64)}
+    expected = evaluate(table_model(), tmp_path, feeds)
+    model = table_model()
+    result = Quantize(Quantize.Config(embedding_bits=bits))(model)
+    packed = model.graph.initializers["users_packed"].const_value
+    assert packed.dtype == ir.DataType.UINT8 and tuple(packed.shape) == (50, 16 * bits // 8)
+    # packed codes + an fp16 scale and a uint8 zero point per row (+ the unpacking constants)
+    assert result.stats["tensors"]["users"]["bytes_after"] <= 50 * (16 * bits / 8 + 3) + 64
+    got = evaluate(model, tmp_path, feeds)
+    for exact, approximate in zip(expected, got, strict=True):
+        assert relative_error(exact, approximate) < tolerance
+
+
+def test_a_table_tied_to_an_output_layer_is_quantized_once(tmp_path: Path) -> None:
+    table = RNG.standard_normal((30, 8)).astype(np.float32)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] ids, float[N,8] h, float[30,8] emb) => (float[N,8] e, float[N,30] logits) {
+          e = Gather(emb, ids)
+          logits = Gemm <transB = 1> (h, emb)
+        }
+        """,
+        {"emb": table},
+    )
+    feeds = {"ids": RNG.integers(0, 30, 10).astype(np.int64), "h": RNG.standard_normal((10, 8)).astype(np.float32)}
+    expected = evaluate(model, tmp_path, feeds)
+    result = Quantize()(model)
+    assert result.stats["weights_quantized"] == 1
+    assert [name for name in model.graph.initializers if name.startswith("emb")] == ["emb_q", "emb_scale", "emb_zero_point"]
+    got = evaluate(model, tmp_path, feeds)
+    for exact, approximate in zip(expected, got, strict=True):
+        assert relative_error(exact, approximate) < 0.01
+
+
+def test_selection_options_and_skip_reasons() -> None:
+    model = linear_model()
+    result = Quantize(Quantize.Config(exclude="gemm_t", min_elements=600, op_types=("MatMul", "Gemm")))(model)
+    assert result.stats["skipped"] == {"w_gemm": "fewer than quant.min_elements=600 elements", "w_gemm_t": "matched by quant.exclude"}
+    assert "w_gemm" in model.graph.initializers and "w_mm" not in model.graph.initializers
+
+
+def test_gptq_rounding_uses_calibration_and_beats_nearest(tmp_path: Path) -> None:
+    from onnxcompress.calibration import Calibration, Feeds
+    from onnxcompress.passes.base import PassContext
+
+    def layer() -> ir.Model:
+        weight = np.random.default_rng(3).standard_normal((64, 32)).astype(np.float32)
+        return text_model(
+            """
+            <ir_version: 8, opset_import: ["" : 17]>
+            g (float[N,64] x, float[64,32] w) => (float[N,32] y) {
+              y = MatMul(x, w)
+            }
+            """,
+            {"w": weight},
+        )
+
+    x = (RNG.standard_normal((256, 64)) @ RNG.standard_normal((64, 64))).astype(np.float32)
+    context = PassContext(calibration=Calibration(Feeds({"x": x}, "test")))
+    (expected,) = evaluate(layer(), tmp_path, {"x": x})
+    errors = {}
+    for rounding in ("nearest", "gptq"):
+        model = layer()
+        result = Quantize(Quantize.Config(bits=4, rounding=rounding), context)(model)
+        assert result.stats["tensors"]["w"]["rounding"] == rounding
+        (got,) = evaluate(model, tmp_path, {"x": x})
+        errors[rounding] = relative_error(expected, got)
+    assert errors["gptq"] < 0.8 * errors["nearest"]
+
+
+@pytest.mark.parametrize("name", ["dlrm", "deepfm", "two_tower", "sklearn_mlp", "dlrm_dynamo"])
+def test_int8_on_real_models_keeps_auc(cli, tmp_path: Path, name: str) -> None:
+    files = model_files(name)
+    result = cli(files["onnx"], tmp_path / "q.onnx", "--passes", "cleanup,quant", "--set", "cleanup.strip_metadata=true",
+                 "--feeds", files["feeds"], "--labels", files["labels"], "--calib", files["calib"])
+    assert result.code == 0, result.err
+    report = result.report
+    score = next(output for output in report["parity"]["outputs"] if output["kind"] == "score")
+    assert abs(score["auc_delta"]) <= 0.0003
+    assert score["spearman"] > 0.999
+    assert report["size_ratio"] > 3.0
