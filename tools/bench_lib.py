@@ -187,6 +187,12 @@ BUILDERS: dict[str, Builder] = {
 }
 
 
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message``, at most 300 characters, for a table cell."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
 def _worker(job_path: Path) -> int:
     job = json.loads(job_path.read_text())
     method = Method(**job["method"])
@@ -196,8 +202,7 @@ def _worker(job_path: Path) -> int:
         notes = BUILDERS[method.kind](case.model, Path(job["out"]), case, method.params)
     except Exception as error:
         traceback.print_exc()
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        result = {"error": f"{type(error).__name__}: {message}"[:300]}
+        result = {"error": first_line(error)}
     else:
         result = {"seconds": time.perf_counter() - started, "notes": notes}
     Path(job["result"]).write_text(json.dumps(result))
