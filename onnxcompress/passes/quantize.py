@@ -1,11 +1,20 @@
-"""Weight quantization with standard DequantizeLinear: linear layers, row-wise embedding tables, binary.
+"""Weight quantization in standard ONNX: linear layers, row-wise embedding tables, binary weights.
 
-Linear weights (MatMul, Gemm, Conv) become integer initializers + DequantizeLinear, which any ONNX
-runtime constant-folds at load. Embedding tables are quantized per row and looked up quantized:
-the Gather reads integer rows and only the gathered rows are dequantized (dequantizing the whole
-table first would make onnxruntime materialise the fp32 table at run time). Widths below 8 bits
-that standard ONNX cannot gather are stored bit-packed in uint8 and unpacked with BitShift and
-BitwiseAnd after the Gather.
+Three graph forms, chosen per weight by measured speed (see docs/QUANTIZATION.md):
+
+* Linear layers with ``activations=dynamic``: DynamicQuantizeLinear + MatMulInteger on int8
+  weights, so onnxruntime runs integer kernels (it fuses the pattern into DynamicQuantizeMatMul).
+* Linear layers with float activations: integer codes decoded to float either with
+  DequantizeLinear (``dequantize=linear``, the QDQ form other runtimes recognise, executed on every
+  call by onnxruntime's CPU provider) or with Cast/Sub/Mul (``dequantize=fold``), which
+  onnxruntime constant-folds at session load so the model runs at fp32 speed from int8 storage.
+* Embedding tables: per-row scales. Large tables are looked up quantized — the Gather reads integer
+  rows, then only the gathered rows are dequantized (DequantizeLinear on axis 0) — so the fp32 table
+  never exists at run time. Tables under ``fold_tables_below`` bytes (fp32) are decoded once at
+  session load instead, which keeps the fp32 lookup speed for a few hundred KB of memory.
+
+Widths below 8 bits that standard ONNX cannot gather or cast are stored bit-packed in uint8 and
+unpacked with BitShift and BitwiseAnd.
 """
 
 from __future__ import annotations
@@ -21,13 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.graph import WeightUse, weights_by_value
-from onnxcompress.numerics.quant import (
-    QuantizedRows,
-    binarize_rows,
-    gptq_quantize,
-    pack_codes,
-    quantize_rows,
-)
+from onnxcompress.numerics.quant import QuantizedRows, binarize_rows, gptq_quantize, pack_codes, quantize_rows
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 
@@ -35,7 +38,7 @@ __all__ = ["Quantize"]
 
 logger = logging.getLogger(__name__)
 
-#: DequantizeLinear with block_size and int4 types need opset 21 (and IR version 10).
+#: DequantizeLinear with block_size, float16 scales and BitwiseAnd need opset 21 (and IR version 10).
 QUANT_OPSET = 21
 QUANT_IR_VERSION = 10
 BIT_CHOICES = (8, 4, 2, 1)
@@ -43,14 +46,14 @@ BIT_CHOICES = (8, 4, 2, 1)
 
 @dataclass
 class _Builder:
-    """Adds initializers and nodes to a graph with names derived from the weight they replace."""
+    """Adds initializers and nodes named after the weight they replace; counts the bytes stored."""
 
     graph: ir.Graph
     prefix: str
     nodes: list[ir.Node] = field(default_factory=list)
+    stored_bytes: int = 0
     _small: dict[tuple[str, str, bytes], ir.Value] = field(default_factory=dict)
     _taken: set[str] | None = None
-    stored_bytes: int = 0
 
     def constant(self, suffix: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
         array = np.asarray(array)
@@ -65,17 +68,21 @@ class _Builder:
             self._small[key] = value
         return value
 
+    def op(self, op_type: str, inputs: Sequence[ir.Value | None], outputs: int = 1, **attributes: Any) -> ir.Value:
+        return self.multi(op_type, inputs, outputs, **attributes)[0]
+
+    def multi(
+        self, op_type: str, inputs: Sequence[ir.Value | None], outputs: int = 1, **attributes: Any
+    ) -> Sequence[ir.Value]:
+        name = self._unique(f"{self.prefix}/{op_type}")
+        node = ir.node(op_type, list(inputs), attributes=attributes or None, num_outputs=outputs, name=name)
+        self.nodes.append(node)
+        return node.outputs
+
     def insert_before(self, node: ir.Node) -> None:
         """Insert the nodes built so far in front of ``node`` and start a new batch."""
         self.graph.insert_before(node, self.nodes)
         self.nodes = []
-
-    def op(self, op_type: str, inputs: Sequence[ir.Value | None], **attributes: Any) -> ir.Value:
-        node = ir.node(
-            op_type, list(inputs), attributes=attributes or None, name=self._unique(f"{self.prefix}/{op_type}")
-        )
-        self.nodes.append(node)
-        return node.outputs[0]
 
     def _unique(self, name: str) -> str:
         if self._taken is None:
@@ -87,22 +94,146 @@ class _Builder:
         return candidate
 
 
-def _rows_layout(weight: np.ndarray, use: WeightUse) -> np.ndarray:
-    """The weight as ``[output channels, inputs]`` (Conv kernels flattened into the inputs)."""
-    moved = np.moveaxis(weight, use.out_axis, 0)
-    return moved.reshape(moved.shape[0], -1)
+@dataclass(frozen=True)
+class _Stored:
+    """A quantized weight in the graph: codes (int8/uint8, or bit-packed uint8) and its parameters.
+
+    Codes are rows ``[groups, elements]``; ``scale``/``zero`` hold one entry per row.
+    """
+
+    codes: ir.Value
+    scale: ir.Value
+    zero: ir.Value | None
+    bits: int
+    elements: int
+    binary: bool = False
+
+    @property
+    def packed(self) -> bool:
+        tensor = self.codes.const_value
+        return self.bits < 8 and tensor is not None and tensor.dtype == ir.DataType.UINT8
 
 
-def _int_dtype(bits: int, symmetric: bool) -> tuple[ir.DataType, Any]:
+def _last(build: _Builder) -> ir.Value:
+    return build.constant("last", np.array([-1], np.int64))
+
+
+def _unpack(build: _Builder, packed: ir.Value, bits: int, count: int) -> ir.Value:
+    """Standard-op unpacking of little-endian ``bits``-wide codes along the last axis (uint8)."""
+    per_byte = 8 // bits
+    expanded = build.op("Unsqueeze", [packed, _last(build)])
+    shifts = build.constant("shifts", (np.arange(per_byte) * bits).astype(np.uint8))
+    shifted = build.op("BitShift", [expanded, shifts], direction="RIGHT")
+    codes = build.op("BitwiseAnd", [shifted, build.constant("mask", np.array(2**bits - 1, np.uint8))])
+    flat = build.op("Reshape", [codes, build.constant("merge", np.array([0, -1], np.int64))])
+    if (count * bits) % 8:
+        start = build.constant("start", np.array([0], np.int64))
+        stop = build.constant("stop", np.array([count], np.int64))
+        flat = build.op("Slice", [flat, start, stop, build.constant("axis1", np.array([1], np.int64))])
+    return flat
+
+
+def _store(
+    build: _Builder, quantized: QuantizedRows, *, binary: bool = False, column: bool = False, native_int4: bool = False
+) -> _Stored:
+    """Put codes and parameters into initializers.
+
+    Codes are int8/uint8 at 8 bits, INT4/UINT4 with ``native_int4`` (for DequantizeLinear), and
+    bit-packed uint8 otherwise. ``column`` stores scales and zero points as ``[rows, 1]`` so that
+    they broadcast over the codes without an Unsqueeze node.
+    """
+    bits = quantized.bits
+    rows, elements = quantized.codes.shape
+    shape = (rows, 1) if column else (rows,)
     if bits == 8:
-        return (ir.DataType.INT8, np.int8) if symmetric else (ir.DataType.UINT8, np.uint8)
-    return (ir.DataType.INT4, ml_dtypes.int4) if symmetric else (ir.DataType.UINT4, ml_dtypes.uint4)
+        codes = build.constant("q", quantized.codes)
+    elif native_int4 and bits == 4:
+        numpy_type = ml_dtypes.int4 if quantized.symmetric else ml_dtypes.uint4
+        int4_type = ir.DataType.INT4 if quantized.symmetric else ir.DataType.UINT4
+        codes = build.constant("q", quantized.codes.astype(numpy_type), int4_type)
+        zero = None
+        if quantized.zero_point is not None:
+            zero = build.constant("zero_point", quantized.zero_point.astype(numpy_type).reshape(shape), int4_type)
+        scale = build.constant("scale", quantized.scale.reshape(shape))
+        return _Stored(codes, scale, zero, bits, elements, binary)
+    else:
+        unsigned = quantized.codes.astype(np.int16)
+        if quantized.symmetric and not binary:
+            unsigned = unsigned + (2 ** (bits - 1) - 1)  # stored offset by the zero point below
+        codes = build.constant("packed", pack_codes(unsigned.astype(np.uint8), bits))
+    scale = build.constant("scale", quantized.scale.reshape(shape))
+    zero = None
+    if not binary and (quantized.zero_point is not None or bits < 8):
+        zero_array = quantized.zero_point
+        if zero_array is None:
+            zero_array = np.full(rows, 2 ** (bits - 1) - 1, np.uint8)
+        zero = build.constant("zero_point", zero_array.reshape(shape))
+    return _Stored(codes, scale, zero, bits, elements, binary)
+
+
+def _float(build: _Builder, value: ir.Value, stored_as: ir.Value) -> ir.Value:
+    """``value`` (``stored_as`` or rows gathered from it) as float32."""
+    tensor = stored_as.const_value
+    if tensor is not None and tensor.dtype != ir.DataType.FLOAT:
+        return build.op("Cast", [value], to=ir.DataType.FLOAT)
+    return value
+
+
+def _column(build: _Builder, value: ir.Value) -> ir.Value:
+    """``value`` as ``[rows, 1]`` for broadcasting over ``[rows, elements]``."""
+    tensor = value.const_value
+    if tensor is not None and len(tensor.shape) == 2:
+        return value
+    return build.op("Unsqueeze", [value, _last(build)])
+
+
+def _decode_rows(
+    build: _Builder, stored: _Stored, rows: ir.Value, scale: ir.Value, zero: ir.Value | None, form: str
+) -> ir.Value:
+    """Float rows ``[n, elements]`` from codes ``rows`` and per-row ``scale``/``zero``.
+
+    ``form`` is ``linear`` (DequantizeLinear on axis 0; scale and zero of shape ``[n]``) or ``fold``
+    (Cast, Sub, Mul: plain arithmetic that onnxruntime constant-folds when every input is an
+    initializer; scale and zero of shape ``[n]`` or ``[n, 1]``).
+    """
+    codes = _unpack(build, rows, stored.bits, stored.elements) if stored.packed else rows
+    if stored.binary:
+        alpha = _float(build, _column(build, scale), stored.scale)
+        doubled = build.op("Mul", [build.op("Cast", [codes], to=ir.DataType.FLOAT), build.op("Add", [alpha, alpha])])
+        return build.op("Sub", [doubled, alpha])
+    if form == "linear":
+        scale = _float(build, scale, stored.scale)
+        return build.op("DequantizeLinear", [codes, scale, zero] if zero is not None else [codes, scale], axis=0)
+    values = build.op("Cast", [codes], to=ir.DataType.FLOAT)
+    if zero is not None:
+        values = build.op("Sub", [values, build.op("Cast", [_column(build, zero)], to=ir.DataType.FLOAT)])
+    return build.op("Mul", [values, _float(build, _column(build, scale), stored.scale)])
+
+
+def _replace_output(old: ir.Value, new: ir.Value) -> None:
+    was_graph_output = old.is_graph_output()
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    new.type, new.shape = old.type, old.shape
+    if was_graph_output:
+        name, old.name = old.name, None
+        new.name = name
+
+
+def _position(graph: ir.Graph, node: ir.Node) -> int:
+    for index, candidate in enumerate(graph):
+        if candidate is node:
+            return index
+    return len(graph)
+
+
+def _first(graph: ir.Graph, uses: Sequence[WeightUse]) -> ir.Node:
+    return min((use.node for use in uses), key=lambda node: _position(graph, node))
 
 
 @register("quant")
 class Quantize(CompressionPass):
-    """Quantize weights to 8/4/2/1 bits with DequantizeLinear: linear layers per channel or block,
-    embedding tables per row with the lookup done on the quantized table."""
+    """Quantize weights to 8/4/2/1 bits in standard ONNX: linear layers per channel or block (integer
+    kernels with activations=dynamic), embedding tables per row, looked up on the quantized table."""
 
     lossy = True
 
@@ -115,6 +246,21 @@ class Quantize(CompressionPass):
         )
         block_size: int = field(default=32, metadata={"help": "inputs per scale with granularity=block", "min": 2})
         symmetric: bool = field(default=True, metadata={"help": "zero point 0 for linear weights (else min/max)"})
+        activations: str = field(
+            default="none",
+            metadata={
+                "help": "none: float activations; dynamic: DynamicQuantizeLinear + MatMulInteger (8-bit weights)",
+                "choices": ("none", "dynamic"),
+            },
+        )
+        dequantize: str = field(
+            default="fold",
+            metadata={
+                "help": "float-activation weights: fold (Cast/Mul, folded at load: fp32 speed) or linear "
+                "(DequantizeLinear, run on every call by onnxruntime)",
+                "choices": ("fold", "linear"),
+            },
+        )
         embedding_bits: int = field(
             default=8,
             metadata={
@@ -124,6 +270,14 @@ class Quantize(CompressionPass):
         )
         embedding_symmetric: bool = field(
             default=False, metadata={"help": "zero point 0 for tables (default: per-row min/max offset as FBGEMM)"}
+        )
+        fold_tables_below: int = field(
+            default=1 << 20,
+            metadata={
+                "help": "tables smaller than this (fp32 bytes) are decoded at load, larger ones are "
+                "gathered quantized; 0 gathers every table quantized",
+                "min": 0,
+            },
         )
         scale_dtype: str = field(
             default="float16",
@@ -151,23 +305,22 @@ class Quantize(CompressionPass):
         if self._prepare_opset(model):
             # Conversion through the ONNX C API rebuilds the graph: select from the new one.
             selected, skipped = self._select(model)
-        quantized: dict[str, dict[str, Any]] = {}
         hessians = self._hessians(model, selected)
+        tensors: dict[str, dict[str, Any]] = {}
         for value, uses in selected.items():
-            kind = "embedding" if all(use.kind == "embedding" for use in uses) else uses[0].kind
             name = value.name or "weight"
-            if kind == "embedding" or any(use.kind == "embedding" for use in uses):
-                quantized[name] = self._quantize_table(model.graph, value, uses)
+            if any(use.kind == "embedding" for use in uses):
+                tensors[name] = self._quantize_table(model.graph, value, uses)
             else:
-                quantized[name] = self._quantize_linear(model.graph, value, uses, hessians.get(name))
-        total_before = sum(entry["bytes_before"] for entry in quantized.values())
-        total_after = sum(entry["bytes_after"] for entry in quantized.values())
+                tensors[name] = self._quantize_linear(model.graph, value, uses, hessians.get(name))
+        before = sum(entry["bytes_before"] for entry in tensors.values())
+        after = sum(entry["bytes_after"] for entry in tensors.values())
         stats = {
-            "weights_quantized": len(quantized),
-            "bytes_before": total_before,
-            "bytes_after": total_after,
-            "ratio": round(total_before / max(total_after, 1), 3),
-            "tensors": quantized,
+            "weights_quantized": len(tensors),
+            "bytes_before": before,
+            "bytes_after": after,
+            "ratio": round(before / max(after, 1), 3),
+            "tensors": tensors,
             "skipped": skipped,
         }
         return CompressionResult(model, modified=True, stats=stats)
@@ -196,8 +349,8 @@ class Quantize(CompressionPass):
                 skipped[name] = f"fewer than quant.min_elements={config.min_elements} elements"
             elif is_table and config.embedding_bits == 0:
                 skipped[name] = "embedding table and quant.embedding_bits=0"
-            elif not is_table and len(tensor.shape) < 2:
-                skipped[name] = "not a matrix"
+            elif is_table and any(use.kind != "embedding" and use.out_axis != 0 for use in uses):
+                skipped[name] = "table also used as a weight whose channels are not its rows"
             else:
                 selected[value] = uses
         return selected, skipped
@@ -249,8 +402,7 @@ class Quantize(CompressionPass):
             for weight_name, input_value in targets.items():
                 x = batch[input_value.name].astype(np.float64)
                 x = x.reshape(-1, x.shape[-1])
-                contribution = x.T @ x
-                hessians[weight_name] = hessians.get(weight_name, 0) + contribution
+                hessians[weight_name] = hessians.get(weight_name, 0) + x.T @ x
         return hessians
 
     # --- linear layers ---------------------------------------------------------------------------
@@ -263,128 +415,97 @@ class Quantize(CompressionPass):
         tensor = value.const_value
         assert tensor is not None and value.name is not None
         weight = tensor.numpy().astype(np.float32)
-        rows = _rows_layout(weight, use)
+        moved = np.moveaxis(weight, use.out_axis, 0)
+        rows = moved.reshape(moved.shape[0], -1)  # [output channels, inputs]
         channels, inputs = rows.shape
-        granularity = config.granularity
-        group = inputs
-        if granularity == "block":
-            group = config.block_size
-            if inputs % group or use.kind == "conv":
-                granularity, group = "channel", inputs
+        granularity = config.granularity if config.bits > 1 else "channel"
+        group = {"tensor": channels * inputs, "channel": inputs, "block": config.block_size}[granularity]
+        if granularity == "block" and inputs % group:
+            granularity, group = "channel", inputs
+        dynamic = config.activations == "dynamic" and config.bits == 8 and _dynamic_ready(uses)
+        if dynamic:
+            granularity, group = "channel", inputs
         build = _Builder(graph, value.name)
-        method = "nearest"
         if config.bits == 1:
-            codes, alpha = binarize_rows(rows.reshape(-1, group))
-            output = self._binary_constant(build, codes, alpha, rows.shape)
-            method = "binary"
+            codes, alpha = binarize_rows(rows)
+            quantized, method = QuantizedRows(codes, alpha, None, 1), "binary"
+        elif hessian is not None and hessian.shape == (inputs, inputs) and granularity != "tensor":
+            quantized = gptq_quantize(
+                rows, hessian, config.bits, group_size=group, symmetric=config.symmetric or dynamic
+            )
+            method = "gptq"
         else:
-            if granularity == "tensor":
-                quantized = quantize_rows(
-                    rows.reshape(1, -1),
-                    config.bits,
-                    symmetric=config.symmetric,
-                    search=config.rounding in ("mse", "auto"),
-                )
-                method = "mse" if config.rounding in ("mse", "auto") else "nearest"
-            elif hessian is not None and hessian.shape == (inputs, inputs) and use.kind == "linear":
-                quantized = gptq_quantize(rows, hessian, config.bits, group_size=group, symmetric=config.symmetric)
-                method = "gptq"
-            else:
-                search = config.rounding in ("mse", "auto")
-                quantized = quantize_rows(
-                    rows.reshape(-1, group), config.bits, symmetric=config.symmetric, search=search
-                )
-                method = "mse" if search else "nearest"
-            output = self._linear_constant(build, quantized, (channels, inputs), granularity, group)
-        output = self._to_weight_layout(build, output, weight.shape, use)
-        build.insert_before(min((u.node for u in uses), key=lambda node: _position(graph, node)))
-        for weight_use in uses:
-            weight_use.node.replace_input_with(weight_use.input_index, output)
+            search = config.rounding in ("mse", "auto")
+            quantized = quantize_rows(
+                rows.reshape(-1, group), config.bits, symmetric=config.symmetric or dynamic, search=search
+            )
+            method = "mse" if search else "nearest"
+        if dynamic:
+            for weight_use in uses:
+                self._dynamic_matmul(build, weight_use, quantized, channels, inputs)
+                build.insert_before(weight_use.node)
+                graph.remove(weight_use.node, safe=True)
+            form = "dynamic"
+        else:
+            linear_form = config.dequantize == "linear"
+            stored = _store(build, quantized, binary=config.bits == 1, column=not linear_form, native_int4=linear_form)
+            form = "dequantize_linear" if linear_form else "fold"
+            flat = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, config.dequantize)
+            output = self._to_weight_layout(build, flat, quantized.codes.shape, weight.shape, use)
+            build.insert_before(_first(graph, uses))
+            for weight_use in uses:
+                weight_use.node.replace_input_with(weight_use.input_index, output)
         graph.initializers.pop(value.name)
         return {
             "kind": use.kind,
             "bits": config.bits,
-            "granularity": granularity if config.bits != 1 else "channel",
+            "granularity": granularity,
             "rounding": method,
+            "form": form,
             "bytes_before": tensor.nbytes,
             "bytes_after": build.stored_bytes,
         }
 
-    def _linear_constant(
-        self, build: _Builder, quantized: QuantizedRows, shape: tuple[int, int], granularity: str, group: int
-    ) -> ir.Value:
-        """DequantizeLinear over the ``[channels, inputs]`` codes: per tensor, channel or block."""
-        channels, inputs = shape
-        bits = quantized.bits
-        symmetric = quantized.symmetric
-        codes = quantized.codes.reshape(channels, inputs)
-        if bits in (8, 4):
-            dtype, numpy_type = _int_dtype(bits, symmetric)
-            q = build.constant("q", codes.astype(numpy_type), dtype)
-            zero = None
-            if not symmetric:
-                zero_array = quantized.zero_point.astype(numpy_type)  # type: ignore[union-attr]
-                zero = build.constant(
-                    "zero_point", _group_shape(zero_array, granularity, channels, inputs, group), dtype
-                )
-            scale = build.constant("scale", _group_shape(quantized.scale, granularity, channels, inputs, group))
-            attributes: dict[str, Any] = {}
-            if granularity == "channel":
-                attributes["axis"] = 0
-            elif granularity == "block":
-                attributes.update(axis=1, block_size=group)
-            return build.op("DequantizeLinear", [q, scale, zero] if zero is not None else [q, scale], **attributes)
-        # 2-bit: packed uint8 codes, unpacked by standard ops (folded to a constant at load).
-        unsigned = codes.astype(np.int16) - (0 if not symmetric else -(2 ** (bits - 1) - 1))
-        packed = build.constant("packed", pack_codes(unsigned.astype(np.uint8), bits))
-        unpacked = _unpack(build, packed, bits, inputs)
-        zero_point = (
-            np.full(channels * (inputs // group), 2 ** (bits - 1) - 1, np.uint8) if symmetric else quantized.zero_point
-        )
-        scale = quantized.scale
-        if granularity == "tensor":
-            scale = np.repeat(scale, channels)
-            zero_point = np.repeat(zero_point, channels)  # type: ignore[arg-type]
-        if granularity == "block":
-            scale_value = build.constant("scale", scale.reshape(channels, inputs // group))
-            zero_value = build.constant("zero_point", zero_point.reshape(channels, inputs // group))  # type: ignore[union-attr]
-            return build.op("DequantizeLinear", [unpacked, scale_value, zero_value], axis=1, block_size=group)
-        scale_value = build.constant("scale", scale.reshape(-1))
-        zero_value = build.constant("zero_point", np.asarray(zero_point, np.uint8).reshape(-1))
-        return build.op("DequantizeLinear", [unpacked, scale_value, zero_value], axis=0)
-
-    def _binary_constant(
-        self, build: _Builder, codes: np.ndarray, alpha: np.ndarray, shape: tuple[int, int]
-    ) -> ir.Value:
-        """``sign(w) * alpha``: 1-bit codes packed 8 to a byte, decoded as ``2*alpha*bit - alpha``."""
-        channels, inputs = shape
-        packed = build.constant("packed", pack_codes(codes.reshape(channels, inputs), 1))
-        bits = _unpack(build, packed, 1, inputs)
-        groups = alpha.reshape(channels, -1)
-        repeat = inputs // groups.shape[1]
-        alpha_full = np.repeat(groups, repeat, axis=1).astype(np.float32) if groups.shape[1] > 1 else groups
-        scaled = build.op(
-            "Mul",
-            [
-                build.op("Cast", [bits], to=ir.DataType.FLOAT),
-                build.constant("two_alpha", (2 * alpha_full).astype(np.float32)),
-            ],
-        )
-        return build.op("Sub", [scaled, build.constant("alpha", alpha_full.astype(np.float32))])
-
     def _to_weight_layout(
-        self, build: _Builder, rows_value: ir.Value, shape: tuple[int, ...], use: WeightUse
+        self, build: _Builder, flat: ir.Value, decoded: tuple[int, ...], shape: tuple[int, ...], use: WeightUse
     ) -> ir.Value:
-        """From ``[channels, inputs]`` back to the layout the consuming op reads."""
+        """From decoded rows (one per scale group) back to the layout the consuming op reads."""
         moved_shape = (shape[use.out_axis], *[d for i, d in enumerate(shape) if i != use.out_axis])
-        value = rows_value
-        if len(shape) > 2:
+        value = flat
+        if tuple(decoded) != moved_shape:
             value = build.op("Reshape", [value, build.constant("shape", np.array(moved_shape, np.int64))])
         if use.out_axis != 0:
             perm = list(range(1, len(shape)))
             perm.insert(use.out_axis, 0)
             value = build.op("Transpose", [value], perm=perm)
         return value
+
+    def _dynamic_matmul(
+        self, build: _Builder, use: WeightUse, quantized: QuantizedRows, channels: int, inputs: int
+    ) -> None:
+        """``y = x @ W`` as DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul(x_scale * w_scale)
+        (+ bias), the pattern onnxruntime fuses into its integer DynamicQuantizeMatMul kernel."""
+        node = use.node
+        x = node.inputs[0]
+        assert x is not None
+        weight_kn = quantized.codes.reshape(channels, inputs).T.copy()  # MatMulInteger reads B as [K, N]
+        scale = quantized.scale.astype(np.float32).reshape(channels)
+        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        if node.op_type == "Gemm":
+            scale = scale * np.float32(node.attributes.get_float("alpha", 1.0))
+        x_q, x_scale, x_zero = build.multi("DynamicQuantizeLinear", [x], outputs=3)
+        product = build.op(
+            "MatMulInteger",
+            [x_q, build.constant("q", weight_kn), x_zero, build.constant("zero_point", np.zeros(channels, np.int8))],
+        )
+        scales = build.op("Mul", [x_scale, build.constant("scale", scale)])
+        result = build.op("Mul", [build.op("Cast", [product], to=ir.DataType.FLOAT), scales])
+        if bias is not None:
+            beta = node.attributes.get_float("beta", 1.0)
+            if beta != 1.0:
+                bias = build.op("Mul", [bias, build.constant("beta", np.array(beta, np.float32))])
+            result = build.op("Add", [result, bias])
+        _replace_output(node.outputs[0], result)
 
     # --- embedding tables ------------------------------------------------------------------------
 
@@ -393,7 +514,6 @@ class Quantize(CompressionPass):
         tensor = value.const_value
         assert tensor is not None and value.name is not None
         table = tensor.numpy()
-        rows, dim = table.shape
         bits = config.embedding_bits
         scale_dtype = np.dtype(config.scale_dtype)
         build = _Builder(graph, value.name)
@@ -405,34 +525,23 @@ class Quantize(CompressionPass):
                 table,
                 bits,
                 symmetric=config.embedding_symmetric,
-                search=config.rounding in ("mse", "auto", "gptq"),
+                search=config.rounding != "nearest",
                 scale_dtype=scale_dtype,
             )
-        if bits == 8:
-            stored = build.constant("q", quantized.codes)
-        else:
-            unsigned = quantized.codes.astype(np.int16)
-            if quantized.symmetric and bits > 1:
-                unsigned = unsigned + (2 ** (bits - 1) - 1)
-            stored = build.constant("packed", pack_codes(unsigned.astype(np.uint8), bits))
-        scale = build.constant("scale", quantized.scale)
-        zero = None
-        if bits > 1 and (not quantized.symmetric or bits < 8):
-            zero_array = (
-                quantized.zero_point
-                if quantized.zero_point is not None
-                else np.full(rows, 2 ** (bits - 1) - 1, np.uint8)
-            )
-            zero = build.constant("zero_point", zero_array)
-        other_uses = [use for use in uses if use.kind != "embedding"]
-        if other_uses:
-            table_value = self._whole_table(build, stored, scale, zero, bits, dim)
-            build.insert_before(min((u.node for u in other_uses), key=lambda node: _position(graph, node)))
-            for use in other_uses:
-                use.node.replace_input_with(use.input_index, table_value)
-        for use in uses:
-            if use.kind == "embedding":
-                self._gathered_lookup(build, use, stored, scale, zero, bits, dim)
+        folded = tensor.nbytes < config.fold_tables_below
+        lookups = [use for use in uses if use.kind == "embedding"]
+        stored = _store(build, quantized, binary=bits == 1, column=folded)
+        others = [use for use in uses if use.kind != "embedding"]
+        if folded or others:
+            # Decoded once: constant-folded at load for the lookups of a small table, or for a
+            # table tied to an output layer (whose weight must be dense anyway).
+            whole = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, "fold")
+            build.insert_before(_first(graph, uses))
+            for use in others + (lookups if folded else []):
+                use.node.replace_input_with(use.input_index, whole)
+        if not folded:
+            for use in lookups:
+                self._gathered_lookup(build, use, stored)
                 build.insert_before(use.node)
                 graph.remove(use.node, safe=True)
         graph.initializers.pop(value.name)
@@ -441,105 +550,41 @@ class Quantize(CompressionPass):
             "bits": bits,
             "granularity": "row",
             "rounding": "binary" if bits == 1 else ("mse" if config.rounding != "nearest" else "nearest"),
+            "form": "fold" if folded else "gathered",
             "bytes_before": tensor.nbytes,
             "bytes_after": build.stored_bytes,
-            "lookups": sum(1 for use in uses if use.kind == "embedding"),
+            "lookups": len(lookups),
         }
 
-    def _gathered_lookup(
-        self,
-        build: _Builder,
-        use: WeightUse,
-        stored: ir.Value,
-        scale: ir.Value,
-        zero: ir.Value | None,
-        bits: int,
-        dim: int,
-    ) -> None:
-        """Replace ``Gather(table, ids)`` by a Gather of quantized rows and their scales, then a
-        per-row DequantizeLinear (axis 0) of only the gathered rows."""
+    def _gathered_lookup(self, build: _Builder, use: WeightUse, stored: _Stored) -> None:
+        """Replace ``Gather(table, ids)`` by Gathers of quantized rows and their scales, then a per-row
+        dequantization of only the gathered rows."""
         node = use.node
         ids = node.inputs[1]
         assert ids is not None
-        output = node.outputs[0]
         one_dimensional = ids.shape is not None and len(ids.shape) == 1
         flat_ids = (
             ids if one_dimensional else build.op("Reshape", [ids, build.constant("flat", np.array([-1], np.int64))])
         )
-        rows = build.op("Gather", [stored, flat_ids], axis=0)
-        row_scale = build.op("Gather", [scale, flat_ids], axis=0)
-        if scale.const_value is not None and scale.const_value.dtype != ir.DataType.FLOAT:
-            row_scale = build.op("Cast", [row_scale], to=ir.DataType.FLOAT)
-        if bits < 8:
-            rows = _unpack(build, rows, bits, dim)
-        if bits == 1:
-            alpha = build.op("Unsqueeze", [row_scale, build.constant("last", np.array([-1], np.int64))])
-            signs = build.op("Cast", [rows], to=ir.DataType.FLOAT)
-            doubled = build.op("Mul", [signs, build.op("Add", [alpha, alpha])])
-            values = build.op("Sub", [doubled, alpha])
-        else:
-            row_zero = build.op("Gather", [zero, flat_ids], axis=0) if zero is not None else None
-            inputs = [rows, row_scale, row_zero] if row_zero is not None else [rows, row_scale]
-            values = build.op("DequantizeLinear", inputs, axis=0)
+        rows = build.op("Gather", [stored.codes, flat_ids], axis=0)
+        scale = build.op("Gather", [stored.scale, flat_ids], axis=0)
+        zero = build.op("Gather", [stored.zero, flat_ids], axis=0) if stored.zero is not None else None
+        values = _decode_rows(build, stored, rows, scale, zero, "linear")
         if not one_dimensional:
-            shape = build.op(
-                "Concat", [build.op("Shape", [ids]), build.constant("dim", np.array([dim], np.int64))], axis=0
-            )
-            values = build.op("Reshape", [values, shape])
-        was_graph_output = output.is_graph_output()
-        ir.convenience.replace_all_uses_with(output, values, replace_graph_outputs=True)
-        values.type, values.shape = output.type, output.shape
-        if was_graph_output:
-            name, output.name = output.name, None
-            values.name = name
-
-    def _whole_table(
-        self, build: _Builder, stored: ir.Value, scale: ir.Value, zero: ir.Value | None, bits: int, dim: int
-    ) -> ir.Value:
-        """The dequantized table for non-lookup uses (a tied output layer): constant-folded at load."""
-        rows = _unpack(build, stored, bits, dim) if bits < 8 else stored
-        row_scale = scale
-        if scale.const_value is not None and scale.const_value.dtype != ir.DataType.FLOAT:
-            row_scale = build.op("Cast", [scale], to=ir.DataType.FLOAT)
-        if bits == 1:
-            alpha = build.op("Unsqueeze", [row_scale, build.constant("last", np.array([-1], np.int64))])
-            doubled = build.op("Mul", [build.op("Cast", [rows], to=ir.DataType.FLOAT), build.op("Add", [alpha, alpha])])
-            return build.op("Sub", [doubled, alpha])
-        inputs = [rows, row_scale, zero] if zero is not None else [rows, row_scale]
-        return build.op("DequantizeLinear", inputs, axis=0)
+            dim = build.constant("dim", np.array([stored.elements], np.int64))
+            values = build.op("Reshape", [values, build.op("Concat", [build.op("Shape", [ids]), dim], axis=0)])
+        _replace_output(node.outputs[0], values)
 
 
-def _group_shape(array: np.ndarray, granularity: str, channels: int, inputs: int, group: int) -> np.ndarray:
-    if granularity == "tensor":
-        return array.reshape(())
-    if granularity == "block":
-        return array.reshape(channels, inputs // group)
-    return array.reshape(channels)
-
-
-def _unpack(build: _Builder, packed: ir.Value, bits: int, count: int) -> ir.Value:
-    """Standard-op unpacking of little-endian ``bits``-wide codes along the last axis (uint8)."""
-    per_byte = 8 // bits
-    expanded = build.op("Unsqueeze", [packed, build.constant("last", np.array([-1], np.int64))])
-    shifts = build.constant("shifts", (np.arange(per_byte) * bits).astype(np.uint8))
-    shifted = build.op("BitShift", [expanded, shifts], direction="RIGHT")
-    codes = build.op("BitwiseAnd", [shifted, build.constant("mask", np.array(2**bits - 1, np.uint8))])
-    flat = build.op("Reshape", [codes, build.constant("merge", np.array([0, -1], np.int64))])
-    if (count * bits) % 8:
-        flat = build.op(
-            "Slice",
-            [
-                flat,
-                build.constant("start", np.array([0], np.int64)),
-                build.constant("stop", np.array([count], np.int64)),
-                build.constant("axis", np.array([1], np.int64)),
-            ],
-        )
-    return flat
-
-
-def _position(graph: ir.Graph, node: ir.Node) -> int:
-    for index, candidate in enumerate(graph):
-        if candidate is node:
-            return index
-    return len(graph)
+def _dynamic_ready(uses: list[WeightUse]) -> bool:
+    """MatMulInteger covers MatMul and Gemm (without transA) on a float input; not Conv."""
+    for use in uses:
+        node = use.node
+        if use.kind != "linear" or node.op_type not in ("MatMul", "Gemm") or use.input_index != 1:
+            return False
+        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+            return False
+        x = node.inputs[0]
+        if x is None or (x.dtype is not None and x.dtype != ir.DataType.FLOAT):
+            return False
+    return True
