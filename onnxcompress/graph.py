@@ -12,7 +12,17 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-__all__ = ["WEIGHT_SLOTS", "WeightUse", "is_constant_initializer", "weight_uses", "weights_by_value"]
+__all__ = [
+    "WEIGHT_SLOTS",
+    "HiddenLink",
+    "LinearLayer",
+    "WeightUse",
+    "is_constant_initializer",
+    "linear_layers",
+    "mlp_links",
+    "weight_uses",
+    "weights_by_value",
+]
 
 
 @dataclass(frozen=True)
@@ -90,3 +100,242 @@ def weights_by_value(model: ir.Model) -> dict[ir.Value, list[WeightUse]]:
     for use in weight_uses(model):
         grouped[use.value].append(use)
     return dict(grouped)
+
+
+# --- MLP chains -------------------------------------------------------------------------------------
+
+#: Ops that act on each element alone, so they commute with removing hidden units.
+ELEMENTWISE_UNARY = frozenset(
+    {
+        "Relu",
+        "LeakyRelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Softplus",
+        "Softsign",
+        "Gelu",
+        "Erf",
+        "Mish",
+        "ThresholdedRelu",
+        "Identity",
+        "Dropout",
+        "Abs",
+        "Neg",
+    }
+)
+#: Binary ops that stay per-unit when their other input is a per-unit (or scalar) constant.
+ELEMENTWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
+#: BatchNormalization inputs holding one value per channel (scale, bias, mean, variance).
+BATCHNORM_PARAMS = (1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """A MatMul or Gemm with a constant weight, as ``y = x @ W_eff + b``.
+
+    ``W_eff`` is the weight in ``[d_in, d_out]`` orientation (a ``transB`` Gemm stores its
+    transpose, ``out_axis == 0``). ``bias`` is Gemm's C, or the constant of an Add that alone
+    consumes a MatMul's output (the dynamo, tf2onnx and skl2onnx form); ``output`` is the value
+    after the bias. The data input is ``node.inputs[0]``.
+    """
+
+    node: ir.Node
+    weight: ir.Value
+    out_axis: int
+    bias: ir.Value | None
+    bias_node: ir.Node | None
+    output: ir.Value
+
+    @property
+    def d_out(self) -> int:
+        return int(self.weight.const_value.shape[self.out_axis])  # type: ignore[union-attr]
+
+    @property
+    def d_in(self) -> int:
+        return int(self.weight.const_value.shape[1 - self.out_axis])  # type: ignore[union-attr]
+
+
+def _per_unit_shape(shape: tuple[int, ...], width: int) -> bool:
+    """A constant that broadcasts along the last axis only: size 1, or ``[..., 1, width]``."""
+    size = 1
+    for dim in shape:
+        size *= dim
+    return size == 1 or (len(shape) >= 1 and shape[-1] == width and size == width)
+
+
+def _bias_of(value: ir.Value, node: ir.Node, width: int) -> tuple[ir.Value, ir.Node] | None:
+    """The constant per-output Add that alone reads ``value`` (a MatMul's output), if any."""
+    uses = value.uses()
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    add, index = uses[0]
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1 - index]
+    if not is_constant_initializer(other):
+        return None
+    assert other is not None and other.const_value is not None
+    if not _per_unit_shape(tuple(other.const_value.shape), width) or len(other.const_value.shape) > 2:
+        return None
+    return other, add
+
+
+def linear_layers(model: ir.Model) -> list[LinearLayer]:
+    """MatMul/Gemm nodes of the main graph computing ``x @ W + b`` with a constant 2-D weight.
+
+    Gemm counts only with ``transA=0`` and ``alpha=beta=1`` (so ``W_eff`` and ``b`` are the stored
+    tensors); a weight used by a Gather as well is still a linear layer here.
+    """
+    layers = []
+    for use in weight_uses(model):
+        node = use.node
+        if use.kind != "linear":
+            continue
+        if node.op_type == "Gemm" and (
+            node.attributes.get_int("transA", 0)
+            or node.attributes.get_float("alpha", 1.0) != 1.0
+            or node.attributes.get_float("beta", 1.0) != 1.0
+        ):
+            continue
+        width = int(use.value.const_value.shape[use.out_axis])  # type: ignore[union-attr]
+        output = node.outputs[0]
+        bias: ir.Value | None = None
+        bias_node: ir.Node | None = None
+        if node.op_type == "Gemm":
+            c = node.inputs[2] if len(node.inputs) > 2 else None
+            if c is not None:
+                if not is_constant_initializer(c) or not _per_unit_shape(tuple(c.const_value.shape), width):  # type: ignore[union-attr]
+                    continue
+                bias = c
+        else:
+            found = _bias_of(output, node, width)
+            if found is not None:
+                bias, bias_node = found
+                output = bias_node.outputs[0]
+        layers.append(LinearLayer(node, use.value, use.out_axis, bias, bias_node, output))
+    return layers
+
+
+@dataclass(frozen=True)
+class HiddenLink:
+    """Hidden units between two linear layers: ``producer`` -> elementwise ``between`` -> ``consumer``.
+
+    Removing unit ``j`` means dropping the producer's output ``j`` (its weight row or column and bias
+    entry), entry ``j`` of every per-unit constant and BatchNormalization parameter in ``between``,
+    and the consumer's input row ``j``. The units are the last axis of every value on the way.
+    """
+
+    producer: LinearLayer
+    between: tuple[ir.Node, ...]
+    consumer: LinearLayer
+
+    @property
+    def width(self) -> int:
+        return self.producer.d_out
+
+
+def _constant_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    if not is_constant_initializer(value):
+        return None
+    assert value is not None and value.const_value is not None
+    return tuple(value.const_value.shape)
+
+
+def _step(node: ir.Node, index: int, width: int, rank: int | None) -> str | None:
+    """Why the hidden units cannot pass through ``node`` (entered at input ``index``), or None."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return f"hidden units reach {node.domain}::{op}"
+    if op in ELEMENTWISE_UNARY:
+        if op == "Dropout" and len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+            return "hidden units reach a Dropout whose mask is used"
+        return None if index == 0 else f"hidden units reach {op} input {index}"
+    if op in ELEMENTWISE_BINARY:
+        if len(node.inputs) != 2:
+            return f"hidden units reach {op}"
+        shape = _constant_shape(node.inputs[1 - index])
+        if shape is None:
+            return f"hidden units reach {op} with a non-constant other input (a residual or gate)"
+        if not _per_unit_shape(shape, width) or (rank is not None and len(shape) > rank):
+            return f"hidden units reach {op} with a constant of shape {list(shape)} that is not per unit"
+        return None
+    if op == "PRelu":
+        shape = _constant_shape(node.inputs[1]) if index == 0 and len(node.inputs) > 1 else None
+        return None if shape is not None and _per_unit_shape(shape, width) else "hidden units reach PRelu"
+    if op == "Clip":
+        bounds = [_constant_shape(value) for value in node.inputs[1:] if value is not None]
+        if index == 0 and all(shape is not None and _per_unit_shape(shape, 1) for shape in bounds):
+            return None
+        return "hidden units reach Clip with non-constant bounds"
+    if op == "BatchNormalization":
+        if index != 0 or rank != 2 or (len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:])):
+            return "hidden units reach BatchNormalization whose channel axis is not the unit axis"
+        if node.attributes.get_int("training_mode", 0):
+            return "hidden units reach BatchNormalization in training mode"
+        if any(_constant_shape(node.inputs[i]) != (width,) for i in BATCHNORM_PARAMS):
+            return "hidden units reach BatchNormalization with non-constant parameters"
+        return None
+    if op == "Reshape":
+        return "hidden units reach Reshape (for example a split into attention heads)"
+    return f"hidden units reach {op}"
+
+
+def _walk(producer: LinearLayer, consumers: dict[ir.Node, LinearLayer]) -> HiddenLink | str:
+    """Follow the producer's output through elementwise ops to the next linear layer, or say why not."""
+    width = producer.d_out
+    shape = producer.output.shape
+    rank = 2 if producer.node.op_type == "Gemm" else (len(shape) if shape is not None else None)
+    value = producer.output
+    between: list[ir.Node] = []
+    while True:
+        if value.is_graph_output():
+            return "hidden units are a graph output"
+        uses = value.uses()
+        if len(uses) != 1:
+            if not uses:
+                return "hidden units are unused"
+            return f"hidden units feed {len(uses)} nodes ({', '.join(sorted(n.op_type for n, _ in uses))})"
+        node, index = uses[0]
+        consumer = consumers.get(node)
+        if consumer is not None:
+            if index != 0:
+                return f"hidden units reach {node.op_type} input {index}"
+            if consumer.d_in != width:
+                return f"the next layer reads {consumer.d_in} inputs, not {width}"
+            return HiddenLink(producer, tuple(between), consumer)
+        reason = _step(node, index, width, rank)
+        if reason is not None:
+            return reason
+        between.append(node)
+        value = node.outputs[0]
+
+
+def mlp_links(model: ir.Model) -> tuple[list[HiddenLink], dict[str, str]]:
+    """Every prunable hidden layer of the main graph, in graph order, and why the others are not.
+
+    The second result maps each linear layer's node name that does not start a link to the reason
+    (its units reach a reshape, a residual add, a concat, a graph output, ...). Links whose producer
+    or consumer weight is shared with another node are refused: shrinking one use would break the tie.
+    """
+    layers = linear_layers(model)
+    consumers = {layer.node: layer for layer in layers}
+    links: list[HiddenLink] = []
+    reasons: dict[str, str] = {}
+    for layer in layers:
+        name = layer.node.name or layer.weight.name or "?"
+        if len(layer.weight.uses()) != 1:
+            reasons[name] = "its weight is shared with another node"
+            continue
+        found = _walk(layer, consumers)
+        if isinstance(found, str):
+            reasons[name] = found
+        elif len(found.consumer.weight.uses()) != 1:
+            reasons[name] = "the next layer's weight is shared with another node"
+        else:
+            links.append(found)
+    return links, reasons

@@ -27,4 +27,9 @@ def register(name: str) -> Callable[[type[CompressionPass]], type[CompressionPas
 
 
 # Built-in passes register themselves on import.
-from onnxcompress.passes import cleanup, quantize  # noqa: E402, F401
+from onnxcompress.passes import (  # noqa: E402
+    cleanup,  # noqa: F401
+    prune,  # noqa: F401
+    quantize,  # noqa: F401
+    sparse,  # noqa: F401
+)

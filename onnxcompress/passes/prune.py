@@ -1,0 +1,524 @@
+"""Pruning: magnitude, N:M and hidden-unit pruning, with least-squares reconstruction on calibration data."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.graph import (
+    BATCHNORM_PARAMS,
+    ELEMENTWISE_BINARY,
+    WEIGHT_SLOTS,
+    HiddenLink,
+    LinearLayer,
+    WeightUse,
+    linear_layers,
+    mlp_links,
+    weights_by_value,
+)
+from onnxcompress.numerics.lstsq import Gram, NormalEquations
+from onnxcompress.numerics.prune import (
+    global_sparsities,
+    keep_count,
+    magnitude_sample,
+    nm_mask,
+    obs_mask,
+    obs_rows,
+    parse_nm,
+    topk_mask,
+)
+from onnxcompress.passes import register
+from onnxcompress.passes.base import CompressionPass, CompressionResult
+
+__all__ = ["Prune"]
+
+logger = logging.getLogger(__name__)
+
+#: Rounds of OBS mask selection (each re-solves the kept weights); 8 beat 1 and 4 on every shipped
+#: model at 80% sparsity, measured by the score correlation with the unpruned model.
+OBS_ROUNDS = 8
+
+
+def _check_structure(structure: str) -> None:
+    if structure not in ("unstructured", "neurons") and parse_nm(structure) is None:
+        raise ValueError(f"prune.structure must be unstructured, neurons or N:M such as 2:4; got {structure!r}")
+
+
+@dataclass
+class _Weight:
+    """One initializer selected for pruning, with every node that reads it as a weight."""
+
+    value: ir.Value
+    uses: list[WeightUse]
+
+    @property
+    def name(self) -> str:
+        return self.value.name or "?"
+
+    @property
+    def tensor(self) -> ir.TensorProtocol:
+        assert self.value.const_value is not None
+        return self.value.const_value
+
+
+def _set_tensor(value: ir.Value, array: np.ndarray) -> None:
+    value.const_value = ir.tensor(array, name=value.name)
+    value.shape = ir.Shape(array.shape)
+
+
+def _replace_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
+    """Give ``node`` input ``index`` the constant ``array``: in place if only this node reads it, else a copy.
+
+    Copy-on-write keeps ties intact: an exporter that deduplicated two equal biases (tf2onnx does)
+    still computes the other node with the original values.
+    """
+    value = node.inputs[index]
+    assert value is not None
+    if len(value.uses()) == 1:
+        _set_tensor(value, array)
+        return
+    base = f"{value.name}_pruned"
+    name, suffix = base, 1
+    while name in graph.initializers:
+        name, suffix = f"{base}_{suffix}", suffix + 1
+    copy = ir.Value(name=name, shape=ir.Shape(array.shape), type=value.type, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(copy)
+    node.replace_input_with(index, copy)
+
+
+def _effective(layer: LinearLayer) -> np.ndarray:
+    """The layer's weight as float64 ``[d_in, d_out]``."""
+    weight = layer.weight.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
+    return weight.T if layer.out_axis == 0 else weight
+
+
+def _bias_vector(layer: LinearLayer) -> np.ndarray:
+    if layer.bias is None:
+        return np.zeros(layer.d_out)
+    return np.broadcast_to(layer.bias.const_value.numpy().astype(np.float64).reshape(-1), (layer.d_out,)).copy()  # type: ignore[union-attr]
+
+
+def _write_layer(graph: ir.Graph, layer: LinearLayer, weight: np.ndarray, bias: np.ndarray | None) -> None:
+    """Store float64 ``weight`` (``[d_in, d_out]``) and ``bias`` into the layer in its own layout and dtype."""
+    dtype = layer.weight.const_value.dtype.numpy()  # type: ignore[union-attr]
+    stored = weight.T if layer.out_axis == 0 else weight
+    _set_tensor(layer.weight, np.ascontiguousarray(stored).astype(dtype))
+    if bias is None or layer.bias is None:
+        return
+    shape = tuple(layer.bias.const_value.shape)  # type: ignore[union-attr]
+    target = (layer.d_out,) if int(np.prod(shape)) == 1 else shape
+    array = bias.reshape(target).astype(layer.bias.const_value.dtype.numpy())  # type: ignore[union-attr]
+    holder = layer.bias_node if layer.bias_node is not None else layer.node
+    _replace_constant(graph, holder, list(holder.inputs).index(layer.bias), array)
+
+
+def _capture(calibration: Any, model: ir.Model, values: Sequence[ir.Value]) -> dict[ir.Value, np.ndarray]:
+    """Arrays of ``values`` on the calibration rows, as float64 matrices ``[rows, last axis]``.
+
+    Graph inputs are read from the feeds: onnxruntime need not expose them as outputs.
+    """
+    feeds = calibration.feeds.arrays
+    wanted = [value for value in dict.fromkeys(values) if not value.is_graph_input()]
+    captured = calibration.capture(model, wanted) if wanted else {}
+    arrays = {}
+    for value in dict.fromkeys(values):
+        array = feeds[value.name] if value.is_graph_input() else captured[value.name]
+        arrays[value] = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
+    return arrays
+
+
+@register("prune")
+class Prune(CompressionPass):
+    """Prune weights of linear layers, convolutions and embedding tables: unstructured magnitude,
+    N:M semi-structured, or whole hidden units; refit the remaining weights by least squares on
+    calibration activations when calibration data is available."""
+
+    lossy = True
+
+    @dataclass(frozen=True)
+    class Config:
+        sparsity: float = field(
+            default=0.5,
+            metadata={
+                "help": "fraction of weights (or, with structure=neurons, of hidden units) removed",
+                "min": 0.0,
+                "max": 1.0,
+            },
+        )
+        structure: str = field(
+            default="unstructured",
+            metadata={
+                "help": "unstructured, N:M along the reduction axis (e.g. 2:4), or neurons (remove hidden "
+                "units, shrinking the matrices)"
+            },
+        )
+        scope: str = field(
+            default="layer",
+            metadata={
+                "help": "layer: every tensor to the target; global: one magnitude threshold across tensors",
+                "choices": ("layer", "global"),
+            },
+        )
+        max_layer_sparsity: float = field(
+            default=0.95,
+            metadata={"help": "with scope=global, the most any one tensor is pruned", "min": 0.0, "max": 1.0},
+        )
+        include: str | None = field(
+            default=None, metadata={"help": "regular expression: prune only weights whose name or node name matches"}
+        )
+        exclude: str | None = field(
+            default=None, metadata={"help": "regular expression: never prune weights whose name or node name matches"}
+        )
+        op_types: tuple[str, ...] = field(
+            default=("MatMul", "Gemm", "Conv"),
+            metadata={"help": "ops whose weights are pruned (add Gather to prune embedding tables row by row)"},
+        )
+        min_elements: int = field(default=64, metadata={"help": "skip weights with fewer elements", "min": 0})
+        reconstruct: bool = field(
+            default=True,
+            metadata={
+                "help": "refit the remaining weights and bias of MatMul/Gemm layers by least squares on "
+                "calibration activations, layer by layer"
+            },
+        )
+        damping: float = field(
+            default=0.01, metadata={"help": "ridge term of the refit, relative to the mean input energy", "min": 0.0}
+        )
+
+        def __post_init__(self) -> None:
+            _check_structure(self.structure)
+            for pattern in (self.include, self.exclude):
+                if pattern is not None:
+                    re.compile(pattern)
+
+    # --- selection ------------------------------------------------------------------------------
+
+    def _matches(self, names: list[str]) -> str | None:
+        """Why the include/exclude patterns rule these names out, or None."""
+        config = self.config
+        if config.include is not None and not any(re.search(config.include, name) for name in names):
+            return f"not matched by include {config.include!r}"
+        if config.exclude is not None and any(re.search(config.exclude, name) for name in names):
+            return f"matched by exclude {config.exclude!r}"
+        return None
+
+    def _select(self, model: ir.Model) -> tuple[list[_Weight], dict[str, str]]:
+        """Weights to prune, in graph order, and every weight-slot initializer left alone with the reason."""
+        skipped: dict[str, str] = {}
+        for node in model.graph:
+            slot = WEIGHT_SLOTS.get(node.op_type)
+            value = node.inputs[slot[0]] if slot is not None and slot[0] < len(node.inputs) else None
+            if value is None or not value.is_initializer() or value.name is None:
+                continue
+            if value.is_graph_input():
+                skipped[value.name] = "a graph input: callers may override it"
+            elif value.const_value is not None and not value.const_value.dtype.is_floating_point():
+                skipped[value.name] = f"{value.const_value.dtype.name} weights are not pruned"
+        selected = []
+        for value, uses in weights_by_value(model).items():
+            name = value.name or "?"
+            tensor = value.const_value
+            assert tensor is not None
+            ops = sorted({use.node.op_type for use in uses})
+            reason = None
+            if not set(ops) <= set(self.config.op_types):
+                reason = f"read by {', '.join(ops)}, not all in op_types"
+            elif tensor.size < self.config.min_elements:
+                reason = f"{tensor.size} elements, fewer than min_elements={self.config.min_elements}"
+            else:
+                reason = self._matches([name, *(use.node.name or "" for use in uses)])
+            if reason is None:
+                selected.append(_Weight(value, uses))
+            else:
+                skipped[name] = reason
+        return selected, skipped
+
+    # --- entry point ----------------------------------------------------------------------------
+
+    def call(self, model: ir.Model) -> CompressionResult:
+        if self.config.structure == "neurons":
+            return self._prune_units(model)
+        return self._prune_weights(model)
+
+    # --- unstructured and N:M -------------------------------------------------------------------
+
+    def _mask(self, weight: _Weight, scores: np.ndarray, sparsity: float) -> np.ndarray:
+        """The keep mask of ``scores`` (laid out like the stored tensor) for this weight's structure."""
+        use = next((u for u in weight.uses if u.reduce_axis is not None), weight.uses[0])
+        nm = parse_nm(self.config.structure)
+        if nm is not None:
+            # Embedding tables have no reduction axis: N:M runs along each row's dimensions.
+            axis = use.reduce_axis if use.reduce_axis is not None else 1
+            return nm_mask(scores, nm[0], nm[1], axis)
+        if use.kind == "embedding":
+            return topk_mask(scores, sparsity, axis=1)  # each row keeps its own largest entries
+        return topk_mask(scores, sparsity)
+
+    def _masked_fraction(self, weight: _Weight, sparsity: float) -> float:
+        """The fraction of entries :meth:`_mask` zeroes, from the tensor's shape alone."""
+        shape = tuple(weight.tensor.shape)
+        use = next((u for u in weight.uses if u.reduce_axis is not None), weight.uses[0])
+        nm = parse_nm(self.config.structure)
+        if nm is not None:
+            length = shape[use.reduce_axis if use.reduce_axis is not None else 1]
+            n, m = nm
+            return 1.0 - ((length // m) * n + min(n, length % m)) / max(length, 1)
+        if use.kind == "embedding":
+            return 1.0 - keep_count(shape[1], sparsity) / max(shape[1], 1)
+        size = weight.tensor.size
+        return 1.0 - keep_count(size, sparsity) / max(size, 1)
+
+    def _sparsities(self, weights: list[_Weight]) -> list[float]:
+        config = self.config
+        if config.scope == "layer" or parse_nm(config.structure) is not None:
+            return [config.sparsity] * len(weights)
+        samples = [magnitude_sample(weight.tensor.numpy()) for weight in weights]
+        return global_sparsities(
+            samples, [weight.tensor.size for weight in weights], config.sparsity, config.max_layer_sparsity
+        )
+
+    def _lazy_magnitude(self, weight: _Weight, sparsity: float) -> None:
+        """Replace the tensor by a deferred pruned copy: the work runs when the model is saved or read."""
+        source = weight.tensor
+
+        def pruned() -> ir.TensorProtocol:
+            array = source.numpy()
+            mask = self._mask(weight, np.abs(array.astype(np.float32)), sparsity)
+            return ir.tensor(np.where(mask, array, np.zeros((), array.dtype)), name=weight.name)
+
+        weight.value.const_value = ir.LazyTensor(pruned, source.dtype, source.shape, name=weight.name)
+
+    def _reconstructable(self, weight: _Weight, layers: dict[ir.Value, LinearLayer]) -> str | None:
+        """Why this weight is pruned by magnitude only instead of being refit, or None."""
+        if not self.config.reconstruct:
+            return "reconstruct=false"
+        if self.context.calibration is None:
+            return "no calibration data"
+        layer = layers.get(weight.value)
+        if len(weight.value.uses()) != 1 or layer is None:
+            return "refit needs a single MatMul or Gemm (x @ W + b) reading the weight"
+        if layer.node.inputs[0] is None or layer.node.inputs[0].name is None:
+            return "the layer's input has no name to capture"
+        return None
+
+    def _prune_weights(self, model: ir.Model) -> CompressionResult:
+        weights, skipped = self._select(model)
+        sparsities = self._sparsities(weights)
+        layers = {layer.weight: layer for layer in linear_layers(model)}
+        why_not = {weight.value: self._reconstructable(weight, layers) for weight in weights}
+        refit = [layers[weight.value] for weight in weights if why_not[weight.value] is None]
+        dense = _capture(self.context.calibration, model, [layer.node.inputs[0] for layer in refit]) if refit else {}
+        originals = {layer: (_effective(layer), _bias_vector(layer)) for layer in refit}
+        per_tensor: dict[str, dict[str, Any]] = {}
+        for weight, sparsity in zip(weights, sparsities, strict=True):
+            layer = layers.get(weight.value)
+            if why_not[weight.value] is None:
+                assert layer is not None
+                dense_input = dense[layer.node.inputs[0]]
+                error = self._refit_masked(model, layer, dense_input, *originals[layer], sparsity)
+                entry: dict[str, Any] = {"reconstructed": True, "relative_output_error": error}
+            else:
+                self._lazy_magnitude(weight, sparsity)
+                entry = {"reconstructed": False, "why_not_reconstructed": why_not[weight.value]}
+            per_tensor[weight.name] = entry
+        zeros = 0.0
+        total = 0
+        for weight, sparsity in zip(weights, sparsities, strict=True):
+            size = weight.tensor.size
+            if per_tensor[weight.name]["reconstructed"]:
+                achieved = 1.0 - np.count_nonzero(weight.tensor.numpy()) / max(size, 1)
+            else:  # deferred: the mask's count follows from the shape, without reading the data
+                achieved = self._masked_fraction(weight, sparsity)
+            per_tensor[weight.name] = {
+                "elements": size,
+                "sparsity": round(float(achieved), 6),
+                **per_tensor[weight.name],
+            }
+            zeros += achieved * size
+            total += size
+        stats = {
+            "structure": self.config.structure,
+            "tensors_pruned": len(weights),
+            "elements_pruned": total,
+            "sparsity": round(float(zeros / total), 6) if total else 0.0,
+            "tensors": per_tensor,
+            "skipped": skipped,
+        }
+        return CompressionResult(model, modified=bool(weights), stats=stats)
+
+    def _refit_masked(
+        self,
+        model: ir.Model,
+        layer: LinearLayer,
+        dense_input: np.ndarray,
+        weight0: np.ndarray,
+        bias0: np.ndarray,
+        sparsity: float,
+    ) -> float:
+        """Choose the layer's mask by OBS saliency on calibration activations and refit what survives.
+
+        The input is captured from the model as pruned so far, the target is the unpruned layer on
+        the unpruned model's input, so each layer also absorbs the error of the layers before it.
+        Returns the relative output error on the calibration rows after the refit.
+        """
+        (current,) = _capture(self.context.calibration, model, [layer.node.inputs[0]]).values()
+        target = dense_input @ weight0 + bias0
+        fit_bias = layer.bias is not None
+        goal = target if fit_bias else target - bias0
+        # The ridge pulls towards the trained weights: inputs the calibration rows rarely exercise
+        # (one-hot columns of rare categories) keep their values instead of shrinking to zero.
+        system = NormalEquations.of(Gram.of(current, goal), self.config.damping, fit_bias, prior=weight0)
+        keep = obs_mask(system, sparsity, OBS_ROUNDS, parse_nm(self.config.structure))
+        new_weight = system.solve(keep)
+        new_bias = system.intercept(new_weight)
+        _write_layer(model.graph, layer, new_weight, new_bias)
+        residual = current @ new_weight + (new_bias if new_bias is not None else 0) - goal
+        return round(float(np.linalg.norm(residual) / max(np.linalg.norm(target), 1e-12)), 6)
+
+    # --- hidden units ---------------------------------------------------------------------------
+
+    def _prune_units(self, model: ir.Model) -> CompressionResult:
+        links, skipped = mlp_links(model)
+        chosen: list[HiddenLink] = []
+        for link in links:
+            names = [link.producer.weight.name or "", link.producer.node.name or ""]
+            reason = self._matches(names) or self._op_reason(link)
+            if reason is None:
+                chosen.append(link)
+            else:
+                skipped[link.producer.node.name or names[0]] = reason
+        calibration = self.context.calibration
+        refit = calibration is not None and self.config.reconstruct
+        consumers = [link.consumer for link in chosen]
+        dense = _capture(calibration, model, [layer.node.inputs[0] for layer in consumers]) if refit and chosen else {}
+        originals = {layer: (_effective(layer), _bias_vector(layer)) for layer in consumers}
+        per_layer: dict[str, dict[str, Any]] = {}
+        removed_total = 0
+        params_before = sum(int(np.prod(layer.weight.const_value.shape)) for layer in linear_layers(model))  # type: ignore[union-attr]
+        for link in chosen:
+            width = link.width
+            remove = round(self.config.sparsity * width)
+            remove = min(remove, width - 1)
+            name = link.producer.node.name or link.producer.weight.name or "?"
+            if remove <= 0:
+                skipped[name] = f"removing {self.config.sparsity:.0%} of {width} units rounds to none"
+                continue
+            consumer = link.consumer
+            activations = (
+                _capture(calibration, model, [consumer.node.inputs[0]])[consumer.node.inputs[0]]
+                if calibration is not None
+                else None
+            )
+            weight0, bias0 = originals[consumer]
+            fit_bias = consumer.bias is not None
+            system = None
+            if refit and activations is not None:
+                target = dense[consumer.node.inputs[0]] @ weight0 + bias0
+                goal = target if fit_bias else target - bias0
+                system = NormalEquations.of(
+                    Gram.of(activations, goal), self.config.damping, fit_bias, prior=_effective(consumer)
+                )
+                keep = obs_rows(system, width - remove, OBS_ROUNDS)
+            else:
+                keep = self._units_to_keep(link, activations, width - remove)
+            self._shrink(model.graph, link, keep)
+            entry: dict[str, Any] = {
+                "units_before": width,
+                "units_after": int(keep.size),
+                "next_layer": consumer.node.name or consumer.weight.name,
+            }
+            if system is not None and activations is not None:
+                reduced = NormalEquations(
+                    system.a[np.ix_(keep, keep)],
+                    system.b[keep],
+                    system.x_mean[keep] if system.x_mean is not None else None,
+                    system.y_mean,
+                )
+                new_weight = reduced.solve()
+                new_bias = reduced.intercept(new_weight)
+                _write_layer(model.graph, consumer, new_weight, new_bias)
+                residual = activations[:, keep] @ new_weight + (new_bias if new_bias is not None else 0) - goal
+                entry["next_layer_refit_error"] = round(
+                    float(np.linalg.norm(residual) / max(np.linalg.norm(target), 1e-12)), 6
+                )
+            per_layer[name] = entry
+            removed_total += remove
+        params_after = sum(int(np.prod(layer.weight.const_value.shape)) for layer in linear_layers(model))  # type: ignore[union-attr]
+        stats = {
+            "structure": "neurons",
+            "layers_pruned": len(per_layer),
+            "units_removed": removed_total,
+            "linear_parameters_before": params_before,
+            "linear_parameters_after": params_after,
+            "layers": per_layer,
+            "skipped": skipped,
+        }
+        return CompressionResult(model, modified=bool(per_layer), stats=stats)
+
+    def _op_reason(self, link: HiddenLink) -> str | None:
+        ops = {link.producer.node.op_type, link.consumer.node.op_type}
+        if not ops <= set(self.config.op_types):
+            return f"{' and '.join(sorted(ops))} not all in op_types"
+        return None
+
+    @staticmethod
+    def _units_to_keep(link: HiddenLink, activations: np.ndarray | None, count: int) -> np.ndarray:
+        """Indices (ascending) of the ``count`` most important hidden units.
+
+        A unit's importance is what it contributes to the next layer: the norm of the next layer's
+        weights reading it times its activation size (RMS on calibration rows), or without data the
+        norm of the producer's weights writing it.
+        """
+        outgoing = np.linalg.norm(_effective(link.consumer), axis=1)
+        if activations is not None:
+            size = np.sqrt(np.mean(activations**2, axis=0))
+        else:
+            size = np.linalg.norm(_effective(link.producer), axis=0)
+        importance = outgoing * size
+        return np.sort(np.argsort(-importance, kind="stable")[:count])
+
+    @staticmethod
+    def _shrink(graph: ir.Graph, link: HiddenLink, keep: np.ndarray) -> None:
+        """Drop every unit not in ``keep`` from the producer, the per-unit constants between, and the consumer."""
+        producer, consumer = link.producer, link.consumer
+        width = link.width
+        weight = producer.weight.const_value.numpy()  # type: ignore[union-attr]
+        _set_tensor(producer.weight, np.take(weight, keep, axis=producer.out_axis))
+        if producer.bias is not None:
+            holder = producer.bias_node if producer.bias_node is not None else producer.node
+            _slice_input(graph, holder, list(holder.inputs).index(producer.bias), keep, width)
+        for node in link.between:
+            if node.op_type == "BatchNormalization":
+                for index in BATCHNORM_PARAMS:
+                    _slice_input(graph, node, index, keep, width)
+            elif node.op_type in ELEMENTWISE_BINARY or node.op_type in ("PRelu",):
+                for index, value in enumerate(node.inputs):
+                    if value is not None and value.const_value is not None:
+                        _slice_input(graph, node, index, keep, width)
+        weight = consumer.weight.const_value.numpy()  # type: ignore[union-attr]
+        _set_tensor(consumer.weight, np.take(weight, keep, axis=1 - consumer.out_axis))
+        for value in _hidden_values(link):
+            if value.shape is not None and len(value.shape) and value.shape[-1] == width:
+                value.shape = ir.Shape([*value.shape[:-1], int(keep.size)])
+
+
+def _slice_input(graph: ir.Graph, node: ir.Node, index: int, keep: np.ndarray, width: int) -> None:
+    """Keep entries ``keep`` of a per-unit constant input (scalars and broadcast constants stay as they are)."""
+    value = node.inputs[index]
+    assert value is not None and value.const_value is not None
+    array = value.const_value.numpy()
+    if array.size != width or array.shape[-1] != width:
+        return
+    _replace_constant(graph, node, index, np.take(array, keep, axis=-1))
+
+
+def _hidden_values(link: HiddenLink) -> list[ir.Value]:
+    values = [link.producer.node.outputs[0], link.producer.output]
+    values += [node.outputs[0] for node in link.between]
+    return list(dict.fromkeys(values))
