@@ -41,8 +41,17 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def _is_detail(value: Any) -> bool:
+    """Per-tensor detail tables (a mapping of mappings) belong in the JSON report, not the table."""
+    return isinstance(value, Mapping) and any(isinstance(item, Mapping) for item in value.values())
+
+
 def _stats_text(stats: Mapping[str, Any]) -> str:
-    return ", ".join(f"{key}={_short(value)}" for key, value in stats.items() if value not in (0, {}, [], None))
+    return ", ".join(
+        f"{key}={_short(value)}"
+        for key, value in stats.items()
+        if value not in (0, {}, [], None) and not _is_detail(value)
+    )
 
 
 def _optional(value: float | None, digits: int = 5) -> str:

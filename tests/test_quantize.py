@@ -53,7 +53,9 @@ def table_model() -> ir.Model:
         TABLES,
         {
             "users": rng.standard_normal((50, 16)).astype(np.float32),
-            "item_table": (rng.standard_normal((40, 16)) * np.linspace(0.01, 10, 40)[:, None]).astype(np.float32),
+            "item_table": (rng.standard_normal((40, 16)) * np.where(np.arange(40) < 2, 100.0, 1.0)[:, None]).astype(
+                np.float32
+            ),
         },
     )
 
@@ -135,7 +137,7 @@ def test_tables_are_gathered_quantized_and_dequantized_after_the_gather(tmp_path
     feeds = {"user": RNG.integers(0, 50, 30).astype(np.int64), "items": RNG.integers(0, 40, (30, 3)).astype(np.int64)}
     expected = evaluate(table_model(), tmp_path, feeds)
     model = table_model()
-    result = Quantize(Quantize.Config(fold_tables_below=0))(model)
+    result = Quantize(Quantize.Config(fold_tables_below=0, embedding_granularity="row"))(model)
     assert result.stats["tensors"]["users"]["lookups"] == 2  # shared table quantized once
     assert result.stats["tensors"]["users"]["form"] == "gathered"
     assert set(model.graph.initializers) >= {"users_q", "users_scale", "users_zero_point", "item_table_q"}
@@ -182,7 +184,7 @@ def test_a_table_tied_to_an_output_layer_is_quantized_once(tmp_path: Path) -> No
     )
     feeds = {"ids": RNG.integers(0, 30, 10).astype(np.int64), "h": RNG.standard_normal((10, 8)).astype(np.float32)}
     expected = evaluate(model, tmp_path, feeds)
-    result = Quantize()(model)
+    result = Quantize(Quantize.Config(embedding_granularity="row"))(model)
     assert result.stats["weights_quantized"] == 1
     assert {"emb_q", "emb_scale", "emb_zero_point"} <= set(model.graph.initializers)
     assert "emb" not in model.graph.initializers
@@ -260,3 +262,15 @@ def test_dynamic_activations_use_integer_matmul(tmp_path: Path) -> None:
     assert {entry["form"] for entry in result.stats["tensors"].values()} == {"dynamic"}
     (got,) = evaluate(model, tmp_path, feeds)
     assert relative_error(expected, got) < 0.02
+
+
+def test_auto_table_granularity_keeps_per_row_scales_for_outlier_rows() -> None:
+    model = table_model()  # two item_table rows are 100x larger than the rest; users rows are alike
+    result = Quantize(Quantize.Config(fold_tables_below=0))(model)
+    users, items = result.stats["tensors"]["users"], result.stats["tensors"]["item_table"]
+    assert users["granularity"] == "tensor" and users["relative_error"]["tensor"] <= 0.03
+    assert items["granularity"] == "row" and items["relative_error"]["tensor"] > 0.03
+    assert tuple(model.graph.initializers["users_scale"].const_value.shape) == ()
+    # one scale: the lookup is a Gather of int8 rows and one DequantizeLinear, no scale Gather
+    users_gathers = [n for n in model.graph if n.op_type == "Gather" and n.inputs[0].name.startswith("users")]
+    assert [n.inputs[0].name for n in users_gathers] == ["users_q", "users_q"]

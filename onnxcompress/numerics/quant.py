@@ -18,6 +18,8 @@ __all__ = [
     "gptq_quantize",
     "pack_codes",
     "quantize_rows",
+    "relative_error",
+    "row_relative_error",
     "unpack_codes",
 ]
 
@@ -230,3 +232,22 @@ def gptq_quantize(
         zero_point=None if symmetric else zeros.reshape(-1).astype(np.uint8),
         bits=bits,
     )
+
+
+def relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """``||approximation - reference|| / ||reference||`` (Frobenius), 0 for an all-zero reference."""
+    reference = np.asarray(reference, dtype=np.float64)
+    norm = float(np.linalg.norm(reference))
+    difference = float(np.linalg.norm(np.asarray(approximation, dtype=np.float64) - reference))
+    return difference / norm if norm else difference
+
+
+def row_relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """Median over rows of ``||row error|| / ||row||``: every row (user, item) counts the same, so a
+    table whose few large rows set a shared scale shows the precision its typical rows lose, while
+    the near-zero rows of never-trained ids do not dominate."""
+    reference = np.asarray(reference, dtype=np.float64)
+    error = np.linalg.norm(np.asarray(approximation, dtype=np.float64) - reference, axis=1)
+    norms = np.linalg.norm(reference, axis=1)
+    live = norms > 0
+    return float(np.median(error[live] / norms[live])) if live.any() else float(error.max(initial=0.0))

@@ -30,7 +30,15 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.graph import WeightUse, weights_by_value
-from onnxcompress.numerics.quant import QuantizedRows, binarize_rows, gptq_quantize, pack_codes, quantize_rows
+from onnxcompress.numerics.quant import (
+    QuantizedRows,
+    binarize_rows,
+    dequantize_rows,
+    gptq_quantize,
+    pack_codes,
+    quantize_rows,
+    row_relative_error,
+)
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 
@@ -109,6 +117,11 @@ class _Stored:
     binary: bool = False
 
     @property
+    def per_row(self) -> bool:
+        tensor = self.scale.const_value
+        return tensor is not None and len(tensor.shape) > 0
+
+    @property
     def packed(self) -> bool:
         tensor = self.codes.const_value
         return self.bits < 8 and tensor is not None and tensor.dtype == ir.DataType.UINT8
@@ -134,7 +147,13 @@ def _unpack(build: _Builder, packed: ir.Value, bits: int, count: int) -> ir.Valu
 
 
 def _store(
-    build: _Builder, quantized: QuantizedRows, *, binary: bool = False, column: bool = False, native_int4: bool = False
+    build: _Builder,
+    quantized: QuantizedRows,
+    *,
+    binary: bool = False,
+    column: bool = False,
+    native_int4: bool = False,
+    rows_shape: tuple[int, int] | None = None,
 ) -> _Stored:
     """Put codes and parameters into initializers.
 
@@ -143,8 +162,12 @@ def _store(
     they broadcast over the codes without an Unsqueeze node.
     """
     bits = quantized.bits
+    if rows_shape is not None:  # one scale for the whole tensor, codes kept as rows for lookups
+        quantized = QuantizedRows(quantized.codes.reshape(rows_shape), quantized.scale, quantized.zero_point, bits)
     rows, elements = quantized.codes.shape
-    shape = (rows, 1) if column else (rows,)
+    shape: tuple[int, ...] = (rows, 1) if column else (rows,)
+    if quantized.scale.size == 1 and rows != 1:
+        shape = ()
     if bits == 8:
         codes = build.constant("q", quantized.codes)
     elif native_int4 and bits == 4:
@@ -166,7 +189,7 @@ def _store(
     if not binary and (quantized.zero_point is not None or bits < 8):
         zero_array = quantized.zero_point
         if zero_array is None:
-            zero_array = np.full(rows, 2 ** (bits - 1) - 1, np.uint8)
+            zero_array = np.full(quantized.scale.size, 2 ** (bits - 1) - 1, np.uint8)
         zero = build.constant("zero_point", zero_array.reshape(shape))
     return _Stored(codes, scale, zero, bits, elements, binary)
 
@@ -182,7 +205,7 @@ def _float(build: _Builder, value: ir.Value, stored_as: ir.Value) -> ir.Value:
 def _column(build: _Builder, value: ir.Value) -> ir.Value:
     """``value`` as ``[rows, 1]`` for broadcasting over ``[rows, elements]``."""
     tensor = value.const_value
-    if tensor is not None and len(tensor.shape) == 2:
+    if tensor is not None and len(tensor.shape) in (0, 2):
         return value
     return build.op("Unsqueeze", [value, _last(build)])
 
@@ -267,6 +290,18 @@ class Quantize(CompressionPass):
                 "help": "bits for embedding tables, per-row scale; 0 leaves tables in float",
                 "choices": (0, *BIT_CHOICES),
             },
+        )
+        embedding_granularity: str = field(
+            default="auto",
+            metadata={
+                "help": "row: a scale per row; tensor: one scale (fastest lookup); auto: tensor when its "
+                "relative error is within table_tolerance, else row",
+                "choices": ("auto", "row", "tensor"),
+            },
+        )
+        table_tolerance: float = field(
+            default=0.03,
+            metadata={"help": "median per-row relative error allowed for one scale per table (auto)", "min": 0.0},
         )
         embedding_symmetric: bool = field(
             default=False, metadata={"help": "zero point 0 for tables (default: per-row min/max offset as FBGEMM)"}
@@ -517,20 +552,32 @@ class Quantize(CompressionPass):
         bits = config.embedding_bits
         scale_dtype = np.dtype(config.scale_dtype)
         build = _Builder(graph, value.name)
+        granularity, errors = "row", {}
         if bits == 1:
             codes, alpha = binarize_rows(table, scale_dtype)
             quantized = QuantizedRows(codes, alpha, None, 1)
         else:
+            search = config.rounding != "nearest"
             quantized = quantize_rows(
-                table,
-                bits,
-                symmetric=config.embedding_symmetric,
-                search=config.rounding != "nearest",
-                scale_dtype=scale_dtype,
+                table, bits, symmetric=config.embedding_symmetric, search=search, scale_dtype=scale_dtype
             )
+            if config.embedding_granularity != "row":
+                whole = quantize_rows(table.reshape(1, -1), bits, symmetric=True, search=search)
+                errors = {
+                    "row": row_relative_error(table, dequantize_rows(quantized)),
+                    "tensor": row_relative_error(table, dequantize_rows(whole).reshape(table.shape)),
+                }
+                if config.embedding_granularity == "tensor" or errors["tensor"] <= config.table_tolerance:
+                    quantized, granularity = whole, "tensor"
         folded = tensor.nbytes < config.fold_tables_below
         lookups = [use for use in uses if use.kind == "embedding"]
-        stored = _store(build, quantized, binary=bits == 1, column=folded)
+        stored = _store(
+            build,
+            quantized,
+            binary=bits == 1,
+            column=folded,
+            rows_shape=table.shape if granularity == "tensor" else None,
+        )
         others = [use for use in uses if use.kind != "embedding"]
         if folded or others:
             # Decoded once: constant-folded at load for the lookups of a small table, or for a
@@ -548,7 +595,8 @@ class Quantize(CompressionPass):
         return {
             "kind": "embedding",
             "bits": bits,
-            "granularity": "row",
+            "granularity": granularity,
+            "relative_error": {key: round(value, 6) for key, value in errors.items()},
             "rounding": "binary" if bits == 1 else ("mse" if config.rounding != "nearest" else "nearest"),
             "form": "fold" if folded else "gathered",
             "bytes_before": tensor.nbytes,
@@ -567,8 +615,10 @@ class Quantize(CompressionPass):
             ids if one_dimensional else build.op("Reshape", [ids, build.constant("flat", np.array([-1], np.int64))])
         )
         rows = build.op("Gather", [stored.codes, flat_ids], axis=0)
-        scale = build.op("Gather", [stored.scale, flat_ids], axis=0)
-        zero = build.op("Gather", [stored.zero, flat_ids], axis=0) if stored.zero is not None else None
+        scale, zero = stored.scale, stored.zero
+        if stored.per_row:
+            scale = build.op("Gather", [scale, flat_ids], axis=0)
+            zero = build.op("Gather", [zero, flat_ids], axis=0) if zero is not None else None
         values = _decode_rows(build, stored, rows, scale, zero, "linear")
         if not one_dimensional:
             dim = build.constant("dim", np.array([stored.elements], np.int64))
