@@ -1,0 +1,160 @@
+"""Pure pruning math: masks, N:M groups, global thresholds, bit packing, least squares, OBS selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxcompress.numerics.lstsq import Gram, NormalEquations, ridge, solve_gram
+from onnxcompress.numerics.prune import (
+    global_sparsities,
+    keep_count,
+    magnitude_sample,
+    nm_mask,
+    obs_mask,
+    obs_rows,
+    pack_bits,
+    parse_nm,
+    topk_mask,
+    unpack_bits,
+)
+
+
+def test_topk_mask_keeps_an_exact_count_even_with_ties() -> None:
+    scores = np.array([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 5.0, 0.0]])
+    mask = topk_mask(scores, 0.5)
+    assert mask.sum() == 4
+    assert mask[1, 2]  # the largest survives
+    assert not mask[1, 3]  # the smallest goes
+    np.testing.assert_array_equal(mask[0], [True, True, True, False])  # ties broken by position
+
+
+def test_topk_mask_along_an_axis_prunes_every_row_alike() -> None:
+    scores = np.array([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    np.testing.assert_array_equal(topk_mask(scores, 0.5, axis=1), [[1, 1, 0, 0], [0, 0, 1, 1]])
+    np.testing.assert_array_equal(topk_mask(scores, 0.5, axis=0), [[1, 1, 0, 0], [0, 0, 1, 1]])
+
+
+def test_keep_count_rejects_impossible_sparsity() -> None:
+    assert keep_count(10, 0.8) == 2
+    with pytest.raises(ValueError):
+        keep_count(10, 1.5)
+
+
+def test_nm_mask_keeps_n_largest_in_each_group_along_the_axis() -> None:
+    scores = np.array([[1.0, 4.0, 3.0, 2.0, 9.0, 8.0, 0.0, 7.0, 5.0, 6.0]])
+    mask = nm_mask(scores, 2, 4, axis=1)
+    # groups [1,4,3,2] -> 4,3; [9,8,0,7] -> 9,8; trailing [5,6] keeps min(2, 2) = both
+    np.testing.assert_array_equal(mask[0], [0, 1, 1, 0, 1, 1, 0, 0, 1, 1])
+    column = nm_mask(scores.T, 1, 4, axis=0)
+    assert column[:8].sum() == 2 and column[8:].sum() == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"), [("2:4", (2, 4)), ("1:8", (1, 8)), ("4:2", None), ("x:4", None), ("24", None)]
+)
+def test_parse_nm(text: str, parsed: tuple[int, int] | None) -> None:
+    assert parse_nm(text) == parsed
+
+
+def test_global_sparsities_share_one_threshold_and_respect_the_cap() -> None:
+    small = magnitude_sample(np.linspace(0.01, 1.0, 100))
+    large = magnitude_sample(np.linspace(1.01, 2.0, 100))
+    # One threshold at 50% overall: every small weight goes first, no large one.
+    assert global_sparsities([small, large], [100, 100], 0.5) == pytest.approx([1.0, 0.0])
+    # With a 60% cap the small tensor stops at 60%, the large one makes up the rest.
+    capped = global_sparsities([small, large], [100, 100], 0.5, max_layer_sparsity=0.6)
+    assert capped == pytest.approx([0.6, 0.4])
+
+
+def test_magnitude_sample_is_bounded_for_huge_tensors() -> None:
+    sample = magnitude_sample(np.arange(-5000, 5000, dtype=np.float32), limit=1000)
+    assert len(sample) <= 1000 and np.all(np.diff(sample) >= 0)
+
+
+def test_bits_pack_least_significant_first_and_round_trip() -> None:
+    mask = np.array([1, 0, 0, 0, 0, 0, 0, 0, 0, 1], dtype=bool)
+    packed = pack_bits(mask)
+    np.testing.assert_array_equal(packed, [1, 2])
+    np.testing.assert_array_equal(unpack_bits(packed, 10), mask)
+    rng = np.random.default_rng(0)
+    mask = rng.random((7, 13)) > 0.5
+    np.testing.assert_array_equal(unpack_bits(pack_bits(mask), mask.size).reshape(mask.shape), mask)
+
+
+def test_ridge_without_damping_is_least_squares_and_fits_the_intercept() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 6))
+    w = rng.standard_normal((6, 3))
+    y = x @ w + np.array([1.0, -2.0, 0.5])
+    weights, bias = ridge(x, y, damping=0.0, fit_intercept=True)
+    np.testing.assert_allclose(weights, w, atol=1e-10)
+    np.testing.assert_allclose(bias, [1.0, -2.0, 0.5], atol=1e-10)
+    plain, none = ridge(x, x @ w, damping=0.0)
+    assert none is None
+    np.testing.assert_allclose(plain, np.linalg.lstsq(x, x @ w, rcond=None)[0], atol=1e-10)
+
+
+def test_masked_solution_is_the_least_squares_fit_on_each_columns_support() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((100, 5))
+    y = rng.standard_normal((100, 2))
+    keep = np.array([[1, 0], [1, 1], [0, 1], [1, 0], [0, 1]], dtype=bool)
+    weights, _ = ridge(x, y, damping=0.0, keep=keep)
+    assert np.all(weights[~keep] == 0.0)
+    for j in range(2):
+        rows = np.flatnonzero(keep[:, j])
+        np.testing.assert_allclose(weights[rows, j], np.linalg.lstsq(x[:, rows], y[:, j], rcond=None)[0], atol=1e-10)
+
+
+def test_gram_accumulates_batches_like_one_pass() -> None:
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((64, 4)), rng.standard_normal((64, 2))
+    streamed = Gram.empty(4, 2)
+    for start in range(0, 64, 16):
+        streamed.add(x[start : start + 16], y[start : start + 16])
+    a = solve_gram(streamed, 0.1, fit_intercept=True)
+    b = ridge(x, y, 0.1, fit_intercept=True)
+    np.testing.assert_allclose(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1])
+
+
+def test_prior_pulls_unobserved_inputs_towards_it_instead_of_zero() -> None:
+    x = np.zeros((50, 2))
+    x[:, 0] = np.random.default_rng(3).standard_normal(50)  # input 1 never fires (a rare one-hot column)
+    y = x[:, :1] * 2.0
+    prior = np.array([[2.0], [7.0]])
+    towards_zero, _ = ridge(x, y, damping=0.1)
+    towards_prior, _ = ridge(x, y, damping=0.1, prior=prior)
+    assert towards_zero[1, 0] == pytest.approx(0.0)
+    assert towards_prior[1, 0] == pytest.approx(7.0)
+
+
+def test_singular_systems_fall_back_to_lstsq() -> None:
+    x = np.ones((10, 3))
+    weights, _ = ridge(x, np.ones((10, 1)) * 3, damping=0.0)
+    np.testing.assert_allclose(x @ weights, 3.0)
+
+
+def test_obs_mask_recovers_the_support_of_a_sparse_layer() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((400, 8))
+    truth = np.zeros((8, 3))
+    truth[[0, 3], 0] = [1.0, -2.0]
+    truth[[1, 6], 1] = [0.5, 3.0]
+    truth[[2, 7], 2] = [-1.0, 1.5]
+    system = NormalEquations.of(Gram.of(x, x @ truth), damping=1e-6)
+    keep = obs_mask(system, 0.75)
+    np.testing.assert_array_equal(keep, truth != 0)
+    nm = obs_mask(system, 0.0, nm=(1, 4))
+    assert nm.sum(axis=0).tolist() == [2, 2, 2]
+
+
+def test_obs_rows_drops_the_inputs_the_next_layer_can_do_without() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 6))
+    x[:, 4] = x[:, 0] + x[:, 1]  # redundant: removable once the others refit
+    w = rng.standard_normal((6, 2))
+    w[[2, 5]] = 0.0  # unused
+    system = NormalEquations.of(Gram.of(x, x @ w), damping=1e-8)
+    assert obs_rows(system, 3).tolist() in ([0, 1, 3], [0, 3, 4], [1, 3, 4])

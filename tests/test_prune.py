@@ -1,0 +1,347 @@
+"""The prune pass: exact masks on tiny graphs, hidden-unit removal, reconstruction, real models via the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import model_files, save_model, text_model
+from onnx.reference import ReferenceEvaluator
+
+from onnxcompress.calibration import Calibration, Feeds
+from onnxcompress.passes.base import PassContext
+from onnxcompress.passes.prune import Prune
+
+RNG = np.random.default_rng(0)
+
+LINEAR = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] x, float[4,8] w, float[8] b, float[1,8] w2, float[8,1] w3) => (float[N,8] y, float[N,1] z) {
+  m = MatMul(x, w)
+  y = Add(m, b)
+  a = Gemm <transB = 1> (y, w2)
+  z = MatMul(y, w3)
+}
+"""
+
+
+def linear_model(w: np.ndarray) -> ir.Model:
+    return text_model(
+        LINEAR,
+        {
+            "w": w,
+            "b": np.ones(8, np.float32),
+            "w2": np.ones((1, 8), np.float32),
+            "w3": np.ones((8, 1), np.float32),
+        },
+    )
+
+
+def prune(model: ir.Model, calibration: Calibration | None = None, **options: object) -> Prune:
+    return Prune(Prune.Config(**{"min_elements": 1, **options}), PassContext(calibration=calibration))
+
+
+def test_magnitude_mask_is_exact_and_biases_are_never_pruned() -> None:
+    w = np.arange(1, 33, dtype=np.float32).reshape(4, 8) * np.where(np.arange(32) % 2, -1, 1).reshape(4, 8)
+    model = linear_model(w)
+    result = prune(model, op_types=("MatMul",))(model)
+    assert result.modified is True
+    pruned = model.graph.initializers["w"].const_value.numpy()
+    np.testing.assert_array_equal(pruned, np.where(np.abs(w) > 16, w, 0))  # the 16 smallest |w| are zero
+    np.testing.assert_array_equal(model.graph.initializers["b"].const_value.numpy(), np.ones(8))
+    assert result.stats["tensors"]["w"]["sparsity"] == 0.5
+    assert result.stats["tensors"]["w"]["why_not_reconstructed"] == "no calibration data"
+    assert result.stats["skipped"]["w2"] == "read by Gemm, not all in op_types"
+    assert set(result.stats["tensors"]) == {"w", "w3"}
+
+
+def test_pruning_is_deferred_until_the_tensor_is_read() -> None:
+    model = linear_model(RNG.standard_normal((4, 8)).astype(np.float32))
+    prune(model)(model)
+    assert isinstance(model.graph.initializers["w"].const_value, ir.LazyTensor)
+
+
+def test_n_m_runs_along_the_reduction_axis_of_a_transposed_gemm() -> None:
+    w = np.array([[1, 4, 3, 2, 9, 8, 0, 7], [5, 6, 7, 8, 1, 2, 3, 4]], np.float32)  # [out=2, in=8], transB=1
+    model = linear_model(RNG.standard_normal((4, 8)).astype(np.float32))
+    model.graph.initializers["w2"].const_value = ir.tensor(w, name="w2")
+    result = prune(model, structure="2:4", op_types=("Gemm",))(model)
+    kept = model.graph.initializers["w2"].const_value.numpy() != 0
+    np.testing.assert_array_equal(kept, [[0, 1, 1, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0, 1, 1]])
+    assert result.stats["tensors"]["w2"]["sparsity"] == 0.5
+
+
+def test_skip_reasons_for_inputs_small_tensors_and_patterns() -> None:
+    model = linear_model(RNG.standard_normal((4, 8)).astype(np.float32))
+    result = Prune(Prune.Config(min_elements=9, exclude="^w$"))(model)
+    assert result.modified is False
+    assert result.stats["skipped"] == {
+        "w": "matched by exclude '^w$'",
+        "w2": "8 elements, fewer than min_elements=9",
+        "w3": "8 elements, fewer than min_elements=9",
+    }
+    overridable = text_model(LINEAR.replace("float[8,1] w3)", "float[8,1] w3)"), {"w": np.ones((4, 8), np.float32)})
+    result = prune(overridable)(overridable)
+    # w2, w3 and b stayed graph inputs: a caller may feed other values, so they are not weights.
+    assert result.stats["tensors"].keys() == {"w"}
+    with pytest.raises(ValueError, match="N:M such as 2:4"):
+        Prune.Config(structure="half")
+
+
+def test_a_graph_input_that_is_also_an_initializer_is_skipped_with_its_reason() -> None:
+    model = linear_model(RNG.standard_normal((4, 8)).astype(np.float32))
+    w3 = model.graph.initializers["w3"]
+    model.graph.inputs.append(w3)
+    result = prune(model)(model)
+    assert result.stats["skipped"]["w3"] == "a graph input: callers may override it"
+
+
+def test_a_tied_weight_is_pruned_once_and_stays_shared() -> None:
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,6] x, float[6,6] w) => (float[N,6] z) {
+          y = MatMul(x, w)
+          z = MatMul(y, w)
+        }
+        """,
+        {"w": RNG.standard_normal((6, 6)).astype(np.float32)},
+    )
+    calibration = Calibration(Feeds({"x": RNG.standard_normal((64, 6)).astype(np.float32)}, "test"))
+    result = prune(model, calibration)(model)
+    first, second = list(model.graph)
+    assert first.inputs[1] is second.inputs[1] is model.graph.initializers["w"]
+    assert result.stats["tensors_pruned"] == 1
+    assert result.stats["tensors"]["w"]["reconstructed"] is False
+    assert "single MatMul or Gemm" in result.stats["tensors"]["w"]["why_not_reconstructed"]
+
+
+def test_global_scope_prunes_the_smaller_weights_harder() -> None:
+    model = linear_model(RNG.standard_normal((4, 8)).astype(np.float32) * 10)
+    result = prune(model, scope="global", max_layer_sparsity=0.9)(model)
+    tensors = result.stats["tensors"]
+    assert tensors["w3"]["sparsity"] > 0.5 > tensors["w"]["sparsity"]
+
+
+def calibration_for(x: np.ndarray) -> Calibration:
+    return Calibration(Feeds({"x": x}, "test"))
+
+
+def relu_chain(hidden: int = 16, seed: int = 1) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    weights = {
+        "w1": rng.standard_normal((8, hidden)).astype(np.float32),
+        "b1": rng.standard_normal(hidden).astype(np.float32),
+        "w2": rng.standard_normal((hidden, 4)).astype(np.float32),
+        "b2": rng.standard_normal(4).astype(np.float32),
+    }
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,8] x, float[8,{hidden}] w1, float[{hidden}] b1, float[{hidden},4] w2, float[4] b2) => (float[N,4] y) {{
+      m = MatMul(x, w1)
+      h = Add(m, b1)
+      r = Relu(h)
+      n = MatMul(r, w2)
+      y = Add(n, b2)
+    }}
+    """
+    return text_model(text, weights), weights
+
+
+def output_error(model: ir.Model, weights: dict[str, np.ndarray], x: np.ndarray, tmp_path: Path) -> float:
+    path = save_model(model, tmp_path / f"m{len(list(tmp_path.iterdir()))}.onnx")
+    (got,) = ReferenceEvaluator(str(path)).run(None, {"x": x})
+    want = np.maximum(x @ weights["w1"] + weights["b1"], 0) @ weights["w2"] + weights["b2"]
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def test_reconstruction_beats_plain_magnitude_on_calibration_activations(tmp_path: Path) -> None:
+    x = RNG.standard_normal((256, 8)).astype(np.float32)
+    plain, weights = relu_chain()
+    prune(plain, sparsity=0.5)(plain)
+    refit, _ = relu_chain()
+    result = prune(refit, calibration_for(x), sparsity=0.5)(refit)
+    assert result.stats["tensors"]["w1"]["reconstructed"] is True
+    assert result.stats["tensors"]["w2"]["sparsity"] == 0.5
+    assert output_error(refit, weights, x, tmp_path) < 0.85 * output_error(plain, weights, x, tmp_path)
+
+
+def test_neurons_shrink_producer_bias_and_consumer_and_keep_the_wiring(tmp_path: Path) -> None:
+    model, weights = relu_chain()
+    consumer = [node for node in model.graph if node.op_type == "MatMul"][1]
+    relu_out = next(node for node in model.graph if node.op_type == "Relu").outputs[0]
+    result = prune(model, structure="neurons", sparsity=0.25)(model)
+    assert result.modified is True
+    assert model.graph.initializers["w1"].const_value.shape == (8, 12)
+    assert model.graph.initializers["b1"].const_value.shape == (12,)
+    assert model.graph.initializers["w2"].const_value.shape == (12, 4)
+    assert consumer.inputs[0] is relu_out
+    (layer,) = result.stats["layers"].values()
+    assert layer["units_after"] == 12 and "next_layer_refit_error" not in layer
+    assert result.stats["units_removed"] == 4
+    # Without data the units kept are those with the largest |w1 column| * |w2 row|; the network
+    # is exactly the original restricted to them.
+    importance = np.linalg.norm(weights["w1"], axis=0) * np.linalg.norm(weights["w2"], axis=1)
+    keep = np.sort(np.argsort(-importance, kind="stable")[:12])
+    np.testing.assert_array_equal(model.graph.initializers["w1"].const_value.numpy(), weights["w1"][:, keep])
+    x = RNG.standard_normal((5, 8)).astype(np.float32)
+    reduced = {**weights, "w1": weights["w1"][:, keep], "b1": weights["b1"][keep], "w2": weights["w2"][keep]}
+    assert output_error(model, reduced, x, tmp_path) < 1e-6
+
+
+BN_CHAIN = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,8] x) => (float[N,2] y) {
+  h = Gemm <transB = 1> (x, w1, b1)
+  n = BatchNormalization(h, scale, bias, mean, var)
+  s = Mul(n, gain)
+  r = Relu(s)
+  d = Dropout(r)
+  y = Gemm <transB = 1> (d, w2, b2)
+}
+"""
+
+
+def bn_chain() -> ir.Model:
+    rng = np.random.default_rng(2)
+    names = "x, float[6,8] w1, float[6] b1, float[6] scale, float[6] bias, float[6] mean, float[6] var, "
+    names += "float[1,6] gain, float[2,6] w2, float[2] b2"
+    text = BN_CHAIN.replace("(float[N,8] x)", f"(float[N,8] {names})")
+    arrays = {
+        "w1": rng.standard_normal((6, 8)),
+        "b1": rng.standard_normal(6),
+        "scale": rng.random(6) + 0.5,
+        "bias": rng.standard_normal(6),
+        "mean": rng.standard_normal(6),
+        "var": rng.random(6) + 0.5,
+        "gain": rng.random((1, 6)) + 0.5,
+        "w2": rng.standard_normal((2, 6)),
+        "b2": rng.standard_normal(2),
+    }
+    return text_model(text, {name: array.astype(np.float32) for name, array in arrays.items()})
+
+
+def test_neurons_through_batchnorm_and_per_unit_constants_with_refit(tmp_path: Path) -> None:
+    model = bn_chain()
+    x = RNG.standard_normal((128, 8)).astype(np.float32)
+    path = save_model(model, tmp_path / "before.onnx")
+    (before,) = ReferenceEvaluator(str(path)).run(None, {"x": x})
+    result = prune(model, calibration_for(x), structure="neurons", sparsity=0.5)(model)
+    for name in ("b1", "scale", "bias", "mean", "var"):
+        assert model.graph.initializers[name].const_value.shape == (3,)
+    assert model.graph.initializers["gain"].const_value.shape == (1, 3)
+    assert model.graph.initializers["w1"].const_value.shape == (3, 8)
+    assert model.graph.initializers["w2"].const_value.shape == (2, 3)
+    (layer,) = result.stats["layers"].values()
+    assert layer["units_before"] == 6 and layer["units_after"] == 3 and "next_layer_refit_error" in layer
+    (after,) = ReferenceEvaluator(str(save_model(model, tmp_path / "after.onnx"))).run(None, {"x": x})
+    assert after.shape == before.shape
+    onnx.checker.check_model(str(tmp_path / "after.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize(
+    ("between", "reason"),
+    [
+        (
+            "r = Relu(h)\n  k = Add(r, x16)",
+            "hidden units reach Add with a non-constant other input (a residual or gate)",
+        ),
+        (
+            "r = Relu(h)\n  k = Reshape(r, shape)",
+            "hidden units reach Reshape (for example a split into attention heads)",
+        ),
+        ("r = Relu(h)\n  k = Concat <axis = 1> (r, x16)", "hidden units reach Concat"),
+    ],
+)
+def test_neurons_are_not_removed_where_the_unit_axis_cannot_shrink(between: str, reason: str) -> None:
+    model = text_model(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,8] x, float[N,16] x16, float[8,16] w1, float[16,4] w2, int64[2] shape) => (float[N,4] y) {{
+          h = MatMul(x, w1)
+          {between}
+          y = MatMul(k, w2)
+        }}
+        """,
+        {
+            "w1": np.ones((8, 16), np.float32),
+            "w2": np.ones((16, 4), np.float32),
+            "shape": np.array([-1, 16], np.int64),
+        },
+    )
+    result = prune(model, structure="neurons")(model)
+    assert result.modified is False
+    assert result.stats["skipped"][model.graph[0].name or "w1"] == reason
+    assert model.graph.initializers["w1"].const_value.shape == (8, 16)
+
+
+# --- real models through the CLI ------------------------------------------------------------------
+
+
+def run_prune(cli, tmp_path: Path, name: str, *sets: str, passes: str = "prune"):
+    files = model_files(name)
+    out = tmp_path / f"{name}.onnx"
+    args = [files["onnx"], out, "--passes", passes, "--feeds", files["feeds"], "--labels", files["labels"]]
+    args += ["--calib", files["calib"], "--force"]
+    for assignment in sets:
+        args += ["--set", assignment]
+    result = cli(*args)
+    assert result.code == 0, result.err
+    return result, out
+
+
+def score(report: dict) -> dict:
+    return next(output for output in report["parity"]["outputs"] if output.get("auc_reference") is not None)
+
+
+def test_half_sparsity_on_the_dlrm_passes_parity(cli, tmp_path: Path) -> None:
+    result, _ = run_prune(cli, tmp_path, "dlrm")
+    report = result.report
+    assert report["verdict"] == "passed"
+    stats = report["passes"][0]["stats"]
+    assert 0.49 <= stats["sparsity"] <= 0.51
+    assert all(tensor["reconstructed"] for tensor in stats["tensors"].values())
+    output = score(report)
+    assert abs(output["auc_candidate"] - output["auc_reference"]) <= 0.003
+
+
+def test_reconstruction_beats_plain_magnitude_at_80_percent_on_the_dlrm(cli, tmp_path: Path) -> None:
+    refit, _ = run_prune(cli, tmp_path, "dlrm", "prune.sparsity=0.8")
+    plain, _ = run_prune(cli, tmp_path, "dlrm", "prune.sparsity=0.8", "prune.reconstruct=false")
+    assert score(refit.report)["spearman"] > score(plain.report)["spearman"] + 0.01
+    refit_drop = score(refit.report)["auc_reference"] - score(refit.report)["auc_candidate"]
+    plain_drop = score(plain.report)["auc_reference"] - score(plain.report)["auc_candidate"]
+    assert refit_drop < plain_drop
+
+
+@pytest.mark.parametrize(
+    ("name", "shapes"),
+    [
+        ("dlrm_dynamo", {"top.0.weight": (64, 44), "top.2.weight": (32, 64), "top.4.weight": (1, 32)}),
+        ("deepfm", {"mlp.0.weight": (192, 137), "mlp.1.running_var": (192,), "mlp.12.weight": (1, 192)}),
+    ],
+)
+def test_neurons_shrink_the_file_and_the_matrices(cli, tmp_path: Path, name: str, shapes: dict) -> None:
+    sparsity = "0.5" if name == "dlrm_dynamo" else "0.25"
+    result, out = run_prune(cli, tmp_path, name, "prune.structure=neurons", f"prune.sparsity={sparsity}")
+    report = result.report
+    assert report["verdict"] == "passed", report["parity"]
+    assert out.stat().st_size < 0.9 * model_files(name)["onnx"].stat().st_size
+    output = score(report)
+    assert output["auc_reference"] - output["auc_candidate"] <= 0.003
+    initializers = {tensor.name: tuple(tensor.dims) for tensor in onnx.load(str(out)).graph.initializer}
+    for tensor, shape in shapes.items():
+        assert initializers[tensor] == shape
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_prune_then_sparse_storage_shrinks_the_file_at_80_percent(cli, tmp_path: Path) -> None:
+    dense, dense_out = run_prune(cli, tmp_path, "sklearn_mlp", "prune.sparsity=0.8")
+    (tmp_path / "s").mkdir()
+    stored, stored_out = run_prune(cli, tmp_path / "s", "sklearn_mlp", "prune.sparsity=0.8", passes="prune,sparse")
+    assert dense_out.stat().st_size > 0.95 * model_files("sklearn_mlp")["onnx"].stat().st_size
+    assert stored_out.stat().st_size < 0.4 * dense_out.stat().st_size
+    assert score(stored.report)["auc_candidate"] == score(dense.report)["auc_candidate"]
