@@ -208,19 +208,13 @@ def bench_model(
             row.size_ratio = original_bytes / row.bytes
             row.op_changes = lib.op_changes(original_ops, lib.op_counts(path))
             row.float_weights_left = lib.float_weights_left(path)
-        log(
-            f"{case.name:>16} {method.name:<18} "
-            + (
-                f"failed: {row.error}"
-                if row.error
-                else f"{original_bytes / 1e3:.1f} kB -> {(row.bytes or 0) / 1e3:.1f} kB"
-                + (
-                    f" in {row.compress_seconds:.2f} s, peak RSS {row.peak_rss_mib:.0f} MiB"
-                    if row.compress_seconds
-                    else ""
-                )
-            )
-        )
+        if row.error:
+            status = f"failed: {row.error}"
+        else:
+            status = f"{original_bytes / 1e3:.1f} kB -> {(row.bytes or 0) / 1e3:.1f} kB"
+            if row.compress_seconds is not None:
+                status += f" in {row.compress_seconds:.2f} s, peak RSS {row.peak_rss_mib:.0f} MiB"
+        log(f"{case.name:>16} {method.name:<18} {status}")
 
     measure_quality(case, rows, paths, threads[-1])
     paths = {name: path for name, path in paths.items() if rows[name].error is None}
@@ -528,7 +522,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help=f"fast check: {QUICK_MODEL} only (unless --models), 2 repeats of 0.05 s"
     )
-    parser.add_argument("--repeats", type=int, help="timing rounds per thread count (default 5, --quick 2)")
+    parser.add_argument("--repeats", type=int, help="timing rounds per thread count (default 7, --quick 2)")
     parser.add_argument(
         "--sample-seconds", type=float, help="target length of one timing sample (default 0.2, --quick 0.05)"
     )
@@ -549,7 +543,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.repeats is None:
-        args.repeats = 2 if args.quick else 5
+        args.repeats = 2 if args.quick else 7
     if args.sample_seconds is None:
         args.sample_seconds = 0.05 if args.quick else 0.2
     if args.repeats < 1 or args.sample_seconds <= 0:

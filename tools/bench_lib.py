@@ -4,6 +4,9 @@ Run as a script, this module is the worker that performs one compression, so tha
 peak RSS are measured on their own under ``/usr/bin/time -v``:
 
     python tools/bench_lib.py JOB.json
+
+onnxcompress is imported only where it is used, so that a baseline's worker neither loads it (its
+peak RSS and wall time are the baseline's own) nor depends on it.
 """
 
 from __future__ import annotations
@@ -29,11 +32,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader
-
-from onnxcompress import runtime
-from onnxcompress.metrics import auc, top_k_overlap
-from onnxcompress.parity import score_column
 
 Feeds = dict[str, np.ndarray]
 
@@ -101,8 +99,11 @@ class Method:
 # --- builders: run inside the worker process --------------------------------------------------------
 
 
-class NpzCalibrationReader(CalibrationDataReader):  # type: ignore[misc]
-    """Feeds the rows of a calibration .npz to onnxruntime's calibrator in batches."""
+class NpzCalibrationReader:
+    """Feeds the rows of a calibration .npz to onnxruntime's calibrator in batches.
+
+    onnxruntime's ``CalibrationDataReader`` accepts any class with ``get_next`` as a subclass.
+    """
 
     def __init__(self, path: Path, batch: int = 128) -> None:
         arrays = dict(np.load(path))
@@ -322,11 +323,17 @@ def first_rows(feeds: Feeds, rows: int) -> Feeds:
 
 def make_session(path: Path, threads: int) -> ort.InferenceSession:
     """A CPU session as a user would deploy it: ORT_ENABLE_ALL, ``threads`` intra-op threads."""
-    return runtime.make_session(path, "all", threads)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def scores(session: ort.InferenceSession, feeds: Feeds, case: Case) -> np.ndarray:
     """The score of every row: the meta's ``score_output`` (default: the first float output) and column."""
+    from onnxcompress.parity import score_column
+
     outputs = session.get_outputs()
     name = case.score_output or next(output.name for output in outputs if output.type == "tensor(float)")
     (array,) = session.run([name], feeds)
@@ -359,6 +366,8 @@ def quality(
     rank_reference: np.ndarray | None = None,
 ) -> Quality:
     """AUC on the test feeds, score error against the original, and mean top-10 overlap per user."""
+    from onnxcompress.metrics import auc, top_k_overlap
+
     score = scores(session, feeds, case)
     error = np.abs(score - reference)
     overlap = None
