@@ -130,3 +130,49 @@ def test_strip_metadata_drops_doc_strings_and_intermediate_types() -> None:
     assert node.doc_string is None and not node.metadata_props
     assert node.outputs[0].type is None
     assert model.graph.outputs[0].type is not None  # the interface keeps its types
+
+
+def test_batchnorm_and_per_channel_affine_fold_into_the_linear_layer(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,6] x, float[4,6] w, float[4] b, float[4] gamma, float[4] beta, float[4] mean, float[4] var, float[6,3] w2, float[3] s, float[3] t) => (float[N,4] y, float[N,3] z) {
+          h = Gemm <transB = 1> (x, w, b)
+          y = BatchNormalization <epsilon = 0.001> (h, gamma, beta, mean, var)
+          m = MatMul(x, w2)
+          scaled = Mul(m, s)
+          z = Add(scaled, t)
+        }
+        """,
+        {
+            "w": rng.standard_normal((4, 6)).astype(np.float32),
+            "b": rng.standard_normal(4).astype(np.float32),
+            "gamma": rng.random(4).astype(np.float32) + 0.5,
+            "beta": rng.standard_normal(4).astype(np.float32),
+            "mean": rng.standard_normal(4).astype(np.float32),
+            "var": rng.random(4).astype(np.float32) + 0.1,
+            "w2": rng.standard_normal((6, 3)).astype(np.float32),
+            "s": rng.standard_normal(3).astype(np.float32),
+            "t": rng.standard_normal(3).astype(np.float32),
+        },
+    )
+    feeds = {"x": rng.standard_normal((7, 6)).astype(np.float32)}
+    before = run_reference(model, tmp_path, feeds)
+    result = Cleanup()(model)
+    assert result.stats["affine_folded"] == 3
+    assert op_types(model) == ["Gemm", "Gemm"]  # MatMul + Mul + Add became one Gemm (2-D input)
+    assert [value.name for value in model.graph.outputs] == ["y", "z"]
+    after = run_reference(model, tmp_path, feeds)
+    for exact, folded in zip(before, after, strict=True):
+        np.testing.assert_allclose(exact, folded, rtol=1e-5, atol=1e-5)
+
+
+def test_short_names_keep_the_interface() -> None:
+    model = mlp_model()
+    Cleanup(Cleanup.Config(short_names=True))(model)
+    assert [v.name for v in model.graph.inputs] == ["x"] and [v.name for v in model.graph.outputs] == ["score"]
+    assert not any(node.name for node in model.graph)
+    internal = [out.name for node in model.graph for out in node.outputs if not out.is_graph_output()]
+    assert all(name.startswith("_") and len(name) <= 3 for name in internal)
+    assert len(set(internal)) == len(internal)

@@ -195,7 +195,8 @@ def test_a_table_tied_to_an_output_layer_is_quantized_once(tmp_path: Path) -> No
 
 def test_selection_options_and_skip_reasons() -> None:
     model = linear_model()
-    result = Quantize(Quantize.Config(exclude="gemm_t", min_elements=600, op_types=("MatMul", "Gemm")))(model)
+    config = Quantize.Config(exclude="gemm_t", min_elements=600, op_types=("MatMul", "Gemm"), float_storage="float32")
+    result = Quantize(config)(model)
     assert result.stats["skipped"] == {"w_gemm": "fewer than quant.min_elements=600 elements", "w_gemm_t": "matched by quant.exclude"}
     assert "w_gemm" in model.graph.initializers and "w_mm" not in model.graph.initializers
 
@@ -274,3 +275,15 @@ def test_auto_table_granularity_keeps_per_row_scales_for_outlier_rows() -> None:
     # one scale: the lookup is a Gather of int8 rows and one DequantizeLinear, no scale Gather
     users_gathers = [n for n in model.graph if n.op_type == "Gather" and n.inputs[0].name.startswith("users")]
     assert [n.inputs[0].name for n in users_gathers] == ["users_q", "users_q"]
+
+
+def test_remaining_floats_are_stored_as_float16_and_cast_back(tmp_path: Path) -> None:
+    feeds = {"x": RNG.standard_normal((20, 64)).astype(np.float32)}
+    (expected,) = evaluate(linear_model(), tmp_path, feeds)
+    model = linear_model()
+    result = Quantize(Quantize.Config(op_types=("MatMul",)))(model)  # the Gemm weights stay float
+    assert result.stats["float16_tensors"] == 2  # w_gemm (512 values) and w_gemm_t (256); b has 16
+    assert model.graph.initializers["w_gemm_f16"].const_value.dtype == ir.DataType.FLOAT16
+    assert model.graph.initializers["b"].const_value.dtype == ir.DataType.FLOAT
+    (got,) = evaluate(model, tmp_path, feeds)
+    assert relative_error(expected, got) < 0.01

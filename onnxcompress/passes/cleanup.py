@@ -18,6 +18,7 @@ from onnx_ir.passes.common import (
     RemoveUnusedOpsetsPass,
 )
 
+from onnxcompress.graph import is_constant_initializer
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 
@@ -194,6 +195,178 @@ def strip_metadata(model: ir.Model) -> int:
     return cleared
 
 
+def _linear_weights(node: ir.Node) -> tuple[ir.Value, int, ir.Value | None] | None:
+    """(weight, output-channel axis, bias) of a Gemm/MatMul with constant 2-D weight, else None."""
+    if node.op_type == "Gemm" and node.domain in ("", "ai.onnx"):
+        if node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0:
+            return None
+        if node.attributes.get_float("beta", 1.0) != 1.0:
+            return None
+        axis = 0 if node.attributes.get_int("transB", 0) else 1
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+    elif node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        axis, bias = 1, None
+    else:
+        return None
+    weight = node.inputs[1]
+    if not is_constant_initializer(weight) or len(weight.const_value.shape) != 2:  # type: ignore[union-attr]
+        return None
+    if bias is not None and not is_constant_initializer(bias):
+        return None
+    return weight, axis, bias
+
+
+def _channel_vector(value: ir.Value | None, channels: int) -> np.ndarray | None:
+    """A constant that acts per output channel on ``[..., channels]``: scalar, [C] or [1, C]."""
+    if value is None:
+        return None
+    array = _constant_array(value)
+    if array is None or array.dtype != np.float32:
+        return None
+    if array.size == 1:
+        return np.full(channels, array.reshape(()), np.float32)
+    if array.size == channels and array.shape[-1] == channels and array.ndim <= 2:
+        return array.reshape(channels)
+    return None
+
+
+def _constant_array(value: ir.Value) -> np.ndarray | None:
+    if is_constant_initializer(value):
+        return value.const_value.numpy()  # type: ignore[union-attr]
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].as_tensor().numpy()
+    return None
+
+
+def _affine_after(node: ir.Node, channels: int, rank: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """``y = x * scale + shift`` per channel (last axis) for a BatchNormalization (rank 2 only, where
+    its channel axis 1 is the last one), or a Mul or Add by a constant."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "BatchNormalization" and rank == 2:
+        if len(node.outputs) > 1 and any(out.uses() for out in node.outputs[1:]):
+            return None
+        if node.attributes.get_int("training_mode", 0):
+            return None
+        params = [_channel_vector(value, channels) for value in node.inputs[1:5]]
+        if any(param is None for param in params):
+            return None
+        gamma, beta, mean, var = (param.astype(np.float64) for param in params)  # type: ignore[union-attr]
+        factor = gamma / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
+        return factor, beta - mean * factor
+    if node.op_type in ("Mul", "Add") and len(node.inputs) == 2:
+        constant = next((v for v in node.inputs if v is not None and _constant_array(v) is not None), None)
+        vector = _channel_vector(constant, channels)
+        if vector is None:
+            return None
+        ones, zeros = np.ones(channels), np.zeros(channels)
+        return (vector.astype(np.float64), zeros) if node.op_type == "Mul" else (ones, vector.astype(np.float64))
+    return None
+
+
+def fold_affine_into_linear(model: ir.Model) -> int:
+    """Fold per-channel affine ops after a linear layer (inference BatchNormalization, constant Mul/Add
+    such as tf2onnx's folded batch norm or a separate bias Add) into its weight and bias.
+
+    Exact algebra (up to float rounding): ``(x W + b) * s + t = x (W * s) + (b * s + t)``. Returns the
+    number of nodes folded away. Only 2-D outputs ([rows, channels]) are folded, where the channel
+    axis is unambiguous.
+    """
+    folded = 0
+    graph = model.graph
+    for node in list(graph):
+        found = _linear_weights(node)
+        if found is None or node.graph is None:
+            continue
+        weight, axis, bias = found
+        output = node.outputs[0]
+        source = node.inputs[0]
+        rank = 2 if node.op_type == "Gemm" else None  # Gemm's input and output are always 2-D
+        if rank is None and source is not None and source.shape is not None:
+            rank = len(source.shape)
+        channels = weight.const_value.shape[axis]  # type: ignore[union-attr]
+        w = weight.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
+        b = bias.const_value.numpy().astype(np.float64).reshape(-1) if bias is not None else np.zeros(channels)  # type: ignore[union-attr]
+        if b.size != channels:
+            continue
+        changed = 0
+        while len(output.uses()) == 1 and not output.is_graph_output():
+            ((consumer, _),) = output.uses()
+            affine = _affine_after(consumer, channels, rank)
+            if affine is None:
+                break
+            scale, shift = affine
+            w = w * (scale[None, :] if axis == 1 else scale[:, None])
+            b = b * scale + shift
+            ir.convenience.replace_all_uses_with(consumer.outputs[0], output, replace_graph_outputs=True)
+            if consumer.outputs[0].is_graph_output() or any(o is output for o in graph.outputs):
+                output.name = consumer.outputs[0].name
+            graph.remove(consumer, safe=True)
+            changed += 1
+        if not changed:
+            continue
+        folded += changed
+        new_weight = ir.Value(name=f"{weight.name}_folded", const_value=ir.tensor(w.astype(np.float32)))
+        new_bias = ir.Value(name=f"{weight.name}_folded_bias", const_value=ir.tensor(b.astype(np.float32)))
+        new_weight.const_value.name, new_bias.const_value.name = new_weight.name, new_bias.name  # type: ignore[union-attr]
+        graph.register_initializer(new_weight)
+        graph.register_initializer(new_bias)
+        if node.op_type == "MatMul":
+            # Gemm needs a 2-D input; otherwise the folded bias follows as one Add.
+            if rank == 2:
+                replacement = ir.node("Gemm", [node.inputs[0], new_weight, new_bias], name=node.name)
+                added = [replacement]
+            else:
+                matmul = ir.node("MatMul", [node.inputs[0], new_weight], name=node.name)
+                replacement = ir.node("Add", [matmul.outputs[0], new_bias])
+                added = [matmul, replacement]
+            graph.insert_before(node, added)
+            ir.convenience.replace_all_uses_with(output, replacement.outputs[0], replace_graph_outputs=True)
+            replacement.outputs[0].name, output.name = output.name, None
+            replacement.outputs[0].type, replacement.outputs[0].shape = output.type, output.shape
+            graph.remove(node, safe=True)
+        else:
+            node.replace_input_with(1, new_weight)
+            if len(node.inputs) > 2:
+                node.replace_input_with(2, new_bias)
+            else:
+                node.resize_inputs(3)
+                node.replace_input_with(2, new_bias)
+    return folded
+
+
+def shorten_names(model: ir.Model) -> int:
+    """Give nodes no name and internal values short ones; graph inputs and outputs keep theirs.
+
+    Names are labels no runtime reads; exporters' long scoped names can be a tenth of a small file.
+    Returns the number of names changed.
+    """
+    changed = 0
+    counter = 0
+    graphs = list(model.graphs())
+    interface = {value for graph in graphs for value in (*graph.inputs, *graph.outputs)}
+    taken = {value.name for value in interface if value.name}
+    for graph in graphs:
+        values = [*graph.initializers.values(), *(out for node in graph for out in node.outputs)]
+        for node in graph:
+            if node.name:
+                node.name = None
+                changed += 1
+        for value in values:
+            if value in interface or not value.name:
+                continue
+            name = ""
+            while not name or name in taken:
+                name = f"_{np.base_repr(counter, 36).lower()}"
+                counter += 1
+            if value.const_value is not None:
+                value.const_value.name = name
+            value.name = name
+            changed += 1
+    return changed
+
+
 def _op_counts(model: ir.Model) -> dict[str, int]:
     counts: dict[str, int] = defaultdict(int)
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
@@ -218,18 +391,27 @@ class Cleanup(CompressionPass):
             default=False,
             metadata={"help": "drop doc strings, exporter metadata and intermediate value_info"},
         )
+        fold_affine: bool = field(
+            default=True,
+            metadata={"help": "fold inference BatchNormalization and per-channel Mul/Add into the linear layer before"},
+        )
+        short_names: bool = field(
+            default=False, metadata={"help": "drop node names and give internal values short names"}
+        )
 
     def call(self, model: ir.Model) -> CompressionResult:
         before = _op_counts(model)
         initializers_before = len(model.graph.initializers)
         dropout = remove_inference_dropout(model) if self.config.remove_dropout else 0
         IdentityEliminationPass()(model)
+        affine = fold_affine_into_linear(model) if self.config.fold_affine else 0
         RemoveUnusedNodesPass()(model)
         RemoveUnusedFunctionsPass()(model)
         merged, merged_bytes = merge_identical_initializers(model) if self.config.merge_initializers else (0, 0)
         RemoveUnusedNodesPass()(model)
         RemoveUnusedOpsetsPass()(model)
         stripped = strip_metadata(model) if self.config.strip_metadata else 0
+        renamed = shorten_names(model) if self.config.short_names else 0
         after = _op_counts(model)
         removed_by_op = {op: before[op] - after.get(op, 0) for op in before if before[op] > after.get(op, 0)}
         stats = {
@@ -239,7 +421,9 @@ class Cleanup(CompressionPass):
             "initializers_removed": initializers_before - len(model.graph.initializers) - merged,
             "initializers_merged": merged,
             "bytes_merged": merged_bytes,
+            "affine_folded": affine,
             "metadata_items_stripped": stripped,
+            "names_shortened": renamed,
         }
-        modified = bool(stats["nodes_removed"] or stats["initializers_removed"] or merged or stripped)
+        modified = bool(stats["nodes_removed"] or stats["initializers_removed"] or merged or stripped or renamed)
         return CompressionResult(model, modified=modified, stats=stats)
