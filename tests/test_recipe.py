@@ -12,7 +12,13 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
     (spec,) = build_specs(["cleanup"], assignments=["cleanup.strip_metadata=yes", "cleanup.remove_dropout=0"])
     assert spec.config.strip_metadata is True
     assert spec.config.remove_dropout is False
-    assert spec.options() == {"remove_dropout": False, "merge_initializers": True, "strip_metadata": True}
+    assert spec.options() == {
+        "remove_dropout": False,
+        "merge_initializers": True,
+        "strip_metadata": True,
+        "fold_affine": True,
+        "short_names": False,
+    }
 
 
 @pytest.mark.parametrize(
