@@ -10,7 +10,6 @@ import onnx_ir as ir
 
 from onnxcompress.errors import CompressError, PassFailedError, UnsupportedModelError
 from onnxcompress.io import initializer_bytes
-from onnxcompress.passes import PASSES
 from onnxcompress.passes.base import CompressionResult, PassContext
 from onnxcompress.recipe import PassSpec
 from onnxcompress.report import PassRecord
@@ -34,7 +33,7 @@ class Pipeline:
 
     @property
     def lossy(self) -> bool:
-        return any(PASSES[spec.name].lossy for spec in self.specs)
+        return any(spec.pass_class.lossy for spec in self.specs)
 
     def run(self, model: ir.Model, on_pass: Callable[[str], None] | None = None) -> list[PassRecord]:
         """Run every pass in place on ``model``; ``on_pass`` is called with each pass's name first."""
@@ -42,7 +41,7 @@ class Pipeline:
         for spec in self.specs:
             if on_pass is not None:
                 on_pass(spec.name)
-            pass_ = PASSES[spec.name](spec.config, self.context)
+            pass_ = spec.pass_class(spec.config, self.context)
             bytes_before, nodes_before = initializer_bytes(model), node_count(model)
             start = time.perf_counter()
             try:

@@ -28,10 +28,22 @@ _FALSE = {"false", "0", "no", "off"}
 
 @dataclass(frozen=True)
 class PassSpec:
-    """One pass to run, with its validated configuration."""
+    """One pass to run, with its validated configuration.
+
+    ``name`` may carry a label, ``cleanup@final``, so that one pass can run twice in a recipe with
+    different options (``[cleanup]`` and ``[cleanup@final]`` tables).
+    """
 
     name: str
     config: Any
+
+    @property
+    def pass_name(self) -> str:
+        return self.name.partition("@")[0]
+
+    @property
+    def pass_class(self) -> type:
+        return PASSES[self.pass_name]
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
@@ -131,15 +143,18 @@ def coerce(field: dataclasses.Field[Any], value: Any, what: str) -> Any:
 
 
 def _pass_class(name: str) -> type:
-    if name not in PASSES:
-        raise UsageError(f"unknown pass {name!r}; choose from: {', '.join(sorted(PASSES))}")
-    return PASSES[name]
+    base, _, label = name.partition("@")
+    if base not in PASSES:
+        raise UsageError(f"unknown pass {base!r}; choose from: {', '.join(sorted(PASSES))}")
+    if "@" in name and not label:
+        raise UsageError(f"pass {name!r}: give a label after @, e.g. {base}@final")
+    return PASSES[base]
 
 
 def parse_assignment(text: str) -> tuple[str, str, str]:
-    """Split ``PASS.FIELD=VALUE``."""
+    """Split ``PASS.FIELD=VALUE`` (PASS may be labelled: ``cleanup@final.short_names=true``)."""
     key, sep, value = text.partition("=")
-    name, dot, field = key.strip().partition(".")
+    name, dot, field = key.strip().rpartition(".")
     if not sep or not dot or not name or not field:
         raise UsageError(f"--set {text!r}: expected PASS.FIELD=VALUE, for example prune.sparsity=0.8")
     return name, field.strip(), value.strip()

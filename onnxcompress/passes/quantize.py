@@ -19,8 +19,10 @@ unpacked with BitShift and BitwiseAnd.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +31,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress import runtime
 from onnxcompress.graph import WeightUse, weights_by_value
 from onnxcompress.numerics.quant import (
     QuantizedRows,
@@ -40,6 +43,7 @@ from onnxcompress.numerics.quant import (
     relative_error,
     row_relative_error,
 )
+from onnxcompress.parity import Budget, Budgets, compare
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 
@@ -273,8 +277,9 @@ class Quantize(CompressionPass):
         activations: str = field(
             default="none",
             metadata={
-                "help": "none: float activations; dynamic: DynamicQuantizeLinear + MatMulInteger (8-bit weights)",
-                "choices": ("none", "dynamic"),
+                "help": "none: float activations; dynamic: DynamicQuantizeLinear + MatMulInteger (8-bit "
+                "weights); auto: dynamic for the layers where onnxruntime measures it faster",
+                "choices": ("none", "dynamic", "auto"),
             },
         )
         dequantize: str = field(
@@ -327,6 +332,32 @@ class Quantize(CompressionPass):
                 "choices": ("auto", "nearest", "mse", "gptq"),
             },
         )
+        mixed: bool = field(
+            default=False,
+            metadata={
+                "help": "choose each weight's bits from mixed_bits on calibration data: lowest bytes "
+                "that keep mixed_min_rank_corr and mixed_min_cosine on every output",
+            },
+        )
+        mixed_bits: tuple[int, ...] = field(
+            default=(8, 4, 2, 1), metadata={"help": "bit widths the mixed-precision search may assign"}
+        )
+        mixed_min_rank_corr: float = field(
+            default=0.998,
+            metadata={
+                "help": "mixed: Spearman of each score output with the original's on calibration rows",
+                "min": 0.0,
+                "max": 1.0,
+            },
+        )
+        mixed_min_cosine: float = field(
+            default=0.999,
+            metadata={
+                "help": "mixed: cosine of each output with the original's on calibration rows",
+                "min": 0.0,
+                "max": 1.0,
+            },
+        )
         float_storage: str = field(
             default="float16",
             metadata={
@@ -350,13 +381,17 @@ class Quantize(CompressionPass):
             # Conversion through the ONNX C API rebuilds the graph: select from the new one.
             selected, skipped = self._select(model)
         hessians = self._hessians(model, selected)
+        plan, search = self._plan_bits(model, selected, hessians)
         tensors: dict[str, dict[str, Any]] = {}
         for value, uses in selected.items():
             name = value.name or "weight"
-            if any(use.kind == "embedding" for use in uses):
-                tensors[name] = self._quantize_table(model.graph, value, uses)
+            bits = plan[value]
+            if bits == 32:
+                skipped[name] = "kept in float by the mixed-precision search"
+            elif _is_table(uses):
+                tensors[name] = self._quantize_table(model.graph, value, uses, bits)
             else:
-                tensors[name] = self._quantize_linear(model.graph, value, uses, hessians.get(name))
+                tensors[name] = self._quantize_linear(model.graph, value, uses, hessians.get(name), bits)
         halved = _store_floats_as_float16(model.graph) if self.config.float_storage == "float16" else {}
         before = sum(entry["bytes_before"] for entry in tensors.values()) + sum(halved.values())
         after = sum(entry["bytes_after"] for entry in tensors.values()) + sum(halved.values()) // 2
@@ -366,6 +401,7 @@ class Quantize(CompressionPass):
             "bytes_after": after,
             "ratio": round(before / max(after, 1), 3),
             "float16_tensors": len(halved),
+            **({"mixed_precision": search} if search else {}),
             "tensors": tensors,
             "skipped": skipped,
         }
@@ -419,6 +455,106 @@ class Quantize(CompressionPass):
         model.ir_version = max(model.ir_version or 0, QUANT_IR_VERSION)
         return converted
 
+    # --- mixed precision -------------------------------------------------------------------------
+
+    def _plan_bits(
+        self, model: ir.Model, selected: dict[ir.Value, list[WeightUse]], hessians: dict[str, np.ndarray]
+    ) -> tuple[dict[ir.Value, int], dict[str, Any]]:
+        """Bits per weight: the configured widths, or with ``mixed`` a greedy search on calibration data.
+
+        Each weight's sensitivity at each lower width is measured alone (the others in float); then
+        moves are taken in order of bytes saved per unit of sensitivity, each kept only if the whole
+        model, with every weight at its current width, still meets the fidelity budget.
+        """
+        config = self.config
+        plan = {value: (config.embedding_bits if _is_table(uses) else config.bits) for value, uses in selected.items()}
+        calibration = self.context.calibration
+        if not config.mixed:
+            return plan, {}
+        if calibration is None:
+            return plan, {"skipped": "no calibration data: the configured bits were used"}
+        ladder = sorted({bits for bits in config.mixed_bits if bits in BIT_CHOICES}, reverse=True)
+        budget = Budgets(Budget(min_rank_corr=config.mixed_min_rank_corr, min_cosine=config.mixed_min_cosine))
+        reference = runtime.run(runtime.make_session(model, "disable"), calibration.feeds.arrays)
+        originals = {value: value.const_value for value in selected}
+        fakes: dict[tuple[ir.Value, int], ir.TensorProtocol] = {}
+
+        def fake(value: ir.Value, bits: int) -> ir.TensorProtocol:
+            if (value, bits) not in fakes:
+                fakes[(value, bits)] = ir.tensor(self._simulate(value, selected[value], bits, hessians))
+            return fakes[(value, bits)]
+
+        def loss(state: dict[ir.Value, int]) -> float:
+            """How far the model with ``state`` is from the budget: > 0 means it fails."""
+            try:
+                for value, bits in state.items():
+                    value.const_value = fake(value, bits)
+                outputs = runtime.run(runtime.make_session(model, "disable"), calibration.feeds.arrays)
+            finally:
+                for value, tensor in originals.items():
+                    value.const_value = tensor
+            result = compare(reference, outputs, budget)
+            worst = 0.0
+            for output in result.outputs:
+                needed = output.would_pass_with
+                worst = max(worst, config.mixed_min_cosine - needed.get("min_cosine", 1.0))
+                worst = max(worst, config.mixed_min_rank_corr - needed.get("min_rank_corr", 1.0))
+            return worst
+
+        state = {value: ladder[0] for value in selected}
+        evaluations = 1
+        if loss(state) > 0:
+            return plan, {"skipped": f"already over budget at {ladder[0]} bits: the configured bits were used"}
+        sensitivity: dict[tuple[ir.Value, int], float] = {}
+        frozen: set[ir.Value] = set()
+        while True:
+            moves = []
+            for value in selected:
+                position = ladder.index(state[value])
+                if value in frozen or position + 1 >= len(ladder):
+                    continue
+                lower = ladder[position + 1]
+                if (value, lower) not in sensitivity:
+                    sensitivity[(value, lower)] = loss({value: lower}) + 1.0
+                    evaluations += 1
+                saved = _estimated_bytes(value, selected[value], state[value]) - _estimated_bytes(
+                    value, selected[value], lower
+                )
+                moves.append((saved / sensitivity[(value, lower)], value, lower))
+            if not moves:
+                break
+            _, value, lower = max(moves, key=lambda move: move[0])
+            trial = {**state, value: lower}
+            evaluations += 1
+            if loss(trial) <= 0:
+                state = trial
+            else:
+                frozen.add(value)
+        summary = {
+            "bits": {value.name: bits for value, bits in state.items()},
+            "evaluations": evaluations,
+            "budget": {"min_rank_corr": config.mixed_min_rank_corr, "min_cosine": config.mixed_min_cosine},
+            "calibration_rows": calibration.feeds.rows,
+        }
+        return state, summary
+
+    def _simulate(
+        self, value: ir.Value, uses: list[WeightUse], bits: int, hessians: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        """The float weights this pass would produce for ``value`` at ``bits`` (same numerics)."""
+        tensor = value.const_value
+        assert tensor is not None
+        weight = tensor.numpy().astype(np.float32)
+        if _is_table(uses):
+            quantized, _, _ = self._table_codes(weight, bits)
+            return _dequantized(quantized).reshape(weight.shape).astype(np.float32)
+        use = uses[0]
+        rows = _channel_rows(weight, use)
+        quantized, *_ = self._linear_codes(rows, uses, bits, hessians.get(value.name or ""))
+        moved_shape = (weight.shape[use.out_axis], *[d for i, d in enumerate(weight.shape) if i != use.out_axis])
+        restored = _dequantized(quantized).reshape(moved_shape)
+        return np.moveaxis(restored, 0, use.out_axis).astype(np.float32)
+
     # --- calibration -----------------------------------------------------------------------------
 
     def _wants_gptq(self, use: WeightUse) -> bool:
@@ -453,39 +589,56 @@ class Quantize(CompressionPass):
 
     # --- linear layers ---------------------------------------------------------------------------
 
+    def _linear_plan(self, uses: list[WeightUse], shape: tuple[int, int], bits: int) -> tuple[str, int, bool]:
+        """(granularity, inputs per scale, dynamic activations) for a linear weight at ``bits``."""
+        config = self.config
+        channels, inputs = shape
+        granularity = config.granularity if bits > 1 else "channel"
+        group = {"tensor": channels * inputs, "channel": inputs, "block": config.block_size}[granularity]
+        if granularity == "block" and inputs % group:
+            granularity, group = "channel", inputs
+        dynamic = (
+            bits == 8
+            and _dynamic_ready(uses)
+            and (
+                config.activations == "dynamic"
+                or (config.activations == "auto" and dynamic_matmul_is_faster(inputs, channels))
+            )
+        )
+        if dynamic:
+            granularity, group = "channel", inputs
+        return granularity, group, dynamic
+
+    def _linear_codes(
+        self, rows: np.ndarray, uses: list[WeightUse], bits: int, hessian: np.ndarray | None
+    ) -> tuple[QuantizedRows, str, bool, str]:
+        """Quantize ``rows`` ``[channels, inputs]``: (codes, granularity, dynamic, rounding)."""
+        config = self.config
+        channels, inputs = rows.shape
+        granularity, group, dynamic = self._linear_plan(uses, (channels, inputs), bits)
+        symmetric = config.symmetric or dynamic
+        if bits == 1:
+            codes, alpha = binarize_rows(rows)
+            return QuantizedRows(codes, alpha, None, 1), granularity, dynamic, "binary"
+        if hessian is not None and hessian.shape == (inputs, inputs) and granularity != "tensor":
+            quantized = gptq_quantize(rows, hessian, bits, group_size=group, symmetric=symmetric)
+            return quantized, granularity, dynamic, "gptq"
+        search = config.rounding in ("mse", "auto")
+        quantized = quantize_rows(rows.reshape(-1, group), bits, symmetric=symmetric, search=search)
+        return quantized, granularity, dynamic, "mse" if search else "nearest"
+
     def _quantize_linear(
-        self, graph: ir.Graph, value: ir.Value, uses: list[WeightUse], hessian: np.ndarray | None
+        self, graph: ir.Graph, value: ir.Value, uses: list[WeightUse], hessian: np.ndarray | None, bits: int
     ) -> dict[str, Any]:
         config = self.config
         use = uses[0]
         tensor = value.const_value
         assert tensor is not None and value.name is not None
         weight = tensor.numpy().astype(np.float32)
-        moved = np.moveaxis(weight, use.out_axis, 0)
-        rows = moved.reshape(moved.shape[0], -1)  # [output channels, inputs]
+        rows = _channel_rows(weight, use)
         channels, inputs = rows.shape
-        granularity = config.granularity if config.bits > 1 else "channel"
-        group = {"tensor": channels * inputs, "channel": inputs, "block": config.block_size}[granularity]
-        if granularity == "block" and inputs % group:
-            granularity, group = "channel", inputs
-        dynamic = config.activations == "dynamic" and config.bits == 8 and _dynamic_ready(uses)
-        if dynamic:
-            granularity, group = "channel", inputs
+        quantized, granularity, dynamic, method = self._linear_codes(rows, uses, bits, hessian)
         build = _Builder(graph, value.name)
-        if config.bits == 1:
-            codes, alpha = binarize_rows(rows)
-            quantized, method = QuantizedRows(codes, alpha, None, 1), "binary"
-        elif hessian is not None and hessian.shape == (inputs, inputs) and granularity != "tensor":
-            quantized = gptq_quantize(
-                rows, hessian, config.bits, group_size=group, symmetric=config.symmetric or dynamic
-            )
-            method = "gptq"
-        else:
-            search = config.rounding in ("mse", "auto")
-            quantized = quantize_rows(
-                rows.reshape(-1, group), config.bits, symmetric=config.symmetric or dynamic, search=search
-            )
-            method = "mse" if search else "nearest"
         if dynamic:
             for weight_use in uses:
                 self._dynamic_matmul(build, weight_use, quantized, channels, inputs)
@@ -494,7 +647,7 @@ class Quantize(CompressionPass):
             form = "dynamic"
         else:
             linear_form = config.dequantize == "linear"
-            stored = _store(build, quantized, binary=config.bits == 1, column=not linear_form, native_int4=linear_form)
+            stored = _store(build, quantized, binary=bits == 1, column=not linear_form, native_int4=linear_form)
             form = "dequantize_linear" if linear_form else "fold"
             flat = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, config.dequantize)
             output = self._to_weight_layout(build, flat, quantized.codes.shape, weight.shape, use)
@@ -504,7 +657,7 @@ class Quantize(CompressionPass):
         graph.initializers.pop(value.name)
         return {
             "kind": use.kind,
-            "bits": config.bits,
+            "bits": bits,
             "granularity": granularity,
             "rounding": method,
             "form": form,
@@ -555,31 +708,35 @@ class Quantize(CompressionPass):
 
     # --- embedding tables ------------------------------------------------------------------------
 
-    def _quantize_table(self, graph: ir.Graph, value: ir.Value, uses: list[WeightUse]) -> dict[str, Any]:
+    def _table_codes(self, table: np.ndarray, bits: int) -> tuple[QuantizedRows, str, dict[str, float]]:
+        """Quantize a table: (codes, granularity "row" or "tensor", the relative errors compared)."""
+        config = self.config
+        scale_dtype = np.dtype(config.scale_dtype)
+        if bits == 1:
+            codes, alpha = binarize_rows(table, scale_dtype)
+            return QuantizedRows(codes, alpha, None, 1), "row", {}
+        search = config.rounding != "nearest"
+        quantized = quantize_rows(
+            table, bits, symmetric=config.embedding_symmetric, search=search, scale_dtype=scale_dtype
+        )
+        if config.embedding_granularity == "row":
+            return quantized, "row", {}
+        whole = quantize_rows(table.reshape(1, -1), bits, symmetric=True, search=search)
+        errors = {
+            "row": row_relative_error(table, dequantize_rows(quantized)),
+            "tensor": row_relative_error(table, dequantize_rows(whole).reshape(table.shape)),
+        }
+        if config.embedding_granularity == "tensor" or errors["tensor"] <= config.table_tolerance:
+            return whole, "tensor", errors
+        return quantized, "row", errors
+
+    def _quantize_table(self, graph: ir.Graph, value: ir.Value, uses: list[WeightUse], bits: int) -> dict[str, Any]:
         config = self.config
         tensor = value.const_value
         assert tensor is not None and value.name is not None
         table = tensor.numpy()
-        bits = config.embedding_bits
-        scale_dtype = np.dtype(config.scale_dtype)
         build = _Builder(graph, value.name)
-        granularity, errors = "row", {}
-        if bits == 1:
-            codes, alpha = binarize_rows(table, scale_dtype)
-            quantized = QuantizedRows(codes, alpha, None, 1)
-        else:
-            search = config.rounding != "nearest"
-            quantized = quantize_rows(
-                table, bits, symmetric=config.embedding_symmetric, search=search, scale_dtype=scale_dtype
-            )
-            if config.embedding_granularity != "row":
-                whole = quantize_rows(table.reshape(1, -1), bits, symmetric=True, search=search)
-                errors = {
-                    "row": row_relative_error(table, dequantize_rows(quantized)),
-                    "tensor": row_relative_error(table, dequantize_rows(whole).reshape(table.shape)),
-                }
-                if config.embedding_granularity == "tensor" or errors["tensor"] <= config.table_tolerance:
-                    quantized, granularity = whole, "tensor"
+        quantized, granularity, errors = self._table_codes(table, bits)
         folded = tensor.nbytes < config.fold_tables_below
         lookups = [use for use in uses if use.kind == "embedding"]
         stored = _store(
@@ -637,6 +794,31 @@ class Quantize(CompressionPass):
         _replace_output(node.outputs[0], values)
 
 
+def _dequantized(quantized: QuantizedRows) -> np.ndarray:
+    """Float values of codes; binary codes {0, 1} stand for ``-alpha`` and ``+alpha``."""
+    if quantized.bits == 1:
+        return (2.0 * quantized.codes.astype(np.float64) - 1.0) * quantized.scale.astype(np.float64)[:, None]
+    return dequantize_rows(quantized)
+
+
+def _estimated_bytes(value: ir.Value, uses: list[WeightUse], bits: int) -> float:
+    """Bytes a weight takes at ``bits``: codes plus roughly one 2-byte scale per row."""
+    tensor = value.const_value
+    assert tensor is not None
+    rows = tensor.shape[uses[0].out_axis]
+    return tensor.size * bits / 8 + rows * 2
+
+
+def _is_table(uses: list[WeightUse]) -> bool:
+    return any(use.kind == "embedding" for use in uses)
+
+
+def _channel_rows(weight: np.ndarray, use: WeightUse) -> np.ndarray:
+    """The weight as ``[output channels, inputs]`` (Conv kernels flattened into the inputs)."""
+    moved = np.moveaxis(weight, use.out_axis, 0)
+    return moved.reshape(moved.shape[0], -1)
+
+
 def _dynamic_ready(uses: list[WeightUse]) -> bool:
     """MatMulInteger covers MatMul and Gemm (without transA) on a float input; not Conv."""
     for use in uses:
@@ -688,3 +870,71 @@ def _store_floats_as_float16(graph: ir.Graph) -> dict[str, int]:
         graph.initializers.pop(value.name)
         converted[value.name] = tensor.nbytes
     return converted
+
+
+#: Rows of the micro-benchmark that decides activations=auto: the batch size of a ranking request.
+SPEED_PROBE_ROWS = 512
+
+
+@functools.lru_cache(maxsize=256)
+def dynamic_matmul_is_faster(inputs: int, outputs: int) -> bool:
+    """Whether onnxruntime runs ``x[512, inputs] @ W[inputs, outputs]`` faster with dynamic int8
+    activations (DynamicQuantizeLinear + MatMulInteger) than in float, measured on this machine.
+
+    Quantizing the activations costs a pass over them, so small layers lose and wide ones win; the
+    crossover depends on the CPU, hence a measurement (interleaved, best of 7, a 10% margin) and not
+    a rule.
+    """
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((inputs, outputs)).astype(np.float32)
+    float_model = _probe_model(
+        f"(float[N,{inputs}] x, float[{inputs},{outputs}] w) => (float[N,{outputs}] y) {{ y = MatMul(x, w) }}",
+        {"w": weight},
+    )
+    int_model = _probe_model(
+        f"""(float[N,{inputs}] x, int8[{inputs},{outputs}] w, int8[{outputs}] wz, float[{outputs}] ws)
+        => (float[N,{outputs}] y) {{
+          q, s, z = DynamicQuantizeLinear(x)
+          p = MatMulInteger(q, w, z, wz)
+          f = Cast <to = 1> (p)
+          m = Mul(s, ws)
+          y = Mul(f, m)
+        }}""",
+        {
+            "w": np.clip(np.rint(weight * 40), -127, 127).astype(np.int8),
+            "wz": np.zeros(outputs, np.int8),
+            "ws": np.full(outputs, 0.025, np.float32),
+        },
+    )
+    sessions = []
+    for model in (float_model, int_model):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        payload = ir.serde.serialize_model(model).SerializeToString()
+        sessions.append(ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"]))
+    feeds = {"x": rng.standard_normal((SPEED_PROBE_ROWS, inputs)).astype(np.float32)}
+    timings: list[list[float]] = [[], []]
+    for session in sessions:
+        session.run(None, feeds)
+    for _ in range(7):
+        for index, session in enumerate(sessions):
+            start = time.perf_counter()
+            for _ in range(10):
+                session.run(None, feeds)
+            timings[index].append(time.perf_counter() - start)
+    # The fastest repeat is the one least disturbed by other processes.
+    float_time, int_time = (min(times) for times in timings)
+    return int_time < 0.9 * float_time
+
+
+def _probe_model(signature_and_body: str, constants: dict[str, np.ndarray]) -> ir.Model:
+    """A one-graph model from ONNX text whose named inputs become initializers."""
+    model = ir.from_onnx_text(f'<ir_version: 10, opset_import: ["" : 21]>\nprobe {signature_and_body}')
+    for value in list(model.graph.inputs):
+        if value.name in constants:
+            model.graph.inputs.remove(value)
+            value.const_value = ir.tensor(constants[value.name], name=value.name)
+            model.graph.register_initializer(value)
+    return model

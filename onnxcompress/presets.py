@@ -1,0 +1,92 @@
+"""Named recipes (``--preset NAME``): pass lists with options, printable as TOML for editing.
+
+Each preset is an ordinary recipe: ``onnxcompress --print-preset int8 > my.toml`` gives the file
+that ``--config my.toml`` runs, so a user can start from a preset and change one option.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from onnxcompress.errors import UsageError
+
+__all__ = ["PRESETS", "Preset", "get_preset"]
+
+#: Shrinks what no runtime reads, after the compression passes.
+_FINAL_CLEANUP = {"strip_metadata": True, "short_names": True}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A recipe: passes in order and a table of options per pass (labelled passes like
+    ``cleanup@final`` have their own table)."""
+
+    name: str
+    summary: str
+    passes: tuple[str, ...]
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def to_toml(self) -> str:
+        lines = [f"# onnxcompress preset {self.name!r}: {self.summary}", f"passes = {_toml(list(self.passes))}"]
+        for name, table in self.options.items():
+            lines += ["", f'["{name}"]' if "@" in name else f"[{name}]"]
+            lines += [f"{key} = {_toml(value)}" for key, value in table.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return repr(value)
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            "lossless",
+            "cleanup only: dead code, Identity/Dropout, duplicate initializers, BatchNorm folded",
+            ("cleanup",),
+        ),
+        Preset(
+            "int8",
+            "8-bit weights (per-channel linear layers with integer kernels where faster, tables "
+            "per row or per table), float16 for the rest",
+            ("cleanup", "quant", "cleanup@final"),
+            {
+                "quant": {"bits": 8, "embedding_bits": 8, "activations": "auto"},
+                "cleanup@final": _FINAL_CLEANUP,
+            },
+        ),
+        Preset(
+            "int4",
+            "4-bit weights: linear layers in blocks of 32 with GPTQ on calibration data, tables per row",
+            ("cleanup", "quant", "cleanup@final"),
+            {
+                "quant": {"bits": 4, "granularity": "block", "block_size": 32, "embedding_bits": 4},
+                "cleanup@final": _FINAL_CLEANUP,
+            },
+        ),
+        Preset(
+            "mixed",
+            "per-weight bit widths (8/4/2/1) chosen on calibration data within a fidelity budget",
+            ("cleanup", "quant", "cleanup@final"),
+            {
+                "quant": {"mixed": True, "granularity": "block", "block_size": 32},
+                "cleanup@final": _FINAL_CLEANUP,
+            },
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
+    return PRESETS[name]
