@@ -15,6 +15,7 @@ from onnxcompress.numerics.prune import (
     obs_rows,
     pack_bits,
     parse_nm,
+    sparsegpt,
     topk_mask,
     unpack_bits,
 )
@@ -158,3 +159,20 @@ def test_obs_rows_drops_the_inputs_the_next_layer_can_do_without() -> None:
     w[[2, 5]] = 0.0  # unused
     system = NormalEquations.of(Gram.of(x, x @ w), damping=1e-8)
     assert obs_rows(system, 3).tolist() in ([0, 1, 3], [0, 3, 4], [1, 3, 4])
+
+
+def test_sparsegpt_hits_the_sparsity_and_beats_plain_magnitude() -> None:
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((512, 64)) @ rng.standard_normal((64, 64))
+    w = rng.standard_normal((64, 16))
+    system = NormalEquations.of(Gram.of(x, x @ w), damping=0.01)
+    pruned = sparsegpt(system, 0.75, block=32)
+    assert np.mean(pruned == 0) == 0.75
+    magnitude = np.where(topk_mask(np.abs(w), 0.75), w, 0.0)
+
+    def error(weights: np.ndarray) -> float:
+        return float(np.linalg.norm(x @ weights - x @ w))
+
+    assert error(pruned) < error(magnitude)
+    nm = sparsegpt(system, 0.0, nm=(2, 4))
+    assert ((nm.reshape(16, 4, 16) != 0).sum(axis=1) <= 2).all()

@@ -24,6 +24,7 @@ from onnxcompress.graph import (
 )
 from onnxcompress.numerics.lstsq import Gram, NormalEquations
 from onnxcompress.numerics.prune import (
+    EXACT_OBS_FLOPS,
     global_sparsities,
     keep_count,
     magnitude_sample,
@@ -31,6 +32,7 @@ from onnxcompress.numerics.prune import (
     obs_mask,
     obs_rows,
     parse_nm,
+    sparsegpt,
     topk_mask,
 )
 from onnxcompress.passes import register
@@ -363,6 +365,9 @@ class Prune(CompressionPass):
     ) -> float:
         """Choose the layer's mask by OBS saliency on calibration activations and refit what survives.
 
+        Small layers get exact per-output OBS rounds and an exact masked refit; layers too large for
+        that (``EXACT_OBS_FLOPS``) get SparseGPT, which approximates both in one sweep.
+
         The input is captured from the model as pruned so far, the target is the unpruned layer on
         the unpruned model's input, so each layer also absorbs the error of the layers before it.
         Returns the relative output error on the calibration rows after the refit.
@@ -374,8 +379,11 @@ class Prune(CompressionPass):
         # The ridge pulls towards the trained weights: inputs the calibration rows rarely exercise
         # (one-hot columns of rare categories) keep their values instead of shrinking to zero.
         system = NormalEquations.of(Gram.of(current, goal), self.config.damping, fit_bias, prior=weight0)
-        keep = obs_mask(system, sparsity, OBS_ROUNDS, parse_nm(self.config.structure))
-        new_weight = system.solve(keep)
+        nm = parse_nm(self.config.structure)
+        if layer.d_out * layer.d_in**3 > EXACT_OBS_FLOPS:
+            new_weight = sparsegpt(system, sparsity, nm)
+        else:
+            new_weight = system.solve(obs_mask(system, sparsity, OBS_ROUNDS, nm))
         new_bias = system.intercept(new_weight)
         _write_layer(model.graph, layer, new_weight, new_bias)
         residual = current @ new_weight + (new_bias if new_bias is not None else 0) - goal
