@@ -36,7 +36,23 @@ def _list_passes(ctx: click.Context, _param: click.Parameter, value: bool) -> No
 
     from onnxcompress.render import pass_catalogue
 
-    Console(highlight=False).print(pass_catalogue())
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = 140
+    console.print(pass_catalogue())
+    ctx.exit(0)
+
+
+def _print_preset(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from onnxcompress.presets import get_preset
+
+    try:
+        click.echo(get_preset(value).to_toml(), nl=False)
+    except UsageError as error:
+        _error(str(error))
+        ctx.exit(2)
     ctx.exit(0)
 
 
@@ -81,6 +97,15 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 @click.argument("in_path", metavar="IN", required=False, type=click.Path(path_type=Path))
 @click.argument("out_path", metavar="OUT", required=False, type=click.Path(path_type=Path))
 @click.option("-p", "--passes", help="Comma-separated passes to run in order, e.g. prune,quant.")
+@click.option("--preset", help="A named recipe: lossless, int8, int4, mixed (see --print-preset NAME).")
+@click.option(
+    "--print-preset",
+    metavar="NAME",
+    expose_value=False,
+    is_eager=True,
+    callback=_print_preset,
+    help="Print a preset as a TOML recipe (edit it and pass it with --config), then exit.",
+)
 @click.option(
     "-s",
     "--set",
@@ -166,6 +191,7 @@ def command(
     in_path: Path | None,
     out_path: Path | None,
     passes: str | None,
+    preset: str | None,
     assignments: tuple[str, ...],
     recipe: Path | None,
     feeds: Path | None,
@@ -190,12 +216,17 @@ def command(
     try:
         if in_path is None or out_path is None:
             raise UsageError("give IN and OUT, e.g. onnxcompress model.onnx small.onnx --passes cleanup")
+        from onnxcompress.presets import get_preset
         from onnxcompress.recipe import read_recipe
 
-        recipe_passes, options = read_recipe(recipe) if recipe is not None else (None, {})
-        pass_names = _split_passes(passes) or recipe_passes or []
+        chosen = get_preset(preset) if preset is not None else None
+        recipe_passes, recipe_options = read_recipe(recipe) if recipe is not None else (None, {})
+        options = {name: dict(table) for name, table in (chosen.options if chosen else {}).items()}
+        for name, table in recipe_options.items():
+            options.setdefault(name, {}).update(table)
+        pass_names = _split_passes(passes) or recipe_passes or (list(chosen.passes) if chosen else [])
         if not pass_names:
-            raise UsageError("no passes given; use --passes (see --list-passes) or a --config recipe with passes")
+            raise UsageError("no passes given; use --passes (see --list-passes), --preset or a --config recipe")
         tolerances: dict[str, float] = {}
         per_output: dict[str, dict[str, float]] = {}
         for option in TOLERANCE_OPTIONS:
@@ -279,7 +310,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: one-line usage errors, SIGTERM handled like Ctrl-C (nothing written)."""
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        command.main(args=list(argv) if argv is not None else None, prog_name="onnxcompress", standalone_mode=False)
+        code = command.main(
+            args=list(argv) if argv is not None else None, prog_name="onnxcompress", standalone_mode=False
+        )
+        # Without standalone mode click returns, rather than raises, the code of an eager exit.
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.UsageError as error:
         _error(f"{error.format_message()} (see onnxcompress --help)")
         sys.exit(2)

@@ -263,3 +263,21 @@ def test_help_lists_exit_codes(cli) -> None:
     assert result.code == 0
     assert "parity gate failed: nothing written" in result.out
     assert MODELS.is_dir()
+
+
+def test_presets_print_as_editable_recipes_and_run(cli, tmp_path: Path) -> None:
+    printed = cli("--print-preset", "int8")
+    assert printed.code == 0
+    assert 'passes = ["cleanup", "quant", "cleanup@final"]' in printed.out
+    recipe = tmp_path / "int8.toml"
+    recipe.write_text(printed.out.replace('activations = "auto"', 'activations = "none"'))
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--config", recipe, "--calib", DLRM["calib"])
+    assert result.code == 0, result.err
+    assert [record["name"] for record in result.report["passes"]] == ["cleanup", "quant", "cleanup@final"]
+    assert result.report["passes"][1]["options"]["activations"] == "none"
+    assert result.report["passes"][2]["options"]["short_names"] is True
+    preset = cli(DLRM["onnx"], tmp_path / "out2.onnx", "--preset", "int8", "--set", "quant.embedding_bits=4")
+    assert preset.code == 0, preset.err
+    assert preset.report["passes"][1]["options"]["embedding_bits"] == 4
+    unknown = cli("--print-preset", "int3")
+    assert unknown.code == 2 and "unknown preset 'int3'; choose from: lossless, int8, int4, mixed" in unknown.err
