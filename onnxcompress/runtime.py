@@ -56,7 +56,9 @@ def _session_options(opt_level: str, threads: int | None) -> ort.SessionOptions:
     }
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[opt_level]
-    options.log_severity_level = 3
+    # Fatal only: onnxruntime's own error log goes straight to fd 2, while every failure also
+    # raises, and the CLI reports it as one line.
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

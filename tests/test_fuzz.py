@@ -1,0 +1,126 @@
+"""Hostile inputs: hundreds of seeded corruptions of the shipped models, through the CLI in process.
+
+Every case must end with a documented exit code, at most one ``error:`` line and no traceback on
+stderr (captured at the file-descriptor level, so onnxruntime's C++ log counts too), nothing left
+beside OUT, and the input unchanged. A case is named ``model-mutator-seed`` and is reproduced with
+``fuzzing.mutate(mutator, seed, MODELS / f"{model}.onnx")``.
+
+The regression tests at the end pin each bug the fuzzer found.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import MODELS, files_in
+from fuzzing import MUTATORS, Outcome, run_cli
+from onnx import TensorProto
+
+from onnxcompress import io
+
+FUZZ_MODELS = ("dlrm", "deepfm", "sklearn_mlp", "keras_wide_deep")
+DOCUMENTED_EXIT_CODES = {0, 1, 2, 3}
+PASSES = "cleanup,quant"
+ORT_LOG = re.compile(r"\[[VIWEF]:onnxruntime:")  # e.g. "[E:onnxruntime:, sequential_executor.cc:677 ...]"
+# Seeds per model and mutator. Most corruptions are refused at load (milliseconds); the ones that
+# usually leave a runnable model cost a full compression with parity (about a second), so they get
+# fewer seeds to keep the whole fuzz under a minute.
+RUNNABLE_MUTATORS = {"flip_payload_bytes": 1, "weight_values": 1, "metadata_and_strings": 1}
+MIXED_MUTATORS = {
+    "flip_structure_bytes": 2,
+    "attribute_value": 2,
+    "graph_io_type": 2,
+    "opset_and_ir_version": 2,
+    "graph_outputs": 2,
+    "node_arity": 2,
+}
+DEFAULT_SEEDS = 5
+CASES = [
+    (model, name, seed)
+    for model in FUZZ_MODELS
+    for name in MUTATORS
+    for seed in range(RUNNABLE_MUTATORS.get(name) or MIXED_MUTATORS.get(name) or DEFAULT_SEEDS)
+]
+
+
+def run(capfd: pytest.CaptureFixture[str], *args: str | Path) -> Outcome:
+    capfd.readouterr()
+
+    def captured() -> tuple[str, str]:
+        result = capfd.readouterr()
+        return result.out, result.err
+
+    return run_cli(args, captured)
+
+
+def assert_failed_or_written_cleanly(outcome: Outcome, source: Path, before: bytes, out: Path) -> None:
+    """The contract every run must keep, whatever it was fed."""
+    assert not outcome.crash, outcome.crash
+    assert outcome.code in DOCUMENTED_EXIT_CODES, outcome.err
+    assert "Traceback" not in outcome.err, outcome.err
+    assert not ORT_LOG.search(outcome.err), f"onnxruntime's own log reached stderr:\n{outcome.err}"
+    lines = [line for line in outcome.err.splitlines() if line.strip()]
+    if outcome.code == 0:
+        assert outcome.error_lines == [], outcome.err
+        assert set(files_in(out.parent)) <= {out.name, out.name + ".data"}, files_in(out.parent)
+        assert out.name in files_in(out.parent)
+        io.load(out)  # the written model passes the validated load, including the ONNX checker
+    else:
+        assert len(outcome.error_lines) == 1, outcome.err
+        assert lines[-1] == outcome.error_lines[0], outcome.err
+        assert len(outcome.error_lines[0]) > len("error: "), outcome.err
+        if outcome.code in (2, 3):  # refused before any report: the error line is all there is
+            assert lines == outcome.error_lines, outcome.err
+        assert files_in(out.parent) == [], files_in(out.parent)
+    assert source.read_bytes() == before
+    assert files_in(source.parent) == [source.name]
+
+
+# ---- regressions: each bug the fuzzer found ----------------------------------------------------------
+
+
+def dlrm_proto() -> onnx.ModelProto:
+    return onnx.load(str(MODELS / "dlrm.onnx"))
+
+
+def write(proto: onnx.ModelProto, folder: Path, name: str = "model.onnx") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def initializer(proto: onnx.ModelProto, name: str) -> TensorProto:
+    return next(tensor for tensor in proto.graph.initializer if tensor.name == name)
+
+
+def run_on(
+    proto: onnx.ModelProto, tmp_path: Path, capfd: pytest.CaptureFixture[str], passes: str = PASSES
+) -> Outcome:
+    source = write(proto, tmp_path / "in")
+    before = source.read_bytes()
+    out = tmp_path / "out" / "small.onnx"
+    out.parent.mkdir()
+    outcome = run(capfd, source, out, "--passes", passes)
+    assert_failed_or_written_cleanly(outcome, source, before, out)
+    return outcome
+
+
+def test_onnxruntime_errors_are_one_line_without_its_own_log(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """onnxruntime logged run-time failures in red on fd 2 before the CLI's own error line."""
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x) => (float[M,3] y) {
+          shape = Constant <value = int64[2] {-1, 3}> ()
+          y = Reshape(x, shape)
+        }
+        """
+    )
+    outcome = run_on(proto, tmp_path, capfd, passes="cleanup")
+    assert outcome.code == 3
+    assert outcome.err.strip().splitlines() == outcome.error_lines
+    assert "onnxruntime failed while running the model" in outcome.error_lines[0]
