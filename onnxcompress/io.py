@@ -92,6 +92,11 @@ def _check_external_tensor(tensor: ir.ExternalTensor, model_dir: Path, model_nam
             f"{model_name}: external data file {location!r} (tensor {tensor.name!r}) is missing; "
             f"copy it next to the model"
         )
+    if tensor.length is not None and tensor.length != tensor.nbytes:
+        raise InputModelError(
+            f"{model_name}: tensor {tensor.name!r} declares {tensor.length} bytes of external data but its "
+            f"dtype and shape need {tensor.nbytes}; the model file is corrupted, re-export it"
+        )
     needed = (tensor.offset or 0) + tensor.nbytes
     size = resolved.stat().st_size
     if size < needed:
@@ -99,6 +104,41 @@ def _check_external_tensor(tensor: ir.ExternalTensor, model_dir: Path, model_nam
             f"{model_name}: external data file {location!r} has {size} bytes but tensor {tensor.name!r} "
             f"needs {needed}; the data file is truncated or belongs to another model"
         )
+
+
+def _embedded_tensors(model: ir.Model) -> Iterator[ir.TensorProtoTensor]:
+    """Tensors stored inside the .onnx file: initializers and tensor attributes, in every graph."""
+    for tensor in _tensors(model):
+        if isinstance(tensor, ir.TensorProtoTensor):
+            yield tensor
+    for graph in (model.graph, *model.functions.values()):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for attribute in node.attributes.values():
+                if attribute.type == ir.AttributeType.TENSOR:
+                    values = [attribute.value]
+                elif attribute.type == ir.AttributeType.TENSORS:
+                    values = list(attribute.value)
+                else:
+                    continue
+                yield from (value for value in values if isinstance(value, ir.TensorProtoTensor))
+
+
+def _check_embedded_tensor(tensor: ir.TensorProtoTensor, model_name: str) -> None:
+    """An embedded tensor must hold exactly what its dtype and shape say, or passes read garbage."""
+    proto = tensor.raw
+    try:
+        if proto.data_location == onnx.TensorProto.EXTERNAL:
+            raise ValueError("it is marked external but has no usable external data entries")
+        if proto.HasField("raw_data"):
+            if len(proto.raw_data) != tensor.nbytes:
+                raise ValueError(f"it holds {len(proto.raw_data)} bytes but its dtype and shape need {tensor.nbytes}")
+        else:
+            tensor.numpy()  # typed fields (float_data, int64_data, ...): decoding checks the count
+    except Exception as error:
+        raise InputModelError(
+            f"{model_name}: tensor {tensor.name!r} ({tensor.dtype.name}{list(proto.dims)}) is inconsistent: "
+            f"{_first_line(error)}; the file is corrupted, re-export the model"
+        ) from error
 
 
 def load(path: str | os.PathLike[str]) -> ir.Model:
@@ -128,6 +168,8 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     for tensor in _tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
             _check_external_tensor(tensor, model_dir, name)
+    for tensor in _embedded_tensors(model):
+        _check_embedded_tensor(tensor, name)
     try:
         onnx.checker.check_model(str(path))
     except Exception as error:

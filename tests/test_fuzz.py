@@ -124,3 +124,72 @@ def test_onnxruntime_errors_are_one_line_without_its_own_log(tmp_path: Path, cap
     assert outcome.code == 3
     assert outcome.err.strip().splitlines() == outcome.error_lines
     assert "onnxruntime failed while running the model" in outcome.error_lines[0]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda p: setattr(initializer(p, "top.0.bias"), "raw_data", b"\0" * 12), "holds 12 bytes but its dtype and shape need 512"),
+        (lambda p: initializer(p, "top.2.bias").dims.__setitem__(0, 1), "holds 256 bytes but its dtype and shape need 4"),
+        (lambda p: setattr(initializer(p, "top.4.bias"), "data_type", TensorProto.FLOAT8E4M3FN), "holds 4 bytes but its dtype and shape need 1"),
+        (lambda p: setattr(initializer(p, "top.0.bias"), "data_type", TensorProto.DOUBLE), "holds 512 bytes but its dtype and shape need 1024"),
+    ],
+    ids=["short-raw-data", "dims-shrunk", "dtype-narrowed", "dtype-widened"],
+)
+def test_embedded_tensor_sizes_are_checked_at_load(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], corrupt, message: str
+) -> None:
+    """A payload that disagreed with its dtype and shape crashed id-range synthesis (exit 4: reshape)
+    or reached onnxruntime (exit 3, 'uses an op the installed onnxruntime does not support')."""
+    proto = dlrm_proto()
+    corrupt(proto)
+    outcome = run_on(proto, tmp_path, capfd)
+    assert outcome.code == 2
+    assert message in outcome.error_lines[0]
+    assert "the file is corrupted, re-export the model" in outcome.error_lines[0]
+
+
+def test_typed_data_with_the_wrong_count_is_refused_at_load(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    proto = dlrm_proto()
+    tensor = initializer(proto, "top.4.bias")
+    tensor.ClearField("raw_data")
+    tensor.float_data.extend([0.5, 0.25])  # dims say 1 value
+    outcome = run_on(proto, tmp_path, capfd)
+    assert outcome.code == 2
+    assert "tensor 'top.4.bias' (FLOAT[1]) is inconsistent" in outcome.error_lines[0]
+
+
+def test_constant_node_tensors_are_checked_too(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    proto = dlrm_proto()
+    constant = next(node for node in proto.graph.node if node.op_type == "Constant")
+    constant.attribute[0].t.raw_data = b"\0" * 3
+    outcome = run_on(proto, tmp_path, capfd)
+    assert outcome.code == 2
+    assert "is inconsistent: it holds 3 bytes" in outcome.error_lines[0]
+
+
+def test_a_declared_external_length_that_disagrees_is_refused(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """onnxruntime refused it as 'an op the installed onnxruntime does not support' (exit 3)."""
+    source = tmp_path / "in" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save(dlrm_proto(), str(source), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    proto = onnx.load(str(source), load_external_data=False)
+    for entry in initializer(proto, "top.0.weight").external_data:
+        if entry.key == "length":
+            entry.value = "16"
+    source.write_bytes(proto.SerializeToString())
+    before = source.read_bytes()
+    out = tmp_path / "out" / "small.onnx"
+    out.parent.mkdir()
+    outcome = run(capfd, source, out, "--passes", PASSES)
+    assert outcome.code == 2
+    assert "tensor 'top.0.weight' declares 16 bytes of external data but its dtype and shape need 22528" in (
+        outcome.error_lines[0]
+    )
+    assert files_in(out.parent) == []
+    assert source.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in MODELS.glob("*.onnx")))
+def test_every_shipped_model_passes_the_load_checks(name: str) -> None:
+    assert io.load(MODELS / f"{name}.onnx").graph.outputs
