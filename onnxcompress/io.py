@@ -171,12 +171,27 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     for tensor in _embedded_tensors(model):
         _check_embedded_tensor(tensor, name)
     try:
+        # What every save and session does first (external tensors are only referenced: 8 ms for an
+        # 8.6 MB single-file model). protobuf hands invalid UTF-8 text back as bytes, which fails here.
+        ir.serde.serialize_model(model)
+    except Exception as error:
+        raise InputModelError(
+            f"{name}: the model cannot be written back as ONNX ({_root_cause(error)}); a name, doc string "
+            f"or metadata entry is probably not valid UTF-8 text; re-export it"
+        ) from error
+    try:
         onnx.checker.check_model(str(path))
     except Exception as error:
         raise InputModelError(
             f"{name}: fails the ONNX checker: {_first_line(error)}; fix the graph or re-export the model"
         ) from error
     return model
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error: BaseException) -> str:

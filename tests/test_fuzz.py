@@ -193,3 +193,39 @@ def test_a_declared_external_length_that_disagrees_is_refused(tmp_path: Path, ca
 @pytest.mark.parametrize("name", sorted(path.stem for path in MODELS.glob("*.onnx")))
 def test_every_shipped_model_passes_the_load_checks(name: str) -> None:
     assert io.load(MODELS / f"{name}.onnx").graph.outputs
+
+
+def with_invalid_utf8(proto: onnx.ModelProto, marker: str) -> bytes:
+    """The serialized model with the ASCII ``marker`` turned into invalid UTF-8 (same length)."""
+    data = proto.SerializeToString()
+    assert data.count(marker.encode()) == 1
+    return data.replace(marker.encode(), b"\xcb" + marker.encode()[1:])
+
+
+@pytest.mark.parametrize("where", ["value-metadata", "node-name", "doc-string", "model-metadata"])
+def test_text_that_is_not_utf8_is_refused_at_load(tmp_path: Path, capfd: pytest.CaptureFixture[str], where: str) -> None:
+    """protobuf hands invalid UTF-8 back as bytes; the first save or session then raised SerdeError
+    (exit 4 with --passes cleanup, or exit 3 'onnxruntime cannot load the transformed model')."""
+    proto = dlrm_proto()
+    marker = "MARKER-TEXT"
+    if where == "value-metadata":
+        entry = initializer(proto, "top.0.bias").metadata_props.add()
+        entry.key, entry.value = marker, "v"
+    elif where == "node-name":
+        proto.graph.node[0].name = marker
+    elif where == "doc-string":
+        proto.doc_string = marker
+    else:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "k", marker
+    source = tmp_path / "in" / "model.onnx"
+    source.parent.mkdir()
+    source.write_bytes(with_invalid_utf8(proto, marker))
+    for passes in ("cleanup", PASSES):
+        out = tmp_path / "out" / passes / "small.onnx"
+        out.parent.mkdir(parents=True)
+        outcome = run(capfd, source, out, "--passes", passes)
+        assert_failed_or_written_cleanly(outcome, source, source.read_bytes(), out)
+        assert outcome.code == 2
+        assert "cannot be written back as ONNX" in outcome.error_lines[0]
+        assert "not valid UTF-8" in outcome.error_lines[0]
