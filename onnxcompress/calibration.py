@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import runtime
-from onnxcompress.errors import UsageError
+from onnxcompress.errors import InputModelError, UsageError
 
 __all__ = [
     "DEFAULT_DIM",
@@ -86,7 +86,13 @@ def graph_inputs(model: ir.Model) -> list[InputSpec]:
     for value in model.graph.inputs:
         if value.is_initializer() or value.name is None:
             continue
-        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        try:
+            dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        except TypeError:  # UNDEFINED, or a type numpy has no equivalent for
+            raise InputModelError(
+                f"graph input {value.name!r} has element type {value.dtype}, which no runtime can be fed; "
+                f"fix the model's input types and re-export it"
+            ) from None
         shape = (
             None
             if value.shape is None

@@ -229,3 +229,12 @@ def test_text_that_is_not_utf8_is_refused_at_load(tmp_path: Path, capfd: pytest.
         assert outcome.code == 2
         assert "cannot be written back as ONNX" in outcome.error_lines[0]
         assert "not valid UTF-8" in outcome.error_lines[0]
+
+
+def test_an_input_without_an_element_type_is_refused(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Synthesizing feeds for an UNDEFINED input raised TypeError from numpy (exit 4)."""
+    proto = dlrm_proto()
+    proto.graph.input[1].type.tensor_type.elem_type = TensorProto.UNDEFINED
+    outcome = run_on(proto, tmp_path, capfd)
+    assert outcome.code == 2
+    assert "graph input 'user' has element type UNDEFINED, which no runtime can be fed" in outcome.error_lines[0]
