@@ -10,6 +10,7 @@ outputs, batch by batch.
 from __future__ import annotations
 
 import logging
+import math
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ DEFAULT_ROWS = 512
 DEFAULT_DIM = 16
 #: Integer inputs that reach no embedding table are drawn from [0, this).
 DEFAULT_INT_HIGH = 10
+#: Synthesized feeds larger than this (counting 8 bytes per value, as drawn) are refused.
+MAX_SYNTHESIZED_BYTES = 1 << 30
 #: Id ranges wider than this are sampled in windows spread over the whole table: a random id in
 #: a memory-mapped table pages in a whole folio (about 1 MB here), so 512 uniform ids over five
 #: 512 MB tables would map 2 GB; windows keep it near 100 MB and still reach every region.
@@ -323,12 +326,14 @@ def synthesize_feeds(
             f"--input-shape names {', '.join(unknown)}, which the model does not take; inputs are: "
             f"{', '.join(spec.describe() for spec in specs)}"
         )
+    shapes = {spec.name: _concrete_shape(spec, input_shapes.get(spec.name), rows) for spec in specs}
+    _check_feed_bytes(specs, shapes)
     ranges = id_ranges(model)
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     notes = []
     for spec in specs:
-        shape = _concrete_shape(spec, input_shapes.get(spec.name), rows)
+        shape = shapes[spec.name]
         if spec.dtype.kind == "f":
             arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind == "b":
@@ -367,15 +372,32 @@ def _draw_ids(rng: np.random.Generator, low: np.ndarray, high: np.ndarray, shape
     return np.minimum(starts + rng.integers(0, ID_WINDOW_ROWS, size=shape), high - 1)
 
 
+def _check_feed_bytes(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse feeds that would not fit in memory instead of failing inside numpy."""
+    sizes = {spec.name: math.prod(shapes[spec.name]) * max(spec.dtype.itemsize, 8) for spec in specs}
+    if sum(sizes.values()) > MAX_SYNTHESIZED_BYTES:
+        name = max(sizes, key=lambda key: sizes[key])
+        raise UsageError(
+            f"synthesized feeds would take {sum(sizes.values()) / 2**30:.1f} GiB ({name} has shape "
+            f"{list(shapes[name])}); give smaller shapes with --input-shape, or real inputs with --feeds"
+        )
+
+
 def _concrete_shape(spec: InputSpec, override: Sequence[int] | None, rows: int) -> tuple[int, ...]:
     if override is not None:
         if spec.shape is not None and len(override) != len(spec.shape):
             raise UsageError(
                 f"--input-shape {spec.name}: gives {len(override)} dimensions but the model expects {spec.describe()}"
             )
+        if any(int(d) < 0 for d in override):
+            raise UsageError(f"--input-shape {spec.name}: dimensions cannot be negative, got {list(override)}")
         return tuple(int(d) for d in override)
     if spec.shape is None:
         raise UsageError(f"{spec.name} has no declared shape; give it with --input-shape {spec.name}=D0,D1")
+    if any(isinstance(dim, int) and dim < 0 for dim in spec.shape):
+        raise InputModelError(
+            f"graph input {spec.describe()} declares a negative dimension; fix the model's input shapes"
+        )
     return tuple(
         dim if isinstance(dim, int) else (rows if axis == 0 else DEFAULT_DIM) for axis, dim in enumerate(spec.shape)
     )

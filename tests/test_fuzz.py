@@ -238,3 +238,41 @@ def test_an_input_without_an_element_type_is_refused(tmp_path: Path, capfd: pyte
     outcome = run_on(proto, tmp_path, capfd)
     assert outcome.code == 2
     assert "graph input 'user' has element type UNDEFINED, which no runtime can be fed" in outcome.error_lines[0]
+
+
+@pytest.mark.parametrize(
+    ("axis", "dim", "message"),
+    [
+        (0, -3, "graph input dense: float32[-3,25] declares a negative dimension"),
+        (1, -3, "graph input dense: float32[batch,-3] declares a negative dimension"),
+        (1, 2**40, "synthesized feeds would take"),
+        (0, 2**40, "synthesized feeds would take"),
+    ],
+    ids=["negative-batch", "negative-width", "huge-width", "huge-batch"],
+)
+def test_input_shapes_that_cannot_be_synthesized_are_refused(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], axis: int, dim: int, message: str
+) -> None:
+    """numpy raised 'negative dimensions are not allowed' or MemoryError for 8 TiB of feeds (exit 4)."""
+    proto = dlrm_proto()
+    proto.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = dim
+    outcome = run_on(proto, tmp_path, capfd)
+    assert outcome.code == 2
+    assert message in outcome.error_lines[0]
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ("dense=-1,25", "--input-shape dense: dimensions cannot be negative, got [-1, 25]"),
+        ("dense=512,100000000", "synthesized feeds would take"),
+    ],
+)
+def test_input_shape_overrides_that_cannot_be_synthesized_are_refused(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], shape: str, message: str
+) -> None:
+    out = tmp_path / "small.onnx"
+    outcome = run(capfd, MODELS / "dlrm.onnx", out, "--passes", "cleanup", "--input-shape", shape)
+    assert outcome.code == 2, outcome.err
+    assert message in outcome.error_lines[0]
+    assert files_in(tmp_path) == []
