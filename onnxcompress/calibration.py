@@ -255,8 +255,10 @@ def _use_bounds(node: ir.Node, index: int, depth: int) -> Bounds:
         table = node.inputs[0]
         if table is not None and table.const_value is not None:
             axis = node.attributes.get_int("axis", 0)
-            rows = table.const_value.shape[axis]
-            return np.array(0.0), np.array(float(rows))
+            shape = table.const_value.shape
+            if not -len(shape) <= axis < len(shape):
+                return _unbounded()  # an invalid axis: onnxruntime names it when it runs the model
+            return np.array(0.0), np.array(float(shape[axis]))
         return _unbounded()
     if op == "Gather" and index == 0:
         # Selecting columns of an id matrix (ids[:, k]): the column's bounds apply to column k only.

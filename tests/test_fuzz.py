@@ -276,3 +276,15 @@ def test_input_shape_overrides_that_cannot_be_synthesized_are_refused(
     assert outcome.code == 2, outcome.err
     assert message in outcome.error_lines[0]
     assert files_in(tmp_path) == []
+
+
+def test_a_gather_axis_out_of_range_reaches_onnxruntime_not_a_crash(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Id-range synthesis indexed the table's shape with the bad axis: IndexError (exit 4)."""
+    proto = dlrm_proto()
+    gather = next(node for node in proto.graph.node if node.op_type == "Gather")
+    gather.attribute.add().CopyFrom(onnx.helper.make_attribute("axis", 7))
+    outcome = run_on(proto, tmp_path, capfd)
+    assert outcome.code == 3
+    assert "axis must be in [-r, r-1]" in outcome.error_lines[0]
