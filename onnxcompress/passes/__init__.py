@@ -29,6 +29,7 @@ def register(name: str) -> Callable[[type[CompressionPass]], type[CompressionPas
 # Built-in passes register themselves on import.
 from onnxcompress.passes import (  # noqa: E402
     cleanup,  # noqa: F401
+    distill,  # noqa: F401
     prune,  # noqa: F401
     quantize,  # noqa: F401
     sparse,  # noqa: F401
