@@ -82,6 +82,7 @@ ONNXSIM = (
 )
 
 ORIGINAL = lib.Method("original", "original", "the model as exported")
+CONTROL = "original, 2nd session (A/A)"
 QUICK_MODEL = "sklearn_mlp"
 BATCHES = {"b1": 1, "b512": 512}
 AUC_BUDGET = 0.003  # onnxcompress's default --max-auc-drop, drawn on the Pareto plot
@@ -265,18 +266,21 @@ def measure_speed(
                 rows[name].error = f"onnxruntime at {count} thread(s): {lib.first_line(error)}"
                 continue
             sessions[name] = session
+        # A/A control: the original again in a second session; its "speedup" is the noise floor.
+        sessions[CONTROL] = lib.make_session(case.model, count)
         samples = lib.time_sessions(sessions, feed_sets, args.repeats, args.sample_seconds)
         key = f"threads={count}"
         for name in sessions:
-            speed = rows[name].speed.setdefault(key, {})
+            row, prefix = (rows[ORIGINAL.name], "aa_") if name == CONTROL else (rows[name], "")
+            speed = row.speed.setdefault(key, {})
             for label in BATCHES:
-                speed[f"{label}_samples"] = samples[(name, label)]
-                speed[f"{label}_seconds"] = statistics.median(samples[(name, label)])
+                speed[f"{prefix}{label}_samples"] = samples[(name, label)]
+                speed[f"{prefix}{label}_seconds"] = statistics.median(samples[(name, label)])
         for name in sessions:
-            speed = rows[name].speed[key]
+            row, prefix = (rows[ORIGINAL.name], "aa_") if name == CONTROL else (rows[name], "")
             for label in BATCHES:
                 original = rows[ORIGINAL.name].speed[key][f"{label}_seconds"]
-                speed[f"{label}_speedup"] = original / speed[f"{label}_seconds"]
+                row.speed[key][f"{prefix}{label}_speedup"] = original / row.speed[key][f"{prefix}{label}_seconds"]
 
 
 # --- output ------------------------------------------------------------------------------------------
@@ -318,6 +322,13 @@ def summary_table(rows: Sequence[Row], methods: Sequence[lib.Method], threads: S
             f"| {method.name} | {len(ok)}/{len(mine)} | {fmt(geomean(row.size_ratio or 0.0 for row in ok), '.2f')} | "
             f"{fmt(max(deltas) if deltas else None, '.4f')} | " + " | ".join(speeds) + f" | {parity} |"
         )
+    originals = [row for row in rows if row.method == ORIGINAL.name]
+    controls = [
+        fmt(geomean(row.speed.get(f"threads={count}", {}).get(f"aa_{label}_speedup", 0.0) for row in originals), ".2f")
+        for count in threads
+        for label in BATCHES
+    ]
+    lines.append(f"| {CONTROL} | | | | " + " | ".join(controls) + " | |")
     return lines
 
 
@@ -348,20 +359,27 @@ def model_tables(rows: Sequence[Row], threads: Sequence[int]) -> list[str]:
         heads += [f"b1 µs {count}T", "speedup", f"b512 krows/s {count}T", "speedup"]
     lines += ["", "| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     for row in rows:
-        cells = []
-        for count in threads:
-            speed = row.speed.get(f"threads={count}")
-            if not speed:
-                cells += ["—"] * 4
-                continue
-            cells += [
-                f"{speed['b1_seconds'] * 1e6:.1f}",
-                f"{speed['b1_speedup']:.2f}",
-                f"{BATCHES['b512'] / speed['b512_seconds'] / 1e3:.1f}",
-                f"{speed['b512_speedup']:.2f}",
-            ]
-        lines.append(f"| {row.method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row.method} | " + " | ".join(speed_cells(row, threads, "")) + " |")
+        if row.method == ORIGINAL.name:
+            lines.append(f"| {CONTROL} | " + " | ".join(speed_cells(row, threads, "aa_")) + " |")
     return lines
+
+
+def speed_cells(row: Row, threads: Sequence[int], prefix: str) -> list[str]:
+    """Batch-1 latency, batch-512 throughput and their speedups per thread count; ``aa_`` for the control."""
+    cells = []
+    for count in threads:
+        speed = row.speed.get(f"threads={count}", {})
+        if f"{prefix}b1_seconds" not in speed:
+            cells += ["—"] * 4
+            continue
+        cells += [
+            f"{speed[f'{prefix}b1_seconds'] * 1e6:.1f}",
+            f"{speed[f'{prefix}b1_speedup']:.2f}",
+            f"{BATCHES['b512'] / speed[f'{prefix}b512_seconds'] / 1e3:.1f}",
+            f"{speed[f'{prefix}b512_speedup']:.2f}",
+        ]
+    return cells
 
 
 def markdown(
@@ -393,8 +411,11 @@ def markdown(
         f"{' and '.join(map(str, threads))} (T). Batch 1 (first test row) latency and batch 512 (first 512 rows) "
         f"throughput through `session.run`. Each session is warmed up, then given a call count that makes one "
         f"sample last about {settings['sample_seconds']} s; {settings['repeats']} rounds each time every "
-        "(method, batch) once, in an order rotated every round, with the garbage collector off during a sample. "
-        "Figures are medians; speedup is relative to the original (original time / method time, > 1 is faster).",
+        "(method, batch) once, in a fresh seeded random order every round, with the garbage collector off "
+        "during a sample. "
+        "Figures are medians; speedup is relative to the original (original time / method time, > 1 is faster). "
+        f"The row '{CONTROL}' times the original again in a second session: its distance from 1.00 is the "
+        "noise floor of that column.",
         "- **Compression cost**: each compression runs in a fresh Python process under `/usr/bin/time -v`. "
         "compress s is the compressor call alone (for onnxcompress it includes loading, saving and the parity "
         "runs); process s is the whole process including interpreter start-up and imports; peak RSS is the "

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import shutil
 import subprocess
@@ -416,19 +417,20 @@ def time_sessions(
     feed_sets: Mapping[str, Feeds],
     repeats: int,
     target_seconds: float,
+    seed: int = 0,
 ) -> dict[tuple[str, str], list[float]]:
     """Seconds per call for every (session, feed set), ``repeats`` samples each.
 
     Every session is warmed up and gets a call count that makes one sample last about
-    ``target_seconds``; each round then measures every (session, feed set) once, in an order rotated
-    by one per round, so that drift in the machine's speed spreads over all methods alike.
+    ``target_seconds``; each round then measures every (session, feed set) once, in a fresh random
+    order (seeded), so that drift in the machine's speed spreads over all methods alike.
     """
     plan = [(name, feeds) for name in sessions for feeds in feed_sets]
     calls = {key: _calls_for(sessions[key[0]], feed_sets[key[1]], target_seconds) for key in plan}
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in plan}
-    for round_index in range(repeats):
-        shift = round_index % len(plan)
-        for key in plan[shift:] + plan[:shift]:
+    order = random.Random(seed)
+    for _ in range(repeats):
+        for key in order.sample(plan, len(plan)):
             samples[key].append(_seconds_per_call(sessions[key[0]], feed_sets[key[1]], calls[key]))
     return samples
 
