@@ -66,16 +66,30 @@ def _session_options(opt_level: str, threads: int | None) -> ort.SessionOptions:
 
 
 def _serialize_side_loading(model: ir.Model, options: ort.SessionOptions) -> tuple[bytes, list[ort.OrtValue]]:
-    """Serialize ``model`` with its large tensors moved into ``options`` as external initializers."""
+    """Serialize ``model`` with its large tensors moved into ``options`` as external initializers.
+
+    Tensors still in an external-data file are always moved (or, when they cannot be, embedded):
+    onnxruntime refuses external-data paths in a model given as bytes.
+    """
     import onnxruntime as ort
 
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
     names: list[str] = []
     values: list[ort.OrtValue] = []
     try:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None or not isinstance(tensor, ir.ExternalTensor):
+                    continue
+                if graph is not model.graph or tensor.dtype not in _SIDE_LOAD_DTYPES or tensor.nbytes == 0:
+                    swapped.append((value, tensor))
+                    value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name)
         for value in model.graph.initializers.values():
             tensor = value.const_value
-            if tensor is None or tensor.dtype not in _SIDE_LOAD_DTYPES or tensor.nbytes < _SIDE_LOAD_MIN_BYTES:
+            if tensor is None or tensor.dtype not in _SIDE_LOAD_DTYPES or tensor.nbytes == 0:
+                continue
+            if tensor.nbytes < _SIDE_LOAD_MIN_BYTES and not isinstance(tensor, ir.ExternalTensor):
                 continue
             array = np.ascontiguousarray(tensor.numpy())
             assert value.name is not None

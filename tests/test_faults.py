@@ -1,0 +1,266 @@
+"""Faults around the files: hostile external data, and writes that are interrupted or fail.
+
+tests/test_io.py checks the load policy function by function; here every case goes through the
+command line and also checks what is left on disk: no OUT, no OUT.data, no staging folder, the
+input and its data byte for byte, and a previous OUT untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import MODELS, files_in
+from fuzzing import Outcome, run_cli
+
+from onnxcompress import io
+
+DLRM = MODELS / "dlrm.onnx"
+
+
+def run(capfd: pytest.CaptureFixture[str], *args: str | Path) -> Outcome:
+    capfd.readouterr()
+
+    def captured() -> tuple[str, str]:
+        result = capfd.readouterr()
+        return result.out, result.err
+
+    return run_cli(args, captured)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (following nothing), by relative path."""
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not path.is_symlink()
+    }
+
+
+def external_dlrm(folder: Path, name: str = "model.onnx", location: str | None = None) -> Path:
+    """The shipped DLRM saved into ``folder`` with every tensor in one external-data file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    onnx.save(
+        onnx.load(str(DLRM)),
+        str(path),
+        save_as_external_data=True,
+        location=location or name + ".data",
+        size_threshold=0,
+    )
+    return path
+
+
+def set_location(model_path: Path, location: str, tensor_name: str | None = None) -> None:
+    """Point every external tensor (or one) at ``location``, keeping offsets and lengths."""
+    proto = onnx.load(str(model_path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        if tensor_name is not None and tensor.name != tensor_name:
+            continue
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    model_path.write_bytes(proto.SerializeToString())
+
+
+def assert_refused(outcome: Outcome, code: int, message: str, out: Path, before: dict[str, bytes], inputs: Path) -> None:
+    assert not outcome.crash, outcome.crash
+    assert outcome.code == code, outcome.err
+    assert outcome.err.strip().splitlines() == outcome.error_lines, outcome.err
+    assert len(outcome.error_lines) == 1
+    assert message in outcome.error_lines[0], outcome.error_lines[0]
+    assert not out.exists() and not io.data_file_for(out).exists()
+    assert not list(out.parent.glob(io.STAGING_PREFIX + "*"))
+    assert snapshot(inputs) == before
+
+
+# ---- external data that escapes, is missing or is short ---------------------------------------------
+
+
+def outside_folder(tmp_path: Path) -> Path:
+    """A copy of the model's data outside the model's folder: a real target for an escape."""
+    outside = tmp_path / "outside"
+    external_dlrm(outside)
+    return outside / "model.onnx.data"
+
+
+@pytest.mark.parametrize(
+    ("make_location", "message"),
+    [
+        (lambda tmp: "../outside/model.onnx.data", "points outside the model's folder ('../outside/model.onnx.data')"),
+        (lambda tmp: "weights/../../outside/model.onnx.data", "points outside the model's folder"),
+        (lambda tmp: "../../../../../../../../etc/passwd", "points outside the model's folder"),
+        (lambda tmp: "/etc/passwd", "points to the absolute path '/etc/passwd'"),
+        (lambda tmp: str(tmp / "outside" / "model.onnx.data"), "points to the absolute path"),
+        # Absolute even when it names the model's own data file: the policy is relative paths only.
+        (lambda tmp: str(tmp / "in" / "model.onnx.data"), "points to the absolute path"),
+    ],
+    ids=["parent", "parent-via-subfolder", "etc-passwd-relative", "etc-passwd", "absolute-outside", "absolute-inside"],
+)
+def test_external_data_outside_the_folder_is_refused(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], make_location, message: str
+) -> None:
+    outside_folder(tmp_path)
+    source = external_dlrm(tmp_path / "in")
+    set_location(source, make_location(tmp_path), tensor_name="top.0.weight")
+    before = snapshot(tmp_path / "in")
+    out = tmp_path / "out.onnx"
+    outcome = run(capfd, source, out, "--passes", "cleanup,quant")
+    assert_refused(outcome, 2, message, out, before, tmp_path / "in")
+    assert "top.0.weight" in outcome.error_lines[0]
+
+
+def test_a_symlinked_data_file_leaving_the_folder_is_refused(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    target = outside_folder(tmp_path)
+    source = external_dlrm(tmp_path / "in")
+    data = tmp_path / "in" / "model.onnx.data"
+    data.unlink()
+    data.symlink_to(target)
+    before = snapshot(tmp_path / "in")
+    out = tmp_path / "out.onnx"
+    outcome = run(capfd, source, out, "--passes", "cleanup")
+    assert_refused(outcome, 2, "is a link that leaves the model's folder", out, before, tmp_path / "in")
+
+
+def test_a_symlinked_subfolder_leaving_the_folder_is_refused(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The location looks local ('weights/model.onnx.data'), but 'weights' is a link out of the folder."""
+    target = outside_folder(tmp_path)
+    source = external_dlrm(tmp_path / "in")
+    (tmp_path / "in" / "model.onnx.data").unlink()
+    (tmp_path / "in" / "weights").symlink_to(target.parent, target_is_directory=True)
+    set_location(source, "weights/model.onnx.data")
+    before = snapshot(tmp_path / "in")
+    out = tmp_path / "out.onnx"
+    outcome = run(capfd, source, out, "--passes", "cleanup")
+    assert_refused(outcome, 2, "is a link that leaves the model's folder", out, before, tmp_path / "in")
+
+
+def test_a_symlink_even_inside_the_folder_is_refused(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The ONNX checker refuses any symlinked data file, even one that resolves inside the folder."""
+    source = external_dlrm(tmp_path / "in")
+    (tmp_path / "in" / "weights").mkdir()
+    (tmp_path / "in" / "model.onnx.data").rename(tmp_path / "in" / "weights" / "real.data")
+    (tmp_path / "in" / "model.onnx.data").symlink_to(tmp_path / "in" / "weights" / "real.data")
+    before = snapshot(tmp_path / "in")
+    out = tmp_path / "out.onnx"
+    outcome = run(capfd, source, out, "--passes", "cleanup")
+    assert_refused(outcome, 2, "is a symbolic link", out, before, tmp_path / "in")
+
+
+def test_a_hard_linked_data_file_is_refused(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A hard link can pull any file of the same file system into the folder; the checker refuses it."""
+    source = external_dlrm(tmp_path / "in")
+    os.link(tmp_path / "in" / "model.onnx.data", tmp_path / "elsewhere.data")
+    before = snapshot(tmp_path / "in")
+    out = tmp_path / "out.onnx"
+    outcome = run(capfd, source, out, "--passes", "cleanup")
+    assert_refused(outcome, 2, "multiple hard links", out, before, tmp_path / "in")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda data: data.unlink(), "external data file 'model.onnx.data' (tensor"),
+        (lambda data: data.write_bytes(b""), "has 0 bytes but tensor"),
+        (lambda data: data.write_bytes(data.read_bytes()[:-1]), "the data file is truncated or belongs to another model"),
+        (lambda data: data.write_bytes(data.read_bytes()[: len(data.read_bytes()) // 2]), "the data file is truncated"),
+        (lambda data: (data.unlink(), data.mkdir()), "is missing; copy it next to the model"),
+    ],
+    ids=["missing", "empty", "one-byte-short", "half", "a-folder"],
+)
+def test_missing_or_short_data_gives_a_clear_error(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], damage, message: str
+) -> None:
+    source = external_dlrm(tmp_path / "in")
+    damage(tmp_path / "in" / "model.onnx.data")
+    before = snapshot(tmp_path / "in")
+    out = tmp_path / "out.onnx"
+    outcome = run(capfd, source, out, "--passes", "cleanup,quant")
+    assert_refused(outcome, 2, message, out, before, tmp_path / "in")
+
+
+# ---- OUT must never overwrite the input's data ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("location", "out_name"),
+    [
+        ("small.onnx.data", "small.onnx"),  # OUT.data would be exactly the input's data file
+        ("model.onnx.data", "model.onnx.data"),  # OUT is the input's data file
+    ],
+    ids=["out-data-is-input-data", "out-is-input-data"],
+)
+def test_out_whose_data_would_overwrite_the_input_data_is_refused(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], location: str, out_name: str
+) -> None:
+    source = external_dlrm(tmp_path / "in", location=location)
+    before = snapshot(tmp_path / "in")
+    out = tmp_path / "in" / out_name
+    outcome = run(capfd, source, out, "--passes", "cleanup")
+    assert outcome.code == 2, outcome.err
+    assert f"would overwrite the input's external data {location}" in outcome.error_lines[0]
+    assert snapshot(tmp_path / "in") == before
+    assert not list((tmp_path / "in").glob(io.STAGING_PREFIX + "*"))
+
+
+@pytest.mark.parametrize("spelling", ["symlinked-folder", "dot-dot", "symlinked-out"])
+def test_the_same_refusal_through_another_spelling_of_the_path(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], spelling: str
+) -> None:
+    source = external_dlrm(tmp_path / "in", location="small.onnx.data")
+    before = snapshot(tmp_path / "in")
+    if spelling == "symlinked-folder":
+        (tmp_path / "alias").symlink_to(tmp_path / "in", target_is_directory=True)
+        out = tmp_path / "alias" / "small.onnx"
+    elif spelling == "dot-dot":
+        (tmp_path / "other").mkdir()
+        out = tmp_path / "other" / ".." / "in" / "small.onnx"
+    else:  # OUT is a link to the input's data file
+        (tmp_path / "out").mkdir()
+        out = tmp_path / "out" / "small.onnx"
+        out.symlink_to(tmp_path / "in" / "small.onnx.data")
+    outcome = run(capfd, source, out, "--passes", "cleanup")
+    assert outcome.code == 2, outcome.err
+    assert "would overwrite the input's external data small.onnx.data" in outcome.error_lines[0]
+    assert snapshot(tmp_path / "in") == before
+
+
+def test_a_symlinked_out_data_is_replaced_not_written_through(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """OUT.data is a link to the input's data: the commit renames over the link, the input stays."""
+    source = external_dlrm(tmp_path / "in")
+    before = snapshot(tmp_path / "in")
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "small.onnx"
+    io.data_file_for(out).symlink_to(tmp_path / "in" / "model.onnx.data")
+    outcome = run(capfd, source, out, "--passes", "cleanup")
+    assert outcome.code == 0, outcome.err
+    assert not io.data_file_for(out).is_symlink()
+    assert snapshot(tmp_path / "in") == before
+    io.load(out)
+
+
+# ---- a model with external data through the data-driven passes ------------------------------------------
+
+
+def test_quant_runs_on_a_model_whose_small_tensors_are_external(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Activation capture serialized the model for onnxruntime with external tensors under 64 KiB
+    still pointing at the data file; onnxruntime refuses external paths in a model given as bytes,
+    so every model saved with external data (including onnxcompress's own outputs) failed quant
+    with exit 3 'the transformed model: onnxruntime cannot load it'."""
+    source = external_dlrm(tmp_path / "in")
+    before = snapshot(tmp_path / "in")
+    out = tmp_path / "out" / "small.onnx"
+    out.parent.mkdir()
+    outcome = run(capfd, source, out, "--passes", "cleanup,quant")
+    assert outcome.code == 0, outcome.err
+    assert files_in(out.parent) == ["small.onnx", "small.onnx.data"]
+    assert snapshot(tmp_path / "in") == before
+    again = tmp_path / "again" / "smaller.onnx"
+    again.parent.mkdir()
+    feeds = MODELS / "dlrm.feeds.npz"
+    outcome = run(capfd, out, again, "--passes", "cleanup,quant", "--set", "quant.bits=4", "--feeds", feeds)
+    assert outcome.code == 0, outcome.err
