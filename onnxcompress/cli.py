@@ -56,6 +56,18 @@ def _print_preset(ctx: click.Context, _param: click.Parameter, value: str | None
     ctx.exit(0)
 
 
+def _list_layers(path: Path, calib: Path | None) -> None:
+    from rich.console import Console
+
+    from onnxcompress import io
+    from onnxcompress.calibration import Calibration, load_feeds, synthesize_feeds
+    from onnxcompress.layers import find_layers, layers_view
+
+    model = io.load(path)
+    feeds = load_feeds(calib, model, "--calib") if calib is not None else synthesize_feeds(model)
+    Console(highlight=False).print(layers_view(find_layers(model, Calibration(feeds)), path.name, feeds.source))
+
+
 def _split_passes(text: str | None) -> list[str]:
     return [name.strip() for name in (text or "").split(",") if name.strip()]
 
@@ -187,6 +199,12 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
     callback=_list_passes,
     help="List the passes with their options, defaults and help, then exit.",
 )
+@click.option(
+    "--list-layers",
+    type=click.Path(path_type=Path),
+    metavar="MODEL",
+    help="List MODEL's removable layers (for distill.remove) with parameters, FLOPs and importance on --calib rows.",
+)
 def command(
     in_path: Path | None,
     out_path: Path | None,
@@ -205,6 +223,7 @@ def command(
     force: bool,
     report_path: Path | None,
     debug: bool,
+    list_layers: Path | None,
     **tolerance_values: tuple[str, ...],
 ) -> None:
     """Compress the ONNX model IN into OUT, proving parity with onnxruntime before writing.
@@ -214,6 +233,9 @@ def command(
     """
     console = _console()
     try:
+        if list_layers is not None:
+            _list_layers(list_layers, calib)
+            return
         if in_path is None or out_path is None:
             raise UsageError("give IN and OUT, e.g. onnxcompress model.onnx small.onnx --passes cleanup")
         from onnxcompress.presets import get_preset
