@@ -7,12 +7,18 @@ input and its data byte for byte, and a previous OUT untouched.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import onnx
 import pytest
-from conftest import MODELS, files_in
+from conftest import MODELS, REPO, files_in
 from fuzzing import Outcome, run_cli
 
 from onnxcompress import io
@@ -264,3 +270,149 @@ def test_quant_runs_on_a_model_whose_small_tensors_are_external(
     feeds = MODELS / "dlrm.feeds.npz"
     outcome = run(capfd, out, again, "--passes", "cleanup,quant", "--set", "quant.bits=4", "--feeds", feeds)
     assert outcome.code == 0, outcome.err
+
+
+# ---- interrupted and failing writes, in a real process -------------------------------------------------
+
+BIG_DATA_BYTES = 2 * 600_000 * 64 * 4  # two 153.6 MB tables: saving takes a visible moment
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic DLRM with about 300 MB of external data (generated in a few seconds)."""
+    from make_synthetic_dlrm import SyntheticSpec, make_synthetic_dlrm
+
+    path = make_synthetic_dlrm(tmp_path_factory.mktemp("big"), SyntheticSpec(tables=2, rows=600_000, dim=64))
+    assert io.data_file_for(path).stat().st_size >= BIG_DATA_BYTES
+    return path
+
+
+def fingerprint(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Size, mtime and the first and last MiB of every file: enough to see any write, cheap on 300 MB."""
+    result = {}
+    for path in sorted(folder.iterdir()):
+        with path.open("rb") as handle:
+            head = handle.read(1 << 20)
+            handle.seek(max(path.stat().st_size - (1 << 20), 0))
+            tail = handle.read()
+        result[path.name] = (path.stat().st_size, path.stat().st_mtime_ns, head + tail)
+    return result
+
+
+def previous_out(folder: Path) -> Path:
+    """A previous OUT and its data file, which a failed or interrupted run must leave as they are."""
+    return external_dlrm(folder, name="small.onnx")
+
+
+def command(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "onnxcompress", *(str(arg) for arg in args)]
+
+
+def staging_folders(folder: Path) -> list[Path]:
+    return sorted(folder.glob(io.STAGING_PREFIX + "*"))
+
+
+def wait_for(process: subprocess.Popen[str], condition, timeout: float = 60.0) -> bool:
+    """Poll ``condition`` every millisecond while the process runs; True once it holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if condition():
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def staged_data_size(out_dir: Path) -> int | None:
+    """Size of the data file being written under the staging folder (onnx-ir writes it in a
+    temporary subfolder, then moves it up), or None before it exists."""
+    for staging in staging_folders(out_dir):
+        with contextlib.suppress(FileNotFoundError):
+            for data in staging.rglob("small.onnx.data"):
+                return data.stat().st_size
+    return None
+
+
+def mid_save(out_dir: Path, total: int):
+    def condition() -> bool:
+        size = staged_data_size(out_dir)
+        return size is not None and 0 < size < total
+
+    return condition
+
+
+def staged_and_complete(out_dir: Path):
+    def condition() -> bool:
+        folders = staging_folders(out_dir)
+        # The data file reaches the staging folder's top only once written (onnx-ir moves it up).
+        return bool(folders) and (folders[0] / "small.onnx").exists() and (folders[0] / "small.onnx.data").exists()
+
+    return condition
+
+
+@pytest.mark.parametrize("phase", ["saving", "checking-parity"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_write_leaves_nothing_and_keeps_the_previous_out(
+    big_model: Path, tmp_path: Path, signum: int, phase: str
+) -> None:
+    out_dir = tmp_path / "out"
+    out = previous_out(out_dir)
+    before_out, before_in = fingerprint(out_dir), fingerprint(big_model.parent)
+    total = io.data_file_for(big_model).stat().st_size
+    # Parity on 100k rows keeps the fully staged files around for a while before the commit.
+    args = ["--passes", "cleanup", "--input-shape", "ids0=100000", "--input-shape", "ids1=100000",
+            "--input-shape", "dense=100000,16"]
+    condition = mid_save(out_dir, total) if phase == "saving" else staged_and_complete(out_dir)
+    for _attempt in range(3):  # the window is a fraction of a second; a missed one is retried, not passed
+        process = subprocess.Popen(
+            command(big_model, out, *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        caught = wait_for(process, condition)
+        if caught:
+            process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+        if caught:
+            break
+        assert process.returncode == 0, stderr
+        out = previous_out(out_dir)  # the run completed: restore the previous OUT and try again
+        before_out = fingerprint(out_dir)
+    assert caught, f"never saw the staging folder {phase}"
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["error: interrupted; nothing was written"]
+    assert staging_folders(out_dir) == []
+    assert fingerprint(out_dir) == before_out  # neither a partial OUT nor a partial OUT.data
+    assert fingerprint(big_model.parent) == before_in
+    io.load(out)  # the previous OUT still loads with its data
+
+
+@pytest.mark.parametrize(
+    ("source", "limit", "extra"),
+    [
+        ("big", 50_000_000, []),  # the external-data file outgrows the limit
+        ("dlrm_wide", 1_000_000, ["--external-data", "never"]),  # the single .onnx file does
+    ],
+    ids=["external-data", "single-file"],
+)
+def test_a_write_that_runs_out_of_space_fails_cleanly(
+    big_model: Path, tmp_path: Path, source: str, limit: int, extra: list[str]
+) -> None:
+    """RLIMIT_FSIZE stands in for a full disk: the write fails with EFBIG (CPython ignores SIGXFSZ,
+    so the process is not killed by it), and the CLI reports it as an output-path error."""
+    model = big_model if source == "big" else MODELS / f"{source}.onnx"
+    out_dir = tmp_path / "out"
+    out = previous_out(out_dir)
+    before_out, before_in = fingerprint(out_dir), fingerprint(model.parent)
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    process = subprocess.run(
+        command(model, out, "--passes", "cleanup", *extra),
+        cwd=REPO, capture_output=True, text=True, preexec_fn=limit_file_size, check=False, timeout=300,
+    )
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.strip().splitlines() == [
+        f"error: {out.resolve()}: writing failed: File too large; free space or choose another output folder"
+    ]
+    assert staging_folders(out_dir) == []
+    assert fingerprint(out_dir) == before_out
+    assert fingerprint(model.parent) == before_in
