@@ -134,8 +134,8 @@ def compress(
     notify("saving")
     clock = time.perf_counter()
     staged = io.stage(model, out_path, external_data)
-    seconds["save"] = time.perf_counter() - clock
-    try:
+    try:  # first thing after the handoff, so an interrupt from here on discards the staged files
+        seconds["save"] = time.perf_counter() - clock
         result = ParityResult(checked=False)
         if parity:
             notify("checking parity")

@@ -298,9 +298,9 @@ def stage(model: ir.Model, out_path: Path, external_data: str = "auto") -> Stage
         staging_dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_path.parent))
     except OSError as error:
         raise OutputPathError(f"{out_path}: cannot write in {out_path.parent}: {error.strerror}") from error
-    model_path = staging_dir / out_path.name
-    data_path = staging_dir / data_file_for(out_path).name
     try:
+        model_path = staging_dir / out_path.name
+        data_path = staging_dir / data_file_for(out_path).name
         if _uses_external_data(model, external_data):
             ir.save(
                 model,
@@ -316,6 +316,14 @@ def stage(model: ir.Model, out_path: Path, external_data: str = "auto") -> Stage
                 )
             _embed_external_tensors(model)
             ir.save(model, model_path)
+        # Still inside the try: an interrupt that lands while the result is handed back must not
+        # leave the folder behind (a signal sent as soon as the staged files appear hit this).
+        return StagedModel(
+            staging_dir=staging_dir,
+            model_path=model_path,
+            data_path=data_path if data_path.exists() else None,
+            out_path=out_path,
+        )
     except OSError as error:
         shutil.rmtree(staging_dir, ignore_errors=True)
         raise OutputPathError(
@@ -324,9 +332,3 @@ def stage(model: ir.Model, out_path: Path, external_data: str = "auto") -> Stage
     except BaseException:
         shutil.rmtree(staging_dir, ignore_errors=True)
         raise
-    return StagedModel(
-        staging_dir=staging_dir,
-        model_path=model_path,
-        data_path=data_path if data_path.exists() else None,
-        out_path=out_path,
-    )
