@@ -23,6 +23,7 @@ from onnxcompress.layers import (
     capture,
     discover,
     fitting_rows,
+    layer_params,
     linear_name,
     linear_weights,
     logit_heads,
@@ -240,85 +241,92 @@ class Distill(CompressionPass):
             return self._adopt_student(model, Path(self.config.student))
         if self.config.remove in (0, "") and not self.config.target_params:
             return CompressionResult(model, modified=False, stats={})
-        candidates = discover(model)
-        if not candidates:
+        if not discover(model):
             return CompressionResult(model, modified=False, stats={"skipped": "no removable layer found"})
         fitting = fitting_rows(model, self.context.calibration, self.config.augment)
         teacher_model = model.clone()
-        chosen, reports = self._choose(teacher_model, fitting)
-        if not chosen:
-            return CompressionResult(model, modified=False, stats={"skipped": "no removable layer saves parameters"})
-        return self._remove(model, teacher_model, fitting, chosen, reports)
+        order, reports = self._order(teacher_model, fitting)
+        return self._remove(model, teacher_model, fitting, order, reports)
 
-    # --- choosing --------------------------------------------------------------------------------
+    def _rank(self, report: LayerReport) -> float:
+        refit = self.config.refit and report.importance_refit is not None
+        return report.importance_refit if refit else report.importance  # type: ignore[return-value]
 
-    def _choose(self, teacher: ir.Model, fitting: Fitting) -> tuple[list[Layer], dict[str, LayerReport]]:
+    def _order(self, teacher: ir.Model, fitting: Fitting) -> tuple[list[Layer], dict[str, LayerReport]]:
+        """The named layers in graph order, or every layer that saves parameters, least important first."""
         layers = discover(teacher)
         by_name = {layer.name: layer for layer in layers}
-        remove_ = self.config.remove
-        if isinstance(remove_, str) and remove_.strip():
-            names = [name.strip() for name in remove_.split(",") if name.strip()]
+        if isinstance(self.config.remove, str) and self.config.remove.strip():
+            names = [name.strip() for name in self.config.remove.split(",") if name.strip()]
             unknown = [name for name in names if name not in by_name]
             if unknown:
                 raise UsageError(
                     f"distill.remove names {', '.join(unknown)}, which the model does not have; removable layers: "
                     f"{', '.join(by_name)}"
                 )
-            chosen = [by_name[name] for name in dict.fromkeys(names)]
+            chosen = [layer for layer in layers if layer.name in names]
             for index, layer in enumerate(chosen):
                 for other in chosen[index + 1 :]:
                     if set(layer.nodes) & set(other.nodes):
                         raise UsageError(f"distill.remove: {layer.name} and {other.name} overlap; name only one")
             return chosen, {}
         reports = measure(teacher, layers, fitting, self.config.ridge, self.config.refit)
-        ranked = sorted(
-            (report for report in reports if report.params > 0),
-            key=lambda r: r.importance_refit if self.config.refit and r.importance_refit is not None else r.importance,
-        )
-        count = remove_ if isinstance(remove_, int) else 0
-        needed = model_params(teacher) - self.config.target_params if self.config.target_params else 0
-        chosen, taken, saved = [], set(), 0
-        for report in ranked:
-            if (count and len(chosen) == count) or (needed and saved >= needed):
-                break
-            layer = by_name[report.name]
-            if taken & set(layer.nodes):
-                continue
-            chosen.append(layer)
-            taken |= set(layer.nodes)
-            saved += report.params
-        if needed and saved < needed:
-            raise UsageError(
-                f"distill.target_params={self.config.target_params} cannot be reached: removing "
-                f"{', '.join(layer.name for layer in chosen) or 'every removable layer'} leaves "
-                f"{model_params(teacher) - saved} parameters; raise the target"
-            )
-        return chosen, {report.name: report for report in reports}
+        ranked = sorted((report for report in reports if report.params > 0), key=self._rank)
+        return [by_name[report.name] for report in ranked], {report.name: report for report in reports}
 
     # --- removing --------------------------------------------------------------------------------
+
+    def _done(self, model: ir.Model, removed: int) -> bool:
+        remove_, target = self.config.remove, self.config.target_params
+        if target:
+            return model_params(model) <= target
+        return isinstance(remove_, int) and removed == remove_
 
     def _remove(
         self,
         model: ir.Model,
         teacher_model: ir.Model,
         fitting: Fitting,
-        chosen: list[Layer],
+        order: list[Layer],
         reports: dict[str, LayerReport],
     ) -> CompressionResult:
-        position = {node: index for index, node in enumerate(teacher_model.graph)}
-        names = [layer.name for layer in sorted(chosen, key=lambda layer: position[layer.nodes[0]])]
+        """Remove layers in ``order`` (skipping any that overlap one already removed) until the count or
+        the parameter target is reached, each followed by the refit of its neighbour; then the heads."""
         teacher = Activations(teacher_model, fitting.calibration)
         (teacher_logit,) = teacher(score_logit(teacher_model).name)  # type: ignore[arg-type]
         params_before, flops_before = model_params(model), _flops(model, fitting)
         plain = model.clone() if self.config.refit or self.config.refit_head else None
+        removed: list[str] = []
+        removed_nodes: set[ir.Node] = set()
         refit: list[str] = []
-        for name in names:
-            layer = self._find(model, name, names)
+        for wanted in order:
+            if self._done(model, len(removed)):
+                break
+            layer = self._find(model, wanted.name)
+            if (
+                removed_nodes & set(wanted.nodes)
+                or layer is None
+                or (self.config.target_params and layer_params(layer) <= 0)
+            ):
+                if not reports:
+                    raise UnsupportedModelError(
+                        f"distill: {wanted.name} is no longer removable once {', '.join(removed)} are removed"
+                    )
+                continue
             removal = remove(model, layer)
             if plain is not None:
-                remove(plain, self._find(plain, name, names))
+                remove(plain, self._find(plain, wanted.name))  # type: ignore[arg-type]
             if self.config.refit:
                 refit += refit_gap(model, removal, teacher, self.config.ridge)
+            removed.append(wanted.name)
+            removed_nodes |= set(wanted.nodes)
+        if self.config.target_params and model_params(model) > self.config.target_params:
+            raise UsageError(
+                f"distill.target_params={self.config.target_params} cannot be reached: removing "
+                f"{', '.join(removed) or 'the removable layers'} leaves {model_params(model)} parameters; raise it"
+            )
+        if not removed:
+            return CompressionResult(model, modified=False, stats={"skipped": "no removable layer saves parameters"})
         spearman: dict[str, float] = {}
         mae: dict[str, float] = {}
         stages = [("removed", plain)] if plain is not None else []
@@ -331,7 +339,7 @@ class Distill(CompressionPass):
             figures = _fidelity(teacher_logit, model, fitting)
             spearman["head_refit"], mae["head_refit"] = figures["spearman"], figures["logit_mae"]
         stats: dict[str, Any] = {
-            "removed": names,
+            "removed": removed,
             "params_before": params_before,
             "params_after": model_params(model),
             "flops_before": flops_before,
@@ -343,17 +351,12 @@ class Distill(CompressionPass):
             "calibration": fitting.source,
         }
         if reports:
-            stats["importance"] = {
-                name: round(reports[name].importance_refit or reports[name].importance, 5) for name in names
-            }
+            stats["importance"] = {name: round(self._rank(reports[name]), 5) for name in removed}
         return CompressionResult(model, modified=True, stats=stats)
 
     @staticmethod
-    def _find(model: ir.Model, name: str, names: Sequence[str]) -> Layer:
-        for layer in discover(model):
-            if layer.name == name:
-                return layer
-        raise UnsupportedModelError(f"distill: {name} is no longer removable once {', '.join(names)} are removed")
+    def _find(model: ir.Model, name: str) -> Layer | None:
+        return next((layer for layer in discover(model) if layer.name == name), None)
 
     # --- student ---------------------------------------------------------------------------------
 
