@@ -19,9 +19,11 @@ import onnx
 from onnx import TensorProto
 
 __all__ = [
+    "EXTERNAL_MUTATORS",
     "MUTATORS",
     "Outcome",
     "mutate",
+    "mutate_external",
     "raw_data_spans",
     "run_cli",
 ]
@@ -536,3 +538,109 @@ def run_cli(argv: Sequence[str | Path], read_captured: Callable[[], tuple[str, s
         crash = traceback.format_exc()
     out, err = read_captured()
     return Outcome(code, out, err + crash, crash)
+
+
+# ---- external data ------------------------------------------------------------------------------
+
+ExternalMutator = Callable[[random.Random, onnx.ModelProto, bytearray, str], None]
+EXTERNAL_MUTATORS: dict[str, ExternalMutator] = {}
+
+
+def external_mutator(function: ExternalMutator) -> ExternalMutator:
+    EXTERNAL_MUTATORS[function.__name__] = function
+    return function
+
+
+def _external_entry(rng: random.Random, proto: onnx.ModelProto, key: str) -> onnx.StringStringEntryProto:
+    tensor = rng.choice([t for t in proto.graph.initializer if t.external_data])
+    entry = next((e for e in tensor.external_data if e.key == key), None)
+    if entry is None:
+        entry = tensor.external_data.add()
+        entry.key = key
+    return entry
+
+
+@external_mutator
+def data_truncated(rng: random.Random, proto: onnx.ModelProto, data: bytearray, location: str) -> None:
+    """Cut the data file anywhere (to nothing, sometimes)."""
+    del data[rng.choice([0, 1, rng.randrange(len(data)), len(data) - 1]) :]
+
+
+@external_mutator
+def data_flipped(rng: random.Random, proto: onnx.ModelProto, data: bytearray, location: str) -> None:
+    """Flip bytes of the data file: the tensors' values change, the structure does not."""
+    for _ in range(rng.randint(1, 32)):
+        data[rng.randrange(len(data))] ^= rng.randint(1, 255)
+
+
+@external_mutator
+def data_extended(rng: random.Random, proto: onnx.ModelProto, data: bytearray, location: str) -> None:
+    """Append garbage to the data file (harmless: nothing points there)."""
+    data.extend(rng.randbytes(rng.randint(1, 4096)))
+
+
+@external_mutator
+def entry_offset(rng: random.Random, proto: onnx.ModelProto, data: bytearray, location: str) -> None:
+    """Point a tensor at another offset: negative, unaligned, past the end, or garbage text."""
+    entry = _external_entry(rng, proto, "offset")
+    entry.value = rng.choice(["-64", "3", str(len(data)), str(len(data) - 8), str(2**62), "0x10", ""])
+
+
+@external_mutator
+def entry_length(rng: random.Random, proto: onnx.ModelProto, data: bytearray, location: str) -> None:
+    """Declare another length for a tensor's bytes."""
+    entry = _external_entry(rng, proto, "length")
+    entry.value = rng.choice(["0", "1", "-4", str(2**40), "twelve"])
+
+
+@external_mutator
+def entry_location(rng: random.Random, proto: onnx.ModelProto, data: bytearray, location: str) -> None:
+    """Point a tensor at another file: escaping, absolute, missing, a folder, the model itself."""
+    entry = _external_entry(rng, proto, "location")
+    entry.value = rng.choice(
+        [
+            "../" + location,
+            "../../../../etc/passwd",
+            "/etc/passwd",
+            "/dev/zero",
+            "missing.data",
+            "",
+            ".",
+            "sub/../" + location,  # legal: stays in the folder
+            location.removesuffix(".data"),  # the model file itself
+        ]
+    )
+
+
+@external_mutator
+def entry_keys(rng: random.Random, proto: onnx.ModelProto, data: bytearray, location: str) -> None:
+    """Add unknown or duplicate external-data keys, or drop the location."""
+    tensor = rng.choice([t for t in proto.graph.initializer if t.external_data])
+    action = rng.choice(["unknown", "duplicate", "drop_location", "checksum"])
+    if action == "unknown":
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "no_such_key", "1"
+    elif action == "duplicate":
+        tensor.external_data.add().CopyFrom(tensor.external_data[0])
+    elif action == "drop_location":
+        for entry in list(tensor.external_data):
+            if entry.key == "location":
+                tensor.external_data.remove(entry)
+    else:
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "checksum", "0" * 40
+
+
+def mutate_external(name: str, seed: int, model: Path, folder: Path) -> Path:
+    """Save ``model`` into ``folder`` with external data, corrupted by ``name``; return the model path."""
+    rng = random.Random(f"external:{name}:{seed}:{model.name}")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / model.name
+    location = model.name + ".data"
+    onnx.save(onnx.load(str(model)), str(path), save_as_external_data=True, location=location, size_threshold=0)
+    proto = onnx.load(str(path), load_external_data=False)
+    data = bytearray((folder / location).read_bytes())
+    EXTERNAL_MUTATORS[name](rng, proto, data, location)
+    path.write_bytes(proto.SerializeToString())
+    (folder / location).write_bytes(bytes(data))
+    return path

@@ -3,7 +3,8 @@
 Every case must end with a documented exit code, at most one ``error:`` line and no traceback on
 stderr (captured at the file-descriptor level, so onnxruntime's C++ log counts too), nothing left
 beside OUT, and the input unchanged. A case is named ``model-mutator-seed`` and is reproduced with
-``fuzzing.mutate(mutator, seed, MODELS / f"{model}.onnx")``.
+``fuzzing.mutate(mutator, seed, MODELS / f"{model}.onnx")`` (external-data cases with
+``fuzzing.mutate_external``). Exit 0 is fine when the mutation is harmless; OUT must then load.
 
 The regression tests at the end pin each bug the fuzzer found.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import onnx
 import pytest
 from conftest import MODELS, files_in
-from fuzzing import MUTATORS, Outcome, run_cli
+from fuzzing import EXTERNAL_MUTATORS, MUTATORS, Outcome, mutate, mutate_external, run_cli
 from onnx import TensorProto
 
 from onnxcompress import io
@@ -30,14 +31,14 @@ ORT_LOG = re.compile(r"\[[VIWEF]:onnxruntime:")  # e.g. "[E:onnxruntime:, sequen
 # fewer seeds to keep the whole fuzz under a minute.
 RUNNABLE_MUTATORS = {"flip_payload_bytes": 1, "weight_values": 1, "metadata_and_strings": 1}
 MIXED_MUTATORS = {
-    "flip_structure_bytes": 2,
-    "attribute_value": 2,
-    "graph_io_type": 2,
-    "opset_and_ir_version": 2,
-    "graph_outputs": 2,
-    "node_arity": 2,
+    "flip_structure_bytes": 3,
+    "attribute_value": 3,
+    "graph_io_type": 3,
+    "opset_and_ir_version": 3,
+    "graph_outputs": 3,
+    "node_arity": 3,
 }
-DEFAULT_SEEDS = 5
+DEFAULT_SEEDS = 8
 CASES = [
     (model, name, seed)
     for model in FUZZ_MODELS
@@ -56,7 +57,9 @@ def run(capfd: pytest.CaptureFixture[str], *args: str | Path) -> Outcome:
     return run_cli(args, captured)
 
 
-def assert_failed_or_written_cleanly(outcome: Outcome, source: Path, before: bytes, out: Path) -> None:
+def assert_failed_or_written_cleanly(
+    outcome: Outcome, source: Path, before: bytes, out: Path, input_files: dict[str, bytes] | None = None
+) -> None:
     """The contract every run must keep, whatever it was fed."""
     assert not outcome.crash, outcome.crash
     assert outcome.code in DOCUMENTED_EXIT_CODES, outcome.err
@@ -76,7 +79,72 @@ def assert_failed_or_written_cleanly(outcome: Outcome, source: Path, before: byt
             assert lines == outcome.error_lines, outcome.err
         assert files_in(out.parent) == [], files_in(out.parent)
     assert source.read_bytes() == before
-    assert files_in(source.parent) == [source.name]
+    expected = input_files if input_files is not None else {source.name: before}
+    assert files_in(source.parent) == sorted(expected)
+    for name, content in expected.items():
+        assert (source.parent / name).read_bytes() == content, f"{name} changed"
+
+
+@pytest.mark.parametrize(("model", "mutator", "seed"), CASES, ids=[f"{m}-{n}-{s}" for m, n, s in CASES])
+def test_corrupted_model(model: str, mutator: str, seed: int, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    data = mutate(mutator, seed, MODELS / f"{model}.onnx")
+    assert data is not None, f"{mutator} found nothing to mutate in {model}"
+    source = tmp_path / "in" / f"{model}.onnx"
+    source.parent.mkdir()
+    source.write_bytes(data)
+    out = tmp_path / "out" / f"{model}.small.onnx"
+    out.parent.mkdir()
+    outcome = run(capfd, source, out, "--passes", PASSES)
+    assert_failed_or_written_cleanly(outcome, source, data, out)
+
+
+EXTERNAL_MODELS = ("dlrm", "keras_wide_deep")
+RUNNABLE_EXTERNAL = {"data_flipped": 1, "data_extended": 1}
+EXTERNAL_CASES = [
+    (model, name, seed)
+    for model in EXTERNAL_MODELS
+    for name in EXTERNAL_MUTATORS
+    for seed in range(RUNNABLE_EXTERNAL.get(name, 4))
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "mutator", "seed"), EXTERNAL_CASES, ids=[f"{m}-{n}-{s}" for m, n, s in EXTERNAL_CASES]
+)
+def test_corrupted_external_data(
+    model: str, mutator: str, seed: int, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    source = mutate_external(mutator, seed, MODELS / f"{model}.onnx", tmp_path / "in")
+    before = {path.name: path.read_bytes() for path in source.parent.iterdir()}
+    out = tmp_path / "out" / f"{model}.small.onnx"
+    out.parent.mkdir()
+    outcome = run(capfd, source, out, "--passes", PASSES)
+    assert_failed_or_written_cleanly(outcome, source, before[source.name], out, input_files=before)
+
+
+def test_the_fuzz_covers_every_mutator_on_every_model() -> None:
+    assert len(CASES) >= 300
+    assert {(model, name) for model, name, _ in CASES} == {(m, n) for m in FUZZ_MODELS for n in MUTATORS}
+
+
+def test_mutations_are_reproducible_and_real(tmp_path: Path) -> None:
+    model = MODELS / "dlrm.onnx"
+    for name in MUTATORS:
+        first, second = mutate(name, 0, model), mutate(name, 0, model)
+        assert first == second, name
+        assert first != model.read_bytes(), f"{name} left the model unchanged"
+    (tmp_path / "clean").mkdir()
+    clean = tmp_path / "clean" / model.name
+    onnx.save(onnx.load(str(model)), str(clean), save_as_external_data=True, location=model.name + ".data",
+              size_threshold=0)
+    for name in EXTERNAL_MUTATORS:
+        first = snapshot_of(mutate_external(name, 0, model, tmp_path / name / "a"))
+        assert first == snapshot_of(mutate_external(name, 0, model, tmp_path / name / "b")), name
+        assert first != snapshot_of(clean), f"{name} left the model unchanged"
+
+
+def snapshot_of(model_path: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in model_path.parent.iterdir()}
 
 
 # ---- regressions: each bug the fuzzer found ----------------------------------------------------------
