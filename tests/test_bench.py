@@ -45,3 +45,11 @@ def test_recipe_flag_validates_passes_and_options() -> None:
         bench.parse_recipe("x=cleanup:cleanup.no_such_option=1")
     with pytest.raises(argparse.ArgumentTypeError, match="expected NAME"):
         bench.parse_recipe("cleanup")
+
+
+def test_preset_flag_names_an_onnxcompress_preset() -> None:
+    pytest.importorskip("onnxcompress.presets")
+    method = bench.preset_method("lossless")
+    assert method.name == "preset-lossless" and method.params == {"preset": "lossless"}
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown preset"):
+        bench.preset_method("no_such_preset")

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lib as lib
 
 from onnxcompress.errors import CompressError
+from onnxcompress.parity import LOSSY
 from onnxcompress.recipe import build_specs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ ORIGINAL = lib.Method("original", "original", "the model as exported")
 CONTROL = "original, 2nd session (A/A)"
 QUICK_MODEL = "sklearn_mlp"
 BATCHES = {"b1": 1, "b512": 512}
-AUC_BUDGET = 0.003  # onnxcompress's default --max-auc-drop, drawn on the Pareto plot
+AUC_BUDGET = LOSSY.max_auc_drop  # onnxcompress's default --max-auc-drop, drawn on the Pareto plot
 PACKAGES = ("onnxcompress", "onnx", "onnx-ir", "onnxruntime", "numpy", "onnxsim", "matplotlib")
 
 
@@ -128,14 +129,16 @@ def parse_recipe(text: str) -> lib.Method:
 
 
 def preset_method(name: str) -> lib.Method:
-    """A method for ``onnxcompress.presets.PRESETS[name]`` (passes as ``compress()`` takes them)."""
+    """A method for ``onnxcompress.presets.get_preset(name)``: its passes and options, given to ``compress()``."""
     try:
-        from onnxcompress import presets  # type: ignore[attr-defined]
+        from onnxcompress.presets import get_preset
     except ImportError:
         raise argparse.ArgumentTypeError("--preset: onnxcompress.presets does not exist in this checkout") from None
-    if name not in presets.PRESETS:
-        raise argparse.ArgumentTypeError(f"--preset {name!r}: choose from {', '.join(sorted(presets.PRESETS))}")
-    return lib.Method(f"preset-{name}", "ours", f"onnxcompress preset {name}", {"preset": name})
+    try:
+        preset = get_preset(name)
+    except CompressError as error:
+        raise argparse.ArgumentTypeError(f"--preset: {error}") from None
+    return lib.Method(f"preset-{name}", "ours", f"onnxcompress --preset {name}: {preset.summary}", {"preset": name})
 
 
 def onnxsim_methods() -> tuple[tuple[lib.Method, ...], str]:

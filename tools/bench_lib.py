@@ -157,16 +157,18 @@ def _onnxsim(source: Path, out: Path, case: Case, params: Mapping[str, Any]) -> 
 def _ours(source: Path, out: Path, case: Case, params: Mapping[str, Any]) -> dict[str, Any]:
     from onnxcompress import compress
 
-    passes: Sequence[Any] = params.get("passes", ())
+    passes: Sequence[str] = params.get("passes", ())
+    options: Mapping[str, Mapping[str, Any]] | None = params.get("options")
     if "preset" in params:
-        from onnxcompress import presets  # type: ignore[attr-defined]
+        from onnxcompress.presets import get_preset
 
-        passes = presets.PRESETS[params["preset"]]
+        preset = get_preset(params["preset"])
+        passes, options = preset.passes, preset.options
     report = compress(
         source,
         out,
         passes,
-        options=params.get("options"),
+        options=options,
         assignments=params.get("assignments", ()),
         feeds=case.feeds,
         labels=case.labels,
