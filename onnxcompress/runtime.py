@@ -66,16 +66,29 @@ def _session_options(opt_level: str, threads: int | None) -> ort.SessionOptions:
 
 
 def _serialize_side_loading(model: ir.Model, options: ort.SessionOptions) -> tuple[bytes, list[ort.OrtValue]]:
-    """Serialize ``model`` with its large tensors moved into ``options`` as external initializers.
+    """Serialize ``model`` with its large in-memory tensors moved into ``options`` as external
+    initializers.
 
-    Tensors still in an external-data file are always moved (or, when they cannot be, embedded):
-    onnxruntime refuses external-data paths in a model given as bytes.
+    Untouched tensors of the main graph that still live in one external-data folder stay external:
+    onnxruntime reads them from that folder itself (memory-mapped, only the pages it needs), so a
+    2 GB model costs no copy. Other external tensors are side-loaded, or embedded when they cannot
+    be: onnxruntime resolves external paths in a model given as bytes only against that folder.
     """
     import onnxruntime as ort
 
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
     names: list[str] = []
     values: list[ort.OrtValue] = []
+    folder = next(
+        (
+            str(tensor.base_dir)
+            for tensor in (value.const_value for value in model.graph.initializers.values())
+            if isinstance(tensor, ir.ExternalTensor) and tensor.base_dir and tensor.valid
+        ),
+        None,
+    )
+    if folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     try:
         for graph in model.graphs():
             for value in graph.initializers.values():
@@ -90,6 +103,8 @@ def _serialize_side_loading(model: ir.Model, options: ort.SessionOptions) -> tup
             if tensor is None or tensor.dtype not in _SIDE_LOAD_DTYPES or tensor.nbytes == 0:
                 continue
             if tensor.nbytes < _SIDE_LOAD_MIN_BYTES and not isinstance(tensor, ir.ExternalTensor):
+                continue
+            if isinstance(tensor, ir.ExternalTensor) and str(tensor.base_dir) == folder:
                 continue
             array = np.ascontiguousarray(tensor.numpy())
             assert value.name is not None

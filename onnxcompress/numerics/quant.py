@@ -18,6 +18,8 @@ __all__ = [
     "gptq_quantize",
     "pack_codes",
     "quantize_rows",
+    "quantize_tensor_rows",
+    "quantized_row_error",
     "relative_error",
     "row_relative_error",
     "unpack_codes",
@@ -65,7 +67,9 @@ def _round_scale(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _codes(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray, low: int, high: int) -> np.ndarray:
-    return np.clip(np.rint(rows / scale[:, None]) + zero[:, None], low, high)
+    # In the rows' own precision: float32 rows need no float64 temporaries (a 2 GB table would).
+    divided = rows / scale.astype(rows.dtype)[:, None]
+    return np.clip(np.rint(divided, out=divided) + zero.astype(rows.dtype)[:, None], low, high)
 
 
 def _params(
@@ -117,7 +121,7 @@ def quantize_rows(
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be between 2 and 8, got {bits}")
-    rows = np.asarray(rows, dtype=np.float64)
+    rows = np.asarray(rows)  # converted to float64 chunk by chunk: a table may be memory-mapped
     scale_dtype = np.dtype(scale_dtype)
     low, high = _levels(bits, symmetric)
     scale = np.empty(len(rows))
@@ -126,6 +130,7 @@ def quantize_rows(
     chunk = max(1, _MSE_CHUNK_ELEMENTS // max(rows.shape[1], 1))
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
+        part = part.astype(np.float32 if part.dtype == np.float32 else np.float64)
         clip = _mse_clip(part, bits, symmetric, scale_dtype) if search else 1.0
         part_scale, part_zero = _params(part, bits, symmetric, clip, scale_dtype)
         codes[start : start + chunk] = _codes(part, part_scale, part_zero, low, high)
@@ -242,6 +247,40 @@ def relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
     return difference / norm if norm else difference
 
 
+def quantize_tensor_rows(rows: np.ndarray, bits: int, *, search: bool = False) -> QuantizedRows:
+    """Symmetric quantization with one scale for the whole ``[rows, elements]`` array, codes kept
+    as rows (for lookups); works chunk by chunk so a memory-mapped table is never copied whole.
+
+    With ``search`` the clip ratio is chosen by squared error on an evenly spaced sample of rows.
+    """
+    rows = np.asarray(rows)
+    _, high = _levels(bits, True)
+    chunk = max(1, _MSE_CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    peak = max(float(np.abs(rows[start : start + chunk]).max(initial=0.0)) for start in range(0, len(rows), chunk))
+    clip = 1.0
+    if search and peak > 0:
+        sample = rows[:: max(1, len(rows) // chunk)][:chunk].astype(np.float64)
+        candidates = [
+            (
+                float(
+                    np.square(
+                        np.clip(np.rint(sample / (peak * ratio / high)), -high, high) * (peak * ratio / high) - sample
+                    ).sum()
+                ),
+                float(ratio),
+            )
+            for ratio in MSE_CLIP_GRID
+        ]
+        clip = min(candidates)[1]
+    scale = max(peak * clip / high, np.finfo(np.float32).tiny)
+    codes = np.empty(rows.shape, dtype=np.int8)
+    inverse = np.float32(1.0 / scale)
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk] * inverse
+        codes[start : start + chunk] = np.clip(np.rint(part, out=part), -high, high)
+    return QuantizedRows(codes=codes, scale=np.array([scale], np.float32), zero_point=None, bits=bits)
+
+
 def row_relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
     """Median over rows of ``||row error|| / ||row||``: every row (user, item) counts the same, so a
     table whose few large rows set a shared scale shows the precision its typical rows lose, while
@@ -251,3 +290,25 @@ def row_relative_error(reference: np.ndarray, approximation: np.ndarray) -> floa
     norms = np.linalg.norm(reference, axis=1)
     live = norms > 0
     return float(np.median(error[live] / norms[live])) if live.any() else float(error.max(initial=0.0))
+
+
+def quantized_row_error(reference: np.ndarray, quantized: QuantizedRows) -> float:
+    """:func:`row_relative_error` of ``quantized`` (codes as rows of ``reference``), chunk by chunk."""
+    reference = np.asarray(reference)
+    chunk = max(1, _MSE_CHUNK_ELEMENTS // max(reference.shape[1], 1))
+    per_row_scale = quantized.scale.size == len(reference)
+    ratios = []
+    for start in range(0, len(reference), chunk):
+        stop = start + chunk
+        part = np.asarray(reference[start:stop], dtype=np.float32)
+        scale = (quantized.scale[start:stop] if per_row_scale else quantized.scale).astype(np.float32)
+        restored = quantized.codes[start:stop].astype(np.float32)
+        if quantized.zero_point is not None:
+            restored -= quantized.zero_point[start:stop].astype(np.float32)[:, None]
+        restored *= scale[:, None] if per_row_scale else scale
+        error = np.linalg.norm(restored - part, axis=1)
+        norms = np.linalg.norm(part, axis=1)
+        live = norms > 0
+        ratios.append(error[live] / norms[live])
+    values = np.concatenate(ratios) if ratios else np.zeros(0)
+    return float(np.median(values)) if values.size else 0.0

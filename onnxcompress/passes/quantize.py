@@ -40,8 +40,9 @@ from onnxcompress.numerics.quant import (
     gptq_quantize,
     pack_codes,
     quantize_rows,
+    quantize_tensor_rows,
+    quantized_row_error,
     relative_error,
-    row_relative_error,
 )
 from onnxcompress.parity import Budget, Budgets, compare
 from onnxcompress.passes import register
@@ -55,6 +56,8 @@ logger = logging.getLogger(__name__)
 QUANT_OPSET = 21
 QUANT_IR_VERSION = 10
 BIT_CHOICES = (8, 4, 2, 1)
+#: Tables larger than this are rounded to nearest per row: the clip search costs 26 passes.
+SEARCH_MAX_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -709,23 +712,24 @@ class Quantize(CompressionPass):
     # --- embedding tables ------------------------------------------------------------------------
 
     def _table_codes(self, table: np.ndarray, bits: int) -> tuple[QuantizedRows, str, dict[str, float]]:
-        """Quantize a table: (codes, granularity "row" or "tensor", the relative errors compared)."""
+        """Quantize a table: (codes, granularity "row" or "tensor", the relative errors compared).
+
+        Works on row chunks of ``table`` (which may be memory-mapped); the clip search, 26 passes
+        per row, is used only below ``SEARCH_MAX_ELEMENTS`` where it is cheap.
+        """
         config = self.config
         scale_dtype = np.dtype(config.scale_dtype)
         if bits == 1:
             codes, alpha = binarize_rows(table, scale_dtype)
             return QuantizedRows(codes, alpha, None, 1), "row", {}
-        search = config.rounding != "nearest"
+        search = config.rounding != "nearest" and table.size <= SEARCH_MAX_ELEMENTS
         quantized = quantize_rows(
             table, bits, symmetric=config.embedding_symmetric, search=search, scale_dtype=scale_dtype
         )
         if config.embedding_granularity == "row":
             return quantized, "row", {}
-        whole = quantize_rows(table.reshape(1, -1), bits, symmetric=True, search=search)
-        errors = {
-            "row": row_relative_error(table, dequantize_rows(quantized)),
-            "tensor": row_relative_error(table, dequantize_rows(whole).reshape(table.shape)),
-        }
+        whole = quantize_tensor_rows(table, bits, search=config.rounding != "nearest")
+        errors = {"row": quantized_row_error(table, quantized), "tensor": quantized_row_error(table, whole)}
         if config.embedding_granularity == "tensor" or errors["tensor"] <= config.table_tolerance:
             return whole, "tensor", errors
         return quantized, "row", errors
@@ -737,6 +741,9 @@ class Quantize(CompressionPass):
         table = tensor.numpy()
         build = _Builder(graph, value.name)
         quantized, granularity, errors = self._table_codes(table, bits)
+        del table
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.release()  # unmap the fp32 table: its pages would otherwise stay resident
         folded = tensor.nbytes < config.fold_tables_below
         lookups = [use for use in uses if use.kind == "embedding"]
         stored = _store(
@@ -744,7 +751,7 @@ class Quantize(CompressionPass):
             quantized,
             binary=bits == 1,
             column=folded,
-            rows_shape=table.shape if granularity == "tensor" else None,
+            rows_shape=(tensor.shape[0], tensor.shape[1]) if granularity == "tensor" else None,
         )
         others = [use for use in uses if use.kind != "embedding"]
         if folded or others:
@@ -765,7 +772,9 @@ class Quantize(CompressionPass):
             "bits": bits,
             "granularity": granularity,
             "relative_error": {key: round(value, 6) for key, value in errors.items()},
-            "rounding": "binary" if bits == 1 else ("mse" if config.rounding != "nearest" else "nearest"),
+            "rounding": "binary"
+            if bits == 1
+            else ("mse" if config.rounding != "nearest" and tensor.size <= SEARCH_MAX_ELEMENTS else "nearest"),
             "form": "fold" if folded else "gathered",
             "bytes_before": tensor.nbytes,
             "bytes_after": build.stored_bytes,
