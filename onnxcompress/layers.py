@@ -345,6 +345,15 @@ def layer_params(layer: Layer) -> int:
     return params
 
 
+def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """The output shape of ``MatMul(a, b)`` (numpy semantics)."""
+    if len(b) == 1:
+        return a[:-1]
+    if len(a) == 1:
+        return (*b[:-2], b[-1])
+    return (*np.broadcast_shapes(a[:-2], b[:-2]), a[-2], b[-1])
+
+
 def matmul_flops(model: ir.Model, feeds: Feeds) -> dict[ir.Node, float]:
     """FLOPs per row (2 x multiply-adds) of every MatMul and Gemm, from the shapes seen on ``feeds``."""
     nodes = [node for node in model.graph if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx")]
@@ -362,10 +371,7 @@ def matmul_flops(model: ir.Model, feeds: Feeds) -> dict[ir.Node, float]:
             n = b[0] if node.attributes.get_int("transB", 0) else b[1]
             flops[node] = 2.0 * m * k * n / rows
         else:
-            out = (
-                np.matmul(np.empty(tuple(a), np.int8), np.empty(tuple(b), np.int8)).shape if len(b) > 1 else (*a[:-1],)
-            )
-            flops[node] = 2.0 * float(np.prod(out)) * a[-1] / rows
+            flops[node] = 2.0 * float(np.prod(_matmul_shape(tuple(a), tuple(b)))) * a[-1] / rows
     return flops
 
 
@@ -411,8 +417,8 @@ class Activations:
 
 @dataclass(frozen=True)
 class Fitting:
-    """Rows the closed-form fits use: the calibration rows first (``rows`` of them, where fidelity is
-    measured), then rows mixed from their columns; and where they came from."""
+    """Rows the closed-form fits use (``calibration``: the calibration rows first, then rows mixing their
+    columns), the calibration rows alone (``evaluation``, where fidelity is measured), and their source."""
 
     calibration: Calibration
     evaluation: Calibration
@@ -628,6 +634,8 @@ def _refit(graph: ir.Graph, layer: LinearLayer, inputs: np.ndarray, target: np.n
 def _writer_behind(
     value: ir.Value, start: ir.Value, by_output: dict[ir.Value, LinearLayer], depth: int
 ) -> tuple[LinearLayer, ir.Value] | None:
+    """The linear layer writing the residual stream that reaches ``start`` unshared (through Identity,
+    Dropout and mask multiplications), with the other input of its residual Add; or None."""
     producer = value.producer()
     if producer is None or depth > 4 or (value is not start and len(value.uses()) != 1):
         return None
@@ -642,8 +650,11 @@ def _writer_behind(
                 return layer, producer.inputs[1 - index]  # type: ignore[return-value]
         return None
     if producer.op_type in _STREAM_TRANSPARENT:
-        for operand in producer.inputs[: 2 if producer.op_type == "Mul" else 1]:
-            if operand is not None and not _is_constant(operand):
+        operands = producer.inputs[: 2 if producer.op_type == "Mul" else 1]
+        if any(operand is None or _is_constant(operand) for operand in operands):
+            return None  # a constant factor scales the stream: not a mask
+        for operand in operands:
+            if operand is not None:
                 found = _writer_behind(operand, start, by_output, depth + 1)
                 if found is not None:
                     return found
