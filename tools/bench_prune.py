@@ -4,8 +4,8 @@ For each model and each configuration (50/80/90% unstructured, 2:4, 25% and 50% 
 each with and without least-squares reconstruction, and 80% followed by the lossless ``sparse``
 storage pass) it runs ``onnxcompress.compress(..., force=True)`` with the model's test feeds,
 labels and calibration rows, then times the original and every output together: batch-1 latency
-and batch-512 throughput, interleaved rounds in rotated order, medians, ``--threads`` intra-op
-threads at ORT_ENABLE_ALL.
+and batch-512 throughput of each output against the original, in interleaved rounds (rotated
+order), medians, ``--threads`` intra-op threads at ORT_ENABLE_ALL.
 
     python tools/bench_prune.py --markdown docs/pruning_table.md --json prune.json
 
@@ -35,6 +35,7 @@ from bench_lib import first_rows, load_feeds, make_session, time_sessions  # noq
 
 from onnxcompress import compress  # noqa: E402
 from onnxcompress.errors import CompressError  # noqa: E402
+from onnxcompress.passes import PASSES  # noqa: E402
 
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "50%": ("prune", ["prune.sparsity=0.5"]),
@@ -59,6 +60,9 @@ def configurations() -> list[tuple[str, str, list[str]]]:
             )
         )
     runs.append(("80% refit + sparse", "prune,sparse", ["prune.sparsity=0.8"]))
+    if "quant" in PASSES:  # the saving that pruning adds to quantization, once zeros are stored as bits
+        runs.append(("quant alone", "quant", []))
+        runs.append(("80% refit + quant + sparse", "prune,quant,sparse", ["prune.sparsity=0.8"]))
     return runs
 
 
@@ -66,12 +70,16 @@ def score_output(report: dict[str, Any]) -> dict[str, Any]:
     return next(o for o in report["parity"]["outputs"] if o.get("auc_reference") is not None)
 
 
-def bench_model(name: str, folder: Path, threads: int, repeats: int, target: float) -> list[dict[str, Any]]:
+def bench_model(
+    name: str, folder: Path, threads: int, repeats: int, target: float, only: set[str] | None = None
+) -> list[dict[str, Any]]:
     source = REPO / "models" / f"{name}.onnx"
     files = {kind: REPO / "models" / f"{name}.{kind}" for kind in ("feeds.npz", "labels.npy", "calib.npz")}
     rows: list[dict[str, Any]] = []
     outputs: dict[str, Path] = {}
     for label, passes, sets in configurations():
+        if only and label not in only:
+            continue
         out = folder / f"{name}-{len(outputs)}.onnx"
         started = time.perf_counter()
         try:
@@ -112,16 +120,36 @@ def bench_model(name: str, folder: Path, threads: int, repeats: int, target: flo
         outputs[label] = out
     feeds = load_feeds(files["feeds.npz"])
     feed_sets = {"b1": first_rows(feeds, 1), "b512": first_rows(feeds, 512)}
-    sessions = {"original": make_session(source, threads)}
-    sessions.update({label: make_session(path, threads) for label, path in outputs.items()})
-    samples = time_sessions(sessions, feed_sets, repeats, target)
-    base = {kind: statistics.median(samples[("original", kind)]) for kind in feed_sets}
+    # The original timed against itself states the noise floor of this machine for this model.
+    rows.insert(
+        0,
+        {
+            "model": name,
+            "config": "original vs itself",
+            "bytes_in": source.stat().st_size,
+            "bytes_out": source.stat().st_size,
+            "sparsity": 0.0,
+            "units_removed": None,
+            "auc_delta": 0.0,
+            "cosine": 1.0,
+            "spearman": 1.0,
+            "parity": "passed",
+        },
+    )
+    outputs["original vs itself"] = source
     for row in rows:
-        if row["config"] in outputs:
-            latency = statistics.median(samples[(row["config"], "b1")])
-            per_call = statistics.median(samples[(row["config"], "b512")])
-            row["latency_b1_ratio"] = latency / base["b1"]
-            row["throughput_b512_ratio"] = base["b512"] / per_call
+        if row["config"] not in outputs:
+            continue
+        # Two fresh sessions at a time: with a dozen sessions alive, idle onnxruntime thread
+        # pools spinning on a two-core machine skewed the figures several-fold.
+        sessions = {
+            "original": make_session(source, threads),
+            "candidate": make_session(outputs[row["config"]], threads),
+        }
+        samples = time_sessions(sessions, feed_sets, repeats, target)
+        median = {key: statistics.median(values) for key, values in samples.items()}
+        row["latency_b1_ratio"] = median[("candidate", "b1")] / median[("original", "b1")]
+        row["throughput_b512_ratio"] = median[("original", "b512")] / median[("candidate", "b512")]
     return rows
 
 
@@ -135,7 +163,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         if "error" in row:
             lines.append(f"| {row['model']} | {row['config']} | error: {row['error']} |||||||||")
             continue
-        amount = f"{row['sparsity']:.3f}" if row["sparsity"] is not None else f"{row['units_removed']} units removed"
+        if row["sparsity"] is not None:
+            amount = f"{row['sparsity']:.3f}"
+        elif row["units_removed"] is not None:
+            amount = f"{row['units_removed']} units removed"
+        else:
+            amount = "—"
         verdict = "pass" if row["parity"] == "passed" else "fail"
         lines.append(
             f"| {row['model']} | {row['config']} | {row['bytes_out'] / 1024:.1f} KB | "
@@ -152,6 +185,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (medians)")
     parser.add_argument("--target", type=float, default=0.1, help="seconds per timing sample")
+    parser.add_argument("--only", nargs="*", help="configuration labels to run (default: all)")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
@@ -160,7 +194,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
             print(f"{name} ...", file=sys.stderr, flush=True)
-            rows += bench_model(name, Path(folder), args.threads, args.repeats, args.target)
+            rows += bench_model(name, Path(folder), args.threads, args.repeats, args.target, set(args.only or ()))
     table = markdown(rows)
     print(table)
     if args.markdown:
