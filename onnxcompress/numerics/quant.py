@@ -15,6 +15,7 @@ __all__ = [
     "QuantizedRows",
     "binarize_rows",
     "dequantize_rows",
+    "dynamic_quantize",
     "gptq_quantize",
     "pack_codes",
     "quantize_rows",
@@ -312,3 +313,16 @@ def quantized_row_error(reference: np.ndarray, quantized: QuantizedRows) -> floa
         ratios.append(error[live] / norms[live])
     values = np.concatenate(ratios) if ratios else np.zeros(0)
     return float(np.median(values)) if values.size else 0.0
+
+
+def dynamic_quantize(x: np.ndarray) -> np.ndarray:
+    """What ONNX DynamicQuantizeLinear + dequantization does to ``x``: uint8 over the range
+    ``[min(x, 0), max(x, 0)]`` of the whole tensor, zero point rounded to an integer."""
+    low = min(float(x.min(initial=0.0)), 0.0)
+    high = max(float(x.max(initial=0.0)), 0.0)
+    if high == low:
+        return np.zeros_like(x)
+    scale = (high - low) / 255.0
+    zero = np.clip(np.rint(-low / scale), 0, 255)
+    codes = np.clip(np.rint(x / scale) + zero, 0, 255)
+    return ((codes - zero) * scale).astype(x.dtype)

@@ -37,6 +37,7 @@ from onnxcompress.numerics.quant import (
     QuantizedRows,
     binarize_rows,
     dequantize_rows,
+    dynamic_quantize,
     gptq_quantize,
     pack_codes,
     quantize_rows,
@@ -283,6 +284,14 @@ class Quantize(CompressionPass):
                 "help": "none: float activations; dynamic: DynamicQuantizeLinear + MatMulInteger (8-bit "
                 "weights); auto: dynamic for the layers where onnxruntime measures it faster",
                 "choices": ("none", "dynamic", "auto"),
+            },
+        )
+        activation_tolerance: float = field(
+            default=0.01,
+            metadata={
+                "help": "auto: largest relative output error a layer may take from 8-bit activations, "
+                "measured on calibration rows (without calibration data auto keeps float activations)",
+                "min": 0.0,
             },
         )
         dequantize: str = field(
@@ -570,24 +579,43 @@ class Quantize(CompressionPass):
         )
 
     def _hessians(self, model: ir.Model, selected: dict[ir.Value, list[WeightUse]]) -> dict[str, np.ndarray]:
-        """``X^T X`` of each linear layer's input on the calibration rows (for GPTQ)."""
+        """``X^T X`` of each linear layer's input on the calibration rows (for GPTQ); records in
+        ``self._activation_errors`` what 8-bit dynamic activations would cost each layer."""
         calibration = self.context.calibration
-        targets: dict[str, ir.Value] = {}
+        self._activation_errors: dict[str, float] = {}
+        gptq: dict[str, ir.Value] = {}
+        dynamic: dict[str, tuple[ir.Value, np.ndarray]] = {}
         for value, uses in selected.items():
             use = uses[0]
-            if len(uses) == 1 and self._wants_gptq(use) and use.node.inputs[0] is not None:
-                if use.node.op_type == "Gemm" and use.node.attributes.get_int("transA", 0):
-                    continue
-                targets[value.name or ""] = use.node.inputs[0]
-        if calibration is None or not targets:
+            x = use.node.inputs[0]
+            if (
+                _is_table(uses)
+                or x is None
+                or (use.node.op_type == "Gemm" and use.node.attributes.get_int("transA", 0))
+            ):
+                continue
+            if len(uses) == 1 and self._wants_gptq(use):
+                gptq[value.name or ""] = x
+            if self.config.activations == "auto" and _dynamic_ready(uses):
+                dynamic[value.name or ""] = (x, _channel_rows(value.const_value.numpy(), use))  # type: ignore[union-attr]
+        if calibration is None or not (gptq or dynamic):
             return {}
         hessians: dict[str, np.ndarray] = {}
-        unique_inputs = {value.name: value for value in targets.values()}
-        for batch in calibration.iter_capture(model, list(unique_inputs.values())):
-            for weight_name, input_value in targets.items():
+        errors: dict[str, list[float]] = {name: [0.0, 0.0] for name in dynamic}
+        captured = {value.name: value for value in [*gptq.values(), *(x for x, _ in dynamic.values())]}
+        for batch in calibration.iter_capture(model, list(captured.values())):
+            for weight_name, input_value in gptq.items():
                 x = batch[input_value.name].astype(np.float64)
                 x = x.reshape(-1, x.shape[-1])
                 hessians[weight_name] = hessians.get(weight_name, 0) + x.T @ x
+            for weight_name, (input_value, rows) in dynamic.items():
+                x = batch[input_value.name].astype(np.float32)
+                x = x.reshape(-1, x.shape[-1])
+                errors[weight_name][0] += float(np.square((dynamic_quantize(x) - x) @ rows.T).sum())
+                errors[weight_name][1] += float(np.square(x @ rows.T).sum())
+        self._activation_errors = {
+            name: float(np.sqrt(error / total)) if total else 0.0 for name, (error, total) in errors.items()
+        }
         return hessians
 
     # --- linear layers ---------------------------------------------------------------------------
@@ -600,12 +628,18 @@ class Quantize(CompressionPass):
         group = {"tensor": channels * inputs, "channel": inputs, "block": config.block_size}[granularity]
         if granularity == "block" and inputs % group:
             granularity, group = "channel", inputs
+        activation_error = getattr(self, "_activation_errors", {}).get(uses[0].value.name or "")
         dynamic = (
             bits == 8
             and _dynamic_ready(uses)
             and (
                 config.activations == "dynamic"
-                or (config.activations == "auto" and dynamic_matmul_is_faster(inputs, channels))
+                or (
+                    config.activations == "auto"
+                    and activation_error is not None
+                    and activation_error <= config.activation_tolerance
+                    and dynamic_matmul_is_faster(inputs, channels)
+                )
             )
         )
         if dynamic:
@@ -661,6 +695,11 @@ class Quantize(CompressionPass):
         return {
             "kind": use.kind,
             "bits": bits,
+            **(
+                {"activation_error": round(self._activation_errors[value.name], 5)}
+                if value.name in getattr(self, "_activation_errors", {})
+                else {}
+            ),
             "granularity": granularity,
             "rounding": method,
             "form": form,
