@@ -287,3 +287,19 @@ def test_remaining_floats_are_stored_as_float16_and_cast_back(tmp_path: Path) ->
     assert model.graph.initializers["b"].const_value.dtype == ir.DataType.FLOAT
     (got,) = evaluate(model, tmp_path, feeds)
     assert relative_error(expected, got) < 0.01
+
+
+def test_auto_activations_keep_float_where_8_bit_activations_would_cost_accuracy() -> None:
+    from onnxcompress.calibration import Calibration, Feeds
+    from onnxcompress.passes.base import PassContext
+
+    x = RNG.standard_normal((512, 64)).astype(np.float32)
+    x[:, 0] *= 500.0  # one huge feature: a per-tensor uint8 step wipes out the others
+    context = PassContext(calibration=Calibration(Feeds({"x": x}, "test")))
+    model = linear_model()
+    result = Quantize(Quantize.Config(activations="auto"), context)(model)
+    w_mm = result.stats["tensors"]["w_mm"]
+    assert w_mm["activation_error"] > 0.01 and w_mm["form"] == "fold"
+    assert "MatMulInteger" not in {node.op_type for node in model.graph if node.outputs[0].name and "w_mm" in node.name}
+    without_calibration = Quantize(Quantize.Config(activations="auto"))(linear_model())
+    assert {entry["form"] for entry in without_calibration.stats["tensors"].values()} == {"fold"}
