@@ -23,7 +23,6 @@ with its parameters, FLOPs per row and importance measured on calibration data.
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -61,8 +60,6 @@ __all__ = [
     "score_logit",
     "write_linear",
 ]
-
-logger = logging.getLogger(__name__)
 
 NORMALIZATIONS = frozenset({"LayerNormalization", "RMSNormalization", "BatchNormalization"})
 #: Ops between the logit and the linear layers that add into it: they keep one value per row.
@@ -160,7 +157,7 @@ def _residuals(model: ir.Model, linear_nodes: frozenset[ir.Node]) -> list[_Resid
 
 
 def _single_user(value: ir.Value) -> ir.Node | None:
-    uses = value.uses()
+    uses = list(value.uses())
     return uses[0][0] if len(uses) == 1 and not value.is_graph_output() else None
 
 
@@ -231,10 +228,10 @@ def discover(model: ir.Model) -> list[Layer]:
     links, _ = mlp_links(model)
     for link in links:
         producer = link.producer
-        nodes = (producer.node, *([producer.bias_node] if producer.bias_node else []), *link.between)
-        found.append(
-            Layer(linear_name(producer), "mlp", nodes, producer.node.inputs[0], link.consumer.node.inputs[0], link)
-        )  # type: ignore[arg-type]
+        mlp_nodes = (producer.node, *([producer.bias_node] if producer.bias_node else []), *link.between)
+        source, hidden = producer.node.inputs[0], link.consumer.node.inputs[0]
+        assert source is not None and hidden is not None
+        found.append(Layer(linear_name(producer), "mlp", mlp_nodes, source, hidden, link))
     residuals = _residuals(model, linear_nodes)
     block_of: dict[_Residual, str] = {}
     for index, (first, between, second, trailing) in enumerate(_transformers(residuals)):
@@ -250,8 +247,8 @@ def discover(model: ir.Model) -> list[Layer]:
         if output.is_graph_output():
             continue
         scope = block_of.get(residual) or _prefix(residual.branch) or f"residual{index}"
-        nodes = tuple(sorted({*residual.branch, residual.add}, key=position.__getitem__))
-        found.append(Layer(f"{scope}.{residual.role}", "residual", nodes, residual.stream, output))
+        ordered = tuple(sorted({*residual.branch, residual.add}, key=position.__getitem__))
+        found.append(Layer(f"{scope}.{residual.role}", "residual", ordered, residual.stream, output))
     found.sort(key=lambda layer: position[layer.nodes[0]])
     seen: dict[str, int] = defaultdict(int)
     unique = []
@@ -354,6 +351,13 @@ def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     return (*np.broadcast_shapes(a[:-2], b[:-2]), a[-2], b[-1])
 
 
+def _static_shape(value: ir.Value | None, arrays: dict[ir.Value, np.ndarray]) -> tuple[int, ...]:
+    assert value is not None
+    if value.const_value is not None:
+        return tuple(value.const_value.shape.numpy())
+    return tuple(arrays[value].shape)
+
+
 def matmul_flops(model: ir.Model, feeds: Feeds) -> dict[ir.Node, float]:
     """FLOPs per row (2 x multiply-adds) of every MatMul and Gemm, from the shapes seen on ``feeds``."""
     nodes = [node for node in model.graph if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx")]
@@ -362,16 +366,13 @@ def matmul_flops(model: ir.Model, feeds: Feeds) -> dict[ir.Node, float]:
     rows = max(feeds.rows, 1)
     flops = {}
     for node in nodes:
-        a, b = (
-            value.const_value.shape if value.const_value is not None else arrays[value].shape
-            for value in node.inputs[:2]
-        )  # type: ignore[union-attr]
+        a, b = (_static_shape(value, arrays) for value in node.inputs[:2])
         if node.op_type == "Gemm":
             m, k = (a[1], a[0]) if node.attributes.get_int("transA", 0) else (a[0], a[1])
             n = b[0] if node.attributes.get_int("transB", 0) else b[1]
             flops[node] = 2.0 * m * k * n / rows
         else:
-            flops[node] = 2.0 * float(np.prod(_matmul_shape(tuple(a), tuple(b)))) * a[-1] / rows
+            flops[node] = 2.0 * float(np.prod(_matmul_shape(a, b))) * a[-1] / rows
     return flops
 
 
@@ -402,16 +403,15 @@ class Activations:
     def __init__(self, model: ir.Model, calibration: Calibration) -> None:
         self.model = model
         self.calibration = calibration
-        self._values = {value.name: value for value in model.graph.inputs}
-        self._values.update({value.name: value for node in model.graph for value in node.outputs})
+        values = [*model.graph.inputs, *(value for node in model.graph for value in node.outputs)]
+        self._values = {value.name: value for value in values if value.name is not None}
         self._cache: dict[str, np.ndarray] = {}
 
     def __call__(self, *names: str) -> list[np.ndarray]:
-        missing = [self._values[name] for name in dict.fromkeys(names) if name not in self._cache]
+        missing = [name for name in dict.fromkeys(names) if name not in self._cache]
         if missing:
-            self._cache.update(
-                zip([v.name for v in missing], capture(self.model, self.calibration, missing), strict=True)
-            )  # type: ignore[misc]
+            arrays = capture(self.model, self.calibration, [self._values[name] for name in missing])
+            self._cache.update(zip(missing, arrays, strict=True))
         return [self._cache[name] for name in names]
 
 
@@ -538,9 +538,8 @@ def _linearised(between: Sequence[ir.Node], start: ir.Value, hidden: np.ndarray)
         index = list(node.inputs).index(current)
         op = node.op_type
         if op == "BatchNormalization":
-            scale, shift = batchnorm_affine(
-                *(_constant_array(node.inputs[i]) for i in range(1, 5)), node.attributes.get_float("epsilon", 1e-5)
-            )
+            scale, bias, mean, var = (_constant_array(node.inputs[i]) for i in range(1, 5))
+            scale, shift = batchnorm_affine(scale, bias, mean, var, node.attributes.get_float("epsilon", 1e-5))
             hidden = hidden * scale + shift
         elif op in ("Add", "Sub", "Mul", "Div"):
             constant = _constant_array(node.inputs[1 - index]).reshape(-1)

@@ -70,6 +70,10 @@ SCENARIOS: list[tuple[str, Chooser]] = [
 ]
 
 
+#: (teacher, student) pairs for student mode.
+STUDENTS = [("deepfm", "deepfm_student")]
+
+
 @dataclass
 class Row:
     model: str
@@ -109,16 +113,7 @@ def run(name: str, choose: Chooser, workdir: Path, repeats: int) -> Row:
         )
     final = results["refit_logits"]
     stats = final.passes[0].stats
-    feeds = load_feeds(case.feeds)
-    sessions = {
-        "original": make_session(case.model, 1),
-        "distilled": make_session(workdir / f"{name}.refit_logits.onnx", 1),
-    }
-    samples = time_sessions(sessions, {"b1": first_rows(feeds, 1), "b512": first_rows(feeds, 512)}, repeats, 0.2)
-    latency = {
-        batch: statistics.median(samples[("distilled", batch)]) / statistics.median(samples[("original", batch)])
-        for batch in ("b1", "b512")
-    }
+    latency = _latency(case, workdir / f"{name}.refit_logits.onnx", repeats)
     scores = {variant: _score(report) for variant, report in results.items()}
     return Row(
         model=name,
@@ -133,6 +128,78 @@ def run(name: str, choose: Chooser, workdir: Path, repeats: int) -> Row:
         latency_ratio=latency,
         seconds=final.passes[0].seconds,
     )
+
+
+@dataclass
+class StudentRow:
+    teacher: str
+    student: str
+    auc: float
+    auc_delta: dict[str, float]
+    spearman: dict[str, float]
+    parity: dict[str, str]
+    params: tuple[int, int]
+    flops: tuple[int, int]
+    latency_ratio: dict[str, float]
+
+
+def run_student(name: str, student: str, workdir: Path, repeats: int) -> StudentRow:
+    """Student mode: the student as exported, and with its last linear layer refit to the teacher's logits."""
+    case = Case.from_dir(MODELS, name)
+    results = {}
+    for variant, refit_head in (("as_exported", False), ("logit_refit", True)):
+        results[variant] = compress(
+            case.model,
+            workdir / f"{student}.{variant}.onnx",
+            ["distill"],
+            options={"distill": {"student": str(MODELS / f"{student}.onnx"), "refit_head": refit_head}},
+            feeds=case.feeds,
+            calib=case.calib,
+            labels=case.labels,
+            force=True,
+        )
+    stats = results["logit_refit"].passes[0].stats
+    scores = {variant: _score(report) for variant, report in results.items()}
+    return StudentRow(
+        teacher=name,
+        student=student,
+        auc=scores["as_exported"].auc_reference,  # type: ignore[attr-defined]
+        auc_delta={variant: score.auc_delta for variant, score in scores.items()},  # type: ignore[attr-defined]
+        spearman={variant: score.spearman for variant, score in scores.items()},  # type: ignore[attr-defined]
+        parity={variant: "pass" if report.parity.passed else "FAIL" for variant, report in results.items()},
+        params=(stats["params_before"], stats["params_after"]),
+        flops=(stats["flops_before"], stats["flops_after"]),
+        latency_ratio=_latency(case, workdir / f"{student}.logit_refit.onnx", repeats),
+    )
+
+
+def _latency(case: Case, candidate: Path, repeats: int) -> dict[str, float]:
+    """Median seconds per call of ``candidate`` over the original's, at batch 1 and 512."""
+    feeds = load_feeds(case.feeds)
+    sessions = {"original": make_session(case.model, 1), "candidate": make_session(candidate, 1)}
+    samples = time_sessions(sessions, {"b1": first_rows(feeds, 1), "b512": first_rows(feeds, 512)}, repeats, 0.2)
+    return {
+        batch: statistics.median(samples[("candidate", batch)]) / statistics.median(samples[("original", batch)])
+        for batch in ("b1", "b512")
+    }
+
+
+def student_markdown(rows: Sequence[StudentRow]) -> str:
+    lines = [
+        "| teacher → student | params | FLOPs/row | ΔAUC as exported | ΔAUC logit refit | Spearman (as exported → "
+        "refit) | parity at the default budget | latency b1 | latency b512 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        (before, after), (flops_before, flops_after) = row.params, row.flops
+        lines.append(
+            f"| `{row.teacher}` → `{row.student}` | {before:,} → {after:,} ({after / before:.2f}x) "
+            f"| {flops_after / flops_before:.2f}x | {row.auc_delta['as_exported']:+.4f} "
+            f"| {row.auc_delta['logit_refit']:+.4f} | {row.spearman['as_exported']:.4f} → "
+            f"{row.spearman['logit_refit']:.4f} | {row.parity['as_exported']} → {row.parity['logit_refit']} "
+            f"| {row.latency_ratio['b1']:.2f}x | {row.latency_ratio['b512']:.2f}x |"
+        )
+    return "\n".join(lines)
 
 
 def markdown(rows: Sequence[Row]) -> str:
@@ -169,10 +236,18 @@ def main() -> None:
         for name, choose in SCENARIOS:
             if (wanted is None or name in wanted) and (MODELS / f"{name}.onnx").exists():
                 rows.append(run(name, choose, Path(folder), args.repeats))
+        students = [
+            run_student(name, student, Path(folder), args.repeats)
+            for name, student in STUDENTS
+            if (wanted is None or name in wanted) and (MODELS / f"{student}.onnx").exists()
+        ]
     print(markdown(rows))
+    print()
+    print(student_markdown(students))
     if args.json is not None:
         payload = {
             "rows": [asdict(row) for row in rows],
+            "students": [asdict(row) for row in students],
             "machine": machine(),
             "versions": versions(["onnxruntime", "numpy"]),
         }

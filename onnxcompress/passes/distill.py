@@ -57,9 +57,9 @@ def refit_heads(model: ir.Model, teacher_logit: np.ndarray, fitting: Fitting, da
     heads = logit_heads(model, logit)
     if not heads:
         return []
-    arrays = capture(
-        model, fitting.calibration, [logit, *(h.output for h in heads), *(h.node.inputs[0] for h in heads)]
-    )  # type: ignore[list-item]
+    head_inputs = [head.node.inputs[0] for head in heads]
+    assert all(value is not None for value in head_inputs)
+    arrays = capture(model, fitting.calibration, [logit, *(h.output for h in heads), *head_inputs])  # type: ignore[list-item]
     rows = arrays[0].shape[0]
     width = heads[0].d_out
     inputs = [np.asarray(array, np.float64).reshape(rows, -1) for array in arrays[1 + len(heads) :]]
@@ -316,8 +316,11 @@ class Distill(CompressionPass):
             removal = remove(model, layer)
             if plain is not None:
                 remove(plain, self._find(plain, wanted.name))  # type: ignore[arg-type]
-            if self.config.refit:
-                refit += refit_gap(model, removal, teacher, self.config.ridge)
+            refit_now = refit_gap(model, removal, teacher, self.config.ridge) if self.config.refit else []
+            logger.info(
+                "distill: removed %s (%s), refit %s", wanted.name, wanted.kind, ", ".join(refit_now) or "nothing"
+            )
+            refit += refit_now
             removed.append(wanted.name)
             removed_nodes |= set(wanted.nodes)
         if self.config.target_params and model_params(model) > self.config.target_params:
