@@ -100,9 +100,10 @@ def _check_interface(teacher: ir.Model, student: ir.Model, path: Path) -> None:
     what = f"distill.student {path}"
     wanted = {spec.name: spec for spec in graph_inputs(teacher)}
     given = {spec.name: spec for spec in graph_inputs(student)}
-    for name in sorted(set(given) - set(wanted)):
+    extra = sorted(set(given) - set(wanted))
+    if extra:
         raise InputModelError(
-            f"{what}: takes input {given[name].describe()} that the teacher does not have; the teacher takes "
+            f"{what}: takes input {given[extra[0]].describe()} that the teacher does not have; the teacher takes "
             f"{', '.join(spec.describe() for spec in wanted.values())}; export the student with the teacher's inputs"
         )
     for name, spec in wanted.items():
