@@ -111,7 +111,8 @@ def _embedded_tensors(model: ir.Model) -> Iterator[ir.TensorProtoTensor]:
     for tensor in _tensors(model):
         if isinstance(tensor, ir.TensorProtoTensor):
             yield tensor
-    for graph in (model.graph, *model.functions.values()):
+    graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    for graph in graphs:
         for node in ir.traversal.RecursiveGraphIterator(graph):
             for attribute in node.attributes.values():
                 if attribute.type == ir.AttributeType.TENSOR:
