@@ -384,14 +384,6 @@ FORMS["output_aliases"] = output_aliases
 
 # (form, pass) -> why it breaks today. strict: once the pass is fixed the test passes, xfail turns
 # into a failure, and the entry must go. Reported with minimal reproducers in the issue.
-QUANT_SUBGRAPH_CAST = (
-    "quant: float_storage=float16 inserts the Cast for a float initializer read only inside an "
-    "If/Loop/Scan body before that consumer in the main graph: ValueError 'node is not in the list' (exit 3)"
-)
-CLEANUP_IDENTITY_OUTPUTS = (
-    "cleanup: eliminating an Identity between two graph outputs renames one output onto the other "
-    "(outputs ['score_copy', 'score_copy']; in a Scan body the state stops being carried): parity fails"
-)
 PRUNE_SILENT_SUBGRAPHS = (
     "prune: weights inside If/Loop/Scan bodies (and captured outer-scope weights) are left alone "
     "without a reason in stats['skipped']"
@@ -400,18 +392,8 @@ PRUNE_SILENT_FUNCTION_ARGS = (
     "prune: a weight passed to a model-local function (w1 into local.Dense) is left alone without a "
     "reason in stats['skipped'] (quant inlines the function and quantizes it)"
 )
-QUANT_SILENT_GRAPH_INPUTS = (
-    "quant: an initializer that is also a graph input is rightly left alone, but without a reason in "
-    "stats['skipped'] (prune says 'a graph input: callers may override it')"
-)
 KNOWN_BREAKS: dict[tuple[str, str], str] = {
     ("local_functions", "prune"): PRUNE_SILENT_FUNCTION_ARGS,
-    ("initializer_also_graph_input", "quant"): QUANT_SILENT_GRAPH_INPUTS,
-    ("if_subgraph_weights", "quant"): QUANT_SUBGRAPH_CAST,
-    ("loop_body_weights", "quant"): QUANT_SUBGRAPH_CAST,
-    ("scan_body_weights", "quant"): QUANT_SUBGRAPH_CAST,
-    ("scan_body_weights", "cleanup"): CLEANUP_IDENTITY_OUTPUTS,
-    ("output_aliases", "cleanup"): CLEANUP_IDENTITY_OUTPUTS,
     ("if_subgraph_weights", "prune"): PRUNE_SILENT_SUBGRAPHS,
     ("loop_body_weights", "prune"): PRUNE_SILENT_SUBGRAPHS,
     ("scan_body_weights", "prune"): PRUNE_SILENT_SUBGRAPHS,

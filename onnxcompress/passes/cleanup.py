@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import (
-    IdentityEliminationPass,
     RemoveUnusedFunctionsPass,
     RemoveUnusedNodesPass,
     RemoveUnusedOpsetsPass,
@@ -37,6 +36,28 @@ def _is_false_constant(value: ir.Value | None) -> bool:
     return tensor is not None and tensor.size == 1 and not bool(tensor.numpy().reshape(()))
 
 
+def _bypass(node: ir.Node) -> bool:
+    """Remove a node whose first output equals its first input; False when that is impossible.
+
+    When the output is a graph output, the input takes its name, so the interface is unchanged;
+    that cannot be done when the input is itself a graph input, output or initializer (two graph
+    outputs would share one value), so such a node stays.
+    """
+    source, result = node.inputs[0], node.outputs[0]
+    graph = node.graph
+    if source is None or graph is None:
+        return False
+    if result.is_graph_output() and (source.is_graph_input() or source.is_graph_output() or source.is_initializer()):
+        return False
+    was_graph_output = result.is_graph_output()
+    ir.convenience.replace_all_uses_with(result, source, replace_graph_outputs=True)
+    if was_graph_output:
+        name, result.name = result.name, None
+        source.name = name
+    graph.remove(node, safe=True)
+    return True
+
+
 def remove_inference_dropout(model: ir.Model) -> int:
     """Bypass Dropout nodes that are no-ops at inference; return how many were removed.
 
@@ -51,21 +72,22 @@ def remove_inference_dropout(model: ir.Model) -> int:
         mask = node.outputs[1] if len(node.outputs) > 1 else None
         if (mask is not None and (mask.uses() or mask.is_graph_output())) or not _is_false_constant(training_mode):
             continue
-        source, result = node.inputs[0], node.outputs[0]
-        if source is None:
-            continue
-        if result.is_graph_output() and (source.is_graph_input() or source.is_initializer()):
-            node.op_type = "Identity"
-            node.resize_inputs(1)
-            node.resize_outputs(1)
-            node.attributes.clear()
-            continue
-        was_graph_output = result.is_graph_output()
-        ir.convenience.replace_all_uses_with(result, source, replace_graph_outputs=True)
-        if was_graph_output:
-            source.name = result.name
-        node.graph.remove(node, safe=True)
-        removed += 1
+        removed += _bypass(node)
+    return removed
+
+
+def remove_identities(model: ir.Model) -> int:
+    """Bypass Identity nodes in every graph and function body; return how many were removed.
+
+    onnx-ir's IdentityEliminationPass would rename one graph output onto another when an Identity
+    joins two of them; ``_bypass`` keeps that Identity.
+    """
+    removed = 0
+    bodies: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    for body in bodies:
+        for node in list(ir.traversal.RecursiveGraphIterator(body)):
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and len(node.inputs) == 1:
+                removed += _bypass(node)
     return removed
 
 
@@ -403,7 +425,7 @@ class Cleanup(CompressionPass):
         before = _op_counts(model)
         initializers_before = len(model.graph.initializers)
         dropout = remove_inference_dropout(model) if self.config.remove_dropout else 0
-        IdentityEliminationPass()(model)
+        remove_identities(model)
         affine = fold_affine_into_linear(model) if self.config.fold_affine else 0
         RemoveUnusedNodesPass()(model)
         RemoveUnusedFunctionsPass()(model)

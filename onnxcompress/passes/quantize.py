@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import runtime
-from onnxcompress.graph import WeightUse, weights_by_value
+from onnxcompress.graph import WEIGHT_SLOTS, WeightUse, weights_by_value
 from onnxcompress.numerics.quant import (
     QuantizedRows,
     binarize_rows,
@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 QUANT_OPSET = 21
 QUANT_IR_VERSION = 10
 BIT_CHOICES = (8, 4, 2, 1)
+#: Weights up to this size are checked for NaN/infinity before anything is done to them.
+FINITE_CHECK_MAX_ELEMENTS = 1 << 24
 #: Tables larger than this are rounded to nearest per row: the clip search costs 26 passes.
 SEARCH_MAX_ELEMENTS = 1 << 24
 
@@ -427,6 +429,15 @@ class Quantize(CompressionPass):
         exclude = re.compile(config.exclude) if config.exclude else None
         selected: dict[ir.Value, list[WeightUse]] = {}
         skipped: dict[str, str] = {}
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            slot = WEIGHT_SLOTS.get(node.op_type)
+            weight = node.inputs[slot[0]] if slot is not None and slot[0] < len(node.inputs) else None
+            if weight is None or not weight.is_initializer():
+                continue
+            if weight.is_graph_input():
+                skipped[weight.name or ""] = "a graph input: callers may override it"
+            elif node.graph is not model.graph:
+                skipped[weight.name or ""] = "read inside an If/Loop/Scan body: only main-graph weights are quantized"
         for value, uses in weights_by_value(model).items():
             name = value.name or ""
             names = [name, *(use.node.name or "" for use in uses)]
@@ -441,6 +452,8 @@ class Quantize(CompressionPass):
                 skipped[name] = "matched by quant.exclude"
             elif tensor.size < config.min_elements:
                 skipped[name] = f"fewer than quant.min_elements={config.min_elements} elements"
+            elif tensor.size <= FINITE_CHECK_MAX_ELEMENTS and not np.isfinite(tensor.numpy()).all():
+                skipped[name] = "holds NaN or infinity: fix the model; quantizing would hide it"
             elif is_table and config.embedding_bits == 0:
                 skipped[name] = "embedding table and quant.embedding_bits=0"
             elif is_table and any(use.kind != "embedding" and use.out_axis != 0 for use in uses):
@@ -901,8 +914,8 @@ def _store_floats_as_float16(graph: ir.Graph) -> dict[str, int]:
             continue
         if value.is_graph_input() or value.is_graph_output():
             continue
-        if any(node.op_type in _KEEP_FLOAT32_FOR for node, _ in value.uses()):
-            continue
+        if any(node.op_type in _KEEP_FLOAT32_FOR or node.graph is not graph for node, _ in value.uses()):
+            continue  # quantization parameters, or read inside a subgraph where no Cast can go first
         array = tensor.numpy()
         peak = float(np.abs(array).max())
         half = array.astype(np.float16)
