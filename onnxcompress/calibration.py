@@ -249,17 +249,50 @@ def _value_bounds(value: ir.Value, depth: int = 0) -> Bounds:
     return bounds
 
 
+#: Ops a compressed table passes through on its way to a Gather without changing its row count
+#: (decoding codes to floats: casts, scales, zero points, unpacking packed bits along the rows).
+_ROW_PRESERVING = frozenset(
+    {"Cast", "Mul", "Sub", "Add", "Div", "DequantizeLinear", "Identity", "BitShift", "BitwiseAnd"}
+)
+
+
+def _table_rows(table: ir.Value, axis: int, depth: int = 0) -> int | None:
+    """Rows of the table a Gather reads on ``axis``: from the initializer, or, for a table decoded
+    from compressed storage at load, from the codes it is decoded from (row axis 0 only)."""
+    if table.const_value is not None:
+        shape = table.const_value.shape
+        if not -len(shape) <= axis < len(shape):
+            return None  # an invalid axis: onnxruntime names it when it runs the model
+        return int(shape[axis])
+    producer = table.producer()
+    if axis != 0 or producer is None or depth > 16 or not producer.inputs or producer.inputs[0] is None:
+        return None
+    if producer.op_type in _ROW_PRESERVING or (
+        producer.op_type in ("Unsqueeze", "Reshape") and _keeps_first_axis(producer)
+    ):
+        return _table_rows(producer.inputs[0], 0, depth + 1)
+    return None
+
+
+def _keeps_first_axis(node: ir.Node) -> bool:
+    """Unsqueeze on trailing axes, or Reshape whose target keeps dimension 0 (a literal 0)."""
+    argument = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    if argument is None:
+        return False
+    if node.op_type == "Unsqueeze":
+        return bool((argument != 0).all())
+    return argument.size > 0 and int(argument.reshape(-1)[0]) == 0
+
+
 def _use_bounds(node: ir.Node, index: int, depth: int) -> Bounds:
     op = node.op_type
     if op == "Gather" and index == 1:
         table = node.inputs[0]
-        if table is not None and table.const_value is not None:
-            axis = node.attributes.get_int("axis", 0)
-            shape = table.const_value.shape
-            if not -len(shape) <= axis < len(shape):
-                return _unbounded()  # an invalid axis: onnxruntime names it when it runs the model
-            return np.array(0.0), np.array(float(shape[axis]))
-        return _unbounded()
+        axis = node.attributes.get_int("axis", 0)
+        rows = _table_rows(table, axis) if table is not None else None
+        if rows is None:
+            return _unbounded()
+        return np.array(0.0), np.array(float(rows))
     if op == "Gather" and index == 0:
         # Selecting columns of an id matrix (ids[:, k]): the column's bounds apply to column k only.
         columns = _constant(node.inputs[1])

@@ -186,3 +186,17 @@ def test_graph_inputs_skip_initializers_that_are_also_inputs() -> None:
     model.graph.inputs.append(w1)
     assert [spec.name for spec in graph_inputs(model)] == ["x"]
     assert Feeds({"x": np.zeros((3, 8))}, "test").rows == 3
+
+
+@pytest.mark.parametrize("preset", ["int8", "int4"])
+def test_ids_are_traced_through_tables_decoded_at_load(tmp_path: Path, preset: str) -> None:
+    from onnxcompress import compress
+    from onnxcompress.presets import get_preset
+
+    recipe = get_preset(preset)
+    first = tmp_path / "q.onnx"
+    compress(MODELS / "dlrm.onnx", first, list(recipe.passes), options=recipe.options)
+    ranges = id_ranges(io.load(first))
+    assert float(ranges["user"][1]) == 943 and float(ranges["item"][1]) == 1682
+    again = compress(first, tmp_path / "again.onnx", ["cleanup"])  # synthesized feeds must be valid ids
+    assert again.parity.passed
