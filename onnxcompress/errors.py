@@ -73,6 +73,7 @@ EXIT_CODES: dict[int, str] = {
     0: "compressed model written (parity passed, or --force / --no-parity as the report says)",
     1: "parity gate failed: nothing written (rerun with --force to write anyway)",
     2: "usage or input error: bad option, pass, feeds, labels, input model or output path",
-    3: "the model is valid but a pass or onnxruntime cannot handle it (the message names the op)",
+    3: "onnxruntime or a pass cannot handle the model: an unsupported op or type, or a graph error only "
+    "onnxruntime detects (the message names it)",
     130: "interrupted (SIGINT/SIGTERM): nothing written",
 }
