@@ -176,3 +176,24 @@ def test_short_names_keep_the_interface() -> None:
     internal = [out.name for node in model.graph for out in node.outputs if not out.is_graph_output()]
     assert all(name.startswith("_") and len(name) <= 3 for name in internal)
     assert len(set(internal)) == len(internal)
+
+
+def test_int4_initializers_are_compared_by_their_packed_bytes() -> None:
+    import ml_dtypes
+
+    first = np.zeros((4, 8), ml_dtypes.int4)
+    second = first.copy()
+    second[3, 7] = 5  # differs only in the last element, in the second half of the unpacked array
+    model = ir.Model(ir.Graph([], [], nodes=[], opset_imports={"": 21}), ir_version=10)
+    values = []
+    for name, array in (("a", first), ("b", second), ("c", first.copy())):
+        value = ir.Value(name=name, const_value=ir.tensor(array, dtype=ir.DataType.INT4, name=name))
+        model.graph.register_initializer(value)
+        values.append(value)
+    cast_nodes = [ir.node("Cast", [value], attributes={"to": 1}) for value in values]
+    for node in cast_nodes:
+        model.graph.append(node)
+        model.graph.outputs.append(node.outputs[0])
+        node.outputs[0].name = f"out_{node.inputs[0].name}"
+    assert merge_identical_initializers(model) == (1, first.size // 2)
+    assert cast_nodes[2].inputs[0] is values[0] and cast_nodes[1].inputs[0] is values[1]

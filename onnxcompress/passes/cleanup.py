@@ -155,7 +155,12 @@ def _byte_ranges(tensor: ir.TensorProtocol, ranges: list[tuple[int, int]]) -> It
     if tensor.dtype == ir.DataType.STRING:
         data = b"\0".join(tensor.string_data())  # type: ignore[attr-defined]
     else:
-        data = memoryview(np.ascontiguousarray(tensor.numpy())).cast("B")
+        # Sub-byte types (int4, ...) as their packed bytes, so ranges match ``nbytes``.
+        data = (
+            tensor.tobytes()
+            if tensor.dtype.bitwidth < 8
+            else memoryview(np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8))
+        )
     for start, stop in ranges:
         yield data[start:stop]
 

@@ -168,7 +168,8 @@ def _store(
 ) -> _Stored:
     """Put codes and parameters into initializers.
 
-    Codes are int8/uint8 at 8 bits, INT4/UINT4 with ``native_int4`` (for DequantizeLinear), and
+    Codes are int8/uint8 at 8 bits, INT4/UINT4 with ``native_int4`` (decoded whole, by Cast or
+    DequantizeLinear: one node instead of an unpacking chain; a Gather cannot read int4), and
     bit-packed uint8 otherwise. ``column`` stores scales and zero points as ``[rows, 1]`` so that
     they broadcast over the codes without an Unsqueeze node.
     """
@@ -697,7 +698,7 @@ class Quantize(CompressionPass):
             form = "dynamic"
         else:
             linear_form = config.dequantize == "linear"
-            stored = _store(build, quantized, binary=bits == 1, column=not linear_form, native_int4=linear_form)
+            stored = _store(build, quantized, binary=bits == 1, column=not linear_form, native_int4=True)
             form = "dequantize_linear" if linear_form else "fold"
             flat = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, config.dequantize)
             output = self._to_weight_layout(build, flat, quantized.codes.shape, weight.shape, use)
@@ -803,6 +804,7 @@ class Quantize(CompressionPass):
             quantized,
             binary=bits == 1,
             column=folded,
+            native_int4=folded,
             rows_shape=(tensor.shape[0], tensor.shape[1]) if granularity == "tensor" else None,
         )
         others = [use for use in uses if use.kind != "embedding"]
