@@ -37,9 +37,10 @@ logger = logging.getLogger(__name__)
 DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT8, ir.DataType.UINT8})
 #: BitShift and CumSum exist from opset 11.
 MIN_OPSET = 11
-#: Serialized bytes of one tensor's decode nodes and small constants (measured about 420 with
-#: typical names); the saving must exceed it for a tensor to be re-stored.
-NODE_OVERHEAD = 512
+#: Fewest serialized bytes one tensor's decode nodes and small constants take: tensors whose mask
+#: alone plus this cannot beat the dense form are skipped without reading them. Whether the rest
+#: pay off is decided on the exact serialized size of the encoding.
+NODE_OVERHEAD = 256
 
 
 def encoded_bytes(size: int, nonzeros: int, itemsize: int) -> int:
@@ -56,62 +57,98 @@ def _nonzero_mask(array: np.ndarray) -> np.ndarray:
     return flat.view(f"u{flat.dtype.itemsize}") != 0
 
 
+@dataclass
+class _Encoding:
+    """One tensor's stored form: the decoded value, the nodes and initializers that make it."""
+
+    decoded: ir.Value
+    nodes: list[ir.Node]
+    initializers: list[ir.Value]
+    stored_bytes: int
+
+    def serialized_bytes(self) -> int:
+        """What the encoding adds to the file: its nodes and initializers as serialized protobuf."""
+        nodes = sum(ir.serde.serialize_node(node).ByteSize() for node in self.nodes)
+        return nodes + sum(ir.serde.serialize_tensor(v.const_value).ByteSize() for v in self.initializers)  # type: ignore[arg-type]
+
+
 class _Decoder:
-    """Builds the decode nodes, sharing the shift and modulus constants between tensors."""
+    """Builds decode subgraphs with short value names, sharing the shift and axis constants."""
 
     def __init__(self, graph: ir.Graph) -> None:
         self.graph = graph
         self.nodes: list[ir.Node] = []
         self._shared: dict[str, ir.Value] = {}
+        self._names = {value.name for node in graph for value in node.outputs} | set(graph.initializers)
+        self._names |= {value.name for value in graph.inputs}
+        self._count = 0
 
-    def _initializer(self, name: str, array: np.ndarray) -> ir.Value:
-        unique, suffix = name, 1
-        while unique in self.graph.initializers:
-            unique, suffix = f"{name}_{suffix}", suffix + 1
-        value = ir.Value(
-            name=unique,
-            shape=ir.Shape(array.shape),
-            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            const_value=ir.tensor(array, name=unique),
-        )
+    def _fresh(self, base: str) -> str:
+        name, suffix = base, 1
+        while name in self._names:
+            name, suffix = f"{base}_{suffix}", suffix + 1
+        self._names.add(name)
+        return name
+
+    def _initializer(self, name: str, array: np.ndarray, created: list[ir.Value]) -> ir.Value:
+        unique = self._fresh(name)
+        # No type or shape on the value: the tensor carries both, and a value_info entry would
+        # only add bytes to the file.
+        value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
         self.graph.register_initializer(value)
+        created.append(value)
         return value
 
-    def _shared_constant(self, name: str, array: np.ndarray) -> ir.Value:
+    def _shared_constant(self, name: str, array: np.ndarray, created: list[ir.Value]) -> ir.Value:
         if name not in self._shared:
-            self._shared[name] = self._initializer(f"onnxcompress_sparse_{name}", array)
+            self._shared[name] = self._initializer(f"sparse.{name}", array, created)
         return self._shared[name]
 
-    def _op(self, op_type: str, inputs: list[ir.Value], name: str, **attributes: Any) -> ir.Value:
-        node = ir.node(op_type, inputs, attributes=attributes or None, name=name)
-        node.outputs[0].name = name
-        self.nodes.append(node)
-        return node.outputs[0]
+    def encode(self, array: np.ndarray, keep: np.ndarray) -> _Encoding:
+        """Initializers and nodes rebuilding ``array`` from its mask and its nonzero values."""
+        self._count += 1
+        prefix = f"sparse{self._count}"
+        created: list[ir.Value] = []
+        nodes: list[ir.Node] = []
 
-    def decode(self, name: str, array: np.ndarray, keep: np.ndarray) -> tuple[ir.Value, int]:
-        """Nodes rebuilding ``array`` from its mask and values; the output value and the stored bytes."""
-        bits = self._initializer(f"{name}_sparse_bits", pack_bits(keep).reshape(-1, 1))
-        stored = np.ascontiguousarray(array).reshape(-1)[keep]
-        values = self._initializer(f"{name}_sparse_values", np.concatenate([np.zeros(1, array.dtype), stored]))
-        shifts = self._shared_constant("shifts", np.arange(8, dtype=np.uint8))
-        two = self._shared_constant("two", np.array(2, dtype=np.uint8))
-        flat_shape = self._shared_constant("flat", np.array([-1], dtype=np.int64))
-        axis = self._shared_constant("axis", np.array(0, dtype=np.int64))
-        axis1 = self._shared_constant("axes", np.array([0], dtype=np.int64))
-        start0 = axis1
-        size = self._initializer(f"{name}_sparse_size", np.array([array.size], dtype=np.int64))
-        shape = self._initializer(f"{name}_sparse_shape", np.array(array.shape, dtype=np.int64))
-        prefix = f"{name}_sparse"
-        shifted = self._op("BitShift", [bits, shifts], f"{prefix}/shift", direction="RIGHT")
-        flags = self._op("Reshape", [self._op("Mod", [shifted, two], f"{prefix}/bit"), flat_shape], f"{prefix}/flags")
-        flags64 = self._op("Cast", [flags], f"{prefix}/flags64", to=ir.DataType.INT64)
+        def op(op_type: str, inputs: list[ir.Value], **attributes: Any) -> ir.Value:
+            name = self._fresh(f"{prefix}.{len(nodes)}")
+            # Named like its output: an unnamed node would get a longer generated name on insertion.
+            node = ir.node(op_type, inputs, attributes=attributes or None, name=name)
+            node.outputs[0].name = name
+            nodes.append(node)
+            return node.outputs[0]
+
+        values = np.concatenate([np.zeros(1, array.dtype), np.ascontiguousarray(array).reshape(-1)[keep]])
+        bits = self._initializer(f"{prefix}.bits", pack_bits(keep).reshape(-1, 1), created)
+        stored = self._initializer(f"{prefix}.values", values, created)
+        size = self._initializer(f"{prefix}.size", np.array([array.size], dtype=np.int64), created)
+        shape = self._initializer(f"{prefix}.shape", np.array(array.shape, dtype=np.int64), created)
+        shifts = self._shared_constant("shifts", np.arange(8, dtype=np.uint8), created)
+        two = self._shared_constant("two", np.array(2, dtype=np.uint8), created)
+        flat = self._shared_constant("flat", np.array([-1], dtype=np.int64), created)
+        axis = self._shared_constant("axis", np.array(0, dtype=np.int64), created)
+        zero = self._shared_constant("zero", np.array([0], dtype=np.int64), created)
+        flags = op("Reshape", [op("Mod", [op("BitShift", [bits, shifts], direction="RIGHT"), two]), flat])
+        flags64 = op("Cast", [flags], to=ir.DataType.INT64)
         # Position of each element among the stored values, counted from 1; 0 picks the leading zero.
-        rank = self._op("CumSum", [flags64, axis], f"{prefix}/rank")
-        index = self._op("Mul", [rank, flags64], f"{prefix}/index")
-        padded = self._op("Gather", [values, index], f"{prefix}/gather")
-        dense = self._op("Slice", [padded, start0, size, axis1], f"{prefix}/slice")
-        decoded = self._op("Reshape", [dense, shape], f"{prefix}/decoded")
-        return decoded, bits.const_value.nbytes + values.const_value.nbytes  # type: ignore[union-attr]
+        index = op("Mul", [op("CumSum", [flags64, axis]), flags64])
+        dense = op("Slice", [op("Gather", [stored, index]), zero, size, zero])
+        decoded = op("Reshape", [dense, shape])
+        return _Encoding(decoded, nodes, created, bits.const_value.nbytes + stored.const_value.nbytes)  # type: ignore[union-attr]
+
+    def discard(self, encoding: _Encoding) -> None:
+        """Forget an encoding that does not pay off: its nodes let go of their inputs, its initializers leave."""
+        for node in encoding.nodes:
+            for index in range(len(node.inputs)):
+                node.replace_input_with(index, None)
+        for value in encoding.initializers:
+            assert value.name is not None
+            self.graph.initializers.pop(value.name)
+            self._shared = {key: shared for key, shared in self._shared.items() if shared is not value}
+
+    def accept(self, encoding: _Encoding) -> None:
+        self.nodes.extend(encoding.nodes)
 
 
 @register("sparse")
@@ -134,7 +171,7 @@ class SparseStorage(CompressionPass):
         skipped: dict[str, str] = {}
         encoded: dict[str, dict[str, Any]] = {}
         decoder = _Decoder(graph)
-        before = after = 0
+        before = after = file_before = file_after = 0
         for value in candidates:
             tensor = value.const_value
             assert tensor is not None and value.name is not None
@@ -159,17 +196,29 @@ class SparseStorage(CompressionPass):
             if stored + NODE_OVERHEAD >= tensor.nbytes:
                 skipped[value.name] = f"{zero_fraction:.1%} zeros do not pay for the mask and decode nodes"
                 continue
-            decoded, stored = decoder.decode(value.name, array, keep)
+            encoding = decoder.encode(array, keep)
+            dense_bytes = ir.serde.serialize_tensor(tensor).ByteSize()
+            added = encoding.serialized_bytes()
+            if added >= dense_bytes:
+                decoder.discard(encoding)
+                skipped[value.name] = f"{zero_fraction:.1%} zeros; stored form {added} bytes >= dense {dense_bytes}"
+                continue
+            decoder.accept(encoding)
+            decoded = encoding.decoded
             value.replace_all_uses_with(decoded)
             graph.initializers.pop(value.name)
             decoded.name = value.name  # later tools and reports find the tensor under its own name
             encoded[value.name] = {
                 "bytes_before": tensor.nbytes,
-                "bytes_after": stored,
+                "bytes_after": encoding.stored_bytes,
+                "serialized_bytes_before": dense_bytes,
+                "serialized_bytes_after": added,
                 "zero_fraction": round(zero_fraction, 6),
             }
+            file_before += dense_bytes
+            file_after += added
             before += tensor.nbytes
-            after += stored
+            after += encoding.stored_bytes
         if decoder.nodes:
             graph.insert_before(graph[0], decoder.nodes)
         stats = {
@@ -177,6 +226,7 @@ class SparseStorage(CompressionPass):
             "bytes_before": before,
             "bytes_after": after,
             "bytes_saved": before - after,
+            "serialized_bytes_saved": file_before - file_after,
             "tensors": encoded,
             "skipped": skipped,
         }
