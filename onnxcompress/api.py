@@ -13,7 +13,7 @@ import numpy as np
 from onnxcompress import io, runtime
 from onnxcompress.calibration import Calibration, Feeds, load_feeds, load_labels, synthesize_feeds
 from onnxcompress.errors import ParityFailedError, UsageError
-from onnxcompress.parity import LOSSLESS, LOSSY, Budgets, ParityResult, budget_with, compare
+from onnxcompress.parity import Budget, Budgets, ParityResult, budget_with, compare
 from onnxcompress.passes.base import PassContext
 from onnxcompress.pipeline import Pipeline
 from onnxcompress.recipe import PassSpec, build_specs
@@ -39,9 +39,9 @@ def _versions() -> dict[str, str]:
 
 
 def _budgets(
-    lossy: bool, tolerances: Mapping[str, float] | None, output_tolerances: Mapping[str, Mapping[str, float]] | None
+    base: Budget, tolerances: Mapping[str, float] | None, output_tolerances: Mapping[str, Mapping[str, float]] | None
 ) -> Budgets:
-    default = budget_with(LOSSY if lossy else LOSSLESS, **dict(tolerances or {}))
+    default = budget_with(base, **dict(tolerances or {}))
     per_output = {name: budget_with(default, **dict(values)) for name, values in (output_tolerances or {}).items()}
     return Budgets(default, per_output)
 
@@ -118,7 +118,7 @@ def compress(
     label_array: np.ndarray | None = load_labels(Path(labels), parity_feeds.rows) if labels is not None else None
     calib_feeds: Feeds = load_feeds(Path(calib), model, "--calib") if calib is not None else parity_feeds
     pipeline = Pipeline(specs, PassContext(calibration=Calibration(calib_feeds)))
-    budgets = _budgets(pipeline.lossy, tolerances, output_tolerances)
+    budgets = _budgets(pipeline.budget, tolerances, output_tolerances)
 
     reference: dict[str, np.ndarray] = {}
     if parity:

@@ -12,12 +12,13 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from onnxcompress.metrics import auc, spearman, top_k_overlap
 
-__all__ = ["LOSSLESS", "LOSSY", "Budget", "Budgets", "OutputComparison", "ParityResult", "compare"]
+__all__ = ["LOSSLESS", "LOSSY", "Budget", "Budgets", "OutputComparison", "ParityResult", "compare", "loosest"]
 
 #: Elements whose reference magnitude is below this are left out of the relative error.
 REL_ERROR_FLOOR = 1e-6
@@ -240,3 +241,19 @@ def compare(
 def budget_with(base: Budget, **changes: float | None) -> Budget:
     """``base`` with the given fields replaced (fields left as ``None`` in ``changes`` keep their value)."""
     return dataclasses.replace(base, **{key: value for key, value in changes.items() if value is not None})
+
+
+def loosest(budgets: list[Budget]) -> Budget:
+    """Field by field, the most permissive of ``budgets`` (an unchecked figure stays unchecked)."""
+
+    def widest(values: list[float | None], pick: Any) -> float | None:
+        return None if any(value is None for value in values) else pick(values)
+
+    return Budget(
+        atol=widest([b.atol for b in budgets], max),
+        rtol=max(b.rtol for b in budgets),
+        min_cosine=widest([b.min_cosine for b in budgets], min),
+        min_rank_corr=widest([b.min_rank_corr for b in budgets], min),
+        max_auc_drop=widest([b.max_auc_drop for b in budgets], max),
+        max_mismatch=max(b.max_mismatch for b in budgets),
+    )

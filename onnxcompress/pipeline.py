@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 from onnxcompress.errors import CompressError, PassFailedError, UnsupportedModelError
 from onnxcompress.io import initializer_bytes
+from onnxcompress.parity import LOSSLESS, LOSSY, Budget, loosest
 from onnxcompress.passes.base import CompressionResult, PassContext
 from onnxcompress.recipe import PassSpec
 from onnxcompress.report import PassRecord
@@ -34,6 +35,15 @@ class Pipeline:
     @property
     def lossy(self) -> bool:
         return any(spec.pass_class.lossy for spec in self.specs)
+
+    @property
+    def budget(self) -> Budget:
+        """The default parity budget: the loosest of the passes' own (a pipeline is held to what its
+        most lossy pass documents)."""
+        budgets = [
+            spec.pass_class.budget or (LOSSY if spec.pass_class.lossy else LOSSLESS) for spec in self.specs
+        ]
+        return loosest(budgets) if budgets else LOSSLESS
 
     def run(self, model: ir.Model, on_pass: Callable[[str], None] | None = None) -> list[PassRecord]:
         """Run every pass in place on ``model``; ``on_pass`` is called with each pass's name first."""

@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
+from onnxcompress.parity import Budget
+
 if typing.TYPE_CHECKING:
     from onnxcompress.calibration import Calibration
 
@@ -37,8 +39,10 @@ class CompressionPass(ir.passes.InPlacePass):
     """
 
     name: ClassVar[str] = ""
-    #: Whether the pass changes what the model computes (selects the default parity budget).
+    #: Whether the pass changes what the model computes.
     lossy: ClassVar[bool] = False
+    #: The parity budget this pass is held to by default (None: LOSSY if lossy, else LOSSLESS).
+    budget: ClassVar[Budget | None] = None
     Config: ClassVar[type] = type("Config", (), {})
 
     def __init__(self, config: Any = None, context: PassContext | None = None) -> None:
