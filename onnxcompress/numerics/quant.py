@@ -8,11 +8,13 @@ dequantized value is ``r = s * (q - z)`` (ONNX DequantizeLinear).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
 __all__ = [
     "QuantizedRows",
+    "RowSource",
     "binarize_rows",
     "dequantize_rows",
     "dynamic_quantize",
@@ -47,6 +49,21 @@ class QuantizedRows:
     @property
     def symmetric(self) -> bool:
         return self.zero_point is None
+
+
+class RowSource(Protocol):
+    """A 2-D array read in row slices: a numpy array, or a table read from disk chunk by chunk."""
+
+    shape: tuple[int, ...]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: slice) -> np.ndarray: ...
+
+
+def _row_source(rows: Any) -> Any:
+    """Row sources pass through untouched (reading them whole is what they exist to avoid)."""
+    return rows if hasattr(rows, "shape") and hasattr(rows, "__getitem__") else np.asarray(rows)
 
 
 def _levels(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -122,7 +139,7 @@ def quantize_rows(
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be between 2 and 8, got {bits}")
-    rows = np.asarray(rows)  # converted to float64 chunk by chunk: a table may be memory-mapped
+    rows = _row_source(rows)  # read and converted chunk by chunk: a table may be on disk
     scale_dtype = np.dtype(scale_dtype)
     low, high = _levels(bits, symmetric)
     scale = np.empty(len(rows))
@@ -254,13 +271,16 @@ def quantize_tensor_rows(rows: np.ndarray, bits: int, *, search: bool = False) -
 
     With ``search`` the clip ratio is chosen by squared error on an evenly spaced sample of rows.
     """
-    rows = np.asarray(rows)
+    rows = _row_source(rows)
     _, high = _levels(bits, True)
     chunk = max(1, _MSE_CHUNK_ELEMENTS // max(rows.shape[1], 1))
     peak = max(float(np.abs(rows[start : start + chunk]).max(initial=0.0)) for start in range(0, len(rows), chunk))
     clip = 1.0
     if search and peak > 0:
-        sample = rows[:: max(1, len(rows) // chunk)][:chunk].astype(np.float64)
+        blocks = 16
+        step, size = max(1, len(rows) // blocks), max(1, chunk // blocks)
+        sample = np.concatenate([rows[start : start + size] for start in range(0, len(rows), step)][:blocks])
+        sample = sample.astype(np.float64)
         candidates = [
             (
                 float(
@@ -295,7 +315,7 @@ def row_relative_error(reference: np.ndarray, approximation: np.ndarray) -> floa
 
 def quantized_row_error(reference: np.ndarray, quantized: QuantizedRows) -> float:
     """:func:`row_relative_error` of ``quantized`` (codes as rows of ``reference``), chunk by chunk."""
-    reference = np.asarray(reference)
+    reference = _row_source(reference)
     chunk = max(1, _MSE_CHUNK_ELEMENTS // max(reference.shape[1], 1))
     per_row_scale = quantized.scale.size == len(reference)
     ratios = []

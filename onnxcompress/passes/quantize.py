@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -791,12 +792,12 @@ class Quantize(CompressionPass):
         config = self.config
         tensor = value.const_value
         assert tensor is not None and value.name is not None
-        table = tensor.numpy()
+        # An external table is read in row chunks with file reads: mapped, a 512 MB table would
+        # count whole towards the process's resident memory once read.
+        table = ExternalRows(tensor) if isinstance(tensor, ir.ExternalTensor) and bits > 1 else tensor.numpy()
         build = _Builder(graph, value.name)
         quantized, granularity, errors = self._table_codes(table, bits)
         del table
-        if isinstance(tensor, ir.ExternalTensor):
-            tensor.release()  # unmap the fp32 table: its pages would otherwise stay resident
         folded = tensor.nbytes < config.fold_tables_below
         lookups = [use for use in uses if use.kind == "embedding"]
         stored = _store(
@@ -855,6 +856,30 @@ class Quantize(CompressionPass):
             dim = build.constant("dim", np.array([stored.elements], np.int64))
             values = build.op("Reshape", [values, build.op("Concat", [build.op("Shape", [ids]), dim], axis=0)])
         _replace_output(node.outputs[0], values)
+
+
+class ExternalRows:
+    """Rows of a 2-D external tensor, read with ``pread`` on demand (see ``RowSource``)."""
+
+    def __init__(self, tensor: ir.ExternalTensor) -> None:
+        self.shape = tuple(int(d) for d in tensor.shape)
+        self.dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+        self.size = int(np.prod(self.shape))
+        self._path = tensor.path
+        self._offset = tensor.offset or 0
+        self._row_bytes = self.dtype.itemsize * self.shape[1]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("ExternalRows reads contiguous row ranges only")
+        count = max(stop - start, 0)
+        with open(self._path, "rb") as handle:
+            data = os.pread(handle.fileno(), count * self._row_bytes, self._offset + start * self._row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(count, self.shape[1]).astype(self.dtype.newbyteorder("="))
 
 
 def _dequantized(quantized: QuantizedRows) -> np.ndarray:
