@@ -345,3 +345,27 @@ def test_prune_then_sparse_storage_shrinks_the_file_at_80_percent(cli, tmp_path:
     assert dense_out.stat().st_size > 0.95 * model_files("sklearn_mlp")["onnx"].stat().st_size
     assert stored_out.stat().st_size < 0.4 * dense_out.stat().st_size
     assert score(stored.report)["auc_candidate"] == score(dense.report)["auc_candidate"]
+
+
+def test_big_tables_are_pruned_after_the_refits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxcompress.passes import prune as prune_module
+
+    monkeypatch.setattr(prune_module, "CAPTURE_LAZY_MAX_BYTES", 100)  # the 32 x 8 table counts as big
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] i, float[32,8] table, float[8,4] w) => (float[N,4] y) {
+          e = Gather(table, i)
+          y = MatMul(e, w)
+        }
+        """,
+        {"table": RNG.standard_normal((32, 8)).astype(np.float32), "w": RNG.standard_normal((8, 4)).astype(np.float32)},
+    )
+    calibration = Calibration(Feeds({"i": np.arange(32, dtype=np.int64)}, "test"))
+    result = prune(model, calibration, op_types=("Gather", "MatMul"))(model)
+    table = result.stats["tensors"]["table"]
+    assert table["pruned_after_refits"] is True and table["sparsity"] == 0.5
+    assert result.stats["tensors"]["w"]["reconstructed"] is True
+    pruned = model.graph.initializers["table"].const_value
+    assert isinstance(pruned, ir.LazyTensor)
+    assert (np.count_nonzero(pruned.numpy(), axis=1) == 4).all()  # every row keeps its 4 largest

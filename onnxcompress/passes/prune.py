@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 #: Rounds of OBS mask selection (each re-solves the kept weights); 8 beat 1 and 4 on every shipped
 #: model at 80% sparsity, measured by the score correlation with the unpruned model.
 OBS_ROUNDS = 8
+#: Magnitude-only tensors larger than this are pruned after the refits, not before the layers that
+#: read them: onnxruntime captures would otherwise evaluate every deferred table in memory each time.
+CAPTURE_LAZY_MAX_BYTES = 64 * 1024 * 1024
 
 
 def _check_structure(structure: str) -> None:
@@ -321,6 +324,7 @@ class Prune(CompressionPass):
         dense = _capture(self.context.calibration, model, [layer.node.inputs[0] for layer in refit]) if refit else {}
         originals = {layer: (_effective(layer), _bias_vector(layer)) for layer in refit}
         per_tensor: dict[str, dict[str, Any]] = {}
+        after_refits: list[tuple[_Weight, float]] = []
         for weight, sparsity in zip(weights, sparsities, strict=True):
             layer = layers.get(weight.value)
             if why_not[weight.value] is None:
@@ -329,9 +333,17 @@ class Prune(CompressionPass):
                 error = self._refit_masked(model, layer, dense_input, *originals[layer], sparsity)
                 entry: dict[str, Any] = {"reconstructed": True, "relative_output_error": error}
             else:
-                self._lazy_magnitude(weight, sparsity)
                 entry = {"reconstructed": False, "why_not_reconstructed": why_not[weight.value]}
+                if refit and weight.tensor.nbytes > CAPTURE_LAZY_MAX_BYTES:
+                    # Every calibration capture would evaluate (and hold) the deferred copy of a big
+                    # table; the refits see it unpruned instead, and memory stays at one table.
+                    after_refits.append((weight, sparsity))
+                    entry["pruned_after_refits"] = True
+                else:
+                    self._lazy_magnitude(weight, sparsity)
             per_tensor[weight.name] = entry
+        for weight, sparsity in after_refits:
+            self._lazy_magnitude(weight, sparsity)
         zeros = 0.0
         total = 0
         for weight, sparsity in zip(weights, sparsities, strict=True):
