@@ -24,6 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_synthetic_dlrm import SyntheticSpec, make_synthetic_dlrm
 
+QUANTIZE_DYNAMIC = """
+import sys
+from onnxruntime.quantization import quantize_dynamic
+quantize_dynamic(sys.argv[1], sys.argv[2], use_external_data_format=True)
+"""
+
 FLOOR = """
 import sys, onnx
 model = onnx.load(sys.argv[1])
@@ -51,7 +57,18 @@ def main() -> None:
     parser.add_argument("--tables", type=int, default=5)
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--passes", nargs="*", default=["cleanup"], help="pipelines to time, e.g. cleanup quant")
+    parser.add_argument(
+        "--passes",
+        nargs="*",
+        default=["cleanup", "quant", "quant:quant.embedding_bits=4"],
+        help="pipelines to time, each PASSES[:PASS.FIELD=VALUE,...], e.g. quant:quant.embedding_bits=4",
+    )
+    parser.add_argument(
+        "--quantize-dynamic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time onnxruntime's quantize_dynamic on the same model",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -66,10 +83,26 @@ def main() -> None:
     commands: dict[str, list[str]] = {
         "onnx.load + onnx.save (floor)": [sys.executable, "-c", FLOOR, str(model), str(out_dir / "floor.onnx")],
     }
+    if args.quantize_dynamic:
+        commands["onnxruntime quantize_dynamic"] = [
+            sys.executable,
+            "-c",
+            QUANTIZE_DYNAMIC,
+            str(model),
+            str(out_dir / "ort_dynamic.onnx"),
+        ]
     for passes in args.passes:
-        commands[f"onnxcompress --passes {passes}"] = [
-            sys.executable, "-m", "onnxcompress", str(model), str(out_dir / f"{passes.replace(',', '_')}.onnx"),
-            "--passes", passes,
+        label, _, settings = passes.partition(":")
+        extra = [item for setting in settings.split(",") if setting for item in ("--set", setting)]
+        commands[f"onnxcompress --passes {label}" + (f" ({settings})" if settings else "")] = [
+            sys.executable,
+            "-m",
+            "onnxcompress",
+            str(model),
+            str(out_dir / f"{label.replace(',', '_')}.onnx"),
+            "--passes",
+            label,
+            *extra,
         ]
     results: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
     for _ in range(args.repeats):

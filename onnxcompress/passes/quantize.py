@@ -139,6 +139,20 @@ class _Stored:
         return self.bits < 8 and tensor is not None and tensor.dtype == ir.DataType.UINT8
 
 
+_PACK_CHUNK_ROWS = 1 << 16
+
+
+def _pack_rows(codes: np.ndarray, bits: int, offset: int) -> np.ndarray:
+    """``pack_codes(codes + offset)`` row chunk by row chunk (a 2M-row table needs no table-sized
+    temporaries)."""
+    rows, elements = codes.shape
+    packed = np.empty((rows, -(-elements * bits // 8)), np.uint8)
+    for start in range(0, rows, _PACK_CHUNK_ROWS):
+        chunk = codes[start : start + _PACK_CHUNK_ROWS].astype(np.int16) + offset
+        packed[start : start + _PACK_CHUNK_ROWS] = pack_codes(chunk.astype(np.uint8), bits)
+    return packed
+
+
 def _last(build: _Builder) -> ir.Value:
     return build.constant("last", np.array([-1], np.int64))
 
@@ -193,10 +207,9 @@ def _store(
         scale = build.constant("scale", quantized.scale.reshape(shape))
         return _Stored(codes, scale, zero, bits, elements, binary)
     else:
-        unsigned = quantized.codes.astype(np.int16)
-        if quantized.symmetric and not binary:
-            unsigned = unsigned + (2 ** (bits - 1) - 1)  # stored offset by the zero point below
-        codes = build.constant("packed", pack_codes(unsigned.astype(np.uint8), bits))
+        # Symmetric codes are stored offset by the zero point below, so every stored code is unsigned.
+        offset = 2 ** (bits - 1) - 1 if quantized.symmetric and not binary else 0
+        codes = build.constant("packed", _pack_rows(quantized.codes, bits, offset))
     scale = build.constant("scale", quantized.scale.reshape(shape))
     zero = None
     if not binary and (quantized.zero_point is not None or bits < 8):
