@@ -388,12 +388,7 @@ PRUNE_SILENT_SUBGRAPHS = (
     "prune: weights inside If/Loop/Scan bodies (and captured outer-scope weights) are left alone "
     "without a reason in stats['skipped']"
 )
-PRUNE_SILENT_FUNCTION_ARGS = (
-    "prune: a weight passed to a model-local function (w1 into local.Dense) is left alone without a "
-    "reason in stats['skipped'] (quant inlines the function and quantizes it)"
-)
 KNOWN_BREAKS: dict[tuple[str, str], str] = {
-    ("local_functions", "prune"): PRUNE_SILENT_FUNCTION_ARGS,
     ("if_subgraph_weights", "prune"): PRUNE_SILENT_SUBGRAPHS,
     ("loop_body_weights", "prune"): PRUNE_SILENT_SUBGRAPHS,
     ("scan_body_weights", "prune"): PRUNE_SILENT_SUBGRAPHS,

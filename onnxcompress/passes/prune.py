@@ -220,6 +220,14 @@ class Prune(CompressionPass):
         """Weights to prune, in graph order, and every weight-slot initializer left alone with the reason."""
         skipped: dict[str, str] = {}
         for node in model.graph:
+            if (node.domain, node.op_type, node.overload) in model.functions:
+                for argument in node.inputs:
+                    if argument is not None and argument.is_initializer() and argument.name is not None:
+                        skipped[argument.name] = (
+                            f"passed to the model-local function {node.domain}.{node.op_type}: "
+                            "function bodies are not pruned"
+                        )
+                continue
             slot = WEIGHT_SLOTS.get(node.op_type)
             value = node.inputs[slot[0]] if slot is not None and slot[0] < len(node.inputs) else None
             if value is None or not value.is_initializer() or value.name is None:
