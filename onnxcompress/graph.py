@@ -152,12 +152,25 @@ class LinearLayer:
     output: ir.Value
 
     @property
+    def data(self) -> ir.Value:
+        """The layer's input activations (``node.inputs[0]``)."""
+        value = self.node.inputs[0]
+        assert value is not None, "linear_layers only yields nodes with a data input"
+        return value
+
+    @property
     def d_out(self) -> int:
-        return int(self.weight.const_value.shape[self.out_axis])  # type: ignore[union-attr]
+        return _dims(self.weight)[self.out_axis]
 
     @property
     def d_in(self) -> int:
-        return int(self.weight.const_value.shape[1 - self.out_axis])  # type: ignore[union-attr]
+        return _dims(self.weight)[1 - self.out_axis]
+
+
+def _dims(value: ir.Value) -> tuple[int, ...]:
+    """The static shape of a constant's tensor."""
+    assert value.const_value is not None
+    return tuple(int(dim) for dim in value.const_value.shape.numpy())
 
 
 def _per_unit_shape(shape: tuple[int, ...], width: int) -> bool:
@@ -170,7 +183,7 @@ def _per_unit_shape(shape: tuple[int, ...], width: int) -> bool:
 
 def _bias_of(value: ir.Value, node: ir.Node, width: int) -> tuple[ir.Value, ir.Node] | None:
     """The constant per-output Add that alone reads ``value`` (a MatMul's output), if any."""
-    uses = value.uses()
+    uses = list(value.uses())
     if len(uses) != 1 or value.is_graph_output():
         return None
     add, index = uses[0]
@@ -180,7 +193,7 @@ def _bias_of(value: ir.Value, node: ir.Node, width: int) -> tuple[ir.Value, ir.N
     if not is_constant_initializer(other):
         return None
     assert other is not None and other.const_value is not None
-    if not _per_unit_shape(tuple(other.const_value.shape), width) or len(other.const_value.shape) > 2:
+    if not _per_unit_shape(_dims(other), width) or len(_dims(other)) > 2:
         return None
     return other, add
 
@@ -202,14 +215,16 @@ def linear_layers(model: ir.Model) -> list[LinearLayer]:
             or node.attributes.get_float("beta", 1.0) != 1.0
         ):
             continue
-        width = int(use.value.const_value.shape[use.out_axis])  # type: ignore[union-attr]
+        if node.inputs[0] is None:
+            continue
+        width = _dims(use.value)[use.out_axis]
         output = node.outputs[0]
         bias: ir.Value | None = None
         bias_node: ir.Node | None = None
         if node.op_type == "Gemm":
             c = node.inputs[2] if len(node.inputs) > 2 else None
             if c is not None:
-                if not is_constant_initializer(c) or not _per_unit_shape(tuple(c.const_value.shape), width):  # type: ignore[union-attr]
+                if not is_constant_initializer(c) or not _per_unit_shape(_dims(c), width):
                     continue
                 bias = c
         else:
@@ -242,8 +257,8 @@ class HiddenLink:
 def _constant_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     if not is_constant_initializer(value):
         return None
-    assert value is not None and value.const_value is not None
-    return tuple(value.const_value.shape)
+    assert value is not None
+    return _dims(value)
 
 
 def _step(node: ir.Node, index: int, width: int, rank: int | None) -> str | None:
@@ -295,7 +310,7 @@ def _walk(producer: LinearLayer, consumers: dict[ir.Node, LinearLayer]) -> Hidde
     while True:
         if value.is_graph_output():
             return "hidden units are a graph output"
-        uses = value.uses()
+        uses = list(value.uses())
         if len(uses) != 1:
             if not uses:
                 return "hidden units are unused"

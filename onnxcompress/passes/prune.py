@@ -6,7 +6,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -38,6 +38,9 @@ from onnxcompress.numerics.prune import (
 from onnxcompress.parity import Budget
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
+
+if TYPE_CHECKING:
+    from onnxcompress.calibration import Calibration
 
 __all__ = ["Prune"]
 
@@ -124,16 +127,20 @@ def _write_layer(graph: ir.Graph, layer: LinearLayer, weight: np.ndarray, bias: 
     _replace_constant(graph, holder, list(holder.inputs).index(layer.bias), array)
 
 
-def _capture(calibration: Any, model: ir.Model, values: Sequence[ir.Value]) -> dict[ir.Value, np.ndarray]:
+def _capture(
+    calibration: Calibration | None, model: ir.Model, values: Sequence[ir.Value]
+) -> dict[ir.Value, np.ndarray]:
     """Arrays of ``values`` on the calibration rows, as float64 matrices ``[rows, last axis]``.
 
     Graph inputs are read from the feeds: onnxruntime need not expose them as outputs.
     """
+    assert calibration is not None, "captures run only with calibration data"
     feeds = calibration.feeds.arrays
     wanted = [value for value in dict.fromkeys(values) if not value.is_graph_input()]
     captured = calibration.capture(model, wanted) if wanted else {}
     arrays = {}
     for value in dict.fromkeys(values):
+        assert value.name is not None
         array = feeds[value.name] if value.is_graph_input() else captured[value.name]
         arrays[value] = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
     return arrays
@@ -203,7 +210,10 @@ class Prune(CompressionPass):
             _check_structure(self.structure)
             for pattern in (self.include, self.exclude):
                 if pattern is not None:
-                    re.compile(pattern)
+                    try:
+                        re.compile(pattern)
+                    except re.error as error:
+                        raise ValueError(f"{pattern!r} is not a valid regular expression: {error}") from None
 
     # --- selection ------------------------------------------------------------------------------
 
@@ -278,7 +288,7 @@ class Prune(CompressionPass):
 
     def _masked_fraction(self, weight: _Weight, sparsity: float) -> float:
         """The fraction of entries :meth:`_mask` zeroes, from the tensor's shape alone."""
-        shape = tuple(weight.tensor.shape)
+        shape = tuple(int(dim) for dim in weight.tensor.shape.numpy())
         use = next((u for u in weight.uses if u.reduce_axis is not None), weight.uses[0])
         nm = parse_nm(self.config.structure)
         if nm is not None:
@@ -308,7 +318,8 @@ class Prune(CompressionPass):
             mask = self._mask(weight, np.abs(array.astype(np.float32)), sparsity)
             return ir.tensor(np.where(mask, array, np.zeros((), array.dtype)), name=weight.name)
 
-        weight.value.const_value = ir.LazyTensor(pruned, source.dtype, source.shape, name=weight.name)
+        shape = ir.Shape(source.shape.numpy())
+        weight.value.const_value = ir.LazyTensor(pruned, source.dtype, shape, name=weight.name)
 
     def _reconstructable(self, weight: _Weight, layers: dict[ir.Value, LinearLayer]) -> str | None:
         """Why this weight is pruned by magnitude only instead of being refit, or None."""
@@ -319,7 +330,7 @@ class Prune(CompressionPass):
         layer = layers.get(weight.value)
         if len(weight.value.uses()) != 1 or layer is None:
             return "refit needs a single MatMul or Gemm (x @ W + b) reading the weight"
-        if layer.node.inputs[0] is None or layer.node.inputs[0].name is None:
+        if layer.data is None or layer.data.name is None:
             return "the layer's input has no name to capture"
         return None
 
@@ -329,7 +340,7 @@ class Prune(CompressionPass):
         layers = {layer.weight: layer for layer in linear_layers(model)}
         why_not = {weight.value: self._reconstructable(weight, layers) for weight in weights}
         refit = [layers[weight.value] for weight in weights if why_not[weight.value] is None]
-        dense = _capture(self.context.calibration, model, [layer.node.inputs[0] for layer in refit]) if refit else {}
+        dense = _capture(self.context.calibration, model, [layer.data for layer in refit]) if refit else {}
         originals = {layer: (_effective(layer), _bias_vector(layer)) for layer in refit}
         per_tensor: dict[str, dict[str, Any]] = {}
         after_refits: list[tuple[_Weight, float]] = []
@@ -337,7 +348,7 @@ class Prune(CompressionPass):
             layer = layers.get(weight.value)
             if why_not[weight.value] is None:
                 assert layer is not None
-                dense_input = dense[layer.node.inputs[0]]
+                dense_input = dense[layer.data]
                 error = self._refit_masked(model, layer, dense_input, *originals[layer], sparsity)
                 entry: dict[str, Any] = {"reconstructed": True, "relative_output_error": error}
             else:
@@ -357,7 +368,7 @@ class Prune(CompressionPass):
         for weight, sparsity in zip(weights, sparsities, strict=True):
             size = weight.tensor.size
             if per_tensor[weight.name]["reconstructed"]:
-                achieved = 1.0 - np.count_nonzero(weight.tensor.numpy()) / max(size, 1)
+                achieved = 1.0 - int(np.count_nonzero(weight.tensor.numpy())) / max(size, 1)
             else:  # deferred: the mask's count follows from the shape, without reading the data
                 achieved = self._masked_fraction(weight, sparsity)
             per_tensor[weight.name] = {
@@ -395,7 +406,7 @@ class Prune(CompressionPass):
         the unpruned model's input, so each layer also absorbs the error of the layers before it.
         Returns the relative output error on the calibration rows after the refit.
         """
-        (current,) = _capture(self.context.calibration, model, [layer.node.inputs[0]]).values()
+        (current,) = _capture(self.context.calibration, model, [layer.data]).values()
         target = dense_input @ weight0 + bias0
         fit_bias = layer.bias is not None
         goal = target if fit_bias else target - bias0
@@ -410,7 +421,7 @@ class Prune(CompressionPass):
         new_bias = system.intercept(new_weight)
         _write_layer(model.graph, layer, new_weight, new_bias)
         residual = current @ new_weight + (new_bias if new_bias is not None else 0) - goal
-        return round(float(np.linalg.norm(residual) / max(np.linalg.norm(target), 1e-12)), 6)
+        return _relative_error(residual, target)
 
     # --- hidden units ---------------------------------------------------------------------------
 
@@ -427,11 +438,11 @@ class Prune(CompressionPass):
         calibration = self.context.calibration
         refit = calibration is not None and self.config.reconstruct
         consumers = [link.consumer for link in chosen]
-        dense = _capture(calibration, model, [layer.node.inputs[0] for layer in consumers]) if refit and chosen else {}
+        dense = _capture(calibration, model, [layer.data for layer in consumers]) if refit and chosen else {}
         originals = {layer: (_effective(layer), _bias_vector(layer)) for layer in consumers}
         per_layer: dict[str, dict[str, Any]] = {}
         removed_total = 0
-        params_before = sum(int(np.prod(layer.weight.const_value.shape)) for layer in linear_layers(model))  # type: ignore[union-attr]
+        params_before = sum(layer.d_in * layer.d_out for layer in linear_layers(model))
         for link in chosen:
             width = link.width
             remove = round(self.config.sparsity * width)
@@ -442,15 +453,13 @@ class Prune(CompressionPass):
                 continue
             consumer = link.consumer
             activations = (
-                _capture(calibration, model, [consumer.node.inputs[0]])[consumer.node.inputs[0]]
-                if calibration is not None
-                else None
+                _capture(calibration, model, [consumer.data])[consumer.data] if calibration is not None else None
             )
             weight0, bias0 = originals[consumer]
             fit_bias = consumer.bias is not None
             system = None
             if refit and activations is not None:
-                target = dense[consumer.node.inputs[0]] @ weight0 + bias0
+                target = dense[consumer.data] @ weight0 + bias0
                 goal = target if fit_bias else target - bias0
                 system = NormalEquations.of(
                     Gram.of(activations, goal), self.config.damping, fit_bias, prior=_effective(consumer)
@@ -475,12 +484,10 @@ class Prune(CompressionPass):
                 new_bias = reduced.intercept(new_weight)
                 _write_layer(model.graph, consumer, new_weight, new_bias)
                 residual = activations[:, keep] @ new_weight + (new_bias if new_bias is not None else 0) - goal
-                entry["next_layer_refit_error"] = round(
-                    float(np.linalg.norm(residual) / max(np.linalg.norm(target), 1e-12)), 6
-                )
+                entry["next_layer_refit_error"] = _relative_error(residual, target)
             per_layer[name] = entry
             removed_total += remove
-        params_after = sum(int(np.prod(layer.weight.const_value.shape)) for layer in linear_layers(model))  # type: ignore[union-attr]
+        params_after = sum(layer.d_in * layer.d_out for layer in linear_layers(model))
         stats = {
             "structure": "neurons",
             "layers_pruned": len(per_layer),
@@ -553,3 +560,8 @@ def _hidden_values(link: HiddenLink) -> list[ir.Value]:
     values = [link.producer.node.outputs[0], link.producer.output]
     values += [node.outputs[0] for node in link.between]
     return list(dict.fromkeys(values))
+
+
+def _relative_error(residual: np.ndarray, target: np.ndarray) -> float:
+    """||residual|| / ||target||, rounded for the stats: a layer's output error after its refit."""
+    return round(float(np.linalg.norm(residual)) / max(float(np.linalg.norm(target)), 1e-12), 6)

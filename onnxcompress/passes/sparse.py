@@ -181,7 +181,7 @@ class SparseStorage(CompressionPass):
             if opset < MIN_OPSET:
                 skipped[value.name] = f"opset {opset} < {MIN_OPSET} (no BitShift/CumSum)"
                 continue
-            best = encoded_bytes(tensor.size, 0, tensor.dtype.itemsize) + NODE_OVERHEAD
+            best = encoded_bytes(tensor.size, 0, int(tensor.dtype.itemsize)) + NODE_OVERHEAD
             if best >= tensor.nbytes:
                 skipped[value.name] = "too small for the mask and decode nodes to pay off"
                 continue
@@ -189,7 +189,7 @@ class SparseStorage(CompressionPass):
             keep = _nonzero_mask(array)
             nonzeros = int(keep.sum())
             zero_fraction = 1.0 - nonzeros / array.size
-            stored = encoded_bytes(array.size, nonzeros, tensor.dtype.itemsize)
+            stored = encoded_bytes(array.size, nonzeros, int(tensor.dtype.itemsize))
             if zero_fraction < self.config.min_sparsity:
                 skipped[value.name] = f"{zero_fraction:.1%} zeros, below min_sparsity"
                 continue
