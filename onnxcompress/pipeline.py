@@ -38,12 +38,14 @@ class Pipeline:
 
     @property
     def budget(self) -> Budget:
-        """The default parity budget: the loosest of the passes' own (a pipeline is held to what its
-        most lossy pass documents)."""
-        budgets = [
-            spec.pass_class.budget or (LOSSY if spec.pass_class.lossy else LOSSLESS) for spec in self.specs
-        ]
-        return loosest(budgets) if budgets else LOSSLESS
+        """The default parity budget: the loosest of the lossy passes' own (a pipeline is held to
+        what its most lossy pass documents), or LOSSLESS when every pass is lossless. A lossless
+        pass's budget checks only the absolute error, so it must not join the lossy ones: its
+        unchecked rank and AUC figures would switch theirs off."""
+        lossy = [spec.pass_class for spec in self.specs if spec.pass_class.lossy]
+        if not lossy:
+            return LOSSLESS
+        return loosest([cls.budget or LOSSY for cls in lossy])
 
     def run(self, model: ir.Model, on_pass: Callable[[str], None] | None = None) -> list[PassRecord]:
         """Run every pass in place on ``model``; ``on_pass`` is called with each pass's name first."""

@@ -384,14 +384,7 @@ FORMS["output_aliases"] = output_aliases
 
 # (form, pass) -> why it breaks today. strict: once the pass is fixed the test passes, xfail turns
 # into a failure, and the entry must go. Reported with minimal reproducers in the issue.
-PRUNE_SILENT_SUBGRAPHS = (
-    "prune: weights inside If/Loop/Scan bodies (and captured outer-scope weights) are left alone "
-    "without a reason in stats['skipped']"
-)
 KNOWN_BREAKS: dict[tuple[str, str], str] = {
-    ("if_subgraph_weights", "prune"): PRUNE_SILENT_SUBGRAPHS,
-    ("loop_body_weights", "prune"): PRUNE_SILENT_SUBGRAPHS,
-    ("scan_body_weights", "prune"): PRUNE_SILENT_SUBGRAPHS,
 }
 
 

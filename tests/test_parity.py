@@ -86,3 +86,13 @@ def test_score_column_detection() -> None:
     assert score_column((10, 1)) == 0
     assert score_column((10, 2)) == 1
     assert score_column((10, 64)) is None
+
+
+def test_a_pipeline_is_held_to_its_loosest_lossy_pass_and_lossless_passes_never_loosen_it() -> None:
+    from onnxcompress.pipeline import Pipeline
+    from onnxcompress.recipe import build_specs
+
+    assert Pipeline(build_specs(["cleanup"])).budget == LOSSLESS
+    assert Pipeline(build_specs(["cleanup", "quant", "cleanup@final"])).budget == LOSSY
+    pruned = Pipeline(build_specs(["prune", "quant", "sparse"])).budget
+    assert pruned.min_rank_corr == 0.98 and pruned.max_auc_drop == 0.003 and pruned.min_cosine == 0.99

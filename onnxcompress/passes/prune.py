@@ -263,6 +263,8 @@ class Prune(CompressionPass):
                 selected.append(_Weight(value, uses))
             else:
                 skipped[name] = reason
+        chosen = {weight.name for weight in selected}
+        skipped.update(_other_reasons(model, chosen | set(skipped)))
         return selected, skipped
 
     # --- entry point ----------------------------------------------------------------------------
@@ -565,3 +567,36 @@ def _hidden_values(link: HiddenLink) -> list[ir.Value]:
 def _relative_error(residual: np.ndarray, target: np.ndarray) -> float:
     """||residual|| / ||target||, rounded for the stats: a layer's output error after its refit."""
     return round(float(np.linalg.norm(residual)) / max(float(np.linalg.norm(target)), 1e-12), 6)
+
+
+def _other_reasons(model: ir.Model, accounted: set[str]) -> dict[str, str]:
+    """Why every other float initializer of rank 2 or more, in any graph, is left as it is.
+
+    Decided from dtype, shape and readers only. Weights inside If/Loop/Scan bodies or passed to a
+    model-local function are not pruned (their layers cannot be captured or refit), and rank-2
+    constants read by other ops (a ``[1, C]`` bias) are not weights.
+    """
+    functions = set(model.functions)
+    reasons: dict[str, str] = {}
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if value.name is None or value.name in accounted or tensor is None:
+                continue
+            if not tensor.dtype.is_floating_point() or len(tensor.shape) < 2:
+                continue
+            readers = [node for node, _ in value.uses()]
+            if graph is not model.graph:
+                reason = "inside a subgraph: If/Loop/Scan bodies are not pruned"
+            elif value.is_graph_input():
+                reason = "a graph input: callers may override it"
+            elif any(node.graph is not model.graph for node in readers):
+                reason = "read inside a subgraph: If/Loop/Scan bodies are not pruned"
+            elif any(node.op_identifier() in functions for node in readers):
+                reason = "passed to a model-local function, whose body is not pruned"
+            elif readers:
+                reason = f"read by {', '.join(sorted({node.op_type for node in readers}))}: not a weight"
+            else:
+                reason = "unused"
+            reasons[value.name] = reason
+    return reasons
