@@ -25,6 +25,8 @@ __all__ = [
     "quantized_row_error",
     "relative_error",
     "row_relative_error",
+    "sample_rows",
+    "tensor_scale",
     "unpack_codes",
 ]
 
@@ -265,39 +267,46 @@ def relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
     return difference / norm if norm else difference
 
 
-def quantize_tensor_rows(rows: np.ndarray, bits: int, *, search: bool = False) -> QuantizedRows:
-    """Symmetric quantization with one scale for the whole ``[rows, elements]`` array, codes kept
-    as rows (for lookups); works chunk by chunk so a memory-mapped table is never copied whole.
+def sample_rows(rows: Any, count: int, blocks: int = 16) -> np.ndarray:
+    """About ``count`` rows in ``blocks`` contiguous runs spread evenly over ``rows`` (all of them
+    when there are fewer): cheap to read from disk, and covering the whole id range."""
+    rows = _row_source(rows)
+    if len(rows) <= count:
+        return np.asarray(rows[0 : len(rows)])
+    step, size = len(rows) // blocks, max(1, count // blocks)
+    return np.concatenate([rows[start : start + size] for start in range(0, len(rows), step)][:blocks])
 
-    With ``search`` the clip ratio is chosen by squared error on an evenly spaced sample of rows.
-    """
+
+def tensor_scale(rows: Any, bits: int, *, search: bool = False) -> float:
+    """One symmetric scale for a whole ``[rows, elements]`` array: its peak magnitude (one chunked
+    pass) over the top level, times the clip ratio with the least squared error on a row sample."""
     rows = _row_source(rows)
     _, high = _levels(bits, True)
     chunk = max(1, _MSE_CHUNK_ELEMENTS // max(rows.shape[1], 1))
     peak = max(float(np.abs(rows[start : start + chunk]).max(initial=0.0)) for start in range(0, len(rows), chunk))
     clip = 1.0
     if search and peak > 0:
-        blocks = 16
-        step, size = max(1, len(rows) // blocks), max(1, chunk // blocks)
-        sample = np.concatenate([rows[start : start + size] for start in range(0, len(rows), step)][:blocks])
-        sample = sample.astype(np.float64)
-        candidates = [
-            (
-                float(
-                    np.square(
-                        np.clip(np.rint(sample / (peak * ratio / high)), -high, high) * (peak * ratio / high) - sample
-                    ).sum()
-                ),
-                float(ratio),
-            )
-            for ratio in MSE_CLIP_GRID
-        ]
-        clip = min(candidates)[1]
-    scale = max(peak * clip / high, np.finfo(np.float32).tiny)
+        sample = sample_rows(rows, chunk).astype(np.float64)
+        errors = []
+        for ratio in MSE_CLIP_GRID:
+            step = peak * ratio / high
+            restored = np.clip(np.rint(sample / step), -high, high) * step
+            errors.append((float(np.square(restored - sample).sum()), float(ratio)))
+        clip = min(errors)[1]
+    return max(peak * clip / high, float(np.finfo(np.float32).tiny))
+
+
+def quantize_tensor_rows(rows: Any, bits: int, *, search: bool = False, scale: float | None = None) -> QuantizedRows:
+    """Symmetric quantization with one scale (``tensor_scale`` unless given) for the whole
+    ``[rows, elements]`` array, codes kept as rows for lookups; chunk by chunk, never copied whole."""
+    rows = _row_source(rows)
+    _, high = _levels(bits, True)
+    scale = tensor_scale(rows, bits, search=search) if scale is None else scale
+    chunk = max(1, _MSE_CHUNK_ELEMENTS // max(rows.shape[1], 1))
     codes = np.empty(rows.shape, dtype=np.int8)
     inverse = np.float32(1.0 / scale)
     for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk] * inverse
+        part = np.asarray(rows[start : start + chunk], dtype=np.float32) * inverse
         codes[start : start + chunk] = np.clip(np.rint(part, out=part), -high, high)
     return QuantizedRows(codes=codes, scale=np.array([scale], np.float32), zero_point=None, bits=bits)
 

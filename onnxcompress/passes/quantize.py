@@ -45,6 +45,8 @@ from onnxcompress.numerics.quant import (
     quantize_tensor_rows,
     quantized_row_error,
     relative_error,
+    sample_rows,
+    tensor_scale,
 )
 from onnxcompress.parity import Budget, Budgets, compare
 from onnxcompress.passes import register
@@ -60,6 +62,8 @@ QUANT_IR_VERSION = 10
 BIT_CHOICES = (8, 4, 2, 1)
 #: Weights up to this size are checked for NaN/infinity before anything is done to them.
 FINITE_CHECK_MAX_ELEMENTS = 1 << 24
+#: Rows sampled (in runs spread over the table) to choose a table's scale granularity.
+DECISION_SAMPLE_ROWS = 1 << 16
 #: Tables larger than this are rounded to nearest per row: the clip search costs 26 passes.
 SEARCH_MAX_ELEMENTS = 1 << 24
 
@@ -790,16 +794,24 @@ class Quantize(CompressionPass):
             codes, alpha = binarize_rows(table, scale_dtype)
             return QuantizedRows(codes, alpha, None, 1), "row", {}
         search = config.rounding != "nearest" and table.size <= SEARCH_MAX_ELEMENTS
-        quantized = quantize_rows(
-            table, bits, symmetric=config.embedding_symmetric, search=search, scale_dtype=scale_dtype
-        )
+        symmetric = config.embedding_symmetric
+
+        def per_row(rows: Any) -> QuantizedRows:
+            return quantize_rows(rows, bits, symmetric=symmetric, search=search, scale_dtype=scale_dtype)
+
         if config.embedding_granularity == "row":
-            return quantized, "row", {}
-        whole = quantize_tensor_rows(table, bits, search=config.rounding != "nearest")
-        errors = {"row": quantized_row_error(table, quantized), "tensor": quantized_row_error(table, whole)}
+            return per_row(table), "row", {}
+        # Decide on a sample of rows (the whole table when small), then quantize the table once:
+        # a 2M-row table is read twice, not six times. The one scale is the whole table's.
+        scale = tensor_scale(table, bits, search=config.rounding != "nearest")
+        sample = sample_rows(table, DECISION_SAMPLE_ROWS)
+        errors = {
+            "row": quantized_row_error(sample, per_row(sample)),
+            "tensor": quantized_row_error(sample, quantize_tensor_rows(sample, bits, scale=scale)),
+        }
         if config.embedding_granularity == "tensor" or errors["tensor"] <= config.table_tolerance:
-            return whole, "tensor", errors
-        return quantized, "row", errors
+            return quantize_tensor_rows(table, bits, scale=scale), "tensor", errors
+        return per_row(table), "row", errors
 
     def _quantize_table(self, graph: ir.Graph, value: ir.Value, uses: list[WeightUse], bits: int) -> dict[str, Any]:
         config = self.config
