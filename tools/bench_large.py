@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument(
         "--passes",
         nargs="*",
-        default=["cleanup", "quant", "quant:quant.embedding_bits=4"],
+        default=["cleanup", "quant", "quant:quant.embedding_bits=4", "prune"],
         help="pipelines to time, each PASSES[:PASS.FIELD=VALUE,...], e.g. quant:quant.embedding_bits=4",
     )
     parser.add_argument(

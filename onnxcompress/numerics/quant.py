@@ -191,9 +191,11 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     pad = (-codes.shape[-1]) % per_byte
     if pad:
         codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], pad), np.uint8)], axis=-1)
-    grouped = codes.reshape(*codes.shape[:-1], -1, per_byte).astype(np.uint16)
-    shifts = (np.arange(per_byte) * bits).astype(np.uint16)
-    return (grouped << shifts).sum(axis=-1).astype(np.uint8)
+    grouped = codes.reshape(*codes.shape[:-1], -1, per_byte)
+    packed = grouped[..., 0].copy()
+    for position in range(1, per_byte):  # uint8 shifts and ors: no wider temporaries
+        packed |= grouped[..., position] << np.uint8(position * bits)
+    return packed
 
 
 def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:

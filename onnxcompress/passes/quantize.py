@@ -152,8 +152,10 @@ def _pack_rows(codes: np.ndarray, bits: int, offset: int) -> np.ndarray:
     rows, elements = codes.shape
     packed = np.empty((rows, -(-elements * bits // 8)), np.uint8)
     for start in range(0, rows, _PACK_CHUNK_ROWS):
-        chunk = codes[start : start + _PACK_CHUNK_ROWS].astype(np.int16) + offset
-        packed[start : start + _PACK_CHUNK_ROWS] = pack_codes(chunk.astype(np.uint8), bits)
+        chunk = codes[start : start + _PACK_CHUNK_ROWS]
+        if offset or chunk.dtype != np.uint8:
+            chunk = (chunk.astype(np.int16) + offset).astype(np.uint8)
+        packed[start : start + _PACK_CHUNK_ROWS] = pack_codes(chunk, bits)
     return packed
 
 
