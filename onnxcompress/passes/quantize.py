@@ -25,6 +25,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -417,16 +418,23 @@ class Quantize(CompressionPass):
             selected, skipped = self._select(model)
         hessians = self._hessians(model, selected)
         plan, search = self._plan_bits(model, selected, hessians)
-        tensors: dict[str, dict[str, Any]] = {}
-        for value, uses in selected.items():
-            name = value.name or "weight"
-            bits = plan[value]
-            if bits == 32:
-                skipped[name] = "kept in float by the mixed-precision search"
-            elif _is_table(uses):
-                tensors[name] = self._quantize_table(model.graph, value, uses, bits)
-            else:
-                tensors[name] = self._quantize_linear(model.graph, value, uses, hessians.get(name), bits)
+        # Tables' numerics run two at a time (numpy and file reads release the GIL); the graph is
+        # then edited in order. Each table's codes are kept until save anyway.
+        tables = [value for value, uses in selected.items() if _is_table(uses) and plan[value] != 32]
+        with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+            table_codes = {value: pool.submit(self._encode_table, value, plan[value]) for value in tables}
+            tensors: dict[str, dict[str, Any]] = {}
+            for value, uses in selected.items():
+                name = value.name or "weight"
+                bits = plan[value]
+                if bits == 32:
+                    skipped[name] = "kept in float by the mixed-precision search"
+                elif _is_table(uses):
+                    tensors[name] = self._quantize_table(
+                        model.graph, value, uses, bits, table_codes.pop(value).result()
+                    )
+                else:
+                    tensors[name] = self._quantize_linear(model.graph, value, uses, hessians.get(name), bits)
         halved = _store_floats_as_float16(model.graph) if self.config.float_storage == "float16" else {}
         before = sum(entry["bytes_before"] for entry in tensors.values()) + sum(halved.values())
         after = sum(entry["bytes_after"] for entry in tensors.values()) + sum(halved.values()) // 2
@@ -815,16 +823,28 @@ class Quantize(CompressionPass):
             return quantize_tensor_rows(table, bits, scale=scale), "tensor", errors
         return per_row(table), "row", errors
 
-    def _quantize_table(self, graph: ir.Graph, value: ir.Value, uses: list[WeightUse], bits: int) -> dict[str, Any]:
-        config = self.config
+    def _encode_table(self, value: ir.Value, bits: int) -> tuple[QuantizedRows, str, dict[str, float]]:
+        """The table's codes (no graph change, so tables can be encoded in parallel)."""
         tensor = value.const_value
-        assert tensor is not None and value.name is not None
+        assert tensor is not None
         # An external table is read in row chunks with file reads: mapped, a 512 MB table would
         # count whole towards the process's resident memory once read.
         table = ExternalRows(tensor) if isinstance(tensor, ir.ExternalTensor) and bits > 1 else tensor.numpy()
+        return self._table_codes(table, bits)
+
+    def _quantize_table(
+        self,
+        graph: ir.Graph,
+        value: ir.Value,
+        uses: list[WeightUse],
+        bits: int,
+        encoded: tuple[QuantizedRows, str, dict[str, float]],
+    ) -> dict[str, Any]:
+        config = self.config
+        tensor = value.const_value
+        assert tensor is not None and value.name is not None
         build = _Builder(graph, value.name)
-        quantized, granularity, errors = self._table_codes(table, bits)
-        del table
+        quantized, granularity, errors = encoded
         folded = tensor.nbytes < config.fold_tables_below
         lookups = [use for use in uses if use.kind == "embedding"]
         stored = _store(
