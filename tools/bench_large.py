@@ -103,6 +103,7 @@ def main() -> None:
             "--passes",
             label,
             *extra,
+            "--force",  # measured whether or not parity passes (a random synthetic MLP prunes badly)
         ]
     results: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
     for _ in range(args.repeats):
