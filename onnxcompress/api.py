@@ -96,10 +96,11 @@ def compress(
         raise UsageError(f"optimisation level {opt_level!r}; choose from {', '.join(runtime.OPT_LEVELS)}")
     if external_data not in ("auto", "always", "never"):
         raise UsageError(f"--external-data {external_data!r}; choose from auto, always, never")
+    specs: list[PassSpec]
     if passes and isinstance(passes[0], PassSpec):
-        specs = list(passes)  # type: ignore[arg-type]
+        specs = [spec for spec in passes if isinstance(spec, PassSpec)]
     else:
-        specs = build_specs(list(passes), options, assignments)  # type: ignore[arg-type]
+        specs = build_specs([str(name) for name in passes], options, assignments)
 
     notify("loading")
     clock = time.perf_counter()

@@ -144,7 +144,7 @@ def _compare_one(
         )
     if reference.dtype.kind not in "fc":
         mismatch = float(np.mean(reference != candidate)) if reference.size else 0.0
-        failures = (
+        mismatches = (
             ()
             if mismatch <= budget.max_mismatch
             else (f"{mismatch:.2%} of values differ (budget {budget.max_mismatch:.2%})",)
@@ -153,8 +153,8 @@ def _compare_one(
             name,
             "integer",
             shape,
-            not failures,
-            failures,
+            not mismatches,
+            mismatches,
             mismatch=mismatch,
             would_pass_with={"max_mismatch": mismatch},
         )

@@ -18,7 +18,7 @@ import tomllib
 
 from onnxcompress.errors import UsageError
 from onnxcompress.passes import PASSES
-from onnxcompress.passes.base import config_fields
+from onnxcompress.passes.base import CompressionPass, config_fields
 
 __all__ = ["PassSpec", "build_specs", "coerce", "describe_field", "parse_assignment", "read_recipe"]
 
@@ -42,7 +42,7 @@ class PassSpec:
         return self.name.partition("@")[0]
 
     @property
-    def pass_class(self) -> type:
+    def pass_class(self) -> type[CompressionPass]:
         return PASSES[self.pass_name]
 
     def options(self) -> dict[str, Any]:
@@ -142,7 +142,7 @@ def coerce(field: dataclasses.Field[Any], value: Any, what: str) -> Any:
     return result
 
 
-def _pass_class(name: str) -> type:
+def _pass_class(name: str) -> type[CompressionPass]:
     base, _, label = name.partition("@")
     if base not in PASSES:
         raise UsageError(f"unknown pass {base!r}; choose from: {', '.join(sorted(PASSES))}")

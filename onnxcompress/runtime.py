@@ -83,7 +83,7 @@ def _serialize_side_loading(model: ir.Model, options: ort.SessionOptions) -> tup
         (
             str(tensor.base_dir)
             for tensor in (value.const_value for value in model.graph.initializers.values())
-            if isinstance(tensor, ir.ExternalTensor) and tensor.base_dir and tensor.valid
+            if isinstance(tensor, ir.ExternalTensor) and tensor.base_dir and tensor.valid()
         ),
         None,
     )
