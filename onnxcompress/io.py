@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -25,6 +26,7 @@ from onnxcompress.errors import InputModelError, OutputPathError
 
 __all__ = [
     "AUTO_EXTERNAL_BYTES",
+    "ExternalRows",
     "StagedModel",
     "check_output_path",
     "data_file_for",
@@ -333,3 +335,34 @@ def stage(model: ir.Model, out_path: Path, external_data: str = "auto") -> Stage
     except BaseException:
         shutil.rmtree(staging_dir, ignore_errors=True)
         raise
+
+
+class ExternalRows:
+    """An external tensor as rows ``[shape[0], rest]`` read with ``pread`` on demand.
+
+    Reading a memory-mapped tensor makes every page it touches count towards the process's
+    resident memory until it is unmapped; plain reads leave the data in the page cache instead.
+    Slices must be contiguous row ranges.
+    """
+
+    def __init__(self, tensor: ir.ExternalTensor) -> None:
+        dims = [int(d) for d in tensor.shape]
+        rows = dims[0] if dims else 1
+        self.size = int(np.prod(dims)) if dims else 1
+        self.shape = (rows, self.size // rows if rows else 0)
+        self.dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+        self._path = tensor.path
+        self._offset = tensor.offset or 0
+        self._row_bytes = self.dtype.itemsize * self.shape[1]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("ExternalRows reads contiguous row ranges only")
+        count = max(stop - start, 0)
+        with open(self._path, "rb") as handle:
+            data = os.pread(handle.fileno(), count * self._row_bytes, self._offset + start * self._row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(count, self.shape[1]).astype(self.dtype.newbyteorder("="))

@@ -35,6 +35,7 @@ import onnx_ir as ir
 
 from onnxcompress import runtime
 from onnxcompress.graph import WEIGHT_SLOTS, WeightUse, weights_by_value
+from onnxcompress.io import ExternalRows
 from onnxcompress.numerics.quant import (
     QuantizedRows,
     binarize_rows,
@@ -903,30 +904,6 @@ class Quantize(CompressionPass):
             dim = build.constant("dim", np.array([stored.elements], np.int64))
             values = build.op("Reshape", [values, build.op("Concat", [build.op("Shape", [ids]), dim], axis=0)])
         _replace_output(node.outputs[0], values)
-
-
-class ExternalRows:
-    """Rows of a 2-D external tensor, read with ``pread`` on demand (see ``RowSource``)."""
-
-    def __init__(self, tensor: ir.ExternalTensor) -> None:
-        self.shape = tuple(int(d) for d in tensor.shape)
-        self.dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
-        self.size = int(np.prod(self.shape))
-        self._path = tensor.path
-        self._offset = tensor.offset or 0
-        self._row_bytes = self.dtype.itemsize * self.shape[1]
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        start, stop, step = rows.indices(self.shape[0])
-        if step != 1:
-            raise ValueError("ExternalRows reads contiguous row ranges only")
-        count = max(stop - start, 0)
-        with open(self._path, "rb") as handle:
-            data = os.pread(handle.fileno(), count * self._row_bytes, self._offset + start * self._row_bytes)
-        return np.frombuffer(data, dtype=self.dtype).reshape(count, self.shape[1]).astype(self.dtype.newbyteorder("="))
 
 
 def _dequantized(quantized: QuantizedRows) -> np.ndarray:

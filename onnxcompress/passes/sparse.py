@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.graph import is_constant_initializer
+from onnxcompress.io import ExternalRows
 from onnxcompress.numerics.prune import pack_bits
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
@@ -185,6 +186,16 @@ class SparseStorage(CompressionPass):
             if best >= tensor.nbytes:
                 skipped[value.name] = "too small for the mask and decode nodes to pay off"
                 continue
+            if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8:
+                # Count zeros with plain reads first: a dense table is then never mapped.
+                rows = ExternalRows(tensor)
+                step = max(1, (1 << 24) // max(rows.shape[1], 1))
+                zeros = sum(
+                    int((~_nonzero_mask(rows[start : start + step])).sum()) for start in range(0, len(rows), step)
+                )
+                if zeros / tensor.size < self.config.min_sparsity:
+                    skipped[value.name] = f"{zeros / tensor.size:.1%} zeros, below min_sparsity"
+                    continue
             array = tensor.numpy()
             keep = _nonzero_mask(array)
             nonzeros = int(keep.sum())
