@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from onnxcompress import runtime
 from onnxcompress.errors import InputModelError, UsageError
+from onnxcompress.graph import constant_array
 
 __all__ = [
     "DEFAULT_DIM",
@@ -213,17 +214,6 @@ def load_labels(path: Path, rows: int) -> np.ndarray:
 Bounds = tuple[np.ndarray, np.ndarray]  # lower (inclusive), upper (exclusive); scalar or per last axis
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return producer.attributes["value"].as_tensor().numpy()
-    return None
-
-
 def _unbounded() -> Bounds:
     return np.array(-np.inf), np.array(np.inf)
 
@@ -276,7 +266,7 @@ def _table_rows(table: ir.Value, axis: int, depth: int = 0) -> int | None:
 
 def _keeps_first_axis(node: ir.Node) -> bool:
     """Unsqueeze on trailing axes, or Reshape whose target keeps dimension 0 (a literal 0)."""
-    argument = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    argument = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if argument is None:
         return False
     if node.op_type == "Unsqueeze":
@@ -295,7 +285,7 @@ def _use_bounds(node: ir.Node, index: int, depth: int) -> Bounds:
         return np.array(0.0), np.array(float(rows))
     if op == "Gather" and index == 0:
         # Selecting columns of an id matrix (ids[:, k]): the column's bounds apply to column k only.
-        columns = _constant(node.inputs[1])
+        columns = constant_array(node.inputs[1])
         rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
         axis = node.attributes.get_int("axis", 0)
         out = _collapse(_value_bounds(node.outputs[0], depth + 1))
@@ -310,7 +300,7 @@ def _use_bounds(node: ir.Node, index: int, depth: int) -> Bounds:
         return low, high
     if op in ("Add", "Sub") and len(node.inputs) == 2:
         other = node.inputs[1 - index]
-        offset = _constant(other)
+        offset = constant_array(other)
         if offset is None:
             return _unbounded()
         out = _value_bounds(node.outputs[0], depth + 1)

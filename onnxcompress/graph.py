@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 __all__ = [
@@ -70,6 +71,18 @@ def is_constant_initializer(value: ir.Value | None) -> bool:
         and not value.is_graph_input()
         and not value.is_graph_output()
     )
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's data when it is fixed: a non-overridable initializer or a Constant node's output."""
+    if value is None:
+        return None
+    if is_constant_initializer(value):
+        return value.const_value.numpy()  # type: ignore[union-attr]
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].as_tensor().numpy()
+    return None
 
 
 def weight_uses(model: ir.Model) -> list[WeightUse]:

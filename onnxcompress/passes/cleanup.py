@@ -17,7 +17,7 @@ from onnx_ir.passes.common import (
     RemoveUnusedOpsetsPass,
 )
 
-from onnxcompress.graph import is_constant_initializer
+from onnxcompress.graph import constant_array, is_constant_initializer
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 
@@ -29,11 +29,8 @@ logger = logging.getLogger(__name__)
 def _is_false_constant(value: ir.Value | None) -> bool:
     if value is None:
         return True
-    tensor = value.const_value
-    if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
-        attribute = value.producer().attributes.get("value")
-        tensor = attribute.as_tensor() if attribute is not None else None
-    return tensor is not None and tensor.size == 1 and not bool(tensor.numpy().reshape(()))
+    array = constant_array(value)
+    return array is not None and array.size == 1 and not bool(array.reshape(()))
 
 
 def _bypass(node: ir.Node) -> bool:
@@ -247,22 +244,13 @@ def _channel_vector(value: ir.Value | None, channels: int) -> np.ndarray | None:
     """A constant that acts per output channel on ``[..., channels]``: scalar, [C] or [1, C]."""
     if value is None:
         return None
-    array = _constant_array(value)
+    array = constant_array(value)
     if array is None or array.dtype != np.float32:
         return None
     if array.size == 1:
         return np.full(channels, array.reshape(()), np.float32)
     if array.size == channels and array.shape[-1] == channels and array.ndim <= 2:
         return array.reshape(channels)
-    return None
-
-
-def _constant_array(value: ir.Value) -> np.ndarray | None:
-    if is_constant_initializer(value):
-        return value.const_value.numpy()  # type: ignore[union-attr]
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return producer.attributes["value"].as_tensor().numpy()
     return None
 
 
@@ -283,7 +271,7 @@ def _affine_after(node: ir.Node, channels: int, rank: int | None) -> tuple[np.nd
         factor = gamma / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
         return factor, beta - mean * factor
     if node.op_type in ("Mul", "Add") and len(node.inputs) == 2:
-        constant = next((v for v in node.inputs if v is not None and _constant_array(v) is not None), None)
+        constant = next((v for v in node.inputs if v is not None and constant_array(v) is not None), None)
         vector = _channel_vector(constant, channels)
         if vector is None:
             return None

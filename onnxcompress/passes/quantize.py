@@ -293,6 +293,8 @@ class Quantize(CompressionPass):
     kernels with activations=dynamic), embedding tables per row, looked up on the quantized table."""
 
     lossy = True
+    #: Per linear weight, the relative output error 8-bit activations cause (set by ``_hessians``).
+    _activation_errors: dict[str, float]
 
     @dataclass(frozen=True)
     class Config:
@@ -625,7 +627,7 @@ class Quantize(CompressionPass):
         """``X^T X`` of each linear layer's input on the calibration rows (for GPTQ); records in
         ``self._activation_errors`` what 8-bit dynamic activations would cost each layer."""
         calibration = self.context.calibration
-        self._activation_errors: dict[str, float] = {}
+        self._activation_errors = {}
         gptq: dict[str, ir.Value] = {}
         dynamic: dict[str, tuple[ir.Value, np.ndarray]] = {}
         for value, uses in selected.items():
@@ -671,7 +673,7 @@ class Quantize(CompressionPass):
         group = {"tensor": channels * inputs, "channel": inputs, "block": config.block_size}[granularity]
         if granularity == "block" and inputs % group:
             granularity, group = "channel", inputs
-        activation_error = getattr(self, "_activation_errors", {}).get(uses[0].value.name or "")
+        activation_error = self._activation_errors.get(uses[0].value.name or "")
         dynamic = (
             bits == 8
             and _dynamic_ready(uses)
@@ -740,7 +742,7 @@ class Quantize(CompressionPass):
             "bits": bits,
             **(
                 {"activation_error": round(self._activation_errors[value.name], 5)}
-                if value.name in getattr(self, "_activation_errors", {})
+                if value.name in self._activation_errors
                 else {}
             ),
             "granularity": granularity,
