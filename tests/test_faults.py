@@ -282,7 +282,7 @@ def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic DLRM with about 300 MB of external data (generated in a few seconds)."""
     from make_synthetic_dlrm import SyntheticSpec, make_synthetic_dlrm
 
-    path = make_synthetic_dlrm(tmp_path_factory.mktemp("big"), SyntheticSpec(tables=2, rows=600_000, dim=64))
+    path = make_synthetic_dlrm(tmp_path_factory.mktemp("big"), SyntheticSpec.uniform(tables=2, rows=600_000))
     assert io.data_file_for(path).stat().st_size >= BIG_DATA_BYTES
     return path
 

@@ -54,7 +54,7 @@ def timed(argv: list[str]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxcompress-large"))
-    parser.add_argument("--tables", type=int, default=5)
+    parser.add_argument("--tables", type=int, help="this many equal tables of --rows rows (default: Criteo-like)")
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -72,10 +72,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    model_dir = args.workdir / "model"
+    spec = SyntheticSpec.uniform(args.tables, args.rows) if args.tables else SyntheticSpec()
+    model_dir = args.workdir / ("model" if args.tables is None else f"model-{args.tables}x{args.rows}")
     model = model_dir / "dlrm_large.onnx"
     if not model.exists():
-        make_synthetic_dlrm(model_dir, SyntheticSpec(tables=args.tables, rows=args.rows))
+        make_synthetic_dlrm(model_dir, spec)
     size = model.stat().st_size + model.with_name(model.name + ".data").stat().st_size
     out_dir = args.workdir / "out"
     out_dir.mkdir(exist_ok=True)
@@ -112,7 +113,11 @@ def main() -> None:
 
     floor_wall = statistics.median(wall for wall, _ in results["onnx.load + onnx.save (floor)"])
     rows = []
-    print(f"model: {size / 1e9:.2f} GB ({args.tables} tables of {args.rows} x 64), repeats {args.repeats}, medians")
+    largest = max(spec.table_rows)
+    print(
+        f"model: {size / 1e9:.2f} GB, {len(spec.table_rows)} tables x {spec.dim} (largest {largest:,} rows, "
+        f"{sum(rows >= 1_000_000 for rows in spec.table_rows)} of 1M+), repeats {args.repeats}, medians"
+    )
     print("| command | wall s | vs floor | peak RSS MiB | RSS / model size |\n|---|---|---|---|---|")
     for label, runs in results.items():
         wall = statistics.median(w for w, _ in runs)

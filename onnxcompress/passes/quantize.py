@@ -421,23 +421,29 @@ class Quantize(CompressionPass):
             selected, skipped = self._select(model)
         hessians = self._hessians(model, selected)
         plan, search = self._plan_bits(model, selected, hessians)
+        tensors: dict[str, dict[str, Any]] = {}
+        tables = []
+        for value, uses in selected.items():
+            name = value.name or "weight"
+            if plan[value] == 32:
+                skipped[name] = "kept in float by the mixed-precision search"
+            elif _is_table(uses):
+                tables.append(value)
+            else:
+                # Before the tables' threads start: LAPACK's threads (GPTQ's Cholesky) slow down
+                # tenfold when they compete with other busy threads for the cores.
+                tensors[name] = self._quantize_linear(model.graph, value, uses, hessians.get(name), plan[value])
         # Tables' numerics run two at a time (numpy and file reads release the GIL); the graph is
         # then edited in order. Each table's codes are kept until save anyway.
-        tables = [value for value, uses in selected.items() if _is_table(uses) and plan[value] != 32]
         with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
             table_codes = {value: pool.submit(self._encode_table, value, plan[value]) for value in tables}
-            tensors: dict[str, dict[str, Any]] = {}
-            for value, uses in selected.items():
-                name = value.name or "weight"
-                bits = plan[value]
-                if bits == 32:
-                    skipped[name] = "kept in float by the mixed-precision search"
-                elif _is_table(uses):
-                    tensors[name] = self._quantize_table(
-                        model.graph, value, uses, bits, table_codes.pop(value).result()
-                    )
-                else:
-                    tensors[name] = self._quantize_linear(model.graph, value, uses, hessians.get(name), bits)
+            for value in tables:
+                encoded = table_codes.pop(value).result()
+                tensors[value.name or "weight"] = self._quantize_table(
+                    model.graph, value, selected[value], plan[value], encoded
+                )
+        order = {value.name or "weight": index for index, value in enumerate(selected)}
+        tensors = dict(sorted(tensors.items(), key=lambda item: order[item[0]]))
         halved = _store_floats_as_float16(model.graph) if self.config.float_storage == "float16" else {}
         before = sum(entry["bytes_before"] for entry in tensors.values()) + sum(halved.values())
         after = sum(entry["bytes_after"] for entry in tensors.values()) + sum(halved.values()) // 2
