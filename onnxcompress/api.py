@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
@@ -137,6 +138,10 @@ def compress(
     staged = io.stage(model, out_path, external_data)
     try:  # first thing after the handoff, so an interrupt from here on discards the staged files
         seconds["save"] = time.perf_counter() - clock
+        # The transformed tensors are on disk now: free them (the graph is full of reference
+        # cycles) before onnxruntime maps the candidate, so the two never add up in memory.
+        del model
+        gc.collect()
         result = ParityResult(checked=False)
         if parity:
             notify("checking parity")

@@ -9,6 +9,7 @@ from onnxcompress.numerics.quant import (
     gptq_quantize,
     pack_codes,
     quantize_rows,
+    tensor_scale,
     unpack_codes,
 )
 
@@ -71,7 +72,10 @@ def test_binarize_uses_the_l2_optimal_scale() -> None:
     rows = RNG.standard_normal((10, 100))
     bits, alpha = binarize_rows(rows)
     signs = np.where(bits == 1, 1.0, -1.0)
-    best = [min(np.linspace(0.1, 2.0, 400), key=lambda a, r=r, s=s: np.square(a * s - r).sum()) for r, s in zip(rows, signs, strict=True)]
+    best = [
+        min(np.linspace(0.1, 2.0, 400), key=lambda a, r=r, s=s: np.square(a * s - r).sum())
+        for r, s in zip(rows, signs, strict=True)
+    ]
     np.testing.assert_allclose(alpha, best, atol=0.005)
 
 
@@ -93,3 +97,52 @@ def test_gptq_groups_give_one_scale_per_block() -> None:
     # with an identity Hessian there is no error to spread: GPTQ equals round-to-nearest per block
     nearest = quantize_rows(weight.reshape(16, 16), 4)
     np.testing.assert_array_equal(quantized.codes, nearest.codes)
+
+
+def _gptq_column_by_column(weight: np.ndarray, hessian: np.ndarray, bits: int, group: int) -> np.ndarray:
+    """The textbook GPTQ loop (every column's error applied to all later columns at once)."""
+    weight = weight.astype(np.float64).copy()
+    columns = weight.shape[1]
+    damped = hessian + np.eye(columns) * 0.01 * np.mean(np.diag(hessian))
+    inverse = np.linalg.cholesky(np.linalg.inv(damped)).T
+    top = 2 ** (bits - 1) - 1
+    codes = np.empty_like(weight)
+    for column in range(columns):
+        if column % group == 0:
+            scale = np.maximum(np.abs(weight[:, column : column + group]).max(axis=1) / top, np.finfo(np.float32).tiny)
+            scale = scale.astype(np.float32).astype(np.float64)
+            scale = np.where(
+                scale < np.abs(weight[:, column : column + group]).max(axis=1) / top,
+                np.nextafter(scale.astype(np.float32), np.float32(np.inf)).astype(np.float64),
+                scale,
+            )
+        codes[:, column] = np.clip(np.rint(weight[:, column] / scale), -top, top)
+        error = (weight[:, column] - scale * codes[:, column]) / inverse[column, column]
+        weight[:, column + 1 :] -= np.outer(error, inverse[column, column + 1 :])
+    return codes
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_gptq_lazy_block_updates_match_the_column_by_column_algorithm(group: int | None) -> None:
+    x = RNG.standard_normal((400, 300)) @ RNG.standard_normal((300, 300))
+    weight = RNG.standard_normal((24, 300 - 300 % (group or 1)))
+    hessian = x[:, : weight.shape[1]].T @ x[:, : weight.shape[1]]
+    blocked = gptq_quantize(weight, hessian, 4, group_size=group).codes.reshape(weight.shape)
+    reference = _gptq_column_by_column(weight, hessian, 4, group or weight.shape[1])
+    assert np.mean(blocked != reference) < 0.002  # the same up to float rounding at .5 ties
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_row_codes_carry_the_rows_peak_for_a_one_scale_decision(symmetric: bool) -> None:
+    rows = RNG.standard_normal((3000, 64)) * RNG.lognormal(0, 1, (3000, 1))
+    quantized = quantize_rows(rows, 4, symmetric=symmetric, scale_dtype=np.float16)
+    assert quantized.peak == float(np.abs(rows).max())
+    assert tensor_scale(rows, 4, peak=quantized.peak) == tensor_scale(rows, 4)
+
+
+@pytest.mark.parametrize("search", [False, True])
+def test_quantizing_rows_leaves_the_callers_array_untouched(search: bool) -> None:
+    rows = RNG.standard_normal((50, 16)).astype(np.float32)
+    before = rows.copy()
+    quantize_rows(rows, 4, symmetric=False, search=search)
+    np.testing.assert_array_equal(rows, before)

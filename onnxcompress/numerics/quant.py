@@ -51,6 +51,9 @@ class QuantizedRows:
     scale: np.ndarray
     zero_point: np.ndarray | None
     bits: int
+    #: The largest magnitude among the quantized rows, when known: one scale for all of them can
+    #: then be chosen without reading the rows again.
+    peak: float | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -176,11 +179,14 @@ def quantize_rows(
     zero = np.empty(len(rows))
     codes = np.empty(rows.shape, dtype=np.int8 if symmetric else np.uint8)
     chunk = max(1, _STREAM_CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    peak = 0.0
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
         part = np.array(part, dtype=np.float32 if part.dtype == np.float32 else np.float64)  # ours to overwrite
         clip = _mse_clip(part, bits, symmetric, scale_dtype) if search else 1.0
-        part_scale, part_zero = _params(_extremes(part, symmetric), bits, symmetric, clip, scale_dtype)
+        extremes = _extremes(part, symmetric)
+        peak = max(peak, float(np.abs(extremes[0]).max(initial=0.0)), float(extremes[1].max(initial=0.0)))
+        part_scale, part_zero = _params(extremes, bits, symmetric, clip, scale_dtype)
         codes[start : start + chunk] = _codes(part, part_scale, part_zero, low, high, out=part)
         scale[start : start + chunk], zero[start : start + chunk] = part_scale, part_zero
     return QuantizedRows(
@@ -188,6 +194,7 @@ def quantize_rows(
         scale=scale.astype(scale_dtype),
         zero_point=None if symmetric else zero.astype(np.uint8),
         bits=bits,
+        peak=peak,
     )
 
 
@@ -321,13 +328,15 @@ def sample_rows(rows: Any, count: int, blocks: int = 16) -> np.ndarray:
     return np.concatenate([rows[start : start + size] for start in range(0, len(rows), step)][:blocks])
 
 
-def tensor_scale(rows: Any, bits: int, *, search: bool = False) -> float:
+def tensor_scale(rows: Any, bits: int, *, search: bool = False, peak: float | None = None) -> float:
     """One symmetric scale for a whole ``[rows, elements]`` array: its peak magnitude (one chunked
-    pass) over the top level, times the clip ratio with the least squared error on a row sample."""
+    pass, unless ``peak`` is known) over the top level, times the clip ratio with the least squared
+    error on a row sample."""
     rows = _row_source(rows)
     _, high = _levels(bits, True)
     chunk = max(1, _STREAM_CHUNK_ELEMENTS // max(rows.shape[1], 1))
-    peak = max(float(np.abs(rows[start : start + chunk]).max(initial=0.0)) for start in range(0, len(rows), chunk))
+    if peak is None:
+        peak = max(float(np.abs(rows[start : start + chunk]).max(initial=0.0)) for start in range(0, len(rows), chunk))
     clip = 1.0
     if search and peak > 0:
         sample = sample_rows(rows, chunk).astype(np.float64)

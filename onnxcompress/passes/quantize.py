@@ -820,9 +820,12 @@ class Quantize(CompressionPass):
 
         if config.embedding_granularity == "row":
             return per_row(table), "row", {}
-        # Decide on a sample of rows (the whole table when small), then quantize the table once:
-        # a 2M-row table is read twice, not six times. The one scale is the whole table's.
-        scale = tensor_scale(table, bits, search=config.rounding != "nearest")
+        # Decide on a sample of rows (the whole table when small). Without the clip search the
+        # row-wise codes come first and carry the table's peak: when rows win (the usual case on
+        # trained tables) a 2M-row table is read once. The one scale is the whole table's.
+        rowwise = per_row(table) if config.embedding_granularity == "auto" and not search else None
+        peak = rowwise.peak if rowwise is not None else None
+        scale = tensor_scale(table, bits, search=config.rounding != "nearest", peak=peak)
         sample = sample_rows(table, DECISION_SAMPLE_ROWS)
         errors = {
             "row": quantized_row_error(sample, per_row(sample)),
@@ -830,7 +833,7 @@ class Quantize(CompressionPass):
         }
         if config.embedding_granularity == "tensor" or errors["tensor"] <= config.table_tolerance:
             return quantize_tensor_rows(table, bits, scale=scale), "tensor", errors
-        return per_row(table), "row", errors
+        return rowwise if rowwise is not None else per_row(table), "row", errors
 
     def _encode_table(self, value: ir.Value, bits: int) -> tuple[QuantizedRows, str, dict[str, float]]:
         """The table's codes (no graph change, so tables can be encoded in parallel)."""
