@@ -45,6 +45,15 @@ _SIDE_LOAD_DTYPES = frozenset(
 )
 
 
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """What onnxruntime raises for models and feeds it rejects; anything else is our own bug and
+    must surface as an internal error, not as "onnxruntime cannot load it"."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    raised = (item for item in vars(state).values() if isinstance(item, type) and issubclass(item, Exception))
+    return (*raised, RuntimeError)
+
+
 def _session_options(opt_level: str, threads: int | None) -> ort.SessionOptions:
     import onnxruntime as ort
 
@@ -141,7 +150,7 @@ def make_session(source: Path | ir.Model, opt_level: str = "basic", threads: int
         # onnxruntime reads the side-loaded tensors in place: they must live as long as the session.
         session._onnxcompress_buffers = buffers  # type: ignore[attr-defined]
         return session
-    except Exception as error:
+    except _ort_errors() as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UnsupportedModelError(
             f"{what}: onnxruntime cannot load it ({message}); the model uses an op, type or opset "
@@ -178,7 +187,7 @@ def run(
     for batch in batches(feeds, batch_size):
         try:
             results = session.run(names, batch)
-        except Exception as error:
+        except _ort_errors() as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             if "INVALID_ARGUMENT" in message or "out of bounds" in message or "indices" in message:
                 raise UsageError(

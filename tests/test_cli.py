@@ -281,3 +281,21 @@ def test_presets_print_as_editable_recipes_and_run(cli, tmp_path: Path) -> None:
     assert preset.report["passes"][1]["options"]["embedding_bits"] == 4
     unknown = cli("--print-preset", "int3")
     assert unknown.code == 2 and "unknown preset 'int3'; choose from: lossless, int8, int4, mixed" in unknown.err
+
+
+
+def test_our_own_bug_inside_a_session_is_reported_as_ours_not_as_an_unsupported_model(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Python error of ours while building a session once read "onnxruntime cannot load it ...
+    the model uses an op ... not supported", sending the user after their model."""
+    from onnxcompress import runtime
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise NameError("name 'helper' is not defined")
+
+    monkeypatch.setattr(runtime, "_serialize_side_loading", broken)  # used for in-memory models
+    files = model_files("deepfm")
+    result = cli(files["onnx"], tmp_path / "out.onnx", "--passes", "prune", "--calib", files["calib"])
+    assert_clean_failure(result, 3, "pass prune failed: NameError: name 'helper' is not defined; rerun with", tmp_path)
+    assert "onnxruntime" not in result.err

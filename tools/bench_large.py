@@ -3,7 +3,7 @@
 Each command runs under ``/usr/bin/time -v`` (peak RSS as the kernel reports it, file-backed pages
 included), interleaved over repeats, and the medians are reported side by side:
 
-    python tools/bench_large.py --workdir /tmp/onnxcompress-large --repeats 3
+    python tools/bench_large.py --workdir /tmp/onnxcompress-large --repeats 3 --preset int8 --preset int4
 
 The floor is ``onnx.load`` + ``onnx.save`` of the same model (with external data), which is what
 any tool that reads and rewrites the model must at least pay.
@@ -51,6 +51,104 @@ def timed(argv: list[str]) -> tuple[float, float]:
     return seconds, int(rss.group(1)) / 1024
 
 
+def pipeline_commands(model: Path, out_dir: Path, passes: list[str], presets: list[str]) -> dict[str, list[str]]:
+    """onnxcompress command lines by label: ``PASSES[:PASS.FIELD=VALUE,...]`` specs and preset names."""
+    commands: dict[str, list[str]] = {}
+    for index, spec in enumerate(passes):
+        label, _, settings = spec.partition(":")
+        extra = [item for setting in settings.split(",") if setting for item in ("--set", setting)]
+        title = f"onnxcompress --passes {label}" + (f" ({settings})" if settings else "")
+        commands[title] = ["--passes", label, *extra, f"p{index}.onnx"]
+    for preset in presets:
+        commands[f"onnxcompress --preset {preset}"] = ["--preset", preset, f"{preset}.onnx"]
+    return {
+        label: [sys.executable, "-m", "onnxcompress", str(model), str(out_dir / argv[-1]), *argv[:-1], "--force"]
+        # --force: timed whether or not parity passes; the verdict is read from the report
+        for label, argv in commands.items()
+    }
+
+
+def scale_run(
+    workdir: Path,
+    spec: SyntheticSpec,
+    *,
+    passes: list[str],
+    presets: list[str],
+    repeats: int,
+    quantize_dynamic: bool = True,
+) -> tuple[str, list[dict[str, object]]]:
+    """Generate (once) the model of ``spec`` under ``workdir``, time every command ``repeats``
+    times interleaved, and return a markdown table with the medians and the rows behind it."""
+    model_dir = workdir / (
+        "model" if spec == SyntheticSpec() else f"model-{len(spec.table_rows)}x{max(spec.table_rows)}"
+    )
+    model = model_dir / "dlrm_large.onnx"
+    if not model.exists():
+        make_synthetic_dlrm(model_dir, spec)
+    size = model.stat().st_size + model.with_name(model.name + ".data").stat().st_size
+    out_dir = workdir / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    commands: dict[str, list[str]] = {
+        "onnx.load + onnx.save (floor)": [sys.executable, "-c", FLOOR, str(model), str(out_dir / "floor.onnx")],
+    }
+    if quantize_dynamic:
+        commands["onnxruntime quantize_dynamic"] = [
+            sys.executable,
+            "-c",
+            QUANTIZE_DYNAMIC,
+            str(model),
+            str(out_dir / "ort_dynamic.onnx"),
+        ]
+    ours = pipeline_commands(model, out_dir, passes, presets)
+    commands.update(ours)
+    results: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
+    ratios: dict[str, float] = {}
+    for _ in range(repeats):
+        for label, argv in commands.items():
+            results[label].append(timed(argv))
+            if label in ours:
+                output = Path(argv[4])
+                data = output.with_name(output.name + ".data")
+                ratios[label] = size / (output.stat().st_size + (data.stat().st_size if data.exists() else 0))
+
+    floor_wall = statistics.median(wall for wall, _ in results["onnx.load + onnx.save (floor)"])
+    dynamic_wall = statistics.median(wall for wall, _ in results.get("onnxruntime quantize_dynamic", [(0.0, 0.0)]))
+    dynamic_rss = statistics.median(rss for _, rss in results.get("onnxruntime quantize_dynamic", [(0.0, 0.0)]))
+    largest = max(spec.table_rows)
+    lines = [
+        f"Model: {size / 1e9:.2f} GB, {len(spec.table_rows)} tables x {spec.dim} (largest {largest:,} rows, "
+        f"{sum(rows >= 1_000_000 for rows in spec.table_rows)} of 1M+), external data; {repeats} interleaved "
+        "repeats, medians; wall time and peak RSS from `/usr/bin/time -v`, parity check included.",
+        "",
+        "| command | wall s | vs floor | quantize_dynamic / ours | peak RSS MiB | RSS / model size "
+        "| quantize_dynamic RSS / ours | size ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows: list[dict[str, object]] = []
+    for label, runs in results.items():
+        wall = statistics.median(w for w, _ in runs)
+        rss = statistics.median(r for _, r in runs)
+        rows.append(
+            {
+                "command": label,
+                "wall_s": wall,
+                "peak_rss_mib": rss,
+                "model_bytes": size,
+                "size_ratio": ratios.get(label),
+            }
+        )
+        versus = f"{dynamic_wall / wall:.2f}x" if dynamic_wall and label in ours else ""
+        versus_rss = f"{dynamic_rss / rss:.1f}x" if dynamic_rss and label in ours else ""
+        ratio = f"{ratios[label]:.2f}x" if label in ratios else ""
+        lines.append(
+            f"| {label} | {wall:.2f} | {wall / floor_wall:.2f}x | {versus} | {rss:.0f} | "
+            f"{rss * 2**20 / size:.2f} | {versus_rss} | {ratio} |"
+        )
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return "\n".join(lines), rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxcompress-large"))
@@ -63,6 +161,7 @@ def main() -> None:
         default=["cleanup", "quant", "quant:quant.embedding_bits=4", "prune"],
         help="pipelines to time, each PASSES[:PASS.FIELD=VALUE,...], e.g. quant:quant.embedding_bits=4",
     )
+    parser.add_argument("--preset", action="append", default=[], help="also time this preset (repeatable)")
     parser.add_argument(
         "--quantize-dynamic",
         action=argparse.BooleanOptionalAction,
@@ -71,62 +170,18 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-
     spec = SyntheticSpec.uniform(args.tables, args.rows) if args.tables else SyntheticSpec()
-    model_dir = args.workdir / ("model" if args.tables is None else f"model-{args.tables}x{args.rows}")
-    model = model_dir / "dlrm_large.onnx"
-    if not model.exists():
-        make_synthetic_dlrm(model_dir, spec)
-    size = model.stat().st_size + model.with_name(model.name + ".data").stat().st_size
-    out_dir = args.workdir / "out"
-    out_dir.mkdir(exist_ok=True)
-
-    commands: dict[str, list[str]] = {
-        "onnx.load + onnx.save (floor)": [sys.executable, "-c", FLOOR, str(model), str(out_dir / "floor.onnx")],
-    }
-    if args.quantize_dynamic:
-        commands["onnxruntime quantize_dynamic"] = [
-            sys.executable,
-            "-c",
-            QUANTIZE_DYNAMIC,
-            str(model),
-            str(out_dir / "ort_dynamic.onnx"),
-        ]
-    for passes in args.passes:
-        label, _, settings = passes.partition(":")
-        extra = [item for setting in settings.split(",") if setting for item in ("--set", setting)]
-        commands[f"onnxcompress --passes {label}" + (f" ({settings})" if settings else "")] = [
-            sys.executable,
-            "-m",
-            "onnxcompress",
-            str(model),
-            str(out_dir / f"{label.replace(',', '_')}.onnx"),
-            "--passes",
-            label,
-            *extra,
-            "--force",  # measured whether or not parity passes (a random synthetic MLP prunes badly)
-        ]
-    results: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
-    for _ in range(args.repeats):
-        for label, argv in commands.items():
-            results[label].append(timed(argv))
-
-    floor_wall = statistics.median(wall for wall, _ in results["onnx.load + onnx.save (floor)"])
-    rows = []
-    largest = max(spec.table_rows)
-    print(
-        f"model: {size / 1e9:.2f} GB, {len(spec.table_rows)} tables x {spec.dim} (largest {largest:,} rows, "
-        f"{sum(rows >= 1_000_000 for rows in spec.table_rows)} of 1M+), repeats {args.repeats}, medians"
+    text, rows = scale_run(
+        args.workdir,
+        spec,
+        passes=args.passes,
+        presets=args.preset,
+        repeats=args.repeats,
+        quantize_dynamic=args.quantize_dynamic,
     )
-    print("| command | wall s | vs floor | peak RSS MiB | RSS / model size |\n|---|---|---|---|---|")
-    for label, runs in results.items():
-        wall = statistics.median(w for w, _ in runs)
-        rss = statistics.median(r for _, r in runs)
-        rows.append({"command": label, "wall_s": wall, "peak_rss_mib": rss, "model_bytes": size})
-        print(f"| {label} | {wall:.2f} | {wall / floor_wall:.2f}x | {rss:.0f} | {rss * 2**20 / size:.2f} |")
+    print(text)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
