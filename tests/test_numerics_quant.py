@@ -122,7 +122,7 @@ def _gptq_column_by_column(weight: np.ndarray, hessian: np.ndarray, bits: int, g
     return codes
 
 
-@pytest.mark.parametrize("group", [None, 32])
+@pytest.mark.parametrize("group", [None, 32, 300])
 def test_gptq_lazy_block_updates_match_the_column_by_column_algorithm(group: int | None) -> None:
     x = RNG.standard_normal((400, 300)) @ RNG.standard_normal((300, 300))
     weight = RNG.standard_normal((24, 300 - 300 % (group or 1)))

@@ -281,8 +281,9 @@ def gptq_quantize(
     # Lazy batch updates (GPTQ's own): a column's error reaches the rest of its block at once and
     # the columns after the block in one matrix product. Blocks hold whole groups, so each group's
     # scale still sees every earlier column's error, as in the column-by-column algorithm.
-    block = _GPTQ_BLOCK if group_size is None else group * max(1, _GPTQ_BLOCK // group)
-    if group_size is None:
+    per_row = group == columns  # one scale per output channel, fixed before any column moves
+    block = _GPTQ_BLOCK if per_row else group * max(1, _GPTQ_BLOCK // group)
+    if per_row:
         scale, zero = _params(_extremes(weight, symmetric), bits, symmetric, 1.0, scale_dtype)
         scales[:, 0], zeros[:, 0] = scale, zero
     for block_start in range(0, columns, block):
@@ -291,7 +292,7 @@ def gptq_quantize(
         errors = np.empty_like(part)
         for offset in range(block_stop - block_start):
             column = block_start + offset
-            if group_size is not None and column % group == 0:
+            if not per_row and column % group == 0:
                 extremes = _extremes(part[:, offset : offset + group], symmetric)
                 scale, zero = _params(extremes, bits, symmetric, 1.0, scale_dtype)
                 scales[:, column // group], zeros[:, column // group] = scale, zero
