@@ -96,6 +96,7 @@ def test_unknown_and_overlapping_names_are_refused_with_the_choices() -> None:
         ({"remove": 1, "target_params": 100}, "not both"),
         ({"student": "s.onnx", "remove": 1}, "replaces the model"),
         ({"augment": -5}, "at least 0"),
+        ({"remove": 2, "min_rank_corr": 1.5}, "between 0 and 1"),
     ],
 )
 def test_inconsistent_options_are_usage_errors(options: dict, message: str) -> None:
@@ -271,3 +272,33 @@ def test_list_layers_prints_the_removable_layers(cli) -> None:
     for name in ("mlp.0", "mlp.4", "mlp.8"):
         assert name in result.out
     assert "66,816" in result.out
+
+
+def _real(name: str) -> tuple[ir.Model, Calibration]:
+    from onnxcompress.calibration import load_feeds
+
+    files = model_files(name)
+    model = ir.load(files["onnx"])
+    return model, Calibration(load_feeds(files["calib"], model))
+
+
+def test_a_fidelity_budget_keeps_only_the_removals_that_rank_like_the_teacher() -> None:
+    """deepfm has three MLP layers: the budget lets two go and keeps the one whose removal would
+    drop the Spearman with the teacher below it, however many remove= allows."""
+    model, calibration = _real("deepfm")
+    stats = distill(model, calibration, remove=8, min_rank_corr=0.995)
+    assert 1 <= len(stats["removed"]) < 3
+    assert stats["over_budget"] and all(value < 0.995 for value in stats["over_budget"].values())
+    assert set(stats["removed"]).isdisjoint(stats["over_budget"])
+    assert stats["spearman"]["head_refit"] >= 0.995
+    assert {layer.name for layer in discover(model)} == set(stats["over_budget"])
+
+
+def test_a_budget_no_removal_meets_leaves_the_model_untouched() -> None:
+    model, calibration = _real("deepfm_student")
+    before = model_params(model)
+    stats = distill(model, calibration, remove=1, min_rank_corr=0.999)
+    assert not stats["modified"] and model_params(model) == before
+    assert "min_rank_corr=0.999" in stats["skipped"] and list(stats["over_budget"]) == ["mlp.0"]
+    # without the budget the same removal goes ahead
+    assert distill(model, calibration, remove=1)["removed"] == ["mlp.0"]

@@ -222,6 +222,15 @@ class Distill(CompressionPass):
                 "min": 0,
             },
         )
+        min_rank_corr: float = field(
+            default=0.0,
+            metadata={
+                "help": "fidelity budget: a layer is removed only if, after the refits, the score logit keeps at "
+                "least this Spearman correlation with the teacher's on the fitting rows; remove or target_params "
+                "then bounds how many (0: off)",
+                "min": 0.0,
+            },
+        )
         student: str | None = field(
             default=None,
             metadata={
@@ -233,6 +242,8 @@ class Distill(CompressionPass):
         def __post_init__(self) -> None:
             if isinstance(self.remove, int) and self.remove < 0:
                 raise ValueError(f"distill.remove must be a count of at least 0 or layer names, got {self.remove}")
+            if not 0.0 <= self.min_rank_corr <= 1.0:
+                raise ValueError(f"distill.min_rank_corr must be between 0 and 1, got {self.min_rank_corr}")
             if self.target_params < 0 or self.augment < 0 or self.ridge < 0:
                 raise ValueError("distill.target_params, distill.augment and distill.ridge must not be negative")
             if self.remove not in (0, "") and self.target_params:
@@ -303,24 +314,36 @@ class Distill(CompressionPass):
         removed: list[str] = []
         removed_nodes: set[ir.Node] = set()
         refit: list[str] = []
+        over_budget: dict[str, float] = {}
+        budget = self.config.min_rank_corr
         for wanted in order:
             if self._done(model, len(removed)):
                 break
-            layer = self._find(model, wanted.name)
-            if (
-                removed_nodes & set(wanted.nodes)
-                or layer is None
-                or (self.config.target_params and layer_params(layer) <= 0)
-            ):
+            if removed_nodes & set(wanted.nodes) or self._find(model, wanted.name) is None:
                 if not reports:
                     raise UnsupportedModelError(
                         f"distill: {wanted.name} is no longer removable once {', '.join(removed)} are removed"
                     )
                 continue
-            removal = remove(model, layer)
+            # With a budget the removal is tried on a copy (tensors are shared, not copied) and kept
+            # only if the refit model still ranks like the teacher.
+            trial = model.clone() if budget else model
+            layer = self._find(trial, wanted.name)
+            assert layer is not None
+            if self.config.target_params and layer_params(layer) <= 0:
+                continue
+            removal = remove(trial, layer)
+            refit_now = refit_gap(trial, removal, teacher, self.config.ridge) if self.config.refit else []
+            if budget:
+                if self.config.refit_head:
+                    refit_heads(trial, teacher_logit, fitting, self.config.ridge)
+                spearman_now = _fidelity(teacher_logit, trial, fitting)["spearman"]
+                if spearman_now < budget:
+                    over_budget[wanted.name] = round(spearman_now, 5)
+                    continue
+                _replace_contents(model, trial)
             if plain is not None:
                 remove(plain, self._find(plain, wanted.name))  # type: ignore[arg-type]
-            refit_now = refit_gap(model, removal, teacher, self.config.ridge) if self.config.refit else []
             logger.info(
                 "distill: removed %s (%s), refit %s", wanted.name, wanted.kind, ", ".join(refit_now) or "nothing"
             )
@@ -333,7 +356,15 @@ class Distill(CompressionPass):
                 f"{', '.join(removed) or 'the removable layers'} leaves {model_params(model)} parameters; raise it"
             )
         if not removed:
-            return CompressionResult(model, modified=False, stats={"skipped": "no removable layer saves parameters"})
+            reason = (
+                f"every removal leaves a Spearman below distill.min_rank_corr={budget}"
+                if over_budget
+                else "no removable layer saves parameters"
+            )
+            stats_skipped: dict[str, Any] = {"skipped": reason}
+            if over_budget:
+                stats_skipped["over_budget"] = over_budget
+            return CompressionResult(model, modified=False, stats=stats_skipped)
         spearman: dict[str, float] = {}
         mae: dict[str, float] = {}
         stages = [("removed", plain)] if plain is not None else []
@@ -359,6 +390,8 @@ class Distill(CompressionPass):
         }
         if reports:
             stats["importance"] = {name: round(self._rank(reports[name]), 5) for name in removed}
+        if over_budget:
+            stats["over_budget"] = over_budget
         return CompressionResult(model, modified=True, stats=stats)
 
     @staticmethod
