@@ -129,6 +129,11 @@ class Feeds:
         arrays = {name: array[:rows] for name, array in self.arrays.items()}
         return Feeds(arrays, f"{self.source}, first {rows} rows", self.notes)
 
+    def tail(self, rows: int) -> Feeds:
+        """The rows from ``rows`` on (none if there are fewer)."""
+        arrays = {name: array[rows:] for name, array in self.arrays.items()}
+        return Feeds(arrays, f"{self.source}, rows {rows} on", self.notes)
+
 
 def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
     if not path.is_file():

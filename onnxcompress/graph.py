@@ -21,6 +21,7 @@ __all__ = [
     "is_constant_initializer",
     "linear_layers",
     "mlp_links",
+    "replace_contents",
     "weight_uses",
     "weights_by_value",
 ]
@@ -367,3 +368,12 @@ def mlp_links(model: ir.Model) -> tuple[list[HiddenLink], dict[str, str]]:
         else:
             links.append(found)
     return links, reasons
+
+
+def replace_contents(model: ir.Model, source: ir.Model) -> None:
+    """Make ``model`` (the same object, which callers hold) hold ``source``'s graph and functions:
+    how a pass keeps a result it built on a copy."""
+    model.graph = source.graph
+    model.ir_version = source.ir_version
+    model.functions.clear()
+    model.functions.update(source.functions)

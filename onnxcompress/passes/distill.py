@@ -15,6 +15,7 @@ from onnx_ir.passes.common import IdentityEliminationPass, RemoveUnusedNodesPass
 from onnxcompress import io
 from onnxcompress.calibration import graph_inputs
 from onnxcompress.errors import InputModelError, UnsupportedModelError, UsageError
+from onnxcompress.graph import replace_contents
 from onnxcompress.layers import (
     Activations,
     Fitting,
@@ -156,14 +157,6 @@ def _strip(student: ir.Model, outputs: Sequence[str]) -> dict[str, int]:
         "identity_removed": identity,
         "nodes_removed": nodes_before - len(graph),
     }
-
-
-def _replace_contents(model: ir.Model, source: ir.Model) -> None:
-    """Make ``model`` (the same object) hold ``source``'s graph, opsets and functions."""
-    model.graph = source.graph
-    model.ir_version = source.ir_version
-    model.functions.clear()
-    model.functions.update(source.functions)
 
 
 def _fidelity(teacher_logit: np.ndarray, model: ir.Model, fitting: Fitting) -> dict[str, float]:
@@ -341,7 +334,7 @@ class Distill(CompressionPass):
                 if spearman_now < budget:
                     over_budget[wanted.name] = round(spearman_now, 5)
                     continue
-                _replace_contents(model, trial)
+                replace_contents(model, trial)
             if plain is not None:
                 remove(plain, self._find(plain, wanted.name))  # type: ignore[arg-type]
             logger.info(
@@ -424,5 +417,5 @@ class Distill(CompressionPass):
             "logit_mae": mae,
             "calibration": fitting.source,
         }
-        _replace_contents(model, student)
+        replace_contents(model, student)
         return CompressionResult(model, modified=True, stats=stats)

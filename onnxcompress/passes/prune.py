@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from onnxcompress.graph import (
     mlp_links,
     weights_by_value,
 )
+from onnxcompress.layers import capture, score_logit
+from onnxcompress.numerics.distill import logit_fidelity
 from onnxcompress.numerics.lstsq import Gram, NormalEquations
 from onnxcompress.numerics.prune import (
     EXACT_OBS_FLOPS,
@@ -52,6 +55,8 @@ OBS_ROUNDS = 8
 #: Magnitude-only tensors larger than this are pruned after the refits, not before the layers that
 #: read them: onnxruntime captures would otherwise evaluate every deferred table in memory each time.
 CAPTURE_LAZY_MAX_BYTES = 64 * 1024 * 1024
+#: Sparsities tried under prune.min_rank_corr: the configured one, then half, then a quarter.
+BUDGET_ATTEMPTS = 3
 
 
 def _check_structure(structure: str) -> None:
@@ -205,6 +210,16 @@ class Prune(CompressionPass):
         damping: float = field(
             default=0.01, metadata={"help": "ridge term of the refit, relative to the mean input energy", "min": 0.0}
         )
+        min_rank_corr: float = field(
+            default=0.0,
+            metadata={
+                "help": "fidelity budget (needs calibration rows): when the pruned model's score falls below this "
+                "Spearman correlation with the original's on the calibration rows, halve the sparsity and "
+                "retry, up to three times (0: off)",
+                "min": 0.0,
+                "max": 1.0,
+            },
+        )
 
         def __post_init__(self) -> None:
             _check_structure(self.structure)
@@ -270,9 +285,48 @@ class Prune(CompressionPass):
     # --- entry point ----------------------------------------------------------------------------
 
     def call(self, model: ir.Model) -> CompressionResult:
+        calibration = self.context.calibration
+        if self.config.min_rank_corr and calibration is not None:
+            return self._within_budget(model, calibration)
         if self.config.structure == "neurons":
             return self._prune_units(model)
         return self._prune_weights(model)
+
+    def _within_budget(self, model: ir.Model, calibration: Calibration) -> CompressionResult:
+        """Choose the sparsity on held-out rows: prune a copy at the configured sparsity, then at half
+        of it and so on, refitting on three quarters of the calibration rows and keeping the first
+        sparsity whose score still ranks the other quarter like the original's. The model is then
+        pruned at that sparsity with every row (a refit judged on its own rows would look perfect)."""
+        budget = self.config.min_rank_corr
+        held_out = max(1, calibration.feeds.rows // 4)
+        fitting = dataclasses.replace(calibration, feeds=calibration.feeds.head(calibration.feeds.rows - held_out))
+        evaluation = dataclasses.replace(calibration, feeds=calibration.feeds.tail(calibration.feeds.rows - held_out))
+        (reference,) = capture(model, evaluation, [score_logit(model)])
+        sparsity = self.config.sparsity
+        tried: dict[str, float] = {}
+        for _ in range(BUDGET_ATTEMPTS):
+            trial = model.clone()
+            self._at(sparsity, fitting).call(trial)
+            (score,) = capture(trial, evaluation, [score_logit(trial)])
+            tried[f"{sparsity:g}"] = logit_fidelity(reference, score)["spearman"]
+            if tried[f"{sparsity:g}"] >= budget:
+                result = self._at(sparsity, calibration).call(model)
+                stats = {**result.stats, "sparsity_chosen": sparsity, "held_out_spearman": tried}
+                return CompressionResult(model, modified=result.modified, stats=stats)
+            sparsity /= 2
+        return CompressionResult(
+            model,
+            modified=False,
+            stats={
+                "skipped": f"every sparsity tried leaves a held-out Spearman below prune.min_rank_corr={budget}",
+                "held_out_spearman": tried,
+            },
+        )
+
+    def _at(self, sparsity: float, calibration: Calibration) -> Prune:
+        """This pass without the budget, at ``sparsity``, refitting on ``calibration``."""
+        config = dataclasses.replace(self.config, sparsity=sparsity, min_rank_corr=0.0)
+        return type(self)(config, dataclasses.replace(self.context, calibration=calibration))
 
     # --- unstructured and N:M -------------------------------------------------------------------
 
