@@ -82,6 +82,18 @@ PRESETS: dict[str, Preset] = {
                 "cleanup@final": _FINAL_CLEANUP,
             },
         ),
+        Preset(
+            "max",
+            "everything that composes: layers removed and hidden units pruned within a fidelity budget "
+            "(held-out calibration rows), then per-weight bit widths within the mixed-precision budget",
+            ("cleanup", "distill", "prune", "quant", "cleanup@final"),
+            {
+                "distill": {"remove": 8, "min_rank_corr": 0.995},
+                "prune": {"structure": "neurons", "sparsity": 0.5, "damping": 0.1, "min_rank_corr": 0.999},
+                "quant": {"mixed": True, "granularity": "block", "block_size": 32},
+                "cleanup@final": _FINAL_CLEANUP,
+            },
+        ),
     )
 }
 

@@ -280,8 +280,27 @@ def test_presets_print_as_editable_recipes_and_run(cli, tmp_path: Path) -> None:
     assert preset.code == 0, preset.err
     assert preset.report["passes"][1]["options"]["embedding_bits"] == 4
     unknown = cli("--print-preset", "int3")
-    assert unknown.code == 2 and "unknown preset 'int3'; choose from: lossless, int8, int4, mixed" in unknown.err
+    assert unknown.code == 2 and "unknown preset 'int3'; choose from: lossless, int8, int4, mixed, max" in unknown.err
 
+
+
+def test_the_max_preset_composes_distill_prune_and_mixed_quant_within_budget_on_deepfm(cli, tmp_path: Path) -> None:
+    files = model_files("deepfm")
+    out = tmp_path / "max.onnx"
+    result = cli(
+        files["onnx"], out, "--preset", "max", "--calib", files["calib"], "--feeds", files["feeds"],
+        "--labels", files["labels"],
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    report = result.report
+    passes = {record["name"]: record["stats"] for record in report["passes"]}
+    assert list(passes) == ["cleanup", "distill", "prune", "quant", "cleanup@final"]
+    assert 1 <= len(passes["distill"]["removed"]) < 3 and passes["distill"]["over_budget"]
+    assert passes["prune"]["units_removed"] > 0
+    assert passes["prune"]["held_out_spearman"][str(passes["prune"]["sparsity_chosen"])] >= 0.999
+    assert report["size_ratio"] > 20 and report["parity"]["passed"]
+    (score,) = report["parity"]["outputs"]
+    assert abs(score["auc_delta"]) <= 0.003
 
 
 def test_our_own_bug_inside_a_session_is_reported_as_ours_not_as_an_unsupported_model(
