@@ -3,6 +3,7 @@
     python tools/bench.py                     # all models x all methods -> docs/BENCHMARKS.md, docs/pareto.png
     python tools/bench.py --quick             # one small model, fewer repeats; output in the workdir
     python tools/bench.py --models dlrm --recipe ours-q8=cleanup,quant:quant.bits=8 --json dlrm.json
+    python tools/bench.py --preset int8 --preset int4 --preset mixed --preset max --scale   # + the 2.3 GB run
 
 Each compression runs in its own process under ``/usr/bin/time -v`` (wall time, peak RSS); quality
 and speed are measured afterwards in this process with onnxruntime (CPU, ORT_ENABLE_ALL). The
@@ -556,6 +557,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=Path("/tmp/onnxcompress-bench"),
         help="where compressed models go (default %(default)s)",
     )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="also time the int8 and int4 presets on a generated 2.3 GB Criteo-like DLRM against the "
+        "onnx.load+onnx.save floor and quantize_dynamic (tools/bench_large.py; ~6 GB free disk, ~5 min)",
+    )
+    parser.add_argument("--scale-repeats", type=int, default=3, help="interleaved repeats of the scale run")
     parser.add_argument("--json", type=Path, help="write every figure as JSON here")
     parser.add_argument(
         "--markdown",
@@ -647,6 +655,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     report["seconds"] = time.perf_counter() - started
     text = markdown(report, rows, methods, threads)
+    if args.scale:
+        from bench_large import SyntheticSpec, scale_run
+
+        log("scale run: the 2.3 GB Criteo-like DLRM")
+        scale_text, scale_rows = scale_run(
+            args.workdir / "large", SyntheticSpec(), passes=[], presets=["int8", "int4"], repeats=args.scale_repeats
+        )
+        text += "\n\n## Scale run\n\n" + scale_text
+        report["scale"] = scale_rows
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     args.markdown.write_text(text + "\n")
     print(text)
