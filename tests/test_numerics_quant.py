@@ -4,13 +4,16 @@ import numpy as np
 import pytest
 
 from onnxcompress.numerics.quant import (
+    QuantizedRows,
     binarize_rows,
     dequantize_rows,
     gptq_quantize,
     pack_codes,
     quantize_rows,
+    quantized_row_error,
     tensor_scale,
     unpack_codes,
+    with_scale_codebook,
 )
 
 RNG = np.random.default_rng(0)
@@ -146,3 +149,28 @@ def test_quantizing_rows_leaves_the_callers_array_untouched(search: bool) -> Non
     before = rows.copy()
     quantize_rows(rows, 4, symmetric=False, search=search)
     np.testing.assert_array_equal(rows, before)
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(8, False), (4, False), (4, True), (2, False)])
+def test_a_scale_codebook_rounds_scales_up_and_costs_little_precision(bits: int, symmetric: bool) -> None:
+    rows = RNG.standard_normal((3000, 16)) * RNG.lognormal(0, 1, (3000, 1))
+    plain = quantize_rows(rows, bits, symmetric=symmetric, scale_dtype=np.float16)
+    coded = with_scale_codebook(rows, plain)
+    assert coded.scale_index.dtype == np.uint8 and coded.codebook.shape == (256,)
+    assert np.all(np.diff(coded.codebook.astype(np.float64)) >= 0)
+    np.testing.assert_array_equal(coded.scale, coded.codebook[coded.scale_index])
+    assert np.all(coded.scale.astype(np.float64) >= plain.scale.astype(np.float64))  # nothing clips
+    # consecutive entries are (max/min)^(1/255) apart: a few percent more error at most
+    assert quantized_row_error(rows, coded) <= 1.05 * quantized_row_error(rows, plain)
+    # the codes are re-rounded for the stored scale: within half a step of every value
+    assert np.all(np.abs(dequantize_rows(coded) - rows) <= coded.scale.astype(np.float64)[:, None] * 0.5 + 1e-9)
+
+
+def test_binary_rows_take_the_codebook_entry_nearest_their_alpha() -> None:
+    rows = RNG.standard_normal((2000, 16)) * RNG.lognormal(0, 1, (2000, 1))
+    codes, alpha = binarize_rows(rows, np.float16)
+    coded = with_scale_codebook(rows, QuantizedRows(codes, alpha, None, 1))
+    np.testing.assert_array_equal(coded.codes, codes)
+    step = (coded.codebook[-1].astype(np.float64) / coded.codebook[0]) ** (1 / 255)
+    ratio = coded.scale.astype(np.float64) / alpha.astype(np.float64)
+    assert np.all(ratio <= np.sqrt(step) * 1.001) and np.all(ratio >= 1 / np.sqrt(step) / 1.001)

@@ -156,7 +156,9 @@ def test_tables_are_gathered_quantized_and_dequantized_after_the_gather(tmp_path
 
 
 @pytest.mark.parametrize(("bits", "tolerance"), [(4, 0.1), (2, 0.5), (1, 0.9)])
-def test_low_bit_tables_are_bit_packed_and_unpacked_after_the_gather(bits: int, tolerance: float, tmp_path: Path) -> None:
+def test_low_bit_tables_are_bit_packed_and_unpacked_after_the_gather(
+    bits: int, tolerance: float, tmp_path: Path
+) -> None:
     feeds = {"user": RNG.integers(0, 50, 30).astype(np.int64), "items": RNG.integers(0, 40, (30, 3)).astype(np.int64)}
     expected = evaluate(table_model(), tmp_path, feeds)
     model = table_model()
@@ -197,7 +199,10 @@ def test_selection_options_and_skip_reasons() -> None:
     model = linear_model()
     config = Quantize.Config(exclude="gemm_t", min_elements=600, op_types=("MatMul", "Gemm"), float_storage="float32")
     result = Quantize(config)(model)
-    assert result.stats["skipped"] == {"w_gemm": "fewer than quant.min_elements=600 elements", "w_gemm_t": "matched by quant.exclude"}
+    assert result.stats["skipped"] == {
+        "w_gemm": "fewer than quant.min_elements=600 elements",
+        "w_gemm_t": "matched by quant.exclude",
+    }
     assert "w_gemm" in model.graph.initializers and "w_mm" not in model.graph.initializers
 
 
@@ -233,8 +238,20 @@ def test_gptq_rounding_uses_calibration_and_beats_nearest(tmp_path: Path) -> Non
 @pytest.mark.parametrize("name", ["dlrm", "deepfm", "two_tower", "sklearn_mlp", "dlrm_dynamo"])
 def test_int8_on_real_models_keeps_auc(cli, tmp_path: Path, name: str) -> None:
     files = model_files(name)
-    result = cli(files["onnx"], tmp_path / "q.onnx", "--passes", "cleanup,quant", "--set", "cleanup.strip_metadata=true",
-                 "--feeds", files["feeds"], "--labels", files["labels"], "--calib", files["calib"])
+    result = cli(
+        files["onnx"],
+        tmp_path / "q.onnx",
+        "--passes",
+        "cleanup,quant",
+        "--set",
+        "cleanup.strip_metadata=true",
+        "--feeds",
+        files["feeds"],
+        "--labels",
+        files["labels"],
+        "--calib",
+        files["calib"],
+    )
     assert result.code == 0, result.err
     report = result.report
     score = next(output for output in report["parity"]["outputs"] if output["kind"] == "score")
@@ -303,3 +320,49 @@ def test_auto_activations_keep_float_where_8_bit_activations_would_cost_accuracy
     assert "MatMulInteger" not in {node.op_type for node in model.graph if node.outputs[0].name and "w_mm" in node.name}
     without_calibration = Quantize(Quantize.Config(activations="auto"))(linear_model())
     assert {entry["form"] for entry in without_calibration.stats["tensors"].values()} == {"fold"}
+
+
+@pytest.mark.parametrize("bits", [4, 1])
+@pytest.mark.parametrize("fold_tables_below", [0, 1 << 20])
+def test_a_scale_codebook_stores_one_byte_a_row_and_decodes_exactly(
+    bits: int, fold_tables_below: int, tmp_path: Path
+) -> None:
+    from onnxcompress.numerics.quant import binarize_rows, dequantize_rows, quantize_rows, with_scale_codebook
+
+    rng = np.random.default_rng(5)
+    table = (rng.standard_normal((5000, 16)) * rng.lognormal(0, 1, (5000, 1))).astype(np.float32)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] ids, float[5000,16] table) => (float[N,16] rows) {
+          rows = Gather(table, ids)
+        }
+        """
+    feeds = {"ids": rng.integers(0, 5000, 64).astype(np.int64)}
+    sizes = {}
+    for codebook in (False, True):
+        model = text_model(text, {"table": table})
+        config = Quantize.Config(
+            embedding_bits=bits,
+            embedding_granularity="row",
+            fold_tables_below=fold_tables_below,
+            scale_codebook=codebook,
+        )
+        stats = Quantize(config)(model).stats["tensors"]["table"]
+        sizes[codebook] = stats["bytes_after"]
+        got = evaluate(model, tmp_path, feeds)[0]
+    index = model.graph.initializers["table_scale_index"].const_value
+    book = model.graph.initializers["table_scale_codebook"].const_value
+    assert index.dtype == ir.DataType.UINT8 and index.size == 5000
+    assert book.dtype == ir.DataType.FLOAT16 and book.size == 256
+    assert sizes[False] - sizes[True] >= 5000 - 512 - 64  # a byte a row saved, less the codebook
+    if bits == 1:
+        codes, alpha = binarize_rows(table, np.float16)
+        from onnxcompress.numerics.quant import QuantizedRows
+
+        snapped = with_scale_codebook(table, QuantizedRows(codes, alpha, None, 1))
+        expected = (2.0 * snapped.codes - 1.0) * snapped.scale.astype(np.float64)[:, None]
+    else:
+        # small enough for the MSE clip search (rounding=auto), as the pass does
+        plain = quantize_rows(table, 4, symmetric=False, search=True, scale_dtype=np.float16)
+        expected = dequantize_rows(with_scale_codebook(table, plain))
+    np.testing.assert_allclose(got, expected[feeds["ids"]], rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ dequantized value is ``r = s * (q - z)`` (ONNX DequantizeLinear).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,8 +26,10 @@ __all__ = [
     "relative_error",
     "row_relative_error",
     "sample_rows",
+    "scale_codebook",
     "tensor_scale",
     "unpack_codes",
+    "with_scale_codebook",
 ]
 
 #: Clip ratios tried by the MSE scale search (fraction of the row's max magnitude).
@@ -35,6 +37,9 @@ MSE_CLIP_GRID = np.linspace(0.5, 1.0, 26)
 #: Rows per streaming step when no search runs: small enough that a chunk's temporaries stay in cache.
 _STREAM_CHUNK_ELEMENTS = 1 << 18
 _SEARCH_CHUNK_ELEMENTS = 1 << 15
+#: Entries of a per-table scale codebook (uint8 indices): log-spaced, consecutive entries are a
+#: ratio (max/min)^(1/255) apart, 1.6% for scales spanning 60x.
+SCALE_CODEBOOK_SIZE = 256
 #: Columns GPTQ updates lazily before one matrix product applies their error to the rest.
 _GPTQ_BLOCK = 32
 
@@ -54,6 +59,9 @@ class QuantizedRows:
     #: The largest magnitude among the quantized rows, when known: one scale for all of them can
     #: then be chosen without reading the rows again.
     peak: float | None = None
+    #: With a scale codebook, ``scale[i] == codebook[scale_index[i]]``: one byte a row is stored.
+    codebook: np.ndarray | None = None
+    scale_index: np.ndarray | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -196,6 +204,57 @@ def quantize_rows(
         bits=bits,
         peak=peak,
     )
+
+
+def scale_codebook(scales: np.ndarray, size: int = SCALE_CODEBOOK_SIZE, dtype: Any = np.float32) -> np.ndarray:
+    """``size`` scales in ``dtype`` spaced evenly in log between the smallest positive and the
+    largest of ``scales`` (so every row's scale is within a fixed ratio of an entry), ascending; the
+    top entry is rounded up, never below the largest scale."""
+    dtype = np.dtype(dtype)
+    positive = np.asarray(scales, dtype=np.float64)
+    positive = positive[positive > 0]
+    if positive.size == 0:
+        return np.full(size, np.finfo(dtype).tiny, dtype)
+    low, high = float(positive.min()), float(positive.max())
+    codebook = np.geomspace(low, high, size) if high > low else np.full(size, high)
+    stored = codebook.astype(dtype)
+    if stored[-1] < high:
+        stored[-1] = np.nextafter(dtype.type(high), dtype.type(np.inf))
+    return stored
+
+
+def with_scale_codebook(rows: Any, quantized: QuantizedRows, size: int = SCALE_CODEBOOK_SIZE) -> QuantizedRows:
+    """``quantized`` with each row's scale replaced by a codebook entry, stored as a uint8 index.
+
+    Integer codes take the smallest entry at least as large as the row's scale and keep their zero
+    point (so nothing clips), and are recomputed from ``rows`` for it, chunk by chunk; binary codes
+    (signs) keep their rows and take the entry nearest in log to their L2-optimal ``alpha``.
+    """
+    if size > 256:
+        raise ValueError(f"a codebook indexed by uint8 holds at most 256 scales, not {size}")
+    scales = quantized.scale.astype(np.float64)
+    codebook = scale_codebook(scales, size, quantized.scale.dtype)
+    if quantized.bits == 1:
+        log_book = np.log(codebook.astype(np.float64))
+        position = np.clip(np.searchsorted(log_book, np.log(np.maximum(scales, 1e-300))), 1, size - 1)
+        nearer_below = np.abs(np.log(np.maximum(scales, 1e-300)) - log_book[position - 1]) <= np.abs(
+            log_book[position] - np.log(np.maximum(scales, 1e-300))
+        )
+        index = np.where(nearer_below, position - 1, position).astype(np.uint8)
+        return replace(quantized, scale=codebook[index], codebook=codebook, scale_index=index)
+    index = np.minimum(np.searchsorted(codebook.astype(np.float64), scales, side="left"), size - 1).astype(np.uint8)
+    snapped = codebook[index].astype(np.float64)
+    # A larger scale with the same zero point spans a wider range: nothing clips that did not before.
+    zero = np.zeros(len(snapped)) if quantized.zero_point is None else quantized.zero_point.astype(np.float64)
+    rows = _row_source(rows)
+    low, high = _levels(quantized.bits, quantized.symmetric)
+    codes = np.empty_like(quantized.codes)
+    chunk = max(1, _STREAM_CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    for start in range(0, len(snapped), chunk):
+        stop = start + chunk
+        part = np.array(rows[start:stop], dtype=np.float32 if rows.dtype == np.float32 else np.float64)
+        codes[start:stop] = _codes(part, snapped[start:stop], zero[start:stop], low, high, out=part)
+    return replace(quantized, codes=codes, scale=codebook[index], codebook=codebook, scale_index=index)
 
 
 def dequantize_rows(quantized: QuantizedRows) -> np.ndarray:

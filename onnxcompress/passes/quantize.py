@@ -49,6 +49,7 @@ from onnxcompress.numerics.quant import (
     relative_error,
     sample_rows,
     tensor_scale,
+    with_scale_codebook,
 )
 from onnxcompress.parity import Budget, Budgets, compare
 from onnxcompress.passes import register
@@ -68,6 +69,9 @@ FINITE_CHECK_MAX_ELEMENTS = 1 << 24
 DECISION_SAMPLE_ROWS = 1 << 16
 #: Tables larger than this are rounded to nearest per row: the clip search costs 26 passes.
 SEARCH_MAX_ELEMENTS = 1 << 24
+#: Tables with fewer rows keep float16 scales: the byte a codebook saves per row must repay its
+#: 512-byte table and the decoding nodes.
+CODEBOOK_MIN_ROWS = 4096
 
 
 @dataclass
@@ -133,6 +137,8 @@ class _Stored:
     bits: int
     elements: int
     binary: bool = False
+    #: With a scale codebook, ``scale`` holds uint8 indices into this float32 table of scales.
+    codebook: ir.Value | None = None
 
     @property
     def per_row(self) -> bool:
@@ -212,20 +218,29 @@ def _store(
         zero = None
         if quantized.zero_point is not None:
             zero = build.constant("zero_point", quantized.zero_point.astype(numpy_type).reshape(shape), int4_type)
-        scale = build.constant("scale", quantized.scale.reshape(shape))
-        return _Stored(codes, scale, zero, bits, elements, binary)
+        scale, codebook = _store_scale(build, quantized, shape)
+        return _Stored(codes, scale, zero, bits, elements, binary, codebook)
     else:
         # Symmetric codes are stored offset by the zero point below, so every stored code is unsigned.
         offset = 2 ** (bits - 1) - 1 if quantized.symmetric and not binary else 0
         codes = build.constant("packed", _pack_rows(quantized.codes, bits, offset))
-    scale = build.constant("scale", quantized.scale.reshape(shape))
+    scale, codebook = _store_scale(build, quantized, shape)
     zero = None
     if not binary and (quantized.zero_point is not None or bits < 8):
         zero_array = quantized.zero_point
         if zero_array is None:
             zero_array = np.full(quantized.scale.size, 2 ** (bits - 1) - 1, np.uint8)
         zero = build.constant("zero_point", zero_array.reshape(shape))
-    return _Stored(codes, scale, zero, bits, elements, binary)
+    return _Stored(codes, scale, zero, bits, elements, binary, codebook)
+
+
+def _store_scale(build: _Builder, quantized: QuantizedRows, shape: tuple[int, ...]) -> tuple[ir.Value, ir.Value | None]:
+    """The scales as stored: float values, or uint8 indices plus the codebook they index."""
+    if quantized.codebook is None or quantized.scale_index is None or shape == ():
+        return build.constant("scale", quantized.scale.reshape(shape)), None
+    return build.constant("scale_index", quantized.scale_index.reshape(shape)), build.constant(
+        "scale_codebook", quantized.codebook.astype(quantized.scale.dtype)
+    )
 
 
 def _float(build: _Builder, value: ir.Value, stored_as: ir.Value) -> ir.Value:
@@ -239,7 +254,8 @@ def _float(build: _Builder, value: ir.Value, stored_as: ir.Value) -> ir.Value:
 def _column(build: _Builder, value: ir.Value) -> ir.Value:
     """``value`` as ``[rows, 1]`` for broadcasting over ``[rows, elements]``."""
     tensor = value.const_value
-    if tensor is not None and len(tensor.shape) in (0, 2):
+    shape = tensor.shape if tensor is not None else value.shape
+    if shape is not None and len(shape) in (0, 2):
         return value
     return build.op("Unsqueeze", [value, _last(build)])
 
@@ -254,17 +270,24 @@ def _decode_rows(
     initializer; scale and zero of shape ``[n]`` or ``[n, 1]``).
     """
     codes = _unpack(build, rows, stored.bits, stored.elements) if stored.packed else rows
+    scale_source = stored.scale
+    if stored.codebook is not None:
+        # Gather indices must be int32/int64; the looked-up scales have the indices' shape.
+        index = build.op("Cast", [scale], to=ir.DataType.INT32)
+        rank = len(scale.const_value.shape) if scale.const_value is not None else 1  # gathered by ids: [n]
+        scale, scale_source = build.op("Gather", [stored.codebook, index], axis=0), stored.codebook
+        scale.shape = ir.Shape([None] * rank)  # the indices' rank: [rows, 1] needs no Unsqueeze
     if stored.binary:
-        alpha = _float(build, _column(build, scale), stored.scale)
+        alpha = _float(build, _column(build, scale), scale_source)
         doubled = build.op("Mul", [build.op("Cast", [codes], to=ir.DataType.FLOAT), build.op("Add", [alpha, alpha])])
         return build.op("Sub", [doubled, alpha])
     if form == "linear":
-        scale = _float(build, scale, stored.scale)
+        scale = _float(build, scale, scale_source)
         return build.op("DequantizeLinear", [codes, scale, zero] if zero is not None else [codes, scale], axis=0)
     values = build.op("Cast", [codes], to=ir.DataType.FLOAT)
     if zero is not None:
         values = build.op("Sub", [values, build.op("Cast", [_column(build, zero)], to=ir.DataType.FLOAT)])
-    return build.op("Mul", [values, _float(build, _column(build, scale), stored.scale)])
+    return build.op("Mul", [values, _float(build, _column(build, scale), scale_source)])
 
 
 def _replace_output(old: ir.Value, new: ir.Value) -> None:
@@ -357,6 +380,13 @@ class Quantize(CompressionPass):
                 "help": "tables smaller than this (fp32 bytes) are decoded at load, larger ones are "
                 "gathered quantized; 0 gathers every table quantized",
                 "min": 0,
+            },
+        )
+        scale_codebook: bool = field(
+            default=False,
+            metadata={
+                "help": "tables: store each row's scale as a uint8 index into a 256-entry log-spaced codebook "
+                "(1 byte a row instead of 2; codes are re-rounded to the stored scale)"
             },
         )
         scale_dtype: str = field(
@@ -580,8 +610,9 @@ class Quantize(CompressionPass):
                 if (value, lower) not in sensitivity:
                     sensitivity[(value, lower)] = loss({value: lower}) + 1.0
                     evaluations += 1
-                saved = _estimated_bytes(value, selected[value], state[value]) - _estimated_bytes(
-                    value, selected[value], lower
+                scale_bytes = 1 if config.scale_codebook and _is_table(selected[value]) else 2
+                saved = _estimated_bytes(value, selected[value], state[value], scale_bytes) - _estimated_bytes(
+                    value, selected[value], lower, scale_bytes
                 )
                 moves.append((saved / sensitivity[(value, lower)], value, lower))
             if not moves:
@@ -802,6 +833,14 @@ class Quantize(CompressionPass):
     # --- embedding tables ------------------------------------------------------------------------
 
     def _table_codes(self, table: np.ndarray, bits: int) -> tuple[QuantizedRows, str, dict[str, float]]:
+        """Quantize a table: (codes, granularity "row" or "tensor", the relative errors compared),
+        row scales in a codebook when ``scale_codebook`` is set."""
+        quantized, granularity, errors = self._row_or_tensor_codes(table, bits)
+        if granularity == "row" and self.config.scale_codebook and len(table) >= CODEBOOK_MIN_ROWS:
+            quantized = with_scale_codebook(table, quantized)
+        return quantized, granularity, errors
+
+    def _row_or_tensor_codes(self, table: np.ndarray, bits: int) -> tuple[QuantizedRows, str, dict[str, float]]:
         """Quantize a table: (codes, granularity "row" or "tensor", the relative errors compared).
 
         Works on row chunks of ``table`` (which may be memory-mapped); the clip search, 26 passes
@@ -924,12 +963,12 @@ def _dequantized(quantized: QuantizedRows) -> np.ndarray:
     return dequantize_rows(quantized)
 
 
-def _estimated_bytes(value: ir.Value, uses: list[WeightUse], bits: int) -> float:
-    """Bytes a weight takes at ``bits``: codes plus roughly one 2-byte scale per row."""
+def _estimated_bytes(value: ir.Value, uses: list[WeightUse], bits: int, scale_bytes: int = 2) -> float:
+    """Bytes a weight takes at ``bits``: codes plus roughly one scale of ``scale_bytes`` per row."""
     tensor = value.const_value
     assert tensor is not None
     rows = tensor.shape[uses[0].out_axis]
-    return tensor.size * bits / 8 + rows * 2
+    return tensor.size * bits / 8 + rows * scale_bytes
 
 
 def _is_table(uses: list[WeightUse]) -> bool:
