@@ -42,6 +42,14 @@ MODELS = REPO / "models"
 #: onnxcompress recipes: name -> (passes, options per pass). Adding a method is adding a line.
 RECIPES: dict[str, tuple[tuple[str, ...], dict[str, dict[str, Any]]]] = {
     "ours-cleanup": (("cleanup",), {"cleanup": {"strip_metadata": True}}),
+    # issue 5's binary row: sign(w) * alpha everywhere, measured rather than budgeted
+    "ours-binary": (
+        ("cleanup", "quant", "cleanup@final"),
+        {
+            "quant": {"bits": 1, "embedding_bits": 1, "scale_codebook": True},
+            "cleanup@final": {"strip_metadata": True, "short_names": True},
+        },
+    ),
 }
 
 BASELINES = (
