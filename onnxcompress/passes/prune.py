@@ -23,7 +23,7 @@ from onnxcompress.graph import (
     mlp_links,
     weights_by_value,
 )
-from onnxcompress.layers import capture, score_logit
+from onnxcompress.layers import capture, fitting_rows, score_logit
 from onnxcompress.numerics.distill import logit_fidelity
 from onnxcompress.numerics.lstsq import Gram, NormalEquations
 from onnxcompress.numerics.prune import (
@@ -210,6 +210,14 @@ class Prune(CompressionPass):
         damping: float = field(
             default=0.01, metadata={"help": "ridge term of the refit, relative to the mean input energy", "min": 0.0}
         )
+        augment: int = field(
+            default=0,
+            metadata={
+                "help": "extra refit rows made by drawing every input column from a random calibration row "
+                "(as distill does): more rows than a layer has inputs keep the least squares from overfitting",
+                "min": 0,
+            },
+        )
         min_rank_corr: float = field(
             default=0.0,
             metadata={
@@ -288,6 +296,12 @@ class Prune(CompressionPass):
         calibration = self.context.calibration
         if self.config.min_rank_corr and calibration is not None:
             return self._within_budget(model, calibration)
+        if self.config.augment and calibration is not None:
+            fitting = fitting_rows(model, calibration, self.config.augment).calibration
+            config = dataclasses.replace(self.config, augment=0)
+            result = type(self)(config, dataclasses.replace(self.context, calibration=fitting)).call(model)
+            result.stats["refit_rows"] = fitting.feeds.source
+            return result
         if self.config.structure == "neurons":
             return self._prune_units(model)
         return self._prune_weights(model)
