@@ -66,10 +66,17 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "int4",
-            "4-bit weights: linear layers in blocks of 32 with GPTQ on calibration data, tables per row",
+            "4-bit weights: linear layers in blocks of 32 with GPTQ on calibration data, tables per row "
+            "(scales of tables of 4096+ rows in a codebook)",
             ("cleanup", "quant", "cleanup@final"),
             {
-                "quant": {"bits": 4, "granularity": "block", "block_size": 32, "embedding_bits": 4},
+                "quant": {
+                    "bits": 4,
+                    "granularity": "block",
+                    "block_size": 32,
+                    "embedding_bits": 4,
+                    "scale_codebook": True,
+                },
                 "cleanup@final": _FINAL_CLEANUP,
             },
         ),
@@ -90,7 +97,7 @@ PRESETS: dict[str, Preset] = {
             {
                 "distill": {"remove": 8, "min_rank_corr": 0.995},
                 "prune": {"structure": "neurons", "sparsity": 0.5, "damping": 0.1, "min_rank_corr": 0.999},
-                "quant": {"mixed": True, "granularity": "block", "block_size": 32},
+                "quant": {"mixed": True, "granularity": "block", "block_size": 32, "scale_codebook": True},
                 "cleanup@final": _FINAL_CLEANUP,
             },
         ),
