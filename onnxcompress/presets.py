@@ -82,10 +82,11 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "mixed",
-            "per-weight bit widths (8/4/2/1) chosen on calibration data within a fidelity budget",
+            "per-weight bit widths (8/4/2/1) chosen on calibration data within a fidelity budget; tables "
+            "at 2 and 1 bits product-quantized",
             ("cleanup", "quant", "cleanup@final"),
             {
-                "quant": {"mixed": True, "granularity": "block", "block_size": 32},
+                "quant": {"mixed": True, "granularity": "block", "block_size": 32, "table_codes": "pq"},
                 "cleanup@final": _FINAL_CLEANUP,
             },
         ),
@@ -97,7 +98,13 @@ PRESETS: dict[str, Preset] = {
             {
                 "distill": {"remove": 8, "min_rank_corr": 0.995},
                 "prune": {"structure": "neurons", "sparsity": 0.5, "damping": 0.1, "min_rank_corr": 0.999},
-                "quant": {"mixed": True, "granularity": "block", "block_size": 32, "scale_codebook": True},
+                "quant": {
+                    "mixed": True,
+                    "granularity": "block",
+                    "block_size": 32,
+                    "table_codes": "pq",
+                    "scale_codebook": True,
+                },
                 "cleanup@final": _FINAL_CLEANUP,
             },
         ),

@@ -366,3 +366,59 @@ def test_a_scale_codebook_stores_one_byte_a_row_and_decodes_exactly(
         plain = quantize_rows(table, 4, symmetric=False, search=True, scale_dtype=np.float16)
         expected = dequantize_rows(with_scale_codebook(table, plain))
     np.testing.assert_allclose(got, expected[feeds["ids"]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 1])
+@pytest.mark.parametrize("fold_tables_below", [0, 1 << 20])
+def test_product_quantized_tables_store_4_bit_indices_and_decode_to_their_centroids(
+    bits: int, fold_tables_below: int, tmp_path: Path
+) -> None:
+    from onnxcompress.numerics.pq import product_dequantize, product_quantize
+
+    rng = np.random.default_rng(6)
+    table = (rng.standard_normal((3000, 16)) * rng.lognormal(0, 0.5, (3000, 1))).astype(np.float32)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N,3] ids, float[3000,16] table) => (float[N,3,16] rows) {
+          rows = Gather(table, ids)
+        }
+        """,
+        {"table": table},
+    )
+    config = Quantize.Config(embedding_bits=bits, table_codes="pq", fold_tables_below=fold_tables_below)
+    stats = Quantize(config)(model).stats["tensors"]["table"]
+    dims = 4 // bits
+    assert stats["granularity"] == "pq" and stats["pq"] == {"dims": dims, "centroids": 16, "sub_vectors": 16 // dims}
+    assert stats["form"] == ("gathered" if fold_tables_below == 0 else "fold")
+    codes = model.graph.initializers["table_pq_codes"].const_value
+    assert codes.dtype == ir.DataType.UINT8 and tuple(codes.shape) == (3000, 16 // dims // 2)  # two indices a byte
+    # bits a value for the codes, 16 float16 centroids of 16 values per sub-space set, no per-row scale
+    assert stats["bytes_after"] <= 3000 * 16 * bits / 8 + 16 * 16 * 2 + 128  # + offsets, unpacking constants
+    feeds = {"ids": rng.integers(0, 3000, (20, 3)).astype(np.int64)}
+    (got,) = evaluate(model, tmp_path, feeds)
+    expected = product_dequantize(product_quantize(table, dims, 16))
+    np.testing.assert_allclose(got, expected[feeds["ids"]], rtol=1e-6, atol=1e-7)
+
+
+def test_product_codes_let_the_mixed_search_shrink_the_dlrm_further(tmp_path: Path) -> None:
+    from onnxcompress import compress
+    from onnxcompress.presets import get_preset
+
+    files = model_files("dlrm")
+    recipe = get_preset("mixed")
+    ratios = {}
+    for codes in ("scalar", "pq"):
+        report = compress(
+            files["onnx"],
+            tmp_path / f"{codes}.onnx",
+            list(recipe.passes),
+            options=recipe.options,
+            assignments=[f"quant.table_codes={codes}"],
+            feeds=files["feeds"],
+            calib=files["calib"],
+            labels=files["labels"],
+        )
+        assert report.parity.passed
+        ratios[codes] = report.size_ratio
+    assert ratios["pq"] > 1.2 * ratios["scalar"]

@@ -36,6 +36,7 @@ import onnx_ir as ir
 from onnxcompress import runtime
 from onnxcompress.graph import WEIGHT_SLOTS, WeightUse, weights_by_value
 from onnxcompress.io import ExternalRows
+from onnxcompress.numerics.pq import ProductCodes, product_dequantize, product_quantize
 from onnxcompress.numerics.quant import (
     QuantizedRows,
     binarize_rows,
@@ -47,6 +48,7 @@ from onnxcompress.numerics.quant import (
     quantize_tensor_rows,
     quantized_row_error,
     relative_error,
+    row_relative_error,
     sample_rows,
     tensor_scale,
     with_scale_codebook,
@@ -72,6 +74,9 @@ SEARCH_MAX_ELEMENTS = 1 << 24
 #: Tables with fewer rows keep float16 scales: the byte a codebook saves per row must repay its
 #: 512-byte table and the decoding nodes.
 CODEBOOK_MIN_ROWS = 4096
+#: Product quantization: centroids per sub-space (a 4-bit index) and the fewest rows to fit them on.
+PQ_CENTROIDS = 16
+PQ_MIN_ROWS = 256
 
 
 @dataclass
@@ -382,6 +387,14 @@ class Quantize(CompressionPass):
                 "min": 0,
             },
         )
+        table_codes: str = field(
+            default="scalar",
+            metadata={
+                "help": "pq: tables at 2 and 1 bits are product-quantized (16 centroids per sub-vector of 2 or 4 "
+                "dimensions, a 4-bit index each, no per-row scale) instead of scalar codes with a scale per row",
+                "choices": ("scalar", "pq"),
+            },
+        )
         scale_codebook: bool = field(
             default=False,
             metadata={
@@ -610,9 +623,8 @@ class Quantize(CompressionPass):
                 if (value, lower) not in sensitivity:
                     sensitivity[(value, lower)] = loss({value: lower}) + 1.0
                     evaluations += 1
-                scale_bytes = 1 if config.scale_codebook and _is_table(selected[value]) else 2
-                saved = _estimated_bytes(value, selected[value], state[value], scale_bytes) - _estimated_bytes(
-                    value, selected[value], lower, scale_bytes
+                saved = self._estimated_bytes(value, selected[value], state[value]) - self._estimated_bytes(
+                    value, selected[value], lower
                 )
                 moves.append((saved / sensitivity[(value, lower)], value, lower))
             if not moves:
@@ -650,6 +662,18 @@ class Quantize(CompressionPass):
         return np.moveaxis(restored, 0, use.out_axis).astype(np.float32)
 
     # --- calibration -----------------------------------------------------------------------------
+
+    def _estimated_bytes(self, value: ir.Value, uses: list[WeightUse], bits: int) -> float:
+        """Bytes a weight takes at ``bits``: codes plus roughly one scale per row (one byte in a scale
+        codebook), or for product codes their codebooks (16 centroids of 2 bytes a value)."""
+        tensor = value.const_value
+        assert tensor is not None
+        rows = tensor.shape[uses[0].out_axis]
+        table = _is_table(uses)
+        if table and self._pq_dims(tensor.shape, bits) is not None:
+            return tensor.size * bits / 8 + PQ_CENTROIDS * int(tensor.shape[1]) * 2
+        scale_bytes = 1 if table and self.config.scale_codebook and rows >= CODEBOOK_MIN_ROWS else 2
+        return tensor.size * bits / 8 + rows * scale_bytes
 
     def _wants_gptq(self, use: WeightUse) -> bool:
         rounding = self.config.rounding
@@ -832,9 +856,24 @@ class Quantize(CompressionPass):
 
     # --- embedding tables ------------------------------------------------------------------------
 
-    def _table_codes(self, table: np.ndarray, bits: int) -> tuple[QuantizedRows, str, dict[str, float]]:
-        """Quantize a table: (codes, granularity "row" or "tensor", the relative errors compared),
+    def _pq_dims(self, shape: Sequence[int], bits: int) -> int | None:
+        """Dimensions per sub-vector when this table is product-quantized at ``bits``, else None:
+        a 4-bit index per 2 values is 2 bits a value, per 4 values 1 bit."""
+        if self.config.table_codes != "pq" or bits not in (2, 1) or len(shape) != 2:
+            return None
+        dims = 4 // bits
+        rows, width = int(shape[0]), int(shape[1])
+        return dims if width % dims == 0 and rows >= PQ_MIN_ROWS else None
+
+    def _table_codes(self, table: np.ndarray, bits: int) -> tuple[QuantizedRows | ProductCodes, str, dict[str, float]]:
+        """Quantize a table: (codes, granularity "row", "tensor" or "pq", the relative errors compared),
         row scales in a codebook when ``scale_codebook`` is set."""
+        dims = self._pq_dims(table.shape, bits)
+        if dims is not None:
+            codes = product_quantize(table, dims, PQ_CENTROIDS)
+            sample = sample_rows(table, DECISION_SAMPLE_ROWS)
+            check = product_quantize(sample, dims, PQ_CENTROIDS) if len(sample) < len(table) else codes
+            return codes, "pq", {"pq": row_relative_error(sample, product_dequantize(check))}
         quantized, granularity, errors = self._row_or_tensor_codes(table, bits)
         if granularity == "row" and self.config.scale_codebook and len(table) >= CODEBOOK_MIN_ROWS:
             quantized = with_scale_codebook(table, quantized)
@@ -874,13 +913,14 @@ class Quantize(CompressionPass):
             return quantize_tensor_rows(table, bits, scale=scale), "tensor", errors
         return rowwise if rowwise is not None else per_row(table), "row", errors
 
-    def _encode_table(self, value: ir.Value, bits: int) -> tuple[QuantizedRows, str, dict[str, float]]:
+    def _encode_table(self, value: ir.Value, bits: int) -> tuple[QuantizedRows | ProductCodes, str, dict[str, float]]:
         """The table's codes (no graph change, so tables can be encoded in parallel)."""
         tensor = value.const_value
         assert tensor is not None
         # An external table is read in row chunks with file reads: mapped, a 512 MB table would
         # count whole towards the process's resident memory once read.
-        table = ExternalRows(tensor) if isinstance(tensor, ir.ExternalTensor) and bits > 1 else tensor.numpy()
+        external = isinstance(tensor, ir.ExternalTensor) and (bits > 1 or self._pq_dims(tensor.shape, bits) is not None)
+        table = ExternalRows(tensor) if external else tensor.numpy()
         return self._table_codes(table, bits)
 
     def _quantize_table(
@@ -889,7 +929,7 @@ class Quantize(CompressionPass):
         value: ir.Value,
         uses: list[WeightUse],
         bits: int,
-        encoded: tuple[QuantizedRows, str, dict[str, float]],
+        encoded: tuple[QuantizedRows | ProductCodes, str, dict[str, float]],
     ) -> dict[str, Any]:
         config = self.config
         tensor = value.const_value
@@ -898,6 +938,8 @@ class Quantize(CompressionPass):
         quantized, granularity, errors = encoded
         folded = tensor.nbytes < config.fold_tables_below
         lookups = [use for use in uses if use.kind == "embedding"]
+        if isinstance(quantized, ProductCodes):
+            return self._product_table(graph, value, uses, bits, quantized, errors)
         stored = _store(
             build,
             quantized,
@@ -934,6 +976,68 @@ class Quantize(CompressionPass):
             "lookups": len(lookups),
         }
 
+    def _product_table(
+        self,
+        graph: ir.Graph,
+        value: ir.Value,
+        uses: list[WeightUse],
+        bits: int,
+        codes: ProductCodes,
+        errors: dict[str, float],
+    ) -> dict[str, Any]:
+        """Store product codes (two 4-bit indices a byte) and the codebooks; a small or tied table is
+        decoded whole (constant-folded at load), a large one after the Gather of its code rows."""
+        tensor = value.const_value
+        assert tensor is not None and value.name is not None
+        build = _Builder(graph, value.name)
+        width = int(tensor.shape[1])
+        sub_vectors = codes.codes.shape[1]
+        packed = build.constant("pq_codes", _pack_rows(codes.codes, 4, 0))
+        books = codes.codebooks.reshape(sub_vectors * codes.centroids, codes.dims)
+        codebook = build.constant("pq_codebook", books)
+        offsets = build.constant("pq_offsets", (np.arange(sub_vectors) * codes.centroids).astype(np.int32))
+
+        def decode(code_rows: ir.Value) -> ir.Value:
+            index = _unpack(build, code_rows, 4, sub_vectors)  # [n, sub_vectors] uint8
+            index = build.op("Add", [build.op("Cast", [index], to=ir.DataType.INT32), offsets])
+            parts = build.op("Gather", [codebook, index], axis=0)  # [n, sub_vectors, dims]
+            if codebook.const_value is not None and codebook.const_value.dtype != ir.DataType.FLOAT:
+                parts = build.op("Cast", [parts], to=ir.DataType.FLOAT)
+            return build.op("Reshape", [parts, build.constant("pq_row", np.array([-1, width], np.int64))])
+
+        folded = tensor.nbytes < self.config.fold_tables_below
+        lookups = [use for use in uses if use.kind == "embedding"]
+        others = [use for use in uses if use.kind != "embedding"]
+        if folded or others:
+            whole = decode(packed)
+            build.insert_before(_first(graph, uses))
+            for use in others + (lookups if folded else []):
+                use.node.replace_input_with(use.input_index, whole)
+        if not folded:
+            for use in lookups:
+                node = use.node
+                ids = node.inputs[1]
+                assert ids is not None
+                flat = build.op("Reshape", [ids, build.constant("flat", np.array([-1], np.int64))])
+                values = decode(build.op("Gather", [packed, flat], axis=0))
+                shape = build.op("Concat", [build.op("Shape", [ids]), build.constant("dim", np.array([width]))], axis=0)
+                _replace_output(node.outputs[0], build.op("Reshape", [values, shape]))
+                build.insert_before(node)
+                graph.remove(node, safe=True)
+        graph.initializers.pop(value.name)
+        return {
+            "kind": "embedding",
+            "bits": bits,
+            "granularity": "pq",
+            "pq": {"dims": codes.dims, "centroids": codes.centroids, "sub_vectors": sub_vectors},
+            "relative_error": {key: round(value, 6) for key, value in errors.items()},
+            "rounding": "k-means",
+            "form": "fold" if folded else "gathered",
+            "bytes_before": tensor.nbytes,
+            "bytes_after": build.stored_bytes,
+            "lookups": len(lookups),
+        }
+
     def _gathered_lookup(self, build: _Builder, use: WeightUse, stored: _Stored) -> None:
         """Replace ``Gather(table, ids)`` by Gathers of quantized rows and their scales, then a per-row
         dequantization of only the gathered rows."""
@@ -956,19 +1060,16 @@ class Quantize(CompressionPass):
         _replace_output(node.outputs[0], values)
 
 
-def _dequantized(quantized: QuantizedRows) -> np.ndarray:
+def _dequantized(quantized: QuantizedRows | ProductCodes) -> np.ndarray:
     """Float values of codes; binary codes {0, 1} stand for ``-alpha`` and ``+alpha``."""
+    if isinstance(quantized, ProductCodes):
+        return product_dequantize(quantized)
     if quantized.bits == 1:
         return (2.0 * quantized.codes.astype(np.float64) - 1.0) * quantized.scale.astype(np.float64)[:, None]
     return dequantize_rows(quantized)
 
 
-def _estimated_bytes(value: ir.Value, uses: list[WeightUse], bits: int, scale_bytes: int = 2) -> float:
-    """Bytes a weight takes at ``bits``: codes plus roughly one scale of ``scale_bytes`` per row."""
-    tensor = value.const_value
-    assert tensor is not None
-    rows = tensor.shape[uses[0].out_axis]
-    return tensor.size * bits / 8 + rows * scale_bytes
+
 
 
 def _is_table(uses: list[WeightUse]) -> bool:
