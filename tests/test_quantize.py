@@ -422,3 +422,37 @@ def test_product_codes_let_the_mixed_search_shrink_the_dlrm_further(tmp_path: Pa
         assert report.parity.passed
         ratios[codes] = report.size_ratio
     assert ratios["pq"] > 1.2 * ratios["scalar"]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2, 1])
+@pytest.mark.parametrize("fold_tables_below", [0, 1 << 20])
+def test_a_one_value_wide_table_takes_one_scale_and_packs_its_codes_flat(
+    bits: int, fold_tables_below: int, tmp_path: Path
+) -> None:
+    """A first-order (FM / wide part) table: a scale and offset per row would cost 3 bytes for one
+    value; it takes one scale, and decoded at load its sub-byte codes pack across rows."""
+    rng = np.random.default_rng(7)
+    table = (rng.standard_normal((3000, 1)) * 0.1).astype(np.float32)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] ids, float[3000,1] first_order) => (float[N,1] weight) {
+          weight = Gather(first_order, ids)
+        }
+        """,
+        {"first_order": table},
+    )
+    config = Quantize.Config(embedding_bits=bits, fold_tables_below=fold_tables_below)
+    stats = Quantize(config)(model).stats["tensors"]["first_order"]
+    assert stats["granularity"] == "tensor"
+    per_row = 1 if (bits == 8 or fold_tables_below == 0) else bits / 8  # gathered rows keep a byte each
+    assert stats["bytes_after"] <= 3000 * per_row + 64
+    feeds = {"ids": rng.integers(0, 3000, 50).astype(np.int64)}
+    (got,) = evaluate(model, tmp_path, feeds)
+    expected = table[feeds["ids"]]
+    if bits == 1:  # sign times the mean magnitude
+        alpha = np.float16(np.abs(table.astype(np.float64)).mean())
+        np.testing.assert_allclose(got, np.where(expected >= 0, 1.0, -1.0) * np.float32(alpha), rtol=1e-6)
+    else:
+        step = np.abs(table).max() / (2 ** (bits - 1) - 1)
+        assert np.abs(got - expected).max() <= step * 0.51

@@ -74,6 +74,9 @@ SEARCH_MAX_ELEMENTS = 1 << 24
 #: Tables with fewer rows keep float16 scales: the byte a codebook saves per row must repay its
 #: 512-byte table and the decoding nodes.
 CODEBOOK_MIN_ROWS = 4096
+#: Tables narrower than this get one scale: a per-row scale and offset (3 bytes) would outweigh
+#: the row's codes.
+NARROW_TABLE_WIDTH = 4
 #: Product quantization: centroids per sub-space (a 4-bit index) and the fewest rows to fit them on.
 PQ_CENTROIDS = 16
 PQ_MIN_ROWS = 256
@@ -672,6 +675,8 @@ class Quantize(CompressionPass):
         table = _is_table(uses)
         if table and self._pq_dims(tensor.shape, bits) is not None:
             return tensor.size * bits / 8 + PQ_CENTROIDS * int(tensor.shape[1]) * 2
+        if table and int(tensor.shape[1]) < NARROW_TABLE_WIDTH:
+            return tensor.size * bits / 8
         scale_bytes = 1 if table and self.config.scale_codebook and rows >= CODEBOOK_MIN_ROWS else 2
         return tensor.size * bits / 8 + rows * scale_bytes
 
@@ -887,9 +892,17 @@ class Quantize(CompressionPass):
         """
         config = self.config
         scale_dtype = np.dtype(config.scale_dtype)
+        # A row narrower than this holds fewer code bytes than its own scale and offset would
+        # cost (a DeepFM/Wide&Deep first-order table is one value wide): one scale for the table.
+        narrow = table.shape[1] < NARROW_TABLE_WIDTH
         if bits == 1:
             codes, alpha = binarize_rows(table, scale_dtype)
+            if narrow:
+                alpha = np.array([np.abs(np.asarray(table, dtype=np.float64)).mean()], dtype=scale_dtype)
+                return QuantizedRows(codes, alpha, None, 1), "tensor", {}
             return QuantizedRows(codes, alpha, None, 1), "row", {}
+        if narrow:
+            return quantize_tensor_rows(table, bits, search=config.rounding != "nearest"), "tensor", {}
         search = config.rounding != "nearest" and table.size <= SEARCH_MAX_ELEMENTS
         symmetric = config.embedding_symmetric
 
@@ -940,19 +953,25 @@ class Quantize(CompressionPass):
         lookups = [use for use in uses if use.kind == "embedding"]
         if isinstance(quantized, ProductCodes):
             return self._product_table(graph, value, uses, bits, quantized, errors)
+        rows, width = int(tensor.shape[0]), int(tensor.shape[1])
+        # A narrow table decoded whole is packed as one long row: sub-byte codes of a one-value row
+        # would each fill a byte.
+        flat = folded and granularity == "tensor" and width < NARROW_TABLE_WIDTH
         stored = _store(
             build,
             quantized,
             binary=bits == 1,
             column=folded,
             native_int4=folded,
-            rows_shape=(tensor.shape[0], tensor.shape[1]) if granularity == "tensor" else None,
+            rows_shape=((1, rows * width) if flat else (rows, width)) if granularity == "tensor" else None,
         )
         others = [use for use in uses if use.kind != "embedding"]
         if folded or others:
             # Decoded once: constant-folded at load for the lookups of a small table, or for a
             # table tied to an output layer (whose weight must be dense anyway).
             whole = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, "fold")
+            if flat:
+                whole = build.op("Reshape", [whole, build.constant("shape", np.array([rows, width], np.int64))])
             build.insert_before(_first(graph, uses))
             for use in others + (lookups if folded else []):
                 use.node.replace_input_with(use.input_index, whole)
