@@ -255,10 +255,10 @@ def _table_rows(table: ir.Value, axis: int, depth: int = 0) -> int | None:
     """Rows of the table a Gather reads on ``axis``: from the initializer, or, for a table decoded
     from compressed storage at load, from the codes it is decoded from (row axis 0 only)."""
     if table.const_value is not None:
-        shape = table.const_value.shape
-        if not -len(shape) <= axis < len(shape):
+        dims = table.const_value.shape.numpy()  # an initializer's shape is static
+        if not -len(dims) <= axis < len(dims):
             return None  # an invalid axis: onnxruntime names it when it runs the model
-        return int(shape[axis])
+        return int(dims[axis])
     producer = table.producer()
     if axis != 0 or producer is None or depth > 16 or not producer.inputs or producer.inputs[0] is None:
         return None
@@ -291,12 +291,19 @@ def _use_bounds(node: ir.Node, index: int, depth: int) -> Bounds:
     if op == "Gather" and index == 0:
         # Selecting columns of an id matrix (ids[:, k]): the column's bounds apply to column k only.
         columns = constant_array(node.inputs[1])
-        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        data_shape = node.inputs[0].shape if node.inputs[0] is not None else None
+        rank = len(data_shape) if data_shape is not None else None
         axis = node.attributes.get_int("axis", 0)
         out = _collapse(_value_bounds(node.outputs[0], depth + 1))
-        if columns is None or rank is None or axis not in (rank - 1, -1) or node.inputs[0].shape[-1] is None:
+        if (
+            columns is None
+            or data_shape is None
+            or rank is None
+            or axis not in (rank - 1, -1)
+            or data_shape[-1] is None
+        ):
             return out
-        width = node.inputs[0].shape[-1]
+        width = data_shape[-1]
         if not isinstance(width, int):
             return out
         low, high = np.full(width, -np.inf), np.full(width, np.inf)

@@ -224,7 +224,7 @@ def linear_layers(model: ir.Model) -> list[LinearLayer]:
         if use.kind != "linear":
             continue
         if node.op_type == "Gemm" and (
-            node.attributes.get_int("transA", 0)
+            node.attributes.get_int("transA")
             or node.attributes.get_float("alpha", 1.0) != 1.0
             or node.attributes.get_float("beta", 1.0) != 1.0
         ):

@@ -346,7 +346,7 @@ class ExternalRows:
     """
 
     def __init__(self, tensor: ir.ExternalTensor) -> None:
-        dims = [int(d) for d in tensor.shape]
+        dims = [int(d) for d in tensor.shape.numpy()]
         rows = dims[0] if dims else 1
         self.size = int(np.prod(dims)) if dims else 1
         self.shape = (rows, self.size // rows if rows else 0)

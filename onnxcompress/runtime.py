@@ -121,7 +121,12 @@ def _serialize_side_loading(model: ir.Model, options: ort.SessionOptions) -> tup
             values.append(ort.OrtValue.ortvalue_from_numpy(array))
             swapped.append((value, tensor))
             value.const_value = ir.ExternalTensor(
-                "onnxcompress-in-memory", 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=value.name
+                "onnxcompress-in-memory",
+                0,
+                tensor.nbytes,
+                tensor.dtype,
+                shape=ir.Shape(tensor.shape.numpy()),
+                name=value.name,
             )
         proto = ir.serde.serialize_model(model)
     finally:

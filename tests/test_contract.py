@@ -71,3 +71,19 @@ def test_external_tensors_a_pass_skips_are_not_materialised(pass_class: type, tm
     tensor = loaded.graph.initializers["table"].const_value
     assert isinstance(tensor, ir.ExternalTensor)
     assert tensor.raw is None  # never memory-mapped, so never read
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["ruff", "check", "onnxcompress", "tools", "tests"], ["mypy", "onnxcompress"]],
+    ids=["ruff", "mypy"],
+)
+def test_the_code_is_lint_and_type_clean(command: list[str]) -> None:
+    """The style rules hold in CI, not only on the machine of whoever ran the tools last."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, "-m", *command], cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

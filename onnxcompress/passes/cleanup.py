@@ -106,13 +106,15 @@ def merge_identical_initializers(model: ir.Model) -> tuple[int, int]:
         for group in groups.values():
             kept: dict[bytes, ir.Value] = {}
             for value in _still_tied(group, _edge_digest):
-                digest = _full_digest(value.const_value)
+                tensor = value.const_value
+                assert tensor is not None  # grouped above
+                digest = _full_digest(tensor)
                 if digest in kept:
                     value.replace_all_uses_with(kept[digest])
                     assert value.name is not None
                     graph.initializers.pop(value.name)
                     merged += 1
-                    saved += value.const_value.nbytes
+                    saved += tensor.nbytes
                 else:
                     kept[digest] = value
     return merged, saved
@@ -149,6 +151,7 @@ def _byte_ranges(tensor: ir.TensorProtocol, ranges: list[tuple[int, int]]) -> It
                     remaining -= len(chunk)
                     yield chunk
         return
+    data: bytes | memoryview
     if tensor.dtype == ir.DataType.STRING:
         data = b"\0".join(tensor.string_data())  # type: ignore[attr-defined]
     else:
@@ -156,7 +159,7 @@ def _byte_ranges(tensor: ir.TensorProtocol, ranges: list[tuple[int, int]]) -> It
         data = (
             tensor.tobytes()
             if tensor.dtype.bitwidth < 8
-            else memoryview(np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8))
+            else memoryview(np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         )
     for start, stop in ranges:
         yield data[start:stop]
@@ -237,6 +240,7 @@ def _linear_weights(node: ir.Node) -> tuple[ir.Value, int, ir.Value | None] | No
         return None
     if bias is not None and not is_constant_initializer(bias):
         return None
+    assert weight is not None  # is_constant_initializer checked it
     return weight, axis, bias
 
 
@@ -300,7 +304,7 @@ def fold_affine_into_linear(model: ir.Model) -> int:
         rank = 2 if node.op_type == "Gemm" else None  # Gemm's input and output are always 2-D
         if rank is None and source is not None and source.shape is not None:
             rank = len(source.shape)
-        channels = weight.const_value.shape[axis]  # type: ignore[union-attr]
+        channels = int(weight.const_value.shape.numpy()[axis])  # type: ignore[union-attr]
         w = weight.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
         b = bias.const_value.numpy().astype(np.float64).reshape(-1) if bias is not None else np.zeros(channels)  # type: ignore[union-attr]
         if b.size != channels:

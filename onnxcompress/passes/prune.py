@@ -300,8 +300,8 @@ class Prune(CompressionPass):
             fitting = fitting_rows(model, calibration, self.config.augment).calibration
             config = dataclasses.replace(self.config, augment=0)
             result = type(self)(config, dataclasses.replace(self.context, calibration=fitting)).call(model)
-            result.stats["refit_rows"] = fitting.feeds.source
-            return result
+            stats = {**result.stats, "refit_rows": fitting.feeds.source}
+            return CompressionResult(result.model, modified=result.modified, stats=stats)
         if self.config.structure == "neurons":
             return self._prune_units(model)
         return self._prune_weights(model)

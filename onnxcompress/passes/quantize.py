@@ -671,11 +671,12 @@ class Quantize(CompressionPass):
         codebook), or for product codes their codebooks (16 centroids of 2 bytes a value)."""
         tensor = value.const_value
         assert tensor is not None
-        rows = tensor.shape[uses[0].out_axis]
+        shape = _static_shape(tensor)
+        rows = shape[uses[0].out_axis]
         table = _is_table(uses)
-        if table and self._pq_dims(tensor.shape, bits) is not None:
-            return tensor.size * bits / 8 + PQ_CENTROIDS * int(tensor.shape[1]) * 2
-        if table and int(tensor.shape[1]) < NARROW_TABLE_WIDTH:
+        if table and self._pq_dims(shape, bits) is not None:
+            return tensor.size * bits / 8 + PQ_CENTROIDS * shape[1] * 2
+        if table and shape[1] < NARROW_TABLE_WIDTH:
             return tensor.size * bits / 8
         scale_bytes = 1 if table and self.config.scale_codebook and rows >= CODEBOOK_MIN_ROWS else 2
         return tensor.size * bits / 8 + rows * scale_bytes
@@ -699,11 +700,7 @@ class Quantize(CompressionPass):
         for value, uses in selected.items():
             use = uses[0]
             x = use.node.inputs[0]
-            if (
-                _is_table(uses)
-                or x is None
-                or (use.node.op_type == "Gemm" and use.node.attributes.get_int("transA", 0))
-            ):
+            if _is_table(uses) or x is None or (use.node.op_type == "Gemm" and use.node.attributes.get_int("transA")):
                 continue
             if len(uses) == 1 and self._wants_gptq(use):
                 gptq[value.name or ""] = x
@@ -716,14 +713,14 @@ class Quantize(CompressionPass):
         captured = {value.name: value for value in [*gptq.values(), *(x for x, _ in dynamic.values())]}
         for batch in calibration.iter_capture(model, list(captured.values())):
             for weight_name, input_value in gptq.items():
-                x = batch[input_value.name].astype(np.float64)
-                x = x.reshape(-1, x.shape[-1])
-                hessians[weight_name] = hessians.get(weight_name, 0) + x.T @ x
+                inputs = batch[input_value.name or ""].astype(np.float64)
+                inputs = inputs.reshape(-1, inputs.shape[-1])
+                hessians[weight_name] = hessians.get(weight_name, 0) + inputs.T @ inputs
             for weight_name, (input_value, rows) in dynamic.items():
-                x = batch[input_value.name].astype(np.float32)
-                x = x.reshape(-1, x.shape[-1])
-                errors[weight_name][0] += float(np.square((dynamic_quantize(x) - x) @ rows.T).sum())
-                errors[weight_name][1] += float(np.square(x @ rows.T).sum())
+                inputs = batch[input_value.name or ""].astype(np.float32)
+                inputs = inputs.reshape(-1, inputs.shape[-1])
+                errors[weight_name][0] += float(np.square((dynamic_quantize(inputs) - inputs) @ rows.T).sum())
+                errors[weight_name][1] += float(np.square(inputs @ rows.T).sum())
         self._activation_errors = {
             name: float(np.sqrt(error / total)) if total else 0.0 for name, (error, total) in errors.items()
         }
@@ -870,7 +867,9 @@ class Quantize(CompressionPass):
         rows, width = int(shape[0]), int(shape[1])
         return dims if width % dims == 0 and rows >= PQ_MIN_ROWS else None
 
-    def _table_codes(self, table: np.ndarray, bits: int) -> tuple[QuantizedRows | ProductCodes, str, dict[str, float]]:
+    def _table_codes(
+        self, table: np.ndarray | ExternalRows, bits: int
+    ) -> tuple[QuantizedRows | ProductCodes, str, dict[str, float]]:
         """Quantize a table: (codes, granularity "row", "tensor" or "pq", the relative errors compared),
         row scales in a codebook when ``scale_codebook`` is set."""
         dims = self._pq_dims(table.shape, bits)
@@ -884,7 +883,9 @@ class Quantize(CompressionPass):
             quantized = with_scale_codebook(table, quantized)
         return quantized, granularity, errors
 
-    def _row_or_tensor_codes(self, table: np.ndarray, bits: int) -> tuple[QuantizedRows, str, dict[str, float]]:
+    def _row_or_tensor_codes(
+        self, table: np.ndarray | ExternalRows, bits: int
+    ) -> tuple[QuantizedRows, str, dict[str, float]]:
         """Quantize a table: (codes, granularity "row" or "tensor", the relative errors compared).
 
         Works on row chunks of ``table`` (which may be memory-mapped); the clip search, 26 passes
@@ -896,7 +897,7 @@ class Quantize(CompressionPass):
         # cost (a DeepFM/Wide&Deep first-order table is one value wide): one scale for the table.
         narrow = table.shape[1] < NARROW_TABLE_WIDTH
         if bits == 1:
-            codes, alpha = binarize_rows(table, scale_dtype)
+            codes, alpha = binarize_rows(np.asarray(table), scale_dtype)
             if narrow:
                 alpha = np.array([np.abs(np.asarray(table, dtype=np.float64)).mean()], dtype=scale_dtype)
                 return QuantizedRows(codes, alpha, None, 1), "tensor", {}
@@ -932,8 +933,11 @@ class Quantize(CompressionPass):
         assert tensor is not None
         # An external table is read in row chunks with file reads: mapped, a 512 MB table would
         # count whole towards the process's resident memory once read.
-        external = isinstance(tensor, ir.ExternalTensor) and (bits > 1 or self._pq_dims(tensor.shape, bits) is not None)
-        table = ExternalRows(tensor) if external else tensor.numpy()
+        table: np.ndarray | ExternalRows = (
+            tensor.numpy() if not isinstance(tensor, ir.ExternalTensor) else ExternalRows(tensor)
+        )
+        if isinstance(table, ExternalRows) and bits == 1 and self._pq_dims(table.shape, bits) is None:
+            table = tensor.numpy()  # binary rows are signs and one mean: read whole
         return self._table_codes(table, bits)
 
     def _quantize_table(
@@ -953,7 +957,7 @@ class Quantize(CompressionPass):
         lookups = [use for use in uses if use.kind == "embedding"]
         if isinstance(quantized, ProductCodes):
             return self._product_table(graph, value, uses, bits, quantized, errors)
-        rows, width = int(tensor.shape[0]), int(tensor.shape[1])
+        rows, width = _static_shape(tensor)[:2]
         # A narrow table decoded whole is packed as one long row: sub-byte codes of a one-value row
         # would each fill a byte.
         flat = folded and granularity == "tensor" and width < NARROW_TABLE_WIDTH
@@ -1009,7 +1013,7 @@ class Quantize(CompressionPass):
         tensor = value.const_value
         assert tensor is not None and value.name is not None
         build = _Builder(graph, value.name)
-        width = int(tensor.shape[1])
+        width = _static_shape(tensor)[1]
         sub_vectors = codes.codes.shape[1]
         packed = build.constant("pq_codes", _pack_rows(codes.codes, 4, 0))
         books = codes.codebooks.reshape(sub_vectors * codes.centroids, codes.dims)
@@ -1088,7 +1092,9 @@ def _dequantized(quantized: QuantizedRows | ProductCodes) -> np.ndarray:
     return dequantize_rows(quantized)
 
 
-
+def _static_shape(tensor: ir.TensorProtocol) -> tuple[int, ...]:
+    """An initializer's dimensions (always static) as plain ints."""
+    return tuple(int(dim) for dim in tensor.shape.numpy())
 
 
 def _is_table(uses: list[WeightUse]) -> bool:
@@ -1107,7 +1113,7 @@ def _dynamic_ready(uses: list[WeightUse]) -> bool:
         node = use.node
         if use.kind != "linear" or node.op_type not in ("MatMul", "Gemm") or use.input_index != 1:
             return False
-        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        if node.op_type == "Gemm" and node.attributes.get_int("transA"):
             return False
         x = node.inputs[0]
         if x is None or (x.dtype is not None and x.dtype != ir.DataType.FLOAT):
