@@ -456,3 +456,29 @@ def test_a_one_value_wide_table_takes_one_scale_and_packs_its_codes_flat(
     else:
         step = np.abs(table).max() / (2 ** (bits - 1) - 1)
         assert np.abs(got - expected).max() <= step * 0.51
+
+
+def test_weights_too_large_for_the_mixed_search_keep_their_configured_bits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each search evaluation holds the simulated weights in float: above the cap a weight is not
+    searched (on a multi-gigabyte model the search would otherwise hold every table in float)."""
+    from onnxcompress import compress
+    from onnxcompress.passes import quantize
+
+    monkeypatch.setattr(quantize, "MIXED_SEARCH_MAX_BYTES", 50_000)  # the DLRM's two big tables are 60 and 108 KB
+    files = model_files("dlrm")
+    report = compress(
+        files["onnx"],
+        tmp_path / "m.onnx",
+        ["quant"],
+        assignments=["quant.mixed=true", "quant.embedding_bits=4"],
+        feeds=files["feeds"],
+        calib=files["calib"],
+    )
+    stats = report.passes[0].stats
+    not_searched = stats["mixed_precision"]["not_searched"]
+    assert sorted(not_searched) == ["embeddings.0.weight", "embeddings.1.weight"]
+    assert all("kept at 4 bits" in reason for reason in not_searched.values())
+    assert stats["tensors"]["embeddings.1.weight"]["bits"] == 4
+    assert set(stats["mixed_precision"]["bits"]).isdisjoint(not_searched)

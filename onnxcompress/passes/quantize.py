@@ -77,6 +77,9 @@ CODEBOOK_MIN_ROWS = 4096
 #: Tables narrower than this get one scale: a per-row scale and offset (3 bytes) would outweigh
 #: the row's codes.
 NARROW_TABLE_WIDTH = 4
+#: Weights above this size keep their configured bits in the mixed-precision search, whose every
+#: evaluation would otherwise hold them in float.
+MIXED_SEARCH_MAX_BYTES = 64 << 20
 #: Product quantization: centroids per sub-space (a 4-bit index) and the fewest rows to fit them on.
 PQ_CENTROIDS = 16
 PQ_MIN_ROWS = 256
@@ -584,8 +587,12 @@ class Quantize(CompressionPass):
             return plan, {"skipped": "no calibration data: the configured bits were used"}
         ladder = sorted({bits for bits in config.mixed_bits if bits in BIT_CHOICES}, reverse=True)
         budget = Budgets(Budget(min_rank_corr=config.mixed_min_rank_corr, min_cosine=config.mixed_min_cosine))
+        # Every evaluation hands the model with its simulated weights to onnxruntime: weights above
+        # this size would be materialised in float each time, so they keep the configured bits.
+        too_large = {value for value in selected if value.const_value.nbytes > MIXED_SEARCH_MAX_BYTES}  # type: ignore[union-attr]
+        searched = {value: uses for value, uses in selected.items() if value not in too_large}
         reference = runtime.run(runtime.make_session(model, "disable"), calibration.feeds.arrays)
-        originals = {value: value.const_value for value in selected}
+        originals = {value: value.const_value for value in searched}
         fakes: dict[tuple[ir.Value, int], ir.TensorProtocol] = {}
 
         def fake(value: ir.Value, bits: int) -> ir.TensorProtocol:
@@ -610,7 +617,7 @@ class Quantize(CompressionPass):
                 worst = max(worst, config.mixed_min_rank_corr - needed.get("min_rank_corr", 1.0))
             return worst
 
-        state = {value: ladder[0] for value in selected}
+        state = {value: ladder[0] for value in searched}
         evaluations = 1
         if loss(state) > 0:
             return plan, {"skipped": f"already over budget at {ladder[0]} bits: the configured bits were used"}
@@ -618,7 +625,7 @@ class Quantize(CompressionPass):
         frozen: set[ir.Value] = set()
         while True:
             moves = []
-            for value in selected:
+            for value in searched:
                 position = ladder.index(state[value])
                 if value in frozen or position + 1 >= len(ladder):
                     continue
@@ -639,13 +646,19 @@ class Quantize(CompressionPass):
                 state = trial
             else:
                 frozen.add(value)
-        summary = {
+        summary: dict[str, Any] = {
             "bits": {value.name: bits for value, bits in state.items()},
             "evaluations": evaluations,
             "budget": {"min_rank_corr": config.mixed_min_rank_corr, "min_cosine": config.mixed_min_cosine},
             "calibration_rows": calibration.feeds.rows,
         }
-        return state, summary
+        if too_large:
+            summary["not_searched"] = {
+                value.name: f"{value.const_value.nbytes / 2**20:.0f} MiB, above the search's "  # type: ignore[union-attr]
+                f"{MIXED_SEARCH_MAX_BYTES >> 20} MiB: kept at {plan[value]} bits"
+                for value in too_large
+            }
+        return {**plan, **state}, summary
 
     def _simulate(
         self, value: ir.Value, uses: list[WeightUse], bits: int, hessians: dict[str, np.ndarray]
