@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from onnxcompress.calibration import Calibration, load_feeds
 from onnxcompress.cli import main
 from onnxcompress.passes import PASSES, register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
@@ -64,6 +65,13 @@ def model_files(name: str) -> dict[str, Path]:
         "labels": MODELS / f"{name}.labels.npy",
         "calib": MODELS / f"{name}.calib.npz",
     }
+
+
+def shipped_model_with_calibration(name: str) -> tuple[ir.Model, Calibration]:
+    """Shipped model ``name`` loaded, and its calibration rows."""
+    files = model_files(name)
+    model = ir.load(files["onnx"])
+    return model, Calibration(load_feeds(files["calib"], model))
 
 
 def shipped_models() -> list[str]:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import random
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto
 
 __all__ = [
@@ -522,10 +523,12 @@ class Outcome:
         return [line for line in self.err.splitlines() if line.startswith("error:")]
 
 
-def run_cli(argv: Sequence[str | Path], read_captured: Callable[[], tuple[str, str]]) -> Outcome:
-    """Run ``onnxcompress ARGV`` in-process; an exception escaping ``main`` is reported as a crash."""
+def run_cli(capfd: pytest.CaptureFixture[str], *argv: str | Path) -> Outcome:
+    """Run ``onnxcompress ARGV`` in-process with its output captured by ``capfd``; an exception
+    escaping ``main`` is reported as a crash."""
     from onnxcompress.cli import main
 
+    capfd.readouterr()
     code: int | None
     crash = ""
     try:
@@ -536,8 +539,8 @@ def run_cli(argv: Sequence[str | Path], read_captured: Callable[[], tuple[str, s
     except BaseException:  # what a real process would print as a traceback
         code = None
         crash = traceback.format_exc()
-    out, err = read_captured()
-    return Outcome(code, out, err + crash, crash)
+    captured = capfd.readouterr()
+    return Outcome(code, captured.out, captured.err + crash, crash)
 
 
 # ---- external data ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import mlp_model, model_files, save_model, text_model
+from conftest import mlp_model, model_files, save_model, shipped_model_with_calibration, text_model
 from test_layers import calibration_for, mlp, transformer
 
 from onnxcompress.calibration import Calibration
@@ -274,18 +274,10 @@ def test_list_layers_prints_the_removable_layers(cli) -> None:
     assert "66,816" in result.out
 
 
-def _real(name: str) -> tuple[ir.Model, Calibration]:
-    from onnxcompress.calibration import load_feeds
-
-    files = model_files(name)
-    model = ir.load(files["onnx"])
-    return model, Calibration(load_feeds(files["calib"], model))
-
-
 def test_a_fidelity_budget_keeps_only_the_removals_that_rank_like_the_teacher() -> None:
     """deepfm has three MLP layers: the budget lets two go and keeps the one whose removal would
     drop the Spearman with the teacher below it, however many remove= allows."""
-    model, calibration = _real("deepfm")
+    model, calibration = shipped_model_with_calibration("deepfm")
     stats = distill(model, calibration, remove=8, min_rank_corr=0.995)
     assert 1 <= len(stats["removed"]) < 3
     assert stats["over_budget"] and all(value < 0.995 for value in stats["over_budget"].values())
@@ -295,7 +287,7 @@ def test_a_fidelity_budget_keeps_only_the_removals_that_rank_like_the_teacher() 
 
 
 def test_a_budget_no_removal_meets_leaves_the_model_untouched() -> None:
-    model, calibration = _real("deepfm_student")
+    model, calibration = shipped_model_with_calibration("deepfm_student")
     before = model_params(model)
     stats = distill(model, calibration, remove=1, min_rank_corr=0.999)
     assert not stats["modified"] and model_params(model) == before

@@ -26,16 +26,6 @@ from onnxcompress import io
 DLRM = MODELS / "dlrm.onnx"
 
 
-def run(capfd: pytest.CaptureFixture[str], *args: str | Path) -> Outcome:
-    capfd.readouterr()
-
-    def captured() -> tuple[str, str]:
-        result = capfd.readouterr()
-        return result.out, result.err
-
-    return run_cli(args, captured)
-
-
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (following nothing), by relative path."""
     return {
@@ -113,7 +103,7 @@ def test_external_data_outside_the_folder_is_refused(
     set_location(source, make_location(tmp_path), tensor_name="top.0.weight")
     before = snapshot(tmp_path / "in")
     out = tmp_path / "out.onnx"
-    outcome = run(capfd, source, out, "--passes", "cleanup,quant")
+    outcome = run_cli(capfd, source, out, "--passes", "cleanup,quant")
     assert_refused(outcome, 2, message, out, before, tmp_path / "in")
     assert "top.0.weight" in outcome.error_lines[0]
 
@@ -126,7 +116,7 @@ def test_a_symlinked_data_file_leaving_the_folder_is_refused(tmp_path: Path, cap
     data.symlink_to(target)
     before = snapshot(tmp_path / "in")
     out = tmp_path / "out.onnx"
-    outcome = run(capfd, source, out, "--passes", "cleanup")
+    outcome = run_cli(capfd, source, out, "--passes", "cleanup")
     assert_refused(outcome, 2, "is a link that leaves the model's folder", out, before, tmp_path / "in")
 
 
@@ -139,7 +129,7 @@ def test_a_symlinked_subfolder_leaving_the_folder_is_refused(tmp_path: Path, cap
     set_location(source, "weights/model.onnx.data")
     before = snapshot(tmp_path / "in")
     out = tmp_path / "out.onnx"
-    outcome = run(capfd, source, out, "--passes", "cleanup")
+    outcome = run_cli(capfd, source, out, "--passes", "cleanup")
     assert_refused(outcome, 2, "is a link that leaves the model's folder", out, before, tmp_path / "in")
 
 
@@ -151,7 +141,7 @@ def test_a_symlink_even_inside_the_folder_is_refused(tmp_path: Path, capfd: pyte
     (tmp_path / "in" / "model.onnx.data").symlink_to(tmp_path / "in" / "weights" / "real.data")
     before = snapshot(tmp_path / "in")
     out = tmp_path / "out.onnx"
-    outcome = run(capfd, source, out, "--passes", "cleanup")
+    outcome = run_cli(capfd, source, out, "--passes", "cleanup")
     assert_refused(outcome, 2, "is a symbolic link", out, before, tmp_path / "in")
 
 
@@ -161,7 +151,7 @@ def test_a_hard_linked_data_file_is_refused(tmp_path: Path, capfd: pytest.Captur
     os.link(tmp_path / "in" / "model.onnx.data", tmp_path / "elsewhere.data")
     before = snapshot(tmp_path / "in")
     out = tmp_path / "out.onnx"
-    outcome = run(capfd, source, out, "--passes", "cleanup")
+    outcome = run_cli(capfd, source, out, "--passes", "cleanup")
     assert_refused(outcome, 2, "multiple hard links", out, before, tmp_path / "in")
 
 
@@ -183,7 +173,7 @@ def test_missing_or_short_data_gives_a_clear_error(
     damage(tmp_path / "in" / "model.onnx.data")
     before = snapshot(tmp_path / "in")
     out = tmp_path / "out.onnx"
-    outcome = run(capfd, source, out, "--passes", "cleanup,quant")
+    outcome = run_cli(capfd, source, out, "--passes", "cleanup,quant")
     assert_refused(outcome, 2, message, out, before, tmp_path / "in")
 
 
@@ -204,7 +194,7 @@ def test_out_whose_data_would_overwrite_the_input_data_is_refused(
     source = external_dlrm(tmp_path / "in", location=location)
     before = snapshot(tmp_path / "in")
     out = tmp_path / "in" / out_name
-    outcome = run(capfd, source, out, "--passes", "cleanup")
+    outcome = run_cli(capfd, source, out, "--passes", "cleanup")
     assert outcome.code == 2, outcome.err
     assert f"would overwrite the input's external data {location}" in outcome.error_lines[0]
     assert snapshot(tmp_path / "in") == before
@@ -227,7 +217,7 @@ def test_the_same_refusal_through_another_spelling_of_the_path(
         (tmp_path / "out").mkdir()
         out = tmp_path / "out" / "small.onnx"
         out.symlink_to(tmp_path / "in" / "small.onnx.data")
-    outcome = run(capfd, source, out, "--passes", "cleanup")
+    outcome = run_cli(capfd, source, out, "--passes", "cleanup")
     assert outcome.code == 2, outcome.err
     assert "would overwrite the input's external data small.onnx.data" in outcome.error_lines[0]
     assert snapshot(tmp_path / "in") == before
@@ -240,7 +230,7 @@ def test_a_symlinked_out_data_is_replaced_not_written_through(tmp_path: Path, ca
     (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "small.onnx"
     io.data_file_for(out).symlink_to(tmp_path / "in" / "model.onnx.data")
-    outcome = run(capfd, source, out, "--passes", "cleanup")
+    outcome = run_cli(capfd, source, out, "--passes", "cleanup")
     assert outcome.code == 0, outcome.err
     assert not io.data_file_for(out).is_symlink()
     assert snapshot(tmp_path / "in") == before
@@ -261,14 +251,14 @@ def test_quant_runs_on_a_model_whose_small_tensors_are_external(
     before = snapshot(tmp_path / "in")
     out = tmp_path / "out" / "small.onnx"
     out.parent.mkdir()
-    outcome = run(capfd, source, out, "--passes", "cleanup,quant")
+    outcome = run_cli(capfd, source, out, "--passes", "cleanup,quant")
     assert outcome.code == 0, outcome.err
     assert files_in(out.parent) == ["small.onnx", "small.onnx.data"]
     assert snapshot(tmp_path / "in") == before
     again = tmp_path / "again" / "smaller.onnx"
     again.parent.mkdir()
     feeds = MODELS / "dlrm.feeds.npz"
-    outcome = run(capfd, out, again, "--passes", "cleanup,quant", "--set", "quant.bits=4", "--feeds", feeds)
+    outcome = run_cli(capfd, out, again, "--passes", "cleanup,quant", "--set", "quant.bits=4", "--feeds", feeds)
     assert outcome.code == 0, outcome.err
 
 

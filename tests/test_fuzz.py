@@ -51,16 +51,6 @@ CASES = [
 ]
 
 
-def run(capfd: pytest.CaptureFixture[str], *args: str | Path) -> Outcome:
-    capfd.readouterr()
-
-    def captured() -> tuple[str, str]:
-        result = capfd.readouterr()
-        return result.out, result.err
-
-    return run_cli(args, captured)
-
-
 def assert_failed_or_written_cleanly(
     outcome: Outcome, source: Path, before: bytes, out: Path, input_files: dict[str, bytes] | None = None
 ) -> None:
@@ -98,7 +88,7 @@ def test_corrupted_model(model: str, mutator: str, seed: int, tmp_path: Path, ca
     source.write_bytes(data)
     out = tmp_path / "out" / f"{model}.small.onnx"
     out.parent.mkdir()
-    outcome = run(capfd, source, out, "--passes", PASSES)
+    outcome = run_cli(capfd, source, out, "--passes", PASSES)
     assert_failed_or_written_cleanly(outcome, source, data, out)
 
 
@@ -122,7 +112,7 @@ def test_corrupted_external_data(
     before = {path.name: path.read_bytes() for path in source.parent.iterdir()}
     out = tmp_path / "out" / f"{model}.small.onnx"
     out.parent.mkdir()
-    outcome = run(capfd, source, out, "--passes", PASSES)
+    outcome = run_cli(capfd, source, out, "--passes", PASSES)
     assert_failed_or_written_cleanly(outcome, source, before[source.name], out, input_files=before)
 
 
@@ -176,7 +166,7 @@ def run_on(
     before = source.read_bytes()
     out = tmp_path / "out" / "small.onnx"
     out.parent.mkdir()
-    outcome = run(capfd, source, out, "--passes", passes)
+    outcome = run_cli(capfd, source, out, "--passes", passes)
     assert_failed_or_written_cleanly(outcome, source, before, out)
     return outcome
 
@@ -253,7 +243,7 @@ def test_a_declared_external_length_that_disagrees_is_refused(tmp_path: Path, ca
     before = source.read_bytes()
     out = tmp_path / "out" / "small.onnx"
     out.parent.mkdir()
-    outcome = run(capfd, source, out, "--passes", PASSES)
+    outcome = run_cli(capfd, source, out, "--passes", PASSES)
     assert outcome.code == 2
     assert "tensor 'top.0.weight' declares 16 bytes of external data but its dtype and shape need 22528" in (
         outcome.error_lines[0]
@@ -296,7 +286,7 @@ def test_text_that_is_not_utf8_is_refused_at_load(tmp_path: Path, capfd: pytest.
     for passes in ("cleanup", PASSES):
         out = tmp_path / "out" / passes / "small.onnx"
         out.parent.mkdir(parents=True)
-        outcome = run(capfd, source, out, "--passes", passes)
+        outcome = run_cli(capfd, source, out, "--passes", passes)
         assert_failed_or_written_cleanly(outcome, source, source.read_bytes(), out)
         assert outcome.code == 2
         assert "cannot be written back as ONNX" in outcome.error_lines[0]
@@ -344,7 +334,7 @@ def test_input_shape_overrides_that_cannot_be_synthesized_are_refused(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], shape: str, message: str
 ) -> None:
     out = tmp_path / "small.onnx"
-    outcome = run(capfd, MODELS / "dlrm.onnx", out, "--passes", "cleanup", "--input-shape", shape)
+    outcome = run_cli(capfd, MODELS / "dlrm.onnx", out, "--passes", "cleanup", "--input-shape", shape)
     assert outcome.code == 2, outcome.err
     assert message in outcome.error_lines[0]
     assert files_in(tmp_path) == []

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import REPO, files_in
-from fuzzing import Outcome, run_cli
+from fuzzing import run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import io
@@ -417,16 +417,6 @@ def float_weights(proto: onnx.ModelProto) -> dict[str, bytes]:
     }
 
 
-def run(capfd: pytest.CaptureFixture[str], *args: str | Path) -> Outcome:
-    capfd.readouterr()
-
-    def captured() -> tuple[str, str]:
-        result = capfd.readouterr()
-        return result.out, result.err
-
-    return run_cli(args, captured)
-
-
 @pytest.mark.parametrize(("form_name", "pass_name"), cases())
 def test_every_pass_keeps_every_graph_form_working(
     form_name: str, pass_name: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
@@ -444,7 +434,7 @@ def test_every_pass_keeps_every_graph_form_working(
         if feeds is not None:
             np.savez(tmp_path / f"feeds{run_index}.npz", **feeds)
             args += ["--feeds", tmp_path / f"feeds{run_index}.npz"]
-        outcome = run(capfd, *args)
+        outcome = run_cli(capfd, *args)
 
         # Parity with the default budgets: the pass kept what the model computes.
         assert not outcome.crash, outcome.crash

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import model_files, save_model, text_model
+from conftest import model_files, save_model, shipped_model_with_calibration, text_model
 from onnx.reference import ReferenceEvaluator
 
 from onnxcompress.calibration import Calibration, Feeds
@@ -371,23 +371,15 @@ def test_big_tables_are_pruned_after_the_refits(monkeypatch: pytest.MonkeyPatch)
     assert (np.count_nonzero(pruned.numpy(), axis=1) == 4).all()  # every row keeps its 4 largest
 
 
-def _real(name: str) -> tuple[ir.Model, Calibration]:
-    from onnxcompress.calibration import load_feeds
-
-    files = model_files(name)
-    model = ir.load(files["onnx"])
-    return model, Calibration(load_feeds(files["calib"], model))
-
-
 def test_a_fidelity_budget_halves_the_sparsity_until_held_out_rows_rank_alike() -> None:
     """two_tower's towers are fragile: at 50% and 25% of hidden units the held-out Spearman drops
     below 0.98; a budget of 0.98 backs off to 12.5%, and 0.999 leaves the model untouched."""
-    model, calibration = _real("two_tower")
+    model, calibration = shipped_model_with_calibration("two_tower")
     stats = prune(model, calibration, structure="neurons", sparsity=0.5, min_rank_corr=0.98)(model).stats
     tried = stats["held_out_spearman"]
     assert list(tried) == ["0.5", "0.25", "0.125"] and tried["0.5"] < tried["0.25"] < 0.98 <= tried["0.125"]
     assert stats["sparsity_chosen"] == 0.125 and stats["units_removed"] > 0
-    model, calibration = _real("two_tower")
+    model, calibration = shipped_model_with_calibration("two_tower")
     before = [tuple(value.const_value.shape) for value in model.graph.initializers.values()]
     result = prune(model, calibration, structure="neurons", sparsity=0.5, min_rank_corr=0.999)(model)
     assert not result.modified and "prune.min_rank_corr=0.999" in result.stats["skipped"]

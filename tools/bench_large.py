@@ -51,20 +51,26 @@ def timed(argv: list[str]) -> tuple[float, float]:
     return seconds, int(rss.group(1)) / 1024
 
 
-def pipeline_commands(model: Path, out_dir: Path, passes: list[str], presets: list[str]) -> dict[str, list[str]]:
-    """onnxcompress command lines by label: ``PASSES[:PASS.FIELD=VALUE,...]`` specs and preset names."""
-    commands: dict[str, list[str]] = {}
+def pipeline_commands(
+    model: Path, out_dir: Path, passes: list[str], presets: list[str]
+) -> dict[str, tuple[list[str], Path]]:
+    """onnxcompress command lines and their output paths by label: ``PASSES[:PASS.FIELD=VALUE,...]``
+    specs and preset names."""
+    options: dict[str, tuple[list[str], str]] = {}
     for index, spec in enumerate(passes):
         label, _, settings = spec.partition(":")
         extra = [item for setting in settings.split(",") if setting for item in ("--set", setting)]
         title = f"onnxcompress --passes {label}" + (f" ({settings})" if settings else "")
-        commands[title] = ["--passes", label, *extra, f"p{index}.onnx"]
+        options[title] = (["--passes", label, *extra], f"p{index}.onnx")
     for preset in presets:
-        commands[f"onnxcompress --preset {preset}"] = ["--preset", preset, f"{preset}.onnx"]
+        options[f"onnxcompress --preset {preset}"] = (["--preset", preset], f"{preset}.onnx")
     return {
-        label: [sys.executable, "-m", "onnxcompress", str(model), str(out_dir / argv[-1]), *argv[:-1], "--force"]
         # --force: timed whether or not parity passes; the verdict is read from the report
-        for label, argv in commands.items()
+        label: (
+            [sys.executable, "-m", "onnxcompress", str(model), str(out_dir / name), *argv, "--force"],
+            out_dir / name,
+        )
+        for label, (argv, name) in options.items()
     }
 
 
@@ -101,14 +107,14 @@ def scale_run(
             str(out_dir / "ort_dynamic.onnx"),
         ]
     ours = pipeline_commands(model, out_dir, passes, presets)
-    commands.update(ours)
+    commands.update({label: argv for label, (argv, _) in ours.items()})
     results: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
     ratios: dict[str, float] = {}
     for _ in range(repeats):
         for label, argv in commands.items():
             results[label].append(timed(argv))
             if label in ours:
-                output = Path(argv[4])
+                output = ours[label][1]
                 data = output.with_name(output.name + ".data")
                 ratios[label] = size / (output.stat().st_size + (data.stat().st_size if data.exists() else 0))
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from onnxcompress.numerics.quant import sample_rows
 
-__all__ = ["ProductCodes", "product_dequantize", "product_quantize"]
+__all__ = ["ProductCodes", "product_assign", "product_dequantize", "product_quantize"]
 
 #: Rows k-means is fitted on (a sample spread over the table); every row is then assigned.
 FIT_ROWS = 65536
@@ -80,7 +80,7 @@ def product_quantize(
     """Product-quantize ``rows`` ``[N, D]`` (an array or a row source read in chunks): sub-vectors of
     ``dims`` dimensions (``D`` must be a multiple), ``centroids`` (at most 256) per sub-space fitted
     by k-means on up to ``FIT_ROWS`` rows, stored in ``dtype``; every row gets its nearest."""
-    total, width = rows.shape
+    width = rows.shape[1]
     if width % dims or not 1 <= centroids <= 256:
         raise ValueError(f"{width} dimensions do not split into sub-vectors of {dims}, or {centroids} centroids")
     rng = np.random.default_rng(seed)
@@ -91,13 +91,19 @@ def product_quantize(
     ).astype(dtype)
     if count < centroids:  # fewer rows than centroids: pad with copies, never indexed
         books = np.concatenate([books, np.repeat(books[:, -1:], centroids - count, axis=1)], axis=1)
-    stored = books.astype(np.float64)
-    codes = np.empty((total, width // dims), np.uint8)
-    for start in range(0, total, _ASSIGN_CHUNK_ROWS):
+    return ProductCodes(product_assign(rows, books), books)
+
+
+def product_assign(rows: Any, codebooks: np.ndarray) -> np.ndarray:
+    """Each row's nearest centroid per sub-space, ``uint8 [N, sub_vectors]``, chunk by chunk."""
+    stored = codebooks.astype(np.float64)
+    sub_vectors, dims = stored.shape[0], stored.shape[2]
+    codes = np.empty((len(rows), sub_vectors), np.uint8)
+    for start in range(0, len(rows), _ASSIGN_CHUNK_ROWS):
         part = np.asarray(rows[start : start + _ASSIGN_CHUNK_ROWS], dtype=np.float64)
-        for sub in range(width // dims):
+        for sub in range(sub_vectors):
             codes[start : start + len(part), sub] = _nearest(part[:, sub * dims : (sub + 1) * dims], stored[sub])
-    return ProductCodes(codes, books)
+    return codes
 
 
 def product_dequantize(codes: ProductCodes) -> np.ndarray:

@@ -235,11 +235,9 @@ def with_scale_codebook(rows: Any, quantized: QuantizedRows, size: int = SCALE_C
     scales = quantized.scale.astype(np.float64)
     codebook = scale_codebook(scales, size, quantized.scale.dtype)
     if quantized.bits == 1:
-        log_book = np.log(codebook.astype(np.float64))
-        position = np.clip(np.searchsorted(log_book, np.log(np.maximum(scales, 1e-300))), 1, size - 1)
-        nearer_below = np.abs(np.log(np.maximum(scales, 1e-300)) - log_book[position - 1]) <= np.abs(
-            log_book[position] - np.log(np.maximum(scales, 1e-300))
-        )
+        log_book, log_scales = np.log(codebook.astype(np.float64)), np.log(np.maximum(scales, 1e-300))
+        position = np.clip(np.searchsorted(log_book, log_scales), 1, size - 1)
+        nearer_below = log_scales - log_book[position - 1] <= log_book[position] - log_scales
         index = np.where(nearer_below, position - 1, position).astype(np.uint8)
         return replace(quantized, scale=codebook[index], codebook=codebook, scale_index=index)
     index = np.minimum(np.searchsorted(codebook.astype(np.float64), scales, side="left"), size - 1).astype(np.uint8)

@@ -312,7 +312,8 @@ class Distill(CompressionPass):
         for wanted in order:
             if self._done(model, len(removed)):
                 break
-            if removed_nodes & set(wanted.nodes) or self._find(model, wanted.name) is None:
+            found = None if removed_nodes & set(wanted.nodes) else self._find(model, wanted.name)
+            if found is None:
                 if not reports:
                     raise UnsupportedModelError(
                         f"distill: {wanted.name} is no longer removable once {', '.join(removed)} are removed"
@@ -321,7 +322,7 @@ class Distill(CompressionPass):
             # With a budget the removal is tried on a copy (tensors are shared, not copied) and kept
             # only if the refit model still ranks like the teacher.
             trial = model.clone() if budget else model
-            layer = self._find(trial, wanted.name)
+            layer = self._find(trial, wanted.name) if budget else found
             assert layer is not None
             if self.config.target_params and layer_params(layer) <= 0:
                 continue

@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +36,7 @@ import onnx_ir as ir
 from onnxcompress import runtime
 from onnxcompress.graph import WEIGHT_SLOTS, WeightUse, weights_by_value
 from onnxcompress.io import ExternalRows
-from onnxcompress.numerics.pq import ProductCodes, product_dequantize, product_quantize
+from onnxcompress.numerics.pq import ProductCodes, product_assign, product_dequantize, product_quantize
 from onnxcompress.numerics.quant import (
     QuantizedRows,
     binarize_rows,
@@ -889,8 +889,8 @@ class Quantize(CompressionPass):
         if dims is not None:
             codes = product_quantize(table, dims, PQ_CENTROIDS)
             sample = sample_rows(table, DECISION_SAMPLE_ROWS)
-            check = product_quantize(sample, dims, PQ_CENTROIDS) if len(sample) < len(table) else codes
-            return codes, "pq", {"pq": row_relative_error(sample, product_dequantize(check))}
+            on_sample = ProductCodes(product_assign(sample, codes.codebooks), codes.codebooks)
+            return codes, "pq", {"pq": row_relative_error(sample, product_dequantize(on_sample))}
         quantized, granularity, errors = self._row_or_tensor_codes(table, bits)
         if granularity == "row" and self.config.scale_codebook and len(table) >= CODEBOOK_MIN_ROWS:
             quantized = with_scale_codebook(table, quantized)
@@ -995,8 +995,6 @@ class Quantize(CompressionPass):
         if not folded:
             for use in lookups:
                 self._gathered_lookup(build, use, stored)
-                build.insert_before(use.node)
-                graph.remove(use.node, safe=True)
         graph.initializers.pop(value.name)
         return {
             "kind": "embedding",
@@ -1051,15 +1049,9 @@ class Quantize(CompressionPass):
                 use.node.replace_input_with(use.input_index, whole)
         if not folded:
             for use in lookups:
-                node = use.node
-                ids = node.inputs[1]
-                assert ids is not None
-                flat = build.op("Reshape", [ids, build.constant("flat", np.array([-1], np.int64))])
-                values = decode(build.op("Gather", [packed, flat], axis=0))
-                shape = build.op("Concat", [build.op("Shape", [ids]), build.constant("dim", np.array([width]))], axis=0)
-                _replace_output(node.outputs[0], build.op("Reshape", [values, shape]))
-                build.insert_before(node)
-                graph.remove(node, safe=True)
+                _replace_lookup(
+                    build, use, width, lambda flat_ids: decode(build.op("Gather", [packed, flat_ids], axis=0))
+                )
         graph.initializers.pop(value.name)
         return {
             "kind": "embedding",
@@ -1077,23 +1069,33 @@ class Quantize(CompressionPass):
     def _gathered_lookup(self, build: _Builder, use: WeightUse, stored: _Stored) -> None:
         """Replace ``Gather(table, ids)`` by Gathers of quantized rows and their scales, then a per-row
         dequantization of only the gathered rows."""
-        node = use.node
-        ids = node.inputs[1]
-        assert ids is not None
-        one_dimensional = ids.shape is not None and len(ids.shape) == 1
-        flat_ids = (
-            ids if one_dimensional else build.op("Reshape", [ids, build.constant("flat", np.array([-1], np.int64))])
-        )
-        rows = build.op("Gather", [stored.codes, flat_ids], axis=0)
-        scale, zero = stored.scale, stored.zero
-        if stored.per_row:
-            scale = build.op("Gather", [scale, flat_ids], axis=0)
-            zero = build.op("Gather", [zero, flat_ids], axis=0) if zero is not None else None
-        values = _decode_rows(build, stored, rows, scale, zero, "linear")
-        if not one_dimensional:
-            dim = build.constant("dim", np.array([stored.elements], np.int64))
-            values = build.op("Reshape", [values, build.op("Concat", [build.op("Shape", [ids]), dim], axis=0)])
-        _replace_output(node.outputs[0], values)
+
+        def rows_of(flat_ids: ir.Value) -> ir.Value:
+            rows = build.op("Gather", [stored.codes, flat_ids], axis=0)
+            scale, zero = stored.scale, stored.zero
+            if stored.per_row:
+                scale = build.op("Gather", [scale, flat_ids], axis=0)
+                zero = build.op("Gather", [zero, flat_ids], axis=0) if zero is not None else None
+            return _decode_rows(build, stored, rows, scale, zero, "linear")
+
+        _replace_lookup(build, use, stored.elements, rows_of)
+
+
+def _replace_lookup(build: _Builder, use: WeightUse, width: int, rows_of: Callable[[ir.Value], ir.Value]) -> None:
+    """Replace the lookup ``Gather(table, ids)`` by ``rows_of(ids flattened)`` (float rows
+    ``[n, width]``) reshaped to the ids' shape + ``[width]``, in front of it; the Gather goes."""
+    node = use.node
+    ids = node.inputs[1]
+    assert ids is not None
+    one_dimensional = ids.shape is not None and len(ids.shape) == 1
+    flat_ids = ids if one_dimensional else build.op("Reshape", [ids, build.constant("flat", np.array([-1], np.int64))])
+    values = rows_of(flat_ids)
+    if not one_dimensional:
+        dim = build.constant("dim", np.array([width], np.int64))
+        values = build.op("Reshape", [values, build.op("Concat", [build.op("Shape", [ids]), dim], axis=0)])
+    _replace_output(node.outputs[0], values)
+    build.insert_before(node)
+    build.graph.remove(node, safe=True)
 
 
 def _dequantized(quantized: QuantizedRows | ProductCodes) -> np.ndarray:
