@@ -18,10 +18,12 @@ __all__ = [
     "HiddenLink",
     "LinearLayer",
     "WeightUse",
+    "constant_value",
     "is_constant_initializer",
     "linear_layers",
     "mlp_links",
     "replace_contents",
+    "set_constant",
     "weight_uses",
     "weights_by_value",
 ]
@@ -84,6 +86,24 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
         return producer.attributes["value"].as_tensor().numpy()
     return None
+
+
+def constant_value(name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    """A value holding ``array`` with its type and shape set, ready to register as an initializer.
+
+    onnx-ir serialises a value's shape only when its type is known (it logs a warning per value
+    otherwise), so a constant is never created without both.
+    """
+    tensor = ir.tensor(array, dtype=dtype, name=name)
+    return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+
+
+def set_constant(value: ir.Value, array: np.ndarray) -> None:
+    """Replace the contents of initializer ``value`` by ``array``, keeping its type and shape in step."""
+    tensor = ir.tensor(array, name=value.name)
+    value.const_value = tensor
+    value.type = ir.TensorType(tensor.dtype)
+    value.shape = ir.Shape(array.shape)
 
 
 def weight_uses(model: ir.Model) -> list[WeightUse]:

@@ -32,7 +32,15 @@ import onnx_ir as ir
 
 from onnxcompress.calibration import Calibration, Feeds, synthesize_feeds
 from onnxcompress.errors import UnsupportedModelError
-from onnxcompress.graph import HiddenLink, LinearLayer, is_constant_initializer, linear_layers, mlp_links
+from onnxcompress.graph import (
+    HiddenLink,
+    LinearLayer,
+    constant_value,
+    is_constant_initializer,
+    linear_layers,
+    mlp_links,
+    set_constant,
+)
 from onnxcompress.numerics.distill import batchnorm_affine, cosine_distance, mix_columns, relative_error
 from onnxcompress.numerics.lstsq import ridge
 
@@ -467,12 +475,7 @@ def _unique_name(graph: ir.Graph, base: str) -> str:
 
 def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     name = _unique_name(graph, base)
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
+    value = constant_value(name, array)
     graph.register_initializer(value)
     return value
 
@@ -508,8 +511,7 @@ def write_linear(graph: ir.Graph, layer: LinearLayer, weight: np.ndarray, bias: 
         layer = _with_bias(graph, layer)
     dtype = layer.weight.const_value.dtype.numpy()  # type: ignore[union-attr]
     stored = np.ascontiguousarray(weight.T if layer.out_axis == 0 else weight).astype(dtype)
-    layer.weight.const_value = ir.tensor(stored, name=layer.weight.name)
-    layer.weight.shape = ir.Shape(stored.shape)
+    set_constant(layer.weight, stored)
     if bias is None or layer.bias is None:
         return layer
     old = layer.bias.const_value
@@ -517,8 +519,7 @@ def write_linear(graph: ir.Graph, layer: LinearLayer, weight: np.ndarray, bias: 
     array = bias.reshape(shape).astype(old.dtype.numpy())  # type: ignore[union-attr]
     holder = layer.bias_node if layer.bias_node is not None else layer.node
     if len(layer.bias.uses()) == 1:
-        layer.bias.const_value = ir.tensor(array, name=layer.bias.name)
-        layer.bias.shape = ir.Shape(array.shape)
+        set_constant(layer.bias, array)
         return layer
     copy = _initializer(graph, f"{layer.bias.name}_distilled", array)
     holder.replace_input_with(list(holder.inputs).index(layer.bias), copy)

@@ -482,3 +482,30 @@ def test_weights_too_large_for_the_mixed_search_keep_their_configured_bits(
     assert all("kept at 4 bits" in reason for reason in not_searched.values())
     assert stats["tensors"]["embeddings.1.weight"]["bits"] == 4
     assert set(stats["mixed_precision"]["bits"]).isdisjoint(not_searched)
+
+
+def test_the_mixed_search_keeps_label_flips_within_its_budget_on_the_sklearn_classifier(tmp_path: Path) -> None:
+    """skl2onnx's `label` output is the thresholded probability: the rank and cosine budgets alone
+    let 2.3% of the test labels flip (the parity gate allows 2%); the search now counts flips."""
+    from onnxcompress import compress
+    from onnxcompress.presets import get_preset
+
+    files = model_files("sklearn_mlp")
+    recipe = get_preset("max")
+    mismatch = {}
+    for allowed in (1.0, 0.01):
+        report = compress(
+            files["onnx"],
+            tmp_path / f"{allowed}.onnx",
+            list(recipe.passes),
+            options=recipe.options,
+            assignments=[f"quant.mixed_max_mismatch={allowed}"],
+            feeds=files["calib"],  # judged on the rows the search saw
+            calib=files["calib"],
+            force=True,
+        )
+        (label,) = [output for output in report.parity.outputs if output.name == "label"]
+        mismatch[allowed] = label.mismatch
+        quant = next(record for record in report.passes if record.name == "quant")
+        assert quant.stats["mixed_precision"]["budget"]["max_mismatch"] == allowed
+    assert mismatch[0.01] <= 0.01 < mismatch[1.0]

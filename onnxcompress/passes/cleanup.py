@@ -17,7 +17,7 @@ from onnx_ir.passes.common import (
     RemoveUnusedOpsetsPass,
 )
 
-from onnxcompress.graph import constant_array, is_constant_initializer
+from onnxcompress.graph import constant_array, constant_value, is_constant_initializer
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 
@@ -326,9 +326,8 @@ def fold_affine_into_linear(model: ir.Model) -> int:
         if not changed:
             continue
         folded += changed
-        new_weight = ir.Value(name=f"{weight.name}_folded", const_value=ir.tensor(w.astype(np.float32)))
-        new_bias = ir.Value(name=f"{weight.name}_folded_bias", const_value=ir.tensor(b.astype(np.float32)))
-        new_weight.const_value.name, new_bias.const_value.name = new_weight.name, new_bias.name  # type: ignore[union-attr]
+        new_weight = constant_value(f"{weight.name}_folded", w.astype(np.float32))
+        new_bias = constant_value(f"{weight.name}_folded_bias", b.astype(np.float32))
         graph.register_initializer(new_weight)
         graph.register_initializer(new_bias)
         if node.op_type == "MatMul":

@@ -19,8 +19,10 @@ from onnxcompress.graph import (
     HiddenLink,
     LinearLayer,
     WeightUse,
+    constant_value,
     linear_layers,
     mlp_links,
+    set_constant,
     weights_by_value,
 )
 from onnxcompress.layers import capture, fitting_rows, score_logit
@@ -81,11 +83,6 @@ class _Weight:
         return self.value.const_value
 
 
-def _set_tensor(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.tensor(array, name=value.name)
-    value.shape = ir.Shape(array.shape)
-
-
 def _replace_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
     """Give ``node`` input ``index`` the constant ``array``: in place if only this node reads it, else a copy.
 
@@ -95,13 +92,13 @@ def _replace_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndar
     value = node.inputs[index]
     assert value is not None
     if len(value.uses()) == 1:
-        _set_tensor(value, array)
+        set_constant(value, array)
         return
     base = f"{value.name}_pruned"
     name, suffix = base, 1
     while name in graph.initializers:
         name, suffix = f"{base}_{suffix}", suffix + 1
-    copy = ir.Value(name=name, shape=ir.Shape(array.shape), type=value.type, const_value=ir.tensor(array, name=name))
+    copy = constant_value(name, array)
     graph.register_initializer(copy)
     node.replace_input_with(index, copy)
 
@@ -122,7 +119,7 @@ def _write_layer(graph: ir.Graph, layer: LinearLayer, weight: np.ndarray, bias: 
     """Store float64 ``weight`` (``[d_in, d_out]``) and ``bias`` into the layer in its own layout and dtype."""
     dtype = layer.weight.const_value.dtype.numpy()  # type: ignore[union-attr]
     stored = weight.T if layer.out_axis == 0 else weight
-    _set_tensor(layer.weight, np.ascontiguousarray(stored).astype(dtype))
+    set_constant(layer.weight, np.ascontiguousarray(stored).astype(dtype))
     if bias is None or layer.bias is None:
         return
     shape = tuple(layer.bias.const_value.shape)  # type: ignore[union-attr]
@@ -597,7 +594,7 @@ class Prune(CompressionPass):
         producer, consumer = link.producer, link.consumer
         width = link.width
         weight = producer.weight.const_value.numpy()  # type: ignore[union-attr]
-        _set_tensor(producer.weight, np.take(weight, keep, axis=producer.out_axis))
+        set_constant(producer.weight, np.take(weight, keep, axis=producer.out_axis))
         if producer.bias is not None:
             holder = producer.bias_node if producer.bias_node is not None else producer.node
             _slice_input(graph, holder, list(holder.inputs).index(producer.bias), keep, width)
@@ -610,7 +607,7 @@ class Prune(CompressionPass):
                     if value is not None and value.const_value is not None:
                         _slice_input(graph, node, index, keep, width)
         weight = consumer.weight.const_value.numpy()  # type: ignore[union-attr]
-        _set_tensor(consumer.weight, np.take(weight, keep, axis=1 - consumer.out_axis))
+        set_constant(consumer.weight, np.take(weight, keep, axis=1 - consumer.out_axis))
         for value in _hidden_values(link):
             if value.shape is not None and len(value.shape) and value.shape[-1] == width:
                 value.shape = ir.Shape([*value.shape[:-1], int(keep.size)])

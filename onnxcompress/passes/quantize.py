@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import runtime
-from onnxcompress.graph import WEIGHT_SLOTS, WeightUse, weights_by_value
+from onnxcompress.graph import WEIGHT_SLOTS, WeightUse, constant_value, weights_by_value
 from onnxcompress.io import ExternalRows
 from onnxcompress.numerics.pq import ProductCodes, product_assign, product_dequantize, product_quantize
 from onnxcompress.numerics.quant import (
@@ -102,7 +102,7 @@ class _Builder:
         if key is not None and key in self._small:
             return self._small[key]
         name = self._unique(f"{self.prefix}_{suffix}")
-        value = ir.Value(name=name, const_value=ir.tensor(array, dtype=dtype, name=name))
+        value = constant_value(name, array, dtype)
         self.graph.register_initializer(value)
         self.stored_bytes += value.const_value.nbytes  # type: ignore[union-attr]
         if key is not None:
@@ -424,7 +424,7 @@ class Quantize(CompressionPass):
             default=False,
             metadata={
                 "help": "choose each weight's bits from mixed_bits on calibration data: lowest bytes "
-                "that keep mixed_min_rank_corr and mixed_min_cosine on every output",
+                "that keep mixed_min_rank_corr, mixed_min_cosine and mixed_max_mismatch on every output",
             },
         )
         mixed_bits: tuple[int, ...] = field(
@@ -442,6 +442,15 @@ class Quantize(CompressionPass):
             default=0.999,
             metadata={
                 "help": "mixed: cosine of each output with the original's on calibration rows",
+                "min": 0.0,
+                "max": 1.0,
+            },
+        )
+        mixed_max_mismatch: float = field(
+            default=0.01,
+            metadata={
+                "help": "mixed: fraction of each integer output's values (labels, ids) that may differ "
+                "from the original's on calibration rows",
                 "min": 0.0,
                 "max": 1.0,
             },
@@ -586,7 +595,13 @@ class Quantize(CompressionPass):
         if calibration is None:
             return plan, {"skipped": "no calibration data: the configured bits were used"}
         ladder = sorted({bits for bits in config.mixed_bits if bits in BIT_CHOICES}, reverse=True)
-        budget = Budgets(Budget(min_rank_corr=config.mixed_min_rank_corr, min_cosine=config.mixed_min_cosine))
+        budget = Budgets(
+            Budget(
+                min_rank_corr=config.mixed_min_rank_corr,
+                min_cosine=config.mixed_min_cosine,
+                max_mismatch=config.mixed_max_mismatch,
+            )
+        )
         # Every evaluation hands the model with its simulated weights to onnxruntime: weights above
         # this size would be materialised in float each time, so they keep the configured bits.
         too_large = {value for value in selected if value.const_value.nbytes > MIXED_SEARCH_MAX_BYTES}  # type: ignore[union-attr]
@@ -615,6 +630,7 @@ class Quantize(CompressionPass):
                 needed = output.would_pass_with
                 worst = max(worst, config.mixed_min_cosine - needed.get("min_cosine", 1.0))
                 worst = max(worst, config.mixed_min_rank_corr - needed.get("min_rank_corr", 1.0))
+                worst = max(worst, needed.get("max_mismatch", 0.0) - config.mixed_max_mismatch)
             return worst
 
         state = {value: ladder[0] for value in searched}
@@ -649,7 +665,11 @@ class Quantize(CompressionPass):
         summary: dict[str, Any] = {
             "bits": {value.name: bits for value, bits in state.items()},
             "evaluations": evaluations,
-            "budget": {"min_rank_corr": config.mixed_min_rank_corr, "min_cosine": config.mixed_min_cosine},
+            "budget": {
+                "min_rank_corr": config.mixed_min_rank_corr,
+                "min_cosine": config.mixed_min_cosine,
+                "max_mismatch": config.mixed_max_mismatch,
+            },
             "calibration_rows": calibration.feeds.rows,
         }
         if too_large:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.graph import is_constant_initializer
+from onnxcompress.graph import constant_value, is_constant_initializer
 from onnxcompress.io import ExternalRows
 from onnxcompress.numerics.prune import pack_bits
 from onnxcompress.passes import register
@@ -95,7 +95,7 @@ class _Decoder:
         unique = self._fresh(name)
         # No type or shape on the value: the tensor carries both, and a value_info entry would
         # only add bytes to the file.
-        value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
+        value = constant_value(unique, array)
         self.graph.register_initializer(value)
         created.append(value)
         return value
