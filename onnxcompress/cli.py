@@ -135,7 +135,8 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 @click.option(
     "--feeds",
     type=click.Path(path_type=Path),
-    help=".npz keyed by graph input names; default: synthesized with a fixed seed.",
+    help=".npz of rows for the parity check, keyed by graph input names; default: the --calib rows, "
+    "else synthesized with a fixed seed.",
 )
 @click.option(
     "--calib",

@@ -47,6 +47,20 @@ def test_synthesized_feeds_are_stated_in_the_report(cli, tmp_path: Path) -> None
     assert "user drawn from [0, 943) (rows of the embedding tables it indexes)" in result.report["feed_notes"]
 
 
+def test_without_feeds_parity_runs_on_the_calibration_rows_and_says_so(cli, tmp_path: Path) -> None:
+    """Synthesized ids and dense values lie outside what the passes fitted: on them the max preset
+    failed parity on the DLRM, on its real rows (calibration and test) it passes."""
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--preset", "max", "--calib", DLRM["calib"])
+    assert result.code == 0, result.err
+    assert result.report["feeds"].endswith("the calibration rows (no --feeds: give held-out rows for an independent check)")
+    assert result.report["parity"]["rows"] == 512 and result.report["parity"]["passed"]
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    shaped = cli(DLRM["onnx"], refused / "out.onnx", "--passes", "cleanup", "--calib", DLRM["calib"],
+                 "--input-shape", "dense=8,25")  # fmt: skip
+    assert_clean_failure(shaped, 2, "--input-shape only shapes synthesized feeds; parity runs on the --calib rows", refused)
+
+
 def test_list_passes_shows_options_defaults_and_help(cli) -> None:
     result = cli("--list-passes")
     assert result.code == 0
