@@ -348,7 +348,7 @@ class Quantize(CompressionPass):
             },
         )
         activation_tolerance: float = field(
-            default=0.01,
+            default=0.005,
             metadata={
                 "help": "auto: largest relative output error a layer may take from 8-bit activations, "
                 "measured on calibration rows (without calibration data auto keeps float activations)",
