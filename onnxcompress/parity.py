@@ -18,7 +18,17 @@ import numpy as np
 
 from onnxcompress.metrics import auc, spearman, top_k_overlap
 
-__all__ = ["LOSSLESS", "LOSSY", "Budget", "Budgets", "OutputComparison", "ParityResult", "compare", "loosest"]
+__all__ = [
+    "LOSSLESS",
+    "LOSSY",
+    "STRUCTURAL",
+    "Budget",
+    "Budgets",
+    "OutputComparison",
+    "ParityResult",
+    "compare",
+    "loosest",
+]
 
 #: Elements whose reference magnitude is below this are left out of the relative error.
 REL_ERROR_FLOOR = 1e-6
@@ -46,6 +56,9 @@ class Budget:
 LOSSLESS = Budget(atol=1e-5)
 #: Default once a lossy pass runs: ranking must be preserved, values may move.
 LOSSY = Budget(min_cosine=0.99, min_rank_corr=0.99, max_auc_drop=0.003, max_mismatch=0.01)
+#: For passes that change the model's structure (prune, distill): they keep AUC but reorder close
+#: scores more than quantization does.
+STRUCTURAL = Budget(min_cosine=0.99, min_rank_corr=0.98, max_auc_drop=0.003, max_mismatch=0.02)
 
 
 @dataclass(frozen=True)

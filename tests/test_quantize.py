@@ -10,6 +10,7 @@ from onnx.reference import ReferenceEvaluator
 
 from onnxcompress import runtime
 from onnxcompress.passes.quantize import Quantize
+from onnxcompress.report import Report
 
 RNG = np.random.default_rng(0)
 
@@ -401,24 +402,33 @@ def test_product_quantized_tables_store_4_bit_indices_and_decode_to_their_centro
     np.testing.assert_allclose(got, expected[feeds["ids"]], rtol=1e-6, atol=1e-7)
 
 
-def test_product_codes_let_the_mixed_search_shrink_the_dlrm_further(tmp_path: Path) -> None:
+def compress_with_preset(
+    name: str, preset: str, out: Path, *assignments: str, parity_rows: str = "feeds", force: bool = False
+) -> Report:
+    """Shipped model ``name`` through ``preset`` with its calibration rows, parity on ``parity_rows``
+    (its test ``feeds``, or its ``calib`` rows) with its labels when those are the test rows."""
     from onnxcompress import compress
     from onnxcompress.presets import get_preset
 
-    files = model_files("dlrm")
-    recipe = get_preset("mixed")
+    files = model_files(name)
+    recipe = get_preset(preset)
+    return compress(
+        files["onnx"],
+        out,
+        list(recipe.passes),
+        options=recipe.options,
+        assignments=list(assignments),
+        feeds=files[parity_rows],
+        calib=files["calib"],
+        labels=files["labels"] if parity_rows == "feeds" else None,
+        force=force,
+    )
+
+
+def test_product_codes_let_the_mixed_search_shrink_the_dlrm_further(tmp_path: Path) -> None:
     ratios = {}
     for codes in ("scalar", "pq"):
-        report = compress(
-            files["onnx"],
-            tmp_path / f"{codes}.onnx",
-            list(recipe.passes),
-            options=recipe.options,
-            assignments=[f"quant.table_codes={codes}"],
-            feeds=files["feeds"],
-            calib=files["calib"],
-            labels=files["labels"],
-        )
+        report = compress_with_preset("dlrm", "mixed", tmp_path / f"{codes}.onnx", f"quant.table_codes={codes}")
         assert report.parity.passed
         ratios[codes] = report.size_ratio
     assert ratios["pq"] > 1.2 * ratios["scalar"]
@@ -487,21 +497,14 @@ def test_weights_too_large_for_the_mixed_search_keep_their_configured_bits(
 def test_the_mixed_search_keeps_label_flips_within_its_budget_on_the_sklearn_classifier(tmp_path: Path) -> None:
     """skl2onnx's `label` output is the thresholded probability: the rank and cosine budgets alone
     let 2.3% of the test labels flip (the parity gate allows 2%); the search now counts flips."""
-    from onnxcompress import compress
-    from onnxcompress.presets import get_preset
-
-    files = model_files("sklearn_mlp")
-    recipe = get_preset("max")
     mismatch = {}
     for allowed in (1.0, 0.01):
-        report = compress(
-            files["onnx"],
+        report = compress_with_preset(
+            "sklearn_mlp",
+            "max",
             tmp_path / f"{allowed}.onnx",
-            list(recipe.passes),
-            options=recipe.options,
-            assignments=[f"quant.mixed_max_mismatch={allowed}"],
-            feeds=files["calib"],  # judged on the rows the search saw
-            calib=files["calib"],
+            f"quant.mixed_max_mismatch={allowed}",
+            parity_rows="calib",  # judged on the rows the search saw
             force=True,
         )
         (label,) = [output for output in report.parity.outputs if output.name == "label"]
@@ -514,20 +517,7 @@ def test_the_mixed_search_keeps_label_flips_within_its_budget_on_the_sklearn_cla
 def test_int8_keeps_the_wide_dlrm_within_the_auc_target(tmp_path: Path) -> None:
     """8-bit activations compound along the wide DLRM's eight-layer MLPs: at a 1% per-layer gate six
     layers went integer and the model lost 0.0006 AUC; the 0.5% gate keeps it within 0.0003."""
-    from onnxcompress import compress
-    from onnxcompress.presets import get_preset
-
-    files = model_files("dlrm_wide")
-    recipe = get_preset("int8")
-    report = compress(
-        files["onnx"],
-        tmp_path / "int8.onnx",
-        list(recipe.passes),
-        options=recipe.options,
-        feeds=files["feeds"],
-        calib=files["calib"],
-        labels=files["labels"],
-    )
+    report = compress_with_preset("dlrm_wide", "int8", tmp_path / "int8.onnx")
     (score,) = report.parity.outputs
     assert score.auc_delta is not None and abs(score.auc_delta) <= 0.0003
     assert score.spearman is not None and score.spearman >= 0.9995

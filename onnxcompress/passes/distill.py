@@ -38,7 +38,7 @@ from onnxcompress.layers import (
 )
 from onnxcompress.numerics.distill import logit_fidelity
 from onnxcompress.numerics.lstsq import ridge
-from onnxcompress.parity import Budget
+from onnxcompress.parity import STRUCTURAL
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 from onnxcompress.passes.cleanup import remove_inference_dropout
@@ -171,8 +171,7 @@ class Distill(CompressionPass):
     the model by a smaller distilled student whose last linear layer is refit to the teacher's logits."""
 
     lossy = True
-    #: Pruned and distilled models keep AUC but reorder close scores more than quantized ones do.
-    budget = Budget(min_cosine=0.99, min_rank_corr=0.98, max_auc_drop=0.003, max_mismatch=0.02)
+    budget = STRUCTURAL
 
     @dataclass(frozen=True)
     class Config:

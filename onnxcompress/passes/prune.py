@@ -40,7 +40,7 @@ from onnxcompress.numerics.prune import (
     sparsegpt,
     topk_mask,
 )
-from onnxcompress.parity import Budget
+from onnxcompress.parity import STRUCTURAL
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 
@@ -155,8 +155,7 @@ class Prune(CompressionPass):
     calibration activations when calibration data is available."""
 
     lossy = True
-    #: Pruned and distilled models keep AUC but reorder close scores more than quantized ones do.
-    budget = Budget(min_cosine=0.99, min_rank_corr=0.98, max_auc_drop=0.003, max_mismatch=0.02)
+    budget = STRUCTURAL
 
     @dataclass(frozen=True)
     class Config:
