@@ -174,3 +174,31 @@ def test_binary_rows_take_the_codebook_entry_nearest_their_alpha() -> None:
     step = (coded.codebook[-1].astype(np.float64) / coded.codebook[0]) ** (1 / 255)
     ratio = coded.scale.astype(np.float64) / alpha.astype(np.float64)
     assert np.all(ratio <= np.sqrt(step) * 1.001) and np.all(ratio >= 1 / np.sqrt(step) / 1.001)
+
+
+def test_smoothing_scales_shrink_only_channels_above_the_median() -> None:
+    from onnxcompress.numerics.quant import smoothing_scales
+
+    activation_peaks = np.array([1.0, 2.0, 4.0, 400.0, 0.0, 0.001])
+    weight_peaks = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    scales = smoothing_scales(activation_peaks, weight_peaks, 0.5)
+    assert scales.min() >= 1.0  # no channel is amplified, not even the nearly dead one
+    assert scales[4] == 1.0  # a channel that is zero on the calibration rows keeps 1
+    live = np.array([0, 1, 2, 3, 5])
+    assert np.median(np.sqrt(activation_peaks[live])) == pytest.approx(np.sqrt(2.0))
+    assert scales[3] == pytest.approx(np.sqrt(400.0) / np.sqrt(2.0), rel=1e-6)
+
+
+def test_smoothing_cuts_the_error_of_8_bit_activations_when_one_channel_dominates() -> None:
+    from onnxcompress.numerics.quant import plan_activations
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((512, 32)).astype(np.float32)
+    x[:, 5] *= 300.0  # dense feature next to embeddings: one channel sets the per-tensor step
+    rows = rng.standard_normal((16, 32)).astype(np.float32)
+    plan = plan_activations([x[:256], x[256:]], rows)
+    assert plan.scales is not None and plan.scales.argmax() == 5
+    assert plan.error < 0.5 * plan.error_unsmoothed
+    np.testing.assert_allclose((x / plan.scales) @ (rows * plan.scales).T, x @ rows.T, rtol=1e-4, atol=1e-3)
+    uniform = rng.standard_normal((512, 32)).astype(np.float32)
+    assert plan_activations([uniform], rows).error <= plan_activations([uniform], rows).error_unsmoothed

@@ -7,6 +7,7 @@ dequantized value is ``r = s * (q - z)`` (ONNX DequantizeLinear).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -466,3 +467,73 @@ def dynamic_quantize(x: np.ndarray) -> np.ndarray:
     zero = np.clip(np.rint(-low / scale), 0, 255)
     codes = np.clip(np.rint(x / scale) + zero, 0, 255)
     return ((codes - zero) * scale).astype(x.dtype)
+
+
+def smoothing_scales(activation_peaks: np.ndarray, weight_peaks: np.ndarray, strength: float) -> np.ndarray:
+    """SmoothQuant's per-input-channel factors from ``a^strength / w^(1 - strength)``: ``x / s``
+    times ``s * W`` is the same product, with the activations' channel peaks ``a`` moved toward the
+    weights' ``w`` so one per-tensor activation step no longer erases the small channels.
+
+    Scaled so the median channel gets 1, and never below 1: only channels above the median shrink.
+    Amplifying a channel would trust its calibration peak, and a channel nearly dead on the
+    calibration rows (a ReLU that rarely fires) then overflows the step on serving rows (measured:
+    0.5% output error on calibration rows, 16% to 100% on test rows).
+    """
+    peaks = np.asarray(activation_peaks, dtype=np.float64)
+    weights = np.asarray(weight_peaks, dtype=np.float64)
+    live = (peaks > 0) & (weights > 0)
+    scales = np.ones_like(peaks)
+    if live.any():
+        raw = peaks[live] ** strength / weights[live] ** (1.0 - strength)
+        scales[live] = np.maximum(raw / np.median(raw), 1.0)
+    return scales.astype(np.float32)
+
+
+#: SmoothQuant migration strengths tried per layer (besides none).
+SMOOTHING_STRENGTHS = (0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """How a linear layer ``y = x @ rows.T`` fares with 8-bit dynamic activations."""
+
+    #: Per-input-channel factors (``x / scales``, ``rows * scales``), or None for no smoothing.
+    scales: np.ndarray | None
+    #: Relative output error the 8-bit activations cause (weights in float), smoothing applied.
+    error: float
+    #: The same error without smoothing.
+    error_unsmoothed: float
+
+
+def plan_activations(batches: Sequence[np.ndarray], rows: np.ndarray) -> ActivationPlan:
+    """The smoothing that minimises the output error of ``x @ rows.T`` with both the activations
+    (per batch, as DynamicQuantizeLinear sees them at serving) and the weights (per output channel)
+    at 8 bits, over the calibration ``batches`` of ``x`` ``[rows, inputs]``.
+
+    Smoothing moves difficulty from the activations into the weights, hence the choice on the error
+    of both.
+    """
+    rows = np.asarray(rows, dtype=np.float32)
+    peaks = np.max([np.abs(batch).max(axis=0, initial=0.0) for batch in batches], axis=0)
+    weight_peaks = np.abs(rows).max(axis=0, initial=0.0)
+    options = [None, *(smoothing_scales(peaks, weight_peaks, strength) for strength in SMOOTHING_STRENGTHS)]
+    references = [batch @ rows.T for batch in batches]
+    total = sum(float(np.square(reference).sum()) for reference in references)
+    results = []
+    for scales in options:
+        smoothed = rows if scales is None else rows * scales
+        weights = dequantize_rows(quantize_rows(smoothed, 8, symmetric=True)).astype(np.float32)
+        activation_error = combined_error = 0.0
+        for batch, reference in zip(batches, references, strict=True):
+            activations = dynamic_quantize(batch if scales is None else batch / scales)
+            activation_error += float(np.square(activations @ smoothed.T - reference).sum())
+            combined_error += float(np.square(activations @ weights.T - reference).sum())
+        results.append((combined_error, activation_error, scales))
+    if not total:
+        return ActivationPlan(None, 0.0, 0.0)
+    _, activation_error, scales = min(results, key=lambda result: result[0])
+    return ActivationPlan(
+        scales=scales,
+        error=float(np.sqrt(activation_error / total)),
+        error_unsmoothed=float(np.sqrt(results[0][1] / total)),
+    )

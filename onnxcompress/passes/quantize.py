@@ -34,16 +34,18 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import runtime
+from onnxcompress.channel_scale import scale_last_axis
 from onnxcompress.graph import WEIGHT_SLOTS, WeightUse, constant_value, weights_by_value
 from onnxcompress.io import ExternalRows
 from onnxcompress.numerics.pq import ProductCodes, product_assign, product_dequantize, product_quantize
 from onnxcompress.numerics.quant import (
+    ActivationPlan,
     QuantizedRows,
     binarize_rows,
     dequantize_rows,
-    dynamic_quantize,
     gptq_quantize,
     pack_codes,
+    plan_activations,
     quantize_rows,
     quantize_tensor_rows,
     quantized_row_error,
@@ -327,8 +329,11 @@ class Quantize(CompressionPass):
     kernels with activations=dynamic), embedding tables per row, looked up on the quantized table."""
 
     lossy = True
-    #: Per linear weight, the relative output error 8-bit activations cause (set by ``_hessians``).
-    _activation_errors: dict[str, float]
+    #: Per linear weight, how 8-bit activations fare: smoothing and error (set by ``_hessians``).
+    _activation_plans: dict[str, ActivationPlan]
+    #: Linear weights whose layers run on integer kernels (set by ``_hessians``, then
+    #: ``_plan_activations`` keeps those the model as a whole can afford).
+    _integer_layers: set[str]
 
     @dataclass(frozen=True)
     class Config:
@@ -348,11 +353,40 @@ class Quantize(CompressionPass):
             },
         )
         activation_tolerance: float = field(
-            default=0.005,
+            default=0.01,
             metadata={
                 "help": "auto: largest relative output error a layer may take from 8-bit activations, "
-                "measured on calibration rows (without calibration data auto keeps float activations)",
+                "measured on calibration rows after smoothing (without calibration data auto keeps "
+                "float activations)",
                 "min": 0.0,
+            },
+        )
+        activation_min_rank_corr: float = field(
+            default=0.9998,
+            metadata={
+                "help": "auto: Spearman of each score output with the original's on calibration rows, with "
+                "every integer layer at once (layers are returned to float, largest error first, until it holds)",
+                "min": 0.0,
+                "max": 1.0,
+            },
+        )
+        activation_min_cosine: float = field(
+            default=0.9999,
+            metadata={"help": "auto: the same for the cosine of each output", "min": 0.0, "max": 1.0},
+        )
+        activation_max_mismatch: float = field(
+            default=0.005,
+            metadata={
+                "help": "auto: the same for the fraction of each integer output's values that differ",
+                "min": 0.0,
+                "max": 1.0,
+            },
+        )
+        smoothing: bool = field(
+            default=True,
+            metadata={
+                "help": "integer layers: move activation outliers into the weights per input channel "
+                "(SmoothQuant; a Mul before DynamicQuantizeLinear) where it lowers the layer's error"
             },
         )
         dequantize: str = field(
@@ -479,6 +513,8 @@ class Quantize(CompressionPass):
             selected, skipped = self._select(model)
         hessians = self._hessians(model, selected)
         plan, search = self._plan_bits(model, selected, hessians)
+        activations = self._plan_activations(model, selected, plan, hessians)
+        smoothing = self._apply_smoothing(model.graph, selected)
         tensors: dict[str, dict[str, Any]] = {}
         tables = []
         for value, uses in selected.items():
@@ -502,6 +538,8 @@ class Quantize(CompressionPass):
                 )
         order = {value.name or "weight": index for index, value in enumerate(selected)}
         tensors = dict(sorted(tensors.items(), key=lambda item: order[item[0]]))
+        for name, how in smoothing.items():
+            tensors[name]["smoothing"] = how
         halved = _store_floats_as_float16(model.graph) if self.config.float_storage == "float16" else {}
         before = sum(entry["bytes_before"] for entry in tensors.values()) + sum(halved.values())
         after = sum(entry["bytes_after"] for entry in tensors.values()) + sum(halved.values()) // 2
@@ -512,6 +550,7 @@ class Quantize(CompressionPass):
             "ratio": round(before / max(after, 1), 3),
             "float16_tensors": len(halved),
             **({"mixed_precision": search} if search else {}),
+            **({"activations": activations} if activations else {}),
             "tensors": tensors,
             "skipped": skipped,
         }
@@ -683,7 +722,8 @@ class Quantize(CompressionPass):
     def _simulate(
         self, value: ir.Value, uses: list[WeightUse], bits: int, hessians: dict[str, np.ndarray]
     ) -> np.ndarray:
-        """The float weights this pass would produce for ``value`` at ``bits`` (same numerics)."""
+        """The float weights this pass would produce for ``value`` at ``bits`` (same numerics), for
+        the layer's unsmoothed input."""
         tensor = value.const_value
         assert tensor is not None
         weight = tensor.numpy().astype(np.float32)
@@ -692,9 +732,13 @@ class Quantize(CompressionPass):
             return _dequantized(quantized).reshape(weight.shape).astype(np.float32)
         use = uses[0]
         rows = _channel_rows(weight, use)
-        quantized, *_ = self._linear_codes(rows, uses, bits, hessians.get(value.name or ""))
+        quantized, _, dynamic, _ = self._linear_codes(rows, uses, bits, hessians.get(value.name or ""))
+        restored = _dequantized(quantized).reshape(rows.shape)
+        scales = self._smoothing(uses, dynamic)
+        if scales is not None:
+            restored = restored / scales
         moved_shape = (weight.shape[use.out_axis], *[d for i, d in enumerate(weight.shape) if i != use.out_axis])
-        restored = _dequantized(quantized).reshape(moved_shape)
+        restored = restored.reshape(moved_shape)
         return np.moveaxis(restored, 0, use.out_axis).astype(np.float32)
 
     # --- calibration -----------------------------------------------------------------------------
@@ -724,12 +768,16 @@ class Quantize(CompressionPass):
         )
 
     def _hessians(self, model: ir.Model, selected: dict[ir.Value, list[WeightUse]]) -> dict[str, np.ndarray]:
-        """``X^T X`` of each linear layer's input on the calibration rows (for GPTQ); records in
-        ``self._activation_errors`` what 8-bit dynamic activations would cost each layer."""
+        """``X^T X`` of each linear layer's input on the calibration rows (for GPTQ); for integer
+        activations also each layer's smoothing and activation error (``self._activation_plans``) and
+        the layers that go integer on their own merits (``self._integer_layers``)."""
+        config = self.config
         calibration = self.context.calibration
-        self._activation_errors = {}
+        self._activation_plans = {}
+        self._integer_layers = set()
         gptq: dict[str, ir.Value] = {}
         dynamic: dict[str, tuple[ir.Value, np.ndarray]] = {}
+        shared: set[str] = set()
         for value, uses in selected.items():
             use = uses[0]
             x = use.node.inputs[0]
@@ -737,27 +785,135 @@ class Quantize(CompressionPass):
                 continue
             if len(uses) == 1 and self._wants_gptq(use):
                 gptq[value.name or ""] = x
-            if self.config.activations == "auto" and _dynamic_ready(uses):
+            if config.activations in ("auto", "dynamic") and _dynamic_ready(uses):
                 dynamic[value.name or ""] = (x, _channel_rows(value.const_value.numpy(), use))  # type: ignore[union-attr]
+                if len(uses) > 1:
+                    shared.add(value.name or "")  # one smoothing cannot suit several inputs
+        if config.activations == "dynamic":
+            self._integer_layers = set(dynamic)
         if calibration is None or not (gptq or dynamic):
             return {}
         hessians: dict[str, np.ndarray] = {}
-        errors: dict[str, list[float]] = {name: [0.0, 0.0] for name in dynamic}
+        batches: dict[str, list[np.ndarray]] = {name: [] for name in dynamic}
         captured = {value.name: value for value in [*gptq.values(), *(x for x, _ in dynamic.values())]}
         for batch in calibration.iter_capture(model, list(captured.values())):
             for weight_name, input_value in gptq.items():
                 inputs = batch[input_value.name or ""].astype(np.float64)
                 inputs = inputs.reshape(-1, inputs.shape[-1])
                 hessians[weight_name] = hessians.get(weight_name, 0) + inputs.T @ inputs
-            for weight_name, (input_value, rows) in dynamic.items():
+            for weight_name, (input_value, _) in dynamic.items():
                 inputs = batch[input_value.name or ""].astype(np.float32)
-                inputs = inputs.reshape(-1, inputs.shape[-1])
-                errors[weight_name][0] += float(np.square((dynamic_quantize(inputs) - inputs) @ rows.T).sum())
-                errors[weight_name][1] += float(np.square(inputs @ rows.T).sum())
-        self._activation_errors = {
-            name: float(np.sqrt(error / total)) if total else 0.0 for name, (error, total) in errors.items()
-        }
+                batches[weight_name].append(inputs.reshape(-1, inputs.shape[-1]))
+        for weight_name, (_, rows) in dynamic.items():
+            plan = plan_activations(batches.pop(weight_name), rows)
+            if not config.smoothing or weight_name in shared:
+                plan = ActivationPlan(None, plan.error_unsmoothed, plan.error_unsmoothed)
+            self._activation_plans[weight_name] = plan
+            channels, inputs = rows.shape
+            within = config.activations == "auto" and plan.error <= config.activation_tolerance
+            if within and dynamic_matmul_is_faster(inputs, channels):
+                self._integer_layers.add(weight_name)
         return hessians
+
+    def _plan_activations(
+        self,
+        model: ir.Model,
+        selected: dict[ir.Value, list[WeightUse]],
+        plan: dict[ir.Value, int],
+        hessians: dict[str, np.ndarray],
+    ) -> dict[str, Any]:
+        """``activations=auto``: errors of 8-bit activations compound along a chain of layers, so the
+        layers that pass alone are checked together. The model with every linear weight at its planned
+        bits and every candidate layer's activations rounded as DynamicQuantizeLinear rounds them runs
+        on the calibration rows; while it misses the activation budget, the candidate with the largest
+        error returns to float."""
+        config = self.config
+        calibration = self.context.calibration
+        by_name = {value.name: value for value in selected}
+        candidates = [name for name in self._integer_layers if plan[by_name[name]] == 8]
+        self._integer_layers = set(candidates)
+        if config.activations != "auto" or calibration is None or not candidates:
+            return {}
+        budget = Budgets(
+            Budget(
+                min_rank_corr=config.activation_min_rank_corr,
+                min_cosine=config.activation_min_cosine,
+                max_mismatch=config.activation_max_mismatch,
+            )
+        )
+        simulated = [
+            value
+            for value, uses in selected.items()
+            if not _is_table(uses) and plan[value] != 32 and value.const_value.nbytes <= MIXED_SEARCH_MAX_BYTES  # type: ignore[union-attr]
+        ]
+        originals = {value: value.const_value for value in simulated}
+        reference = runtime.run(runtime.make_session(model, "disable"), calibration.feeds.arrays)
+        figures: dict[str, float] = {}
+        dropped: list[str] = []
+        while self._integer_layers:
+            build = _Builder(model.graph, "activation_probe")
+            rewired: list[tuple[ir.Node, ir.Value]] = []
+            try:
+                for value in simulated:
+                    value.const_value = ir.tensor(self._simulate(value, selected[value], plan[value], hessians))
+                for name in self._integer_layers:
+                    scales = self._activation_plans[name].scales
+                    for use in selected[by_name[name]]:
+                        x = use.node.inputs[0]
+                        assert x is not None
+                        smoothed = x if scales is None else build.op("Mul", [x, build.constant("inverse", 1 / scales)])
+                        codes, scale, zero = build.multi("DynamicQuantizeLinear", [smoothed], outputs=3)
+                        rounded = build.op("DequantizeLinear", [codes, scale, zero])
+                        if scales is not None:
+                            rounded = build.op("Mul", [rounded, build.constant("scales", scales)])
+                        build.insert_before(use.node)
+                        use.node.replace_input_with(0, rounded)
+                        rewired.append((use.node, x))
+                outputs = runtime.run(runtime.make_session(model, "disable"), calibration.feeds.arrays)
+            finally:
+                for node, x in rewired:
+                    node.replace_input_with(0, x)
+                probes = [node for node in model.graph if node.name and node.name.startswith("activation_probe/")]
+                model.graph.remove(probes, safe=True)
+                for name in [name for name in model.graph.initializers if name.startswith("activation_probe_")]:
+                    model.graph.initializers.pop(name)
+                for value, tensor in originals.items():
+                    value.const_value = tensor
+            result = compare(reference, outputs, budget)
+            figures = {}
+            for output in result.outputs:
+                for key, figure in output.would_pass_with.items():
+                    if key in ("min_cosine", "min_rank_corr"):
+                        figures[key] = min(figures.get(key, 1.0), figure)
+                    elif key == "max_mismatch":
+                        figures[key] = max(figures.get(key, 0.0), figure)
+            if result.passed:
+                break
+            worst = max(self._integer_layers, key=lambda name: self._activation_plans[name].error)
+            self._integer_layers.discard(worst)
+            dropped.append(worst)
+        return {
+            "integer_layers": len(self._integer_layers),
+            "returned_to_float": dropped,
+            "budget": {
+                "min_rank_corr": config.activation_min_rank_corr,
+                "min_cosine": config.activation_min_cosine,
+                "max_mismatch": config.activation_max_mismatch,
+            },
+            "measured": {key: round(figure, 6) for key, figure in figures.items()},
+        }
+
+    def _apply_smoothing(self, graph: ir.Graph, selected: dict[ir.Value, list[WeightUse]]) -> dict[str, str]:
+        """Divide each smoothed integer layer's input by its factors, folded into the ops upstream where
+        they allow it (before any weight is quantized, so the folded weights are quantized as such)."""
+        applied = {}
+        for value, uses in selected.items():
+            name = value.name or ""
+            scales = self._smoothing(uses, dynamic=name in self._integer_layers)
+            x = uses[0].node.inputs[0]
+            if scales is not None and x is not None:
+                applied[name] = scale_last_axis(graph, x, 1.0 / scales, uses[0].node)
+        return applied
 
     # --- linear layers ---------------------------------------------------------------------------
 
@@ -769,32 +925,29 @@ class Quantize(CompressionPass):
         group = {"tensor": channels * inputs, "channel": inputs, "block": config.block_size}[granularity]
         if granularity == "block" and inputs % group:
             granularity, group = "channel", inputs
-        activation_error = self._activation_errors.get(uses[0].value.name or "")
-        dynamic = (
-            bits == 8
-            and _dynamic_ready(uses)
-            and (
-                config.activations == "dynamic"
-                or (
-                    config.activations == "auto"
-                    and activation_error is not None
-                    and activation_error <= config.activation_tolerance
-                    and dynamic_matmul_is_faster(inputs, channels)
-                )
-            )
-        )
+        dynamic = bits == 8 and _dynamic_ready(uses) and (uses[0].value.name or "") in self._integer_layers
         if dynamic:
             granularity, group = "channel", inputs
         return granularity, group, dynamic
 
+    def _smoothing(self, uses: list[WeightUse], dynamic: bool) -> np.ndarray | None:
+        """The per-input-channel smoothing of an integer layer, if it has one."""
+        plan = self._activation_plans.get(uses[0].value.name or "") if dynamic else None
+        return None if plan is None else plan.scales
+
     def _linear_codes(
         self, rows: np.ndarray, uses: list[WeightUse], bits: int, hessian: np.ndarray | None
     ) -> tuple[QuantizedRows, str, bool, str]:
-        """Quantize ``rows`` ``[channels, inputs]``: (codes, granularity, dynamic, rounding)."""
+        """Quantize ``rows`` ``[channels, inputs]``: (codes, granularity, dynamic, rounding). The
+        codes of a smoothed integer layer are those of ``rows * scales``."""
         config = self.config
         channels, inputs = rows.shape
         granularity, group, dynamic = self._linear_plan(uses, (channels, inputs), bits)
         symmetric = config.symmetric or dynamic
+        scales = self._smoothing(uses, dynamic)
+        if scales is not None:
+            rows = rows * scales
+            hessian = None if hessian is None else hessian / np.outer(scales, scales)
         if bits == 1:
             codes, alpha = binarize_rows(rows)
             return QuantizedRows(codes, alpha, None, 1), granularity, dynamic, "binary"
@@ -836,17 +989,22 @@ class Quantize(CompressionPass):
         return {
             "kind": use.kind,
             "bits": bits,
-            **(
-                {"activation_error": round(self._activation_errors[value.name], 5)}
-                if value.name in self._activation_errors
-                else {}
-            ),
+            **self._activation_stats(value.name),
             "granularity": granularity,
             "rounding": method,
             "form": form,
             "bytes_before": tensor.nbytes,
             "bytes_after": build.stored_bytes,
         }
+
+    def _activation_stats(self, name: str) -> dict[str, Any]:
+        plan = self._activation_plans.get(name)
+        if plan is None:
+            return {}
+        stats: dict[str, Any] = {"activation_error": round(plan.error, 5)}
+        if plan.scales is not None:
+            stats["activation_error_unsmoothed"] = round(plan.error_unsmoothed, 5)
+        return stats
 
     def _to_weight_layout(
         self, build: _Builder, flat: ir.Value, decoded: tuple[int, ...], shape: tuple[int, ...], use: WeightUse
@@ -1235,16 +1393,22 @@ def dynamic_matmul_is_faster(inputs: int, outputs: int) -> bool:
     for model in (float_model, int_model):
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # One thread: a second one's spin-waits make a run of tens of microseconds noise.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
         payload = ir.serde.serialize_model(model).SerializeToString()
         sessions.append(ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"]))
     feeds = {"x": rng.standard_normal((SPEED_PROBE_ROWS, inputs)).astype(np.float32)}
-    timings: list[list[float]] = [[], []]
+    start = time.perf_counter()
     for session in sessions:
         session.run(None, feeds)
-    for _ in range(7):
+    # Enough calls per repeat for about 2 ms of work, so that the timer's resolution does not count.
+    calls = max(3, min(200, int(0.004 / max(time.perf_counter() - start, 1e-6))))
+    timings: list[list[float]] = [[], []]
+    for _ in range(9):
         for index, session in enumerate(sessions):
             start = time.perf_counter()
-            for _ in range(10):
+            for _ in range(calls):
                 session.run(None, feeds)
             timings[index].append(time.perf_counter() - start)
     # The fastest repeat is the one least disturbed by other processes.
