@@ -102,37 +102,23 @@ def _plan(graph: ir.Graph, value: ir.Value | None, factors: np.ndarray) -> list[
     if op == "BatchNormalization" and node.domain == "" and _rank(value) == 2:
         return _scale_constants(node.inputs[1:3], factors)
     if op == "MatMul" and node.domain == "":
-        weight = _private_constant(node.inputs[1])
-        if weight is None or weight.ndim != 2 or weight.shape[1] != channels:
-            return None
-        target = node.inputs[1]
-        assert target is not None
-        return [partial(set_constant, target, (weight * factors).astype(weight.dtype))]
+        scaled_weight = _scale_matrix(node.inputs[1], factors, axis=1)
+        return None if scaled_weight is None else [scaled_weight]
     if op == "Gemm" and node.domain == "":
-        weight = _private_constant(node.inputs[1])
-        transposed = node.attributes.get_int("transB", 0)
-        if weight is None or weight.ndim != 2 or weight.shape[0 if transposed else 1] != channels:
+        scaled_weight = _scale_matrix(node.inputs[1], factors, axis=0 if node.attributes.get_int("transB", 0) else 1)
+        if scaled_weight is None:
             return None
-        actions: list[_Action] = []
+        actions: list[_Action] = [scaled_weight]
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None
         if bias_value is not None:
             bias = _private_constant(bias_value)
             if bias is None or bias.ndim > 1 or (bias.ndim == 1 and bias.shape[0] not in (1, channels)):
                 return None
-            scaled_bias = (bias * factors).astype(bias.dtype)
-            actions.append(partial(set_constant, bias_value, scaled_bias))
-        scaled = weight * (factors[:, None] if transposed else factors)
-        target = node.inputs[1]
-        assert target is not None
-        actions.append(partial(set_constant, target, scaled.astype(weight.dtype)))
+            actions.append(partial(set_constant, bias_value, (bias * factors).astype(bias.dtype)))
         return actions
     if op == "Gather" and node.domain == "" and node.attributes.get_int("axis", 0) == 0:
-        table = _private_constant(node.inputs[0])
-        if table is None or table.ndim != 2 or table.shape[1] != channels:
-            return None
-        target = node.inputs[0]
-        assert target is not None
-        return [partial(set_constant, target, (table * factors).astype(table.dtype))]
+        scaled_table = _scale_matrix(node.inputs[0], factors, axis=1)
+        return None if scaled_table is None else [scaled_table]
     if op == "Concat" and node.domain == "":
         if node.attributes.get_int("axis", 0) not in last_axis:
             return None
@@ -185,3 +171,13 @@ def _scale_constants(values: Sequence[ir.Value | None], factors: np.ndarray) -> 
             return None
         actions.append(partial(set_constant, value, (array * factors).astype(array.dtype)))
     return actions
+
+
+def _scale_matrix(value: ir.Value | None, factors: np.ndarray, axis: int) -> _Action | None:
+    """Scale axis ``axis`` of a private 2-D constant (a weight's output channels, a table's
+    columns), or None if it is shared or does not match."""
+    matrix = _private_constant(value)
+    if value is None or matrix is None or matrix.ndim != 2 or matrix.shape[axis] != factors.size:
+        return None
+    multiplier = factors[:, None] if axis == 0 else factors
+    return partial(set_constant, value, (matrix * multiplier).astype(matrix.dtype))

@@ -850,12 +850,23 @@ class Quantize(CompressionPass):
         reference = runtime.run(runtime.make_session(model, "disable"), calibration.feeds.arrays)
         figures: dict[str, float] = {}
         dropped: list[str] = []
+        # A weight's simulated values depend only on whether its own layer is integer (smoothed codes).
+        fakes: dict[tuple[ir.Value, bool], ir.TensorProtocol] = {}
+
+        def fake(value: ir.Value) -> ir.TensorProtocol:
+            key = (value, value.name in self._integer_layers)
+            if key not in fakes:
+                fakes[key] = ir.tensor(self._simulate(value, selected[value], plan[value], hessians))
+            return fakes[key]
+
         while self._integer_layers:
             build = _Builder(model.graph, "activation_probe")
             rewired: list[tuple[ir.Node, ir.Value]] = []
+            inserted: list[ir.Node] = []
+            constants_before = set(model.graph.initializers)
             try:
                 for value in simulated:
-                    value.const_value = ir.tensor(self._simulate(value, selected[value], plan[value], hessians))
+                    value.const_value = fake(value)
                 for name in self._integer_layers:
                     scales = self._activation_plans[name].scales
                     for use in selected[by_name[name]]:
@@ -866,6 +877,7 @@ class Quantize(CompressionPass):
                         rounded = build.op("DequantizeLinear", [codes, scale, zero])
                         if scales is not None:
                             rounded = build.op("Mul", [rounded, build.constant("scales", scales)])
+                        inserted.extend(build.nodes)
                         build.insert_before(use.node)
                         use.node.replace_input_with(0, rounded)
                         rewired.append((use.node, x))
@@ -873,9 +885,8 @@ class Quantize(CompressionPass):
             finally:
                 for node, x in rewired:
                     node.replace_input_with(0, x)
-                probes = [node for node in model.graph if node.name and node.name.startswith("activation_probe/")]
-                model.graph.remove(probes, safe=True)
-                for name in [name for name in model.graph.initializers if name.startswith("activation_probe_")]:
+                model.graph.remove(inserted, safe=True)
+                for name in set(model.graph.initializers) - constants_before:
                     model.graph.initializers.pop(name)
                 for value, tensor in originals.items():
                     value.const_value = tensor
