@@ -539,10 +539,10 @@ def test_int8_keeps_the_wide_dlrm_within_the_auc_target(tmp_path: Path) -> None:
 
 def test_a_stricter_activation_budget_returns_more_layers_to_float(tmp_path: Path) -> None:
     loose = compress_with_preset("dlrm_wide", "int8", tmp_path / "a.onnx", "quant.activation_min_rank_corr=0.999")
-    strict = compress_with_preset("dlrm_wide", "int8", tmp_path / "b.onnx", "quant.activation_min_rank_corr=0.99995")
+    strict = compress_with_preset("dlrm_wide", "int8", tmp_path / "b.onnx", "quant.activation_min_rank_corr=0.99998")
     figures = [next(r for r in report.passes if r.name == "quant").stats["activations"] for report in (loose, strict)]
     assert figures[0]["integer_layers"] > figures[1]["integer_layers"]
-    assert figures[1]["measured"]["min_rank_corr"] >= 0.99995 or figures[1]["integer_layers"] == 0
+    assert figures[1]["measured"]["min_rank_corr"] >= 0.99998 or figures[1]["integer_layers"] == 0
     (loose_score,), (strict_score,) = loose.parity.outputs, strict.parity.outputs
     assert strict_score.spearman is not None and loose_score.spearman is not None
     assert strict_score.spearman > loose_score.spearman

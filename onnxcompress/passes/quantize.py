@@ -19,11 +19,9 @@ unpacked with BitShift and BitwiseAnd.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +56,7 @@ from onnxcompress.numerics.quant import (
 from onnxcompress.parity import Budget, Budgets, compare
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
+from onnxcompress.speed import LayerTiming, ModelTiming, choose_integer_layers, model_timing, probe_dynamic_matmul
 
 __all__ = ["Quantize"]
 
@@ -76,6 +75,9 @@ SEARCH_MAX_ELEMENTS = 1 << 24
 #: Tables with fewer rows keep float16 scales: the byte a codebook saves per row must repay its
 #: 512-byte table and the decoding nodes.
 CODEBOOK_MIN_ROWS = 4096
+#: activations=auto: a layer that costs single-row latency must save at least this fraction of the
+#: model's batch time to be worth it.
+MIN_MODEL_BATCH_GAIN = 0.01
 #: Tables narrower than this get one scale: a per-row scale and offset (3 bytes) would outweigh
 #: the row's codes.
 NARROW_TABLE_WIDTH = 4
@@ -334,6 +336,10 @@ class Quantize(CompressionPass):
     #: Linear weights whose layers run on integer kernels (set by ``_hessians``, then
     #: ``_plan_activations`` keeps those the model as a whole can afford).
     _integer_layers: set[str]
+    #: activations=auto: each candidate layer's float and integer timings, and the float model's
+    #: (measured only when some layer would cost single-row latency).
+    _layer_timings: dict[str, LayerTiming]
+    _model_timing: ModelTiming | None
 
     @dataclass(frozen=True)
     class Config:
@@ -380,6 +386,14 @@ class Quantize(CompressionPass):
                 "help": "auto: the same for the fraction of each integer output's values that differ",
                 "min": 0.0,
                 "max": 1.0,
+            },
+        )
+        activation_max_latency: float = field(
+            default=0.08,
+            metadata={
+                "help": "auto: one-row latency the integer layers may add together, as a fraction of the "
+                "float model's (quantizing activations costs about a microsecond a layer on one row)",
+                "min": 0.0,
             },
         )
         smoothing: bool = field(
@@ -775,8 +789,11 @@ class Quantize(CompressionPass):
         calibration = self.context.calibration
         self._activation_plans = {}
         self._integer_layers = set()
+        self._layer_timings = {}
+        self._model_timing = None
         gptq: dict[str, ir.Value] = {}
         dynamic: dict[str, tuple[ir.Value, np.ndarray]] = {}
+        dynamic_values: dict[str, ir.Value] = {}
         shared: set[str] = set()
         for value, uses in selected.items():
             use = uses[0]
@@ -787,6 +804,7 @@ class Quantize(CompressionPass):
                 gptq[value.name or ""] = x
             if config.activations in ("auto", "dynamic") and _dynamic_ready(uses):
                 dynamic[value.name or ""] = (x, _channel_rows(value.const_value.numpy(), use))  # type: ignore[union-attr]
+                dynamic_values[value.name or ""] = value
                 if len(uses) > 1:
                     shared.add(value.name or "")  # one smoothing cannot suit several inputs
         if config.activations == "dynamic":
@@ -804,15 +822,23 @@ class Quantize(CompressionPass):
             for weight_name, (input_value, _) in dynamic.items():
                 inputs = batch[input_value.name or ""].astype(np.float32)
                 batches[weight_name].append(inputs.reshape(-1, inputs.shape[-1]))
+        timings: dict[str, LayerTiming] = {}
         for weight_name, (_, rows) in dynamic.items():
             plan = plan_activations(batches.pop(weight_name), rows)
             if not config.smoothing or weight_name in shared:
                 plan = ActivationPlan(None, plan.error_unsmoothed, plan.error_unsmoothed)
             self._activation_plans[weight_name] = plan
             channels, inputs = rows.shape
-            within = config.activations == "auto" and plan.error <= config.activation_tolerance
-            if within and dynamic_matmul_is_faster(inputs, channels):
-                self._integer_layers.add(weight_name)
+            if config.activations == "auto" and plan.error <= config.activation_tolerance:
+                use = selected[dynamic_values[weight_name]][0]
+                timings[weight_name] = probe_dynamic_matmul(inputs, channels, _feeds_relu(use.node))
+        if config.activations == "auto":
+            self._layer_timings = timings
+            costly = any(timing.faster_on_batch and timing.single_cost > 0 for timing in timings.values())
+            self._model_timing = model_timing(model, calibration.feeds.arrays) if costly else None
+            self._integer_layers = choose_integer_layers(
+                timings, self._model_timing, config.activation_max_latency, MIN_MODEL_BATCH_GAIN
+            )
         return hessians
 
     def _plan_activations(
@@ -832,8 +858,10 @@ class Quantize(CompressionPass):
         by_name = {value.name: value for value in selected}
         candidates = [name for name in self._integer_layers if plan[by_name[name]] == 8]
         self._integer_layers = set(candidates)
-        if config.activations != "auto" or calibration is None or not candidates:
+        if config.activations != "auto" or calibration is None:
             return {}
+        if not candidates:
+            return {"integer_layers": 0, **self._timing_stats()} if self._layer_timings else {}
         budget = Budgets(
             Budget(
                 min_rank_corr=config.activation_min_rank_corr,
@@ -905,6 +933,7 @@ class Quantize(CompressionPass):
             dropped.append(worst)
         return {
             "integer_layers": len(self._integer_layers),
+            **self._timing_stats(),
             "returned_to_float": dropped,
             "budget": {
                 "min_rank_corr": config.activation_min_rank_corr,
@@ -912,6 +941,17 @@ class Quantize(CompressionPass):
                 "max_mismatch": config.activation_max_mismatch,
             },
             "measured": {key: round(figure, 6) for key, figure in figures.items()},
+        }
+
+    def _timing_stats(self) -> dict[str, Any]:
+        if self._model_timing is None:
+            return {}
+        return {
+            "float_model_us": {
+                "single_row": round(self._model_timing.single * 1e6, 1),
+                "batch": round(self._model_timing.batch * 1e6, 1),
+            },
+            "max_latency_increase": self.config.activation_max_latency,
         }
 
     def _apply_smoothing(self, graph: ir.Graph, selected: dict[ir.Value, list[WeightUse]]) -> dict[str, str]:
@@ -1015,6 +1055,12 @@ class Quantize(CompressionPass):
         stats: dict[str, Any] = {"activation_error": round(plan.error, 5)}
         if plan.scales is not None:
             stats["activation_error_unsmoothed"] = round(plan.error_unsmoothed, 5)
+        timing = self._layer_timings.get(name)
+        if timing is not None:
+            stats["integer_speedup"] = {
+                "batch": round(timing.float_batch / timing.integer_batch, 2),
+                "single_row_cost_us": round(timing.single_cost * 1e6, 2),
+            }
         return stats
 
     def _to_weight_layout(
@@ -1325,6 +1371,23 @@ def _dynamic_ready(uses: list[WeightUse]) -> bool:
     return True
 
 
+def _feeds_relu(node: ir.Node) -> bool:
+    """Whether the layer's output (after its bias Add, for a MatMul) goes only into a Relu: the
+    float form then runs as one fused kernel, which the speed probe must time against."""
+    value = node.outputs[0]
+    for _ in range(2):
+        consumers = [user for user, _ in value.uses()]
+        if len(consumers) != 1:
+            return False
+        (consumer,) = consumers
+        if consumer.op_type == "Relu":
+            return True
+        if consumer.op_type != "Add" or node.op_type != "MatMul":
+            return False
+        value = consumer.outputs[0]
+    return False
+
+
 #: Consumers whose float inputs must stay float32 tensors of their own (quantization parameters).
 _KEEP_FLOAT32_FOR = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
 _FLOAT16_MAX = 65504.0
@@ -1362,77 +1425,3 @@ def _store_floats_as_float16(graph: ir.Graph) -> dict[str, int]:
         graph.initializers.pop(value.name)
         converted[value.name] = tensor.nbytes
     return converted
-
-
-#: Rows of the micro-benchmark that decides activations=auto: the batch size of a ranking request.
-SPEED_PROBE_ROWS = 512
-
-
-@functools.lru_cache(maxsize=256)
-def dynamic_matmul_is_faster(inputs: int, outputs: int) -> bool:
-    """Whether onnxruntime runs ``x[512, inputs] @ W[inputs, outputs]`` faster with dynamic int8
-    activations (DynamicQuantizeLinear + MatMulInteger) than in float, measured on this machine.
-
-    Quantizing the activations costs a pass over them, so small layers lose and wide ones win; the
-    crossover depends on the CPU, hence a measurement (interleaved, best of 7, a 10% margin) and not
-    a rule.
-    """
-    import onnxruntime as ort
-
-    rng = np.random.default_rng(0)
-    weight = rng.standard_normal((inputs, outputs)).astype(np.float32)
-    float_model = _probe_model(
-        f"(float[N,{inputs}] x, float[{inputs},{outputs}] w) => (float[N,{outputs}] y) {{ y = MatMul(x, w) }}",
-        {"w": weight},
-    )
-    int_model = _probe_model(
-        f"""(float[N,{inputs}] x, int8[{inputs},{outputs}] w, int8[{outputs}] wz, float[{outputs}] ws)
-        => (float[N,{outputs}] y) {{
-          q, s, z = DynamicQuantizeLinear(x)
-          p = MatMulInteger(q, w, z, wz)
-          f = Cast <to = 1> (p)
-          m = Mul(s, ws)
-          y = Mul(f, m)
-        }}""",
-        {
-            "w": np.clip(np.rint(weight * 40), -127, 127).astype(np.int8),
-            "wz": np.zeros(outputs, np.int8),
-            "ws": np.full(outputs, 0.025, np.float32),
-        },
-    )
-    sessions = []
-    for model in (float_model, int_model):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # One thread: a second one's spin-waits make a run of tens of microseconds noise.
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        payload = ir.serde.serialize_model(model).SerializeToString()
-        sessions.append(ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"]))
-    feeds = {"x": rng.standard_normal((SPEED_PROBE_ROWS, inputs)).astype(np.float32)}
-    start = time.perf_counter()
-    for session in sessions:
-        session.run(None, feeds)
-    # Enough calls per repeat for about 2 ms of work, so that the timer's resolution does not count.
-    calls = max(3, min(200, int(0.004 / max(time.perf_counter() - start, 1e-6))))
-    timings: list[list[float]] = [[], []]
-    for _ in range(9):
-        for index, session in enumerate(sessions):
-            start = time.perf_counter()
-            for _ in range(calls):
-                session.run(None, feeds)
-            timings[index].append(time.perf_counter() - start)
-    # The fastest repeat is the one least disturbed by other processes.
-    float_time, int_time = (min(times) for times in timings)
-    return int_time < 0.9 * float_time
-
-
-def _probe_model(signature_and_body: str, constants: dict[str, np.ndarray]) -> ir.Model:
-    """A one-graph model from ONNX text whose named inputs become initializers."""
-    model = ir.from_onnx_text(f'<ir_version: 10, opset_import: ["" : 21]>\nprobe {signature_and_body}')
-    for value in list(model.graph.inputs):
-        if value.name in constants:
-            model.graph.inputs.remove(value)
-            value.const_value = ir.tensor(constants[value.name], name=value.name)
-            model.graph.register_initializer(value)
-    return model

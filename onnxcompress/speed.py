@@ -1,0 +1,206 @@
+"""Speed measurements that decide where integer kernels pay off, and the choice made from them.
+
+onnxruntime's dynamic int8 kernel (DynamicQuantizeLinear + MatMulInteger, fused into
+DynamicQuantizeMatMul) quantizes the activations on every call. On a 512-row batch that is cheap
+against the matrix product it speeds up; on one row it is a fixed cost of about a microsecond per
+layer, which on a 13 µs recommender is several percent of its latency. So a layer goes integer only
+when it is faster on a ranking batch, and the layers that are slower on a single request must
+together stay within a latency budget measured against the model itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress import runtime
+
+__all__ = [
+    "BATCH_ROWS",
+    "LayerTiming",
+    "ModelTiming",
+    "choose_integer_layers",
+    "model_timing",
+    "probe_dynamic_matmul",
+]
+
+#: Rows of a ranking request: the batch the throughput gain is measured on.
+BATCH_ROWS = 512
+#: A layer must be at least this much faster on a batch to count as faster (probe noise).
+MIN_BATCH_SPEEDUP = 1.1
+#: Up to this many latency-costing layers, the best set within the budget is found by trying all.
+EXHAUSTIVE_MAX_LAYERS = 12
+#: Each timing repeat lasts about this long, so that the timer's resolution does not count.
+REPEAT_SECONDS = 0.002
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """One layer's seconds per call in float and with integer kernels, on one row and on a batch."""
+
+    float_single: float
+    integer_single: float
+    float_batch: float
+    integer_batch: float
+
+    @property
+    def single_cost(self) -> float:
+        """Seconds the integer form adds to a one-row call (negative: it saves time)."""
+        return self.integer_single - self.float_single
+
+    @property
+    def batch_gain(self) -> float:
+        """Seconds the integer form saves on a batch."""
+        return self.float_batch - self.integer_batch
+
+    @property
+    def faster_on_batch(self) -> bool:
+        return self.integer_batch * MIN_BATCH_SPEEDUP < self.float_batch
+
+
+@dataclass(frozen=True)
+class ModelTiming:
+    """The whole float model's seconds per call on one row and on a batch."""
+
+    single: float
+    batch: float
+
+
+def choose_integer_layers(
+    timings: Mapping[str, LayerTiming],
+    model: ModelTiming | None,
+    max_latency_increase: float,
+    min_batch_gain: float,
+) -> set[str]:
+    """The layers to run with integer kernels.
+
+    Layers faster on a batch and no slower on one row are always taken. The others cost latency on
+    a single request; among those that each save at least ``min_batch_gain`` of the model's batch
+    time, the set with the largest batch time saved whose summed cost, less what the free layers
+    save, stays within ``max_latency_increase`` of the model's one-row time is taken (exhaustively for a few layers,
+    else greedily by time saved per time spent). Without a model timing no costly layer is taken.
+    """
+    faster = {name: timing for name, timing in timings.items() if timing.faster_on_batch}
+    chosen = {name for name, timing in faster.items() if timing.single_cost <= 0}
+    if model is None:
+        return chosen
+    costly = sorted(
+        (
+            (name, timing)
+            for name, timing in faster.items()
+            if timing.single_cost > 0 and timing.batch_gain >= min_batch_gain * model.batch
+        ),
+        key=lambda item: item[1].batch_gain / item[1].single_cost,
+        reverse=True,
+    )
+    # What the free layers save on one row, the costly ones may spend.
+    budget = max_latency_increase * model.single - sum(timings[name].single_cost for name in chosen)
+    if len(costly) <= EXHAUSTIVE_MAX_LAYERS:
+        best: tuple[float, tuple[str, ...]] = (0.0, ())
+        for size in range(1, len(costly) + 1):
+            for subset in itertools.combinations(costly, size):
+                if sum(timing.single_cost for _, timing in subset) <= budget:
+                    gain = sum(timing.batch_gain for _, timing in subset)
+                    if gain > best[0]:
+                        best = (gain, tuple(name for name, _ in subset))
+        return chosen | set(best[1])
+    for name, timing in costly:
+        if timing.single_cost <= budget:
+            chosen.add(name)
+            budget -= timing.single_cost
+    return chosen
+
+
+def _best_seconds(calls: Sequence[Callable[[], object]], repeats: int = 9) -> list[float]:
+    """Seconds per call of each callable: interleaved repeats, the fastest of each (the one least
+    disturbed by other processes)."""
+    start = time.perf_counter()
+    for call in calls:
+        call()
+    count = max(1, min(2000, int(REPEAT_SECONDS * len(calls) / max(time.perf_counter() - start, 1e-7))))
+    best = [float("inf")] * len(calls)
+    for _ in range(repeats):
+        for index, call in enumerate(calls):
+            start = time.perf_counter()
+            for _ in range(count):
+                call()
+            best[index] = min(best[index], (time.perf_counter() - start) / count)
+    return best
+
+
+def _timing_session(model: ir.Model) -> object:
+    # One thread: a second one's spin-waits make a run of a few microseconds noise. All graph
+    # optimisations, as deployed, so that fused kernels are what is timed.
+    return runtime.make_session(model, "all", threads=1)
+
+
+@functools.lru_cache(maxsize=256)
+def probe_dynamic_matmul(inputs: int, outputs: int, relu: bool) -> LayerTiming:
+    """Time ``relu?(x @ W + b)`` for W of ``inputs`` x ``outputs`` in float and as
+    DynamicQuantizeLinear + MatMulInteger, the form the quantizer writes, on one row and on
+    ``BATCH_ROWS`` rows. Measured, not modelled: the crossover depends on the CPU."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((inputs, outputs)).astype(np.float32)
+    tail = "g = Add(r, b)\n y = Relu(g)" if relu else "y = Add(r, b)"
+    float_model = _probe_model(
+        f"(float[N,{inputs}] x, float[{inputs},{outputs}] w, float[{outputs}] b) => (float[N,{outputs}] y) "
+        f"{{ r = MatMul(x, w)\n {tail} }}",
+        {"w": weight, "b": np.zeros(outputs, np.float32)},
+    )
+    int_model = _probe_model(
+        f"""(float[N,{inputs}] x, int8[{inputs},{outputs}] w, int8[{outputs}] wz, float[{outputs}] ws,
+        float[{outputs}] b) => (float[N,{outputs}] y) {{
+          q, s, z = DynamicQuantizeLinear(x)
+          p = MatMulInteger(q, w, z, wz)
+          f = Cast <to = 1> (p)
+          m = Mul(s, ws)
+          r = Mul(f, m)
+          {tail}
+        }}""",
+        {
+            "w": np.clip(np.rint(weight * 40), -127, 127).astype(np.int8),
+            "wz": np.zeros(outputs, np.int8),
+            "ws": np.full(outputs, 0.025, np.float32),
+            "b": np.zeros(outputs, np.float32),
+        },
+    )
+    sessions = [_timing_session(model) for model in (float_model, int_model)]
+    single = {"x": rng.standard_normal((1, inputs)).astype(np.float32)}
+    batch = {"x": rng.standard_normal((BATCH_ROWS, inputs)).astype(np.float32)}
+    float_single, integer_single = _best_seconds([_runner(session, single) for session in sessions])
+    float_batch, integer_batch = _best_seconds([_runner(session, batch) for session in sessions])
+    return LayerTiming(float_single, integer_single, float_batch, integer_batch)
+
+
+def model_timing(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> ModelTiming:
+    """The model's seconds per call on its first feed row and on its first ``BATCH_ROWS`` rows."""
+    session = _timing_session(model)
+    names = {spec.name for spec in session.get_inputs()}  # type: ignore[attr-defined]
+    arrays = {name: array for name, array in feeds.items() if name in names}
+    single, batch = ({name: array[:rows] for name, array in arrays.items()} for rows in (1, BATCH_ROWS))
+    (single_seconds,) = _best_seconds([_runner(session, single)], repeats=5)
+    (batch_seconds,) = _best_seconds([_runner(session, batch)], repeats=5)
+    return ModelTiming(single_seconds, batch_seconds)
+
+
+def _runner(session: object, feeds: Mapping[str, np.ndarray]) -> Callable[[], object]:
+    run = session.run  # type: ignore[attr-defined]
+    arrays = dict(feeds)
+    return lambda: run(None, arrays)
+
+
+def _probe_model(signature_and_body: str, constants: dict[str, np.ndarray]) -> ir.Model:
+    """A one-graph model from ONNX text whose named inputs become initializers."""
+    model = ir.from_onnx_text(f'<ir_version: 10, opset_import: ["" : 21]>\nprobe {signature_and_body}')
+    for value in list(model.graph.inputs):
+        if value.name in constants:
+            model.graph.inputs.remove(value)
+            value.const_value = ir.tensor(constants[value.name], name=value.name)
+            model.graph.register_initializer(value)
+    return model
