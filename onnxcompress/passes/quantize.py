@@ -340,6 +340,9 @@ class Quantize(CompressionPass):
     #: (measured only when some layer would cost single-row latency).
     _layer_timings: dict[str, LayerTiming]
     _model_timing: ModelTiming | None
+    #: ``_linear_codes`` results by (weight, bits, integer layer), with the rows and Hessian they
+    #: were computed from.
+    _linear_cache: dict[tuple[str, int, bool], tuple[np.ndarray, np.ndarray | None, Any]]
 
     @dataclass(frozen=True)
     class Config:
@@ -519,6 +522,7 @@ class Quantize(CompressionPass):
         min_elements: int = field(default=0, metadata={"help": "leave weights with fewer elements in float", "min": 0})
 
     def call(self, model: ir.Model) -> CompressionResult:
+        self._linear_cache = {}
         selected, skipped = self._select(model)
         if not selected:
             return CompressionResult(model, modified=False, stats={"skipped": skipped})
@@ -991,6 +995,19 @@ class Quantize(CompressionPass):
     ) -> tuple[QuantizedRows, str, bool, str]:
         """Quantize ``rows`` ``[channels, inputs]``: (codes, granularity, dynamic, rounding). The
         codes of a smoothed integer layer are those of ``rows * scales``."""
+        key = (uses[0].value.name or "", bits, self._linear_plan(uses, rows.shape, bits)[2])
+        cached = self._linear_cache.get(key)
+        if cached is not None and cached[1] is hessian and np.array_equal(cached[0], rows):
+            return cached[2]
+        result = self._compute_linear_codes(rows, uses, bits, hessian)
+        # The whole-model activation check quantizes each weight once already: GPTQ is the slow
+        # part, and the weight is unchanged unless smoothing folded factors into its outputs since.
+        self._linear_cache[key] = (rows.copy(), hessian, result)
+        return result
+
+    def _compute_linear_codes(
+        self, rows: np.ndarray, uses: list[WeightUse], bits: int, hessian: np.ndarray | None
+    ) -> tuple[QuantizedRows, str, bool, str]:
         config = self.config
         channels, inputs = rows.shape
         granularity, group, dynamic = self._linear_plan(uses, (channels, inputs), bits)
