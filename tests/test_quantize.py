@@ -500,9 +500,9 @@ def test_weights_too_large_for_the_mixed_search_keep_their_configured_bits(
 
 def test_the_mixed_search_keeps_label_flips_within_its_budget_on_the_sklearn_classifier(tmp_path: Path) -> None:
     """skl2onnx's `label` output is the thresholded probability: the rank and cosine budgets alone
-    let 2.3% of the test labels flip (the parity gate allows 2%); the search now counts flips."""
+    let labels flip (2.3% of them once, above the parity gate's 2%); the search counts flips."""
     mismatch = {}
-    for allowed in (1.0, 0.01):
+    for allowed in (1.0, 0.002):
         report = compress_with_preset(
             "sklearn_mlp",
             "max",
@@ -515,7 +515,7 @@ def test_the_mixed_search_keeps_label_flips_within_its_budget_on_the_sklearn_cla
         mismatch[allowed] = label.mismatch
         quant = next(record for record in report.passes if record.name == "quant")
         assert quant.stats["mixed_precision"]["budget"]["max_mismatch"] == allowed
-    assert mismatch[0.01] <= 0.01 < mismatch[1.0]
+    assert mismatch[0.002] <= 0.002 < mismatch[1.0]
 
 
 def test_int8_keeps_the_wide_dlrm_within_the_auc_target(tmp_path: Path) -> None:
@@ -546,3 +546,41 @@ def test_a_stricter_activation_budget_returns_more_layers_to_float(tmp_path: Pat
     (loose_score,), (strict_score,) = loose.parity.outputs, strict.parity.outputs
     assert strict_score.spearman is not None and loose_score.spearman is not None
     assert strict_score.spearman > loose_score.spearman
+
+
+@pytest.mark.parametrize(("inputs", "blocks", "padding"), [(75, 3, 0), (137, 5, 3), (64, 2, 0)])
+def test_block_granularity_splits_odd_widths_into_equal_padded_blocks(
+    inputs: int, blocks: int, padding: int, tmp_path: Path
+) -> None:
+    """First layers read concatenated features of odd width: they get equal blocks of at most
+    block_size (padded with zero columns that are sliced off), not one scale per channel."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((inputs, 16)).astype(np.float32)
+    weight[:, :4] *= 8.0  # columns of very different ranges: blocks beat one scale per channel
+
+    def model() -> ir.Model:
+        built = ir.from_onnx_text(
+            f'<ir_version: 10, opset_import: ["" : 21]>\nm (float[N,{inputs}] x) => (float[N,16] y) {{ y = MatMul(x, w) }}'
+        )
+        w = ir.Value(name="w", const_value=ir.tensor(weight, name="w"))
+        built.graph.register_initializer(w)
+        built.graph.node(0).replace_input_with(1, w)
+        return built
+
+    feeds = {"x": rng.standard_normal((30, inputs)).astype(np.float32)}
+    (expected,) = evaluate(model(), tmp_path, feeds)
+    errors = {}
+    for granularity in ("block", "channel"):
+        quantized = model()
+        result = Quantize(Quantize.Config(bits=4, granularity=granularity, block_size=32, rounding="nearest"))(
+            quantized
+        )
+        codes = next(v.const_value for v in quantized.graph.initializers.values() if v.const_value.size >= inputs * 8)
+        if granularity == "block":
+            assert result.stats["tensors"]["w"]["granularity"] == "block"
+            assert codes.size == 16 * (inputs + padding)
+            scales = [v for v in quantized.graph.initializers.values() if v.const_value.size == 16 * blocks]
+            assert scales, "one scale per output channel and block"
+        (got,) = evaluate(quantized, tmp_path, feeds)
+        errors[granularity] = relative_error(expected, got)
+    assert errors["block"] < errors["channel"]

@@ -751,7 +751,7 @@ class Quantize(CompressionPass):
         use = uses[0]
         rows = _channel_rows(weight, use)
         quantized, _, dynamic, _ = self._linear_codes(rows, uses, bits, hessians.get(value.name or ""))
-        restored = _dequantized(quantized).reshape(rows.shape)
+        restored = _dequantized(quantized).reshape(rows.shape[0], -1)[:, : rows.shape[1]]
         scales = self._smoothing(uses, dynamic)
         if scales is not None:
             restored = restored / scales
@@ -979,7 +979,9 @@ class Quantize(CompressionPass):
         granularity = config.granularity if bits > 1 else "channel"
         group = {"tensor": channels * inputs, "channel": inputs, "block": config.block_size}[granularity]
         if granularity == "block" and inputs % group:
-            granularity, group = "channel", inputs
+            # First layers read concatenated features (137, 75, 52 inputs): equal blocks of at most
+            # block_size, the last few columns padded with zeros, instead of one scale per channel.
+            group = -(-inputs // -(-inputs // group))
         dynamic = bits == 8 and _dynamic_ready(uses) and (uses[0].value.name or "") in self._integer_layers
         if dynamic:
             granularity, group = "channel", inputs
@@ -1019,6 +1021,11 @@ class Quantize(CompressionPass):
         if bits == 1:
             codes, alpha = binarize_rows(rows)
             return QuantizedRows(codes, alpha, None, 1), granularity, dynamic, "binary"
+        padding = -inputs % group if granularity == "block" else 0
+        if padding:
+            rows = np.pad(rows, ((0, 0), (0, padding)))
+            hessian = None if hessian is None else np.pad(hessian, ((0, padding), (0, padding)))
+            inputs += padding
         if hessian is not None and hessian.shape == (inputs, inputs) and granularity != "tensor":
             quantized = gptq_quantize(rows, hessian, bits, group_size=group, symmetric=symmetric)
             return quantized, granularity, dynamic, "gptq"
@@ -1049,7 +1056,21 @@ class Quantize(CompressionPass):
             stored = _store(build, quantized, binary=bits == 1, column=not linear_form, native_int4=True)
             form = "dequantize_linear" if linear_form else "fold"
             flat = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, config.dequantize)
-            output = self._to_weight_layout(build, flat, quantized.codes.shape, weight.shape, use)
+            decoded_shape = quantized.codes.shape
+            if quantized.codes.size != rows.size:  # blocks padded: drop the padding columns
+                padded = quantized.codes.size // channels
+                flat = build.op("Reshape", [flat, build.constant("shape", np.array([channels, padded], np.int64))])
+                flat = build.op(
+                    "Slice",
+                    [
+                        flat,
+                        build.constant("start", np.array([0], np.int64)),
+                        build.constant("end", np.array([inputs], np.int64)),
+                        build.constant("axis", np.array([1], np.int64)),
+                    ],
+                )
+                decoded_shape = rows.shape
+            output = self._to_weight_layout(build, flat, decoded_shape, weight.shape, use)
             build.insert_before(_first(graph, uses))
             for weight_use in uses:
                 weight_use.node.replace_input_with(weight_use.input_index, output)
