@@ -168,6 +168,65 @@ def test_batchnorm_and_per_channel_affine_fold_into_the_linear_layer(tmp_path: P
         np.testing.assert_allclose(exact, folded, rtol=1e-5, atol=1e-5)
 
 
+def test_a_batch_norm_after_an_activation_folds_into_the_next_linear_layer(tmp_path: Path) -> None:
+    """tf2onnx writes Dense(relu) -> BatchNorm -> Dense as Relu, Mul, Add, MatMul, Add: the Mul and
+    Add fold forward into the next layer (no shapes are declared: the width comes from the layer
+    before), but not when something else also reads them or when a constant broadcasts the width."""
+    rng = np.random.default_rng(1)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,5] x, float[5,4] w1, float[4] b1, float[4] s, float[4] t, float[4,3] w2, float[3] b2,
+           int64[1] starts, int64[1] ends, int64[1] axes, float[4] u, float[4,2] w4, float[4] s2,
+           float[4,2] w5) => (float[N,3] y, float[N,2] z, float[N,2] v, float[N,4] seen) {
+          h = MatMul(x, w1)
+          hb = Add(h, b1)
+          r = Relu(hb)
+          scaled = Mul(r, s)
+          shifted = Add(scaled, t)
+          m = MatMul(shifted, w2)
+          y = Add(m, b2)
+          one = Slice(x, starts, ends, axes)
+          wide = Mul(one, u)
+          z = MatMul(wide, w4)
+          q = Mul(r, s2)
+          v = MatMul(q, w5)
+          seen = Relu(q)
+        }
+        """,
+        {
+            "w1": rng.standard_normal((5, 4)).astype(np.float32),
+            "b1": rng.standard_normal(4).astype(np.float32),
+            "s": rng.random(4).astype(np.float32) + 0.5,
+            "t": rng.standard_normal(4).astype(np.float32),
+            "w2": rng.standard_normal((4, 3)).astype(np.float32),
+            "b2": rng.standard_normal(3).astype(np.float32),
+            "starts": np.array([0], np.int64),
+            "ends": np.array([1], np.int64),
+            "axes": np.array([1], np.int64),
+            "u": rng.standard_normal(4).astype(np.float32),
+            "w4": rng.standard_normal((4, 2)).astype(np.float32),
+            "s2": rng.standard_normal(4).astype(np.float32),
+            "w5": rng.standard_normal((4, 2)).astype(np.float32),
+        },
+    )
+    for value in model.graph:
+        for output in value.outputs:
+            if output not in model.graph.outputs:
+                output.shape = None
+    feeds = {"x": rng.standard_normal((7, 5)).astype(np.float32)}
+    before = run_reference(model, tmp_path, feeds)
+    result = Cleanup()(model)
+    assert result.stats["affine_folded"] >= 2
+    # the batch norm's Mul and Add are gone; the [N,1] * [4] broadcast and the Mul read twice stay
+    assert op_types(model).count("Mul") == 2
+    relu = next(node for node in model.graph if node.op_type == "Relu" and node.inputs[0].producer().op_type != "Mul")
+    assert {user.op_type for user, _ in relu.outputs[0].uses()} == {"Mul", "MatMul"}  # rank unknown: no Gemm
+    after = run_reference(model, tmp_path, feeds)
+    for exact, folded in zip(before, after, strict=True):
+        np.testing.assert_allclose(exact, folded, rtol=1e-5, atol=1e-5)
+
+
 def test_short_names_keep_the_interface() -> None:
     model = mlp_model()
     Cleanup(Cleanup.Config(short_names=True))(model)

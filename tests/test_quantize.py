@@ -584,3 +584,20 @@ def test_block_granularity_splits_odd_widths_into_equal_padded_blocks(
         (got,) = evaluate(quantized, tmp_path, feeds)
         errors[granularity] = relative_error(expected, got)
     assert errors["block"] < errors["channel"]
+
+
+def test_int8_keras_graph_stores_weights_as_matmul_reads_them_and_folds_the_batch_norm(tmp_path: Path) -> None:
+    """On the tf2onnx Wide&Deep: the batch norm after the first Dense's ReLU folds into the next
+    layer, and per-channel MatMul weights are stored [inputs, outputs] (no Transpose to store)."""
+    import onnx
+
+    out = tmp_path / "int8.onnx"
+    report = compress_with_preset("keras_wide_deep", "int8", out)
+    assert report.parity.passed
+    ops = [node.op_type for node in onnx.load(str(out)).graph.node]
+    assert "Transpose" not in ops
+    relu = [index for index, op in enumerate(ops) if op == "Relu"]
+    assert len(relu) == 3
+    # nothing but the next layer's quantized-input op (or its weight decode) after each ReLU
+    assert all(ops[index + 1] in ("DynamicQuantizeLinear", "MatMul", "Cast") for index in relu[:2])
+    assert report.size_ratio > 3.88

@@ -326,32 +326,128 @@ def fold_affine_into_linear(model: ir.Model) -> int:
         if not changed:
             continue
         folded += changed
-        new_weight = constant_value(f"{weight.name}_folded", w.astype(np.float32))
-        new_bias = constant_value(f"{weight.name}_folded_bias", b.astype(np.float32))
-        graph.register_initializer(new_weight)
-        graph.register_initializer(new_bias)
-        if node.op_type == "MatMul":
-            # Gemm needs a 2-D input; otherwise the folded bias follows as one Add.
-            if rank == 2:
-                replacement = ir.node("Gemm", [node.inputs[0], new_weight, new_bias], name=node.name)
-                added = [replacement]
-            else:
-                matmul = ir.node("MatMul", [node.inputs[0], new_weight], name=node.name)
-                replacement = ir.node("Add", [matmul.outputs[0], new_bias])
-                added = [matmul, replacement]
-            graph.insert_before(node, added)
-            ir.convenience.replace_all_uses_with(output, replacement.outputs[0], replace_graph_outputs=True)
-            replacement.outputs[0].name, output.name = output.name, None
-            replacement.outputs[0].type, replacement.outputs[0].shape = output.type, output.shape
-            graph.remove(node, safe=True)
-        else:
-            node.replace_input_with(1, new_weight)
-            if len(node.inputs) > 2:
-                node.replace_input_with(2, new_bias)
-            else:
-                node.resize_inputs(3)
-                node.replace_input_with(2, new_bias)
+        _rewrite_linear(graph, node, weight, w, b, rank)
     return folded
+
+
+def _rewrite_linear(
+    graph: ir.Graph, node: ir.Node, weight: ir.Value, w: np.ndarray, b: np.ndarray, rank: int | None
+) -> None:
+    """Give linear ``node`` the weight ``w`` and bias ``b`` as new initializers (a MatMul becomes a
+    Gemm on 2-D inputs, else MatMul + Add)."""
+    output = node.outputs[0]
+    new_weight = constant_value(f"{weight.name}_folded", w.astype(np.float32))
+    new_bias = constant_value(f"{weight.name}_folded_bias", b.astype(np.float32))
+    graph.register_initializer(new_weight)
+    graph.register_initializer(new_bias)
+    if node.op_type == "MatMul":
+        # Gemm needs a 2-D input; otherwise the folded bias follows as one Add.
+        if rank == 2:
+            replacement = ir.node("Gemm", [node.inputs[0], new_weight, new_bias], name=node.name)
+            added = [replacement]
+        else:
+            matmul = ir.node("MatMul", [node.inputs[0], new_weight], name=node.name)
+            replacement = ir.node("Add", [matmul.outputs[0], new_bias])
+            added = [matmul, replacement]
+        graph.insert_before(node, added)
+        ir.convenience.replace_all_uses_with(output, replacement.outputs[0], replace_graph_outputs=True)
+        replacement.outputs[0].name, output.name = output.name, None
+        replacement.outputs[0].type, replacement.outputs[0].shape = output.type, output.shape
+        graph.remove(node, safe=True)
+    else:
+        node.replace_input_with(1, new_weight)
+        if len(node.inputs) < 3:
+            node.resize_inputs(3)
+        node.replace_input_with(2, new_bias)
+
+
+def fold_affine_into_next_linear(model: ir.Model) -> int:
+    """Fold per-channel affine ops whose only consumer is a linear layer into that layer's weight and
+    bias: tf2onnx writes a batch norm after an activation as Mul + Add in front of the next Dense.
+
+    Exact algebra (up to float rounding): ``(x * s + t) W + b = x (diag(s) W) + (t W + b)``. Returns
+    the number of nodes folded away.
+    """
+    folded = 0
+    graph = model.graph
+    for node in list(graph):
+        found = _linear_weights(node)
+        if found is None or node.graph is None or node.inputs[0] is None:
+            continue
+        weight, axis, bias = found
+        inputs = int(weight.const_value.shape.numpy()[1 - axis])  # type: ignore[union-attr]
+        rank = 2 if node.op_type == "Gemm" else None
+        source = node.inputs[0]
+        if rank is None and source.shape is not None:
+            rank = len(source.shape)
+        # input = scale * source + shift, walking back through affine producers used only here
+        scale, shift = np.ones(inputs), np.zeros(inputs)
+        removed: list[ir.Node] = []
+        while True:
+            producer = source.producer()
+            if producer is None or len(source.uses()) != 1 or source.is_graph_output():
+                break
+            affine = _affine_after(producer, inputs, rank)
+            upstream = _variable_input(producer)
+            # The data input must already be [..., inputs]: a [rows, 1] input broadcast by a
+            # [inputs] constant cannot move past the matrix product.
+            if affine is None or upstream is None or _last_dim(upstream) != inputs:
+                break
+            factor, offset = affine
+            scale, shift = scale * factor, scale * offset + shift
+            removed.append(producer)
+            source = upstream
+        if not removed:
+            continue
+        w = weight.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
+        channels = w.shape[axis]
+        b = bias.const_value.numpy().astype(np.float64).reshape(-1) if bias is not None else np.zeros(channels)  # type: ignore[union-attr]
+        if b.size != channels:
+            continue
+        b = b + (shift @ w if axis == 1 else w @ shift)
+        w = w * (scale[:, None] if axis == 1 else scale[None, :])
+        node.replace_input_with(0, source)
+        graph.remove(removed, safe=True)
+        folded += len(removed)
+        _rewrite_linear(graph, node, weight, w, b, rank)
+    return folded
+
+
+_ELEMENTWISE = frozenset(
+    {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "Gelu", "Clip", "Identity"}
+)
+
+
+def _last_dim(value: ir.Value, depth: int = 0) -> int | None:
+    """The static size of ``value``'s last axis: from its shape, else through elementwise ops and
+    per-channel affine ops back to the linear layer or BatchNormalization that set it."""
+    if value.shape is not None and len(value.shape) >= 1 and isinstance(value.shape[-1], int):
+        return value.shape[-1]
+    producer = value.producer()
+    if producer is None or depth > 16:
+        return None
+    found = _linear_weights(producer)
+    if found is not None:
+        weight, axis, _ = found
+        return int(weight.const_value.shape.numpy()[axis])  # type: ignore[union-attr]
+    if producer.op_type in _ELEMENTWISE or producer.op_type in ("Add", "Mul", "BatchNormalization"):
+        upstream = _variable_input(producer) if producer.op_type not in _ELEMENTWISE else producer.inputs[0]
+        if upstream is None:
+            return None
+        size = _last_dim(upstream, depth + 1)
+        constants = [v for v in producer.inputs[1:] if v is not None and constant_array(v) is not None]
+        if producer.op_type in ("Add", "Mul") and any(_channel_vector(c, size or 0) is None for c in constants):
+            return None  # a constant that broadcasts the last axis
+        return size
+    return None
+
+
+def _variable_input(node: ir.Node) -> ir.Value | None:
+    """The one non-constant input of an affine node (its data input)."""
+    if node.op_type == "BatchNormalization":
+        return node.inputs[0]
+    variable = [value for value in node.inputs if value is not None and constant_array(value) is None]
+    return variable[0] if len(variable) == 1 else None
 
 
 def shorten_names(model: ir.Model) -> int:
@@ -411,7 +507,10 @@ class Cleanup(CompressionPass):
         )
         fold_affine: bool = field(
             default=True,
-            metadata={"help": "fold inference BatchNormalization and per-channel Mul/Add into the linear layer before"},
+            metadata={
+                "help": "fold inference BatchNormalization and per-channel Mul/Add into the linear layer "
+                "before them, or after them when it is their only consumer"
+            },
         )
         short_names: bool = field(
             default=False, metadata={"help": "drop node names and give internal values short names"}
@@ -422,7 +521,7 @@ class Cleanup(CompressionPass):
         initializers_before = len(model.graph.initializers)
         dropout = remove_inference_dropout(model) if self.config.remove_dropout else 0
         remove_identities(model)
-        affine = fold_affine_into_linear(model) if self.config.fold_affine else 0
+        affine = fold_affine_into_linear(model) + fold_affine_into_next_linear(model) if self.config.fold_affine else 0
         RemoveUnusedNodesPass()(model)
         RemoveUnusedFunctionsPass()(model)
         merged, merged_bytes = merge_identical_initializers(model) if self.config.merge_initializers else (0, 0)

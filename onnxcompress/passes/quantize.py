@@ -209,19 +209,21 @@ def _store(
     column: bool = False,
     native_int4: bool = False,
     rows_shape: tuple[int, int] | None = None,
+    along_rows: bool = False,
 ) -> _Stored:
     """Put codes and parameters into initializers.
 
     Codes are int8/uint8 at 8 bits, INT4/UINT4 with ``native_int4`` (decoded whole, by Cast or
     DequantizeLinear: one node instead of an unpacking chain; a Gather cannot read int4), and
     bit-packed uint8 otherwise. ``column`` stores scales and zero points as ``[rows, 1]`` so that
-    they broadcast over the codes without an Unsqueeze node.
+    they broadcast over the codes without an Unsqueeze node; ``along_rows`` stores them as
+    ``[1, elements]``, one per column of the codes.
     """
     bits = quantized.bits
     if rows_shape is not None:  # one scale for the whole tensor, codes kept as rows for lookups
         quantized = QuantizedRows(quantized.codes.reshape(rows_shape), quantized.scale, quantized.zero_point, bits)
     rows, elements = quantized.codes.shape
-    shape: tuple[int, ...] = (rows, 1) if column else (rows,)
+    shape: tuple[int, ...] = (1, elements) if along_rows else (rows, 1) if column else (rows,)
     if quantized.scale.size == 1 and rows != 1:
         shape = ()
     if bits == 8:
@@ -1051,6 +1053,21 @@ class Quantize(CompressionPass):
                 build.insert_before(weight_use.node)
                 graph.remove(weight_use.node, safe=True)
             form = "dynamic"
+        elif _stored_as_read(quantized, granularity, use, weight.shape, config.dequantize):
+            # Codes kept in the [inputs, outputs] layout MatMul reads, scales as a [1, outputs] row:
+            # no Transpose node to store.
+            by_column = QuantizedRows(
+                quantized.codes.reshape(channels, inputs).T.copy(),
+                quantized.scale,
+                quantized.zero_point,
+                bits,
+            )
+            stored = _store(build, by_column, native_int4=True, along_rows=True)
+            output = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, "fold")
+            build.insert_before(_first(graph, uses))
+            for weight_use in uses:
+                weight_use.node.replace_input_with(weight_use.input_index, output)
+            form = "fold"
         else:
             linear_form = config.dequantize == "linear"
             stored = _store(build, quantized, binary=bits == 1, column=not linear_form, native_int4=True)
@@ -1393,6 +1410,22 @@ def _channel_rows(weight: np.ndarray, use: WeightUse) -> np.ndarray:
     """The weight as ``[output channels, inputs]`` (Conv kernels flattened into the inputs)."""
     moved = np.moveaxis(weight, use.out_axis, 0)
     return moved.reshape(moved.shape[0], -1)
+
+
+def _stored_as_read(
+    quantized: QuantizedRows, granularity: str, use: WeightUse, shape: tuple[int, ...], dequantize: str
+) -> bool:
+    """Whether a per-channel weight whose output channels are its second axis (MatMul, Gemm without
+    transB) can be stored in the layout its op reads, at a bit width stored without packing."""
+    return (
+        dequantize == "fold"
+        and granularity == "channel"
+        and use.out_axis == 1
+        and len(shape) == 2
+        and quantized.bits in (8, 4)
+        and quantized.codes.size == shape[0] * shape[1]
+        and quantized.scale.size == shape[1]
+    )
 
 
 def _dynamic_ready(uses: list[WeightUse]) -> bool:
