@@ -227,6 +227,31 @@ def test_a_batch_norm_after_an_activation_folds_into_the_next_linear_layer(tmp_p
         np.testing.assert_allclose(exact, folded, rtol=1e-5, atol=1e-5)
 
 
+def test_identical_constant_nodes_are_merged_and_outputs_stay_exact(tmp_path: Path) -> None:
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N] a, float[N] b) => (float[N,1] y, float[N,1] bu, float[1,N] z, int64[1] axes_out) {
+          one = Constant <value = int64[1] {1}> ()
+          y = Unsqueeze(a, one)
+          also_one = Constant <value = int64[1] {1}> ()
+          zero = Constant <value = int64[1] {0}> ()
+          bu = Unsqueeze(b, also_one)
+          z = Unsqueeze(a, zero)
+          axes_out = Constant <value = int64[1] {1}> ()
+        }
+        """
+    )
+    feeds = {"a": np.arange(3, dtype=np.float32), "b": np.ones(3, np.float32)}
+    before = run_reference(model, tmp_path, feeds)
+    result = Cleanup()(model)
+    assert result.stats["constants_merged"] == 1  # also_one; a graph output keeps its own node
+    assert op_types(model).count("Constant") == 3
+    after = run_reference(model, tmp_path, feeds)
+    for exact, merged in zip(before, after, strict=True):
+        np.testing.assert_array_equal(exact, merged)
+
+
 def test_short_names_keep_the_interface() -> None:
     model = mlp_model()
     Cleanup(Cleanup.Config(short_names=True))(model)

@@ -120,6 +120,34 @@ def merge_identical_initializers(model: ir.Model) -> tuple[int, int]:
     return merged, saved
 
 
+def merge_identical_constants(model: ir.Model) -> int:
+    """Point every use of a Constant node's output at the first Constant node with the same tensor
+    (exporters write one axes or shape constant per Unsqueeze or Reshape); return the count merged.
+    The first comes before every later one, so before all of their uses."""
+    merged = 0
+    for graph in model.graphs():
+        kept: dict[tuple[Any, ...], ir.Value] = {}
+        for node in list(graph):
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or list(node.attributes) != ["value"]:
+                continue
+            output = node.outputs[0]
+            tensor = node.attributes["value"].as_tensor()
+            if output.is_graph_output() or tensor.nbytes > _CONSTANT_MERGE_MAX_BYTES:
+                continue
+            key = (tensor.dtype, tuple(tensor.shape), tensor.tobytes())
+            if key in kept:
+                output.replace_all_uses_with(kept[key])
+                graph.remove(node, safe=True)
+                merged += 1
+            else:
+                kept[key] = output
+    return merged
+
+
+#: Constant nodes are small (shapes, axes, indices): larger tensors are initializers.
+_CONSTANT_MERGE_MAX_BYTES = 1 << 16
+
+
 def _still_tied(values: list[ir.Value], digest_of: Any) -> list[ir.Value]:
     if len(values) < 2:
         return []
@@ -499,7 +527,8 @@ class Cleanup(CompressionPass):
             default=True, metadata={"help": "bypass Dropout nodes that do nothing at inference"}
         )
         merge_initializers: bool = field(
-            default=True, metadata={"help": "make duplicated initializers (same dtype, shape, bytes) one"}
+            default=True,
+            metadata={"help": "make duplicated initializers and Constant nodes (same dtype, shape, bytes) one"},
         )
         strip_metadata: bool = field(
             default=False,
@@ -525,6 +554,7 @@ class Cleanup(CompressionPass):
         RemoveUnusedNodesPass()(model)
         RemoveUnusedFunctionsPass()(model)
         merged, merged_bytes = merge_identical_initializers(model) if self.config.merge_initializers else (0, 0)
+        constants_merged = merge_identical_constants(model) if self.config.merge_initializers else 0
         RemoveUnusedNodesPass()(model)
         RemoveUnusedOpsetsPass()(model)
         stripped = strip_metadata(model) if self.config.strip_metadata else 0
@@ -537,10 +567,13 @@ class Cleanup(CompressionPass):
             "dropout_removed": dropout,
             "initializers_removed": initializers_before - len(model.graph.initializers) - merged,
             "initializers_merged": merged,
+            "constants_merged": constants_merged,
             "bytes_merged": merged_bytes,
             "affine_folded": affine,
             "metadata_items_stripped": stripped,
             "names_shortened": renamed,
         }
-        modified = bool(stats["nodes_removed"] or stats["initializers_removed"] or merged or stripped or renamed)
+        modified = bool(
+            stats["nodes_removed"] or stats["initializers_removed"] or merged or constants_merged or stripped or renamed
+        )
         return CompressionResult(model, modified=modified, stats=stats)
