@@ -300,7 +300,9 @@ def test_remaining_floats_are_stored_as_float16_and_cast_back(tmp_path: Path) ->
     (expected,) = evaluate(linear_model(), tmp_path, feeds)
     model = linear_model()
     result = Quantize(Quantize.Config(op_types=("MatMul",)))(model)  # the Gemm weights stay float
-    assert result.stats["float16_tensors"] == 2  # w_gemm (512 values) and w_gemm_t (256); b has 16
+    # w_gemm (512 values), w_gemm_t (256) and w_mm's 32 channel scales; b has 16, under FLOAT16_MIN_VALUES
+    assert result.stats["float16_tensors"] == 3
+    assert model.graph.initializers["w_mm_scale_f16"].const_value.dtype == ir.DataType.FLOAT16
     assert model.graph.initializers["w_gemm_f16"].const_value.dtype == ir.DataType.FLOAT16
     assert model.graph.initializers["b"].const_value.dtype == ir.DataType.FLOAT
     (got,) = evaluate(model, tmp_path, feeds)
