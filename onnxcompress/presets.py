@@ -67,7 +67,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "int4",
             "4-bit weights: linear layers in blocks of 32 with GPTQ on calibration data, tables per row "
-            "(scales of tables of 4096+ rows in a codebook)",
+            "(scales of tables of 768+ rows in a codebook)",
             ("cleanup", "quant", "cleanup@final"),
             {
                 "quant": {

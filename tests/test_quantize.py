@@ -9,7 +9,7 @@ from conftest import model_files, save_model, text_model
 from onnx.reference import ReferenceEvaluator
 
 from onnxcompress import runtime
-from onnxcompress.passes.quantize import Quantize
+from onnxcompress.passes.quantize import CODEBOOK_MIN_ROWS, Quantize
 from onnxcompress.report import Report
 
 RNG = np.random.default_rng(0)
@@ -603,3 +603,26 @@ def test_int8_keras_graph_stores_weights_as_matmul_reads_them_and_folds_the_batc
     # nothing but the next layer's quantized-input op (or its weight decode) after each ReLU
     assert all(ops[index + 1] in ("DynamicQuantizeLinear", "MatMul", "Cast") for index in relu[:2])
     assert report.size_ratio > 3.88
+
+
+@pytest.mark.parametrize("rows", [CODEBOOK_MIN_ROWS - 1, CODEBOOK_MIN_ROWS])
+def test_a_scale_codebook_is_used_from_the_row_count_where_it_pays(rows: int) -> None:
+    rng = np.random.default_rng(6)
+    table = (rng.standard_normal((rows, 16)) * rng.lognormal(0, 1, (rows, 1))).astype(np.float32)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] ids, float[{rows},16] table) => (float[N,16] out) {{
+          out = Gather(table, ids)
+        }}
+        """
+    sizes = {}
+    for codebook in (False, True):
+        model = text_model(text, {"table": table})
+        config = Quantize.Config(embedding_bits=4, embedding_granularity="row", scale_codebook=codebook)
+        sizes[codebook] = Quantize(config)(model).stats["tensors"]["table"]["bytes_after"]
+    used = "table_scale_codebook" in model.graph.initializers
+    assert used == (rows >= CODEBOOK_MIN_ROWS)
+    if used:
+        assert sizes[True] < sizes[False] - 100  # a byte a row, less the 512-byte codebook
+    else:
+        assert sizes[True] == sizes[False]

@@ -73,8 +73,8 @@ DECISION_SAMPLE_ROWS = 1 << 16
 #: Tables larger than this are rounded to nearest per row: the clip search costs 26 passes.
 SEARCH_MAX_ELEMENTS = 1 << 24
 #: Tables with fewer rows keep float16 scales: the byte a codebook saves per row must repay its
-#: 512-byte table and the decoding nodes.
-CODEBOOK_MIN_ROWS = 4096
+#: 512-byte table and the decoding nodes (about 560 rows), with a margin.
+CODEBOOK_MIN_ROWS = 768
 #: activations=auto: a layer that costs single-row latency must save at least this fraction of the
 #: model's batch time to be worth it.
 MIN_MODEL_BATCH_GAIN = 0.01
