@@ -67,7 +67,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "int4",
             "4-bit weights: linear layers in blocks of 32 with GPTQ on calibration data, tables per row "
-            "(scales of tables of 768+ rows in a codebook)",
+            "(scales of tables of 768+ rows in a codebook); weights under 1024 values at 8 bits",
             ("cleanup", "quant", "cleanup@final"),
             {
                 "quant": {
@@ -76,6 +76,7 @@ PRESETS: dict[str, Preset] = {
                     "block_size": 32,
                     "embedding_bits": 4,
                     "scale_codebook": True,
+                    "low_bit_min_elements": 1024,
                 },
                 "cleanup@final": _FINAL_CLEANUP,
             },

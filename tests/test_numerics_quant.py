@@ -102,27 +102,54 @@ def test_gptq_groups_give_one_scale_per_block() -> None:
     np.testing.assert_array_equal(quantized.codes, nearest.codes)
 
 
-def _gptq_column_by_column(weight: np.ndarray, hessian: np.ndarray, bits: int, group: int) -> np.ndarray:
-    """The textbook GPTQ loop (every column's error applied to all later columns at once)."""
+def _gptq_column_by_column(
+    weight: np.ndarray, hessian: np.ndarray, bits: int, group: int, act_order: bool = True
+) -> np.ndarray:
+    """The textbook GPTQ loop with act-order and static groups: scales from the original weight,
+    columns in decreasing order of diag(H), every column's error applied to all later ones at once."""
     weight = weight.astype(np.float64).copy()
     columns = weight.shape[1]
-    damped = hessian + np.eye(columns) * 0.01 * np.mean(np.diag(hessian))
-    inverse = np.linalg.cholesky(np.linalg.inv(damped)).T
     top = 2 ** (bits - 1) - 1
+    scales = np.empty((weight.shape[0], columns // group))
+    for index in range(columns // group):
+        peak = np.abs(weight[:, index * group : (index + 1) * group]).max(axis=1) / top
+        scale = np.maximum(peak, np.finfo(np.float32).tiny).astype(np.float32).astype(np.float64)
+        scales[:, index] = np.where(
+            scale < peak, np.nextafter(scale.astype(np.float32), np.float32(np.inf)).astype(np.float64), scale
+        )
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(columns)
+    weight = weight[:, order]
+    damped = hessian[np.ix_(order, order)] + np.eye(columns) * 0.01 * np.mean(np.diag(hessian))
+    inverse = np.linalg.cholesky(np.linalg.inv(damped)).T
     codes = np.empty_like(weight)
-    for column in range(columns):
-        if column % group == 0:
-            scale = np.maximum(np.abs(weight[:, column : column + group]).max(axis=1) / top, np.finfo(np.float32).tiny)
-            scale = scale.astype(np.float32).astype(np.float64)
-            scale = np.where(
-                scale < np.abs(weight[:, column : column + group]).max(axis=1) / top,
-                np.nextafter(scale.astype(np.float32), np.float32(np.inf)).astype(np.float64),
-                scale,
-            )
-        codes[:, column] = np.clip(np.rint(weight[:, column] / scale), -top, top)
-        error = (weight[:, column] - scale * codes[:, column]) / inverse[column, column]
-        weight[:, column + 1 :] -= np.outer(error, inverse[column, column + 1 :])
+    for position in range(columns):
+        scale = scales[:, order[position] // group]
+        code = np.clip(np.rint(weight[:, position] / scale), -top, top)
+        codes[:, order[position]] = code
+        error = (weight[:, position] - scale * code) / inverse[position, position]
+        weight[:, position + 1 :] -= np.outer(error, inverse[position, position + 1 :])
     return codes
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_gptq_rounds_the_most_energetic_inputs_first(group: int | None) -> None:
+    """Correlated inputs whose energy rises towards the last columns: in natural order those would
+    be rounded last, with no columns left to absorb their error (about 0.11 against 0.07)."""
+    mixing = np.eye(128) + 0.3 * RNG.standard_normal((128, 128))
+    x = (RNG.standard_normal((600, 128)) @ mixing) * np.geomspace(0.05, 5.0, 128)
+    weight = RNG.standard_normal((32, 128))
+    hessian = x.T @ x
+    top = 7
+
+    def output_error(codes: np.ndarray, scales: np.ndarray) -> float:
+        restored = codes.reshape(32, -1) * np.repeat(scales.reshape(32, -1), group or 128, axis=1)
+        return float(np.linalg.norm(x @ (restored - weight).T) / np.linalg.norm(x @ weight.T))
+
+    quantized = gptq_quantize(weight, hessian, 4, group_size=group)
+    scales = quantized.scale.astype(np.float64)
+    natural = _gptq_column_by_column(weight, hessian, 4, group or 128, act_order=False)
+    assert np.abs(quantized.codes).max() <= top
+    assert output_error(quantized.codes.astype(np.float64), scales) < 0.8 * output_error(natural, scales)
 
 
 @pytest.mark.parametrize("group", [None, 32, 300])

@@ -626,3 +626,22 @@ def test_a_scale_codebook_is_used_from_the_row_count_where_it_pays(rows: int) ->
         assert sizes[True] < sizes[False] - 100  # a byte a row, less the 512-byte codebook
     else:
         assert sizes[True] == sizes[False]
+
+
+def test_low_bits_skip_weights_too_small_to_pay_for_their_error() -> None:
+    model = linear_model()  # w_mm 2048 values, w_gemm 512, w_gemm_t 256
+    config = Quantize.Config(bits=4, granularity="block", block_size=16, low_bit_min_elements=1024)
+    tensors = Quantize(config)(model).stats["tensors"]
+    assert {name: tensor["bits"] for name, tensor in tensors.items()} == {"w_mm": 4, "w_gemm": 8, "w_gemm_t": 8}
+    assert model.graph.initializers["w_mm_q"].const_value.dtype == ir.DataType.INT4
+
+
+def test_the_int4_preset_keeps_the_wide_logit_at_8_bits(tmp_path: Path) -> None:
+    """Keras Wide&Deep's wide part is one 25-input logit added to the score: at 4 bits it alone
+    moved AUC by 0.0015 to save 12 bytes."""
+    report = compress_with_preset("keras_wide_deep", "int4", tmp_path / "int4.onnx")
+    tensors = next(record for record in report.passes if record.name == "quant").stats["tensors"]
+    bits = {name.split("/")[1]: tensor["bits"] for name, tensor in tensors.items()}
+    assert bits["wide_logit"] == 8 and bits["deep_logit"] == 8 and bits["deep_256"] == 4
+    assert bits["item_embedding"] == 4 and bits["gender_embedding"] == 8
+    assert report.parity.passed and report.size_ratio > 6.2

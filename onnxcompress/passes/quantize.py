@@ -508,6 +508,15 @@ class Quantize(CompressionPass):
                 "max": 1.0,
             },
         )
+        low_bit_min_elements: int = field(
+            default=0,
+            metadata={
+                "help": "bits and embedding_bits under 8 apply to weights of at least this many values; "
+                "smaller ones (a 25-input logit, a 7-row table) take 8 bits: under 512 bytes more, and "
+                "their 4-bit error moves the score as much as a large layer's (not with mixed)",
+                "min": 0,
+            },
+        )
         float_storage: str = field(
             default="float16",
             metadata={
@@ -650,6 +659,9 @@ class Quantize(CompressionPass):
         plan = {value: (config.embedding_bits if _is_table(uses) else config.bits) for value, uses in selected.items()}
         calibration = self.context.calibration
         if not config.mixed:
+            for value, bits in plan.items():
+                if 0 < bits < 8 and value.const_value.size < config.low_bit_min_elements:  # type: ignore[union-attr]
+                    plan[value] = 8
             return plan, {}
         if calibration is None:
             return plan, {"skipped": "no calibration data: the configured bits were used"}
