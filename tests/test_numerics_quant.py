@@ -105,24 +105,27 @@ def test_gptq_groups_give_one_scale_per_block() -> None:
 def _gptq_column_by_column(
     weight: np.ndarray, hessian: np.ndarray, bits: int, group: int, act_order: bool = True
 ) -> np.ndarray:
-    """The textbook GPTQ loop with act-order and static groups: scales from the original weight,
-    columns in decreasing order of diag(H), every column's error applied to all later ones at once."""
+    """The textbook GPTQ loop, every column's error applied to all later ones at once: with
+    act-order, scales fixed from the original weight and columns in decreasing order of diag(H);
+    without, columns in order and each group's scale taken from its columns when it starts."""
     weight = weight.astype(np.float64).copy()
     columns = weight.shape[1]
     top = 2 ** (bits - 1) - 1
-    scales = np.empty((weight.shape[0], columns // group))
-    for index in range(columns // group):
-        peak = np.abs(weight[:, index * group : (index + 1) * group]).max(axis=1) / top
+
+    def scale_of(block: np.ndarray) -> np.ndarray:
+        peak = np.abs(block).max(axis=1) / top
         scale = np.maximum(peak, np.finfo(np.float32).tiny).astype(np.float32).astype(np.float64)
-        scales[:, index] = np.where(
-            scale < peak, np.nextafter(scale.astype(np.float32), np.float32(np.inf)).astype(np.float64), scale
-        )
+        return np.where(scale < peak, np.nextafter(scale.astype(np.float32), np.float32(np.inf)), scale)
+
+    scales = np.stack([scale_of(weight[:, i * group : (i + 1) * group]) for i in range(columns // group)], axis=1)
     order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(columns)
     weight = weight[:, order]
     damped = hessian[np.ix_(order, order)] + np.eye(columns) * 0.01 * np.mean(np.diag(hessian))
     inverse = np.linalg.cholesky(np.linalg.inv(damped)).T
     codes = np.empty_like(weight)
     for position in range(columns):
+        if not act_order and group < columns and position % group == 0:
+            scales[:, position // group] = scale_of(weight[:, position : position + group])
         scale = scales[:, order[position] // group]
         code = np.clip(np.rint(weight[:, position] / scale), -top, top)
         codes[:, order[position]] = code
@@ -152,13 +155,15 @@ def test_gptq_rounds_the_most_energetic_inputs_first(group: int | None) -> None:
     assert output_error(quantized.codes.astype(np.float64), scales) < 0.8 * output_error(natural, scales)
 
 
+@pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("group", [None, 32, 300])
-def test_gptq_lazy_block_updates_match_the_column_by_column_algorithm(group: int | None) -> None:
+def test_gptq_lazy_block_updates_match_the_column_by_column_algorithm(group: int | None, act_order: bool) -> None:
     x = RNG.standard_normal((400, 300)) @ RNG.standard_normal((300, 300))
     weight = RNG.standard_normal((24, 300 - 300 % (group or 1)))
     hessian = x[:, : weight.shape[1]].T @ x[:, : weight.shape[1]]
-    blocked = gptq_quantize(weight, hessian, 4, group_size=group).codes.reshape(weight.shape)
-    reference = _gptq_column_by_column(weight, hessian, 4, group or weight.shape[1])
+    quantized = gptq_quantize(weight, hessian, 4, group_size=group, act_order=act_order)
+    blocked = quantized.codes.reshape(weight.shape)
+    reference = _gptq_column_by_column(weight, hessian, 4, group or weight.shape[1], act_order)
     assert np.mean(blocked != reference) < 0.002  # the same up to float rounding at .5 ties
 
 
