@@ -41,6 +41,15 @@ def scale_last_axis(graph: ir.Graph, value: ir.Value, factors: np.ndarray, consu
     return "mul"
 
 
+def scaling_form(graph: ir.Graph, value: ir.Value, factors: np.ndarray) -> str:
+    """What :func:`scale_last_axis` would do, without doing it: ``"folded"``, ``"partly folded"``
+    (a ``Mul`` on some concatenated part) or ``"mul"``."""
+    actions = _plan(graph, value, np.asarray(factors, dtype=np.float32))
+    if actions is None:
+        return "mul"
+    return "partly folded" if any(getattr(action, "inserts_mul", False) for action in actions) else "folded"
+
+
 def _multiply(graph: ir.Graph, value: ir.Value, factors: np.ndarray, before: ir.Node) -> ir.Value:
     scale = constant_value(_unique(graph, f"{value.name}_smoothing"), factors.astype(np.float32))
     graph.register_initializer(scale)

@@ -9,7 +9,7 @@ import onnx_ir as ir
 from conftest import save_model, text_model
 
 from onnxcompress import runtime
-from onnxcompress.channel_scale import scale_last_axis
+from onnxcompress.channel_scale import scale_last_axis, scaling_form
 
 RNG = np.random.default_rng(7)
 
@@ -60,6 +60,9 @@ def test_a_scale_folds_through_norm_relu_and_tables_and_only_the_graph_input_kee
     consumer = next(node for node in model.graph if node.op_type == "MatMul")
     concat_output = consumer.inputs[0]
     assert concat_output is not None
+    nodes_before = [node.op_type for node in model.graph]
+    assert scaling_form(model.graph, concat_output, factors) == "partly folded"  # only a forecast:
+    assert [node.op_type for node in model.graph] == nodes_before  # nothing changed yet
     how = scale_last_axis(model.graph, concat_output, factors, consumer)
     assert how == "partly folded"  # x is a graph input: the one part that needs a Mul
     muls = [node for node in model.graph if node.op_type == "Mul"]
@@ -89,6 +92,7 @@ def test_a_value_with_other_readers_gets_a_mul_and_they_still_read_it_unscaled(t
     relu_output = consumer.inputs[0]
     assert relu_output is not None
     factors = np.array([2.0, 1.0, 4.0, 0.5], np.float32)
+    assert scaling_form(model.graph, relu_output, factors) == "mul"
     assert scale_last_axis(model.graph, relu_output, factors, consumer) == "mul"
     np.testing.assert_array_equal(model.graph.initializers["w1"].const_value.numpy(), weights["w1"])  # type: ignore[union-attr]
     got = run(model, tmp_path / "scaled.onnx", feeds)
