@@ -141,21 +141,24 @@ def _timing_session(model: ir.Model) -> object:
 
 
 @functools.lru_cache(maxsize=256)
-def probe_dynamic_matmul(inputs: int, outputs: int, relu: bool) -> LayerTiming:
+def probe_dynamic_matmul(inputs: int, outputs: int, relu: bool, rows_per_example: int = 1) -> LayerTiming:
     """Time ``relu?(x @ W + b)`` for W of ``inputs`` x ``outputs`` in float and as
-    DynamicQuantizeLinear + MatMulInteger, the form the quantizer writes, on one row and on
-    ``BATCH_ROWS`` rows. Measured, not modelled: the crossover depends on the CPU."""
+    DynamicQuantizeLinear + MatMulInteger, the form the quantizer writes, on one example and on
+    ``BATCH_ROWS`` examples of ``rows_per_example`` rows each (a sequence model's layer sees every
+    position of every sequence). Measured, not modelled: the crossover depends on the CPU."""
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((inputs, outputs)).astype(np.float32)
     tail = "g = Add(r, b)\n y = Relu(g)" if relu else "y = Add(r, b)"
+    # A sequence layer reads [N, T, K], as in the model: onnxruntime runs 3-D products differently.
+    rows = "N" if rows_per_example == 1 else f"N,{rows_per_example}"
     float_model = _probe_model(
-        f"(float[N,{inputs}] x, float[{inputs},{outputs}] w, float[{outputs}] b) => (float[N,{outputs}] y) "
+        f"(float[{rows},{inputs}] x, float[{inputs},{outputs}] w, float[{outputs}] b) => (float[{rows},{outputs}] y) "
         f"{{ r = MatMul(x, w)\n {tail} }}",
         {"w": weight, "b": np.zeros(outputs, np.float32)},
     )
     int_model = _probe_model(
-        f"""(float[N,{inputs}] x, int8[{inputs},{outputs}] w, int8[{outputs}] wz, float[{outputs}] ws,
-        float[{outputs}] b) => (float[N,{outputs}] y) {{
+        f"""(float[{rows},{inputs}] x, int8[{inputs},{outputs}] w, int8[{outputs}] wz, float[{outputs}] ws,
+        float[{outputs}] b) => (float[{rows},{outputs}] y) {{
           q, s, z = DynamicQuantizeLinear(x)
           p = MatMulInteger(q, w, z, wz)
           f = Cast <to = 1> (p)
@@ -171,8 +174,9 @@ def probe_dynamic_matmul(inputs: int, outputs: int, relu: bool) -> LayerTiming:
         },
     )
     sessions = [_timing_session(model) for model in (float_model, int_model)]
-    single = {"x": rng.standard_normal((1, inputs)).astype(np.float32)}
-    batch = {"x": rng.standard_normal((BATCH_ROWS, inputs)).astype(np.float32)}
+    shape = (rows_per_example, inputs) if rows_per_example > 1 else (inputs,)
+    single = {"x": rng.standard_normal((1, *shape)).astype(np.float32)}
+    batch = {"x": rng.standard_normal((BATCH_ROWS, *shape)).astype(np.float32)}
     float_single, integer_single = _best_seconds([_runner(session, single) for session in sessions])
     float_batch, integer_batch = _best_seconds([_runner(session, batch) for session in sessions])
     return LayerTiming(float_single, integer_single, float_batch, integer_batch)
