@@ -184,9 +184,19 @@ def _scale_constants(values: Sequence[ir.Value | None], factors: np.ndarray) -> 
 
 def _scale_matrix(value: ir.Value | None, factors: np.ndarray, axis: int) -> _Action | None:
     """Scale axis ``axis`` of a private 2-D constant (a weight's output channels, a table's
-    columns), or None if it is shared or does not match."""
-    matrix = _private_constant(value)
-    if value is None or matrix is None or matrix.ndim != 2 or matrix.shape[axis] != factors.size:
+    columns), or None if it is shared or does not match. Planning reads only the shape: a table
+    may be gigabytes on disk, and a plan may be only a forecast (:func:`scaling_form`)."""
+    if value is None or value.const_value is None or len(value.uses()) != 1:
+        return None
+    if value.is_graph_input() or value.is_graph_output():
+        return None
+    shape = tuple(value.const_value.shape)
+    if len(shape) != 2 or shape[axis] != factors.size:
         return None
     multiplier = factors[:, None] if axis == 0 else factors
-    return partial(set_constant, value, (matrix * multiplier).astype(matrix.dtype))
+
+    def action() -> None:
+        matrix = value.const_value.numpy()  # type: ignore[union-attr]
+        set_constant(value, (matrix * multiplier).astype(matrix.dtype))
+
+    return action
