@@ -1187,7 +1187,7 @@ class Quantize(CompressionPass):
         x_q, x_scale, x_zero = build.multi("DynamicQuantizeLinear", [x], outputs=3)
         product = build.op(
             "MatMulInteger",
-            [x_q, build.constant("q", weight_kn), x_zero, build.constant("zero_point", np.zeros(channels, np.int8))],
+            [x_q, build.constant("q", weight_kn), x_zero],
         )
         scales = build.op("Mul", [x_scale, build.constant("scale", scale)])
         result = build.op("Mul", [build.op("Cast", [product], to=ir.DataType.FLOAT), scales])
