@@ -28,6 +28,7 @@ __all__ = [
     "choose_integer_layers",
     "model_timing",
     "probe_dynamic_matmul",
+    "rows_per_example",
 ]
 
 #: Rows of a ranking request: the batch the throughput gain is measured on.
@@ -117,6 +118,23 @@ def choose_integer_layers(
     return chosen
 
 
+#: A probe of more rows than this a call would take seconds; the crossover is long past by then.
+PROBE_MAX_ROWS_PER_EXAMPLE = 64
+
+
+def rows_per_example(value: ir.Value | None) -> int:
+    """Rows a linear layer multiplies per example: the static sizes between the batch axis and
+    the last one (a sequence model's positions), 1 when unknown."""
+    if value is None or value.shape is None or len(value.shape) < 3:
+        return 1
+    rows = 1
+    for dim in list(value.shape)[1:-1]:
+        if not isinstance(dim, int):
+            return 1
+        rows *= dim
+    return max(1, min(rows, PROBE_MAX_ROWS_PER_EXAMPLE))
+
+
 def _best_seconds(calls: Sequence[Callable[[], object]], repeats: int = 9) -> list[float]:
     """Seconds per call of each callable: interleaved repeats, the fastest of each (the one least
     disturbed by other processes)."""
@@ -141,16 +159,16 @@ def _timing_session(model: ir.Model) -> object:
 
 
 @functools.lru_cache(maxsize=256)
-def probe_dynamic_matmul(inputs: int, outputs: int, relu: bool, rows_per_example: int = 1) -> LayerTiming:
+def probe_dynamic_matmul(inputs: int, outputs: int, relu: bool, example_rows: int = 1) -> LayerTiming:
     """Time ``relu?(x @ W + b)`` for W of ``inputs`` x ``outputs`` in float and as
     DynamicQuantizeLinear + MatMulInteger, the form the quantizer writes, on one example and on
-    ``BATCH_ROWS`` examples of ``rows_per_example`` rows each (a sequence model's layer sees every
+    ``BATCH_ROWS`` examples of ``example_rows`` rows each (a sequence model's layer sees every
     position of every sequence). Measured, not modelled: the crossover depends on the CPU."""
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((inputs, outputs)).astype(np.float32)
     tail = "g = Add(r, b)\n y = Relu(g)" if relu else "y = Add(r, b)"
     # A sequence layer reads [N, T, K], as in the model: onnxruntime runs 3-D products differently.
-    rows = "N" if rows_per_example == 1 else f"N,{rows_per_example}"
+    rows = "N" if example_rows == 1 else f"N,{example_rows}"
     float_model = _probe_model(
         f"(float[{rows},{inputs}] x, float[{inputs},{outputs}] w, float[{outputs}] b) => (float[{rows},{outputs}] y) "
         f"{{ r = MatMul(x, w)\n {tail} }}",
@@ -174,7 +192,7 @@ def probe_dynamic_matmul(inputs: int, outputs: int, relu: bool, rows_per_example
         },
     )
     sessions = [_timing_session(model) for model in (float_model, int_model)]
-    shape = (rows_per_example, inputs) if rows_per_example > 1 else (inputs,)
+    shape = (example_rows, inputs) if example_rows > 1 else (inputs,)
     single = {"x": rng.standard_normal((1, *shape)).astype(np.float32)}
     batch = {"x": rng.standard_normal((BATCH_ROWS, *shape)).astype(np.float32)}
     float_single, integer_single = _best_seconds([_runner(session, single) for session in sessions])

@@ -645,3 +645,21 @@ def test_the_int4_preset_keeps_the_wide_logit_at_8_bits(tmp_path: Path) -> None:
     assert bits["wide_logit"] == 8 and bits["deep_logit"] == 8 and bits["deep_256"] == 4
     assert bits["item_embedding"] == 4 and bits["gender_embedding"] == 8
     assert report.parity.passed and report.size_ratio > 6.2
+
+
+def test_a_layer_goes_unsmoothed_when_its_smoothing_would_need_a_mul_and_the_error_allows() -> None:
+    """w_mm reads the graph input: its smoothing cannot fold upstream and would be a Mul, one more
+    pass over the activations; within the tolerance the layer takes the unsmoothed plan instead."""
+    from onnxcompress.calibration import Calibration, Feeds
+    from onnxcompress.passes.base import PassContext
+
+    x = np.random.default_rng(0).standard_normal((512, 64)).astype(np.float32)
+    x[:, 0] *= 2.0  # a mild outlier: smoothing helps, but the unsmoothed error is acceptable too
+    context = PassContext(calibration=Calibration(Feeds({"x": x}, "test")))
+    strict = Quantize(Quantize.Config(activations="auto", activation_tolerance=0.01), context)(linear_model())
+    smoothed = strict.stats["tensors"]["w_mm"]
+    assert smoothed["activation_error"] < 0.01 < smoothed["activation_error_unsmoothed"]  # smoothing needed
+    loose = Quantize(Quantize.Config(activations="auto", activation_tolerance=0.02), context)(linear_model())
+    plain = loose.stats["tensors"]["w_mm"]
+    assert "activation_error_unsmoothed" not in plain
+    assert plain["activation_error"] == smoothed["activation_error_unsmoothed"]

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.speed import EXHAUSTIVE_MAX_LAYERS, LayerTiming, ModelTiming, choose_integer_layers, model_timing
+from onnxcompress.speed import (
+    EXHAUSTIVE_MAX_LAYERS,
+    LayerTiming,
+    ModelTiming,
+    choose_integer_layers,
+    model_timing,
+    rows_per_example,
+)
 
 US = 1e-6
 
@@ -81,11 +88,9 @@ def test_model_timing_runs_the_model_on_one_row_and_a_batch(tmp_path: object) ->
 def test_a_sequence_layer_is_probed_on_its_three_dimensional_input() -> None:
     """SASRec's projections read [N, 20, 32]: timed as 10,240 rows of a 2-D product they looked no
     faster as integer kernels; onnxruntime runs the 3-D float product slower."""
-    from onnxcompress.passes.quantize import _rows_per_example
-
     sequence = ir.Value(name="x", shape=ir.Shape(["N", 20, 32]))
-    assert _rows_per_example(sequence) == 20
-    assert _rows_per_example(ir.Value(name="y", shape=ir.Shape(["N", 32]))) == 1
-    assert _rows_per_example(ir.Value(name="z", shape=ir.Shape(["N", "T", 32]))) == 1
-    assert _rows_per_example(ir.Value(name="w", shape=ir.Shape(["N", 1000, 32]))) == 64
-    assert _rows_per_example(None) == 1
+    assert rows_per_example(sequence) == 20
+    assert rows_per_example(ir.Value(name="y", shape=ir.Shape(["N", 32]))) == 1
+    assert rows_per_example(ir.Value(name="z", shape=ir.Shape(["N", "T", 32]))) == 1
+    assert rows_per_example(ir.Value(name="w", shape=ir.Shape(["N", 1000, 32]))) == 64
+    assert rows_per_example(None) == 1

@@ -56,7 +56,14 @@ from onnxcompress.numerics.quant import (
 from onnxcompress.parity import Budget, Budgets, compare
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
-from onnxcompress.speed import LayerTiming, ModelTiming, choose_integer_layers, model_timing, probe_dynamic_matmul
+from onnxcompress.speed import (
+    LayerTiming,
+    ModelTiming,
+    choose_integer_layers,
+    model_timing,
+    probe_dynamic_matmul,
+    rows_per_example,
+)
 
 __all__ = ["Quantize"]
 
@@ -860,7 +867,7 @@ class Quantize(CompressionPass):
             if config.activations == "auto" and plan.error <= config.activation_tolerance:
                 use = selected[dynamic_values[weight_name]][0]
                 x = use.node.inputs[0]
-                timing = probe_dynamic_matmul(inputs, channels, _feeds_relu(use.node), _rows_per_example(x))
+                timing = probe_dynamic_matmul(inputs, channels, _feeds_relu(use.node), rows_per_example(x))
                 # A smoothing Mul that cannot be folded (a graph input, an input shared by the
                 # query, key and value projections) is one more pass over the activations, which
                 # the probe does not time: the layer goes without it when its error allows
@@ -1103,9 +1110,6 @@ class Quantize(CompressionPass):
             )
             stored = _store(build, by_column, native_int4=True, along_rows=True)
             output = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, "fold")
-            build.insert_before(_first(graph, uses))
-            for weight_use in uses:
-                weight_use.node.replace_input_with(weight_use.input_index, output)
             form = "fold"
         else:
             linear_form = config.dequantize == "linear"
@@ -1127,6 +1131,7 @@ class Quantize(CompressionPass):
                 )
                 decoded_shape = rows.shape
             output = self._to_weight_layout(build, flat, decoded_shape, weight.shape, use)
+        if not dynamic:
             build.insert_before(_first(graph, uses))
             for weight_use in uses:
                 weight_use.node.replace_input_with(weight_use.input_index, output)
@@ -1479,23 +1484,6 @@ def _dynamic_ready(uses: list[WeightUse]) -> bool:
         if x is None or (x.dtype is not None and x.dtype != ir.DataType.FLOAT):
             return False
     return True
-
-
-#: A probe of more rows than this a call would take seconds; the crossover is long past by then.
-PROBE_MAX_ROWS_PER_EXAMPLE = 64
-
-
-def _rows_per_example(value: ir.Value | None) -> int:
-    """Rows a linear layer multiplies per example: the static sizes between the batch axis and
-    the last one (a sequence model's positions), 1 when unknown."""
-    if value is None or value.shape is None or len(value.shape) < 3:
-        return 1
-    rows = 1
-    for dim in list(value.shape)[1:-1]:
-        if not isinstance(dim, int):
-            return 1
-        rows *= dim
-    return max(1, min(rows, PROBE_MAX_ROWS_PER_EXAMPLE))
 
 
 def _feeds_relu(node: ir.Node) -> bool:
