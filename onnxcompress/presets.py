@@ -15,7 +15,12 @@ from onnxcompress.errors import UsageError
 __all__ = ["PRESETS", "Preset", "get_preset"]
 
 #: Shrinks what no runtime reads, after the compression passes.
-_FINAL_CLEANUP = {"strip_metadata": True, "short_names": True}
+_FINAL_CLEANUP = {
+    "strip_metadata": True,
+    "short_names": True,
+    "drop_default_attributes": True,
+    "lift_constants": True,
+}
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,7 @@ def test_batchnorm_and_per_channel_affine_fold_into_the_linear_layer(tmp_path: P
     )
     feeds = {"x": rng.standard_normal((7, 6)).astype(np.float32)}
     before = run_reference(model, tmp_path, feeds)
-    result = Cleanup()(model)
+    result = Cleanup(Cleanup.Config(fuse_parallel=False))(model)
     assert result.stats["affine_folded"] == 3
     assert op_types(model) == ["Gemm", "Gemm"]  # MatMul + Mul + Add became one Gemm (2-D input)
     assert [value.name for value in model.graph.outputs] == ["y", "z"]
@@ -281,3 +281,92 @@ def test_int4_initializers_are_compared_by_their_packed_bytes() -> None:
         node.outputs[0].name = f"out_{node.inputs[0].name}"
     assert merge_identical_initializers(model) == (1, first.size // 2)
     assert cast_nodes[2].inputs[0] is values[0] and cast_nodes[1].inputs[0] is values[1]
+
+
+def test_projections_of_one_input_become_one_wider_layer_and_a_split(tmp_path: Path) -> None:
+    """Query, key and value projections of a transformer block: three MatMul + bias Add on the same
+    [N, T, K] input become one MatMul, one Add and a Split, with identical outputs; a layer whose
+    weight is shared or that reads another input is left alone."""
+    rng = np.random.default_rng(3)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,5,8] x, float[N,5,8] other, float[8,4] wq, float[4] bq, float[8,6] wk, float[6] bk, float[8,4] wv) => (float[N,5,4] q, float[N,5,6] k, float[N,5,4] v, float[N,5,4] o) {
+          mq = MatMul(x, wq)
+          q = Add(mq, bq)
+          mk = MatMul(x, wk)
+          k = Add(bk, mk)
+          v = MatMul(x, wv)
+          o = MatMul(other, wq)
+        }
+        """,
+        {
+            "wq": rng.standard_normal((8, 4)).astype(np.float32),
+            "bq": rng.standard_normal(4).astype(np.float32),
+            "wk": rng.standard_normal((8, 6)).astype(np.float32),
+            "bk": rng.standard_normal(6).astype(np.float32),
+            "wv": rng.standard_normal((8, 4)).astype(np.float32),
+        },
+    )
+    feeds = {name: rng.standard_normal((3, 5, 8)).astype(np.float32) for name in ("x", "other")}
+    before = run_reference(model, tmp_path, feeds)
+    result = Cleanup()(model)
+    assert result.stats["linear_layers_fused"] == 2
+    assert op_types(model) == ["MatMul", "Add", "Split", "MatMul"]
+    split = next(node for node in model.graph if node.op_type == "Split")
+    assert [value.name for value in split.outputs] == ["q", "k", "v"]
+    assert split.inputs[1].const_value.numpy().tolist() == [4, 6, 4]
+    after = run_reference(model, tmp_path, feeds)
+    for exact, fused in zip(before, after, strict=True):
+        np.testing.assert_allclose(exact, fused, rtol=1e-6, atol=1e-6)
+
+
+def test_gemm_layers_of_one_input_fuse_whatever_their_weight_layout(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,6] x, float[3,6] wa, float[3] ba, float[6,2] wb) => (float[N,3] a, float[N,2] b) {
+          a = Gemm <transB = 1> (x, wa, ba)
+          b = Gemm (x, wb)
+        }
+        """,
+        {
+            "wa": rng.standard_normal((3, 6)).astype(np.float32),
+            "ba": rng.standard_normal(3).astype(np.float32),
+            "wb": rng.standard_normal((6, 2)).astype(np.float32),
+        },
+    )
+    feeds = {"x": rng.standard_normal((4, 6)).astype(np.float32)}
+    before = run_reference(model, tmp_path, feeds)
+    assert Cleanup()(model).stats["linear_layers_fused"] == 1
+    assert op_types(model) == ["Gemm", "Split"]
+    after = run_reference(model, tmp_path, feeds)
+    for exact, fused in zip(before, after, strict=True):
+        np.testing.assert_allclose(exact, fused, rtol=1e-6, atol=1e-6)
+
+
+def test_default_attributes_and_constant_nodes_cost_no_bytes(tmp_path: Path) -> None:
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,6] x, float[3,6] w) => (float[N,3] y) {
+          shape = Constant <value = int64[2] {-1, 3}> ()
+          h = Gemm <alpha = 1.0, beta = 1.0, transA = 0, transB = 1> (x, w)
+          s = Softmax <axis = 1> (h)
+          y = Reshape <allowzero = 0> (s, shape)
+        }
+        """,
+        {"w": np.ones((3, 6), np.float32)},
+    )
+    feeds = {"x": np.arange(12, dtype=np.float32).reshape(2, 6)}
+    before = run_reference(model, tmp_path, feeds)
+    result = Cleanup(Cleanup.Config(drop_default_attributes=True, lift_constants=True))(model)
+    assert result.stats["default_attributes_dropped"] == 4  # alpha, beta, transA, allowzero
+    assert result.stats["constants_lifted"] == 1
+    gemm, softmax, reshape = model.graph
+    assert set(gemm.attributes) == {"transB"}
+    assert set(softmax.attributes) == {"axis"}  # opset 13+ default is -1, not 1
+    assert not reshape.attributes
+    assert reshape.inputs[1].is_initializer()
+    np.testing.assert_array_equal(run_reference(model, tmp_path, feeds)[0], before[0])

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import (
+    LiftConstantsToInitializersPass,
     RemoveUnusedFunctionsPass,
     RemoveUnusedNodesPass,
     RemoveUnusedOpsetsPass,
@@ -21,7 +23,13 @@ from onnxcompress.graph import constant_array, constant_value, is_constant_initi
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 
-__all__ = ["Cleanup", "merge_identical_initializers", "remove_inference_dropout", "strip_metadata"]
+__all__ = [
+    "Cleanup",
+    "drop_default_attributes",
+    "merge_identical_initializers",
+    "remove_inference_dropout",
+    "strip_metadata",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +258,34 @@ def strip_metadata(model: ir.Model) -> int:
     return cleared
 
 
+def drop_default_attributes(model: ir.Model) -> int:
+    """Remove attributes whose value equals the operator schema's default (``alpha=1`` on a Gemm,
+    ``allowzero=0`` on a Reshape): the runtime reads the same value either way. Returns how many."""
+    dropped = 0
+    opsets = model.graph.opset_imports
+    nodes = [*ir.traversal.RecursiveGraphIterator(model.graph)]
+    nodes += [node for function in model.functions.values() for node in ir.traversal.RecursiveGraphIterator(function)]
+    for node in nodes:
+        version = node.version if node.version is not None else opsets.get(node.domain)
+        if version is None:
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, version, domain=node.domain)
+        except onnx.defs.SchemaError:
+            continue
+        for name, attr in list(node.attributes.items()):
+            definition = schema.attributes.get(name)
+            if definition is None or definition.required or attr.is_ref():
+                continue
+            default = definition.default_value
+            if default is None or default.type == onnx.AttributeProto.UNDEFINED:
+                continue
+            if ir.serde.serialize_attribute(attr).SerializeToString() == default.SerializeToString():
+                del node.attributes[name]
+                dropped += 1
+    return dropped
+
+
 def _linear_weights(node: ir.Node) -> tuple[ir.Value, int, ir.Value | None] | None:
     """(weight, output-channel axis, bias) of a Gemm/MatMul with constant 2-D weight, else None."""
     if node.op_type == "Gemm" and node.domain in ("", "ai.onnx"):
@@ -441,6 +477,116 @@ def fold_affine_into_next_linear(model: ir.Model) -> int:
     return folded
 
 
+@dataclass
+class _ParallelLinear:
+    """One linear layer reading a shared input: its node, weight as ``[K, N]``, bias and the value
+    that carries its biased output (the MatMul's following bias Add, if any)."""
+
+    nodes: list[ir.Node]
+    weight: np.ndarray
+    bias: np.ndarray | None
+    output: ir.Value
+
+
+def _parallel_member(node: ir.Node) -> _ParallelLinear | None:
+    found = _linear_weights(node)
+    if found is None or node.inputs[0] is None:
+        return None
+    weight, axis, bias_value = found
+    w = weight.const_value.numpy()  # type: ignore[union-attr]
+    if w.dtype != np.float32:
+        return None
+    w = w if axis == 1 else w.T
+    channels = w.shape[1]
+    nodes, output = [node], node.outputs[0]
+    bias = None
+    if bias_value is not None:
+        bias = _channel_vector(bias_value, channels)
+        if bias is None:
+            return None
+    elif node.op_type == "MatMul" and len(output.uses()) == 1 and not output.is_graph_output():
+        ((consumer, _),) = output.uses()
+        if consumer.op_type == "Add" and consumer.domain in ("", "ai.onnx") and len(consumer.inputs) == 2:
+            other = consumer.inputs[1] if consumer.inputs[0] is output else consumer.inputs[0]
+            array = constant_array(other)
+            if array is not None and array.ndim <= 1 and array.dtype == np.float32:
+                bias = _channel_vector(other, channels)
+                if bias is not None:
+                    nodes.append(consumer)
+                    output = consumer.outputs[0]
+    return _ParallelLinear(nodes, w, bias, output)
+
+
+def fuse_parallel_linear(model: ir.Model) -> int:
+    """Make linear layers that read the same input one wider layer followed by a Split: a
+    transformer's query, key and value projections become one product (one weight read, one
+    activation quantization when it runs as an integer kernel).
+
+    Exact algebra: ``[x W1 + b1, x W2 + b2] = x [W1 W2] + [b1 b2]``. Returns the number of layers
+    fused away.
+    """
+    graph = model.graph
+    opset = graph.opset_imports.get("", 0)
+    if opset < 13:  # Split takes its sizes as an input from opset 13
+        return 0
+    readers: dict[ir.Value, dict[str, list[_ParallelLinear]]] = defaultdict(lambda: defaultdict(list))
+    for node in graph:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        member = _parallel_member(node)
+        if member is not None:
+            readers[node.inputs[0]][node.op_type].append(member)  # type: ignore[index]
+    fused = 0
+    for source, groups in readers.items():
+        for op_type, members in groups.items():
+            weights = {id(member.nodes[0].inputs[1]) for member in members}
+            if len(members) < 2 or len(weights) < len(members):
+                continue
+            widths = [member.weight.shape[1] for member in members]
+            if len({member.weight.shape[0] for member in members}) != 1:
+                continue
+            first_weight = members[0].nodes[0].inputs[1]
+            assert first_weight is not None  # _parallel_member read it
+            weight = constant_value(f"{first_weight.name}_fused", np.concatenate([m.weight for m in members], axis=1))
+            graph.register_initializer(weight)
+            any_bias = any(member.bias is not None for member in members)
+            bias = None
+            if any_bias:
+                parts = [
+                    m.bias if m.bias is not None else np.zeros(w, np.float32)
+                    for m, w in zip(members, widths, strict=True)
+                ]
+                bias = constant_value(f"{weight.name}_bias", np.concatenate(parts).astype(np.float32))
+                graph.register_initializer(bias)
+            sizes = constant_value(f"{weight.name}_split", np.array(widths, np.int64))
+            graph.register_initializer(sizes)
+            if op_type == "Gemm":
+                added = [ir.node("Gemm", [source, weight, bias] if bias is not None else [source, weight])]
+            else:
+                added = [ir.node("MatMul", [source, weight])]
+                if bias is not None:
+                    added.append(ir.node("Add", [added[0].outputs[0], bias]))
+            split = ir.node("Split", [added[-1].outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(members))
+            added.append(split)
+            first = min((member.nodes[0] for member in members), key=_position(graph))
+            graph.insert_before(first, added)
+            for member, piece in zip(members, split.outputs, strict=True):
+                old = member.output
+                piece.type, piece.shape = old.type, old.shape
+                was_output = old.is_graph_output()
+                ir.convenience.replace_all_uses_with(old, piece, replace_graph_outputs=True)
+                if was_output:
+                    piece.name, old.name = old.name, None
+                graph.remove(member.nodes[::-1], safe=True)
+            fused += len(members) - 1
+    return fused
+
+
+def _position(graph: ir.Graph) -> Any:
+    order = {id(node): index for index, node in enumerate(graph)}
+    return lambda node: order[id(node)]
+
+
 _ELEMENTWISE = frozenset(
     {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "Gelu", "Clip", "Identity"}
 )
@@ -541,8 +687,19 @@ class Cleanup(CompressionPass):
                 "before them, or after them when it is their only consumer"
             },
         )
+        fuse_parallel: bool = field(
+            default=True,
+            metadata={"help": "make linear layers that read the same input one wider layer and a Split (Q/K/V)"},
+        )
         short_names: bool = field(
             default=False, metadata={"help": "drop node names and give internal values short names"}
+        )
+        drop_default_attributes: bool = field(
+            default=False,
+            metadata={"help": "remove attributes equal to the operator's default (Gemm alpha=1, Reshape allowzero=0)"},
+        )
+        lift_constants: bool = field(
+            default=False, metadata={"help": "store Constant nodes as initializers (fewer bytes per constant)"}
         )
 
     def call(self, model: ir.Model) -> CompressionResult:
@@ -551,12 +708,19 @@ class Cleanup(CompressionPass):
         dropout = remove_inference_dropout(model) if self.config.remove_dropout else 0
         remove_identities(model)
         affine = fold_affine_into_linear(model) + fold_affine_into_next_linear(model) if self.config.fold_affine else 0
+        fused = fuse_parallel_linear(model) if self.config.fuse_parallel else 0
         RemoveUnusedNodesPass()(model)
         RemoveUnusedFunctionsPass()(model)
         merged, merged_bytes = merge_identical_initializers(model) if self.config.merge_initializers else (0, 0)
         constants_merged = merge_identical_constants(model) if self.config.merge_initializers else 0
         RemoveUnusedNodesPass()(model)
         RemoveUnusedOpsetsPass()(model)
+        lifted = 0
+        if self.config.lift_constants:
+            constants = _op_counts(model).get("Constant", 0)
+            LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+            lifted = constants - _op_counts(model).get("Constant", 0)
+        defaults = drop_default_attributes(model) if self.config.drop_default_attributes else 0
         stripped = strip_metadata(model) if self.config.strip_metadata else 0
         renamed = shorten_names(model) if self.config.short_names else 0
         after = _op_counts(model)
@@ -570,10 +734,21 @@ class Cleanup(CompressionPass):
             "constants_merged": constants_merged,
             "bytes_merged": merged_bytes,
             "affine_folded": affine,
+            "linear_layers_fused": fused,
             "metadata_items_stripped": stripped,
             "names_shortened": renamed,
+            "constants_lifted": lifted,
+            "default_attributes_dropped": defaults,
         }
         modified = bool(
-            stats["nodes_removed"] or stats["initializers_removed"] or merged or constants_merged or stripped or renamed
+            stats["nodes_removed"]
+            or stats["initializers_removed"]
+            or merged
+            or constants_merged
+            or stripped
+            or renamed
+            or lifted
+            or defaults
+            or fused
         )
         return CompressionResult(model, modified=modified, stats=stats)
