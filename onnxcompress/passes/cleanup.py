@@ -582,6 +582,81 @@ def fuse_parallel_linear(model: ir.Model) -> int:
     return fused
 
 
+def fold_norm_into_next_linear(model: ir.Model) -> int:
+    """Fold a LayerNormalization's scale and shift into the linear layers that read it, when those
+    are all its readers: the norm keeps unit scale and zero shift, which every norm then shares.
+
+    Exact algebra (up to float rounding): ``(n * g + t) W + b = n (diag(g) W) + (t W + b)``. Returns
+    the number of norms folded.
+    """
+    graph = model.graph
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.attributes.get_int("axis", -1) != -1 or any(out.uses() for out in node.outputs[1:]):
+            continue
+        output = node.outputs[0]
+        gamma = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        shift = node.inputs[2] if len(node.inputs) > 2 else None
+        beta = constant_array(shift) if shift is not None else None
+        if gamma is None or gamma.dtype != np.float32 or gamma.ndim != 1 or output.is_graph_output():
+            continue
+        if shift is not None and (beta is None or beta.shape != gamma.shape):
+            continue
+        readers = [consumer for consumer, _ in output.uses()]
+        members = [_parallel_member(reader) if reader.op_type in ("MatMul", "Gemm") else None for reader in readers]
+        if not members or any(m is None or m.nodes[0].inputs[0] is not output for m in members):
+            continue
+        if any(m.weight.shape[0] != gamma.size for m in members):  # type: ignore[union-attr]
+            continue
+        for member in members:
+            assert member is not None
+            weight = member.weight.astype(np.float64)
+            bias = member.bias if member.bias is not None else np.zeros(weight.shape[1])
+            if beta is not None:
+                bias = bias + beta.astype(np.float64) @ weight
+            _set_linear(graph, member, weight * gamma.astype(np.float64)[:, None], bias)
+        ones = constant_value(f"{node.inputs[1].name}_unit", np.ones_like(gamma))  # type: ignore[union-attr]
+        graph.register_initializer(ones)
+        node.replace_input_with(1, ones)
+        if shift is not None:
+            zeros = constant_value(f"{shift.name}_zero", np.zeros_like(gamma))
+            graph.register_initializer(zeros)
+            node.replace_input_with(2, zeros)
+        folded += 1
+    return folded
+
+
+def _set_linear(graph: ir.Graph, member: _ParallelLinear, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Give a linear layer the weight ``[K, N]`` and bias ``[N]`` (new initializers: the old ones may
+    have other readers), keeping its layout: a Gemm's transB, a MatMul's bias Add (added if missing)."""
+    node = member.nodes[0]
+    found = _linear_weights(node)
+    assert found is not None  # _parallel_member accepted the node
+    old_weight, axis, _ = found
+    stored = weight if axis == 1 else weight.T
+    new_weight = constant_value(f"{old_weight.name}_normed", stored.astype(np.float32))
+    new_bias = constant_value(f"{old_weight.name}_normed_bias", bias.astype(np.float32))
+    graph.register_initializer(new_weight)
+    graph.register_initializer(new_bias)
+    node.replace_input_with(1, new_weight)
+    if node.op_type == "Gemm":
+        if len(node.inputs) < 3:
+            node.resize_inputs(3)
+        node.replace_input_with(2, new_bias)
+    elif len(member.nodes) > 1:
+        add = member.nodes[1]
+        slot = 1 if add.inputs[0] is node.outputs[0] else 0
+        add.replace_input_with(slot, new_bias)
+    else:
+        output = node.outputs[0]
+        add = ir.node("Add", [output, new_bias])
+        graph.insert_after(node, add)
+        ir.convenience.replace_all_uses_with(output, add.outputs[0], replace_graph_outputs=True)
+        add.replace_input_with(0, output)
+
+
 def _position(graph: ir.Graph) -> Any:
     order = {id(node): index for index, node in enumerate(graph)}
     return lambda node: order[id(node)]
@@ -709,6 +784,7 @@ class Cleanup(CompressionPass):
         remove_identities(model)
         affine = fold_affine_into_linear(model) + fold_affine_into_next_linear(model) if self.config.fold_affine else 0
         fused = fuse_parallel_linear(model) if self.config.fuse_parallel else 0
+        norms = fold_norm_into_next_linear(model) if self.config.fold_affine else 0
         RemoveUnusedNodesPass()(model)
         RemoveUnusedFunctionsPass()(model)
         merged, merged_bytes = merge_identical_initializers(model) if self.config.merge_initializers else (0, 0)
@@ -735,6 +811,7 @@ class Cleanup(CompressionPass):
             "bytes_merged": merged_bytes,
             "affine_folded": affine,
             "linear_layers_fused": fused,
+            "norms_folded": norms,
             "metadata_items_stripped": stripped,
             "names_shortened": renamed,
             "constants_lifted": lifted,
@@ -750,5 +827,6 @@ class Cleanup(CompressionPass):
             or lifted
             or defaults
             or fused
+            or norms
         )
         return CompressionResult(model, modified=modified, stats=stats)
