@@ -104,15 +104,16 @@ PRESETS: dict[str, Preset] = {
             {
                 "distill": {"remove": 8, "min_rank_corr": 0.995},
                 "prune": {"structure": "neurons", "sparsity": 0.5, "damping": 0.1, "min_rank_corr": 0.999},
-                # The mixed budget a notch looser than the mixed preset's: the passes before it have
-                # already spent some of the ranking budget, which the parity gate checks as a whole.
+                # The mixed preset's rank budget, its cosine budget a notch looser (0.998 against
+                # 0.999): the passes before have already spent part of the ranking budget, which the
+                # parity gate checks as a whole. A looser rank budget (0.997) took DeepFM to 46x at
+                # ΔAUC +0.0046 on test rows.
                 "quant": {
                     "mixed": True,
                     "granularity": "block",
                     "block_size": 32,
                     "table_codes": "pq",
                     "scale_codebook": True,
-                    "mixed_min_rank_corr": 0.997,
                     "mixed_min_cosine": 0.998,
                 },
                 "cleanup@final": _FINAL_CLEANUP,

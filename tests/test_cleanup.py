@@ -370,3 +370,44 @@ def test_default_attributes_and_constant_nodes_cost_no_bytes(tmp_path: Path) -> 
     assert not reshape.attributes
     assert reshape.inputs[1].is_initializer()
     np.testing.assert_array_equal(run_reference(model, tmp_path, feeds)[0], before[0])
+
+
+def test_a_layer_norms_scale_and_shift_fold_into_the_layers_that_read_it(tmp_path: Path) -> None:
+    """A pre-norm transformer block: the norm's scale and shift move into the fused Q/K/V layer,
+    and the norm keeps unit scale and zero shift; a norm that also feeds a residual keeps its own."""
+    rng = np.random.default_rng(8)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,5,8] x, float[8] g1, float[8] b1, float[8] g2, float[8] b2, float[8,8] wq, float[8,8] wk, float[8] bk, float[8,8] wo) => (float[N,5,8] q, float[N,5,8] k, float[N,5,8] r) {
+          n = LayerNormalization <axis = -1> (x, g1, b1)
+          q = MatMul(n, wq)
+          mk = MatMul(n, wk)
+          k = Add(mk, bk)
+          m = LayerNormalization <axis = -1> (x, g2, b2)
+          o = MatMul(m, wo)
+          r = Add(o, m)
+        }
+        """,
+        {
+            "g1": rng.random(8).astype(np.float32) + 0.5,
+            "b1": rng.standard_normal(8).astype(np.float32),
+            "g2": rng.random(8).astype(np.float32) + 0.5,
+            "b2": rng.standard_normal(8).astype(np.float32),
+            "wq": rng.standard_normal((8, 8)).astype(np.float32),
+            "wk": rng.standard_normal((8, 8)).astype(np.float32),
+            "bk": rng.standard_normal(8).astype(np.float32),
+            "wo": rng.standard_normal((8, 8)).astype(np.float32),
+        },
+    )
+    feeds = {"x": rng.standard_normal((3, 5, 8)).astype(np.float32)}
+    before = run_reference(model, tmp_path, feeds)
+    result = Cleanup()(model)
+    assert result.stats["norms_folded"] == 1
+    first, second = (node for node in model.graph if node.op_type == "LayerNormalization")
+    np.testing.assert_array_equal(first.inputs[1].const_value.numpy(), np.ones(8, np.float32))
+    np.testing.assert_array_equal(first.inputs[2].const_value.numpy(), np.zeros(8, np.float32))
+    assert second.inputs[1].name == "g2"  # also read by the residual Add
+    after = run_reference(model, tmp_path, feeds)
+    for exact, folded in zip(before, after, strict=True):
+        np.testing.assert_allclose(exact, folded, rtol=1e-5, atol=1e-5)

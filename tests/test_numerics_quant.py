@@ -8,6 +8,7 @@ from onnxcompress.numerics.quant import (
     binarize_rows,
     dequantize_rows,
     gptq_quantize,
+    gptq_quantize_output_blocks,
     pack_codes,
     quantize_rows,
     quantized_row_error,
@@ -165,6 +166,51 @@ def test_gptq_lazy_block_updates_match_the_column_by_column_algorithm(group: int
     blocked = quantized.codes.reshape(weight.shape)
     reference = _gptq_column_by_column(weight, hessian, 4, group or weight.shape[1], act_order)
     assert np.mean(blocked != reference) < 0.002  # the same up to float rounding at .5 ties
+
+
+def _output_blocks_column_by_column(weight: np.ndarray, hessian: np.ndarray, block: int) -> np.ndarray:
+    """Textbook GPTQ (act-order) with one 4-bit scale per input and block of outputs, fixed from the
+    original weight; returns the restored weight."""
+    weight = weight.astype(np.float64).copy()
+    outputs, columns = weight.shape
+    padded = -(-outputs // block) * block
+    peaks = np.abs(np.pad(weight, ((0, padded - outputs), (0, 0)))).reshape(-1, block, columns).max(axis=1)
+    scales = np.repeat(peaks / 7, block, axis=0)[:outputs].astype(np.float32).astype(np.float64)
+    order = np.argsort(-np.diag(hessian), kind="stable")
+    damped = hessian[np.ix_(order, order)] + np.eye(columns) * 0.01 * np.mean(np.diag(hessian))
+    inverse = np.linalg.cholesky(np.linalg.inv(damped)).T
+    weight, scales = weight[:, order], scales[:, order]
+    restored = np.empty_like(weight)
+    for position in range(columns):
+        restored[:, position] = np.clip(np.rint(weight[:, position] / scales[:, position]), -7, 7) * scales[:, position]
+        error = (weight[:, position] - restored[:, position]) / inverse[position, position]
+        weight[:, position + 1 :] -= np.outer(error, inverse[position, position + 1 :])
+    return restored[:, np.argsort(order)]
+
+
+def test_output_blocks_give_one_scale_per_input_and_block_of_outputs() -> None:
+    """40 outputs in blocks of 16 (the last padded), 24 inputs whose weights differ 30-fold in size and
+    whose activations make up for it (every input moves the output alike): codes are rows of the
+    transposed weight, they restore what the textbook loop computes, and a scale per input beats a
+    scale per output and block of inputs on the layer output."""
+    magnitudes = np.geomspace(0.1, 3.0, 24)
+    weight = RNG.standard_normal((40, 24)) * magnitudes
+    x = RNG.standard_normal((500, 24)) @ (np.eye(24) + 0.2 * RNG.standard_normal((24, 24))) / magnitudes
+    hessian = x.T @ x
+    quantized = gptq_quantize_output_blocks(weight, hessian, 4, 16)
+    assert quantized.codes.shape == (24 * 3, 16) and quantized.scale.shape == (72,)
+    restored = dequantize_rows(quantized).reshape(24, 48)[:, :40].T
+    reference = _output_blocks_column_by_column(weight, hessian, 16)
+    assert np.mean(~np.isclose(restored, reference)) < 0.002
+    by_output = dequantize_rows(
+        gptq_quantize(np.pad(weight, ((0, 0), (0, 8))), np.pad(hessian, ((0, 8), (0, 8))), 4, group_size=16)
+    )
+    by_output = by_output.reshape(40, 32)[:, :24]
+
+    def error(candidate: np.ndarray) -> float:
+        return float(np.linalg.norm(x @ (candidate - weight).T) / np.linalg.norm(x @ weight.T))
+
+    assert error(restored) < 0.8 * error(by_output)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -613,9 +613,9 @@ def fold_norm_into_next_linear(model: ir.Model) -> int:
         for member in members:
             assert member is not None
             weight = member.weight.astype(np.float64)
-            bias = member.bias if member.bias is not None else np.zeros(weight.shape[1])
-            if beta is not None:
-                bias = bias + beta.astype(np.float64) @ weight
+            bias = None if member.bias is None else member.bias.astype(np.float64)
+            if beta is not None and beta.any():
+                bias = (0.0 if bias is None else bias) + beta.astype(np.float64) @ weight
             _set_linear(graph, member, weight * gamma.astype(np.float64)[:, None], bias)
         ones = constant_value(f"{node.inputs[1].name}_unit", np.ones_like(gamma))  # type: ignore[union-attr]
         graph.register_initializer(ones)
@@ -628,19 +628,22 @@ def fold_norm_into_next_linear(model: ir.Model) -> int:
     return folded
 
 
-def _set_linear(graph: ir.Graph, member: _ParallelLinear, weight: np.ndarray, bias: np.ndarray) -> None:
+def _set_linear(graph: ir.Graph, member: _ParallelLinear, weight: np.ndarray, bias: np.ndarray | None) -> None:
     """Give a linear layer the weight ``[K, N]`` and bias ``[N]`` (new initializers: the old ones may
-    have other readers), keeping its layout: a Gemm's transB, a MatMul's bias Add (added if missing)."""
+    have other readers), keeping its layout: a Gemm's transB, a MatMul's bias Add (added if missing;
+    none when ``bias`` is None)."""
     node = member.nodes[0]
     found = _linear_weights(node)
     assert found is not None  # _parallel_member accepted the node
     old_weight, axis, _ = found
     stored = weight if axis == 1 else weight.T
     new_weight = constant_value(f"{old_weight.name}_normed", stored.astype(np.float32))
-    new_bias = constant_value(f"{old_weight.name}_normed_bias", bias.astype(np.float32))
     graph.register_initializer(new_weight)
-    graph.register_initializer(new_bias)
     node.replace_input_with(1, new_weight)
+    if bias is None:
+        return
+    new_bias = constant_value(f"{old_weight.name}_normed_bias", bias.astype(np.float32))
+    graph.register_initializer(new_bias)
     if node.op_type == "Gemm":
         if len(node.inputs) < 3:
             node.resize_inputs(3)

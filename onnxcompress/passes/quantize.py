@@ -42,6 +42,7 @@ from onnxcompress.numerics.quant import (
     binarize_rows,
     dequantize_rows,
     gptq_quantize,
+    gptq_quantize_output_blocks,
     pack_codes,
     plan_activations,
     quantize_rows,
@@ -369,6 +370,15 @@ class Quantize(CompressionPass):
             metadata={"help": "scale per tensor, output channel or block", "choices": ("tensor", "channel", "block")},
         )
         block_size: int = field(default=32, metadata={"help": "inputs per scale with granularity=block", "min": 2})
+        block_axis: str = field(
+            default="auto",
+            metadata={
+                "help": "granularity=block: blocks of inputs per output (reduction), of outputs per input "
+                "(output), or with calibration data whichever has the smaller layer output error and no "
+                "more scales (auto)",
+                "choices": ("auto", "reduction", "output"),
+            },
+        )
         symmetric: bool = field(default=True, metadata={"help": "zero point 0 for linear weights (else min/max)"})
         activations: str = field(
             default="none",
@@ -779,8 +789,11 @@ class Quantize(CompressionPass):
             return _dequantized(quantized).reshape(weight.shape).astype(np.float32)
         use = uses[0]
         rows = _channel_rows(weight, use)
-        quantized, _, dynamic, _ = self._linear_codes(rows, uses, bits, hessians.get(value.name or ""))
-        restored = _dequantized(quantized).reshape(rows.shape[0], -1)[:, : rows.shape[1]]
+        quantized, granularity, dynamic, _ = self._linear_codes(rows, uses, bits, hessians.get(value.name or ""))
+        if granularity == "block_outputs":
+            restored = _restore_output_blocks(quantized, *rows.shape)
+        else:
+            restored = _dequantized(quantized).reshape(rows.shape[0], -1)[:, : rows.shape[1]]
         scales = self._smoothing(uses, dynamic)
         if scales is not None:
             restored = restored / scales
@@ -1067,6 +1080,7 @@ class Quantize(CompressionPass):
         if bits == 1:
             codes, alpha = binarize_rows(rows)
             return QuantizedRows(codes, alpha, None, 1), granularity, dynamic, "binary"
+        unpadded_rows, unpadded_hessian = rows, hessian
         padding = -inputs % group if granularity == "block" else 0
         if padding:
             rows = np.pad(rows, ((0, 0), (0, padding)))
@@ -1076,10 +1090,41 @@ class Quantize(CompressionPass):
             samples = self._hessian_rows.get(uses[0].value.name or "", 0)
             act_order = not config.mixed and samples >= ACT_ORDER_MIN_ROWS_PER_INPUT * inputs
             quantized = gptq_quantize(rows, hessian, bits, group_size=group, symmetric=symmetric, act_order=act_order)
+            if granularity == "block" and config.block_axis != "reduction" and unpadded_hessian is not None:
+                by_output = self._output_blocks(unpadded_rows, unpadded_hessian, quantized, bits, symmetric, act_order)
+                if by_output is not None:
+                    return by_output, "block_outputs", dynamic, "gptq"
             return quantized, granularity, dynamic, "gptq"
         search = config.rounding in ("mse", "auto")
         quantized = quantize_rows(rows.reshape(-1, group), bits, symmetric=symmetric, search=search)
         return quantized, granularity, dynamic, "mse" if search else "nearest"
+
+    def _output_blocks(
+        self,
+        rows: np.ndarray,
+        hessian: np.ndarray,
+        by_input: QuantizedRows,
+        bits: int,
+        symmetric: bool,
+        act_order: bool,
+    ) -> QuantizedRows | None:
+        """Blocks of outputs per input (``block_axis``), when they need no more scales than blocks of
+        inputs and (``auto``) give a smaller output error ``tr(E H E^T)`` on the calibration inputs."""
+        channels, inputs = rows.shape
+        size = min(self.config.block_size, channels)
+        if inputs * -(-channels // size) > by_input.scale.size:
+            return None
+        by_output = gptq_quantize_output_blocks(rows, hessian, bits, size, symmetric=symmetric, act_order=act_order)
+        if self.config.block_axis == "output":
+            return by_output
+
+        def error(restored: np.ndarray) -> float:
+            difference = restored - rows
+            return float(np.einsum("ij,ij->", difference @ hessian, difference))
+
+        input_error = error(_dequantized(by_input).reshape(channels, -1)[:, :inputs])
+        output_error = error(_restore_output_blocks(by_output, channels, inputs))
+        return by_output if output_error < input_error else None
 
     def _quantize_linear(
         self, graph: ir.Graph, value: ir.Value, uses: list[WeightUse], hessian: np.ndarray | None, bits: int
@@ -1099,6 +1144,27 @@ class Quantize(CompressionPass):
                 build.insert_before(weight_use.node)
                 graph.remove(weight_use.node, safe=True)
             form = "dynamic"
+        elif granularity == "block_outputs":
+            # Rows of the codes are (input, block of outputs): decoded, they are the [inputs, outputs]
+            # layout MatMul reads, once the padding outputs are sliced off.
+            linear_form = config.dequantize == "linear"
+            stored = _store(build, quantized, column=not linear_form, native_int4=True)
+            form = "dequantize_linear" if linear_form else "fold"
+            flat = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, config.dequantize)
+            padded = quantized.codes.size // inputs
+            output = build.op("Reshape", [flat, build.constant("shape", np.array([inputs, padded], np.int64))])
+            if padded != channels:
+                output = build.op(
+                    "Slice",
+                    [
+                        output,
+                        build.constant("start", np.array([0], np.int64)),
+                        build.constant("end", np.array([channels], np.int64)),
+                        build.constant("axis", np.array([1], np.int64)),
+                    ],
+                )
+            if use.out_axis == 0:
+                output = build.op("Transpose", [output], perm=[1, 0])
         elif _stored_as_read(quantized, granularity, use, weight.shape, config.dequantize):
             # Codes kept in the [inputs, outputs] layout MatMul reads, scales as a [1, outputs] row:
             # no Transpose node to store.
@@ -1439,6 +1505,11 @@ def _dequantized(quantized: QuantizedRows | ProductCodes) -> np.ndarray:
     if quantized.bits == 1:
         return (2.0 * quantized.codes.astype(np.float64) - 1.0) * quantized.scale.astype(np.float64)[:, None]
     return dequantize_rows(quantized)
+
+
+def _restore_output_blocks(quantized: QuantizedRows, channels: int, inputs: int) -> np.ndarray:
+    """The ``[channels, inputs]`` weight from codes in blocks of outputs per input."""
+    return _dequantized(quantized).reshape(inputs, -1)[:, :channels].T
 
 
 def _static_shape(tensor: ir.TensorProtocol) -> tuple[int, ...]:
