@@ -696,3 +696,22 @@ def test_output_blocks_decode_for_gemm_with_transposed_weights(tmp_path: Path) -
     assert "bottom.0.weight" in forced and "top.0.weight" in forced
     assert report.parity.passed
     assert "Transpose" in [node.op_type for node in onnx.load(str(out)).graph.node]
+
+
+def test_int4_deepfm_is_seven_times_smaller_within_a_thousandth_of_auc(tmp_path: Path) -> None:
+    """Scales of the 256x256 layers (2,048 blocks each) as one-byte codebook indices, table rows
+    without zero points: 4.25 and 4.5 bits a weight."""
+    import onnx
+
+    out = tmp_path / "int4.onnx"
+    report = compress_with_preset("deepfm", "int4", out)
+    tensors = next(r for r in report.passes if r.name == "quant").stats["tensors"]
+    assert tensors["mlp.4.weight_folded"].get("scale_codebook") and tensors["mlp.8.weight_folded"].get("scale_codebook")
+    assert tensors["embedding.weight"]["granularity"] == "row"
+    table_zero_points = [
+        init for init in onnx.load(str(out)).graph.initializer if list(init.dims) in ([2675], [2675, 1])
+    ]
+    assert [onnx.TensorProto.DataType.Name(init.data_type) for init in table_zero_points] == ["UINT8"]  # the index
+    (score,) = report.parity.outputs
+    assert report.parity.passed and score.auc_delta is not None and abs(score.auc_delta) <= 0.001
+    assert report.size_ratio >= 7.0

@@ -225,6 +225,29 @@ def scale_codebook(scales: np.ndarray, size: int = SCALE_CODEBOOK_SIZE, dtype: A
     return stored
 
 
+def _index_at_least(codebook: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Per scale, the uint8 index of the smallest codebook entry at least as large (the top one if
+    none is)."""
+    return np.minimum(np.searchsorted(codebook.astype(np.float64), scales, side="left"), len(codebook) - 1).astype(
+        np.uint8
+    )
+
+
+def _snap_scales(
+    scales: np.ndarray, size: int | None, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(scales, codebook, index): with ``size``, each scale raised to its codebook entry before any
+    code is chosen, so rounding is done for the scale that is stored."""
+    if size is None:
+        return scales, None, None
+    # An all-zero block has the smallest scale there is; it would stretch the log spacing of every
+    # other entry, and any entry decodes its zeros.
+    live = scales[scales > np.finfo(dtype).tiny]
+    codebook = scale_codebook(live if live.size else scales.reshape(-1), size, dtype)
+    index = _index_at_least(codebook, scales.reshape(-1))
+    return codebook[index].astype(np.float64).reshape(scales.shape), codebook, index
+
+
 def with_scale_codebook(rows: Any, quantized: QuantizedRows, size: int = SCALE_CODEBOOK_SIZE) -> QuantizedRows:
     """``quantized`` with each row's scale replaced by a codebook entry, stored as a uint8 index.
 
@@ -242,7 +265,7 @@ def with_scale_codebook(rows: Any, quantized: QuantizedRows, size: int = SCALE_C
         nearer_below = log_scales - log_book[position - 1] <= log_book[position] - log_scales
         index = np.where(nearer_below, position - 1, position).astype(np.uint8)
         return replace(quantized, scale=codebook[index], codebook=codebook, scale_index=index)
-    index = np.minimum(np.searchsorted(codebook.astype(np.float64), scales, side="left"), size - 1).astype(np.uint8)
+    index = _index_at_least(codebook, scales)
     snapped = codebook[index].astype(np.float64)
     # A larger scale with the same zero point spans a wider range: nothing clips that did not before.
     zero = np.zeros(len(snapped)) if quantized.zero_point is None else quantized.zero_point.astype(np.float64)
@@ -312,6 +335,7 @@ def gptq_quantize(
     damping: float = 0.01,
     scale_dtype: np.dtype | type = np.float32,
     act_order: bool = True,
+    codebook_size: int | None = None,
 ) -> QuantizedRows:
     """GPTQ: quantize ``weight[out, in]`` column by column, spreading each column's rounding error
     over the columns not yet quantized so that ``weight @ x`` is preserved on the calibration inputs.
@@ -328,6 +352,8 @@ def gptq_quantize(
         hessian: ``X^T X`` of the layer's calibration inputs, ``[in, in]``.
         group_size: one scale per ``group_size`` consecutive input columns (None: per output row).
         act_order: round in decreasing order of ``diag(H)`` (else in column order).
+        codebook_size: with scales fixed up front (act-order, or one group), store them as uint8
+            indices into this many scales spaced evenly in log (``scale_codebook``).
 
     Returns rows of codes shaped like ``weight`` (one row per output channel, or per output
     channel and group when ``group_size`` is set: ``[out * in/group_size, group_size]``).
@@ -342,10 +368,12 @@ def gptq_quantize(
     zeros = np.empty((rows, groups))
     # Per output row, or static groups with act-order: every scale fixed before any column moves.
     fixed = act_order or groups == 1
+    codebook = scale_index = None
     if fixed:
         for index in range(groups):
             extremes = _extremes(weight[:, index * group : (index + 1) * group], symmetric)
             scales[:, index], zeros[:, index] = _params(extremes, bits, symmetric, 1.0, scale_dtype)
+        scales, codebook, scale_index = _snap_scales(scales, codebook_size, scale_dtype)
     group_of = np.arange(columns) // group
 
     def params_at(column: int, values: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
@@ -366,6 +394,8 @@ def gptq_quantize(
         scale=scales.reshape(-1).astype(scale_dtype),
         zero_point=None if symmetric else zeros.reshape(-1).astype(np.uint8),
         bits=bits,
+        codebook=codebook,
+        scale_index=scale_index,
     )
 
 
@@ -379,6 +409,7 @@ def gptq_quantize_output_blocks(
     damping: float = 0.01,
     scale_dtype: np.dtype | type = np.float32,
     act_order: bool = True,
+    codebook_size: int | None = None,
 ) -> QuantizedRows:
     """GPTQ with one scale per input and ``block_size`` consecutive outputs, instead of per output
     and block of inputs.
@@ -389,7 +420,8 @@ def gptq_quantize_output_blocks(
     are fixed from the weight before any column moves; the error feedback is GPTQ's.
 
     Returns the codes of the transposed weight ``[in, out]`` (outputs zero-padded to whole blocks)
-    as rows ``[in * blocks, block_size]``, one scale per row.
+    as rows ``[in * blocks, block_size]``, one scale per row (``codebook_size`` as in
+    ``gptq_quantize``).
     """
     weight, hessian = _gptq_inputs(weight, hessian, damping)
     outputs, columns = weight.shape
@@ -399,6 +431,7 @@ def gptq_quantize_output_blocks(
     scale_dtype = np.dtype(scale_dtype)
     blocks = weight.T.reshape(columns * (padded // block_size), block_size)  # rows: (input, block)
     scales, zeros = _params(_extremes(blocks, symmetric), bits, symmetric, 1.0, scale_dtype)
+    scales, codebook, scale_index = _snap_scales(scales, codebook_size, scale_dtype)
     by_column = scales.reshape(columns, -1), zeros.reshape(columns, -1)
 
     def params_at(column: int, values: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
@@ -410,6 +443,8 @@ def gptq_quantize_output_blocks(
         scale=scales.astype(scale_dtype),
         zero_point=None if symmetric else zeros.astype(np.uint8),
         bits=bits,
+        codebook=codebook,
+        scale_index=scale_index,
     )
 
 

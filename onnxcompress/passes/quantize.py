@@ -37,6 +37,7 @@ from onnxcompress.graph import WEIGHT_SLOTS, WeightUse, constant_value, weights_
 from onnxcompress.io import ExternalRows
 from onnxcompress.numerics.pq import ProductCodes, product_assign, product_dequantize, product_quantize
 from onnxcompress.numerics.quant import (
+    SCALE_CODEBOOK_SIZE,
     ActivationPlan,
     QuantizedRows,
     binarize_rows,
@@ -1089,7 +1090,10 @@ class Quantize(CompressionPass):
         if hessian is not None and hessian.shape == (inputs, inputs) and granularity != "tensor":
             samples = self._hessian_rows.get(uses[0].value.name or "", 0)
             act_order = not config.mixed and samples >= ACT_ORDER_MIN_ROWS_PER_INPUT * inputs
-            quantized = gptq_quantize(rows, hessian, bits, group_size=group, symmetric=symmetric, act_order=act_order)
+            codebook = self._codebook_size(rows.size // group, bits)
+            quantized = gptq_quantize(
+                rows, hessian, bits, group_size=group, symmetric=symmetric, act_order=act_order, codebook_size=codebook
+            )
             if granularity == "block" and config.block_axis != "reduction" and unpadded_hessian is not None:
                 by_output = self._output_blocks(unpadded_rows, unpadded_hessian, quantized, bits, symmetric, act_order)
                 if by_output is not None:
@@ -1098,6 +1102,14 @@ class Quantize(CompressionPass):
         search = config.rounding in ("mse", "auto")
         quantized = quantize_rows(rows.reshape(-1, group), bits, symmetric=symmetric, search=search)
         return quantized, granularity, dynamic, "mse" if search else "nearest"
+
+    def _codebook_size(self, scales: int, bits: int) -> int | None:
+        """A scale codebook's size for a linear weight with this many scales, or None: only with
+        ``scale_codebook``, below 8 bits, and from ``CODEBOOK_MIN_ROWS`` scales (where one byte an
+        index pays for the 256 stored scales)."""
+        if not self.config.scale_codebook or bits >= 8 or scales < CODEBOOK_MIN_ROWS:
+            return None
+        return SCALE_CODEBOOK_SIZE
 
     def _output_blocks(
         self,
@@ -1114,7 +1126,15 @@ class Quantize(CompressionPass):
         size = min(self.config.block_size, channels)
         if inputs * -(-channels // size) > by_input.scale.size:
             return None
-        by_output = gptq_quantize_output_blocks(rows, hessian, bits, size, symmetric=symmetric, act_order=act_order)
+        by_output = gptq_quantize_output_blocks(
+            rows,
+            hessian,
+            bits,
+            size,
+            symmetric=symmetric,
+            act_order=act_order,
+            codebook_size=self._codebook_size(inputs * -(-channels // size), bits),
+        )
         if self.config.block_axis == "output":
             return by_output
 
@@ -1207,6 +1227,7 @@ class Quantize(CompressionPass):
             "bits": bits,
             **self._activation_stats(value.name),
             "granularity": granularity,
+            **({"scale_codebook": True} if quantized.codebook is not None else {}),
             "rounding": method,
             "form": form,
             "bytes_before": tensor.nbytes,
