@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 from conftest import mlp_model, save_model, text_model
 from onnx.reference import ReferenceEvaluator
 
@@ -411,3 +412,37 @@ def test_a_layer_norms_scale_and_shift_fold_into_the_layers_that_read_it(tmp_pat
     after = run_reference(model, tmp_path, feeds)
     for exact, folded in zip(before, after, strict=True):
         np.testing.assert_allclose(exact, folded, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_above_the_rewrite_size_are_neither_fused_nor_rescaled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fusing or folding makes new in-memory weights: above REWRITE_MAX_BYTES a layer is left alone
+    (a multi-gigabyte projection is not copied for a small speed-up)."""
+    import onnxcompress.passes.cleanup as cleanup
+
+    rng = np.random.default_rng(9)
+
+    def model() -> ir.Model:
+        return text_model(
+            """
+            <ir_version: 8, opset_import: ["" : 17]>
+            g (float[N,8] x, float[8] g1, float[8] b1, float[8,4] wq, float[8,4] wk) => (float[N,4] q, float[N,4] k) {
+              n = LayerNormalization <axis = -1> (x, g1, b1)
+              q = MatMul(n, wq)
+              k = MatMul(n, wk)
+            }
+            """,
+            {
+                "g1": rng.random(8).astype(np.float32) + 0.5,
+                "b1": rng.standard_normal(8).astype(np.float32),
+                "wq": rng.standard_normal((8, 4)).astype(np.float32),
+                "wk": rng.standard_normal((8, 4)).astype(np.float32),
+            },
+        )
+
+    small = Cleanup()(model()).stats
+    assert small["linear_layers_fused"] == 1 and small["norms_folded"] == 1
+    monkeypatch.setattr(cleanup, "REWRITE_MAX_BYTES", 8 * 4 * 4 - 1)
+    large = model()
+    stats = Cleanup()(large).stats
+    assert stats["linear_layers_fused"] == 0 and stats["norms_folded"] == 0
+    assert op_types(large) == ["LayerNormalization", "MatMul", "MatMul"]

@@ -483,9 +483,30 @@ class _ParallelLinear:
     that carries its biased output (the MatMul's following bias Add, if any)."""
 
     nodes: list[ir.Node]
-    weight: np.ndarray
+    stored: ir.Value
+    axis: int
     bias: np.ndarray | None
     output: ir.Value
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``[K, N]``."""
+        rows, columns = (int(d) for d in self.stored.const_value.shape.numpy())  # type: ignore[union-attr]
+        return (rows, columns) if self.axis == 1 else (columns, rows)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.stored.const_value.nbytes)  # type: ignore[union-attr]
+
+    def weight(self) -> np.ndarray:
+        """The weight as ``[K, N]``, read now (a large weight is read only once a rewrite needs it)."""
+        array = self.stored.const_value.numpy()  # type: ignore[union-attr]
+        return array if self.axis == 1 else array.T
+
+
+#: Rewrites that concatenate or rescale weights make new in-memory tensors; above this a layer is
+#: left as it is, so a multi-gigabyte model is not copied for a small speed-up.
+REWRITE_MAX_BYTES = 64 << 20
 
 
 def _parallel_member(node: ir.Node) -> _ParallelLinear | None:
@@ -493,11 +514,10 @@ def _parallel_member(node: ir.Node) -> _ParallelLinear | None:
     if found is None or node.inputs[0] is None:
         return None
     weight, axis, bias_value = found
-    w = weight.const_value.numpy()  # type: ignore[union-attr]
-    if w.dtype != np.float32:
+    if weight.const_value.dtype != ir.DataType.FLOAT:  # type: ignore[union-attr]
         return None
-    w = w if axis == 1 else w.T
-    channels = w.shape[1]
+    member = _ParallelLinear([node], weight, axis, None, node.outputs[0])
+    channels = member.shape[1]
     nodes, output = [node], node.outputs[0]
     bias = None
     if bias_value is not None:
@@ -514,7 +534,8 @@ def _parallel_member(node: ir.Node) -> _ParallelLinear | None:
                 if bias is not None:
                     nodes.append(consumer)
                     output = consumer.outputs[0]
-    return _ParallelLinear(nodes, w, bias, output)
+    member.nodes, member.bias, member.output = nodes, bias, output
+    return member
 
 
 def fuse_parallel_linear(model: ir.Model) -> int:
@@ -542,12 +563,14 @@ def fuse_parallel_linear(model: ir.Model) -> int:
             weights = {id(member.nodes[0].inputs[1]) for member in members}
             if len(members) < 2 or len(weights) < len(members):
                 continue
-            widths = [member.weight.shape[1] for member in members]
-            if len({member.weight.shape[0] for member in members}) != 1:
+            widths = [member.shape[1] for member in members]
+            if len({member.shape[0] for member in members}) != 1:
+                continue
+            if sum(member.nbytes for member in members) > REWRITE_MAX_BYTES:
                 continue
             first_weight = members[0].nodes[0].inputs[1]
             assert first_weight is not None  # _parallel_member read it
-            weight = constant_value(f"{first_weight.name}_fused", np.concatenate([m.weight for m in members], axis=1))
+            weight = constant_value(f"{first_weight.name}_fused", np.concatenate([m.weight() for m in members], axis=1))
             graph.register_initializer(weight)
             any_bias = any(member.bias is not None for member in members)
             bias = None
@@ -608,11 +631,11 @@ def fold_norm_into_next_linear(model: ir.Model) -> int:
         members = [_parallel_member(reader) if reader.op_type in ("MatMul", "Gemm") else None for reader in readers]
         if not members or any(m is None or m.nodes[0].inputs[0] is not output for m in members):
             continue
-        if any(m.weight.shape[0] != gamma.size for m in members):  # type: ignore[union-attr]
+        if any(m.shape[0] != gamma.size or m.nbytes > REWRITE_MAX_BYTES for m in members):  # type: ignore[union-attr]
             continue
         for member in members:
             assert member is not None
-            weight = member.weight.astype(np.float64)
+            weight = member.weight().astype(np.float64)
             bias = None if member.bias is None else member.bias.astype(np.float64)
             if beta is not None and beta.any():
                 bias = (0.0 if bias is None else bias) + beta.astype(np.float64) @ weight
