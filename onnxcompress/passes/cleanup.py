@@ -369,10 +369,11 @@ def fold_affine_into_linear(model: ir.Model) -> int:
         if rank is None and source is not None and source.shape is not None:
             rank = len(source.shape)
         channels = int(weight.const_value.shape.numpy()[axis])  # type: ignore[union-attr]
-        w = weight.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
         b = bias.const_value.numpy().astype(np.float64).reshape(-1) if bias is not None else np.zeros(channels)  # type: ignore[union-attr]
         if b.size != channels:
             continue
+        # The weight is read (in float64) only once an affine op to fold is found.
+        total_scale = np.ones(channels)
         changed = 0
         while len(output.uses()) == 1 and not output.is_graph_output():
             ((consumer, _),) = output.uses()
@@ -380,7 +381,7 @@ def fold_affine_into_linear(model: ir.Model) -> int:
             if affine is None:
                 break
             scale, shift = affine
-            w = w * (scale[None, :] if axis == 1 else scale[:, None])
+            total_scale = total_scale * scale
             b = b * scale + shift
             ir.convenience.replace_all_uses_with(consumer.outputs[0], output, replace_graph_outputs=True)
             if consumer.outputs[0].is_graph_output() or any(o is output for o in graph.outputs):
@@ -390,6 +391,8 @@ def fold_affine_into_linear(model: ir.Model) -> int:
         if not changed:
             continue
         folded += changed
+        w = weight.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
+        w = w * (total_scale[None, :] if axis == 1 else total_scale[:, None])
         _rewrite_linear(graph, node, weight, w, b, rank)
     return folded
 
