@@ -471,10 +471,16 @@ def _gptq_round(
 ) -> np.ndarray:
     """GPTQ's column loop: round each column with the scale and zero point ``params_at(column,
     the group's columns from there, position in the order)`` gives, and spread its error over the
-    columns after it. Returns the codes ``[rows, columns]`` in the weight's column order."""
+    columns after it. Returns the codes ``[rows, columns]`` in the weight's column order.
+
+    Weights that are exactly zero (pruned) stay zero, as in SparseGPT: each takes the zero point
+    and what the updates had moved it by is spread like a rounding error. Plain GPTQ would hand
+    them the error of earlier columns: after 80% pruning, int8 Wide&Deep kept 61-78% zeros.
+    """
     rows, columns = weight.shape
     order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(columns)
     permuted = weight[:, order]
+    pruned = permuted == 0
     # Upper Cholesky factor of H^-1 (in the rounding order): row i holds column i's error weights.
     inverse = np.linalg.cholesky(np.linalg.inv(hessian[np.ix_(order, order)])).T
     codes = np.empty((rows, columns))
@@ -488,6 +494,7 @@ def _gptq_round(
             position = block_start + offset
             scale, zero = params_at(order[position], part[:, offset : offset + group], position)
             code = np.clip(np.rint(part[:, offset] / scale) + zero, low, high)
+            code = np.where(pruned[:, position], zero, code)
             codes[:, order[position]] = code
             error = (part[:, offset] - scale * (code - zero)) / inverse[position, position]
             part[:, offset + 1 :] -= np.outer(error, inverse[position, position + 1 : block_stop])
