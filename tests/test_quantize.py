@@ -715,3 +715,27 @@ def test_int4_deepfm_is_seven_times_smaller_within_a_thousandth_of_auc(tmp_path:
     (score,) = report.parity.outputs
     assert report.parity.passed and score.auc_delta is not None and abs(score.auc_delta) <= 0.001
     assert report.size_ratio >= 7.0
+
+
+@pytest.mark.parametrize(("width", "offsets_kept"), [(16, False), (64, True)])
+def test_table_offsets_are_dropped_where_they_cost_more_bits_than_the_error_they_save(
+    width: int, offsets_kept: bool
+) -> None:
+    """Centred rows at 4 bits: without a per-row offset the error grows about 1.15x; the offset is
+    8/width bits a value, worth a factor 2^(8/width) of error: 1.41 at width 16 (dropped), 1.09 at
+    width 64 (kept)."""
+    rng = np.random.default_rng(11)
+    table = (rng.standard_normal((2000, width)) * rng.lognormal(0, 0.5, (2000, 1))).astype(np.float32)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] ids, float[2000,{width}] table) => (float[N,{width}] out) {{
+          out = Gather(table, ids)
+        }}
+        """
+    model = text_model(text, {"table": table})
+    config = Quantize.Config(embedding_bits=4, embedding_granularity="row", embedding_symmetric="auto")
+    stats = Quantize(config)(model).stats["tensors"]["table"]
+    errors = stats["relative_error"]
+    assert 1.05 < errors["row_symmetric"] / errors["row_offset"] < 1.3
+    zero_points = [name for name in model.graph.initializers if "zero_point" in name]
+    assert bool(zero_points) == offsets_kept

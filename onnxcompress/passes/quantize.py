@@ -362,6 +362,9 @@ class Quantize(CompressionPass):
     #: Calibration rows behind each linear weight's ``X^T X`` (set by ``_hessians``).
     _hessian_rows: dict[str, int]
     _linear_cache: dict[tuple[str, int, bool], tuple[np.ndarray, np.ndarray | None, Any]]
+    #: Relative layer output error on the calibration rows, by (weight, bits): the rounding used
+    #: and round-to-nearest at the same granularity, for the report.
+    _rounding_errors: dict[tuple[str, int], dict[str, float]]
 
     @dataclass(frozen=True)
     class Config:
@@ -461,8 +464,13 @@ class Quantize(CompressionPass):
             default=0.03,
             metadata={"help": "median per-row relative error allowed for one scale per table (auto)", "min": 0.0},
         )
-        embedding_symmetric: bool = field(
-            default=False, metadata={"help": "zero point 0 for tables (default: per-row min/max offset as FBGEMM)"}
+        embedding_symmetric: bool | str = field(
+            default=False,
+            metadata={
+                "help": "zero point 0 for tables (false: per-row min/max offset as FBGEMM; auto: no offset "
+                "where the error it adds is worth less than the offset's bits)",
+                "choices": (False, True, "auto"),
+            },
         )
         fold_tables_below: int = field(
             default=1 << 20,
@@ -560,6 +568,7 @@ class Quantize(CompressionPass):
 
     def call(self, model: ir.Model) -> CompressionResult:
         self._linear_cache = {}
+        self._rounding_errors = {}
         selected, skipped = self._select(model)
         if not selected:
             return CompressionResult(model, modified=False, stats={"skipped": skipped})
@@ -1094,11 +1103,25 @@ class Quantize(CompressionPass):
             quantized = gptq_quantize(
                 rows, hessian, bits, group_size=group, symmetric=symmetric, act_order=act_order, codebook_size=codebook
             )
+            chosen, chosen_granularity = quantized, granularity
             if granularity == "block" and config.block_axis != "reduction" and unpadded_hessian is not None:
                 by_output = self._output_blocks(unpadded_rows, unpadded_hessian, quantized, bits, symmetric, act_order)
                 if by_output is not None:
-                    return by_output, "block_outputs", dynamic, "gptq"
-            return quantized, granularity, dynamic, "gptq"
+                    chosen, chosen_granularity = by_output, "block_outputs"
+            if chosen_granularity == "block_outputs":
+                restored = _restore_output_blocks(chosen, channels, unpadded_rows.shape[1])
+            else:
+                restored = _dequantized(chosen).reshape(channels, -1)[:, : unpadded_rows.shape[1]]
+            nearest = quantize_rows(rows.reshape(-1, group), bits, symmetric=symmetric)
+            self._rounding_errors[(uses[0].value.name or "", bits)] = {
+                "gptq": _output_error(restored, unpadded_rows, hessian[: len(restored.T), : len(restored.T)]),
+                "nearest": _output_error(
+                    _dequantized(nearest).reshape(channels, -1)[:, : unpadded_rows.shape[1]],
+                    unpadded_rows,
+                    hessian[: len(restored.T), : len(restored.T)],
+                ),
+            }
+            return chosen, chosen_granularity, dynamic, "gptq"
         search = config.rounding in ("mse", "auto")
         quantized = quantize_rows(rows.reshape(-1, group), bits, symmetric=symmetric, search=search)
         return quantized, granularity, dynamic, "mse" if search else "nearest"
@@ -1229,6 +1252,11 @@ class Quantize(CompressionPass):
             "granularity": granularity,
             **({"scale_codebook": True} if quantized.codebook is not None else {}),
             "rounding": method,
+            **(
+                {"calibration_output_error": self._rounding_errors[(value.name, bits)]}
+                if (value.name, bits) in self._rounding_errors
+                else {}
+            ),
             "form": form,
             "bytes_before": tensor.nbytes,
             "bytes_after": build.stored_bytes,
@@ -1339,13 +1367,28 @@ class Quantize(CompressionPass):
         if narrow:
             return quantize_tensor_rows(table, bits, search=config.rounding != "nearest"), "tensor", {}
         search = config.rounding != "nearest" and table.size <= SEARCH_MAX_ELEMENTS
-        symmetric = config.embedding_symmetric
+        offsets: dict[str, float] = {}
+        if config.embedding_symmetric == "auto":
+            # One more bit a value halves the rounding error; a row's 8-bit offset costs 8/width
+            # bits a value. So the offset is dropped when the error that adds is a smaller factor
+            # than 2^(8/width): at width 16 (4 bits: 8 bytes of codes) when under 1.41x, at 64
+            # only under 1.09x (centred Gaussian rows at 4 bits: about 1.15x).
+            sample = sample_rows(table, DECISION_SAMPLE_ROWS)
+            offsets = {
+                f"row_{name}": quantized_row_error(
+                    sample, quantize_rows(sample, bits, symmetric=name == "symmetric", scale_dtype=scale_dtype)
+                )
+                for name in ("symmetric", "offset")
+            }
+            symmetric = offsets["row_symmetric"] < offsets["row_offset"] * 2 ** (8 / table.shape[1])
+        else:
+            symmetric = bool(config.embedding_symmetric)
 
         def per_row(rows: Any) -> QuantizedRows:
             return quantize_rows(rows, bits, symmetric=symmetric, search=search, scale_dtype=scale_dtype)
 
         if config.embedding_granularity == "row":
-            return per_row(table), "row", {}
+            return per_row(table), "row", offsets
         # Decide on a sample of rows (the whole table when small). Without the clip search the
         # row-wise codes come first and carry the table's peak: when rows win (the usual case on
         # trained tables) a 2M-row table is read once. The one scale is the whole table's.
@@ -1356,6 +1399,7 @@ class Quantize(CompressionPass):
         errors = {
             "row": quantized_row_error(sample, per_row(sample)),
             "tensor": quantized_row_error(sample, quantize_tensor_rows(sample, bits, scale=scale)),
+            **offsets,
         }
         if config.embedding_granularity == "tensor" or errors["tensor"] <= config.table_tolerance:
             return quantize_tensor_rows(table, bits, scale=scale), "tensor", errors
@@ -1526,6 +1570,15 @@ def _dequantized(quantized: QuantizedRows | ProductCodes) -> np.ndarray:
     if quantized.bits == 1:
         return (2.0 * quantized.codes.astype(np.float64) - 1.0) * quantized.scale.astype(np.float64)[:, None]
     return dequantize_rows(quantized)
+
+
+def _output_error(restored: np.ndarray, rows: np.ndarray, hessian: np.ndarray) -> float:
+    """``||X (restored - rows)^T|| / ||X rows^T||`` on the calibration inputs behind ``hessian =
+    X^T X``, rounded for the report."""
+    difference = restored - rows
+    error = float(np.einsum("ij,ij->", difference @ hessian, difference))
+    reference = float(np.einsum("ij,ij->", rows @ hessian, rows))
+    return round(float(np.sqrt(error / reference)) if reference > 0 else 0.0, 5)
 
 
 def _restore_output_blocks(quantized: QuantizedRows, channels: int, inputs: int) -> np.ndarray:
