@@ -710,7 +710,7 @@ def test_int4_deepfm_is_seven_times_smaller_within_a_thousandth_of_auc(tmp_path:
     assert tensors["embedding.weight"]["granularity"] == "row"
     for name in ("mlp.0.weight_folded", "mlp.4.weight_folded", "mlp.8.weight_folded"):
         errors = tensors[name]["calibration_output_error"]  # the report gives both roundings
-        assert 0 < errors["gptq"] < 0.5 * errors["nearest"]
+        assert 0 < errors["gptq"] < 0.6 * errors["nearest"]
     table_zero_points = [
         init for init in onnx.load(str(out)).graph.initializer if list(init.dims) in ([2675], [2675, 1])
     ]
