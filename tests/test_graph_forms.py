@@ -499,3 +499,29 @@ def test_layernorm_without_bias_at_extended_optimisation(tmp_path: Path) -> None
         cwd=REPO, capture_output=True, text=True, check=False, timeout=300,
     )
     assert process.returncode in (0, 3), f"exit {process.returncode}: {process.stderr[-500:]}"
+
+
+@pytest.mark.parametrize("form_name", list(FORMS))
+def test_the_presets_final_cleanup_keeps_every_graph_form_working(
+    form_name: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The presets end with a cleanup that strips metadata, shortens names, drops default attributes
+    and lifts Constant nodes to initializers (inside If/Loop/Scan bodies too): every form still
+    loads, passes the checker and computes what it did."""
+    form = FORMS[form_name]()
+    source = tmp_path / f"{form_name}.onnx"
+    source.write_bytes(form.proto.SerializeToString())
+    final = ["strip_metadata", "short_names", "drop_default_attributes", "lift_constants"]
+    for run_index, feeds in enumerate(form.feeds or [None]):
+        out, report_path = tmp_path / f"out{run_index}.onnx", tmp_path / f"report{run_index}.json"
+        args: list[str | Path] = [source, out, "--passes", "cleanup", "--report", report_path]
+        args += [item for option in final for item in ("--set", f"cleanup.{option}=true")]
+        if feeds is not None:
+            np.savez(tmp_path / f"feeds{run_index}.npz", **feeds)
+            args += ["--feeds", tmp_path / f"feeds{run_index}.npz"]
+        outcome = run_cli(capfd, *args)
+        assert not outcome.crash, outcome.crash
+        assert outcome.code == 0, outcome.err
+        assert json.loads(report_path.read_text())["verdict"] == "passed"
+        io.load(out)
+        assert {value.name for value in onnx.load(str(out)).graph.input} >= set(form.graph_inputs_kept)
