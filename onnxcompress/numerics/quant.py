@@ -479,28 +479,32 @@ def _gptq_round(
     """
     rows, columns = weight.shape
     order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(columns)
-    permuted = weight[:, order]
+    # Columns as contiguous rows (rounding order): each step reads and updates whole rows.
+    permuted = np.ascontiguousarray(weight[:, order].T)
     pruned = permuted == 0
     # Upper Cholesky factor of H^-1 (in the rounding order): row i holds column i's error weights.
     inverse = np.linalg.cholesky(np.linalg.inv(hessian[np.ix_(order, order)])).T
-    codes = np.empty((rows, columns))
+    codes = np.empty((columns, rows))
     # Lazy batch updates (GPTQ's own): a column's error reaches the rest of its block at once and
     # the columns after the block in one matrix product.
     for block_start in range(0, columns, block):
         block_stop = min(block_start + block, columns)
-        part = permuted[:, block_start:block_stop]
+        part = permuted[block_start:block_stop]
         errors = np.empty_like(part)
         for offset in range(block_stop - block_start):
             position = block_start + offset
-            scale, zero = params_at(order[position], part[:, offset : offset + group], position)
-            code = np.clip(np.rint(part[:, offset] / scale) + zero, low, high)
-            code = np.where(pruned[:, position], zero, code)
-            codes[:, order[position]] = code
-            error = (part[:, offset] - scale * (code - zero)) / inverse[position, position]
-            part[:, offset + 1 :] -= np.outer(error, inverse[position, position + 1 : block_stop])
-            errors[:, offset] = error
-        permuted[:, block_stop:] -= errors @ inverse[block_start:block_stop, block_stop:]
-    return codes
+            scale, zero = params_at(order[position], part[offset : offset + group].T, position)
+            column = part[offset]
+            code = np.clip(np.rint(column / scale) + zero, low, high)
+            code = np.where(pruned[position], zero, code)
+            codes[position] = code
+            error = (column - scale * (code - zero)) / inverse[position, position]
+            part[offset + 1 :] -= np.outer(inverse[position, position + 1 : block_stop], error)
+            errors[offset] = error
+        permuted[block_stop:] -= inverse[block_start:block_stop, block_stop:].T @ errors
+    restored = np.empty((rows, columns))
+    restored[:, order] = codes.T
+    return restored
 
 
 def relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
