@@ -1108,18 +1108,16 @@ class Quantize(CompressionPass):
                 by_output = self._output_blocks(unpadded_rows, unpadded_hessian, quantized, bits, symmetric, act_order)
                 if by_output is not None:
                     chosen, chosen_granularity = by_output, "block_outputs"
+            assert unpadded_hessian is not None  # the padded one exists
+            width = unpadded_rows.shape[1]
             if chosen_granularity == "block_outputs":
-                restored = _restore_output_blocks(chosen, channels, unpadded_rows.shape[1])
+                restored = _restore_output_blocks(chosen, channels, width)
             else:
-                restored = _dequantized(chosen).reshape(channels, -1)[:, : unpadded_rows.shape[1]]
-            nearest = quantize_rows(rows.reshape(-1, group), bits, symmetric=symmetric)
+                restored = _dequantized(chosen).reshape(channels, -1)[:, :width]
+            nearest = _dequantized(quantize_rows(rows.reshape(-1, group), bits, symmetric=symmetric))
             self._rounding_errors[(uses[0].value.name or "", bits)] = {
-                "gptq": _output_error(restored, unpadded_rows, hessian[: len(restored.T), : len(restored.T)]),
-                "nearest": _output_error(
-                    _dequantized(nearest).reshape(channels, -1)[:, : unpadded_rows.shape[1]],
-                    unpadded_rows,
-                    hessian[: len(restored.T), : len(restored.T)],
-                ),
+                "gptq": _output_error(restored, unpadded_rows, unpadded_hessian),
+                "nearest": _output_error(nearest.reshape(channels, -1)[:, :width], unpadded_rows, unpadded_hessian),
             }
             return chosen, chosen_granularity, dynamic, "gptq"
         search = config.rounding in ("mse", "auto")
@@ -1160,13 +1158,8 @@ class Quantize(CompressionPass):
         )
         if self.config.block_axis == "output":
             return by_output
-
-        def error(restored: np.ndarray) -> float:
-            difference = restored - rows
-            return float(np.einsum("ij,ij->", difference @ hessian, difference))
-
-        input_error = error(_dequantized(by_input).reshape(channels, -1)[:, :inputs])
-        output_error = error(_restore_output_blocks(by_output, channels, inputs))
+        input_error = _weighted_error(_dequantized(by_input).reshape(channels, -1)[:, :inputs] - rows, hessian)
+        output_error = _weighted_error(_restore_output_blocks(by_output, channels, inputs) - rows, hessian)
         return by_output if output_error < input_error else None
 
     def _quantize_linear(
@@ -1572,13 +1565,16 @@ def _dequantized(quantized: QuantizedRows | ProductCodes) -> np.ndarray:
     return dequantize_rows(quantized)
 
 
+def _weighted_error(difference: np.ndarray, hessian: np.ndarray) -> float:
+    """``||X D^T||^2 = tr(D H D^T)`` for ``D`` ``[outputs, inputs]`` and ``H = X^T X``."""
+    return float(np.einsum("ij,ij->", difference @ hessian, difference))
+
+
 def _output_error(restored: np.ndarray, rows: np.ndarray, hessian: np.ndarray) -> float:
-    """``||X (restored - rows)^T|| / ||X rows^T||`` on the calibration inputs behind ``hessian =
-    X^T X``, rounded for the report."""
-    difference = restored - rows
-    error = float(np.einsum("ij,ij->", difference @ hessian, difference))
-    reference = float(np.einsum("ij,ij->", rows @ hessian, rows))
-    return round(float(np.sqrt(error / reference)) if reference > 0 else 0.0, 5)
+    """``||X (restored - rows)^T|| / ||X rows^T||`` on the calibration inputs behind ``hessian``,
+    rounded for the report."""
+    reference = _weighted_error(rows, hessian)
+    return round(float(np.sqrt(_weighted_error(restored - rows, hessian) / reference)) if reference > 0 else 0.0, 5)
 
 
 def _restore_output_blocks(quantized: QuantizedRows, channels: int, inputs: int) -> np.ndarray:
