@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -482,8 +482,8 @@ def fold_affine_into_next_linear(model: ir.Model) -> int:
 
 @dataclass
 class _ParallelLinear:
-    """One linear layer reading a shared input: its node, weight as ``[K, N]``, bias and the value
-    that carries its biased output (the MatMul's following bias Add, if any)."""
+    """One linear layer reading a shared input: its nodes (the MatMul's bias Add too, if any), the
+    stored weight and its output-channel axis, the bias, and the value carrying the biased output."""
 
     nodes: list[ir.Node]
     stored: ir.Value
@@ -686,7 +686,8 @@ def _set_linear(graph: ir.Graph, member: _ParallelLinear, weight: np.ndarray, bi
         add.replace_input_with(0, output)
 
 
-def _position(graph: ir.Graph) -> Any:
+def _position(graph: ir.Graph) -> Callable[[ir.Node], int]:
+    """A sort key: a node's index in graph order."""
     order = {id(node): index for index, node in enumerate(graph)}
     return lambda node: order[id(node)]
 
