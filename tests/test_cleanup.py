@@ -446,3 +446,31 @@ def test_layers_above_the_rewrite_size_are_neither_fused_nor_rescaled(monkeypatc
     stats = Cleanup()(large).stats
     assert stats["linear_layers_fused"] == 0 and stats["norms_folded"] == 0
     assert op_types(large) == ["LayerNormalization", "MatMul", "MatMul"]
+
+
+def test_a_norm_folds_into_a_gemm_with_transposed_weights(tmp_path: Path) -> None:
+    """2-D rows into a TorchScript-style Gemm (transB=1, bias): the folded weight keeps the
+    [outputs, inputs] layout and the shift lands in the Gemm's bias."""
+    rng = np.random.default_rng(10)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,6] x, float[6] g1, float[6] b1, float[3,6] w, float[3] b) => (float[N,3] y) {
+          n = LayerNormalization <axis = -1> (x, g1, b1)
+          y = Gemm <transB = 1> (n, w, b)
+        }
+        """,
+        {
+            "g1": rng.random(6).astype(np.float32) + 0.5,
+            "b1": rng.standard_normal(6).astype(np.float32),
+            "w": rng.standard_normal((3, 6)).astype(np.float32),
+            "b": rng.standard_normal(3).astype(np.float32),
+        },
+    )
+    feeds = {"x": rng.standard_normal((5, 6)).astype(np.float32)}
+    (before,) = run_reference(model, tmp_path, feeds)
+    assert Cleanup()(model).stats["norms_folded"] == 1
+    gemm = next(node for node in model.graph if node.op_type == "Gemm")
+    assert gemm.attributes.get_int("transB", 0) == 1 and gemm.inputs[1].const_value.shape.numpy() == (3, 6)
+    (after,) = run_reference(model, tmp_path, feeds)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
