@@ -417,6 +417,15 @@ def float_weights(proto: onnx.ModelProto) -> dict[str, bytes]:
     }
 
 
+def feed_args(tmp_path: Path, run_index: int, feeds: dict[str, np.ndarray] | None) -> list[str | Path]:
+    """``--feeds FILE`` for a form's run, the arrays saved beside the test's other files."""
+    if feeds is None:
+        return []
+    path = tmp_path / f"feeds{run_index}.npz"
+    np.savez(path, **feeds)
+    return ["--feeds", path]
+
+
 @pytest.mark.parametrize(("form_name", "pass_name"), cases())
 def test_every_pass_keeps_every_graph_form_working(
     form_name: str, pass_name: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
@@ -430,10 +439,7 @@ def test_every_pass_keeps_every_graph_form_working(
         out_dir = tmp_path / f"out{run_index}"
         out_dir.mkdir()
         out, report_path = out_dir / "small.onnx", tmp_path / f"report{run_index}.json"
-        args: list[str | Path] = [source, out, "--passes", pass_name, "--report", report_path]
-        if feeds is not None:
-            np.savez(tmp_path / f"feeds{run_index}.npz", **feeds)
-            args += ["--feeds", tmp_path / f"feeds{run_index}.npz"]
+        args = [source, out, "--passes", pass_name, "--report", report_path, *feed_args(tmp_path, run_index, feeds)]
         outcome = run_cli(capfd, *args)
 
         # Parity with the default budgets: the pass kept what the model computes.
@@ -514,11 +520,8 @@ def test_the_presets_final_cleanup_keeps_every_graph_form_working(
     final = ["strip_metadata", "short_names", "drop_default_attributes", "lift_constants"]
     for run_index, feeds in enumerate(form.feeds or [None]):
         out, report_path = tmp_path / f"out{run_index}.onnx", tmp_path / f"report{run_index}.json"
-        args: list[str | Path] = [source, out, "--passes", "cleanup", "--report", report_path]
+        args = [source, out, "--passes", "cleanup", "--report", report_path, *feed_args(tmp_path, run_index, feeds)]
         args += [item for option in final for item in ("--set", f"cleanup.{option}=true")]
-        if feeds is not None:
-            np.savez(tmp_path / f"feeds{run_index}.npz", **feeds)
-            args += ["--feeds", tmp_path / f"feeds{run_index}.npz"]
         outcome = run_cli(capfd, *args)
         assert not outcome.crash, outcome.crash
         assert outcome.code == 0, outcome.err

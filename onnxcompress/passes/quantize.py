@@ -1180,27 +1180,6 @@ class Quantize(CompressionPass):
                 build.insert_before(weight_use.node)
                 graph.remove(weight_use.node, safe=True)
             form = "dynamic"
-        elif granularity == "block_outputs":
-            # Rows of the codes are (input, block of outputs): decoded, they are the [inputs, outputs]
-            # layout MatMul reads, once the padding outputs are sliced off.
-            linear_form = config.dequantize == "linear"
-            stored = _store(build, quantized, column=not linear_form, native_int4=True)
-            form = "dequantize_linear" if linear_form else "fold"
-            flat = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, config.dequantize)
-            padded = quantized.codes.size // inputs
-            output = build.op("Reshape", [flat, build.constant("shape", np.array([inputs, padded], np.int64))])
-            if padded != channels:
-                output = build.op(
-                    "Slice",
-                    [
-                        output,
-                        build.constant("start", np.array([0], np.int64)),
-                        build.constant("end", np.array([channels], np.int64)),
-                        build.constant("axis", np.array([1], np.int64)),
-                    ],
-                )
-            if use.out_axis == 0:
-                output = build.op("Transpose", [output], perm=[1, 0])
         elif _stored_as_read(quantized, granularity, use, weight.shape, config.dequantize):
             # Codes kept in the [inputs, outputs] layout MatMul reads, scales as a [1, outputs] row:
             # no Transpose node to store.
@@ -1218,21 +1197,18 @@ class Quantize(CompressionPass):
             stored = _store(build, quantized, binary=bits == 1, column=not linear_form, native_int4=True)
             form = "dequantize_linear" if linear_form else "fold"
             flat = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, config.dequantize)
-            decoded_shape = quantized.codes.shape
-            if quantized.codes.size != rows.size:  # blocks padded: drop the padding columns
-                padded = quantized.codes.size // channels
-                flat = build.op("Reshape", [flat, build.constant("shape", np.array([channels, padded], np.int64))])
-                flat = build.op(
-                    "Slice",
-                    [
-                        flat,
-                        build.constant("start", np.array([0], np.int64)),
-                        build.constant("end", np.array([inputs], np.int64)),
-                        build.constant("axis", np.array([1], np.int64)),
-                    ],
-                )
-                decoded_shape = rows.shape
-            output = self._to_weight_layout(build, flat, decoded_shape, weight.shape, use)
+            if granularity == "block_outputs":
+                # Rows of the codes are (input, block of outputs): decoded, they are the
+                # [inputs, outputs] layout MatMul reads, once the padding outputs are sliced off.
+                output = _without_padding(build, flat, (inputs, quantized.codes.size // inputs), channels)
+                if use.out_axis == 0:
+                    output = build.op("Transpose", [output], perm=[1, 0])
+            else:
+                decoded_shape = quantized.codes.shape
+                if quantized.codes.size != rows.size:  # blocks padded: drop the padding columns
+                    flat = _without_padding(build, flat, (channels, quantized.codes.size // channels), inputs)
+                    decoded_shape = rows.shape
+                output = self._to_weight_layout(build, flat, decoded_shape, weight.shape, use)
         if not dynamic:
             build.insert_before(_first(graph, uses))
             for weight_use in uses:
@@ -1575,6 +1551,16 @@ def _output_error(restored: np.ndarray, rows: np.ndarray, hessian: np.ndarray) -
     rounded for the report."""
     reference = _weighted_error(rows, hessian)
     return round(float(np.sqrt(_weighted_error(restored - rows, hessian) / reference)) if reference > 0 else 0.0, 5)
+
+
+def _without_padding(build: _Builder, flat: ir.Value, shape: tuple[int, int], kept: int) -> ir.Value:
+    """Decoded codes reshaped to ``shape`` (rows, padded width), columns from ``kept`` on (zero
+    padding of the last block) sliced off."""
+    value = build.op("Reshape", [flat, build.constant("shape", np.array(shape, np.int64))])
+    if shape[1] == kept:
+        return value
+    bounds = [build.constant(name, np.array([bound], np.int64)) for name, bound in (("start", 0), ("end", kept))]
+    return build.op("Slice", [value, *bounds, build.constant("axis", np.array([1], np.int64))])
 
 
 def _restore_output_blocks(quantized: QuantizedRows, channels: int, inputs: int) -> np.ndarray:
