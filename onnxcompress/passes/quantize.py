@@ -362,9 +362,6 @@ class Quantize(CompressionPass):
     #: Calibration rows behind each linear weight's ``X^T X`` (set by ``_hessians``).
     _hessian_rows: dict[str, int]
     _linear_cache: dict[tuple[str, int, bool], tuple[np.ndarray, np.ndarray | None, Any]]
-    #: Relative layer output error on the calibration rows, by (weight, bits): the rounding used
-    #: and round-to-nearest at the same granularity, for the report.
-    _rounding_errors: dict[tuple[str, int], dict[str, float]]
 
     @dataclass(frozen=True)
     class Config:
@@ -568,7 +565,6 @@ class Quantize(CompressionPass):
 
     def call(self, model: ir.Model) -> CompressionResult:
         self._linear_cache = {}
-        self._rounding_errors = {}
         selected, skipped = self._select(model)
         if not selected:
             return CompressionResult(model, modified=False, stats={"skipped": skipped})
@@ -1103,26 +1099,43 @@ class Quantize(CompressionPass):
             quantized = gptq_quantize(
                 rows, hessian, bits, group_size=group, symmetric=symmetric, act_order=act_order, codebook_size=codebook
             )
-            chosen, chosen_granularity = quantized, granularity
             if granularity == "block" and config.block_axis != "reduction" and unpadded_hessian is not None:
                 by_output = self._output_blocks(unpadded_rows, unpadded_hessian, quantized, bits, symmetric, act_order)
                 if by_output is not None:
-                    chosen, chosen_granularity = by_output, "block_outputs"
-            assert unpadded_hessian is not None  # the padded one exists
-            width = unpadded_rows.shape[1]
-            if chosen_granularity == "block_outputs":
-                restored = _restore_output_blocks(chosen, channels, width)
-            else:
-                restored = _dequantized(chosen).reshape(channels, -1)[:, :width]
-            nearest = _dequantized(quantize_rows(rows.reshape(-1, group), bits, symmetric=symmetric))
-            self._rounding_errors[(uses[0].value.name or "", bits)] = {
-                "gptq": _output_error(restored, unpadded_rows, unpadded_hessian),
-                "nearest": _output_error(nearest.reshape(channels, -1)[:, :width], unpadded_rows, unpadded_hessian),
-            }
-            return chosen, chosen_granularity, dynamic, "gptq"
+                    return by_output, "block_outputs", dynamic, "gptq"
+            return quantized, granularity, dynamic, "gptq"
         search = config.rounding in ("mse", "auto")
         quantized = quantize_rows(rows.reshape(-1, group), bits, symmetric=symmetric, search=search)
         return quantized, granularity, dynamic, "mse" if search else "nearest"
+
+    def _rounding_errors(
+        self,
+        rows: np.ndarray,
+        uses: list[WeightUse],
+        bits: int,
+        hessian: np.ndarray,
+        quantized: QuantizedRows,
+        granularity: str,
+        dynamic: bool,
+    ) -> dict[str, float]:
+        """The layer's relative output error on the calibration rows with the codes written and with
+        round-to-nearest at the same granularity, for the report (computed once, when the layer is
+        written, not for every candidate the mixed search tries)."""
+        channels, inputs = rows.shape
+        scales = self._smoothing(uses, dynamic)
+        if scales is not None:
+            rows, hessian = rows * scales, hessian / np.outer(scales, scales)
+        if granularity == "block_outputs":
+            restored = _restore_output_blocks(quantized, channels, inputs)
+        else:
+            restored = _dequantized(quantized).reshape(channels, -1)[:, :inputs]
+        _, group, _ = self._linear_plan(uses, (channels, inputs), bits)
+        padded = np.pad(rows, ((0, 0), (0, -inputs % group)))
+        nearest = _dequantized(quantize_rows(padded.reshape(-1, group), bits, symmetric=quantized.symmetric))
+        return {
+            "gptq": _output_error(restored, rows, hessian),
+            "nearest": _output_error(nearest.reshape(channels, -1)[:, :inputs], rows, hessian),
+        }
 
     def _codebook_size(self, scales: int, bits: int) -> int | None:
         """A scale codebook's size for a linear weight with this many scales, or None: only with
@@ -1222,8 +1235,12 @@ class Quantize(CompressionPass):
             **({"scale_codebook": True} if quantized.codebook is not None else {}),
             "rounding": method,
             **(
-                {"calibration_output_error": self._rounding_errors[(value.name, bits)]}
-                if (value.name, bits) in self._rounding_errors
+                {
+                    "calibration_output_error": self._rounding_errors(
+                        rows, uses, bits, hessian, quantized, granularity, dynamic
+                    )
+                }
+                if method == "gptq" and hessian is not None
                 else {}
             ),
             "form": form,
