@@ -254,6 +254,56 @@ def test_binary_rows_take_the_codebook_entry_nearest_their_alpha() -> None:
     assert np.all(ratio <= np.sqrt(step) * 1.001) and np.all(ratio >= 1 / np.sqrt(step) / 1.001)
 
 
+def _growth(codebook: np.ndarray, scales: np.ndarray) -> float:
+    """Summed factor by which scales grow when raised to their codebook entry."""
+    from onnxcompress.numerics.quant import _index_at_least
+
+    return float(np.sum(codebook[_index_at_least(codebook, scales)].astype(np.float64) / scales - 1))
+
+
+def test_a_fitted_codebook_is_the_cheapest_choice_from_its_grid() -> None:
+    """Brute force over every 3-entry choice from the 256-entry grid (the top entry fixed) agrees
+    with the dynamic programme."""
+    from onnxcompress.numerics.quant import fitted_scale_codebook, scale_codebook
+
+    scales = np.exp(np.concatenate([RNG.normal(-4, 0.3, 150), RNG.normal(-9, 1.0, 20)]))
+    grid = scale_codebook(scales, 256, np.float64)
+    fitted = fitted_scale_codebook(scales, 3, np.float64)
+    assert fitted.shape == (3,) and np.all(np.diff(fitted) > 0) and fitted[-1] == grid[-1] >= scales.max()
+    best = min(_growth(np.array([grid[a], grid[b], grid[-1]]), scales) for a in range(255) for b in range(a + 1, 255))
+    assert _growth(fitted, scales) == pytest.approx(best, rel=1e-9)
+
+
+def test_a_fitted_16_entry_codebook_costs_less_precision_than_log_spaced_entries() -> None:
+    from onnxcompress.numerics.quant import fitted_scale_codebook, scale_codebook
+
+    # most rows' scales in a narrow band, a few near-empty rows (cold ids) decades below
+    scales = np.exp(np.concatenate([RNG.normal(-4, 0.5, 2000), RNG.normal(-10, 1, 50)])).astype(np.float16)
+    fitted = fitted_scale_codebook(scales, 16, np.float16)
+    spaced = scale_codebook(scales, 16, np.float16)
+    assert fitted.shape == (16,) and fitted.dtype == np.float16
+    assert _growth(fitted, scales.astype(np.float64)) < 0.4 * _growth(spaced, scales.astype(np.float64))
+    rows = RNG.standard_normal((len(scales), 16)) * scales.astype(np.float64)[:, None]
+    plain = quantize_rows(rows, 4, symmetric=True, scale_dtype=np.float16)
+    coded = with_scale_codebook(rows, plain, 16)
+    assert coded.codebook.shape == (16,) and np.all(coded.scale.astype(np.float64) >= plain.scale.astype(np.float64))
+    assert quantized_row_error(rows, coded) < 1.15 * quantized_row_error(rows, plain)
+
+
+def test_scale_storage_is_priced_at_one_halving_of_the_error_per_bit_a_value() -> None:
+    from onnxcompress.numerics.quant import cheapest_scale_storage, scale_bits_per_row
+
+    assert scale_bits_per_row(None, 1000) == 16
+    assert scale_bits_per_row(16, 1000) == pytest.approx(4 + (16 * 16 + 400) / 1000)
+    assert scale_bits_per_row(256, 1000) == pytest.approx(8 + (256 * 16 + 400) / 1000)
+    # width 16, 10,000 rows: 4 bits a row fewer are worth 2^(4/16) = 1.19x the error
+    errors = {None: 0.100, 256: 0.101, 16: 0.118}
+    assert cheapest_scale_storage(errors, 10_000, 16) == 16
+    assert cheapest_scale_storage({**errors, 16: 0.125}, 10_000, 16) == 256
+    # few rows: the codebooks' shared entries cost more than the bytes they save
+    assert cheapest_scale_storage(errors, 20, 16) is None
+
+
 def test_smoothing_scales_shrink_only_channels_above_the_median() -> None:
     from onnxcompress.numerics.quant import smoothing_scales
 

@@ -359,19 +359,26 @@ def test_a_scale_codebook_stores_one_byte_a_row_and_decodes_exactly(
         got = evaluate(model, tmp_path, feeds)[0]
     index = model.graph.initializers["table_scale_index"].const_value
     book = model.graph.initializers["table_scale_codebook"].const_value
-    assert index.dtype == ir.DataType.UINT8 and index.size == 5000
-    assert book.dtype == ir.DataType.FLOAT16 and book.size == 256
-    assert sizes[False] - sizes[True] >= 5000 - 512 - 64  # a byte a row saved, less the codebook
+    assert book.dtype == ir.DataType.FLOAT16
+    if fold_tables_below:
+        # decoded whole at load: 16 scales fitted to the rows', a 4-bit index a row (its extra error
+        # is worth less than the 4 bits at width 16)
+        assert index.dtype == ir.DataType.UINT4 and index.size == 5000 and book.size == 16
+        assert sizes[False] - sizes[True] >= 1.5 * 5000 - 32 - 64
+    else:
+        # looked up quantized: a Gather cannot read int4, so a uint8 index into 256 scales
+        assert index.dtype == ir.DataType.UINT8 and index.size == 5000 and book.size == 256
+        assert sizes[False] - sizes[True] >= 5000 - 512 - 64  # a byte a row saved, less the codebook
     if bits == 1:
         codes, alpha = binarize_rows(table, np.float16)
         from onnxcompress.numerics.quant import QuantizedRows
 
-        snapped = with_scale_codebook(table, QuantizedRows(codes, alpha, None, 1))
+        snapped = with_scale_codebook(table, QuantizedRows(codes, alpha, None, 1), book.size)
         expected = (2.0 * snapped.codes - 1.0) * snapped.scale.astype(np.float64)[:, None]
     else:
         # small enough for the MSE clip search (rounding=auto), as the pass does
         plain = quantize_rows(table, 4, symmetric=False, search=True, scale_dtype=np.float16)
-        expected = dequantize_rows(with_scale_codebook(table, plain))
+        expected = dequantize_rows(with_scale_codebook(table, plain, book.size))
     np.testing.assert_allclose(got, expected[feeds["ids"]], rtol=1e-5, atol=1e-6)
 
 
@@ -618,7 +625,9 @@ def test_a_scale_codebook_is_used_from_the_row_count_where_it_pays(rows: int) ->
     sizes = {}
     for codebook in (False, True):
         model = text_model(text, {"table": table})
-        config = Quantize.Config(embedding_bits=4, embedding_granularity="row", scale_codebook=codebook)
+        config = Quantize.Config(
+            embedding_bits=4, embedding_granularity="row", scale_codebook=codebook, fold_tables_below=0
+        )
         sizes[codebook] = Quantize(config)(model).stats["tensors"]["table"]["bytes_after"]
     used = "table_scale_codebook" in model.graph.initializers
     assert used == (rows >= CODEBOOK_MIN_ROWS)
@@ -626,6 +635,38 @@ def test_a_scale_codebook_is_used_from_the_row_count_where_it_pays(rows: int) ->
         assert sizes[True] < sizes[False] - 100  # a byte a row, less the 512-byte codebook
     else:
         assert sizes[True] == sizes[False]
+
+
+@pytest.mark.parametrize(("width", "chosen"), [(16, 16), (64, 256)])
+def test_a_table_decoded_whole_takes_a_4_bit_scale_index_where_its_error_is_worth_the_bits(
+    width: int, chosen: int, tmp_path: Path
+) -> None:
+    """A 16-entry codebook adds row error; it is taken when the error ratio is under 2^(4/width)
+    (the 4 bits a row it saves, over the row's values): at width 16, not at width 64."""
+    from onnxcompress.numerics.quant import cheapest_scale_storage
+
+    rng = np.random.default_rng(8)
+    rows = 2000
+    table = (rng.standard_normal((rows, width)) * rng.lognormal(0, 1, (rows, 1))).astype(np.float32)
+    model = text_model(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] ids, float[{rows},{width}] table) => (float[N,{width}] out) {{
+          out = Gather(table, ids)
+        }}
+        """,
+        {"table": table},
+    )
+    config = Quantize.Config(embedding_bits=4, embedding_granularity="row", scale_codebook=True)
+    stats = Quantize(config)(model).stats["tensors"]["table"]
+    errors = stats["relative_error"]
+    assert stats["form"] == "fold" and stats["scale_codebook"] == chosen
+    tried = {None: errors["scales_float"], 256: errors["scales_codebook_256"], 16: errors["scales_codebook_16"]}
+    assert cheapest_scale_storage(tried, rows, width) == chosen
+    assert errors["scales_codebook_256"] < errors["scales_codebook_16"] < 1.25 * errors["scales_codebook_256"]
+    ids = rng.integers(0, rows, 50).astype(np.int64)
+    got = evaluate(model, tmp_path, {"ids": ids})[0]
+    assert relative_error(table[ids], got) < 1.3 * errors["scales_codebook_256"]
 
 
 def test_low_bits_skip_weights_too_small_to_pay_for_their_error() -> None:
@@ -700,7 +741,7 @@ def test_output_blocks_decode_for_gemm_with_transposed_weights(tmp_path: Path) -
 
 def test_int4_deepfm_is_seven_times_smaller_within_a_thousandth_of_auc(tmp_path: Path) -> None:
     """Scales of the 256x256 layers (2,048 blocks each) as one-byte codebook indices, table rows
-    without zero points: 4.25 and 4.5 bits a weight."""
+    without zero points and with a 4-bit index into 16 scales: 4.25 and 4.25 bits a weight."""
     import onnx
 
     out = tmp_path / "int4.onnx"
@@ -714,7 +755,8 @@ def test_int4_deepfm_is_seven_times_smaller_within_a_thousandth_of_auc(tmp_path:
     table_zero_points = [
         init for init in onnx.load(str(out)).graph.initializer if list(init.dims) in ([2675], [2675, 1])
     ]
-    assert [onnx.TensorProto.DataType.Name(init.data_type) for init in table_zero_points] == ["UINT8"]  # the index
+    assert [onnx.TensorProto.DataType.Name(init.data_type) for init in table_zero_points] == ["UINT4"]  # the index
+    assert tensors["embedding.weight"]["scale_codebook"] == 16
     (score,) = report.parity.outputs
     assert report.parity.passed and score.auc_delta is not None and abs(score.auc_delta) <= 0.001
     assert report.size_ratio >= 7.0

@@ -17,8 +17,10 @@ __all__ = [
     "QuantizedRows",
     "RowSource",
     "binarize_rows",
+    "cheapest_scale_storage",
     "dequantize_rows",
     "dynamic_quantize",
+    "fitted_scale_codebook",
     "gptq_quantize",
     "gptq_quantize_output_blocks",
     "pack_codes",
@@ -28,6 +30,7 @@ __all__ = [
     "relative_error",
     "row_relative_error",
     "sample_rows",
+    "scale_bits_per_row",
     "scale_codebook",
     "tensor_scale",
     "unpack_codes",
@@ -42,6 +45,11 @@ _SEARCH_CHUNK_ELEMENTS = 1 << 15
 #: Entries of a per-table scale codebook (uint8 indices): log-spaced, consecutive entries are a
 #: ratio (max/min)^(1/255) apart, 1.6% for scales spanning 60x.
 SCALE_CODEBOOK_SIZE = 256
+#: Entries of a small scale codebook, indexed by 4 bits (int4 storage, so only for weights decoded
+#: whole: a Gather cannot read int4).
+SMALL_SCALE_CODEBOOK_SIZE = 16
+#: What decoding a codebook costs in the graph (a Cast and a Gather with short names), in bits.
+CODEBOOK_DECODE_BITS = 8 * 50
 #: Columns GPTQ updates lazily before one matrix product applies their error to the rest.
 _GPTQ_BLOCK = 32
 
@@ -225,6 +233,66 @@ def scale_codebook(scales: np.ndarray, size: int = SCALE_CODEBOOK_SIZE, dtype: A
     return stored
 
 
+def fitted_scale_codebook(scales: np.ndarray, size: int, dtype: Any = np.float32) -> np.ndarray:
+    """``size`` scales in ``dtype`` for scales that are raised to the next entry, fitted to where
+    ``scales`` lie: picked among the entries of a 256-entry :func:`scale_codebook` so that the
+    factor by which a scale grows (its codes' step), summed over ``scales``, is smallest. Dynamic
+    programming over that grid; ascending, with the grid's top entry (never below the largest scale).
+
+    Log-spaced entries waste most of a small codebook on the sparse ends of the range (near-empty
+    rows of cold ids stretch it by decades)."""
+    dtype = np.dtype(dtype)
+    grid = scale_codebook(scales, SCALE_CODEBOOK_SIZE, dtype)
+    values = np.asarray(scales, dtype=np.float64).reshape(-1)
+    positive = values[values > 0]
+    if positive.size == 0 or size >= SCALE_CODEBOOK_SIZE:
+        return scale_codebook(scales, size, dtype)
+    bins = _index_at_least(grid, positive)
+    counts = np.concatenate([[0.0], np.cumsum(np.bincount(bins, minlength=len(grid)))])
+    inverse = np.concatenate([[0.0], np.cumsum(np.bincount(bins, weights=1.0 / positive, minlength=len(grid)))])
+    level = grid.astype(np.float64)
+    # cost[b]: the scales of bins 0..b raised to level[b], summed as (level / scale - 1).
+    cost = level * inverse[1:] - counts[1:]
+    earlier = np.tril(np.ones((len(grid), len(grid)), dtype=bool), k=-1)  # [b, a]: a < b
+    previous: list[np.ndarray] = []
+    for _ in range(1, size):
+        # One more entry, at b: it takes the bins after the previous entry a < b.
+        options = (
+            cost[None, :]
+            + level[:, None] * (inverse[1:, None] - inverse[None, 1:])
+            - (counts[1:, None] - counts[None, 1:])
+        )
+        options = np.where(earlier, options, np.inf)
+        best = options.argmin(axis=1)
+        cost = options[np.arange(len(grid)), best]
+        previous.append(best)
+    chosen = [len(grid) - 1]
+    for best in reversed(previous):
+        chosen.append(int(best[chosen[-1]]))
+    return grid[np.unique(chosen)]
+
+
+def scale_bits_per_row(codebook_size: int | None, rows: int, scale_bits: int = 16) -> float:
+    """Bits each of ``rows`` rows spends on its scale: one ``scale_bits`` float (``codebook_size``
+    None), or an index into a codebook of that many floats, which the rows share with its decoding."""
+    if codebook_size is None:
+        return float(scale_bits)
+    shared = codebook_size * scale_bits + CODEBOOK_DECODE_BITS
+    return float(np.log2(codebook_size)) + shared / max(rows, 1)
+
+
+def cheapest_scale_storage(errors: dict[int | None, float], rows: int, width: int, scale_bits: int = 16) -> int | None:
+    """Of the scale storages tried (``{codebook size or None: the rows' error with it}``), the one
+    with the smallest error once its bits are priced in. One more bit a value halves the rounding
+    error, so a storage that spends ``b`` bits a row on its scale counts as ``error * 2^(b / width)``
+    (at width 16, a 4-bit index against an 8-bit one is worth up to 19% more error)."""
+
+    def priced(size: int | None) -> float:
+        return errors[size] * 2 ** (scale_bits_per_row(size, rows, scale_bits) / width)
+
+    return min(errors, key=priced)
+
+
 def _index_at_least(codebook: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Per scale, the uint8 index of the smallest codebook entry at least as large (the top one if
     none is)."""
@@ -249,7 +317,8 @@ def _snap_scales(
 
 
 def with_scale_codebook(rows: Any, quantized: QuantizedRows, size: int = SCALE_CODEBOOK_SIZE) -> QuantizedRows:
-    """``quantized`` with each row's scale replaced by a codebook entry, stored as a uint8 index.
+    """``quantized`` with each row's scale replaced by a codebook entry, stored as a uint8 index
+    (entries log-spaced; a codebook smaller than 256 is fitted to the scales).
 
     Integer codes take the smallest entry at least as large as the row's scale and keep their zero
     point (so nothing clips), and are recomputed from ``rows`` for it, chunk by chunk; binary codes
@@ -258,10 +327,13 @@ def with_scale_codebook(rows: Any, quantized: QuantizedRows, size: int = SCALE_C
     if size > 256:
         raise ValueError(f"a codebook indexed by uint8 holds at most 256 scales, not {size}")
     scales = quantized.scale.astype(np.float64)
-    codebook = scale_codebook(scales, size, quantized.scale.dtype)
+    if size < SCALE_CODEBOOK_SIZE:
+        codebook = fitted_scale_codebook(scales, size, quantized.scale.dtype)
+    else:
+        codebook = scale_codebook(scales, size, quantized.scale.dtype)
     if quantized.bits == 1:
         log_book, log_scales = np.log(codebook.astype(np.float64)), np.log(np.maximum(scales, 1e-300))
-        position = np.clip(np.searchsorted(log_book, log_scales), 1, size - 1)
+        position = np.clip(np.searchsorted(log_book, log_scales), 1, len(codebook) - 1)
         nearer_below = log_scales - log_book[position - 1] <= log_book[position] - log_scales
         index = np.where(nearer_below, position - 1, position).astype(np.uint8)
         return replace(quantized, scale=codebook[index], codebook=codebook, scale_index=index)

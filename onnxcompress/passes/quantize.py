@@ -38,9 +38,11 @@ from onnxcompress.io import ExternalRows
 from onnxcompress.numerics.pq import ProductCodes, product_assign, product_dequantize, product_quantize
 from onnxcompress.numerics.quant import (
     SCALE_CODEBOOK_SIZE,
+    SMALL_SCALE_CODEBOOK_SIZE,
     ActivationPlan,
     QuantizedRows,
     binarize_rows,
+    cheapest_scale_storage,
     dequantize_rows,
     gptq_quantize,
     gptq_quantize_output_blocks,
@@ -250,13 +252,13 @@ def _store(
         zero = None
         if quantized.zero_point is not None:
             zero = build.constant("zero_point", quantized.zero_point.astype(numpy_type).reshape(shape), int4_type)
-        scale, codebook = _store_scale(build, quantized, shape)
+        scale, codebook = _store_scale(build, quantized, shape, native_int4)
         return _Stored(codes, scale, zero, bits, elements, binary, codebook)
     else:
         # Symmetric codes are stored offset by the zero point below, so every stored code is unsigned.
         offset = 2 ** (bits - 1) - 1 if quantized.symmetric and not binary else 0
         codes = build.constant("packed", _pack_rows(quantized.codes, bits, offset))
-    scale, codebook = _store_scale(build, quantized, shape)
+    scale, codebook = _store_scale(build, quantized, shape, native_int4)
     zero = None
     if not binary and (quantized.zero_point is not None or bits < 8):
         zero_array = quantized.zero_point
@@ -266,13 +268,19 @@ def _store(
     return _Stored(codes, scale, zero, bits, elements, binary, codebook)
 
 
-def _store_scale(build: _Builder, quantized: QuantizedRows, shape: tuple[int, ...]) -> tuple[ir.Value, ir.Value | None]:
-    """The scales as stored: float values, or uint8 indices plus the codebook they index."""
+def _store_scale(
+    build: _Builder, quantized: QuantizedRows, shape: tuple[int, ...], native_int4: bool
+) -> tuple[ir.Value, ir.Value | None]:
+    """The scales as stored: float values, or indices plus the codebook they index (uint8; uint4
+    for a codebook of 16 with ``native_int4``)."""
     if quantized.codebook is None or quantized.scale_index is None or shape == ():
         return build.constant("scale", quantized.scale.reshape(shape)), None
-    return build.constant("scale_index", quantized.scale_index.reshape(shape)), build.constant(
-        "scale_codebook", quantized.codebook.astype(quantized.scale.dtype)
-    )
+    index = quantized.scale_index.reshape(shape)
+    if native_int4 and len(quantized.codebook) <= SMALL_SCALE_CODEBOOK_SIZE:
+        stored = build.constant("scale_index", index.astype(ml_dtypes.uint4), ir.DataType.UINT4)
+    else:
+        stored = build.constant("scale_index", index)
+    return stored, build.constant("scale_codebook", quantized.codebook.astype(quantized.scale.dtype))
 
 
 def _float(build: _Builder, value: ir.Value, stored_as: ir.Value) -> ir.Value:
@@ -791,7 +799,7 @@ class Quantize(CompressionPass):
         assert tensor is not None
         weight = tensor.numpy().astype(np.float32)
         if _is_table(uses):
-            quantized, _, _ = self._table_codes(weight, bits)
+            quantized, _, _ = self._table_codes(weight, bits, tensor.nbytes < self.config.fold_tables_below)
             return _dequantized(quantized).reshape(weight.shape).astype(np.float32)
         use = uses[0]
         rows = _channel_rows(weight, use)
@@ -1232,7 +1240,7 @@ class Quantize(CompressionPass):
             "bits": bits,
             **self._activation_stats(value.name),
             "granularity": granularity,
-            **({"scale_codebook": True} if quantized.codebook is not None else {}),
+            **({"scale_codebook": len(quantized.codebook)} if quantized.codebook is not None else {}),
             "rounding": method,
             **(
                 {
@@ -1316,10 +1324,11 @@ class Quantize(CompressionPass):
         return dims if width % dims == 0 and rows >= PQ_MIN_ROWS else None
 
     def _table_codes(
-        self, table: np.ndarray | ExternalRows, bits: int
+        self, table: np.ndarray | ExternalRows, bits: int, whole: bool
     ) -> tuple[QuantizedRows | ProductCodes, str, dict[str, float]]:
         """Quantize a table: (codes, granularity "row", "tensor" or "pq", the relative errors compared),
-        row scales in a codebook when ``scale_codebook`` is set."""
+        row scales in a codebook when ``scale_codebook`` is set. ``whole``: the table is decoded
+        whole (folded at load), so its scale indices may be int4."""
         dims = self._pq_dims(table.shape, bits)
         if dims is not None:
             codes = product_quantize(table, dims, PQ_CENTROIDS)
@@ -1327,9 +1336,29 @@ class Quantize(CompressionPass):
             on_sample = ProductCodes(product_assign(sample, codes.codebooks), codes.codebooks)
             return codes, "pq", {"pq": row_relative_error(sample, product_dequantize(on_sample))}
         quantized, granularity, errors = self._row_or_tensor_codes(table, bits)
-        if granularity == "row" and self.config.scale_codebook and len(table) >= CODEBOOK_MIN_ROWS:
-            quantized = with_scale_codebook(table, quantized)
+        if granularity == "row" and self.config.scale_codebook:
+            quantized, storage_errors = self._row_scale_storage(table, quantized, whole)
+            errors.update(storage_errors)
         return quantized, granularity, errors
+
+    def _row_scale_storage(
+        self, table: np.ndarray | ExternalRows, quantized: QuantizedRows, whole: bool
+    ) -> tuple[QuantizedRows, dict[str, float]]:
+        """A table's row scales as float16, or as indices into a codebook of 256 (from
+        ``CODEBOOK_MIN_ROWS`` rows) or, for a table decoded whole, 16 scales (a 4-bit index): the
+        storage with the least error once its bits are priced in, with the errors compared."""
+        rows, width = table.shape[0], table.shape[1]
+        if not whole:  # looked up quantized: uint8 indices (a Gather cannot read int4)
+            return (with_scale_codebook(table, quantized), {}) if rows >= CODEBOOK_MIN_ROWS else (quantized, {})
+        candidates: dict[int | None, QuantizedRows] = {None: quantized}
+        if rows >= CODEBOOK_MIN_ROWS:
+            candidates[SCALE_CODEBOOK_SIZE] = with_scale_codebook(table, quantized)
+        candidates[SMALL_SCALE_CODEBOOK_SIZE] = with_scale_codebook(table, quantized, SMALL_SCALE_CODEBOOK_SIZE)
+        reference = np.asarray(table[0:rows], dtype=np.float32)  # decoded whole: at most fold_tables_below
+        errors = {size: row_relative_error(reference, _dequantized(codes)) for size, codes in candidates.items()}
+        chosen = cheapest_scale_storage(errors, rows, width, 8 * np.dtype(self.config.scale_dtype).itemsize)
+        named = {f"scales_{'float' if size is None else f'codebook_{size}'}": error for size, error in errors.items()}
+        return candidates[chosen], named
 
     def _row_or_tensor_codes(
         self, table: np.ndarray | ExternalRows, bits: int
@@ -1402,7 +1431,7 @@ class Quantize(CompressionPass):
         )
         if isinstance(table, ExternalRows) and bits == 1 and self._pq_dims(table.shape, bits) is None:
             table = tensor.numpy()  # binary rows are signs and one mean: read whole
-        return self._table_codes(table, bits)
+        return self._table_codes(table, bits, tensor.nbytes < self.config.fold_tables_below)
 
     def _quantize_table(
         self,
@@ -1452,6 +1481,7 @@ class Quantize(CompressionPass):
             "bits": bits,
             "granularity": granularity,
             "relative_error": {key: round(value, 6) for key, value in errors.items()},
+            **({"scale_codebook": len(quantized.codebook)} if quantized.codebook is not None else {}),
             "rounding": "binary"
             if bits == 1
             else ("mse" if config.rounding != "nearest" and tensor.size <= SEARCH_MAX_ELEMENTS else "nearest"),
