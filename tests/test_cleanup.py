@@ -126,9 +126,11 @@ def test_strip_metadata_drops_doc_strings_and_intermediate_types() -> None:
     node.doc_string = "exported from torch"
     node.metadata_props["pkg.torch.stack"] = "x" * 100
     node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    model.producer_name, model.producer_version = "tf2onnx", "1.17.0 None"
     result = Cleanup(Cleanup.Config(strip_metadata=True))(model)
-    assert result.stats["metadata_items_stripped"] >= 2
+    assert result.stats["metadata_items_stripped"] >= 3
     assert node.doc_string is None and not node.metadata_props
+    assert not model.producer_name and not model.producer_version
     assert node.outputs[0].type is None
     assert model.graph.outputs[0].type is not None  # the interface keeps its types
 

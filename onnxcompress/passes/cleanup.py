@@ -218,7 +218,8 @@ def _full_digest(tensor: ir.TensorProtocol) -> bytes:
 
 
 def strip_metadata(model: ir.Model) -> int:
-    """Drop what no runtime reads: doc strings, node and value metadata, intermediate value_info.
+    """Drop what no runtime reads: doc strings, node and value metadata, intermediate value_info,
+    the exporter's producer name and version.
 
     Returns the number of items cleared. Graph inputs and outputs keep their types and shapes.
     """
@@ -254,6 +255,9 @@ def strip_metadata(model: ir.Model) -> int:
                     cleared += 1
     if model.doc_string:
         model.doc_string = None
+        cleared += 1
+    if model.producer_name or model.producer_version:  # the exporter's name and version
+        model.producer_name = model.producer_version = None
         cleared += 1
     return cleared
 
