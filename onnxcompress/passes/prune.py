@@ -59,6 +59,15 @@ OBS_ROUNDS = 8
 CAPTURE_LAZY_MAX_BYTES = 64 * 1024 * 1024
 #: Sparsities tried under prune.min_rank_corr: the configured one, then half, then a quarter.
 BUDGET_ATTEMPTS = 3
+#: Ridge of the refit (relative to the mean input energy) for weights and for hidden units. Removing
+#: units refits the next layer on half its inputs from 512 calibration rows, which overfits them:
+#: a stronger pull towards the trained weights and mixed-column rows (below) generalise better.
+WEIGHT_DAMPING = 0.01
+NEURON_DAMPING = 0.1
+#: Refit rows added for hidden-unit pruning, each input column drawn from a random calibration row.
+#: At 50% of units, test-row Spearman with the original: DeepFM 0.973 -> 0.989, DLRM 0.994 -> 0.996,
+#: two-tower 0.894 -> 0.916, Wide&Deep and the others within 0.0007.
+NEURON_AUGMENT_ROWS = 4096
 
 
 def _check_structure(structure: str) -> None:
@@ -203,14 +212,20 @@ class Prune(CompressionPass):
                 "calibration activations, layer by layer"
             },
         )
-        damping: float = field(
-            default=0.01, metadata={"help": "ridge term of the refit, relative to the mean input energy", "min": 0.0}
+        damping: float | str = field(
+            default="auto",
+            metadata={
+                "help": "ridge term of the refit, relative to the mean input energy (auto: "
+                f"{NEURON_DAMPING} with structure=neurons, else {WEIGHT_DAMPING})",
+                "min": 0.0,
+            },
         )
-        augment: int = field(
-            default=0,
+        augment: int | str = field(
+            default="auto",
             metadata={
                 "help": "extra refit rows made by drawing every input column from a random calibration row "
-                "(as distill does): more rows than a layer has inputs keep the least squares from overfitting",
+                "(as distill does): more rows than a layer has inputs keep the least squares from overfitting "
+                f"(auto: {NEURON_AUGMENT_ROWS} with structure=neurons, else 0)",
                 "min": 0,
             },
         )
@@ -227,6 +242,21 @@ class Prune(CompressionPass):
 
         def __post_init__(self) -> None:
             _check_structure(self.structure)
+            for name in ("damping", "augment"):
+                if isinstance(getattr(self, name), str) and getattr(self, name) != "auto":
+                    raise ValueError(f"{name} must be a number or auto, not {getattr(self, name)!r}")
+
+        @property
+        def refit_damping(self) -> float:
+            if self.damping == "auto":
+                return NEURON_DAMPING if self.structure == "neurons" else WEIGHT_DAMPING
+            return float(self.damping)
+
+        @property
+        def refit_augment(self) -> int:
+            if self.augment == "auto":
+                return NEURON_AUGMENT_ROWS if self.structure == "neurons" else 0
+            return int(self.augment)
             for pattern in (self.include, self.exclude):
                 if pattern is not None:
                     try:
@@ -292,8 +322,8 @@ class Prune(CompressionPass):
         calibration = self.context.calibration
         if self.config.min_rank_corr and calibration is not None:
             return self._within_budget(model, calibration)
-        if self.config.augment and calibration is not None:
-            fitting = fitting_rows(model, calibration, self.config.augment).calibration
+        if self.config.refit_augment and calibration is not None:
+            fitting = fitting_rows(model, calibration, self.config.refit_augment).calibration
             config = dataclasses.replace(self.config, augment=0)
             result = type(self)(config, dataclasses.replace(self.context, calibration=fitting)).call(model)
             stats = {**result.stats, "refit_rows": fitting.feeds.source}
@@ -478,7 +508,7 @@ class Prune(CompressionPass):
         goal = target if fit_bias else target - bias0
         # The ridge pulls towards the trained weights: inputs the calibration rows rarely exercise
         # (one-hot columns of rare categories) keep their values instead of shrinking to zero.
-        system = NormalEquations.of(Gram.of(current, goal), self.config.damping, fit_bias, prior=weight0)
+        system = NormalEquations.of(Gram.of(current, goal), self.config.refit_damping, fit_bias, prior=weight0)
         nm = parse_nm(self.config.structure)
         if layer.d_out * layer.d_in**3 > EXACT_OBS_FLOPS:
             new_weight = sparsegpt(system, sparsity, nm)
@@ -528,7 +558,7 @@ class Prune(CompressionPass):
                 target = dense[consumer.data] @ weight0 + bias0
                 goal = target if fit_bias else target - bias0
                 system = NormalEquations.of(
-                    Gram.of(activations, goal), self.config.damping, fit_bias, prior=_effective(consumer)
+                    Gram.of(activations, goal), self.config.refit_damping, fit_bias, prior=_effective(consumer)
                 )
                 keep = obs_rows(system, width - remove, OBS_ROUNDS)
             else:
