@@ -304,6 +304,20 @@ def test_scale_storage_is_priced_at_one_halving_of_the_error_per_bit_a_value() -
     assert cheapest_scale_storage(errors, 20, 16) is None
 
 
+def test_int8_requantization_of_decoded_rows_spans_127_levels_per_row() -> None:
+    from onnxcompress.numerics.quant import int8_requantize
+
+    plain = quantize_rows(RNG.standard_normal((40, 32)), 4, symmetric=True)
+    decoded = dequantize_rows(plain).astype(np.float32)
+    decoded[7] = 0.0
+    codes, scale = int8_requantize(decoded)
+    assert codes.dtype == np.int8 and scale.dtype == np.float32
+    assert np.all(np.abs(codes[np.arange(40) != 7]).max(axis=1) == 127) and not codes[7].any()
+    assert scale[7] > 0  # an all-zero row divides by a tiny scale, not by 0
+    np.testing.assert_allclose(scale[:7], np.abs(decoded[:7]).max(axis=1) / np.float32(127), rtol=1e-7)
+    assert np.all(np.abs(codes * scale[:, None] - decoded) <= scale[:, None] / 2 * (1 + 1e-6))
+
+
 def test_smoothing_scales_shrink_only_channels_above_the_median() -> None:
     from onnxcompress.numerics.quant import smoothing_scales
 

@@ -283,6 +283,41 @@ def test_dynamic_activations_use_integer_matmul(tmp_path: Path) -> None:
     assert relative_error(expected, got) < 0.02
 
 
+def test_4_bit_weights_feed_integer_kernels_rounded_to_int8_at_load(tmp_path: Path) -> None:
+    """Blocks of 4-bit codes stay the stored form; the graph decodes them and rounds them to int8 per
+    output channel (scales computed in the graph, none stored), which onnxruntime folds at load into
+    the weight of its fused integer kernel."""
+    import onnx
+    import onnxruntime as ort
+
+    feeds = {"x": RNG.standard_normal((20, 64)).astype(np.float32)}
+    config = {"bits": 4, "granularity": "block", "block_size": 16}
+    weight_only = linear_model()
+    Quantize(Quantize.Config(**config))(weight_only)
+    (float_activations,) = evaluate(weight_only, tmp_path, feeds)
+    model = linear_model()
+    result = Quantize(Quantize.Config(**config, activations="dynamic"))(model)
+    assert {(entry["bits"], entry["form"]) for entry in result.stats["tensors"].values()} == {(4, "dynamic")}
+    int8 = [v.name for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.INT8]
+    assert not int8  # no int8 copy of a weight is stored
+    integer_products = [node for node in model.graph if node.op_type == "MatMulInteger"]
+    assert len(integer_products) == 3
+    assert all(node.inputs[1].producer().op_type == "Cast" for node in integer_products)
+    (got,) = evaluate(model, tmp_path, feeds)
+    # on top of the 4-bit weights' error: int8 rounding of the weights and of the activations
+    assert relative_error(float_activations, got) < 0.02
+    path = save_model(model, tmp_path / "int4_integer.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    constants = {init.name for init in optimized.graph.initializer}
+    fused = [node for node in optimized.graph.node if node.op_type == "DynamicQuantizeMatMul"]
+    assert len(fused) == 3 and all(node.input[1] in constants for node in fused)
+    assert not {"Round", "Abs", "ReduceMax", "DynamicQuantizeLinear"} & {node.op_type for node in optimized.graph.node}
+
+
 def test_auto_table_granularity_keeps_per_row_scales_for_outlier_rows() -> None:
     model = table_model()  # two item_table rows are 100x larger than the rest; users rows are alike
     result = Quantize(Quantize.Config(fold_tables_below=0))(model)
@@ -537,7 +572,10 @@ def test_int8_keeps_the_wide_dlrm_within_the_auc_target(tmp_path: Path) -> None:
     assert score.spearman is not None and score.spearman >= 0.9995
     quant = next(record for record in report.passes if record.name == "quant")
     activations = quant.stats["activations"]
-    assert activations["measured"]["min_rank_corr"] >= activations["budget"]["min_rank_corr"] == 0.9998
+    # the activations may cost 1 - 0.9998 of rank correlation on top of what the 8-bit weights cost
+    limit = activations["budget"]["min_rank_corr"]
+    assert limit == pytest.approx(min(0.9998, activations["weights_only"]["min_rank_corr"] - 0.0002), abs=1e-6)
+    assert 0.9997 < limit <= 0.9998 and activations["measured"]["min_rank_corr"] >= limit
     dynamic = {name: tensor for name, tensor in quant.stats["tensors"].items() if tensor.get("form") == "dynamic"}
     assert len(dynamic) == activations["integer_layers"] >= 5
     assert not set(activations["returned_to_float"]) & set(dynamic)
@@ -551,7 +589,9 @@ def test_a_stricter_activation_budget_returns_more_layers_to_float(tmp_path: Pat
     strict = compress_with_preset("dlrm_wide", "int8", tmp_path / "b.onnx", "quant.activation_min_rank_corr=0.99998")
     figures = [next(r for r in report.passes if r.name == "quant").stats["activations"] for report in (loose, strict)]
     assert figures[0]["integer_layers"] > figures[1]["integer_layers"]
-    assert figures[1]["measured"]["min_rank_corr"] >= 0.99998 or figures[1]["integer_layers"] == 0
+    strict_limit = figures[1]["budget"]["min_rank_corr"]
+    assert strict_limit <= 0.99998 and strict_limit > figures[0]["budget"]["min_rank_corr"]
+    assert figures[1]["measured"]["min_rank_corr"] >= strict_limit or figures[1]["integer_layers"] == 0
     (loose_score,), (strict_score,) = loose.parity.outputs, strict.parity.outputs
     assert strict_score.spearman is not None and loose_score.spearman is not None
     assert strict_score.spearman > loose_score.spearman
@@ -757,6 +797,8 @@ def test_int4_deepfm_is_seven_times_smaller_within_a_thousandth_of_auc(tmp_path:
     ]
     assert [onnx.TensorProto.DataType.Name(init.data_type) for init in table_zero_points] == ["UINT4"]  # the index
     assert tensors["embedding.weight"]["scale_codebook"] == 16
+    # the 256-wide MLP layers read int8 rounded from their 4-bit blocks at load: integer kernels
+    assert {tensors[name]["form"] for name in ("mlp.4.weight_folded", "mlp.8.weight_folded")} == {"dynamic"}
     (score,) = report.parity.outputs
     assert report.parity.passed and score.auc_delta is not None and abs(score.auc_delta) <= 0.001
     assert report.size_ratio >= 7.0

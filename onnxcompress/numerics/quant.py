@@ -23,6 +23,7 @@ __all__ = [
     "fitted_scale_codebook",
     "gptq_quantize",
     "gptq_quantize_output_blocks",
+    "int8_requantize",
     "pack_codes",
     "quantize_rows",
     "quantize_tensor_rows",
@@ -50,6 +51,8 @@ SCALE_CODEBOOK_SIZE = 256
 SMALL_SCALE_CODEBOOK_SIZE = 16
 #: What decoding a codebook costs in the graph (a Cast and a Gather with short names), in bits.
 CODEBOOK_DECODE_BITS = 8 * 50
+#: Smallest peak a row requantized to int8 is given (an all-zero row's), so its scale is not 0.
+TINY_SCALE = 1e-30
 #: Columns GPTQ updates lazily before one matrix product applies their error to the rest.
 _GPTQ_BLOCK = 32
 
@@ -350,6 +353,17 @@ def with_scale_codebook(rows: Any, quantized: QuantizedRows, size: int = SCALE_C
         part = np.array(rows[start:stop], dtype=np.float32 if rows.dtype == np.float32 else np.float64)
         codes[start:stop] = _codes(part, snapped[start:stop], zero[start:stop], low, high, out=part)
     return replace(quantized, codes=codes, scale=codebook[index], codebook=codebook, scale_index=index)
+
+
+def int8_requantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes per row of ``rows`` (weights already decoded from fewer bits) and their
+    float32 scales ``max|row| / 127``, computed in float32 as a graph computes
+    ``Cast<int8>(Round(rows / scale))`` to feed an integer kernel. An all-zero row gets scale
+    ``TINY_SCALE`` (a graph would otherwise divide 0 by 0)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    scale = np.maximum(np.abs(rows).max(axis=1), np.float32(TINY_SCALE)) / np.float32(127)
+    codes = np.rint(rows / scale[:, None]).astype(np.int8)
+    return codes, scale.astype(np.float32)
 
 
 def dequantize_rows(quantized: QuantizedRows) -> np.ndarray:

@@ -39,6 +39,7 @@ from onnxcompress.numerics.pq import ProductCodes, product_assign, product_dequa
 from onnxcompress.numerics.quant import (
     SCALE_CODEBOOK_SIZE,
     SMALL_SCALE_CODEBOOK_SIZE,
+    TINY_SCALE,
     ActivationPlan,
     QuantizedRows,
     binarize_rows,
@@ -46,6 +47,7 @@ from onnxcompress.numerics.quant import (
     dequantize_rows,
     gptq_quantize,
     gptq_quantize_output_blocks,
+    int8_requantize,
     pack_codes,
     plan_activations,
     quantize_rows,
@@ -57,7 +59,7 @@ from onnxcompress.numerics.quant import (
     tensor_scale,
     with_scale_codebook,
 )
-from onnxcompress.parity import Budget, Budgets, compare
+from onnxcompress.parity import Budget, Budgets, ParityResult, compare
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 from onnxcompress.speed import (
@@ -92,6 +94,9 @@ CODEBOOK_MIN_ROWS = 768
 #: judging on those same rows, then spends more than test rows allow (mixed on the wide DLRM:
 #: 11.5x at dAUC -0.0020 against 10.9x at +0.0014; max on Wide&Deep fails its gate).
 ACT_ORDER_MIN_ROWS_PER_INPUT = 2
+#: Weights of at least this many bits may feed integer kernels: below 8 bits they are decoded and
+#: rounded to int8 per output channel at load (an int8-sized error on top of their own).
+MIN_INTEGER_BITS = 4
 #: activations=auto: a layer that costs single-row latency must save at least this fraction of the
 #: model's batch time to be worth it.
 MIN_MODEL_BATCH_GAIN = 0.01
@@ -804,10 +809,10 @@ class Quantize(CompressionPass):
         use = uses[0]
         rows = _channel_rows(weight, use)
         quantized, granularity, dynamic, _ = self._linear_codes(rows, uses, bits, hessians.get(value.name or ""))
-        if granularity == "block_outputs":
-            restored = _restore_output_blocks(quantized, *rows.shape)
-        else:
-            restored = _dequantized(quantized).reshape(rows.shape[0], -1)[:, : rows.shape[1]]
+        restored = _restored(quantized, granularity, *rows.shape)
+        if dynamic and bits < 8:
+            codes, requantized = int8_requantize(restored)
+            restored = codes * requantized[:, None].astype(np.float64)
         scales = self._smoothing(uses, dynamic)
         if scales is not None:
             restored = restored / scales
@@ -933,19 +938,12 @@ class Quantize(CompressionPass):
         config = self.config
         calibration = self.context.calibration
         by_name = {value.name: value for value in selected}
-        candidates = [name for name in self._integer_layers if plan[by_name[name]] == 8]
+        candidates = [name for name in self._integer_layers if MIN_INTEGER_BITS <= plan[by_name[name]] <= 8]
         self._integer_layers = set(candidates)
         if config.activations != "auto" or calibration is None:
             return {}
         if not candidates:
             return {"integer_layers": 0, **self._timing_stats()} if self._layer_timings else {}
-        budget = Budgets(
-            Budget(
-                min_rank_corr=config.activation_min_rank_corr,
-                min_cosine=config.activation_min_cosine,
-                max_mismatch=config.activation_max_mismatch,
-            )
-        )
         simulated = [
             value
             for value, uses in selected.items()
@@ -953,26 +951,30 @@ class Quantize(CompressionPass):
         ]
         originals = {value: value.const_value for value in simulated}
         reference = runtime.run(runtime.make_session(model, "disable"), calibration.feeds.arrays)
-        figures: dict[str, float] = {}
-        dropped: list[str] = []
         # A weight's simulated values depend only on whether its own layer is integer (smoothed codes).
         fakes: dict[tuple[ir.Value, bool], ir.TensorProtocol] = {}
 
-        def fake(value: ir.Value) -> ir.TensorProtocol:
-            key = (value, value.name in self._integer_layers)
+        def fake(value: ir.Value, integer: set[str]) -> ir.TensorProtocol:
+            key = (value, value.name in integer)
             if key not in fakes:
-                fakes[key] = ir.tensor(self._simulate(value, selected[value], plan[value], hessians))
+                previous, self._integer_layers = self._integer_layers, integer
+                try:
+                    fakes[key] = ir.tensor(self._simulate(value, selected[value], plan[value], hessians))
+                finally:
+                    self._integer_layers = previous
             return fakes[key]
 
-        while self._integer_layers:
+        def outputs_with(integer: set[str]) -> dict[str, np.ndarray]:
+            """The calibration outputs with every weight at its planned bits and the activations of
+            the ``integer`` layers rounded as DynamicQuantizeLinear rounds them."""
             build = _Builder(model.graph, "activation_probe")
             rewired: list[tuple[ir.Node, ir.Value]] = []
             inserted: list[ir.Node] = []
             constants_before = set(model.graph.initializers)
             try:
                 for value in simulated:
-                    value.const_value = fake(value)
-                for name in self._integer_layers:
+                    value.const_value = fake(value, integer)
+                for name in integer:
                     scales = self._activation_plans[name].scales
                     for use in selected[by_name[name]]:
                         x = use.node.inputs[0]
@@ -986,7 +988,7 @@ class Quantize(CompressionPass):
                         build.insert_before(use.node)
                         use.node.replace_input_with(0, rounded)
                         rewired.append((use.node, x))
-                outputs = runtime.run(runtime.make_session(model, "disable"), calibration.feeds.arrays)
+                return runtime.run(runtime.make_session(model, "disable"), calibration.feeds.arrays)
             finally:
                 for node, x in rewired:
                     node.replace_input_with(0, x)
@@ -995,14 +997,29 @@ class Quantize(CompressionPass):
                     model.graph.initializers.pop(name)
                 for value, tensor in originals.items():
                     value.const_value = tensor
-            result = compare(reference, outputs, budget)
-            figures = {}
-            for output in result.outputs:
-                for key, figure in output.would_pass_with.items():
-                    if key in ("min_cosine", "min_rank_corr"):
-                        figures[key] = min(figures.get(key, 1.0), figure)
-                    elif key == "max_mismatch":
-                        figures[key] = max(figures.get(key, 0.0), figure)
+
+        # The budget is what rounding the activations may cost on top of what the weights at their
+        # planned bits already cost (4-bit weights alone take more than 8-bit activations may).
+        weights_only = _figures(compare(reference, outputs_with(set()), Budgets(Budget())))
+        limits = {
+            "min_rank_corr": min(
+                config.activation_min_rank_corr,
+                weights_only.get("min_rank_corr", 1.0) - (1 - config.activation_min_rank_corr),
+            ),
+            "min_cosine": min(
+                config.activation_min_cosine, weights_only.get("min_cosine", 1.0) - (1 - config.activation_min_cosine)
+            ),
+            "max_mismatch": max(
+                config.activation_max_mismatch,
+                weights_only.get("max_mismatch", 0.0) + config.activation_max_mismatch,
+            ),
+        }
+        budget = Budgets(Budget(**limits))
+        figures: dict[str, float] = {}
+        dropped: list[str] = []
+        while self._integer_layers:
+            result = compare(reference, outputs_with(self._integer_layers), budget)
+            figures = _figures(result)
             if result.passed:
                 break
             worst = max(self._integer_layers, key=lambda name: self._activation_plans[name].error)
@@ -1012,11 +1029,8 @@ class Quantize(CompressionPass):
             "integer_layers": len(self._integer_layers),
             **self._timing_stats(),
             "returned_to_float": dropped,
-            "budget": {
-                "min_rank_corr": config.activation_min_rank_corr,
-                "min_cosine": config.activation_min_cosine,
-                "max_mismatch": config.activation_max_mismatch,
-            },
+            "budget": {key: round(limit, 6) for key, limit in limits.items()},
+            "weights_only": {key: round(figure, 6) for key, figure in weights_only.items()},
             "measured": {key: round(figure, 6) for key, figure in figures.items()},
         }
 
@@ -1055,8 +1069,10 @@ class Quantize(CompressionPass):
             # First layers read concatenated features (137, 75, 52 inputs): equal blocks of at most
             # block_size, the last few columns padded with zeros, instead of one scale per channel.
             group = -(-inputs // -(-inputs // group))
-        dynamic = bits == 8 and _dynamic_ready(uses) and (uses[0].value.name or "") in self._integer_layers
-        if dynamic:
+        dynamic = (
+            bits >= MIN_INTEGER_BITS and _dynamic_ready(uses) and (uses[0].value.name or "") in self._integer_layers
+        )
+        if dynamic and bits == 8:
             granularity, group = "channel", inputs
         return granularity, group, dynamic
 
@@ -1133,10 +1149,7 @@ class Quantize(CompressionPass):
         scales = self._smoothing(uses, dynamic)
         if scales is not None:
             rows, hessian = rows * scales, hessian / np.outer(scales, scales)
-        if granularity == "block_outputs":
-            restored = _restore_output_blocks(quantized, channels, inputs)
-        else:
-            restored = _dequantized(quantized).reshape(channels, -1)[:, :inputs]
+        restored = _restored(quantized, granularity, channels, inputs)
         _, group, _ = self._linear_plan(uses, (channels, inputs), bits)
         padded = np.pad(rows, ((0, 0), (0, -inputs % group)))
         nearest = _dequantized(quantize_rows(padded.reshape(-1, group), bits, symmetric=quantized.symmetric))
@@ -1195,11 +1208,10 @@ class Quantize(CompressionPass):
         channels, inputs = rows.shape
         quantized, granularity, dynamic, method = self._linear_codes(rows, uses, bits, hessian)
         build = _Builder(graph, value.name)
-        if dynamic:
-            for weight_use in uses:
-                self._dynamic_matmul(build, weight_use, quantized, channels, inputs)
-                build.insert_before(weight_use.node)
-                graph.remove(weight_use.node, safe=True)
+        if dynamic and bits == 8:
+            weight_kn = build.constant("q", quantized.codes.reshape(channels, inputs).T.copy())
+            scale = build.constant("scale", quantized.scale.astype(np.float32).reshape(channels))
+            self._integer_matmuls(build, graph, uses, weight_kn, scale)
             form = "dynamic"
         elif _stored_as_read(quantized, granularity, use, weight.shape, config.dequantize):
             # Codes kept in the [inputs, outputs] layout MatMul reads, scales as a [1, outputs] row:
@@ -1222,7 +1234,7 @@ class Quantize(CompressionPass):
                 # Rows of the codes are (input, block of outputs): decoded, they are the
                 # [inputs, outputs] layout MatMul reads, once the padding outputs are sliced off.
                 output = _without_padding(build, flat, (inputs, quantized.codes.size // inputs), channels)
-                if use.out_axis == 0:
+                if use.out_axis == 0 and not dynamic:  # the integer kernel reads [inputs, outputs]
                     output = build.op("Transpose", [output], perm=[1, 0])
             else:
                 decoded_shape = quantized.codes.shape
@@ -1230,7 +1242,20 @@ class Quantize(CompressionPass):
                     flat = _without_padding(build, flat, (channels, quantized.codes.size // channels), inputs)
                     decoded_shape = rows.shape
                 output = self._to_weight_layout(build, flat, decoded_shape, weight.shape, use)
-        if not dynamic:
+        if dynamic and bits < 8:
+            # Stored at its own width; decoded and rounded to int8 per output channel at load (every
+            # input is constant, so onnxruntime folds it, scales included: none is stored), then
+            # read by the integer kernel. numerics.quant.int8_requantize computes the same.
+            in_layout = use.out_axis == 1 or granularity == "block_outputs"
+            weight_kn = output if in_layout else build.op("Transpose", [output], perm=[1, 0])
+            peak = build.op("ReduceMax", [build.op("Abs", [weight_kn]), build.constant("axis", np.array([0]))])
+            if not np.abs(_restored(quantized, granularity, channels, inputs)).max(axis=1).all():
+                peak = build.op("Max", [peak, build.constant("tiny", np.array(TINY_SCALE, np.float32))])
+            scale = build.op("Div", [peak, build.constant("int8_levels", np.array(127, np.float32))])
+            codes = build.op("Cast", [build.op("Round", [build.op("Div", [weight_kn, scale])])], to=ir.DataType.INT8)
+            self._integer_matmuls(build, graph, uses, codes, scale)
+            form = "dynamic"
+        elif not dynamic:
             build.insert_before(_first(graph, uses))
             for weight_use in uses:
                 weight_use.node.replace_input_with(weight_use.input_index, output)
@@ -1285,25 +1310,29 @@ class Quantize(CompressionPass):
             value = build.op("Transpose", [value], perm=perm)
         return value
 
-    def _dynamic_matmul(
-        self, build: _Builder, use: WeightUse, quantized: QuantizedRows, channels: int, inputs: int
+    def _integer_matmuls(
+        self, build: _Builder, graph: ir.Graph, uses: list[WeightUse], weight_kn: ir.Value, scale: ir.Value
     ) -> None:
-        """``y = x @ W`` as DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul(x_scale * w_scale)
-        (+ bias), the pattern onnxruntime fuses into its integer DynamicQuantizeMatMul kernel."""
+        """Every use of the weight as an integer product with the int8 codes ``weight_kn``."""
+        for weight_use in uses:
+            self._dynamic_matmul(build, weight_use, weight_kn, scale)
+            build.insert_before(weight_use.node)
+            graph.remove(weight_use.node, safe=True)
+
+    def _dynamic_matmul(self, build: _Builder, use: WeightUse, weight_kn: ir.Value, scale: ir.Value) -> None:
+        """``y = x @ W`` as DynamicQuantizeLinear(x) -> MatMulInteger(x, ``weight_kn``: int8 codes
+        ``[K, N]``) -> Cast -> Mul(x_scale * ``scale``, one per output) (+ bias), the pattern
+        onnxruntime fuses into its integer DynamicQuantizeMatMul kernel."""
         node = use.node
         x = node.inputs[0]
         assert x is not None
-        weight_kn = quantized.codes.reshape(channels, inputs).T.copy()  # MatMulInteger reads B as [K, N]
-        scale = quantized.scale.astype(np.float32).reshape(channels)
         bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-        if node.op_type == "Gemm":
-            scale = scale * np.float32(node.attributes.get_float("alpha", 1.0))
+        alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
+        if alpha != 1.0:
+            scale = build.op("Mul", [scale, build.constant("alpha", np.array(alpha, np.float32))])
         x_q, x_scale, x_zero = build.multi("DynamicQuantizeLinear", [x], outputs=3)
-        product = build.op(
-            "MatMulInteger",
-            [x_q, build.constant("q", weight_kn), x_zero],
-        )
-        scales = build.op("Mul", [x_scale, build.constant("scale", scale)])
+        product = build.op("MatMulInteger", [x_q, weight_kn, x_zero])
+        scales = build.op("Mul", [x_scale, scale])
         result = build.op("Mul", [build.op("Cast", [product], to=ir.DataType.FLOAT), scales])
         if bias is not None:
             beta = node.attributes.get_float("beta", 1.0)
@@ -1588,6 +1617,18 @@ def _dequantized(quantized: QuantizedRows | ProductCodes) -> np.ndarray:
     return dequantize_rows(quantized)
 
 
+def _figures(result: ParityResult) -> dict[str, float]:
+    """The worst cosine, rank correlation and mismatch over a comparison's outputs."""
+    figures: dict[str, float] = {}
+    for output in result.outputs:
+        for key, figure in output.would_pass_with.items():
+            if key in ("min_cosine", "min_rank_corr"):
+                figures[key] = min(figures.get(key, 1.0), figure)
+            elif key == "max_mismatch":
+                figures[key] = max(figures.get(key, 0.0), figure)
+    return figures
+
+
 def _weighted_error(difference: np.ndarray, hessian: np.ndarray) -> float:
     """``||X D^T||^2 = tr(D H D^T)`` for ``D`` ``[outputs, inputs]`` and ``H = X^T X``."""
     return float(np.einsum("ij,ij->", difference @ hessian, difference))
@@ -1608,6 +1649,13 @@ def _without_padding(build: _Builder, flat: ir.Value, shape: tuple[int, int], ke
         return value
     bounds = [build.constant(name, np.array([bound], np.int64)) for name, bound in (("start", 0), ("end", kept))]
     return build.op("Slice", [value, *bounds, build.constant("axis", np.array([1], np.int64))])
+
+
+def _restored(quantized: QuantizedRows, granularity: str, channels: int, inputs: int) -> np.ndarray:
+    """The float rows ``[channels, inputs]`` that a linear weight's codes stand for."""
+    if granularity == "block_outputs":
+        return _restore_output_blocks(quantized, channels, inputs)
+    return _dequantized(quantized).reshape(channels, -1)[:, :inputs]
 
 
 def _restore_output_blocks(quantized: QuantizedRows, channels: int, inputs: int) -> np.ndarray:
