@@ -34,6 +34,7 @@ import bench_lib as lib
 
 from onnxcompress.errors import CompressError
 from onnxcompress.parity import LOSSY
+from onnxcompress.presets import get_preset
 from onnxcompress.recipe import build_specs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,12 +43,14 @@ MODELS = REPO / "models"
 #: onnxcompress recipes: name -> (passes, options per pass). Adding a method is adding a line.
 RECIPES: dict[str, tuple[tuple[str, ...], dict[str, dict[str, Any]]]] = {
     "ours-cleanup": (("cleanup",), {"cleanup": {"strip_metadata": True}}),
-    # issue 5's binary row: sign(w) * alpha everywhere, measured rather than budgeted
+    # issue 5's binary row: sign(w) * alpha, measured rather than budgeted. Weights under 256 values
+    # (a one-output last layer, tables of a few rows) keep 8 bits: their unpacking nodes would take
+    # more bytes than their bits save. The final cleanup is the presets'.
     "ours-binary": (
         ("cleanup", "quant", "cleanup@final"),
         {
-            "quant": {"bits": 1, "embedding_bits": 1, "scale_codebook": True},
-            "cleanup@final": {"strip_metadata": True, "short_names": True},
+            "quant": {"bits": 1, "embedding_bits": 1, "scale_codebook": True, "low_bit_min_elements": 256},
+            "cleanup@final": dict(get_preset("int8").options["cleanup@final"]),
         },
     ),
 }
