@@ -63,6 +63,9 @@ def configurations() -> list[tuple[str, str, list[str]]]:
     if "quant" in PASSES:  # the saving that pruning adds to quantization, once zeros are stored as bits
         runs.append(("quant alone", "quant", []))
         runs.append(("80% refit + quant + sparse", "prune,quant,sparse", ["prune.sparsity=0.8"]))
+        # tables too: where they hold most of the bytes, pruning only the layers barely shows on disk
+        tables = "prune.op_types=MatMul,Gemm,Conv,Gather"
+        runs.append(("80% with tables + quant + sparse", "prune,quant,sparse", ["prune.sparsity=0.8", tables]))
     return runs
 
 
