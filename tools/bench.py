@@ -628,6 +628,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
+    revision = lib.git_revision(REPO)  # before this run writes the plot and the tables into the tree
     args = parse_args(argv)
     cores = os.cpu_count() or 1
     threads = sorted({1, cores})
@@ -649,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {
         "command": " ".join(["python tools/bench.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "git": lib.git_revision(REPO),
+        "git": revision,
         "machine": lib.machine(),
         "load_average": load,
         "versions": lib.versions(PACKAGES),
