@@ -358,7 +358,7 @@ def with_scale_codebook(rows: Any, quantized: QuantizedRows, size: int = SCALE_C
 def int8_requantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 codes per row of ``rows`` (weights already decoded from fewer bits) and their
     float32 scales ``max|row| / 127``, computed in float32 as a graph computes
-    ``Cast<int8>(Round(rows / scale))`` to feed an integer kernel. An all-zero row gets scale
+    ``QuantizeLinear(rows, scale)`` to int8 to feed an integer kernel. An all-zero row gets scale
     ``TINY_SCALE`` (a graph would otherwise divide 0 by 0)."""
     rows = np.asarray(rows, dtype=np.float32)
     scale = np.maximum(np.abs(rows).max(axis=1), np.float32(TINY_SCALE)) / np.float32(127)

@@ -1248,11 +1248,12 @@ class Quantize(CompressionPass):
             # read by the integer kernel. numerics.quant.int8_requantize computes the same.
             in_layout = use.out_axis == 1 or granularity == "block_outputs"
             weight_kn = output if in_layout else build.op("Transpose", [output], perm=[1, 0])
-            peak = build.op("ReduceMax", [build.op("Abs", [weight_kn]), build.constant("axis", np.array([0]))])
+            axis = build.constant("axis", np.array([0]))
+            peak = build.op("ReduceMax", [build.op("Abs", [weight_kn]), axis], keepdims=0)
             if not np.abs(_restored(quantized, granularity, channels, inputs)).max(axis=1).all():
                 peak = build.op("Max", [peak, build.constant("tiny", np.array(TINY_SCALE, np.float32))])
             scale = build.op("Div", [peak, build.constant("int8_levels", np.array(127, np.float32))])
-            codes = build.op("Cast", [build.op("Round", [build.op("Div", [weight_kn, scale])])], to=ir.DataType.INT8)
+            codes = build.op("QuantizeLinear", [weight_kn, scale], axis=1, output_dtype=ir.DataType.INT8)
             self._integer_matmuls(build, graph, uses, codes, scale)
             form = "dynamic"
         elif not dynamic:
