@@ -320,6 +320,32 @@ def test_4_bit_weights_feed_integer_kernels_rounded_to_int8_at_load(tmp_path: Pa
     }
 
 
+def test_a_dead_output_channel_of_a_4_bit_integer_layer_stays_zero(tmp_path: Path) -> None:
+    """An all-zero output channel would give its int8 scale 0 and its codes 0/0 (what QuantizeLinear
+    makes of NaN is unspecified): the graph floors the channel's peak at a tiny value instead, and
+    the channel's outputs stay exactly zero."""
+    weights = {
+        "w_mm": RNG.standard_normal((64, 32)).astype(np.float32),
+        "w_gemm": RNG.standard_normal((16, 32)).astype(np.float32),
+        "b": RNG.standard_normal(16).astype(np.float32),
+        "w_gemm_t": RNG.standard_normal((32, 8)).astype(np.float32),
+    }
+    weights["w_mm"][:, 5] = 0.0  # output channel 5 of the first product never fires
+    config = Quantize.Config(bits=4, granularity="block", block_size=16, activations="dynamic")
+    model = text_model(LINEAR, weights)
+    Quantize(config)(model)
+    assert [node.op_type for node in model.graph].count("Max") == 1  # only the layer with a dead channel
+    feeds = {"x": RNG.standard_normal((20, 64)).astype(np.float32)}
+    path = save_model(model, tmp_path / "dead.onnx")
+    for level in ("disable", "all"):
+        (got,) = runtime.make_session(path, level).run(None, feeds)
+        assert np.isfinite(got).all()
+    probe = text_model(LINEAR.replace("(float[N,8] y)", "(float[N,8] y, float[N,32] h)"), weights)
+    Quantize(config)(probe)
+    hidden = runtime.make_session(save_model(probe, tmp_path / "probe.onnx"), "all").run(["h"], feeds)[0]
+    assert not hidden[:, 5].any() and hidden[:, 4].any()
+
+
 def test_auto_table_granularity_keeps_per_row_scales_for_outlier_rows() -> None:
     model = table_model()  # two item_table rows are 100x larger than the rest; users rows are alike
     result = Quantize(Quantize.Config(fold_tables_below=0))(model)
