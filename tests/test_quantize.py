@@ -283,15 +283,17 @@ def test_dynamic_activations_use_integer_matmul(tmp_path: Path) -> None:
     assert relative_error(expected, got) < 0.02
 
 
-def test_4_bit_weights_feed_integer_kernels_rounded_to_int8_at_load(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dequantize", ["fold", "linear"])
+def test_4_bit_weights_feed_integer_kernels_rounded_to_int8_at_load(dequantize: str, tmp_path: Path) -> None:
     """Blocks of 4-bit codes stay the stored form; the graph decodes them and rounds them to int8 per
     output channel (scales computed in the graph, none stored), which onnxruntime folds at load into
-    the weight of its fused integer kernel."""
+    the weight of its fused integer kernel. The decode is the folding form even with
+    dequantize=linear: onnxruntime never folds DequantizeLinear."""
     import onnx
     import onnxruntime as ort
 
     feeds = {"x": RNG.standard_normal((20, 64)).astype(np.float32)}
-    config = {"bits": 4, "granularity": "block", "block_size": 16}
+    config = {"bits": 4, "granularity": "block", "block_size": 16, "dequantize": dequantize}
     weight_only = linear_model()
     Quantize(Quantize.Config(**config))(weight_only)
     (float_activations,) = evaluate(weight_only, tmp_path, feeds)
@@ -315,7 +317,7 @@ def test_4_bit_weights_feed_integer_kernels_rounded_to_int8_at_load(tmp_path: Pa
     constants = {init.name for init in optimized.graph.initializer}
     fused = [node for node in optimized.graph.node if node.op_type == "DynamicQuantizeMatMul"]
     assert len(fused) == 3 and all(node.input[1] in constants for node in fused)
-    assert not {"QuantizeLinear", "Abs", "ReduceMax", "DynamicQuantizeLinear"} & {
+    assert not {"QuantizeLinear", "DequantizeLinear", "Abs", "ReduceMax", "DynamicQuantizeLinear"} & {
         node.op_type for node in optimized.graph.node
     }
 

@@ -1208,12 +1208,15 @@ class Quantize(CompressionPass):
         channels, inputs = rows.shape
         quantized, granularity, dynamic, method = self._linear_codes(rows, uses, bits, hessian)
         build = _Builder(graph, value.name)
+        # Codes rounded to int8 for an integer kernel must be decoded by ops onnxruntime folds at load:
+        # it never folds DequantizeLinear, which would rerun the whole rounding on every call.
+        dequantize = "fold" if dynamic else config.dequantize
         if dynamic and bits == 8:
             weight_kn = build.constant("q", quantized.codes.reshape(channels, inputs).T.copy())
             scale = build.constant("scale", quantized.scale.astype(np.float32).reshape(channels))
             self._integer_matmuls(build, graph, uses, weight_kn, scale)
             form = "dynamic"
-        elif _stored_as_read(quantized, granularity, use, weight.shape, config.dequantize):
+        elif _stored_as_read(quantized, granularity, use, weight.shape, dequantize):
             # Codes kept in the [inputs, outputs] layout MatMul reads, scales as a [1, outputs] row:
             # no Transpose node to store.
             by_column = QuantizedRows(
@@ -1226,10 +1229,10 @@ class Quantize(CompressionPass):
             output = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, "fold")
             form = "fold"
         else:
-            linear_form = config.dequantize == "linear"
+            linear_form = dequantize == "linear"
             stored = _store(build, quantized, binary=bits == 1, column=not linear_form, native_int4=True)
             form = "dequantize_linear" if linear_form else "fold"
-            flat = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, config.dequantize)
+            flat = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, dequantize)
             if granularity == "block_outputs":
                 # Rows of the codes are (input, block of outputs): decoded, they are the
                 # [inputs, outputs] layout MatMul reads, once the padding outputs are sliced off.
