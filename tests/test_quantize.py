@@ -300,6 +300,7 @@ def test_4_bit_weights_feed_integer_kernels_rounded_to_int8_at_load(dequantize: 
     model = linear_model()
     result = Quantize(Quantize.Config(**config, activations="dynamic"))(model)
     assert {(entry["bits"], entry["form"]) for entry in result.stats["tensors"].values()} == {(4, "dynamic")}
+    assert result.stats["integer_layers"] == 3  # shown in the CLI's pass summary
     int8 = [v.name for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.INT8]
     assert not int8  # no int8 copy of a weight is stored
     integer_products = [node for node in model.graph if node.op_type == "MatMulInteger"]

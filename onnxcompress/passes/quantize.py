@@ -622,6 +622,7 @@ class Quantize(CompressionPass):
             "bytes_after": after,
             "ratio": round(before / max(after, 1), 3),
             "float16_tensors": len(halved),
+            "integer_layers": sum(entry.get("form") == "dynamic" for entry in tensors.values()),
             **({"mixed_precision": search} if search else {}),
             **({"activations": activations} if activations else {}),
             "tensors": tensors,
