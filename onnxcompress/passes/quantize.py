@@ -4,6 +4,7 @@ Three graph forms, chosen per weight by measured speed (see docs/QUANTIZATION.md
 
 * Linear layers with ``activations=dynamic``: DynamicQuantizeLinear + MatMulInteger on int8
   weights, so onnxruntime runs integer kernels (it fuses the pattern into DynamicQuantizeMatMul).
+  Weights stored at 4 to 7 bits are rounded to int8 in the graph, which onnxruntime folds at load.
 * Linear layers with float activations: integer codes decoded to float either with
   DequantizeLinear (``dequantize=linear``, the QDQ form other runtimes recognise, executed on every
   call by onnxruntime's CPU provider) or with Cast/Sub/Mul (``dequantize=fold``), which
@@ -397,8 +398,9 @@ class Quantize(CompressionPass):
         activations: str = field(
             default="none",
             metadata={
-                "help": "none: float activations; dynamic: DynamicQuantizeLinear + MatMulInteger (8-bit "
-                "weights); auto: dynamic for the layers where onnxruntime measures it faster",
+                "help": "none: float activations; dynamic: DynamicQuantizeLinear + MatMulInteger (weights "
+                "of 4+ bits, below 8 rounded to int8 at load); auto: dynamic for the layers where onnxruntime "
+                "measures it faster and the calibration rows allow it",
                 "choices": ("none", "dynamic", "auto"),
             },
         )
@@ -501,8 +503,10 @@ class Quantize(CompressionPass):
         scale_codebook: bool = field(
             default=False,
             metadata={
-                "help": "tables: store each row's scale as a uint8 index into a 256-entry log-spaced codebook "
-                "(1 byte a row instead of 2; codes are re-rounded to the stored scale)"
+                "help": "store scales as indices into a codebook (codes re-rounded to the stored scale): tables "
+                "of 768+ rows and linear weights of 768+ blocks a uint8 index into 256 log-spaced scales; a table "
+                "decoded at load a 4-bit index into 16 scales fitted to its rows where the error that adds is "
+                "worth less than the bits"
             },
         )
         scale_dtype: str = field(
