@@ -245,11 +245,11 @@ def fitted_scale_codebook(scales: np.ndarray, size: int, dtype: Any = np.float32
     Log-spaced entries waste most of a small codebook on the sparse ends of the range (near-empty
     rows of cold ids stretch it by decades)."""
     dtype = np.dtype(dtype)
-    grid = scale_codebook(scales, SCALE_CODEBOOK_SIZE, dtype)
     values = np.asarray(scales, dtype=np.float64).reshape(-1)
     positive = values[values > 0]
     if positive.size == 0 or size >= SCALE_CODEBOOK_SIZE:
         return scale_codebook(scales, size, dtype)
+    grid = scale_codebook(scales, SCALE_CODEBOOK_SIZE, dtype)
     bins = _index_at_least(grid, positive)
     counts = np.concatenate([[0.0], np.cumsum(np.bincount(bins, minlength=len(grid)))])
     inverse = np.concatenate([[0.0], np.cumsum(np.bincount(bins, weights=1.0 / positive, minlength=len(grid)))])

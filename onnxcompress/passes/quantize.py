@@ -1006,19 +1006,12 @@ class Quantize(CompressionPass):
         # The budget is what rounding the activations may cost on top of what the weights at their
         # planned bits already cost (4-bit weights alone take more than 8-bit activations may).
         weights_only = _figures(compare(reference, outputs_with(set()), Budgets(Budget())))
-        limits = {
-            "min_rank_corr": min(
-                config.activation_min_rank_corr,
-                weights_only.get("min_rank_corr", 1.0) - (1 - config.activation_min_rank_corr),
-            ),
-            "min_cosine": min(
-                config.activation_min_cosine, weights_only.get("min_cosine", 1.0) - (1 - config.activation_min_cosine)
-            ),
-            "max_mismatch": max(
-                config.activation_max_mismatch,
-                weights_only.get("max_mismatch", 0.0) + config.activation_max_mismatch,
-            ),
+        ceilings = {
+            "min_rank_corr": config.activation_min_rank_corr,
+            "min_cosine": config.activation_min_cosine,
         }
+        limits = {key: min(limit, weights_only.get(key, 1.0) - (1 - limit)) for key, limit in ceilings.items()}
+        limits["max_mismatch"] = weights_only.get("max_mismatch", 0.0) + config.activation_max_mismatch
         budget = Budgets(Budget(**limits))
         figures: dict[str, float] = {}
         dropped: list[str] = []
