@@ -20,6 +20,7 @@ _FINAL_CLEANUP = {
     "short_names": True,
     "drop_default_attributes": True,
     "lift_constants": True,
+    "narrow_indices": True,
 }
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,13 @@ import pytest
 from conftest import mlp_model, save_model, text_model
 from onnx.reference import ReferenceEvaluator
 
-from onnxcompress.passes.cleanup import Cleanup, merge_identical_initializers, remove_inference_dropout
+from onnxcompress.passes.cleanup import (
+    Cleanup,
+    identifier_names,
+    merge_identical_initializers,
+    remove_inference_dropout,
+    shorten_names,
+)
 
 
 def op_types(model: ir.Model) -> list[str]:
@@ -261,8 +268,30 @@ def test_short_names_keep_the_interface() -> None:
     assert [v.name for v in model.graph.inputs] == ["x"] and [v.name for v in model.graph.outputs] == ["score"]
     assert not any(node.name for node in model.graph)
     internal = [out.name for node in model.graph for out in node.outputs if not out.is_graph_output()]
-    assert all(name.startswith("_") and len(name) <= 3 for name in internal)
+    assert all(name.isidentifier() and len(name) == 1 for name in internal)  # C identifiers, ONNX's rule
     assert len(set(internal)) == len(internal)
+
+
+def test_short_names_go_to_the_most_used_values_first() -> None:
+    names = list(itertools.islice(identifier_names(), 60))
+    assert names[:3] == ["a", "b", "c"] and names[52] == "_" and names[53] == "aa"
+    assert len(set(names)) == 60 and all(name.isidentifier() for name in names)
+    x = ir.Value(name="a", shape=ir.Shape([2]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[])
+    once = ir.node("Relu", [x])
+    often = ir.node("Neg", [x])
+    users = [ir.node("Add", [often.outputs[0], often.outputs[0]]) for _ in range(3)]
+    for node in (once, often, *users):
+        graph.append(node)
+    graph.outputs.extend(user.outputs[0] for user in users[:2])
+    for index, value in enumerate(graph.outputs):
+        value.name = f"out{index}"
+    once.outputs[0].name, often.outputs[0].name = "long_name_used_nowhere", "long_name_used_six_times"
+    users[2].outputs[0].name = "dead_end"
+    shorten_names(ir.Model(graph, ir_version=10))
+    assert often.outputs[0].name == "b"  # "a" is the graph input's: interface names are kept
+    assert (once.outputs[0].name, users[2].outputs[0].name) == ("c", "d")  # then in graph order
+    assert [value.name for value in graph.outputs] == ["out0", "out1"]
 
 
 def test_int4_initializers_are_compared_by_their_packed_bytes() -> None:
@@ -476,3 +505,29 @@ def test_a_norm_folds_into_a_gemm_with_transposed_weights(tmp_path: Path) -> Non
     assert gemm.attributes.get_int("transB", 0) == 1 and gemm.inputs[1].const_value.shape.numpy() == (3, 6)
     (after,) = run_reference(model, tmp_path, feeds)
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cast_to_its_own_type_goes_and_gather_indices_are_narrowed_to_int32(tmp_path: Path) -> None:
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,6] x, int64[3] pick, int64[2] shape) => (float[N,3] y, float[N,6] w) {
+          same = Cast <to = 1> (x)
+          y = Gather <axis = 1> (same, pick)
+          w = Reshape (x, shape)
+        }
+        """
+    constants = {"pick": np.array([5, 0, 2], np.int64), "shape": np.array([-1, 6], np.int64)}
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)}
+    expected = run_reference(text_model(text, constants), tmp_path, feeds)
+    model = text_model(text, constants)
+    result = Cleanup(Cleanup.Config(narrow_indices=True))(model)
+    assert "Cast" not in op_types(model)
+    dtypes = {name: value.const_value.dtype for name, value in model.graph.initializers.items()}
+    assert dtypes == {"pick": ir.DataType.INT32, "shape": ir.DataType.INT64}  # a Reshape's shape stays int64
+    assert result.stats["indices_narrowed"] == 1
+    for exact, narrowed in zip(expected, run_reference(model, tmp_path, feeds), strict=True):
+        np.testing.assert_array_equal(narrowed, exact)
+    huge = {"pick": np.array([1, 2**40], np.int64), "shape": constants["shape"]}
+    model = text_model(text, huge)
+    Cleanup(Cleanup.Config(narrow_indices=True))(model)
+    assert model.graph.initializers["pick"].const_value.dtype == ir.DataType.INT64  # does not fit int32

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 
 from onnxcompress.numerics.quant import (
+    EQUALIZATION_MIN_FACTOR,
     QuantizedRows,
     binarize_rows,
     dequantize_rows,
+    equalization_factors,
     gptq_quantize,
     gptq_quantize_output_blocks,
     pack_codes,
@@ -396,3 +398,39 @@ def test_gptq_keeps_pruned_weights_at_zero_and_still_compensates(variant: str) -
         return float(np.linalg.norm(x @ (candidate - weight).T))
 
     assert error(restored) < error(nearest)
+
+
+def test_equalization_factors_give_every_unit_the_median_peak() -> None:
+    peaks = np.array([1.0, 2.0, 4.0, 8.0, 3.0, 1e-36, 0.0])
+    factors = equalization_factors(peaks)
+    assert factors[:5] == pytest.approx(peaks[:5] / 2.5)  # the median of the six live peaks
+    assert np.allclose(peaks[:5] / factors[:5], 2.5)
+    # a unit trained to nothing is not blown up (its bias would leave float16), a dead one is left alone
+    assert factors[5] == EQUALIZATION_MIN_FACTOR and factors[6] == 1.0
+    assert np.all(equalization_factors(np.zeros(4)) == 1.0)
+
+
+def test_equalized_layers_keep_the_product_and_one_scale_keeps_the_per_channel_error() -> None:
+    """Units of very different ranges: dividing them by their factors and multiplying the next
+    layer's rows back is exact through ReLU, and one 8-bit scale for the equalised layer then has
+    the error per-channel scales have on the original (one scale without equalising does not)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((400, 24))
+    first = rng.standard_normal((24, 32)) * np.geomspace(0.01, 10, 32)  # [inputs, units]
+    second = rng.standard_normal((32, 8))
+    bias = rng.standard_normal(32)
+    reference = np.maximum(x @ first + bias, 0) @ second
+    factors = equalization_factors(np.abs(first).max(axis=0))
+    first_eq, bias_eq, second_eq = first / factors, bias / factors, second * factors[:, None]
+    np.testing.assert_allclose(np.maximum(x @ first_eq + bias_eq, 0) @ second_eq, reference, rtol=1e-10, atol=1e-9)
+
+    def error(layer: np.ndarray, quantized: QuantizedRows, bias: np.ndarray, after: np.ndarray) -> float:
+        restored = dequantize_rows(quantized).reshape(layer.T.shape).T
+        output = np.maximum(x @ restored + bias, 0) @ after
+        return float(np.linalg.norm(output - reference) / np.linalg.norm(reference))
+
+    per_channel = error(first, quantize_rows(first.T, 8), bias, second)
+    one_scale = error(first, quantize_rows(first.T.reshape(1, -1), 8), bias, second)
+    equalized = error(first_eq, quantize_rows(first_eq.T.reshape(1, -1), 8), bias_eq, second_eq)
+    assert one_scale > 2.5 * per_channel
+    assert equalized < 1.2 * per_channel, (equalized, per_channel)

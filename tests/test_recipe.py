@@ -21,6 +21,7 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
         "short_names": False,
         "drop_default_attributes": False,
         "lift_constants": False,
+        "narrow_indices": False,
     }
 
 

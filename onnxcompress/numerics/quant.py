@@ -366,6 +366,28 @@ def int8_requantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scale.astype(np.float32)
 
 
+#: Equalisation never shrinks a unit by more than this: a unit whose weights trained to (nearly)
+#: zero would otherwise have its bias blown up past float16 (scikit-learn's L2-regularised MLP has
+#: units with peaks of 1e-36).
+EQUALIZATION_MIN_FACTOR = 2.0**-8
+
+
+def equalization_factors(peaks: np.ndarray, min_factor: float = EQUALIZATION_MIN_FACTOR) -> np.ndarray:
+    """Per-unit factors ``f`` that equalise a layer's output units: dividing unit ``j``'s weights
+    (and bias) by ``f[j]`` and multiplying the next layer's input row ``j`` by it leaves the product
+    unchanged and gives every unit the peak ``|w|`` of the median unit. With a ReLU between
+    (``relu(a / f) = relu(a) / f`` for ``f > 0``) the model computes the same function, and one
+    8-bit scale serves the whole layer at the error per-channel scales had. Units far below the
+    median keep a smaller peak (``min_factor``); one scale then rounds them coarsely, which costs
+    little since they are that much smaller. Dead units (peak 0) get 1."""
+    peaks = np.asarray(peaks, dtype=np.float64)
+    factors = np.ones_like(peaks)
+    live = peaks > 0
+    if live.any():
+        factors[live] = np.maximum(peaks[live] / np.median(peaks[live]), min_factor)
+    return factors
+
+
 def dequantize_rows(quantized: QuantizedRows) -> np.ndarray:
     """The float rows that ``quantized`` stands for (``scale * (code - zero_point)``)."""
     zero = 0.0 if quantized.zero_point is None else quantized.zero_point.astype(np.float64)[:, None]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import string
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -91,9 +93,47 @@ def remove_identities(model: ir.Model) -> int:
     bodies: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
     for body in bodies:
         for node in list(ir.traversal.RecursiveGraphIterator(body)):
-            if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and len(node.inputs) == 1:
+            if node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+                continue
+            if node.op_type == "Identity" or (node.op_type == "Cast" and _casts_to_own_type(node)):
                 removed += _bypass(node)
     return removed
+
+
+def _casts_to_own_type(node: ir.Node) -> bool:
+    """A Cast to the type its input already has (skl2onnx casts float features to float)."""
+    source = node.inputs[0]
+    known = source.dtype if source is not None else None
+    return known is not None and node.attributes.get_int("to", 0) == known.value
+
+
+#: Ops whose input 1 is gather indices: int32 or int64, by their type constraint.
+_INDEX_INPUTS = frozenset({"Gather", "GatherElements", "GatherND"})
+_INT32 = np.iinfo(np.int32)
+
+
+def narrow_indices(model: ir.Model) -> int:
+    """Store int64 gather indices that fit int32 as int32 (half the bytes; both are allowed).
+    Returns the number of initializers narrowed."""
+    narrowed = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.dtype != ir.DataType.INT64 or value.is_graph_input() or value.is_graph_output():
+                continue
+            uses = value.uses()
+            if not uses or any(
+                node.op_type not in _INDEX_INPUTS or node.domain not in ("", "ai.onnx") or index != 1
+                for node, index in uses
+            ):
+                continue
+            array = tensor.numpy()
+            if array.size and (array.min() < _INT32.min or array.max() > _INT32.max):
+                continue
+            value.const_value = ir.tensor(array.astype(np.int32), name=value.name)
+            value.dtype = ir.DataType.INT32
+            narrowed += 1
+    return narrowed
 
 
 def merge_identical_initializers(model: ir.Model) -> tuple[int, int]:
@@ -733,34 +773,46 @@ def _variable_input(node: ir.Node) -> ir.Value | None:
     return variable[0] if len(variable) == 1 else None
 
 
+_NAME_FIRST = string.ascii_letters + "_"
+_NAME_REST = _NAME_FIRST + string.digits
+
+
+def identifier_names() -> Iterator[str]:
+    """Every C identifier (what ONNX names must be), shortest first: 53 of one character, then
+    3,339 of two, ..."""
+    for length in itertools.count(1):
+        for first in _NAME_FIRST:
+            for rest in itertools.product(_NAME_REST, repeat=length - 1):
+                yield first + "".join(rest)
+
+
 def shorten_names(model: ir.Model) -> int:
     """Give nodes no name and internal values short ones; graph inputs and outputs keep theirs.
 
     Names are labels no runtime reads; exporters' long scoped names can be a tenth of a small file.
-    Returns the number of names changed.
+    A name is written once where its value is made and once per use, so the most used values take
+    the shortest names. Returns the number of names changed.
     """
     changed = 0
-    counter = 0
     graphs = list(model.graphs())
     interface = {value for graph in graphs for value in (*graph.inputs, *graph.outputs)}
     taken = {value.name for value in interface if value.name}
+    internal: list[ir.Value] = []
     for graph in graphs:
-        values = [*graph.initializers.values(), *(out for node in graph for out in node.outputs)]
         for node in graph:
             if node.name:
                 node.name = None
                 changed += 1
-        for value in values:
-            if value in interface or not value.name:
-                continue
-            name = ""
-            while not name or name in taken:
-                name = f"_{np.base_repr(counter, 36).lower()}"
-                counter += 1
-            if value.const_value is not None:
-                value.const_value.name = name
-            value.name = name
-            changed += 1
+        values = [*graph.initializers.values(), *(out for node in graph for out in node.outputs)]
+        internal.extend(value for value in values if value not in interface and value.name)
+    # Sorted by how often the name is written (stable: graph order among equals).
+    internal.sort(key=lambda value: -(len(value.uses()) + 1 + (value.const_value is not None)))
+    names = (name for name in identifier_names() if name not in taken)
+    for value, name in zip(internal, names, strict=False):  # names never run out
+        if value.const_value is not None:
+            value.const_value.name = name
+        value.name = name
+        changed += 1
     return changed
 
 
@@ -810,6 +862,9 @@ class Cleanup(CompressionPass):
         lift_constants: bool = field(
             default=False, metadata={"help": "store Constant nodes as initializers (fewer bytes per constant)"}
         )
+        narrow_indices: bool = field(
+            default=False, metadata={"help": "store constant int64 gather indices that fit as int32 (half the bytes)"}
+        )
 
     def call(self, model: ir.Model) -> CompressionResult:
         before = _op_counts(model)
@@ -831,6 +886,7 @@ class Cleanup(CompressionPass):
             LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
             lifted = constants - _op_counts(model).get("Constant", 0)
         defaults = drop_default_attributes(model) if self.config.drop_default_attributes else 0
+        narrowed = narrow_indices(model) if self.config.narrow_indices else 0
         stripped = strip_metadata(model) if self.config.strip_metadata else 0
         renamed = shorten_names(model) if self.config.short_names else 0
         after = _op_counts(model)
@@ -850,6 +906,7 @@ class Cleanup(CompressionPass):
             "names_shortened": renamed,
             "constants_lifted": lifted,
             "default_attributes_dropped": defaults,
+            "indices_narrowed": narrowed,
         }
         modified = bool(
             stats["nodes_removed"]
@@ -860,6 +917,7 @@ class Cleanup(CompressionPass):
             or renamed
             or lifted
             or defaults
+            or narrowed
             or fused
             or norms
         )

@@ -34,7 +34,15 @@ import onnx_ir as ir
 
 from onnxcompress import runtime
 from onnxcompress.channel_scale import scale_last_axis, scaling_form
-from onnxcompress.graph import WEIGHT_SLOTS, WeightUse, constant_value, weights_by_value
+from onnxcompress.graph import (
+    WEIGHT_SLOTS,
+    WeightUse,
+    constant_array,
+    constant_value,
+    mlp_links,
+    set_constant,
+    weights_by_value,
+)
 from onnxcompress.io import ExternalRows
 from onnxcompress.numerics.pq import ProductCodes, product_assign, product_dequantize, product_quantize
 from onnxcompress.numerics.quant import (
@@ -46,6 +54,7 @@ from onnxcompress.numerics.quant import (
     binarize_rows,
     cheapest_scale_storage,
     dequantize_rows,
+    equalization_factors,
     gptq_quantize,
     gptq_quantize_output_blocks,
     int8_requantize,
@@ -376,6 +385,8 @@ class Quantize(CompressionPass):
     #: Calibration rows behind each linear weight's ``X^T X`` (set by ``_hessians``).
     _hessian_rows: dict[str, int]
     _linear_cache: dict[tuple[str, int, bool], tuple[np.ndarray, np.ndarray | None, Any]]
+    #: Equalised 8-bit weights: one scale for all their channels (set by ``_equalize``).
+    _one_scale: set[str]
 
     @dataclass(frozen=True)
     class Config:
@@ -447,6 +458,15 @@ class Quantize(CompressionPass):
             metadata={
                 "help": "integer layers: move activation outliers into the weights per input channel "
                 "(SmoothQuant; a Mul before DynamicQuantizeLinear) where it lowers the layer's error"
+            },
+        )
+        equalize: bool = field(
+            default=True,
+            metadata={
+                "help": "8-bit per-channel layers followed (through ReLU) by another selected linear layer "
+                "hand their channel ranges to its input rows (cross-layer equalisation, exact in float): "
+                "their channel scales then agree and one is stored, and an integer kernel runs with one "
+                "weight scale (onnxruntime's faster form)"
             },
         )
         dequantize: str = field(
@@ -588,6 +608,7 @@ class Quantize(CompressionPass):
         if self._prepare_opset(model):
             # Conversion through the ONNX C API rebuilds the graph: select from the new one.
             selected, skipped = self._select(model)
+        equalized = self._equalize(model, selected)
         hessians = self._hessians(model, selected)
         plan, search = self._plan_bits(model, selected, hessians)
         activations = self._plan_activations(model, selected, plan, hessians)
@@ -617,6 +638,8 @@ class Quantize(CompressionPass):
         tensors = dict(sorted(tensors.items(), key=lambda item: order[item[0]]))
         for name, how in smoothing.items():
             tensors[name]["smoothing"] = how
+        for name, next_layer in equalized.items():
+            tensors[name]["equalized_into"] = next_layer
         halved = _store_floats_as_float16(model.graph) if self.config.float_storage == "float16" else {}
         before = sum(entry["bytes_before"] for entry in tensors.values()) + sum(halved.values())
         after = sum(entry["bytes_after"] for entry in tensors.values()) + sum(halved.values()) // 2
@@ -1043,6 +1066,47 @@ class Quantize(CompressionPass):
             "max_latency_increase": self.config.activation_max_latency,
         }
 
+    def _equalize(self, model: ir.Model, selected: dict[ir.Value, list[WeightUse]]) -> dict[str, str]:
+        """Cross-layer equalisation of 8-bit per-channel layers, before anything is measured (the
+        model computes the same function, so every later plan sees the form that is written).
+
+        Each hidden link ``P -> ReLU -> Q`` whose units can be rescaled exactly (``P``'s columns and
+        bias, nothing but positively homogeneous ops between) divides ``P``'s units by their peaks
+        relative to the geometric mean and multiplies ``Q``'s input rows back. ``P``'s channel
+        scales then agree and one is stored (``common_scale``). Links are taken in graph order, so a
+        layer both receives its input rows' factors and hands its own units on. A layer whose
+        smoothing is planned later moves its factors into ``P`` again: ``P`` then keeps per-channel
+        scales, as without equalisation. Returns ``{P's weight: Q's weight}``."""
+        config = self.config
+        self._one_scale = set()
+        if not config.equalize or config.bits != 8 or config.granularity != "channel" or config.mixed:
+            return {}
+        if not config.symmetric:
+            return {}
+        equalized: dict[str, str] = {}
+        links, _ = mlp_links(model)
+        for link in links:
+            producer, consumer = link.producer, link.consumer
+            if producer.weight not in selected or consumer.weight not in selected:
+                continue
+            if any(node.op_type not in _EQUALIZE_THROUGH or node.domain != "" for node in link.between):
+                continue
+            weight = constant_array(producer.weight)
+            assert weight is not None
+            peaks = np.abs(weight).max(axis=1 - producer.out_axis)
+            factors = equalization_factors(peaks).astype(np.float32)
+            x = consumer.data
+            if scaling_form(model.graph, x, 1.0 / factors) != "folded":
+                continue
+            scale_last_axis(model.graph, x, 1.0 / factors, consumer.node)
+            consumer_weight = constant_array(consumer.weight)
+            assert consumer_weight is not None
+            rows = factors[:, None] if consumer.out_axis == 1 else factors[None, :]
+            set_constant(consumer.weight, (consumer_weight * rows).astype(consumer_weight.dtype))
+            equalized[producer.weight.name or ""] = consumer.weight.name or ""
+        self._one_scale = set(equalized)
+        return equalized
+
     def _apply_smoothing(self, graph: ir.Graph, selected: dict[ir.Value, list[WeightUse]]) -> dict[str, str]:
         """Divide each smoothed integer layer's input by its factors, folded into the ops upstream where
         they allow it (before any weight is quantized, so the folded weights are quantized as such)."""
@@ -1114,19 +1178,26 @@ class Quantize(CompressionPass):
             rows = np.pad(rows, ((0, 0), (0, padding)))
             hessian = None if hessian is None else np.pad(hessian, ((0, padding), (0, padding)))
             inputs += padding
+        one_scale = granularity == "channel" and bits == 8 and (uses[0].value.name or "") in self._one_scale
         if hessian is not None and hessian.shape == (inputs, inputs) and granularity != "tensor":
             samples = self._hessian_rows.get(uses[0].value.name or "", 0)
             act_order = not config.mixed and samples >= ACT_ORDER_MIN_ROWS_PER_INPUT * inputs
-            codebook = self._codebook_size(rows.size // group, bits)
+            # An equalised layer: a codebook of one entry is one scale, fixed before GPTQ rounds.
+            codebook = 1 if one_scale else self._codebook_size(rows.size // group, bits)
             quantized = gptq_quantize(
                 rows, hessian, bits, group_size=group, symmetric=symmetric, act_order=act_order, codebook_size=codebook
             )
+            if one_scale and quantized.codebook is not None:
+                quantized = QuantizedRows(quantized.codes, quantized.codebook[:1].astype(np.float32), None, bits)
             if granularity == "block" and config.block_axis != "reduction" and unpadded_hessian is not None:
                 by_output = self._output_blocks(unpadded_rows, unpadded_hessian, quantized, bits, symmetric, act_order)
                 if by_output is not None:
                     return by_output, "block_outputs", dynamic, "gptq"
             return quantized, granularity, dynamic, "gptq"
         search = config.rounding in ("mse", "auto")
+        if one_scale:
+            quantized = quantize_tensor_rows(rows, bits, search=search)
+            return quantized, granularity, dynamic, "mse" if search else "nearest"
         quantized = quantize_rows(rows.reshape(-1, group), bits, symmetric=symmetric, search=search)
         return quantized, granularity, dynamic, "mse" if search else "nearest"
 
@@ -1205,13 +1276,15 @@ class Quantize(CompressionPass):
         rows = _channel_rows(weight, use)
         channels, inputs = rows.shape
         quantized, granularity, dynamic, method = self._linear_codes(rows, uses, bits, hessian)
+        shared_scale = granularity == "channel" and quantized.scale.size == 1 and channels > 1
         build = _Builder(graph, value.name)
         # Codes rounded to int8 for an integer kernel must be decoded by ops onnxruntime folds at load:
         # it never folds DequantizeLinear, which would rerun the whole rounding on every call.
         dequantize = "fold" if dynamic else config.dequantize
         if dynamic and bits == 8:
             weight_kn = build.constant("q", quantized.codes.reshape(channels, inputs).T.copy())
-            scale = build.constant("scale", quantized.scale.astype(np.float32).reshape(channels))
+            scale_shape = () if shared_scale else (channels,)
+            scale = build.constant("scale", quantized.scale.astype(np.float32).reshape(scale_shape))
             self._integer_matmuls(build, graph, uses, weight_kn, scale)
             form = "dynamic"
         elif _stored_as_read(quantized, granularity, use, weight.shape, dequantize):
@@ -1266,7 +1339,7 @@ class Quantize(CompressionPass):
             "kind": use.kind,
             "bits": bits,
             **self._activation_stats(value.name),
-            "granularity": granularity,
+            "granularity": "tensor" if shared_scale else granularity,
             **({"scale_codebook": len(quantized.codebook)} if quantized.codebook is not None else {}),
             "rounding": method,
             **(
@@ -1692,7 +1765,7 @@ def _stored_as_read(
         and len(shape) == 2
         and quantized.bits in (8, 4)
         and quantized.codes.size == shape[0] * shape[1]
-        and quantized.scale.size == shape[1]
+        and quantized.scale.size in (1, shape[1])
     )
 
 
@@ -1726,6 +1799,9 @@ def _feeds_relu(node: ir.Node) -> bool:
         value = consumer.outputs[0]
     return False
 
+
+#: Ops between two linear layers that commute with dividing a unit by a positive factor.
+_EQUALIZE_THROUGH = frozenset({"Relu", "LeakyRelu", "Identity"})
 
 #: Consumers whose float inputs must stay float32 tensors of their own (quantization parameters).
 _KEEP_FLOAT32_FOR = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
