@@ -21,6 +21,7 @@ _FINAL_CLEANUP = {
     "drop_default_attributes": True,
     "lift_constants": True,
     "narrow_indices": True,
+    "compact_masks": True,
 }
 
 

@@ -15,6 +15,7 @@ from onnxcompress.passes.cleanup import (
     merge_identical_initializers,
     remove_inference_dropout,
     shorten_names,
+    triangle_of,
 )
 
 
@@ -531,3 +532,40 @@ def test_a_cast_to_its_own_type_goes_and_gather_indices_are_narrowed_to_int32(tm
     model = text_model(text, huge)
     Cleanup(Cleanup.Config(narrow_indices=True))(model)
     assert model.graph.initializers["pick"].const_value.dtype == ir.DataType.INT64  # does not fit int32
+
+
+@pytest.mark.parametrize(
+    ("mask", "expected"),
+    [
+        (np.triu(np.ones((5, 5), bool), 1), (True, 1)),  # causal: true above the diagonal
+        (np.tril(np.ones((4, 6), bool)), (False, 0)),
+        (np.tril(np.ones((6, 6), bool), -2), (False, -2)),
+        (np.eye(4, dtype=bool), None),
+        (np.ones((3, 3), bool), None),
+        (np.triu(np.ones((3, 3)), 1), None),  # float, not a mask
+    ],
+)
+def test_triangle_of_recognises_causal_masks(mask: np.ndarray, expected: tuple[bool, int] | None) -> None:
+    assert triangle_of(mask) == expected
+
+
+def test_a_causal_mask_is_stored_as_trilu_and_computes_the_same(tmp_path: Path) -> None:
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,16,16] scores, bool[16,16] causal, float neg) => (float[N,16,16] y) {
+          y = Where(causal, neg, scores)
+        }
+        """
+    constants = {"causal": np.triu(np.ones((16, 16), bool), 1), "neg": np.array(-1e4, np.float32)}
+    feeds = {"scores": np.random.default_rng(0).standard_normal((2, 16, 16)).astype(np.float32)}
+    expected = run_reference(text_model(text, constants), tmp_path, feeds)[0]
+    sizes = {}
+    for compact in (False, True):
+        model = text_model(text, constants)
+        result = Cleanup(Cleanup.Config(compact_masks=compact, short_names=True, strip_metadata=True))(model)
+        sizes[compact] = save_model(model, tmp_path / f"{compact}.onnx").stat().st_size
+    assert result.stats["masks_compacted"] == 1 and len(model.graph.initializers) == 4
+    assert op_types(model) == ["Expand", "Trilu", "Where"]
+    assert sizes[True] < sizes[False] - 150  # 256 bytes of mask for ~100 of nodes
+    path = tmp_path / "True.onnx"
+    np.testing.assert_array_equal(ReferenceEvaluator(str(path)).run(None, feeds)[0], expected)

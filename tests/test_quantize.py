@@ -891,3 +891,40 @@ def test_equalized_dlrm_layers_store_one_scale_and_run_one_scale_integer_kernels
     assert with_eq.spearman is not None and without.spearman is not None
     assert with_eq.spearman >= without.spearman - 0.00005
     assert (tmp_path / "True.onnx").stat().st_size < (tmp_path / "False.onnx").stat().st_size - 500
+
+
+def test_a_constant_table_added_to_activations_is_quantized_as_a_table(tmp_path: Path) -> None:
+    """A positional embedding the exporter folded into a constant ([T, D], added to the looked-up
+    items) is a table: stored at 8 bits and decoded whole (folded at load). A bias (one row) and a
+    constant added to a constant are left alone."""
+    rng = np.random.default_rng(4)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N,20] ids, float[100,32] items, float[20,32] positions, float[1,32] bias, float[20,32] other) => (float[N,20,32] y, float[20,32] z) {
+          looked_up = Gather(items, ids)
+          placed = Add(looked_up, positions)
+          y = Add(placed, bias)
+          z = Add(other, other)
+        }
+        """
+    constants = {
+        "items": rng.standard_normal((100, 32)).astype(np.float32),
+        "positions": rng.standard_normal((20, 32)).astype(np.float32),
+        "bias": rng.standard_normal((1, 32)).astype(np.float32),
+        "other": rng.standard_normal((20, 32)).astype(np.float32),
+    }
+    feeds = {"ids": rng.integers(0, 100, (3, 20)).astype(np.int64)}
+    expected = evaluate(text_model(text, constants), tmp_path, feeds)
+    model = text_model(text, constants)
+    result = Quantize(Quantize.Config(float_storage="float32"))(model)
+    assert set(result.stats["tensors"]) == {"items", "positions"}
+    assert result.stats["tensors"]["positions"]["bits"] == 8
+    assert {"bias", "other"} <= set(model.graph.initializers)
+    stored = [value.const_value for value in model.graph.initializers.values() if value.name.startswith("positions")]
+    assert any(tensor.dtype == ir.DataType.INT8 and tensor.shape == (20, 32) for tensor in stored)
+    got = evaluate(model, tmp_path, feeds)
+    assert relative_error(expected[0], got[0]) < 0.01
+    np.testing.assert_array_equal(expected[1], got[1])
+    excluded = text_model(text, constants)
+    result = Quantize(Quantize.Config(op_types=("Gather",)))(excluded)
+    assert result.stats["skipped"]["positions"] == "op type not in quant.op_types"

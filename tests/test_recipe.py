@@ -22,6 +22,7 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
         "drop_default_attributes": False,
         "lift_constants": False,
         "narrow_indices": False,
+        "compact_masks": False,
     }
 
 

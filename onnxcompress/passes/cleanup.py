@@ -302,6 +302,67 @@ def strip_metadata(model: ir.Model) -> int:
     return cleared
 
 
+def triangle_of(mask: np.ndarray) -> tuple[bool, int] | None:
+    """``(upper, k)`` when the 2-D boolean ``mask`` is ``Trilu(ones, k, upper)`` (a causal attention
+    mask: true above or below a diagonal), else None."""
+    if mask.ndim != 2 or mask.dtype != np.bool_ or not mask.any() or mask.all():
+        return None
+    rows, columns = mask.shape
+    offset = np.arange(columns)[None, :] - np.arange(rows)[:, None]
+    upper_k = int(offset[mask].min())
+    if np.array_equal(mask, offset >= upper_k):
+        return True, upper_k
+    lower_k = int(offset[mask].max())
+    if np.array_equal(mask, offset <= lower_k):
+        return False, lower_k
+    return None
+
+
+#: Below this many values a mask costs about what the nodes that build it do.
+MASK_MIN_ELEMENTS = 128
+_TRILU_OPSET = 14
+
+
+def compact_masks(model: ir.Model) -> int:
+    """Store triangular boolean constants (causal attention masks, ``T * T`` bytes) as
+    ``Trilu(Expand(true, [T, T]), k)``: about 100 bytes at any ``T``, folded back by the runtime at
+    load. Returns the number of masks rewritten."""
+    if model.opset_imports.get("", 1) < _TRILU_OPSET:
+        return 0
+    rewritten = 0
+    graph = model.graph
+    for value in list(graph.initializers.values()):
+        tensor = value.const_value
+        if tensor is None or tensor.dtype != ir.DataType.BOOL or tensor.size < MASK_MIN_ELEMENTS:
+            continue
+        if value.is_graph_input() or value.is_graph_output() or not value.uses():
+            continue
+        if any(node.graph is not graph for node, _ in value.uses()):
+            continue
+        triangle = triangle_of(tensor.numpy())
+        if triangle is None:
+            continue
+        upper, k = triangle
+        name = value.name or "mask"
+        constants = [
+            constant_value(f"{name}_true", np.array(True)),
+            constant_value(f"{name}_shape", np.array(tensor.shape.numpy(), np.int64)),
+            constant_value(f"{name}_k", np.array(k, np.int64)),
+        ]
+        for constant in constants:
+            graph.register_initializer(constant)
+        ones = ir.node("Expand", constants[:2])
+        trilu = ir.node("Trilu", [ones.outputs[0], constants[2]], attributes={} if upper else {"upper": 0})
+        users = {node for node, _ in value.uses()}
+        graph.insert_before(next(node for node in graph if node in users), [ones, trilu])
+        mask = trilu.outputs[0]
+        mask.name, mask.type, mask.shape = f"{name}_trilu", ir.TensorType(ir.DataType.BOOL), value.shape
+        value.replace_all_uses_with(mask)
+        graph.initializers.pop(name)
+        rewritten += 1
+    return rewritten
+
+
 def drop_default_attributes(model: ir.Model) -> int:
     """Remove attributes whose value equals the operator schema's default (``alpha=1`` on a Gemm,
     ``allowzero=0`` on a Reshape): the runtime reads the same value either way. Returns how many."""
@@ -865,6 +926,10 @@ class Cleanup(CompressionPass):
         narrow_indices: bool = field(
             default=False, metadata={"help": "store constant int64 gather indices that fit as int32 (half the bytes)"}
         )
+        compact_masks: bool = field(
+            default=False,
+            metadata={"help": "store triangular boolean constants (causal attention masks) as Trilu of a broadcast"},
+        )
 
     def call(self, model: ir.Model) -> CompressionResult:
         before = _op_counts(model)
@@ -887,6 +952,7 @@ class Cleanup(CompressionPass):
             lifted = constants - _op_counts(model).get("Constant", 0)
         defaults = drop_default_attributes(model) if self.config.drop_default_attributes else 0
         narrowed = narrow_indices(model) if self.config.narrow_indices else 0
+        masks = compact_masks(model) if self.config.compact_masks else 0
         stripped = strip_metadata(model) if self.config.strip_metadata else 0
         renamed = shorten_names(model) if self.config.short_names else 0
         after = _op_counts(model)
@@ -907,6 +973,7 @@ class Cleanup(CompressionPass):
             "constants_lifted": lifted,
             "default_attributes_dropped": defaults,
             "indices_narrowed": narrowed,
+            "masks_compacted": masks,
         }
         modified = bool(
             stats["nodes_removed"]
@@ -918,6 +985,7 @@ class Cleanup(CompressionPass):
             or lifted
             or defaults
             or narrowed
+            or masks
             or fused
             or norms
         )

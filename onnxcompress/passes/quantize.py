@@ -594,7 +594,11 @@ class Quantize(CompressionPass):
             },
         )
         op_types: tuple[str, ...] = field(
-            default=("MatMul", "Gemm", "Conv", "Gather"), metadata={"help": "ops whose weights are quantized"}
+            default=("MatMul", "Gemm", "Conv", "Gather", "Add"),
+            metadata={
+                "help": "ops whose weights are quantized (Add: a table of 256+ values added to activations, "
+                "such as positional embeddings an exporter folded into a constant, quantized as a table)"
+            },
         )
         include: str = field(default="", metadata={"help": "regex: only weights or nodes whose name matches"})
         exclude: str = field(default="", metadata={"help": "regex: skip weights or nodes whose name matches"})
@@ -674,12 +678,12 @@ class Quantize(CompressionPass):
                 skipped[weight.name or ""] = "a graph input: callers may override it"
             elif node.graph is not model.graph:
                 skipped[weight.name or ""] = "read inside an If/Loop/Scan body: only main-graph weights are quantized"
-        for value, uses in weights_by_value(model).items():
+        for value, uses in {**weights_by_value(model), **_added_tables(model.graph)}.items():
             name = value.name or ""
             names = [name, *(use.node.name or "" for use in uses)]
             tensor = value.const_value
             assert tensor is not None
-            is_table = any(use.kind == "embedding" for use in uses)
+            is_table = _is_table(uses)
             if not any(use.node.op_type in config.op_types for use in uses):
                 skipped[name] = "op type not in quant.op_types"
             elif include is not None and not any(include.search(n) for n in names):
@@ -1744,7 +1748,36 @@ def _static_shape(tensor: ir.TensorProtocol) -> tuple[int, ...]:
 
 
 def _is_table(uses: list[WeightUse]) -> bool:
-    return any(use.kind == "embedding" for use in uses)
+    return any(use.kind in ("embedding", "added") for use in uses)
+
+
+#: Constants added to activations are quantized as tables from this many values.
+ADDED_TABLE_MIN_ELEMENTS = 256
+
+
+def _added_tables(graph: ir.Graph) -> dict[ir.Value, list[WeightUse]]:
+    """Float ``[rows, width]`` constants that only ever get added to activations, such as SASRec's
+    positional embeddings (the exporter folds the lookup of positions ``0..T-1`` into a constant):
+    a table decoded whole, quantized per row like any other. Biases (one row) are not tables."""
+    found: dict[ir.Value, list[WeightUse]] = {}
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or not tensor.dtype.is_floating_point() or value.is_graph_input() or value.is_graph_output():
+            continue
+        shape = _static_shape(tensor)
+        if len(shape) != 2 or shape[0] < 2 or tensor.size < ADDED_TABLE_MIN_ELEMENTS:
+            continue
+        uses = value.uses()
+        if uses and all(
+            node.op_type == "Add"
+            and node.domain == ""
+            and len(node.inputs) == 2
+            and (other := node.inputs[1 - index]) is not None
+            and other.const_value is None
+            for node, index in uses
+        ):
+            found[value] = [WeightUse(node, index, value, "added", 0, None) for node, index in uses]
+    return found
 
 
 def _channel_rows(weight: np.ndarray, use: WeightUse) -> np.ndarray:
