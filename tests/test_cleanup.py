@@ -569,3 +569,34 @@ def test_a_causal_mask_is_stored_as_trilu_and_computes_the_same(tmp_path: Path) 
     assert sizes[True] < sizes[False] - 150  # 256 bytes of mask for ~100 of nodes
     path = tmp_path / "True.onnx"
     np.testing.assert_array_equal(ReferenceEvaluator(str(path)).run(None, feeds)[0], expected)
+
+
+def test_consecutive_constant_adds_become_one(tmp_path: Path) -> None:
+    """A bias and a shift folded next to it (tf2onnx's batch norm after an activation, folded into
+    the next layer) are one vector; an Add whose result is read twice is left alone."""
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x, float[4,3] w, float[3] bias, float[3] shift, float[3] other) => (float[N,3] y, float[N,3] z) {
+          h = MatMul(x, w)
+          biased = Add(h, bias)
+          shifted = Add(shift, biased)
+          y = Relu(shifted)
+          twice = Add(h, other)
+          z = Add(twice, twice)
+        }
+        """
+    rng = np.random.default_rng(2)
+    constants = {
+        name: rng.standard_normal(shape).astype(np.float32)
+        for name, shape in (("w", (4, 3)), ("bias", 3), ("shift", 3), ("other", 3))
+    }
+    feeds = {"x": rng.standard_normal((5, 4)).astype(np.float32)}
+    expected = run_reference(text_model(text, constants), tmp_path, feeds)
+    model = text_model(text, constants)
+    result = Cleanup()(model)
+    assert result.stats["constant_adds_merged"] == 1
+    assert op_types(model) == ["MatMul", "Add", "Relu", "Add", "Add"]
+    merged = next(node for node in model.graph if node.op_type == "Add")
+    np.testing.assert_allclose(merged.inputs[0].const_value.numpy(), constants["bias"] + constants["shift"])
+    for exact, got in zip(expected, run_reference(model, tmp_path, feeds), strict=True):
+        np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-6)

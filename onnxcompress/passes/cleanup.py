@@ -21,7 +21,7 @@ from onnx_ir.passes.common import (
     RemoveUnusedOpsetsPass,
 )
 
-from onnxcompress.graph import constant_array, constant_value, is_constant_initializer
+from onnxcompress.graph import constant_array, constant_value, is_constant_initializer, set_constant
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 
@@ -533,6 +533,52 @@ def _rewrite_linear(
         node.replace_input_with(2, new_bias)
 
 
+def _private_initializer(value: ir.Value | None) -> np.ndarray | None:
+    """The array of a float initializer that one node alone reads, else None."""
+    if value is None or not value.is_initializer() or value.is_graph_input() or value.is_graph_output():
+        return None
+    if len(value.uses()) != 1 or value.const_value is None or not value.const_value.dtype.is_floating_point():
+        return None
+    return value.const_value.numpy()
+
+
+def merge_constant_adds(model: ir.Model) -> int:
+    """``(x + a) + b`` with constants ``a`` and ``b`` becomes ``x + (a + b)``: a bias followed by a
+    shift that folding moved next to it (tf2onnx's batch norm after an activation, folded forward
+    into the next layer) is one vector and one node. Returns the number of Adds removed."""
+    merged = 0
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        for index in (0, 1):
+            second = _private_initializer(node.inputs[1 - index])
+            inner_value = node.inputs[index]
+            inner = inner_value.producer() if inner_value is not None else None
+            if second is None or inner is None or inner.op_type != "Add" or inner.domain not in ("", "ai.onnx"):
+                continue
+            assert inner_value is not None
+            if len(inner_value.uses()) != 1 or inner_value.is_graph_output() or len(inner.inputs) != 2:
+                continue
+            constant_index = next((i for i in (0, 1) if _private_initializer(inner.inputs[i]) is not None), None)
+            if constant_index is None:
+                continue
+            first_value, x = inner.inputs[constant_index], inner.inputs[1 - constant_index]
+            first = _private_initializer(first_value)
+            assert first is not None and first_value is not None
+            if first.dtype != second.dtype or x is None:
+                continue
+            target = node.inputs[1 - index]
+            assert target is not None
+            set_constant(target, (first.astype(np.float64) + second.astype(np.float64)).astype(first.dtype))
+            node.replace_input_with(index, x)
+            graph.remove(inner, safe=True)
+            graph.initializers.pop(first_value.name or "")
+            merged += 1
+            break
+    return merged
+
+
 def fold_affine_into_next_linear(model: ir.Model) -> int:
     """Fold per-channel affine ops whose only consumer is a linear layer into that layer's weight and
     bias: tf2onnx writes a batch norm after an activation as Mul + Add in front of the next Dense.
@@ -939,6 +985,7 @@ class Cleanup(CompressionPass):
         affine = fold_affine_into_linear(model) + fold_affine_into_next_linear(model) if self.config.fold_affine else 0
         fused = fuse_parallel_linear(model) if self.config.fuse_parallel else 0
         norms = fold_norm_into_next_linear(model) if self.config.fold_affine else 0
+        adds_merged = merge_constant_adds(model) if self.config.fold_affine else 0
         RemoveUnusedNodesPass()(model)
         RemoveUnusedFunctionsPass()(model)
         merged, merged_bytes = merge_identical_initializers(model) if self.config.merge_initializers else (0, 0)
@@ -968,6 +1015,7 @@ class Cleanup(CompressionPass):
             "affine_folded": affine,
             "linear_layers_fused": fused,
             "norms_folded": norms,
+            "constant_adds_merged": adds_merged,
             "metadata_items_stripped": stripped,
             "names_shortened": renamed,
             "constants_lifted": lifted,
@@ -988,5 +1036,6 @@ class Cleanup(CompressionPass):
             or masks
             or fused
             or norms
+            or adds_merged
         )
         return CompressionResult(model, modified=modified, stats=stats)
