@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import mlp_model, save_model, text_model
+from conftest import mlp_model, model_files, save_model, text_model
 from onnx.reference import ReferenceEvaluator
 
+from onnxcompress import runtime
 from onnxcompress.passes.cleanup import (
     Cleanup,
     identifier_names,
@@ -600,3 +601,19 @@ def test_consecutive_constant_adds_become_one(tmp_path: Path) -> None:
     np.testing.assert_allclose(merged.inputs[0].const_value.numpy(), constants["bias"] + constants["shift"])
     for exact, got in zip(expected, run_reference(model, tmp_path, feeds), strict=True):
         np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-6)
+
+
+def test_a_one_output_layer_keeps_the_exporters_two_dimensional_bias(tmp_path: Path) -> None:
+    """skl2onnx's logit layer adds a [1, 1] bias to [N, 1]; folded into a [1] bias, onnxruntime would
+    take its scalar broadcast path, twice as slow at batch 512 (3 us of the model's 65 us)."""
+    files = model_files("sklearn_mlp")
+    model = ir.load(files["onnx"])
+    Cleanup()(model)
+    sigmoid = next(node for node in model.graph if node.op_type == "Sigmoid")
+    add = sigmoid.inputs[0].producer()
+    assert add.op_type == "Add" and add.inputs[1].const_value.shape == (1, 1)
+    feeds = dict(np.load(files["feeds"]))
+    feeds = {name: array[:64] for name, array in feeds.items()}
+    expected = runtime.make_session(files["onnx"], "disable").run(None, feeds)
+    got = runtime.make_session(save_model(model, tmp_path / "clean.onnx"), "disable").run(None, feeds)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-5, atol=1e-6)
