@@ -617,3 +617,57 @@ def test_a_one_output_layer_keeps_the_exporters_two_dimensional_bias(tmp_path: P
     expected = runtime.make_session(files["onnx"], "disable").run(None, feeds)
     got = runtime.make_session(save_model(model, tmp_path / "clean.onnx"), "disable").run(None, feeds)
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Tanh"])
+def test_dead_hidden_units_are_removed_and_their_constant_output_moves_into_the_next_bias(
+    activation: str, tmp_path: Path
+) -> None:
+    """Unit 1 reads nothing (its output is relu(bias) for every row), unit 3 feeds nothing: both go,
+    unit 1's constant contribution joins the next layer's bias. Through an activation this module
+    does not evaluate (Tanh), only the unit that feeds nothing goes."""
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((6, 5)).astype(np.float32)
+    w1[:, 1] = 1e-37
+    b1 = rng.standard_normal(5).astype(np.float32)
+    b1[1] = 0.7
+    w2 = rng.standard_normal((5, 3)).astype(np.float32)
+    w2[3] = 0.0
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,6] x, float[6,5] w1, float[5] b1, float[5,3] w2, float[3] b2) => (float[N,3] y) {{
+          h = Gemm(x, w1, b1)
+          a = {activation}(h)
+          y = Gemm(a, w2, b2)
+        }}
+        """
+    constants = {"w1": w1, "b1": b1, "w2": w2, "b2": rng.standard_normal(3).astype(np.float32)}
+    feeds = {"x": rng.standard_normal((8, 6)).astype(np.float32)}
+    expected = run_reference(text_model(text, constants), tmp_path, feeds)[0]
+    model = text_model(text, constants)
+    result = Cleanup()(model)
+    removed = 2 if activation == "Relu" else 1
+    assert result.stats["dead_units_removed"] == removed
+    assert model.graph.initializers["w1"].const_value.shape == (6, 5 - removed)
+    assert model.graph.initializers["w2"].const_value.shape == (5 - removed, 3)
+    np.testing.assert_allclose(run_reference(model, tmp_path, feeds)[0], expected, rtol=1e-5, atol=1e-6)
+    if activation == "Relu":
+        np.testing.assert_allclose(
+            model.graph.initializers["b2"].const_value.numpy(), constants["b2"] + 0.7 * w2[1], rtol=1e-6
+        )
+
+
+def test_the_sklearn_mlps_dead_units_go_without_changing_its_scores(tmp_path: Path) -> None:
+    """scikit-learn's L2-regularised MLP trains 18 of its first 128 units and 10 of its next 64 to
+    weights of 1e-36: cleanup removes them, and the scores stay bit-identical."""
+    files = model_files("sklearn_mlp")
+    model = ir.load(files["onnx"])
+    result = Cleanup()(model)
+    assert result.stats["dead_units_removed"] == 28
+    shapes = [tuple(value.const_value.shape.numpy()) for value in model.graph.initializers.values()]
+    widths = sorted(shape for shape in shapes if len(shape) == 2)
+    assert widths == [(1, 1), (54, 1), (75, 110), (110, 54)]  # the [1, 1] is the logit's bias
+    feeds = {name: array[:256] for name, array in np.load(files["feeds"]).items()}
+    expected = runtime.make_session(files["onnx"], "disable").run(None, feeds)
+    got = runtime.make_session(save_model(model, tmp_path / "clean.onnx"), "disable").run(None, feeds)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-7)

@@ -24,6 +24,7 @@ from onnx_ir.passes.common import (
 from onnxcompress.graph import constant_array, constant_value, is_constant_initializer, set_constant
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
+from onnxcompress.passes.prune import remove_dead_units
 
 __all__ = [
     "Cleanup",
@@ -969,6 +970,13 @@ class Cleanup(CompressionPass):
                 "before them, or after them when it is their only consumer"
             },
         )
+        remove_dead_units: bool = field(
+            default=True,
+            metadata={
+                "help": "remove hidden units whose weights in or out are all (nearly) zero, their constant "
+                "output added to the next layer's bias (lossless to float32 rounding)"
+            },
+        )
         fuse_parallel: bool = field(
             default=True,
             metadata={"help": "make linear layers that read the same input one wider layer and a Split (Q/K/V)"},
@@ -999,6 +1007,7 @@ class Cleanup(CompressionPass):
         affine = fold_affine_into_linear(model) + fold_affine_into_next_linear(model) if self.config.fold_affine else 0
         fused = fuse_parallel_linear(model) if self.config.fuse_parallel else 0
         norms = fold_norm_into_next_linear(model) if self.config.fold_affine else 0
+        dead_units = remove_dead_units(model) if self.config.remove_dead_units else 0
         adds_merged = merge_constant_adds(model) if self.config.fold_affine else 0
         RemoveUnusedNodesPass()(model)
         RemoveUnusedFunctionsPass()(model)
@@ -1030,6 +1039,7 @@ class Cleanup(CompressionPass):
             "linear_layers_fused": fused,
             "norms_folded": norms,
             "constant_adds_merged": adds_merged,
+            "dead_units_removed": dead_units,
             "metadata_items_stripped": stripped,
             "names_shortened": renamed,
             "constants_lifted": lifted,
@@ -1051,5 +1061,6 @@ class Cleanup(CompressionPass):
             or fused
             or norms
             or adds_merged
+            or dead_units
         )
         return CompressionResult(model, modified=modified, stats=stats)

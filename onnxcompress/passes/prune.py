@@ -642,6 +642,68 @@ class Prune(CompressionPass):
                 value.shape = ir.Shape([*value.shape[:-1], int(keep.size)])
 
 
+#: A hidden unit whose incoming or outgoing weights are all this small next to its layer's largest
+#: is dead: what it adds is far below float32 rounding (scikit-learn's L2-regularised MLP trains 28
+#: of its 192 hidden units to weights of 1e-36).
+DEAD_UNIT_TOLERANCE = 1e-10
+
+#: Ops between two layers that can be evaluated on a dead unit's constant output.
+_CONSTANT_THROUGH: dict[str, Any] = {
+    "Relu": lambda values, node: np.maximum(values, 0.0),
+    "Identity": lambda values, node: values,
+    "Dropout": lambda values, node: values,
+    "LeakyRelu": lambda values, node: np.where(values >= 0, values, node.attributes.get_float("alpha", 0.01) * values),
+}
+
+
+def _constant_outputs(link: HiddenLink, biases: np.ndarray) -> np.ndarray | None:
+    """What units that read nothing (output = their bias) hand the next layer, or None if an op
+    between cannot be evaluated here."""
+    values = biases
+    for node in link.between:
+        evaluate = _CONSTANT_THROUGH.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if evaluate is None:
+            return None
+        values = evaluate(values, node)
+    return values
+
+
+def remove_dead_units(model: ir.Model) -> int:
+    """Remove hidden units that compute nothing: those whose outgoing weights are all (nearly)
+    zero, and those whose incoming weights are, whose constant output is added to the next layer's
+    bias. Lossless up to float32 rounding; the matrices shrink like hidden-unit pruning's. Returns
+    the number of units removed."""
+    removed = 0
+    links, _ = mlp_links(model)
+    for link in links:
+        producer, consumer = link.producer, link.consumer
+        incoming, outgoing = _effective(producer), _effective(consumer)
+        if not incoming.size or not outgoing.size:
+            continue
+        unused = np.abs(outgoing).max(axis=1) <= DEAD_UNIT_TOLERANCE * np.abs(outgoing).max()
+        constant = np.abs(incoming).max(axis=0) <= DEAD_UNIT_TOLERANCE * np.abs(incoming).max()
+        constant &= ~unused
+        shift = np.zeros(consumer.d_out)
+        if constant.any():
+            outputs = _constant_outputs(link, _bias_vector(producer)[constant])
+            if outputs is not None:
+                shift = outputs @ outgoing[constant]
+            if outputs is None or (consumer.bias is None and np.any(shift)):
+                constant[:] = False
+                shift = np.zeros(consumer.d_out)
+        dead = unused | constant
+        if dead.all():
+            dead[int(np.argmax(np.abs(outgoing).max(axis=1)))] = False  # a layer keeps one unit
+        if not dead.any():
+            continue
+        keep = np.flatnonzero(~dead)
+        if np.any(shift):
+            _write_layer(model.graph, consumer, outgoing, _bias_vector(consumer) + shift)
+        Prune._shrink(model.graph, link, keep)
+        removed += int(dead.sum())
+    return removed
+
+
 def _slice_input(graph: ir.Graph, node: ir.Node, index: int, keep: np.ndarray, width: int) -> None:
     """Keep entries ``keep`` of a per-unit constant input (scalars and broadcast constants stay as they are)."""
     value = node.inputs[index]
