@@ -794,8 +794,8 @@ def test_int4_first_layers_take_a_scale_per_input_where_that_fits_the_calibratio
     probability = next(output for output in chosen.parity.outputs if output.spearman is not None)
     baseline = next(output for output in reduction.parity.outputs if output.spearman is not None)
     assert probability.spearman > baseline.spearman + 0.0005
-    # no more scales; 110 outputs are 4 blocks of 28, so 2 padding codes an input and a Slice
-    assert chosen.output_bytes <= 1.01 * reduction.output_bytes
+    # no more scales (110 outputs: 4 blocks of 32, 18 padding codes an input, against 330 scales)
+    assert chosen.output_bytes <= 1.08 * reduction.output_bytes
 
 
 def test_output_blocks_decode_for_gemm_with_transposed_weights(tmp_path: Path) -> None:

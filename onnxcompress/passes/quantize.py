@@ -1257,11 +1257,8 @@ class Quantize(CompressionPass):
         """Blocks of outputs per input (``block_axis``), when they need no more scales than blocks of
         inputs and (``auto``) give a smaller output error ``tr(E H E^T)`` on the calibration inputs."""
         channels, inputs = rows.shape
-        # Equal blocks of at most block_size, as for inputs: 110 outputs are 4 blocks of 28 (2 padding
-        # codes an input), not 4 of 32 (18).
-        blocks = -(-channels // self.config.block_size)
-        size = -(-channels // blocks)
-        if inputs * blocks > by_input.scale.size:
+        size = min(self.config.block_size, channels)
+        if inputs * -(-channels // size) > by_input.scale.size:
             return None
         by_output = gptq_quantize_output_blocks(
             rows,
@@ -1270,7 +1267,7 @@ class Quantize(CompressionPass):
             size,
             symmetric=symmetric,
             act_order=act_order,
-            codebook_size=self._codebook_size(inputs * blocks, bits),
+            codebook_size=self._codebook_size(inputs * -(-channels // size), bits),
         )
         if self.config.block_axis == "output":
             return by_output
