@@ -874,12 +874,16 @@ def test_equalized_dlrm_layers_store_one_scale_and_run_one_scale_integer_kernels
     }
     quant = next(record for record in reports[True].passes if record.name == "quant")
     equalized = {name: tensor for name, tensor in quant.stats["tensors"].items() if "equalized_into" in tensor}
-    # bottom MLP 25-64-32-16: two links; top MLP 44-128-64-1: two links
-    assert len(equalized) == 4 and all(tensor["granularity"] == "tensor" for tensor in equalized.values())
-    assert any(tensor["form"] == "dynamic" for tensor in equalized.values())
+    # bottom MLP 25-64-32-16: two links; top MLP 44-128-64-1: the link into the smoothed integer
+    # layer is left to its smoothing, the integer layer hands its units to the logit layer
+    # (whether it goes integer is the speed probe's call)
+    smoothed = "smoothing" in quant.stats["tensors"]["top.2.weight"]
+    expected = {"bottom.0.weight", "bottom.2.weight", "top.2.weight"} | (set() if smoothed else {"top.0.weight"})
+    assert set(equalized) == expected
+    assert all(tensor["granularity"] == "tensor" for tensor in equalized.values())
     graph = onnx.load(str(tmp_path / "True.onnx")).graph
     constants = {tensor.name: tensor for tensor in graph.initializer}
-    for node in graph.node:
+    for node in graph.node:  # an integer layer that hands its units on runs with one weight scale
         if node.op_type == "MatMulInteger":
             (scale_mul,) = [user for user in graph.node if node.output[0] in user.input]  # the Cast
             (product,) = [user for user in graph.node if scale_mul.output[0] in user.input]
@@ -892,7 +896,7 @@ def test_equalized_dlrm_layers_store_one_scale_and_run_one_scale_integer_kernels
     (with_eq,), (without,) = reports[True].parity.outputs, reports[False].parity.outputs
     assert with_eq.spearman is not None and without.spearman is not None
     assert with_eq.spearman >= without.spearman - 0.00005
-    assert (tmp_path / "True.onnx").stat().st_size < (tmp_path / "False.onnx").stat().st_size - 500
+    assert (tmp_path / "True.onnx").stat().st_size < (tmp_path / "False.onnx").stat().st_size - 300
 
 
 def test_a_constant_table_added_to_activations_is_quantized_as_a_table(tmp_path: Path) -> None:

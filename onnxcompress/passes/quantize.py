@@ -612,10 +612,11 @@ class Quantize(CompressionPass):
         if self._prepare_opset(model):
             # Conversion through the ONNX C API rebuilds the graph: select from the new one.
             selected, skipped = self._select(model)
-        equalized = self._equalize(model, selected)
+        self._one_scale = set()
         hessians = self._hessians(model, selected)
         plan, search = self._plan_bits(model, selected, hessians)
         activations = self._plan_activations(model, selected, plan, hessians)
+        equalized = self._equalize(model, selected, hessians)
         smoothing = self._apply_smoothing(model.graph, selected)
         tensors: dict[str, dict[str, Any]] = {}
         tables = []
@@ -1076,19 +1077,25 @@ class Quantize(CompressionPass):
             "max_latency_increase": self.config.activation_max_latency,
         }
 
-    def _equalize(self, model: ir.Model, selected: dict[ir.Value, list[WeightUse]]) -> dict[str, str]:
-        """Cross-layer equalisation of 8-bit per-channel layers, before anything is measured (the
-        model computes the same function, so every later plan sees the form that is written).
+    def _equalize(
+        self, model: ir.Model, selected: dict[ir.Value, list[WeightUse]], hessians: dict[str, np.ndarray]
+    ) -> dict[str, str]:
+        """Cross-layer equalisation of 8-bit per-channel layers.
 
         Each hidden link ``P -> ReLU -> Q`` whose units can be rescaled exactly (``P``'s columns and
         bias, nothing but positively homogeneous ops between) divides ``P``'s units by their peaks
-        relative to the geometric mean and multiplies ``Q``'s input rows back. ``P``'s channel
-        scales then agree and one is stored (``common_scale``). Links are taken in graph order, so a
-        layer both receives its input rows' factors and hands its own units on. A layer whose
-        smoothing is planned later moves its factors into ``P`` again: ``P`` then keeps per-channel
-        scales, as without equalisation. Returns ``{P's weight: Q's weight}``."""
+        relative to the median unit's and multiplies ``Q``'s input rows back: the same function,
+        and ``P``'s channels can share one scale (``_one_scale``). Links are taken in graph order, so
+        a layer both receives its input rows' factors and hands its own units on.
+
+        This runs after the activation plan, and links into a smoothed integer layer are left
+        alone: its smoothing factors would fold into ``P`` and undo the equalisation, and run first,
+        equalisation changed what the plan measured (DeepFM int8: a layer then failed the
+        whole-model check and went back to float, batch 512 1.94x -> 1.74x). An unsmoothed integer
+        ``Q`` reads its rescaled input with one activation scale as before (its reported activation
+        error is the one measured before). ``Q``'s ``X^T X`` is rescaled with its input.
+        Returns ``{P's weight: Q's weight}``."""
         config = self.config
-        self._one_scale = set()
         if not config.equalize or config.bits != 8 or config.granularity != "channel" or config.mixed:
             return {}
         if not config.symmetric:
@@ -1098,6 +1105,9 @@ class Quantize(CompressionPass):
         for link in links:
             producer, consumer = link.producer, link.consumer
             if producer.weight not in selected or consumer.weight not in selected:
+                continue
+            plan = self._activation_plans.get(consumer.weight.name or "")
+            if (consumer.weight.name or "") in self._integer_layers and plan is not None and plan.scales is not None:
                 continue
             if any(node.op_type not in _EQUALIZE_THROUGH or node.domain != "" for node in link.between):
                 continue
@@ -1113,7 +1123,10 @@ class Quantize(CompressionPass):
             assert consumer_weight is not None
             rows = factors[:, None] if consumer.out_axis == 1 else factors[None, :]
             set_constant(consumer.weight, (consumer_weight * rows).astype(consumer_weight.dtype))
-            equalized[producer.weight.name or ""] = consumer.weight.name or ""
+            name = consumer.weight.name or ""
+            if name in hessians:
+                hessians[name] = hessians[name] / np.outer(factors, factors)
+            equalized[producer.weight.name or ""] = name
         self._one_scale = set(equalized)
         return equalized
 
