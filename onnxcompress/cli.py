@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from onnxcompress.errors import EXIT_CODES, CompressError, ParityFailedError, UsageError
+from onnxcompress.presets import PRESETS
 
 __all__ = ["main"]
 
@@ -109,7 +110,7 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 @click.argument("in_path", metavar="IN", required=False, type=click.Path(path_type=Path))
 @click.argument("out_path", metavar="OUT", required=False, type=click.Path(path_type=Path))
 @click.option("-p", "--passes", help="Comma-separated passes to run in order, e.g. prune,quant.")
-@click.option("--preset", help="A named recipe: lossless, int8, int4, mixed (see --print-preset NAME).")
+@click.option("--preset", help=f"A named recipe: {', '.join(PRESETS)} (see --print-preset NAME).")
 @click.option(
     "--print-preset",
     metavar="NAME",

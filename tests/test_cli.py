@@ -276,6 +276,7 @@ def test_help_lists_exit_codes(cli) -> None:
     result = cli("--help")
     assert result.code == 0
     assert "parity gate failed: nothing written" in result.out
+    assert "lossless, int8, int4, mixed, max" in " ".join(result.out.split())  # every preset, from PRESETS
     assert MODELS.is_dir()
 
 
