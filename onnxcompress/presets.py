@@ -22,6 +22,7 @@ _FINAL_CLEANUP = {
     "lift_constants": True,
     "narrow_indices": True,
     "compact_masks": True,
+    "pack_casts": True,
 }
 
 

@@ -11,6 +11,7 @@ from onnx.reference import ReferenceEvaluator
 
 from onnxcompress import runtime
 from onnxcompress.passes.cleanup import (
+    PACK_MIN_VECTORS,
     Cleanup,
     identifier_names,
     merge_identical_initializers,
@@ -671,3 +672,38 @@ def test_the_sklearn_mlps_dead_units_go_without_changing_its_scores(tmp_path: Pa
     expected = runtime.make_session(files["onnx"], "disable").run(None, feeds)
     got = runtime.make_session(save_model(model, tmp_path / "clean.onnx"), "disable").run(None, feeds)
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-7)
+
+
+def test_float16_vectors_each_cast_back_become_one_cast_and_a_split(tmp_path: Path) -> None:
+    """Quantized models store biases as float16 + a Cast each; packed, they are one vector, one Cast
+    and one Split (folded at load), the outputs bit-identical and the file smaller. Fewer than
+    PACK_MIN_VECTORS are left alone: the shared nodes would cost more than they save."""
+    rng = np.random.default_rng(6)
+    count = PACK_MIN_VECTORS + 1
+    inputs = ", ".join(f"float16[{8 + i}] b{i}" for i in range(count))
+    outputs = ", ".join(f"float[N,{8 + i}] y{i}" for i in range(count))
+    body = "\n".join(f"c{i} = Cast <to = 1> (b{i})\ny{i} = Add(x{i}, c{i})" for i in range(count))
+    xs = ", ".join(f"float[N,{8 + i}] x{i}" for i in range(count))
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g ({xs}, {inputs}) => ({outputs}) {{
+        {body}
+        }}
+        """
+    constants = {f"b{i}": rng.standard_normal(8 + i).astype(np.float16) for i in range(count)}
+    feeds = {f"x{i}": rng.standard_normal((3, 8 + i)).astype(np.float32) for i in range(count)}
+    expected = run_reference(text_model(text, constants), tmp_path, feeds)
+    sizes = {}
+    for pack in (False, True):
+        model = text_model(text, constants)
+        result = Cleanup(Cleanup.Config(pack_casts=pack, short_names=True))(model)
+        sizes[pack] = save_model(model, tmp_path / f"{pack}.onnx").stat().st_size
+    assert result.stats["cast_vectors_packed"] == count
+    assert op_types(model).count("Cast") == 1 and op_types(model).count("Split") == 1
+    assert sizes[True] < sizes[False] - 50
+    for exact, got in zip(expected, run_reference(model, tmp_path, feeds), strict=True):
+        np.testing.assert_array_equal(got, exact)
+    model = text_model(text, constants)
+    for node in [node for node in model.graph if node.op_type == "Cast"][PACK_MIN_VECTORS - 1 :]:
+        node.inputs[0].const_value = ir.tensor(node.inputs[0].const_value.numpy().astype(np.float32))
+    assert Cleanup(Cleanup.Config(pack_casts=True))(model).stats["cast_vectors_packed"] == 0  # 3 float16

@@ -517,7 +517,7 @@ def test_the_presets_final_cleanup_keeps_every_graph_form_working(
     form = FORMS[form_name]()
     source = tmp_path / f"{form_name}.onnx"
     source.write_bytes(form.proto.SerializeToString())
-    final = ["strip_metadata", "short_names", "drop_default_attributes", "lift_constants", "narrow_indices", "compact_masks"]
+    final = ["strip_metadata", "short_names", "drop_default_attributes", "lift_constants", "narrow_indices", "compact_masks", "pack_casts"]
     for run_index, feeds in enumerate(form.feeds or [None]):
         out, report_path = tmp_path / f"out{run_index}.onnx", tmp_path / f"report{run_index}.json"
         args = [source, out, "--passes", "cleanup", "--report", report_path, *feed_args(tmp_path, run_index, feeds)]

@@ -24,6 +24,7 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
         "lift_constants": False,
         "narrow_indices": False,
         "compact_masks": False,
+        "pack_casts": False,
     }
 
 
