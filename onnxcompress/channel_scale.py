@@ -15,10 +15,10 @@ from functools import partial
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.graph import constant_value, set_constant
+from onnxcompress.graph import constant_value, set_constant, unique_name
 
 #: Activations ``g`` with ``g(a * f) = g(a) * f`` for ``f > 0``.
-_POSITIVELY_HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "Identity"})
+POSITIVELY_HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "Identity"})
 
 _Action = Callable[[], None]
 
@@ -51,19 +51,11 @@ def scaling_form(graph: ir.Graph, value: ir.Value, factors: np.ndarray) -> str:
 
 
 def _multiply(graph: ir.Graph, value: ir.Value, factors: np.ndarray, before: ir.Node) -> ir.Value:
-    scale = constant_value(_unique(graph, f"{value.name}_smoothing"), factors.astype(np.float32))
+    scale = constant_value(unique_name(graph, f"{value.name}_smoothing"), factors.astype(np.float32))
     graph.register_initializer(scale)
-    node = ir.node("Mul", [value, scale], name=_unique(graph, f"{value.name}/smoothing"))
+    node = ir.node("Mul", [value, scale], name=unique_name(graph, f"{value.name}/smoothing"))
     graph.insert_before(before, node)
     return node.outputs[0]
-
-
-def _unique(graph: ir.Graph, name: str) -> str:
-    taken = {node.name for node in graph} | set(graph.initializers)
-    candidate, index = name, 1
-    while candidate in taken:
-        candidate, index = f"{name}_{index}", index + 1
-    return candidate
 
 
 def _private_constant(value: ir.Value | None) -> np.ndarray | None:
@@ -86,7 +78,7 @@ def _plan(graph: ir.Graph, value: ir.Value | None, factors: np.ndarray) -> list[
         return None
     channels = factors.size
     op = node.op_type
-    if op in _POSITIVELY_HOMOGENEOUS and node.domain == "":
+    if op in POSITIVELY_HOMOGENEOUS and node.domain == "":
         return _plan(graph, node.inputs[0], factors)
     if op in ("Mul", "Add") and node.domain == "" and len(node.inputs) == 2:
         for index in (0, 1):

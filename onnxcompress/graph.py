@@ -98,6 +98,17 @@ def constant_value(name: str, array: np.ndarray, dtype: ir.DataType | None = Non
     return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
 
 
+def unique_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: the first not yet used by an initializer, a node
+    or a node's output in ``graph``."""
+    taken = set(graph.initializers) | {node.name for node in graph}
+    taken |= {value.name for node in graph for value in node.outputs}
+    name, suffix = base, 1
+    while name in taken:
+        name, suffix = f"{base}_{suffix}", suffix + 1
+    return name
+
+
 def set_constant(value: ir.Value, array: np.ndarray) -> None:
     """Replace the contents of initializer ``value`` by ``array``, keeping its type and shape in step."""
     tensor = ir.tensor(array, name=value.name)

@@ -40,6 +40,7 @@ from onnxcompress.graph import (
     linear_layers,
     mlp_links,
     set_constant,
+    unique_name,
 )
 from onnxcompress.numerics.distill import batchnorm_affine, cosine_distance, mix_columns, relative_error
 from onnxcompress.numerics.lstsq import ridge
@@ -465,16 +466,8 @@ def linear_weights(layer: LinearLayer) -> tuple[np.ndarray, np.ndarray]:
     return (weight.T if layer.out_axis == 0 else weight), bias
 
 
-def _unique_name(graph: ir.Graph, base: str) -> str:
-    taken = set(graph.initializers) | {value.name for node in graph for value in node.outputs}
-    name, suffix = base, 1
-    while name in taken:
-        name, suffix = f"{base}_{suffix}", suffix + 1
-    return name
-
-
 def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name = _unique_name(graph, base)
+    name = unique_name(graph, base)
     value = constant_value(name, array)
     graph.register_initializer(value)
     return value
@@ -492,10 +485,10 @@ def _with_bias(graph: ir.Graph, layer: LinearLayer) -> LinearLayer:
         return LinearLayer(layer.node, layer.weight, layer.out_axis, bias, None, layer.output)
     product = layer.output
     result = ir.Value(name=product.name, shape=product.shape, type=product.type)
-    product.name = _unique_name(graph, f"{result.name}_product")
+    product.name = unique_name(graph, f"{result.name}_product")
     ir.convenience.replace_all_uses_with(product, result, replace_graph_outputs=True)
     add = ir.Node(
-        "", "Add", [product, bias], outputs=[result], name=_unique_name(graph, f"{layer.node.name or 'linear'}_bias")
+        "", "Add", [product, bias], outputs=[result], name=unique_name(graph, f"{layer.node.name or 'linear'}_bias")
     )
     graph.insert_after(layer.node, add)
     return LinearLayer(layer.node, layer.weight, layer.out_axis, bias, add, result)

@@ -21,7 +21,7 @@ from onnx_ir.passes.common import (
     RemoveUnusedOpsetsPass,
 )
 
-from onnxcompress.graph import constant_array, constant_value, is_constant_initializer, set_constant
+from onnxcompress.graph import constant_array, constant_value, is_constant_initializer, set_constant, unique_name
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 from onnxcompress.passes.prune import remove_dead_units
@@ -337,8 +337,8 @@ def pack_cast_vectors(model: ir.Model) -> int:
             continue
         sources = [source for cast in casts if (source := cast.inputs[0]) is not None]
         arrays = [source.const_value.numpy() for source in sources]  # type: ignore[union-attr]
-        stored = constant_value(_unique_initializer(graph, "packed"), np.concatenate(arrays), dtype)
-        sizes = constant_value(_unique_initializer(graph, "packed_sizes"), np.array([a.size for a in arrays], np.int64))
+        stored = constant_value(unique_name(graph, "packed"), np.concatenate(arrays), dtype)
+        sizes = constant_value(unique_name(graph, "packed_sizes"), np.array([a.size for a in arrays], np.int64))
         graph.register_initializer(stored)
         graph.register_initializer(sizes)
         cast = ir.node("Cast", [stored], attributes={"to": to})
@@ -351,13 +351,6 @@ def pack_cast_vectors(model: ir.Model) -> int:
             graph.initializers.pop(source.name or "")
         packed += len(casts)
     return packed
-
-
-def _unique_initializer(graph: ir.Graph, name: str) -> str:
-    candidate, index = name, 1
-    while candidate in graph.initializers:
-        candidate, index = f"{name}_{index}", index + 1
-    return candidate
 
 
 def triangle_of(mask: np.ndarray) -> tuple[bool, int] | None:
@@ -403,9 +396,9 @@ def compact_masks(model: ir.Model) -> int:
         upper, k = triangle
         name = value.name or "mask"
         constants = [
-            constant_value(f"{name}_true", np.array(True)),
-            constant_value(f"{name}_shape", np.array(tensor.shape.numpy(), np.int64)),
-            constant_value(f"{name}_k", np.array(k, np.int64)),
+            constant_value(unique_name(graph, f"{name}_true"), np.array(True)),
+            constant_value(unique_name(graph, f"{name}_shape"), np.array(tensor.shape.numpy(), np.int64)),
+            constant_value(unique_name(graph, f"{name}_k"), np.array(k, np.int64)),
         ]
         for constant in constants:
             graph.register_initializer(constant)
@@ -414,7 +407,8 @@ def compact_masks(model: ir.Model) -> int:
         users = {node for node, _ in value.uses()}
         graph.insert_before(next(node for node in graph if node in users), [ones, trilu])
         mask = trilu.outputs[0]
-        mask.name, mask.type, mask.shape = f"{name}_trilu", ir.TensorType(ir.DataType.BOOL), value.shape
+        mask.name = unique_name(graph, f"{name}_trilu")
+        mask.type, mask.shape = ir.TensorType(ir.DataType.BOOL), value.shape
         value.replace_all_uses_with(mask)
         graph.initializers.pop(name)
         rewritten += 1
@@ -624,21 +618,22 @@ def merge_constant_adds(model: ir.Model) -> int:
         if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
             continue
         for index in (0, 1):
-            second = _private_initializer(node.inputs[1 - index])
             inner_value = node.inputs[index]
             inner = inner_value.producer() if inner_value is not None else None
-            if second is None or inner is None or inner.op_type != "Add" or inner.domain not in ("", "ai.onnx"):
+            if inner is None or inner.op_type != "Add" or inner.domain not in ("", "ai.onnx") or len(inner.inputs) != 2:
                 continue
             assert inner_value is not None
-            if len(inner_value.uses()) != 1 or inner_value.is_graph_output() or len(inner.inputs) != 2:
+            if len(inner_value.uses()) != 1 or inner_value.is_graph_output():
                 continue
-            constant_index = next((i for i in (0, 1) if _private_initializer(inner.inputs[i]) is not None), None)
-            if constant_index is None:
+            second = _private_initializer(node.inputs[1 - index])
+            found = next(
+                ((i, array) for i in (0, 1) if (array := _private_initializer(inner.inputs[i])) is not None), None
+            )
+            if second is None or found is None:
                 continue
+            constant_index, first = found
             first_value, x = inner.inputs[constant_index], inner.inputs[1 - constant_index]
-            first = _private_initializer(first_value)
-            assert first is not None and first_value is not None
-            if first.dtype != second.dtype or x is None:
+            if first.dtype != second.dtype or x is None or first_value is None:
                 continue
             target = node.inputs[1 - index]
             assert target is not None

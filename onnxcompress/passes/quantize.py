@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import runtime
-from onnxcompress.channel_scale import scale_last_axis, scaling_form
+from onnxcompress.channel_scale import POSITIVELY_HOMOGENEOUS, scale_last_axis, scaling_form
 from onnxcompress.graph import (
     WEIGHT_SLOTS,
     WeightUse,
@@ -1098,7 +1098,7 @@ class Quantize(CompressionPass):
         config = self.config
         if not config.equalize or config.bits != 8 or config.granularity != "channel" or config.mixed:
             return {}
-        if not config.symmetric:
+        if not config.symmetric:  # one scale for asymmetric codes would also need one zero point
             return {}
         equalized: dict[str, str] = {}
         links, _ = mlp_links(model)
@@ -1109,7 +1109,7 @@ class Quantize(CompressionPass):
             plan = self._activation_plans.get(consumer.weight.name or "")
             if (consumer.weight.name or "") in self._integer_layers and plan is not None and plan.scales is not None:
                 continue
-            if any(node.op_type not in _EQUALIZE_THROUGH or node.domain != "" for node in link.between):
+            if any(node.op_type not in POSITIVELY_HOMOGENEOUS or node.domain != "" for node in link.between):
                 continue
             weight = constant_array(producer.weight)
             assert weight is not None
@@ -1843,7 +1843,7 @@ def _linear_producer(value: ir.Value) -> ir.Node | None:
         if node.op_type in ("MatMul", "Gemm") and node.domain == "":
             weight = node.inputs[1] if len(node.inputs) > 1 else None
             return node if weight is not None and weight.const_value is not None else None
-        if node.op_type in _EQUALIZE_THROUGH and node.domain == "":
+        if node.op_type in POSITIVELY_HOMOGENEOUS and node.domain == "":
             source = node.inputs[0]
         elif node.op_type == "Add" and node.domain == "" and len(node.inputs) == 2:
             variable = [v for v in node.inputs if v is not None and v.const_value is None]
@@ -1870,9 +1870,6 @@ def _feeds_relu(node: ir.Node) -> bool:
         value = consumer.outputs[0]
     return False
 
-
-#: Ops between two linear layers that commute with dividing a unit by a positive factor.
-_EQUALIZE_THROUGH = frozenset({"Relu", "LeakyRelu", "Identity"})
 
 #: Consumers whose float inputs must stay float32 tensors of their own (quantization parameters).
 _KEEP_FLOAT32_FOR = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
