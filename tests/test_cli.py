@@ -175,6 +175,7 @@ def test_bad_input_models(cli, tmp_path: Path, make_input, message: str) -> None
         (["--passes", "cleanup", "--set", "cleanup.sparsity=0.5"], "unknown option cleanup.sparsity"),
         (["--passes", "cleanup", "--set", "cleanup.strip_metadata=perhaps"], "expected true or false"),
         (["--passes", "cleanup", "--set", "sparsity"], "expected PASS.FIELD=VALUE"),
+        (["--passes", "prune", "--set", "prune.include=[a"], "'[a' is not a valid regular expression"),
         ([], "no passes given"),
         (["--passes", "cleanup", "--bogus-flag"], "No such option '--bogus-flag'"),
         (["--passes", "cleanup", "--atol", "tight"], "--atol 'tight': expected a number or OUTPUT=NUMBER"),

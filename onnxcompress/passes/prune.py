@@ -245,6 +245,12 @@ class Prune(CompressionPass):
             for name in ("damping", "augment"):
                 if isinstance(getattr(self, name), str) and getattr(self, name) != "auto":
                     raise ValueError(f"{name} must be a number or auto, not {getattr(self, name)!r}")
+            for pattern in (self.include, self.exclude):
+                if pattern is not None:
+                    try:
+                        re.compile(pattern)
+                    except re.error as error:
+                        raise ValueError(f"{pattern!r} is not a valid regular expression: {error}") from None
 
         @property
         def refit_damping(self) -> float:
@@ -257,12 +263,6 @@ class Prune(CompressionPass):
             if self.augment == "auto":
                 return NEURON_AUGMENT_ROWS if self.structure == "neurons" else 0
             return int(self.augment)
-            for pattern in (self.include, self.exclude):
-                if pattern is not None:
-                    try:
-                        re.compile(pattern)
-                    except re.error as error:
-                        raise ValueError(f"{pattern!r} is not a valid regular expression: {error}") from None
 
     # --- selection ------------------------------------------------------------------------------
 
