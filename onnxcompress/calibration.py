@@ -126,12 +126,12 @@ class Feeds:
         """The first ``rows`` rows (all of them if there are fewer)."""
         if rows >= self.rows:
             return self
-        arrays = {name: array[:rows] for name, array in self.arrays.items()}
+        arrays = {name: array[:rows] if array.ndim else array for name, array in self.arrays.items()}
         return Feeds(arrays, f"{self.source}, first {rows} rows", self.notes)
 
     def tail(self, rows: int) -> Feeds:
         """The rows from ``rows`` on (none if there are fewer)."""
-        arrays = {name: array[rows:] for name, array in self.arrays.items()}
+        arrays = {name: array[rows:] if array.ndim else array for name, array in self.arrays.items()}
         return Feeds(arrays, f"{self.source}, rows {rows} on", self.notes)
 
 

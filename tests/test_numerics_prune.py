@@ -7,6 +7,7 @@ import pytest
 
 from onnxcompress.numerics.lstsq import Gram, NormalEquations, ridge, solve_gram
 from onnxcompress.numerics.prune import (
+    allocate_sparsities,
     global_sparsities,
     keep_count,
     magnitude_sample,
@@ -66,6 +67,29 @@ def test_global_sparsities_share_one_threshold_and_respect_the_cap() -> None:
     # With a 60% cap the small tensor stops at 60%, the large one makes up the rest.
     capped = global_sparsities([small, large], [100, 100], 0.5, max_layer_sparsity=0.6)
     assert capped == pytest.approx([0.6, 0.4])
+
+
+def test_allocated_sparsities_meet_the_target_where_pruning_costs_least() -> None:
+    levels = [0.0, 0.5, 0.9]
+    # Tensor 0 is cheap to prune, tensor 1 expensive, tensor 2 in between but four times larger.
+    costs = np.array([[0.0, 0.1, 0.3], [0.0, 5.0, 9.0], [0.0, 0.4, 2.0]])
+    sizes = [100, 100, 400]
+    sparsities = allocate_sparsities(levels, costs, sizes, 0.5)
+    assert sum(s * n for s, n in zip(sparsities, sizes, strict=True)) == pytest.approx(300)
+    # Cheapest per entry removed first: tensor 2 to 0.5 (0.4 / 200), tensor 0 to 0.5 (0.1 / 50), tensor 0
+    # on to 0.9 (0.2 / 40), then tensor 2 part of the way to 0.9; the expensive tensor stays dense.
+    assert sparsities == pytest.approx([0.9, 0.0, 0.525])
+    assert allocate_sparsities(levels, costs, sizes, 0.0) == [0.0, 0.0, 0.0]
+
+
+def test_allocated_sparsities_ignore_dips_and_saturate_at_the_top_level() -> None:
+    levels = [0.0, 0.5, 0.8]
+    # A measured cost that falls with sparsity is noise: it is read as flat, not as a reason to prune.
+    dipping = np.array([[0.0, 1.0, 0.2], [0.0, 0.6, 0.9]])
+    assert allocate_sparsities(levels, dipping, [100, 100], 0.25) == pytest.approx([0.0, 0.5])
+    assert allocate_sparsities(levels, dipping, [100, 100], 0.95) == pytest.approx([0.8, 0.8])
+    with pytest.raises(ValueError, match="rise strictly from 0"):
+        allocate_sparsities([0.5, 0.9], dipping, [100, 100], 0.5)
 
 
 def test_magnitude_sample_is_bounded_for_huge_tensors() -> None:

@@ -169,6 +169,17 @@ def test_reconstruction_beats_plain_magnitude_on_calibration_activations(tmp_pat
     assert output_error(refit, weights, x, tmp_path) < 0.85 * output_error(plain, weights, x, tmp_path)
 
 
+def test_measured_scope_needs_rows_to_hold_out_and_otherwise_prunes_every_layer_alike() -> None:
+    few, _ = relu_chain()
+    result = prune(few, calibration_for(RNG.standard_normal((16, 8)).astype(np.float32)), sparsity=0.5)(few)
+    assert result.stats["scope"] == "layer"
+    assert [tensor["sparsity"] for tensor in result.stats["tensors"].values()] == [0.5, 0.5]
+    enough, _ = relu_chain()
+    result = prune(enough, calibration_for(RNG.standard_normal((256, 8)).astype(np.float32)), sparsity=0.5)(enough)
+    assert result.stats["scope"] == "measured"
+    assert set(result.stats["tensors"]["w1"]["held_out_score_error"]) == {"0.3", "0.5", "0.65", "0.8", "0.9", "0.95"}
+
+
 def test_neurons_shrink_producer_bias_and_consumer_and_keep_the_wiring(tmp_path: Path) -> None:
     model, weights = relu_chain()
     consumer = [node for node in model.graph if node.op_type == "MatMul"][1]
@@ -315,6 +326,22 @@ def test_reconstruction_beats_plain_magnitude_at_80_percent_on_the_dlrm(cli, tmp
     refit_drop = score(refit.report)["auc_reference"] - score(refit.report)["auc_candidate"]
     plain_drop = score(plain.report)["auc_reference"] - score(plain.report)["auc_candidate"]
     assert refit_drop < plain_drop
+
+
+def test_measured_scope_spends_the_sparsity_where_the_score_moves_least_on_the_dlrm(cli, tmp_path: Path) -> None:
+    measured, _ = run_prune(cli, tmp_path, "dlrm", "prune.sparsity=0.8")
+    uniform, _ = run_prune(cli, tmp_path, "dlrm", "prune.sparsity=0.8", "prune.scope=layer")
+    stats = measured.report["passes"][0]["stats"]
+    assert stats["scope"] == "measured" and uniform.report["passes"][0]["stats"]["scope"] == "layer"
+    assert stats["sparsity"] == pytest.approx(0.8, abs=0.01)
+    sparsities = [tensor["sparsity"] for tensor in stats["tensors"].values()]
+    assert max(sparsities) - min(sparsities) > 0.2
+    for tensor in stats["tensors"].values():  # every layer priced alone at every level, dearer with sparsity
+        prices = list(tensor["held_out_score_error"].values())
+        assert len(prices) == 6 and prices[-1] > prices[0]
+    # On the test rows the score keeps its ranking better than with every layer at 80%
+    # (Spearman 0.995 against 0.986 when this was written).
+    assert score(measured.report)["spearman"] > score(uniform.report)["spearman"] + 0.004
 
 
 @pytest.mark.parametrize(

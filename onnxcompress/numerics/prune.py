@@ -141,6 +141,48 @@ def global_sparsities(
     return [float(f) for f in pruned_at(candidates[low])[1]]
 
 
+def allocate_sparsities(
+    levels: Sequence[float], costs: np.ndarray, sizes: Sequence[int], sparsity: float
+) -> list[float]:
+    """Per-tensor sparsities that remove ``sparsity`` of all entries at the least summed cost.
+
+    ``costs[t, k]`` is what pruning tensor ``t`` (``sizes[t]`` entries) to ``levels[k]`` costs on
+    its own; ``levels`` rise from 0, where the cost is taken as 0. Costs are made non-decreasing per
+    tensor (a measured dip is noise, not a gift) and assumed to add up across tensors. Greedy: the
+    step (any tensor, to any higher level) with the lowest cost per entry removed is taken until the
+    target is met; the last step stops part way, between two levels. When every tensor reaches the
+    top level first, that is the result.
+    """
+    grid = np.asarray(levels, dtype=np.float64)
+    if grid.ndim != 1 or grid[0] != 0.0 or np.any(np.diff(grid) <= 0):
+        raise ValueError("levels must rise strictly from 0")
+    cost = np.maximum.accumulate(np.asarray(costs, dtype=np.float64), axis=1)
+    cost = cost - cost[:, :1]
+    count = np.asarray(sizes, dtype=np.float64)
+    chosen = np.zeros(len(count), dtype=int)
+    result = np.zeros(len(count))
+    remaining = sparsity * float(count.sum())
+    while remaining > 1e-9:
+        best: tuple[float, int, int] | None = None
+        for tensor, level in enumerate(chosen):
+            for higher in range(level + 1, len(grid)):
+                removed = (grid[higher] - grid[level]) * count[tensor]
+                slope = (cost[tensor, higher] - cost[tensor, level]) / removed
+                if best is None or slope < best[0]:
+                    best = (slope, tensor, higher)
+        if best is None:
+            break
+        _, tensor, higher = best
+        removed = (grid[higher] - grid[chosen[tensor]]) * count[tensor]
+        if removed >= remaining:
+            result[tensor] = grid[chosen[tensor]] + remaining / count[tensor]
+            break
+        chosen[tensor] = higher
+        result[tensor] = grid[higher]
+        remaining -= removed
+    return [float(value) for value in result]
+
+
 def pack_bits(mask: np.ndarray) -> np.ndarray:
     """A boolean array flattened to bytes, element ``8 i + j`` in bit ``j`` (least significant first).
 

@@ -30,6 +30,7 @@ from onnxcompress.numerics.distill import logit_fidelity
 from onnxcompress.numerics.lstsq import Gram, NormalEquations
 from onnxcompress.numerics.prune import (
     EXACT_OBS_FLOPS,
+    allocate_sparsities,
     global_sparsities,
     keep_count,
     magnitude_sample,
@@ -68,6 +69,10 @@ NEURON_DAMPING = 0.1
 #: At 50% of units, test-row Spearman with the original: DeepFM 0.973 -> 0.989, DLRM 0.994 -> 0.996,
 #: two-tower 0.894 -> 0.916, Wide&Deep and the others within 0.0007.
 NEURON_AUGMENT_ROWS = 4096
+#: Sparsities at which scope=measured prunes and refits each layer alone to price it.
+MEASURED_LEVELS = (0.0, 0.3, 0.5, 0.65, 0.8, 0.9, 0.95)
+#: Fewer calibration rows cannot be split into fitting and held-out rows worth measuring on.
+MEASURED_MIN_ROWS = 32
 
 
 def _check_structure(structure: str) -> None:
@@ -184,15 +189,21 @@ class Prune(CompressionPass):
             },
         )
         scope: str = field(
-            default="layer",
+            default="measured",
             metadata={
-                "help": "layer: every tensor to the target; global: one magnitude threshold across tensors",
-                "choices": ("layer", "global"),
+                "help": "layer: every tensor to the target; global: one magnitude threshold across tensors; "
+                "measured: per-tensor sparsities where the score, on held-out calibration rows, moves least "
+                "(layer without calibration data, with reconstruct=false or for N:M)",
+                "choices": ("layer", "global", "measured"),
             },
         )
         max_layer_sparsity: float = field(
             default=0.95,
-            metadata={"help": "with scope=global, the most any one tensor is pruned", "min": 0.0, "max": 1.0},
+            metadata={
+                "help": "with scope=global or measured, the most any one tensor is pruned",
+                "min": 0.0,
+                "max": 1.0,
+            },
         )
         include: str | None = field(
             default=None, metadata={"help": "regular expression: prune only weights whose name or node name matches"}
@@ -398,7 +409,7 @@ class Prune(CompressionPass):
 
     def _sparsities(self, weights: list[_Weight]) -> list[float]:
         config = self.config
-        if config.scope == "layer" or parse_nm(config.structure) is not None:
+        if config.scope != "global" or parse_nm(config.structure) is not None:
             return [config.sparsity] * len(weights)
         samples = [magnitude_sample(weight.tensor.numpy()) for weight in weights]
         return global_sparsities(
@@ -436,6 +447,16 @@ class Prune(CompressionPass):
         layers = {layer.weight: layer for layer in linear_layers(model)}
         why_not = {weight.value: self._reconstructable(weight, layers) for weight in weights}
         refit = [layers[weight.value] for weight in weights if why_not[weight.value] is None]
+        measured: dict[str, dict[str, float]] = {}
+        calibration = self.context.calibration
+        if (
+            self.config.scope == "measured"
+            and refit
+            and parse_nm(self.config.structure) is None
+            and calibration is not None
+            and calibration.feeds.rows >= MEASURED_MIN_ROWS
+        ):
+            sparsities, measured = self._measured_sparsities(model, weights, why_not)
         dense = _capture(self.context.calibration, model, [layer.data for layer in refit]) if refit else {}
         originals = {layer: (_effective(layer), _bias_vector(layer)) for layer in refit}
         per_tensor: dict[str, dict[str, Any]] = {}
@@ -472,10 +493,14 @@ class Prune(CompressionPass):
                 "sparsity": round(float(achieved), 6),
                 **per_tensor[weight.name],
             }
+            if weight.name in measured:
+                per_tensor[weight.name]["held_out_score_error"] = measured[weight.name]
             zeros += achieved * size
             total += size
+        scope = self.config.scope if self.config.scope != "measured" or measured else "layer"
         stats = {
             "structure": self.config.structure,
+            "scope": scope,
             "tensors_pruned": len(weights),
             "elements_pruned": total,
             "sparsity": round(float(zeros / total), 6) if total else 0.0,
@@ -509,15 +534,74 @@ class Prune(CompressionPass):
         # The ridge pulls towards the trained weights: inputs the calibration rows rarely exercise
         # (one-hot columns of rare categories) keep their values instead of shrinking to zero.
         system = NormalEquations.of(Gram.of(current, goal), self.config.refit_damping, fit_bias, prior=weight0)
-        nm = parse_nm(self.config.structure)
-        if layer.d_out * layer.d_in**3 > EXACT_OBS_FLOPS:
-            new_weight = sparsegpt(system, sparsity, nm)
-        else:
-            new_weight = system.solve(obs_mask(system, sparsity, OBS_ROUNDS, nm))
+        new_weight = self._sparse_solution(system, layer, sparsity)
         new_bias = system.intercept(new_weight)
         _write_layer(model.graph, layer, new_weight, new_bias)
         residual = current @ new_weight + (new_bias if new_bias is not None else 0) - goal
         return _relative_error(residual, target)
+
+    def _sparse_solution(self, system: NormalEquations, layer: LinearLayer, sparsity: float) -> np.ndarray:
+        """The layer's weight at ``sparsity``: OBS mask and exact refit, or SparseGPT for large layers."""
+        nm = parse_nm(self.config.structure)
+        if layer.d_out * layer.d_in**3 > EXACT_OBS_FLOPS:
+            return sparsegpt(system, sparsity, nm)
+        return system.solve(obs_mask(system, sparsity, OBS_ROUNDS, nm))
+
+    def _measured_sparsities(
+        self, model: ir.Model, weights: list[_Weight], why_not: dict[ir.Value, str | None]
+    ) -> tuple[list[float], dict[str, dict[str, float]]]:
+        """Per-tensor sparsities for scope=measured, and the price list they were chosen from.
+
+        Each refit layer is pruned alone at every level of ``MEASURED_LEVELS`` (up to
+        max_layer_sparsity), refit on three quarters of the calibration rows, and priced by the mean
+        squared change of the model's score on the last quarter, relative to the score's variance.
+        The refit layers then share the target so that the summed price is least; weights pruned by
+        magnitude alone keep the configured sparsity. Layers differ widely: a first layer over
+        embeddings or a narrow last layer moves the score far more per weight removed than a wide
+        hidden layer does.
+        """
+        calibration = self.context.calibration
+        assert calibration is not None
+        config = self.config
+        held_out = max(1, calibration.feeds.rows // 4)
+        fitting = dataclasses.replace(calibration, feeds=calibration.feeds.head(calibration.feeds.rows - held_out))
+        evaluation = dataclasses.replace(calibration, feeds=calibration.feeds.tail(calibration.feeds.rows - held_out))
+        trial = model.clone()  # shares the tensors; each write below replaces one, leaving the model as it was
+        trial_layers = {layer.weight.name: layer for layer in linear_layers(trial)}
+        logit = score_logit(trial)
+        (reference,) = capture(trial, evaluation, [logit])
+        reference = np.asarray(reference, dtype=np.float64)
+        variance = float(reference.var()) or 1.0
+        levels = [level for level in MEASURED_LEVELS if level < config.max_layer_sparsity]
+        if levels[-1] < config.max_layer_sparsity:
+            levels.append(config.max_layer_sparsity)
+        refit = [weight for weight in weights if why_not[weight.value] is None]
+        costs = np.zeros((len(refit), len(levels)))
+        for row, weight in enumerate(refit):
+            layer = trial_layers[weight.name]
+            weight0, bias0 = _effective(layer), _bias_vector(layer)
+            (inputs,) = _capture(fitting, trial, [layer.data]).values()
+            fit_bias = layer.bias is not None
+            goal = inputs @ weight0 + (bias0 if fit_bias else 0)
+            system = NormalEquations.of(Gram.of(inputs, goal), config.refit_damping, fit_bias, prior=weight0)
+            for column, level in enumerate(levels[1:], start=1):
+                new_weight = self._sparse_solution(system, layer, level)
+                _write_layer(trial.graph, layer, new_weight, system.intercept(new_weight))
+                (score,) = capture(trial, evaluation, [logit])
+                costs[row, column] = float(np.mean((np.asarray(score, dtype=np.float64) - reference) ** 2)) / variance
+            _write_layer(trial.graph, layer, weight0, bias0 if fit_bias else None)
+        sizes = [weight.tensor.size for weight in refit]
+        allocated = dict(
+            zip((w.name for w in refit), allocate_sparsities(levels, costs, sizes, config.sparsity), strict=True)
+        )
+        sparsities = [allocated.get(weight.name, config.sparsity) for weight in weights]
+        prices = {
+            weight.name: {
+                f"{level:g}": round(float(cost), 8) for level, cost in zip(levels[1:], costs[row, 1:], strict=True)
+            }
+            for row, weight in enumerate(refit)
+        }
+        return sparsities, prices
 
     # --- hidden units ---------------------------------------------------------------------------
 
