@@ -173,6 +173,11 @@ def test_obs_mask_recovers_the_support_of_a_sparse_layer() -> None:
     np.testing.assert_array_equal(keep, truth != 0)
     nm = obs_mask(system, 0.0, nm=(1, 4))
     assert nm.sum(axis=0).tolist() == [2, 2, 2]
+    # Continuing from a half-sparse mask reaches the same support; the start is not modified.
+    half = obs_mask(system, 0.5, steps=2)
+    assert half.sum(axis=0).tolist() == [4, 4, 4] and np.all(half[truth != 0])
+    np.testing.assert_array_equal(obs_mask(system, 0.75, steps=2, start=half), truth != 0)
+    assert half.sum() == 12
 
 
 def test_obs_rows_drops_the_inputs_the_next_layer_can_do_without() -> None:

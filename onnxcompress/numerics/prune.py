@@ -197,7 +197,13 @@ def unpack_bits(packed: np.ndarray, count: int) -> np.ndarray:
     return np.unpackbits(np.asarray(packed, dtype=np.uint8).reshape(-1), count=count, bitorder="little").astype(bool)
 
 
-def obs_mask(system: NormalEquations, sparsity: float, steps: int = 4, nm: tuple[int, int] | None = None) -> np.ndarray:
+def obs_mask(
+    system: NormalEquations,
+    sparsity: float,
+    steps: int = 4,
+    nm: tuple[int, int] | None = None,
+    start: np.ndarray | None = None,
+) -> np.ndarray:
     """A ``[d_in, d_out]`` keep mask chosen by Optimal Brain Surgeon saliency on a ridge system.
 
     Removing input ``q`` from output column ``j`` and refitting the others raises the squared
@@ -206,16 +212,21 @@ def obs_mask(system: NormalEquations, sparsity: float, steps: int = 4, nm: tuple
     re-solving the kept systems, because saliencies change as neighbours leave (one-shot OBS on
     the dense solution is what SparseGPT approximates). N:M masks take each group's ``n`` most
     salient inputs of the dense solution. Every column keeps the same count.
+
+    ``start``, a sparser-than-dense mask from an earlier call (every column keeping the same count),
+    continues from there: masks for rising sparsities then cost ``steps`` rounds each, not all the
+    rounds from dense.
     """
     d_in, d_out = system.b.shape
     if nm is not None:
         inverse = np.linalg.inv(system.a)
         weights = inverse @ system.b
         return nm_mask(weights**2 / np.diag(inverse)[:, None], nm[0], nm[1], axis=0)
-    keep = np.ones((d_in, d_out), dtype=bool)
+    keep = np.ones((d_in, d_out), dtype=bool) if start is None else start.copy()
+    first = int(keep[:, 0].sum()) if d_out else d_in
     final = keep_count(d_in, sparsity)
     for step in range(1, steps + 1):
-        count = d_in - round((d_in - final) * step / steps)
+        count = first - round((first - final) * step / steps)
         saliency = np.full((d_in, d_out), -np.inf)
         for cols, rows, a_sub, b_sub in system.masked_systems(keep):
             inverse = np.linalg.inv(a_sub)

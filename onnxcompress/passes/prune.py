@@ -71,6 +71,10 @@ NEURON_DAMPING = 0.1
 NEURON_AUGMENT_ROWS = 4096
 #: Sparsities at which scope=measured prunes and refits each layer alone to price it.
 MEASURED_LEVELS = (0.0, 0.3, 0.5, 0.65, 0.8, 0.9, 0.95)
+#: OBS rounds from one priced level's mask to the next one's (the first level gets OBS_ROUNDS).
+MEASURED_ROUNDS_PER_LEVEL = 2
+#: Mixed-column refit rows scope=measured tries against none when prune.augment is auto.
+WEIGHT_AUGMENT_CANDIDATE = 4096
 #: Fewer calibration rows cannot be split into fitting and held-out rows worth measuring on.
 MEASURED_MIN_ROWS = 32
 
@@ -236,7 +240,8 @@ class Prune(CompressionPass):
             metadata={
                 "help": "extra refit rows made by drawing every input column from a random calibration row "
                 "(as distill does): more rows than a layer has inputs keep the least squares from overfitting "
-                f"(auto: {NEURON_AUGMENT_ROWS} with structure=neurons, else 0)",
+                f"(auto: {NEURON_AUGMENT_ROWS} with structure=neurons; with scope=measured, 0 or "
+                f"{WEIGHT_AUGMENT_CANDIDATE}, whichever moves the score less on held-out calibration rows; else 0)",
                 "min": 0,
             },
         )
@@ -333,15 +338,15 @@ class Prune(CompressionPass):
         calibration = self.context.calibration
         if self.config.min_rank_corr and calibration is not None:
             return self._within_budget(model, calibration)
+        if self.config.structure != "neurons":
+            return self._prune_weights(model)
         if self.config.refit_augment and calibration is not None:
             fitting = fitting_rows(model, calibration, self.config.refit_augment).calibration
             config = dataclasses.replace(self.config, augment=0)
-            result = type(self)(config, dataclasses.replace(self.context, calibration=fitting)).call(model)
+            result = type(self)(config, dataclasses.replace(self.context, calibration=fitting))._prune_units(model)
             stats = {**result.stats, "refit_rows": fitting.feeds.source}
             return CompressionResult(result.model, modified=result.modified, stats=stats)
-        if self.config.structure == "neurons":
-            return self._prune_units(model)
-        return self._prune_weights(model)
+        return self._prune_units(model)
 
     def _within_budget(self, model: ir.Model, calibration: Calibration) -> CompressionResult:
         """Choose the sparsity on held-out rows: prune a copy at the configured sparsity, then at half
@@ -449,6 +454,8 @@ class Prune(CompressionPass):
         refit = [layers[weight.value] for weight in weights if why_not[weight.value] is None]
         measured: dict[str, dict[str, float]] = {}
         calibration = self.context.calibration
+        augment = self.config.refit_augment
+        choice: dict[str, Any] = {}
         if (
             self.config.scope == "measured"
             and refit
@@ -456,8 +463,11 @@ class Prune(CompressionPass):
             and calibration is not None
             and calibration.feeds.rows >= MEASURED_MIN_ROWS
         ):
-            sparsities, measured = self._measured_sparsities(model, weights, why_not)
-        dense = _capture(self.context.calibration, model, [layer.data for layer in refit]) if refit else {}
+            candidates = (0, WEIGHT_AUGMENT_CANDIDATE) if self.config.augment == "auto" else (augment,)
+            sparsities, measured, augment, choice = self._measured_sparsities(model, weights, why_not, candidates)
+        if augment and calibration is not None and refit:
+            calibration = fitting_rows(model, calibration, augment).calibration
+        dense = _capture(calibration, model, [layer.data for layer in refit]) if refit else {}
         originals = {layer: (_effective(layer), _bias_vector(layer)) for layer in refit}
         per_tensor: dict[str, dict[str, Any]] = {}
         after_refits: list[tuple[_Weight, float]] = []
@@ -466,7 +476,7 @@ class Prune(CompressionPass):
             if why_not[weight.value] is None:
                 assert layer is not None
                 dense_input = dense[layer.data]
-                error = self._refit_masked(model, layer, dense_input, *originals[layer], sparsity)
+                error = self._refit_masked(model, calibration, layer, dense_input, *originals[layer], sparsity)
                 entry: dict[str, Any] = {"reconstructed": True, "relative_output_error": error}
             else:
                 entry = {"reconstructed": False, "why_not_reconstructed": why_not[weight.value]}
@@ -506,12 +516,16 @@ class Prune(CompressionPass):
             "sparsity": round(float(zeros / total), 6) if total else 0.0,
             "tensors": per_tensor,
             "skipped": skipped,
+            **choice,
         }
+        if refit and augment and calibration is not None:
+            stats["refit_rows"] = calibration.feeds.source
         return CompressionResult(model, modified=bool(weights), stats=stats)
 
     def _refit_masked(
         self,
         model: ir.Model,
+        calibration: Calibration | None,
         layer: LinearLayer,
         dense_input: np.ndarray,
         weight0: np.ndarray,
@@ -527,7 +541,7 @@ class Prune(CompressionPass):
         the unpruned model's input, so each layer also absorbs the error of the layers before it.
         Returns the relative output error on the calibration rows after the refit.
         """
-        (current,) = _capture(self.context.calibration, model, [layer.data]).values()
+        (current,) = _capture(calibration, model, [layer.data]).values()
         target = dense_input @ weight0 + bias0
         fit_bias = layer.bias is not None
         goal = target if fit_bias else target - bias0
@@ -548,9 +562,10 @@ class Prune(CompressionPass):
         return system.solve(obs_mask(system, sparsity, OBS_ROUNDS, nm))
 
     def _measured_sparsities(
-        self, model: ir.Model, weights: list[_Weight], why_not: dict[ir.Value, str | None]
-    ) -> tuple[list[float], dict[str, dict[str, float]]]:
-        """Per-tensor sparsities for scope=measured, and the price list they were chosen from.
+        self, model: ir.Model, weights: list[_Weight], why_not: dict[ir.Value, str | None], augments: Sequence[int]
+    ) -> tuple[list[float], dict[str, dict[str, float]], int, dict[str, Any]]:
+        """Per-tensor sparsities for scope=measured, the price list they were chosen from, the number
+        of mixed-column refit rows to use, and what decided it.
 
         Each refit layer is pruned alone at every level of ``MEASURED_LEVELS`` (up to
         max_layer_sparsity), refit on three quarters of the calibration rows, and priced by the mean
@@ -559,6 +574,11 @@ class Prune(CompressionPass):
         magnitude alone keep the configured sparsity. Layers differ widely: a first layer over
         embeddings or a narrow last layer moves the score far more per weight removed than a wide
         hidden layer does.
+
+        With several ``augments`` (mixed-column rows added to the fitting rows, drawn from those rows
+        only), each is priced first with every layer at the target sparsity, and the one costing least
+        on the held-out rows refits: mixed rows keep refits of wide layers from overfitting 512 rows,
+        but misrepresent inputs whose columns are not independent (one-hot groups).
         """
         calibration = self.context.calibration
         assert calibration is not None
@@ -576,32 +596,59 @@ class Prune(CompressionPass):
         if levels[-1] < config.max_layer_sparsity:
             levels.append(config.max_layer_sparsity)
         refit = [weight for weight in weights if why_not[weight.value] is None]
-        costs = np.zeros((len(refit), len(levels)))
-        for row, weight in enumerate(refit):
-            layer = trial_layers[weight.name]
-            weight0, bias0 = _effective(layer), _bias_vector(layer)
-            (inputs,) = _capture(fitting, trial, [layer.data]).values()
-            fit_bias = layer.bias is not None
-            goal = inputs @ weight0 + (bias0 if fit_bias else 0)
-            system = NormalEquations.of(Gram.of(inputs, goal), config.refit_damping, fit_bias, prior=weight0)
-            for column, level in enumerate(levels[1:], start=1):
-                new_weight = self._sparse_solution(system, layer, level)
-                _write_layer(trial.graph, layer, new_weight, system.intercept(new_weight))
-                (score,) = capture(trial, evaluation, [logit])
-                costs[row, column] = float(np.mean((np.asarray(score, dtype=np.float64) - reference) ** 2)) / variance
-            _write_layer(trial.graph, layer, weight0, bias0 if fit_bias else None)
-        sizes = [weight.tensor.size for weight in refit]
-        allocated = dict(
-            zip((w.name for w in refit), allocate_sparsities(levels, costs, sizes, config.sparsity), strict=True)
-        )
-        sparsities = [allocated.get(weight.name, config.sparsity) for weight in weights]
+
+        def priced(rows: Calibration, sparsities: Sequence[float]) -> np.ndarray:
+            """``[layer, sparsity]``: the held-out score error of each layer pruned alone and refit on ``rows``."""
+            costs = np.zeros((len(refit), len(sparsities)))
+            for row, weight in enumerate(refit):
+                layer = trial_layers[weight.name]
+                weight0, bias0 = _effective(layer), _bias_vector(layer)
+                (inputs,) = _capture(rows, trial, [layer.data]).values()
+                fit_bias = layer.bias is not None
+                goal = inputs @ weight0 + (bias0 if fit_bias else 0)
+                system = NormalEquations.of(Gram.of(inputs, goal), config.refit_damping, fit_bias, prior=weight0)
+                keep = None
+                for column, sparsity in enumerate(sparsities):
+                    if sparsity == 0.0:
+                        continue
+                    if layer.d_out * layer.d_in**3 > EXACT_OBS_FLOPS:
+                        new_weight = sparsegpt(system, sparsity, None)
+                    else:  # each level continues from the last one's mask
+                        rounds = OBS_ROUNDS if keep is None else MEASURED_ROUNDS_PER_LEVEL
+                        keep = obs_mask(system, sparsity, rounds, start=keep)
+                        new_weight = system.solve(keep)
+                    _write_layer(trial.graph, layer, new_weight, system.intercept(new_weight))
+                    (score,) = capture(trial, evaluation, [logit])
+                    change = np.asarray(score, dtype=np.float64) - reference
+                    costs[row, column] = float(np.mean(change**2)) / variance
+                _write_layer(trial.graph, layer, weight0, bias0 if fit_bias else None)
+            return costs
+
+        choice: dict[str, Any] = {}
+        augment = augments[0]
+        if len(augments) > 1:  # decided at the target sparsity, every layer alike, before the full price list
+            target = min(config.sparsity, config.max_layer_sparsity)
+            totals = {
+                candidate: float(
+                    priced(
+                        fitting_rows(trial, fitting, candidate).calibration if candidate else fitting, [target]
+                    ).sum()
+                )
+                for candidate in augments
+            }
+            augment = min(totals, key=lambda candidate: totals[candidate])
+            choice["held_out_score_error_by_mixed_rows"] = {str(key): round(value, 8) for key, value in totals.items()}
+        costs = priced(fitting_rows(trial, fitting, augment).calibration if augment else fitting, levels)
+        allocated = allocate_sparsities(levels, costs, [weight.tensor.size for weight in refit], config.sparsity)
+        by_name = dict(zip((weight.name for weight in refit), allocated, strict=True))
+        sparsities = [by_name.get(weight.name, config.sparsity) for weight in weights]
         prices = {
             weight.name: {
                 f"{level:g}": round(float(cost), 8) for level, cost in zip(levels[1:], costs[row, 1:], strict=True)
             }
             for row, weight in enumerate(refit)
         }
-        return sparsities, prices
+        return sparsities, prices, augment, choice
 
     # --- hidden units ---------------------------------------------------------------------------
 
