@@ -240,7 +240,7 @@ class Prune(CompressionPass):
             metadata={
                 "help": "extra refit rows made by drawing every input column from a random calibration row "
                 "(as distill does): more rows than a layer has inputs keep the least squares from overfitting "
-                f"(auto: {NEURON_AUGMENT_ROWS} with structure=neurons; with scope=measured, 0 or "
+                f"(auto: {NEURON_AUGMENT_ROWS} with structure=neurons; with scope=measured or N:M, 0 or "
                 f"{WEIGHT_AUGMENT_CANDIDATE}, whichever moves the score less on held-out calibration rows; else 0)",
                 "min": 0,
             },
@@ -456,15 +456,19 @@ class Prune(CompressionPass):
         calibration = self.context.calibration
         augment = self.config.refit_augment
         choice: dict[str, Any] = {}
-        if (
-            self.config.scope == "measured"
-            and refit
-            and parse_nm(self.config.structure) is None
-            and calibration is not None
-            and calibration.feeds.rows >= MEASURED_MIN_ROWS
-        ):
-            candidates = (0, WEIGHT_AUGMENT_CANDIDATE) if self.config.augment == "auto" else (augment,)
-            sparsities, measured, augment, choice = self._measured_sparsities(model, weights, why_not, candidates)
+        nm = parse_nm(self.config.structure)
+        measure = self.config.scope == "measured" and nm is None
+        if refit and calibration is not None and calibration.feeds.rows >= MEASURED_MIN_ROWS:
+            prices = _HeldOutPrices(self, model, [w for w in weights if why_not[w.value] is None], calibration)
+            if self.config.augment == "auto" and (measure or nm is not None):
+                totals = {
+                    rows: float(prices.costs(rows, [self.config.sparsity]).sum())
+                    for rows in (0, WEIGHT_AUGMENT_CANDIDATE)
+                }
+                augment = min(totals, key=lambda rows: totals[rows])
+                choice["held_out_score_error_by_mixed_rows"] = {str(k): round(v, 8) for k, v in totals.items()}
+            if measure:
+                sparsities, measured = prices.allocate(augment, weights)
         if augment and calibration is not None and refit:
             calibration = fitting_rows(model, calibration, augment).calibration
         dense = _capture(calibration, model, [layer.data for layer in refit]) if refit else {}
@@ -560,95 +564,6 @@ class Prune(CompressionPass):
         if layer.d_out * layer.d_in**3 > EXACT_OBS_FLOPS:
             return sparsegpt(system, sparsity, nm)
         return system.solve(obs_mask(system, sparsity, OBS_ROUNDS, nm))
-
-    def _measured_sparsities(
-        self, model: ir.Model, weights: list[_Weight], why_not: dict[ir.Value, str | None], augments: Sequence[int]
-    ) -> tuple[list[float], dict[str, dict[str, float]], int, dict[str, Any]]:
-        """Per-tensor sparsities for scope=measured, the price list they were chosen from, the number
-        of mixed-column refit rows to use, and what decided it.
-
-        Each refit layer is pruned alone at every level of ``MEASURED_LEVELS`` (up to
-        max_layer_sparsity), refit on three quarters of the calibration rows, and priced by the mean
-        squared change of the model's score on the last quarter, relative to the score's variance.
-        The refit layers then share the target so that the summed price is least; weights pruned by
-        magnitude alone keep the configured sparsity. Layers differ widely: a first layer over
-        embeddings or a narrow last layer moves the score far more per weight removed than a wide
-        hidden layer does.
-
-        With several ``augments`` (mixed-column rows added to the fitting rows, drawn from those rows
-        only), each is priced first with every layer at the target sparsity, and the one costing least
-        on the held-out rows refits: mixed rows keep refits of wide layers from overfitting 512 rows,
-        but misrepresent inputs whose columns are not independent (one-hot groups).
-        """
-        calibration = self.context.calibration
-        assert calibration is not None
-        config = self.config
-        held_out = max(1, calibration.feeds.rows // 4)
-        fitting = dataclasses.replace(calibration, feeds=calibration.feeds.head(calibration.feeds.rows - held_out))
-        evaluation = dataclasses.replace(calibration, feeds=calibration.feeds.tail(calibration.feeds.rows - held_out))
-        trial = model.clone()  # shares the tensors; each write below replaces one, leaving the model as it was
-        trial_layers = {layer.weight.name: layer for layer in linear_layers(trial)}
-        logit = score_logit(trial)
-        (reference,) = capture(trial, evaluation, [logit])
-        reference = np.asarray(reference, dtype=np.float64)
-        variance = float(reference.var()) or 1.0
-        levels = [level for level in MEASURED_LEVELS if level < config.max_layer_sparsity]
-        if levels[-1] < config.max_layer_sparsity:
-            levels.append(config.max_layer_sparsity)
-        refit = [weight for weight in weights if why_not[weight.value] is None]
-
-        def priced(rows: Calibration, sparsities: Sequence[float]) -> np.ndarray:
-            """``[layer, sparsity]``: the held-out score error of each layer pruned alone and refit on ``rows``."""
-            costs = np.zeros((len(refit), len(sparsities)))
-            for row, weight in enumerate(refit):
-                layer = trial_layers[weight.name]
-                weight0, bias0 = _effective(layer), _bias_vector(layer)
-                (inputs,) = _capture(rows, trial, [layer.data]).values()
-                fit_bias = layer.bias is not None
-                goal = inputs @ weight0 + (bias0 if fit_bias else 0)
-                system = NormalEquations.of(Gram.of(inputs, goal), config.refit_damping, fit_bias, prior=weight0)
-                keep = None
-                for column, sparsity in enumerate(sparsities):
-                    if sparsity == 0.0:
-                        continue
-                    if layer.d_out * layer.d_in**3 > EXACT_OBS_FLOPS:
-                        new_weight = sparsegpt(system, sparsity, None)
-                    else:  # each level continues from the last one's mask
-                        rounds = OBS_ROUNDS if keep is None else MEASURED_ROUNDS_PER_LEVEL
-                        keep = obs_mask(system, sparsity, rounds, start=keep)
-                        new_weight = system.solve(keep)
-                    _write_layer(trial.graph, layer, new_weight, system.intercept(new_weight))
-                    (score,) = capture(trial, evaluation, [logit])
-                    change = np.asarray(score, dtype=np.float64) - reference
-                    costs[row, column] = float(np.mean(change**2)) / variance
-                _write_layer(trial.graph, layer, weight0, bias0 if fit_bias else None)
-            return costs
-
-        choice: dict[str, Any] = {}
-        augment = augments[0]
-        if len(augments) > 1:  # decided at the target sparsity, every layer alike, before the full price list
-            target = min(config.sparsity, config.max_layer_sparsity)
-            totals = {
-                candidate: float(
-                    priced(
-                        fitting_rows(trial, fitting, candidate).calibration if candidate else fitting, [target]
-                    ).sum()
-                )
-                for candidate in augments
-            }
-            augment = min(totals, key=lambda candidate: totals[candidate])
-            choice["held_out_score_error_by_mixed_rows"] = {str(key): round(value, 8) for key, value in totals.items()}
-        costs = priced(fitting_rows(trial, fitting, augment).calibration if augment else fitting, levels)
-        allocated = allocate_sparsities(levels, costs, [weight.tensor.size for weight in refit], config.sparsity)
-        by_name = dict(zip((weight.name for weight in refit), allocated, strict=True))
-        sparsities = [by_name.get(weight.name, config.sparsity) for weight in weights]
-        prices = {
-            weight.name: {
-                f"{level:g}": round(float(cost), 8) for level, cost in zip(levels[1:], costs[row, 1:], strict=True)
-            }
-            for row, weight in enumerate(refit)
-        }
-        return sparsities, prices, augment, choice
 
     # --- hidden units ---------------------------------------------------------------------------
 
@@ -785,6 +700,87 @@ _CONSTANT_THROUGH: dict[str, Any] = {
     "Dropout": lambda values, node: values,
     "LeakyRelu": lambda values, node: np.where(values >= 0, values, node.attributes.get_float("alpha", 0.01) * values),
 }
+
+
+class _HeldOutPrices:
+    """What pruning each refit layer alone costs the model's score on held-out calibration rows.
+
+    The layer is refit on the first three quarters of the calibration rows (plus mixed-column rows
+    drawn from them, if asked) and priced by the mean squared change of the score on the last
+    quarter, relative to the score's variance, with every other layer dense. Writes go to a clone
+    that shares the model's tensors and replaces only the ones it changes.
+    """
+
+    def __init__(self, prune: Prune, model: ir.Model, refit: list[_Weight], calibration: Calibration) -> None:
+        self.prune = prune
+        self.refit = refit
+        held_out = max(1, calibration.feeds.rows // 4)
+        self.fitting = dataclasses.replace(calibration, feeds=calibration.feeds.head(calibration.feeds.rows - held_out))
+        self.evaluation = dataclasses.replace(
+            calibration, feeds=calibration.feeds.tail(calibration.feeds.rows - held_out)
+        )
+        self.trial = model.clone()
+        self.layers = {layer.weight.name: layer for layer in linear_layers(self.trial)}
+        self.logit = score_logit(self.trial)
+        (reference,) = capture(self.trial, self.evaluation, [self.logit])
+        self.reference = np.asarray(reference, dtype=np.float64)
+        self.variance = float(self.reference.var()) or 1.0
+
+    def costs(self, augment: int, sparsities: Sequence[float]) -> np.ndarray:
+        """``[layer, sparsity]`` prices, refitting on the fitting rows plus ``augment`` mixed rows.
+
+        Unstructured levels continue each from the last one's OBS mask; with N:M the sparsity is moot.
+        """
+        config = self.prune.config
+        rows = fitting_rows(self.trial, self.fitting, augment).calibration if augment else self.fitting
+        nm = parse_nm(config.structure)
+        costs = np.zeros((len(self.refit), len(sparsities)))
+        for row, weight in enumerate(self.refit):
+            layer = self.layers[weight.name]
+            weight0, bias0 = _effective(layer), _bias_vector(layer)
+            (inputs,) = _capture(rows, self.trial, [layer.data]).values()
+            fit_bias = layer.bias is not None
+            goal = inputs @ weight0 + (bias0 if fit_bias else 0)
+            system = NormalEquations.of(Gram.of(inputs, goal), config.refit_damping, fit_bias, prior=weight0)
+            keep = None
+            for column, sparsity in enumerate(sparsities):
+                if sparsity == 0.0 and nm is None:
+                    continue
+                if nm is not None or layer.d_out * layer.d_in**3 > EXACT_OBS_FLOPS:
+                    new_weight = self.prune._sparse_solution(system, layer, sparsity)
+                else:
+                    rounds = OBS_ROUNDS if keep is None else MEASURED_ROUNDS_PER_LEVEL
+                    keep = obs_mask(system, sparsity, rounds, start=keep)
+                    new_weight = system.solve(keep)
+                _write_layer(self.trial.graph, layer, new_weight, system.intercept(new_weight))
+                (score,) = capture(self.trial, self.evaluation, [self.logit])
+                change = np.asarray(score, dtype=np.float64) - self.reference
+                costs[row, column] = float(np.mean(change**2)) / self.variance
+            _write_layer(self.trial.graph, layer, weight0, bias0 if fit_bias else None)
+        return costs
+
+    def allocate(self, augment: int, weights: list[_Weight]) -> tuple[list[float], dict[str, dict[str, float]]]:
+        """scope=measured: per-tensor sparsities of ``weights`` meeting the target at the least summed
+        price over ``MEASURED_LEVELS`` (up to max_layer_sparsity), and the price list.
+
+        Layers differ widely: a first layer over embeddings or a narrow last layer moves the score far
+        more per weight removed than a wide hidden layer does. Weights pruned by magnitude alone keep
+        the configured sparsity.
+        """
+        config = self.prune.config
+        levels = [level for level in MEASURED_LEVELS if level < config.max_layer_sparsity]
+        if levels[-1] < config.max_layer_sparsity:
+            levels.append(config.max_layer_sparsity)
+        costs = self.costs(augment, levels)
+        allocated = allocate_sparsities(levels, costs, [weight.tensor.size for weight in self.refit], config.sparsity)
+        by_name = dict(zip((weight.name for weight in self.refit), allocated, strict=True))
+        prices = {
+            weight.name: {
+                f"{level:g}": round(float(cost), 8) for level, cost in zip(levels[1:], costs[row, 1:], strict=True)
+            }
+            for row, weight in enumerate(self.refit)
+        }
+        return [by_name.get(weight.name, config.sparsity) for weight in weights], prices
 
 
 def _constant_outputs(link: HiddenLink, biases: np.ndarray) -> np.ndarray | None:
