@@ -340,12 +340,6 @@ class Prune(CompressionPass):
             return self._within_budget(model, calibration)
         if self.config.structure != "neurons":
             return self._prune_weights(model)
-        if self.config.refit_augment and calibration is not None:
-            fitting = fitting_rows(model, calibration, self.config.refit_augment).calibration
-            config = dataclasses.replace(self.config, augment=0)
-            result = type(self)(config, dataclasses.replace(self.context, calibration=fitting))._prune_units(model)
-            stats = {**result.stats, "refit_rows": fitting.feeds.source}
-            return CompressionResult(result.model, modified=result.modified, stats=stats)
         return self._prune_units(model)
 
     def _within_budget(self, model: ir.Model, calibration: Calibration) -> CompressionResult:
@@ -577,21 +571,38 @@ class Prune(CompressionPass):
                 chosen.append(link)
             else:
                 skipped[link.producer.node.name or names[0]] = reason
-        calibration = self.context.calibration
-        refit = calibration is not None and self.config.reconstruct
+        real = self.context.calibration
+        refit = real is not None and self.config.reconstruct
+        fractions = [self.config.sparsity] * len(chosen)
+        prices: dict[str, dict[str, float]] = {}
+        if (
+            refit
+            and chosen
+            and self.config.scope == "measured"
+            and real is not None
+            and real.feeds.rows >= MEASURED_MIN_ROWS
+        ):
+            fractions, prices = _HeldOutPrices(self, model, [], real).allocate_units(chosen)
+        augment = self.config.refit_augment
+        calibration = fitting_rows(model, real, augment).calibration if augment and real is not None else real
         consumers = [link.consumer for link in chosen]
         dense = _capture(calibration, model, [layer.data for layer in consumers]) if refit and chosen else {}
         originals = {layer: (_effective(layer), _bias_vector(layer)) for layer in consumers}
         per_layer: dict[str, dict[str, Any]] = {}
         removed_total = 0
         params_before = sum(layer.d_in * layer.d_out for layer in linear_layers(model))
-        for link in chosen:
+        for link, fraction in zip(chosen, fractions, strict=True):
             width = link.width
-            remove = round(self.config.sparsity * width)
+            remove = round(fraction * width)
             remove = min(remove, width - 1)
             name = link.producer.node.name or link.producer.weight.name or "?"
             if remove <= 0:
-                skipped[name] = f"removing {self.config.sparsity:.0%} of {width} units rounds to none"
+                skipped[name] = (
+                    f"scope=measured removes none of its {width} units (held-out score error by fraction "
+                    f"removed: {prices[name]})"
+                    if name in prices
+                    else f"removing {fraction:.0%} of {width} units rounds to none"
+                )
                 continue
             consumer = link.consumer
             activations = (
@@ -615,23 +626,19 @@ class Prune(CompressionPass):
                 "units_after": int(keep.size),
                 "next_layer": consumer.node.name or consumer.weight.name,
             }
+            if name in prices:
+                entry["held_out_score_error"] = prices[name]
             if system is not None and activations is not None:
-                reduced = NormalEquations(
-                    system.a[np.ix_(keep, keep)],
-                    system.b[keep],
-                    system.x_mean[keep] if system.x_mean is not None else None,
-                    system.y_mean,
-                )
-                new_weight = reduced.solve()
-                new_bias = reduced.intercept(new_weight)
+                new_weight, new_bias = _kept_rows_solution(system, keep)
                 _write_layer(model.graph, consumer, new_weight, new_bias)
                 residual = activations[:, keep] @ new_weight + (new_bias if new_bias is not None else 0) - goal
                 entry["next_layer_refit_error"] = _relative_error(residual, target)
             per_layer[name] = entry
             removed_total += remove
         params_after = sum(layer.d_in * layer.d_out for layer in linear_layers(model))
-        stats = {
+        stats: dict[str, Any] = {
             "structure": "neurons",
+            "scope": "measured" if prices else "layer",
             "layers_pruned": len(per_layer),
             "units_removed": removed_total,
             "linear_parameters_before": params_before,
@@ -639,6 +646,8 @@ class Prune(CompressionPass):
             "layers": per_layer,
             "skipped": skipped,
         }
+        if augment and calibration is not None and calibration is not real:
+            stats["refit_rows"] = calibration.feeds.source
         return CompressionResult(model, modified=bool(per_layer), stats=stats)
 
     def _op_reason(self, link: HiddenLink) -> str | None:
@@ -719,6 +728,7 @@ class _HeldOutPrices:
         self.evaluation = dataclasses.replace(
             calibration, feeds=calibration.feeds.tail(calibration.feeds.rows - held_out)
         )
+        self.prune_model = model
         self.trial = model.clone()
         self.layers = {layer.weight.name: layer for layer in linear_layers(self.trial)}
         self.logit = score_logit(self.trial)
@@ -781,6 +791,59 @@ class _HeldOutPrices:
             for row, weight in enumerate(self.refit)
         }
         return [by_name.get(weight.name, config.sparsity) for weight in weights], prices
+
+    def allocate_units(self, links: list[HiddenLink]) -> tuple[list[float], dict[str, dict[str, float]]]:
+        """structure=neurons with scope=measured: the fraction of each link's units to remove so that
+        the target fraction of all their units goes at the least summed price, and the price list.
+
+        Each link loses ``MEASURED_LEVELS`` of its units alone (the next layer refit on the fitting
+        rows, plus prune.augment mixed rows drawn from them) in a fresh clone of the model.
+        """
+        config = self.prune.config
+        levels = [level for level in MEASURED_LEVELS if level < config.max_layer_sparsity]
+        if levels[-1] < config.max_layer_sparsity:
+            levels.append(config.max_layer_sparsity)
+        augment = config.refit_augment
+        rows = fitting_rows(self.trial, self.fitting, augment).calibration if augment else self.fitting
+        costs = np.zeros((len(links), len(levels)))
+        for row, link in enumerate(links):
+            consumer = link.consumer
+            weight0, bias0 = _effective(consumer), _bias_vector(consumer)
+            (inputs,) = _capture(rows, self.prune_model, [consumer.data]).values()
+            fit_bias = consumer.bias is not None
+            goal = inputs @ weight0 + (bias0 if fit_bias else 0)
+            system = NormalEquations.of(Gram.of(inputs, goal), config.refit_damping, fit_bias, prior=weight0)
+            for column, level in enumerate(levels[1:], start=1):
+                remove = min(round(level * link.width), link.width - 1)
+                keep = obs_rows(system, link.width - remove, OBS_ROUNDS)
+                trial = self.prune_model.clone()
+                (copy,) = (
+                    other for other in mlp_links(trial)[0] if other.producer.weight.name == link.producer.weight.name
+                )
+                Prune._shrink(trial.graph, copy, keep)
+                _write_layer(trial.graph, copy.consumer, *_kept_rows_solution(system, keep))
+                (score,) = capture(trial, self.evaluation, [score_logit(trial)])
+                change = np.asarray(score, dtype=np.float64) - self.reference
+                costs[row, column] = float(np.mean(change**2)) / self.variance
+        allocated = allocate_sparsities(levels, costs, [link.width for link in links], config.sparsity)
+        names = [link.producer.node.name or link.producer.weight.name or "?" for link in links]
+        prices = {
+            name: {f"{level:g}": round(float(cost), 8) for level, cost in zip(levels[1:], costs[row, 1:], strict=True)}
+            for row, name in enumerate(names)
+        }
+        return allocated, prices
+
+
+def _kept_rows_solution(system: NormalEquations, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Weight (and bias) of the refit that reads only inputs ``keep`` of ``system``."""
+    reduced = NormalEquations(
+        system.a[np.ix_(keep, keep)],
+        system.b[keep],
+        system.x_mean[keep] if system.x_mean is not None else None,
+        system.y_mean,
+    )
+    weight = reduced.solve()
+    return weight, reduced.intercept(weight)
 
 
 def _constant_outputs(link: HiddenLink, biases: np.ndarray) -> np.ndarray | None:
