@@ -219,20 +219,41 @@ def obs_mask(
     """
     d_in, d_out = system.b.shape
     if nm is not None:
-        inverse = np.linalg.inv(system.a)
-        weights = inverse @ system.b
-        return nm_mask(weights**2 / np.diag(inverse)[:, None], nm[0], nm[1], axis=0)
+        return _obs_nm_mask(system, nm, steps)
     keep = np.ones((d_in, d_out), dtype=bool) if start is None else start.copy()
     first = int(keep[:, 0].sum()) if d_out else d_in
     final = keep_count(d_in, sparsity)
     for step in range(1, steps + 1):
         count = first - round((first - final) * step / steps)
-        saliency = np.full((d_in, d_out), -np.inf)
-        for cols, rows, a_sub, b_sub in system.masked_systems(keep):
-            inverse = np.linalg.inv(a_sub)
-            weights = (inverse @ b_sub)[:, :, 0]
-            saliency[rows, cols[:, None]] = weights**2 / np.diagonal(inverse, axis1=1, axis2=2)
-        keep = topk_mask(saliency, 1.0 - count / d_in if d_in else 0.0, axis=0)
+        keep = topk_mask(_obs_saliency(system, keep), 1.0 - count / d_in if d_in else 0.0, axis=0)
+    return keep
+
+
+def _obs_saliency(system: NormalEquations, keep: np.ndarray) -> np.ndarray:
+    """OBS saliency ``w_q^2 / [A_S^-1]_qq`` of every kept entry (``-inf`` elsewhere)."""
+    saliency = np.full(keep.shape, -np.inf)
+    for cols, rows, a_sub, b_sub in system.masked_systems(keep):
+        inverse = np.linalg.inv(a_sub)
+        weights = (inverse @ b_sub)[:, :, 0]
+        saliency[rows, cols[:, None]] = weights**2 / np.diagonal(inverse, axis1=1, axis2=2)
+    return saliency
+
+
+def _obs_nm_mask(system: NormalEquations, nm: tuple[int, int], steps: int) -> np.ndarray:
+    """N:M groups decided in ``steps`` rounds in input order, each on the solution that keeps the
+    groups not yet decided dense: their weights absorb what the decided groups lose, as in SparseGPT."""
+    n, m = nm
+    d_in, d_out = system.b.shape
+    keep = np.ones((d_in, d_out), dtype=bool)
+    groups = -(-d_in // m)
+    decided = 0
+    for step in range(1, steps + 1):
+        until = groups * step // steps
+        if until == decided:
+            continue
+        low, high = decided * m, min(until * m, d_in)
+        keep[low:high] = nm_mask(_obs_saliency(system, keep)[low:high], n, m, axis=0)
+        decided = until
     return keep
 
 
