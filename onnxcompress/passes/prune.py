@@ -452,9 +452,15 @@ class Prune(CompressionPass):
         choice: dict[str, Any] = {}
         nm = parse_nm(self.config.structure)
         measure = self.config.scope == "measured" and nm is None
-        if refit and calibration is not None and calibration.feeds.rows >= MEASURED_MIN_ROWS:
+        choose_rows = self.config.augment == "auto" and (measure or nm is not None)
+        if (
+            (measure or choose_rows)
+            and refit
+            and calibration is not None
+            and calibration.feeds.rows >= MEASURED_MIN_ROWS
+        ):
             prices = _HeldOutPrices(self, model, [w for w in weights if why_not[w.value] is None], calibration)
-            if self.config.augment == "auto" and (measure or nm is not None):
+            if choose_rows:
                 totals = {
                     rows: float(prices.costs(rows, [self.config.sparsity]).sum())
                     for rows in (0, WEIGHT_AUGMENT_CANDIDATE)
@@ -728,13 +734,19 @@ class _HeldOutPrices:
         self.evaluation = dataclasses.replace(
             calibration, feeds=calibration.feeds.tail(calibration.feeds.rows - held_out)
         )
-        self.prune_model = model
+        self.model = model
         self.trial = model.clone()
         self.layers = {layer.weight.name: layer for layer in linear_layers(self.trial)}
         self.logit = score_logit(self.trial)
         (reference,) = capture(self.trial, self.evaluation, [self.logit])
         self.reference = np.asarray(reference, dtype=np.float64)
         self.variance = float(self.reference.var()) or 1.0
+
+    def levels(self) -> list[float]:
+        """``MEASURED_LEVELS`` up to max_layer_sparsity, which is the top level."""
+        cap = self.prune.config.max_layer_sparsity
+        levels = [level for level in MEASURED_LEVELS if level < cap]
+        return [*levels, cap] if levels else [0.0]
 
     def costs(self, augment: int, sparsities: Sequence[float]) -> np.ndarray:
         """``[layer, sparsity]`` prices, refitting on the fitting rows plus ``augment`` mixed rows.
@@ -778,9 +790,7 @@ class _HeldOutPrices:
         the configured sparsity.
         """
         config = self.prune.config
-        levels = [level for level in MEASURED_LEVELS if level < config.max_layer_sparsity]
-        if levels[-1] < config.max_layer_sparsity:
-            levels.append(config.max_layer_sparsity)
+        levels = self.levels()
         costs = self.costs(augment, levels)
         allocated = allocate_sparsities(levels, costs, [weight.tensor.size for weight in self.refit], config.sparsity)
         by_name = dict(zip((weight.name for weight in self.refit), allocated, strict=True))
@@ -800,23 +810,21 @@ class _HeldOutPrices:
         rows, plus prune.augment mixed rows drawn from them) in a fresh clone of the model.
         """
         config = self.prune.config
-        levels = [level for level in MEASURED_LEVELS if level < config.max_layer_sparsity]
-        if levels[-1] < config.max_layer_sparsity:
-            levels.append(config.max_layer_sparsity)
+        levels = self.levels()
         augment = config.refit_augment
         rows = fitting_rows(self.trial, self.fitting, augment).calibration if augment else self.fitting
         costs = np.zeros((len(links), len(levels)))
         for row, link in enumerate(links):
             consumer = link.consumer
             weight0, bias0 = _effective(consumer), _bias_vector(consumer)
-            (inputs,) = _capture(rows, self.prune_model, [consumer.data]).values()
+            (inputs,) = _capture(rows, self.model, [consumer.data]).values()
             fit_bias = consumer.bias is not None
             goal = inputs @ weight0 + (bias0 if fit_bias else 0)
             system = NormalEquations.of(Gram.of(inputs, goal), config.refit_damping, fit_bias, prior=weight0)
             for column, level in enumerate(levels[1:], start=1):
                 remove = min(round(level * link.width), link.width - 1)
                 keep = obs_rows(system, link.width - remove, OBS_ROUNDS)
-                trial = self.prune_model.clone()
+                trial = self.model.clone()
                 (copy,) = (
                     other for other in mlp_links(trial)[0] if other.producer.weight.name == link.producer.weight.name
                 )
