@@ -180,6 +180,28 @@ def test_measured_scope_needs_rows_to_hold_out_and_otherwise_prunes_every_layer_
     assert set(result.stats["tensors"]["w1"]["held_out_score_error"]) == {"0.3", "0.5", "0.65", "0.8", "0.9", "0.95"}
 
 
+def test_measured_scope_without_a_float_score_prunes_every_layer_alike() -> None:
+    """A model that outputs only a class index has no score whose change could price a layer."""
+    weights = {
+        "w1": RNG.standard_normal((8, 16)).astype(np.float32),
+        "w2": RNG.standard_normal((16, 4)).astype(np.float32),
+    }
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,8] x, float[8,16] w1, float[16,4] w2) => (int64[N] label) {
+      h = MatMul(x, w1)
+      r = Relu(h)
+      y = MatMul(r, w2)
+      label = ArgMax <axis = 1, keepdims = 0> (y)
+    }
+    """
+    model = text_model(text, weights)
+    calibration = calibration_for(RNG.standard_normal((256, 8)).astype(np.float32))
+    for structure in ("unstructured", "neurons"):
+        result = prune(model, calibration, sparsity=0.5, structure=structure)(model)
+        assert result.stats["scope"] == "layer"
+
+
 def test_neurons_shrink_producer_bias_and_consumer_and_keep_the_wiring(tmp_path: Path) -> None:
     model, weights = relu_chain()
     consumer = [node for node in model.graph if node.op_type == "MatMul"][1]

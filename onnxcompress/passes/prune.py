@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.graph import (
     BATCHNORM_PARAMS,
     ELEMENTWISE_BINARY,
@@ -453,12 +454,8 @@ class Prune(CompressionPass):
         nm = parse_nm(self.config.structure)
         measure = self.config.scope == "measured" and nm is None
         choose_rows = self.config.augment == "auto" and (measure or nm is not None)
-        if (
-            (measure or choose_rows)
-            and refit
-            and calibration is not None
-            and calibration.feeds.rows >= MEASURED_MIN_ROWS
-        ):
+        if (measure or choose_rows) and refit and _priceable(model, calibration):
+            assert calibration is not None
             prices = _HeldOutPrices(self, model, [w for w in weights if why_not[w.value] is None], calibration)
             if choose_rows:
                 totals = {
@@ -581,13 +578,8 @@ class Prune(CompressionPass):
         refit = real is not None and self.config.reconstruct
         fractions = [self.config.sparsity] * len(chosen)
         prices: dict[str, dict[str, float]] = {}
-        if (
-            refit
-            and chosen
-            and self.config.scope == "measured"
-            and real is not None
-            and real.feeds.rows >= MEASURED_MIN_ROWS
-        ):
+        if refit and chosen and self.config.scope == "measured" and _priceable(model, real):
+            assert real is not None
             fractions, prices = _HeldOutPrices(self, model, [], real).allocate_units(chosen)
         augment = self.config.refit_augment
         calibration = fitting_rows(model, real, augment).calibration if augment and real is not None else real
@@ -715,6 +707,18 @@ _CONSTANT_THROUGH: dict[str, Any] = {
     "Dropout": lambda values, node: values,
     "LeakyRelu": lambda values, node: np.where(values >= 0, values, node.attributes.get_float("alpha", 0.01) * values),
 }
+
+
+def _priceable(model: ir.Model, calibration: Calibration | None) -> bool:
+    """Whether held-out prices can be taken: enough calibration rows to hold a quarter out, and a
+    float score to measure the change of."""
+    if calibration is None or calibration.feeds.rows < MEASURED_MIN_ROWS:
+        return False
+    try:
+        score_logit(model)
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 class _HeldOutPrices:
