@@ -381,6 +381,26 @@ def test_measured_scope_removes_half_the_units_where_the_score_moves_least_on_th
     assert score(measured.report)["spearman"] > score(uniform.report)["spearman"] + 0.001
 
 
+def test_held_out_prices_let_the_next_layer_absorb_what_it_can() -> None:
+    """DLRM's top MLP: a layer with a next layer to refit costs the score less at 80% than priced
+    with that next layer frozen; the last layer has none and is priced alike either way."""
+    from onnxcompress.graph import weights_by_value
+    from onnxcompress.passes.prune import _HeldOutPrices, _Weight
+
+    model, calibration = shipped_model_with_calibration("dlrm")
+    pruner = prune(model, calibration, sparsity=0.8)
+    weights = [_Weight(value, uses) for value, uses in weights_by_value(model).items() if value.name.startswith("top.")]
+    prices = _HeldOutPrices(pruner, model, weights, calibration)
+    assert {"top.0.weight", "top.2.weight"} <= set(prices.next_layers) and "top.4.weight" not in prices.next_layers
+    absorbed = prices.costs(0, [0.8])[:, 0]
+    prices.next_layers = {}
+    frozen = prices.costs(0, [0.8])[:, 0]
+    names = [weight.name for weight in weights]
+    first, last = names.index("top.0.weight"), names.index("top.4.weight")
+    assert absorbed[first] < 0.8 * frozen[first]
+    assert absorbed[last] == pytest.approx(frozen[last])
+
+
 @pytest.mark.parametrize(("name", "mixed"), [("sklearn_mlp", False), ("keras_wide_deep", True)])
 def test_measured_scope_refits_on_mixed_column_rows_only_where_held_out_rows_favour_them(
     cli, tmp_path: Path, name: str, mixed: bool
