@@ -210,8 +210,8 @@ def obs_mask(
     error by ``w_q^2 / [A_S^-1]_qq`` (``A_S`` the system over the inputs ``S`` still kept); the
     least salient inputs go first. Unstructured masks are reached in ``steps`` equal rounds, each
     re-solving the kept systems, because saliencies change as neighbours leave (one-shot OBS on
-    the dense solution is what SparseGPT approximates). N:M masks take each group's ``n`` most
-    salient inputs of the dense solution. Every column keeps the same count.
+    the dense solution is what SparseGPT approximates). N:M masks are decided group by group in
+    ``steps`` rounds (:func:`_obs_nm_mask`). Every column keeps the same count.
 
     ``start``, a sparser-than-dense mask from an earlier call (every column keeping the same count),
     continues from there: masks for rising sparsities then cost ``steps`` rounds each, not all the

@@ -769,16 +769,11 @@ class _HeldOutPrices:
         rows = fitting_rows(self.trial, self.fitting, augment).calibration if augment else self.fitting
         nm = parse_nm(config.structure)
         costs = np.zeros((len(self.refit), len(sparsities)))
-        wanted = {name: layer.data for name, layer in self.next_layers.items()}
-        captured = _capture(rows, self.trial, list(wanted.values())) if wanted else {}
-        next_inputs = {name: captured[value] for name, value in wanted.items()}
-        for row, weight in enumerate(self.refit):
-            layer = self.layers[weight.name]
-            weight0, bias0 = _effective(layer), _bias_vector(layer)
-            (inputs,) = _capture(rows, self.trial, [layer.data]).values()
-            fit_bias = layer.bias is not None
-            goal = inputs @ weight0 + (bias0 if fit_bias else 0)
-            system = NormalEquations.of(Gram.of(inputs, goal), config.refit_damping, fit_bias, prior=weight0)
+        # Every layer's and every next layer's input on the dense trial, in one onnxruntime session.
+        layers = [self.layers[weight.name] for weight in self.refit]
+        dense = _capture(rows, self.trial, [layer.data for layer in [*layers, *self.next_layers.values()]])
+        for row, (weight, layer) in enumerate(zip(self.refit, layers, strict=True)):
+            system, weight0, bias0 = _refit_system(layer, dense[layer.data], dense[layer.data], config.refit_damping)
             keep = None
             for column, sparsity in enumerate(sparsities):
                 if sparsity == 0.0 and nm is None:
@@ -791,29 +786,28 @@ class _HeldOutPrices:
                     new_weight = system.solve(keep)
                 _write_layer(self.trial.graph, layer, new_weight, system.intercept(new_weight))
                 after = self.next_layers.get(weight.name)
-                restore = self._absorb(after, rows, next_inputs[weight.name]) if after is not None else None
-                (score,) = capture(self.trial, self.evaluation, [self.logit])
-                change = np.asarray(score, dtype=np.float64) - self.reference
-                costs[row, column] = float(np.mean(change**2)) / self.variance
+                restore = self._absorb(after, rows, dense[after.data]) if after is not None else None
+                costs[row, column] = self._price(self.trial, self.logit)
                 if after is not None and restore is not None:
                     _write_layer(self.trial.graph, after, *restore)
-            _write_layer(self.trial.graph, layer, weight0, bias0 if fit_bias else None)
+            _write_layer(self.trial.graph, layer, weight0, bias0)
         return costs
+
+    def _price(self, trial: ir.Model, logit: ir.Value) -> float:
+        """The mean squared change of ``trial``'s score on the held-out rows, relative to its variance."""
+        (score,) = capture(trial, self.evaluation, [logit])
+        return float(np.mean((np.asarray(score, dtype=np.float64) - self.reference) ** 2)) / self.variance
 
     def _absorb(
         self, layer: LinearLayer, rows: Calibration, dense_inputs: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Refit ``layer`` (dense) on its inputs in the trial towards its output on ``dense_inputs``,
         as its own refit will after the layer before it is pruned; return its weight and bias as they were."""
-        weight0, bias0 = _effective(layer), _bias_vector(layer)
-        fit_bias = layer.bias is not None
         (inputs,) = _capture(rows, self.trial, [layer.data]).values()
-        goal = dense_inputs @ weight0 + (bias0 if fit_bias else 0)
-        damping = self.prune.config.refit_damping
-        system = NormalEquations.of(Gram.of(inputs, goal), damping, fit_bias, prior=weight0)
+        system, weight0, bias0 = _refit_system(layer, inputs, dense_inputs, self.prune.config.refit_damping)
         weight = system.solve()
         _write_layer(self.trial.graph, layer, weight, system.intercept(weight))
-        return weight0, bias0 if fit_bias else None
+        return weight0, bias0
 
     def allocate(self, augment: int, weights: list[_Weight]) -> tuple[list[float], dict[str, dict[str, float]]]:
         """scope=measured: per-tensor sparsities of ``weights`` meeting the target at the least summed
@@ -828,12 +822,7 @@ class _HeldOutPrices:
         costs = self.costs(augment, levels)
         allocated = allocate_sparsities(levels, costs, [weight.tensor.size for weight in self.refit], config.sparsity)
         by_name = dict(zip((weight.name for weight in self.refit), allocated, strict=True))
-        prices = {
-            weight.name: {
-                f"{level:g}": round(float(cost), 8) for level, cost in zip(levels[1:], costs[row, 1:], strict=True)
-            }
-            for row, weight in enumerate(self.refit)
-        }
+        prices = _price_lists([weight.name for weight in self.refit], levels, costs)
         return [by_name.get(weight.name, config.sparsity) for weight in weights], prices
 
     def allocate_units(self, links: list[HiddenLink]) -> tuple[list[float], dict[str, dict[str, float]]]:
@@ -849,12 +838,8 @@ class _HeldOutPrices:
         rows = fitting_rows(self.trial, self.fitting, augment).calibration if augment else self.fitting
         costs = np.zeros((len(links), len(levels)))
         for row, link in enumerate(links):
-            consumer = link.consumer
-            weight0, bias0 = _effective(consumer), _bias_vector(consumer)
-            (inputs,) = _capture(rows, self.model, [consumer.data]).values()
-            fit_bias = consumer.bias is not None
-            goal = inputs @ weight0 + (bias0 if fit_bias else 0)
-            system = NormalEquations.of(Gram.of(inputs, goal), config.refit_damping, fit_bias, prior=weight0)
+            (inputs,) = _capture(rows, self.model, [link.consumer.data]).values()
+            system, _, _ = _refit_system(link.consumer, inputs, inputs, config.refit_damping)
             for column, level in enumerate(levels[1:], start=1):
                 remove = min(round(level * link.width), link.width - 1)
                 keep = obs_rows(system, link.width - remove, OBS_ROUNDS)
@@ -864,16 +849,30 @@ class _HeldOutPrices:
                 )
                 Prune._shrink(trial.graph, copy, keep)
                 _write_layer(trial.graph, copy.consumer, *_kept_rows_solution(system, keep))
-                (score,) = capture(trial, self.evaluation, [score_logit(trial)])
-                change = np.asarray(score, dtype=np.float64) - self.reference
-                costs[row, column] = float(np.mean(change**2)) / self.variance
+                costs[row, column] = self._price(trial, score_logit(trial))
         allocated = allocate_sparsities(levels, costs, [link.width for link in links], config.sparsity)
         names = [link.producer.node.name or link.producer.weight.name or "?" for link in links]
-        prices = {
-            name: {f"{level:g}": round(float(cost), 8) for level, cost in zip(levels[1:], costs[row, 1:], strict=True)}
-            for row, name in enumerate(names)
-        }
-        return allocated, prices
+        return allocated, _price_lists(names, levels, costs)
+
+
+def _refit_system(
+    layer: LinearLayer, inputs: np.ndarray, dense_inputs: np.ndarray, damping: float
+) -> tuple[NormalEquations, np.ndarray, np.ndarray | None]:
+    """The ridge system refitting ``layer`` on ``inputs`` towards its own output on ``dense_inputs``
+    (pulled towards its current weight), with that weight and bias (None without a bias input)."""
+    weight0, bias0 = _effective(layer), _bias_vector(layer)
+    fit_bias = layer.bias is not None
+    goal = dense_inputs @ weight0 + (bias0 if fit_bias else 0)
+    system = NormalEquations.of(Gram.of(inputs, goal), damping, fit_bias, prior=weight0)
+    return system, weight0, bias0 if fit_bias else None
+
+
+def _price_lists(names: list[str], levels: list[float], costs: np.ndarray) -> dict[str, dict[str, float]]:
+    """``{name: {level: price}}`` for the stats, level 0 (free by definition) left out."""
+    return {
+        name: {f"{level:g}": round(float(cost), 8) for level, cost in zip(levels[1:], costs[row, 1:], strict=True)}
+        for row, name in enumerate(names)
+    }
 
 
 def _kept_rows_solution(system: NormalEquations, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
