@@ -707,3 +707,85 @@ def test_float16_vectors_each_cast_back_become_one_cast_and_a_split(tmp_path: Pa
     for node in [node for node in model.graph if node.op_type == "Cast"][PACK_MIN_VECTORS - 1 :]:
         node.inputs[0].const_value = ir.tensor(node.inputs[0].const_value.numpy().astype(np.float32))
     assert Cleanup(Cleanup.Config(pack_casts=True))(model).stats["cast_vectors_packed"] == 0  # 3 float16
+
+
+def test_the_sklearn_label_needs_no_ml_operator_and_stays_identical(tmp_path: Path) -> None:
+    files = model_files("sklearn_mlp")
+    model = ir.load(files["onnx"])
+    result = Cleanup()(model)
+    assert result.stats["labels_simplified"] == 1
+    assert "ArrayFeatureExtractor" not in op_types(model) and "ArgMax" not in op_types(model)
+    assert "ai.onnx.ml" not in model.opset_imports
+    feeds = dict(np.load(files["feeds"]))
+    expected = runtime.make_session(files["onnx"], "all").run(None, feeds)
+    got = runtime.make_session(save_model(model, tmp_path / "clean.onnx"), "all").run(None, feeds)
+    assert got[0].dtype == expected[0].dtype and got[0].shape == expected[0].shape
+    np.testing.assert_array_equal(got[0], expected[0])
+    assert 0 < expected[0].mean() < 1  # both classes occur
+
+
+BINARY_LABEL_TEXT = """
+<ir_version: 8, opset_import: ["" : 14, "ai.onnx.ml" : 1]>
+g (float[N,1] p) => (float[N,2] probabilities, int64[N] label) {
+  q = Sub(one, p)
+  probabilities = Concat <axis = 1> (q, p)
+  index = ArgMax <axis = 1> (probabilities)
+  picked = ai.onnx.ml.ArrayFeatureExtractor(classes, index)
+  flat = Reshape(picked, shape)
+  label = Cast <to = 7> (flat)
+}
+"""
+
+
+@pytest.mark.parametrize(("classes", "expected_ops"), [([0, 1], ["Greater", "Cast"]), ([3, -7], ["Greater", "Where"])])
+def test_a_binary_label_is_a_comparison_of_the_two_scores_with_ties_to_the_first(
+    classes: list[int], expected_ops: list[str], tmp_path: Path
+) -> None:
+    constants = {
+        "one": np.array(1.0, np.float32),
+        "classes": np.array(classes, np.int32),
+        "shape": np.array([-1], np.int64),
+    }
+    model = text_model(BINARY_LABEL_TEXT.replace("g (", "g (int32[2] classes, int64[1] shape, float one, "), constants)
+    # 0.5 ties (ArgMax picks the first class), scores on both sides and at the ends.
+    feeds = {"p": np.array([[0.5], [0.2], [0.8], [0.0], [1.0], [0.5000001]], np.float32)}
+    before = runtime.make_session(save_model(model, tmp_path / "before.onnx"), "disable").run(None, feeds)
+    assert Cleanup()(model).stats["labels_simplified"] == 1
+    assert [op for op in op_types(model) if op in ("Greater", "Cast", "Where")][:2] == expected_ops
+    assert "ArrayFeatureExtractor" not in op_types(model)
+    after = runtime.make_session(save_model(model, tmp_path / "after.onnx"), "disable").run(None, feeds)
+    np.testing.assert_array_equal(after[1], before[1])
+    assert before[1].tolist() == [classes[0], classes[0], classes[1], classes[0], classes[1], classes[1]]
+
+
+MULTICLASS_LABEL_TEXT = """
+<ir_version: 8, opset_import: ["" : 14, "ai.onnx.ml" : 1]>
+g (float[N,3] scores, int64[3] classes, int64[1] shape) => (int64[N] label) {
+  index = ArgMax <axis = 1> (scores)
+  picked = ai.onnx.ml.ArrayFeatureExtractor(classes, index)
+  label = Reshape(picked, shape)
+}
+"""
+
+
+@pytest.mark.parametrize(("classes", "simplified"), [([0, 1, 2], True), ([0, 2, 5], False)])
+def test_a_multiclass_label_is_the_index_itself_only_when_classes_count_from_zero(
+    classes: list[int], simplified: bool, tmp_path: Path
+) -> None:
+    constants = {"classes": np.array(classes, np.int64), "shape": np.array([-1], np.int64)}
+    model = text_model(MULTICLASS_LABEL_TEXT, constants)
+    feeds = {"scores": np.random.default_rng(0).standard_normal((9, 3)).astype(np.float32)}
+    before = runtime.make_session(save_model(model, tmp_path / "before.onnx"), "disable").run(None, feeds)
+    assert Cleanup()(model).stats["labels_simplified"] == int(simplified)
+    assert ("ArrayFeatureExtractor" in op_types(model)) is not simplified
+    after = runtime.make_session(save_model(model, tmp_path / "after.onnx"), "disable").run(None, feeds)
+    np.testing.assert_array_equal(after[0], before[0])
+
+
+def test_a_label_read_in_its_own_shape_keeps_the_ml_operator() -> None:
+    text = MULTICLASS_LABEL_TEXT.replace("int64[N] label", "int64[1,N] label").replace(
+        "label = Reshape(picked, shape)", "label = Identity(picked)"
+    )
+    model = text_model(text, {"classes": np.arange(3, dtype=np.int64), "shape": np.array([-1], np.int64)})
+    assert Cleanup()(model).stats["labels_simplified"] == 0
+    assert "ArrayFeatureExtractor" in op_types(model)

@@ -31,6 +31,7 @@ __all__ = [
     "drop_default_attributes",
     "merge_identical_initializers",
     "remove_inference_dropout",
+    "simplify_class_labels",
     "strip_metadata",
 ]
 
@@ -411,6 +412,90 @@ def compact_masks(model: ir.Model) -> int:
         mask.type, mask.shape = ir.TensorType(ir.DataType.BOOL), value.shape
         value.replace_all_uses_with(mask)
         graph.initializers.pop(name)
+        rewritten += 1
+    return rewritten
+
+
+def _reshapes_to_vector(value: ir.Value) -> bool:
+    """Every use of ``value`` is a Reshape to the constant shape ``[-1]`` (so its own shape is
+    irrelevant) and it is not a graph output."""
+    uses = value.uses()
+    if not uses or value.is_graph_output():
+        return False
+    for node, index in uses:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or index != 0:
+            return False
+        shape = constant_array(node.inputs[1] if len(node.inputs) > 1 else None)
+        if shape is None or shape.tolist() != [-1]:
+            return False
+    return True
+
+
+def _two_scores(argmax: ir.Node) -> tuple[ir.Value, ir.Value] | None:
+    """``(a, b)`` when ``argmax`` picks between ``Concat(a, b)`` of width one each along its axis
+    (a binary classifier's two class probabilities), keeping that axis, first index on ties."""
+    source = argmax.inputs[0]
+    concat = source.producer() if source is not None else None
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or source is None:
+        return None
+    if argmax.attributes.get_int("keepdims", 1) != 1 or argmax.attributes.get_int("select_last_index", 0) != 0:
+        return None
+    shape = source.shape
+    if shape is None or not all(isinstance(dim, int) for dim in shape.dims[1:]) or len(shape) < 1:
+        return None
+    rank = len(shape)
+    axis = argmax.attributes.get_int("axis", 0) % rank
+    if concat.attributes.get_int("axis", 0) % rank != axis or axis != rank - 1 or shape[axis] != 2:
+        return None
+    first, second = concat.inputs
+    if first is None or second is None or 1 not in (_last_dim(first), _last_dim(second)):
+        return None  # widths 1 + 1, not 2 + 0
+    return first, second
+
+
+def simplify_class_labels(model: ir.Model) -> int:
+    """Compute a classifier's label without ``ai.onnx.ml.ArrayFeatureExtractor`` (which TensorRT and
+    other runtimes lack, and which onnxruntime runs as a kernel of its own).
+
+    scikit-learn exports ``label = Reshape(ArrayFeatureExtractor(classes, ArgMax(probabilities)), [-1])``.
+    With classes ``0..C-1`` the extractor returns the index itself; for two classes whose scores are
+    concatenated, ``ArgMax`` is ``Greater(second, first)`` (the first index on ties, as ArgMax
+    picks), and other numeric classes are a ``Where`` between them. Exact. Returns the labels
+    rewritten."""
+    rewritten = 0
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "ArrayFeatureExtractor" or node.domain != "ai.onnx.ml" or len(node.inputs) != 2:
+            continue
+        classes = constant_array(node.inputs[0])
+        index, result = node.inputs[1], node.outputs[0]
+        argmax = index.producer() if index is not None else None
+        if classes is None or classes.ndim != 1 or classes.dtype.kind not in "iub" or argmax is None:
+            continue
+        if argmax.op_type != "ArgMax" or argmax.domain not in ("", "ai.onnx") or not _reshapes_to_vector(result):
+            continue
+        dtype = ir.DataType.from_numpy(classes.dtype)
+        scores = _two_scores(argmax) if len(classes) == 2 else None
+        if scores is not None:
+            greater = ir.node("Greater", [scores[1], scores[0]])
+            if classes.tolist() == [0, 1]:
+                new_nodes = [greater, ir.node("Cast", greater.outputs, attributes={"to": dtype})]
+            else:
+                name = unique_name(graph, "class")
+                picks = [constant_value(unique_name(graph, f"{name}_{k}"), classes[k]) for k in (1, 0)]
+                for pick in picks:
+                    graph.register_initializer(pick)
+                new_nodes = [greater, ir.node("Where", [greater.outputs[0], *picks])]
+        elif classes.tolist() == list(range(len(classes))):
+            new_nodes = [ir.node("Cast", [index], attributes={"to": dtype})]
+        else:
+            continue
+        graph.insert_before(node, new_nodes)
+        label = new_nodes[-1].outputs[0]
+        label.name = unique_name(graph, f"{result.name or 'label'}_simplified")
+        label.type = ir.TensorType(dtype)
+        result.replace_all_uses_with(label)
+        graph.remove(node, safe=True)
         rewritten += 1
     return rewritten
 
@@ -915,6 +1000,10 @@ _ELEMENTWISE = frozenset(
 )
 
 
+#: Binary ops that keep their variable input's last axis when the constant is a scalar or a vector of it.
+_BROADCASTING = ("Add", "Sub", "Mul", "Div")
+
+
 def _last_dim(value: ir.Value, depth: int = 0) -> int | None:
     """The static size of ``value``'s last axis: from its shape, else through elementwise ops and
     per-channel affine ops back to the linear layer or BatchNormalization that set it."""
@@ -927,13 +1016,15 @@ def _last_dim(value: ir.Value, depth: int = 0) -> int | None:
     if found is not None:
         weight, axis, _ = found
         return int(weight.const_value.shape.numpy()[axis])  # type: ignore[union-attr]
-    if producer.op_type in _ELEMENTWISE or producer.op_type in ("Add", "Mul", "BatchNormalization"):
+    if producer.op_type in _ELEMENTWISE or producer.op_type in (*_BROADCASTING, "BatchNormalization"):
         upstream = _variable_input(producer) if producer.op_type not in _ELEMENTWISE else producer.inputs[0]
         if upstream is None:
             return None
         size = _last_dim(upstream, depth + 1)
-        constants = [v for v in producer.inputs[1:] if v is not None and constant_array(v) is not None]
-        if producer.op_type in ("Add", "Mul") and any(_channel_vector(c, size or 0) is None for c in constants):
+        constants = [
+            v for v in producer.inputs if v is not None and v is not upstream and constant_array(v) is not None
+        ]
+        if producer.op_type in _BROADCASTING and any(_channel_vector(c, size or 0) is None for c in constants):
             return None  # a constant that broadcasts the last axis
         return size
     return None
@@ -1029,6 +1120,13 @@ class Cleanup(CompressionPass):
                 "output added to the next layer's bias (lossless to float32 rounding)"
             },
         )
+        simplify_labels: bool = field(
+            default=True,
+            metadata={
+                "help": "compute a classifier's label from its scores with standard ops instead of "
+                "ai.onnx.ml.ArrayFeatureExtractor (scikit-learn exports; exact)"
+            },
+        )
         fuse_parallel: bool = field(
             default=True,
             metadata={"help": "make linear layers that read the same input one wider layer and a Split (Q/K/V)"},
@@ -1066,6 +1164,7 @@ class Cleanup(CompressionPass):
         fused = fuse_parallel_linear(model) if self.config.fuse_parallel else 0
         norms = fold_norm_into_next_linear(model) if self.config.fold_affine else 0
         dead_units = remove_dead_units(model) if self.config.remove_dead_units else 0
+        labels = simplify_class_labels(model) if self.config.simplify_labels else 0
         adds_merged = merge_constant_adds(model) if self.config.fold_affine else 0
         RemoveUnusedNodesPass()(model)
         RemoveUnusedFunctionsPass()(model)
@@ -1099,6 +1198,7 @@ class Cleanup(CompressionPass):
             "norms_folded": norms,
             "constant_adds_merged": adds_merged,
             "dead_units_removed": dead_units,
+            "labels_simplified": labels,
             "metadata_items_stripped": stripped,
             "names_shortened": renamed,
             "constants_lifted": lifted,
@@ -1123,5 +1223,6 @@ class Cleanup(CompressionPass):
             or norms
             or adds_merged
             or dead_units
+            or labels
         )
         return CompressionResult(model, modified=modified, stats=stats)
