@@ -453,6 +453,24 @@ def _two_scores(argmax: ir.Node) -> tuple[ir.Value, ir.Value] | None:
     return first, second
 
 
+def _reshaped_label_type(result: ir.Value) -> ir.DataType | None:
+    """The integer type every reshaped label is cast to, when each Reshape's only use is that Cast
+    (scikit-learn casts int32 classes to int64): the label can be made in it directly."""
+    types = set()
+    for reshape, _ in result.uses():
+        reshaped = reshape.outputs[0]
+        if not reshaped.uses() or reshaped.is_graph_output():
+            return None
+        for cast, _ in reshaped.uses():
+            if cast.op_type != "Cast" or cast.domain not in ("", "ai.onnx"):
+                return None
+            types.add(cast.attributes.get_int("to", 0))
+    if len(types) != 1:
+        return None
+    dtype = ir.DataType(types.pop())
+    return dtype if np.issubdtype(dtype.numpy(), np.integer) else None
+
+
 def simplify_class_labels(model: ir.Model) -> int:
     """Compute a classifier's label without ``ai.onnx.ml.ArrayFeatureExtractor`` (which TensorRT and
     other runtimes lack, and which onnxruntime runs as a kernel of its own).
@@ -460,8 +478,9 @@ def simplify_class_labels(model: ir.Model) -> int:
     scikit-learn exports ``label = Reshape(ArrayFeatureExtractor(classes, ArgMax(probabilities)), [-1])``.
     With classes ``0..C-1`` the extractor returns the index itself; for two classes whose scores are
     concatenated, ``ArgMax`` is ``Greater(second, first)`` (the first index on ties, as ArgMax
-    picks), and other numeric classes are a ``Where`` between them. Exact. Returns the labels
-    rewritten."""
+    picks), and other numeric classes are a ``Where`` between them. A label cast to another integer
+    type after its Reshape is made in that type (the Cast then goes as one to its own type). Exact.
+    Returns the labels rewritten."""
     rewritten = 0
     graph = model.graph
     for node in list(graph):
@@ -475,6 +494,11 @@ def simplify_class_labels(model: ir.Model) -> int:
         if argmax.op_type != "ArgMax" or argmax.domain not in ("", "ai.onnx") or not _reshapes_to_vector(result):
             continue
         dtype = ir.DataType.from_numpy(classes.dtype)
+        final = _reshaped_label_type(result)
+        if final is not None and np.array_equal(classes.astype(final.numpy()), classes):
+            dtype, classes = final, classes.astype(final.numpy())
+            for reshape, _ in result.uses():
+                reshape.outputs[0].type = ir.TensorType(dtype)
         scores = _two_scores(argmax) if len(classes) == 2 else None
         if scores is not None:
             greater = ir.node("Greater", [scores[1], scores[0]])
@@ -1159,12 +1183,12 @@ class Cleanup(CompressionPass):
         before = _op_counts(model)
         initializers_before = len(model.graph.initializers)
         dropout = remove_inference_dropout(model) if self.config.remove_dropout else 0
+        labels = simplify_class_labels(model) if self.config.simplify_labels else 0
         remove_identities(model)
         affine = fold_affine_into_linear(model) + fold_affine_into_next_linear(model) if self.config.fold_affine else 0
         fused = fuse_parallel_linear(model) if self.config.fuse_parallel else 0
         norms = fold_norm_into_next_linear(model) if self.config.fold_affine else 0
         dead_units = remove_dead_units(model) if self.config.remove_dead_units else 0
-        labels = simplify_class_labels(model) if self.config.simplify_labels else 0
         adds_merged = merge_constant_adds(model) if self.config.fold_affine else 0
         RemoveUnusedNodesPass()(model)
         RemoveUnusedFunctionsPass()(model)
