@@ -63,6 +63,8 @@ def _bypass(node: ir.Node) -> bool:
     if was_graph_output:
         name, result.name = result.name, None
         source.name = name
+        # The interface keeps its declared type and shape (the checker requires an output's shape).
+        source.type, source.shape = source.type or result.type, source.shape or result.shape
     graph.remove(node, safe=True)
     return True
 
@@ -517,7 +519,6 @@ def simplify_class_labels(model: ir.Model) -> int:
         graph.insert_before(node, new_nodes)
         label = new_nodes[-1].outputs[0]
         label.name = unique_name(graph, f"{result.name or 'label'}_simplified")
-        label.type = ir.TensorType(dtype)
         result.replace_all_uses_with(label)
         graph.remove(node, safe=True)
         rewritten += 1
