@@ -131,7 +131,7 @@ def compress(
         parity_feeds = synthesize_feeds(model, input_shapes)
     label_array: np.ndarray | None = load_labels(Path(labels), parity_feeds.rows) if labels is not None else None
     calib_feeds: Feeds = calib_rows if calib_rows is not None else parity_feeds
-    pipeline = Pipeline(specs, PassContext(calibration=Calibration(calib_feeds)))
+    pipeline = Pipeline(specs, PassContext(calibration=Calibration(calib_feeds), source=in_path))
     budgets = _budgets(pipeline.budget, tolerances, output_tolerances)
 
     reference: dict[str, np.ndarray] = {}

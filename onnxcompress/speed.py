@@ -15,6 +15,7 @@ import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -27,6 +28,7 @@ __all__ = [
     "ModelTiming",
     "choose_integer_layers",
     "model_timing",
+    "model_timings",
     "probe_dynamic_matmul",
     "rows_per_example",
 ]
@@ -78,14 +80,17 @@ def choose_integer_layers(
     model: ModelTiming | None,
     max_latency_increase: float,
     min_batch_gain: float,
+    reference: ModelTiming | None = None,
 ) -> set[str]:
     """The layers to run with integer kernels.
 
     Layers faster on a batch and no slower on one row are always taken. The others cost latency on
     a single request; among those that each save at least ``min_batch_gain`` of the model's batch
     time, the set with the largest batch time saved whose summed cost, less what the free layers
-    save, stays within ``max_latency_increase`` of the model's one-row time is taken (exhaustively for a few layers,
-    else greedily by time saved per time spent). Without a model timing no costly layer is taken.
+    save, keeps the model's one-row time within ``1 + max_latency_increase`` of the ``reference``'s
+    (the model as the user gave it, which earlier passes may have made slower or faster; the float
+    model itself when None) is taken (exhaustively for a few layers, else greedily by time saved per
+    time spent). Without a model timing no costly layer is taken.
     """
     faster = {name: timing for name, timing in timings.items() if timing.faster_on_batch}
     chosen = {name for name, timing in faster.items() if timing.single_cost <= 0}
@@ -101,7 +106,8 @@ def choose_integer_layers(
         reverse=True,
     )
     # What the free layers save on one row, the costly ones may spend.
-    budget = max_latency_increase * model.single - sum(timings[name].single_cost for name in chosen)
+    allowed = (1 + max_latency_increase) * (reference or model).single - model.single
+    budget = allowed - sum(timings[name].single_cost for name in chosen)
     if len(costly) <= EXHAUSTIVE_MAX_LAYERS:
         best: tuple[float, tuple[str, ...]] = (0.0, ())
         for size in range(1, len(costly) + 1):
@@ -152,7 +158,7 @@ def _best_seconds(calls: Sequence[Callable[[], object]], repeats: int = 9) -> li
     return best
 
 
-def _timing_session(model: ir.Model) -> object:
+def _timing_session(model: ir.Model | Path) -> object:
     # One thread: a second one's spin-waits make a run of a few microseconds noise. All graph
     # optimisations, as deployed, so that fused kernels are what is timed.
     return runtime.make_session(model, "all", threads=1)
@@ -200,15 +206,25 @@ def probe_dynamic_matmul(inputs: int, outputs: int, relu: bool, example_rows: in
     return LayerTiming(float_single, integer_single, float_batch, integer_batch)
 
 
-def model_timing(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> ModelTiming:
+def model_timing(model: ir.Model | Path, feeds: Mapping[str, np.ndarray]) -> ModelTiming:
     """The model's seconds per call on its first feed row and on its first ``BATCH_ROWS`` rows."""
-    session = _timing_session(model)
-    names = {spec.name for spec in session.get_inputs()}  # type: ignore[attr-defined]
-    arrays = {name: array for name, array in feeds.items() if name in names}
-    single, batch = ({name: array[:rows] for name, array in arrays.items()} for rows in (1, BATCH_ROWS))
-    (single_seconds,) = _best_seconds([_runner(session, single)], repeats=5)
-    (batch_seconds,) = _best_seconds([_runner(session, batch)], repeats=5)
-    return ModelTiming(single_seconds, batch_seconds)
+    return model_timings([model], feeds)[0]
+
+
+def model_timings(models: Sequence[ir.Model | Path], feeds: Mapping[str, np.ndarray]) -> list[ModelTiming]:
+    """Each model's (an ir.Model or a file) seconds per call on the first feed row and on the first
+    ``BATCH_ROWS`` rows, timed in interleaved repeats so that their differences are not the
+    machine's drift between two measurements."""
+    sessions = [_timing_session(model) for model in models]
+    runners: dict[int, list[Callable[[], object]]] = {1: [], BATCH_ROWS: []}
+    for session in sessions:
+        names = {spec.name for spec in session.get_inputs()}  # type: ignore[attr-defined]
+        arrays = {name: array for name, array in feeds.items() if name in names}
+        for rows, calls in runners.items():
+            calls.append(_runner(session, {name: array[:rows] for name, array in arrays.items()}))
+    single = _best_seconds(runners[1], repeats=5)
+    batch = _best_seconds(runners[BATCH_ROWS], repeats=5)
+    return [ModelTiming(one, many) for one, many in zip(single, batch, strict=True)]
 
 
 def _runner(session: object, feeds: Mapping[str, np.ndarray]) -> Callable[[], object]:

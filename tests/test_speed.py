@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 
@@ -11,6 +13,7 @@ from onnxcompress.speed import (
     ModelTiming,
     choose_integer_layers,
     model_timing,
+    model_timings,
     rows_per_example,
 )
 
@@ -57,6 +60,29 @@ def test_what_free_layers_save_on_one_row_costly_ones_may_spend() -> None:
     timings = {"wide": timing(-2.0, 3.0), "narrow": timing(1.5, 1.5)}
     assert choose_integer_layers(timings, MODEL, 0.0, 0.0) == {"wide", "narrow"}
     assert choose_integer_layers({"narrow": timings["narrow"]}, MODEL, 0.0, 0.0) == set()
+
+
+def test_what_earlier_passes_saved_on_one_row_against_the_original_integer_layers_may_spend() -> None:
+    timings = {"b": timing(0.8, 2.0, float_batch_us=100)}
+    # Budget 8% of the model itself: 0.8 us for a 10 us model fits exactly, not more.
+    assert choose_integer_layers(timings, MODEL, 0.08, 0.0) == {"b"}
+    # Pruned from 12 us to 10 us: the original's 8% plus the 2 us saved.
+    original = ModelTiming(single=12 * US, batch=2000 * US)
+    assert choose_integer_layers({"b": timing(2.8, 2.0)}, MODEL, 0.08, 0.0, original) == {"b"}
+    assert choose_integer_layers({"b": timing(3.0, 2.0)}, MODEL, 0.08, 0.0, original) == set()
+    # A model made slower than the original leaves less.
+    slower = ModelTiming(single=9.5 * US, batch=1000 * US)
+    assert choose_integer_layers(timings, MODEL, 0.08, 0.0, slower) == set()
+
+
+def test_model_timings_time_a_model_and_a_file_side_by_side(tmp_path: Path) -> None:
+    text = '<ir_version: 10, opset_import: ["" : 21]>\nm (float[N,64] x) => (float[N,64] y) {{ {body} }}'
+    small = ir.from_onnx_text(text.format(body="y = Relu(x)"))
+    chain = "\n".join(f"t{k} = Tanh({'x' if k == 0 else f't{k - 1}'})" for k in range(40))
+    large = ir.from_onnx_text(text.format(body=f"{chain}\n y = Relu(t39)"))
+    ir.save(large, tmp_path / "large.onnx")
+    small_timing, large_timing = model_timings([small, tmp_path / "large.onnx"], {"x": np.ones((600, 64), np.float32)})
+    assert large_timing.single > small_timing.single and large_timing.batch > 5 * small_timing.batch
 
 
 def test_a_layer_whose_gain_is_a_sliver_of_the_model_is_not_worth_latency() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import onnx_ir as ir
@@ -26,9 +27,11 @@ class CompressionResult(ir.passes.PassResult):
 
 @dataclasses.dataclass
 class PassContext:
-    """What a pass may use besides the model: calibration data and the user's labels."""
+    """What a pass may use besides the model: calibration data and the model file as the user
+    gave it (to measure against the original when earlier passes have changed the graph)."""
 
     calibration: Calibration | None = None
+    source: Path | None = None
 
 
 class CompressionPass(ir.passes.InPlacePass):
