@@ -137,6 +137,9 @@ PRESETS: dict[str, Preset] = {
                     "table_codes": "pq",
                     "scale_codebook": True,
                     "mixed_min_cosine": 0.998,
+                    # Half this pipeline's 2% gate on label flips (the distill and prune budgets),
+                    # as the quant default is half of a quant-only pipeline's 1%.
+                    "mixed_max_mismatch": 0.01,
                 },
                 "cleanup@final": _FINAL_CLEANUP,
             },

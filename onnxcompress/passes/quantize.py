@@ -578,7 +578,10 @@ class Quantize(CompressionPass):
             },
         )
         mixed_max_mismatch: float = field(
-            default=0.01,
+            # Half the parity gate's 1%: labels near a decision threshold flip more often on rows
+            # the search has not seen (the scikit-learn MLP searched at 1% flipped 1.49% of its test
+            # labels and failed the gate; at 0.5%, 0.69%).
+            default=0.005,
             metadata={
                 "help": "mixed: fraction of each integer output's values (labels, ids) that may differ "
                 "from the original's on calibration rows",
