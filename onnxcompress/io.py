@@ -159,12 +159,24 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     if path.stat().st_size == 0:
         raise InputModelError(f"{name}: the file is empty; re-export the model")
     try:
-        model = ir.load(path)
+        proto = onnx.load(path, load_external_data=False)
     except Exception as error:
         raise InputModelError(
             f"{name}: not a readable ONNX model (the file is truncated, corrupted or not ONNX: "
             f"{_first_line(error)}); re-export it"
         ) from error
+    detached = _detach_zipmaps(proto)
+    _check_no_maps(proto, name)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as error:
+        raise InputModelError(
+            f"{name}: not a readable ONNX model (the file is truncated, corrupted or not ONNX: "
+            f"{_first_line(error)}); re-export it"
+        ) from error
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    if detached:
+        model.meta[DETACHED_OUTPUTS] = detached
     if not model.graph.outputs:
         raise InputModelError(f"{name}: not an ONNX model with a graph (no graph outputs); re-export it")
     model_dir = path.resolve().parent
@@ -189,6 +201,91 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
             f"{name}: fails the ONNX checker: {_first_line(error)}; fix the graph or re-export the model"
         ) from error
     return model
+
+
+#: ``model.meta`` key of the ZipMap nodes taken off at load, put back at save.
+DETACHED_OUTPUTS = "onnxcompress.detached_outputs"
+
+
+@dataclass(frozen=True)
+class DetachedOutput:
+    """A graph output made by an ``ai.onnx.ml.ZipMap`` (skl2onnx's default for classifiers: one
+    ``{class: probability}`` map per row), which onnx-ir cannot represent. The passes see the
+    probability tensor it reads as that output, in its place; saving puts the node back."""
+
+    position: int
+    node: bytes
+    output: bytes
+
+
+def _has_map(type_proto: onnx.TypeProto) -> bool:
+    kind = type_proto.WhichOneof("value")
+    if kind == "map_type":
+        return True
+    if kind in ("sequence_type", "optional_type"):
+        return _has_map(getattr(type_proto, kind).elem_type)
+    return False
+
+
+def _detach_zipmaps(proto: onnx.ModelProto) -> tuple[DetachedOutput, ...]:
+    graph = proto.graph
+    detached = []
+    for node in list(graph.node):
+        if node.op_type != "ZipMap" or node.domain != "ai.onnx.ml" or len(node.input) != 1 or len(node.output) != 1:
+            continue
+        positions = [index for index, output in enumerate(graph.output) if output.name == node.output[0]]
+        taken = {output.name for output in graph.output}
+        if len(positions) != 1 or node.input[0] in taken:
+            continue
+        position = positions[0]
+        original = graph.output[position]
+        classes = [attribute for attribute in node.attribute if attribute.name.startswith("classlabels")]
+        width = len(classes[0].ints or classes[0].strings) if classes else None
+        probabilities = onnx.ValueInfoProto(name=node.input[0])
+        tensor_type = probabilities.type.tensor_type
+        tensor_type.elem_type = onnx.TensorProto.FLOAT
+        tensor_type.shape.dim.add()  # rows
+        if width:
+            tensor_type.shape.dim.add().dim_value = width
+        detached.append(DetachedOutput(position, node.SerializeToString(), original.SerializeToString()))
+        graph.output.remove(original)
+        graph.output.insert(position, probabilities)
+        graph.node.remove(node)
+    return tuple(detached)
+
+
+def _check_no_maps(proto: onnx.ModelProto, name: str) -> None:
+    for kind, values in (("input", proto.graph.input), ("output", proto.graph.output)):
+        for value in values:
+            if _has_map(value.type):
+                raise InputModelError(
+                    f"{name}: graph {kind} {value.name!r} is a map, which onnxcompress cannot represent; "
+                    f"export the model with tensor {kind}s (skl2onnx: options={{'zipmap': False}})"
+                )
+    for value in proto.graph.value_info:
+        if _has_map(value.type):
+            raise InputModelError(
+                f"{name}: value {value.name!r} is a map, which onnxcompress cannot represent; export the "
+                f"model with tensors only"
+            )
+
+
+def _reattach(model_path: Path, detached: tuple[DetachedOutput, ...]) -> None:
+    """Put the ZipMap nodes taken off at load back onto the saved file (external data untouched)."""
+    proto = onnx.load(model_path, load_external_data=False)
+    graph = proto.graph
+    for item in detached:
+        node, output = onnx.NodeProto(), onnx.ValueInfoProto()
+        node.ParseFromString(item.node)
+        output.ParseFromString(item.output)
+        stand_in = next(value for value in graph.output if value.name == node.input[0])
+        position = list(graph.output).index(stand_in)
+        graph.output.remove(stand_in)
+        graph.output.insert(position, output)
+        graph.node.append(node)
+    if not any(opset.domain == "ai.onnx.ml" for opset in proto.opset_import):
+        proto.opset_import.append(onnx.OperatorSetIdProto(domain="ai.onnx.ml", version=1))
+    onnx.save(proto, model_path)
 
 
 def _root_cause(error: BaseException) -> str:
@@ -319,6 +416,9 @@ def stage(model: ir.Model, out_path: Path, external_data: str = "auto") -> Stage
                 )
             _embed_external_tensors(model)
             ir.save(model, model_path)
+        detached = model.meta.get(DETACHED_OUTPUTS)
+        if detached:
+            _reattach(model_path, detached)
         # Still inside the try: an interrupt that lands while the result is handed back must not
         # leave the folder behind (a signal sent as soon as the staged files appear hit this).
         return StagedModel(

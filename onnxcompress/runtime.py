@@ -175,6 +175,15 @@ def batches(feeds: Mapping[str, np.ndarray], batch_size: int | None) -> Iterator
         yield {name: array[start : start + batch_size] for name, array in arrays.items()}
 
 
+def _as_array(result: object) -> np.ndarray:
+    """An output as an array; a sequence of maps (a ZipMap's ``{class: probability}`` per row) as
+    ``[rows, classes]`` in the maps' class order."""
+    if isinstance(result, list) and result and isinstance(result[0], dict):
+        classes = list(result[0])
+        return np.array([[row[key] for key in classes] for row in result], dtype=np.float32)
+    return np.asarray(result)
+
+
 def run(
     session: ort.InferenceSession,
     feeds: Mapping[str, np.ndarray],
@@ -200,5 +209,5 @@ def run(
                 ) from error
             raise UnsupportedModelError(f"onnxruntime failed while running the model ({message})") from error
         for name, result in zip(names, results, strict=True):
-            pieces[name].append(np.asarray(result))
+            pieces[name].append(_as_array(result))
     return {name: parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0) for name, parts in pieces.items()}

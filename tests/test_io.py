@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import files_in, mlp_model, save_model, text_model
+from conftest import files_in, mlp_model, model_files, save_model, text_model
 
-from onnxcompress import io
+from onnxcompress import io, runtime
 from onnxcompress.errors import InputModelError, OutputPathError
 
 TABLE_TEXT = """
@@ -173,3 +173,69 @@ def test_initializer_bytes_reads_no_data(tmp_path: Path) -> None:
     model = io.load(external_model(tmp_path / "in"))
     assert io.initializer_bytes(model) == 256 * 16 * 4
     assert mlp_model().graph.initializers["w1"].const_value.nbytes == 16 * 8 * 4
+
+
+def zipmap_sklearn(folder: Path) -> Path:
+    """The shipped scikit-learn MLP as skl2onnx exports a classifier by default: its probabilities
+    turned into one ``{class: probability}`` map per row by ZipMap (a sequence-of-maps output)."""
+    proto = onnx.load(str(model_files("sklearn_mlp")["onnx"]))
+    graph = proto.graph
+    position = next(index for index, output in enumerate(graph.output) if output.name == "probabilities")
+    graph.output.remove(graph.output[position])
+    graph.node.append(
+        onnx.helper.make_node(
+            "ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml", classlabels_int64s=[0, 1]
+        )
+    )
+    seq_of_maps = onnx.helper.make_sequence_type_proto(
+        onnx.helper.make_map_type_proto(onnx.TensorProto.INT64, onnx.helper.make_tensor_type_proto(1, None))
+    )
+    graph.output.insert(position, onnx.helper.make_value_info("output_probability", seq_of_maps))
+    path = folder / "zipmap.onnx"
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path))
+    return path
+
+
+@pytest.mark.parametrize("external", ["never", "always"])
+def test_a_zipmap_output_is_compressed_through_and_comes_back_as_a_map(cli, tmp_path: Path, external: str) -> None:
+    """onnx-ir has no map type: the ZipMap is taken off at load (the passes see the probabilities)
+    and put back at save; parity compares the maps as [rows, classes]."""
+    source = zipmap_sklearn(tmp_path)
+    out = tmp_path / "out.onnx"
+    feeds = model_files("sklearn_mlp")["feeds"]
+    result = cli(source, out, "--preset", "int8", "--feeds", feeds, "--external-data", external)
+    assert result.code == 0, result.err
+    outputs = {output["name"]: output for output in result.report["parity"]["outputs"]}
+    assert set(outputs) == {"label", "output_probability"}
+    assert outputs["output_probability"]["cosine"] > 0.9999 and outputs["label"]["passed"]
+    assert result.report["size_ratio"] > 3.9
+    onnx.checker.check_model(str(out))
+    written = onnx.load(str(out), load_external_data=False)
+    assert [output.name for output in written.graph.output] == ["label", "output_probability"]
+    assert written.graph.output[1].type.WhichOneof("value") == "sequence_type"
+    assert written.graph.node[-1].op_type == "ZipMap"
+    rows = {name: array[:3] for name, array in np.load(feeds).items()}
+    (label, maps), (label_before, maps_before) = (
+        runtime.make_session(path, "all").run(None, rows) for path in (out, source)
+    )
+    np.testing.assert_array_equal(label, label_before)
+    assert [sorted(row) for row in maps] == [[0, 1]] * 3
+    np.testing.assert_allclose([row[1] for row in maps], [row[1] for row in maps_before], atol=0.01)
+
+
+def test_a_map_input_is_refused_naming_the_export_option(tmp_path: Path) -> None:
+    value_map = onnx.helper.make_map_type_proto(onnx.TensorProto.STRING, onnx.helper.make_tensor_type_proto(1, None))
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("DictVectorizer", ["x"], ["y"], domain="ai.onnx.ml", string_vocabulary=["a", "b"])],
+        "g",
+        [onnx.helper.make_value_info("x", value_map)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 2])],
+    )
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("ai.onnx.ml", 1)]
+    )
+    path = tmp_path / "dict.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(InputModelError, match=r"graph input 'x' is a map.*zipmap"):
+        io.load(path)
