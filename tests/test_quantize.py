@@ -198,6 +198,36 @@ def test_a_table_tied_to_an_output_layer_is_quantized_once(tmp_path: Path) -> No
         assert relative_error(exact, approximate) < 0.01
 
 
+def test_a_table_also_read_as_a_plain_tensor_gives_that_reader_the_decoded_table(tmp_path: Path) -> None:
+    """A dynamo export of GRU4Rec slices its item table for the candidate items as well as looking
+    rows up: the Slice must read the quantized table decoded, not a removed initializer."""
+    table = RNG.standard_normal((300, 8)).astype(np.float32)
+    weight = RNG.standard_normal((8, 4)).astype(np.float32)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] ids, float[300,8] emb, int64[1] starts, int64[1] ends, float[8,4] w)
+          => (float[N,20] scores, float[N,4] projected, float[4,8] flipped) {
+          e = Gather(emb, ids)
+          items = Slice(emb, starts, ends)
+          scores = Gemm <transB = 1> (e, items)
+          projected = MatMul(e, w)
+          flipped = Transpose(w)
+        }
+        """,
+        {"emb": table, "starts": np.array([0]), "ends": np.array([20]), "w": weight},
+    )
+    feeds = {"ids": RNG.integers(0, 300, 10).astype(np.int64)}
+    expected = evaluate(model, tmp_path, feeds)
+    result = Quantize(Quantize.Config(embedding_granularity="row", float_storage="float32"))(model)
+    assert "emb" not in model.graph.initializers and "emb_q" in model.graph.initializers
+    # A linear weight also read by another op stays float: its readers would need two forms.
+    assert result.stats["skipped"]["w"] == "also read by Transpose as a plain tensor: left in float"
+    got = evaluate(model, tmp_path, feeds)
+    assert relative_error(expected[0], got[0]) < 0.02 and relative_error(expected[1], got[1]) < 0.02
+    np.testing.assert_array_equal(got[2], expected[2])
+
+
 def test_selection_options_and_skip_reasons() -> None:
     model = linear_model()
     config = Quantize.Config(exclude="gemm_t", min_elements=600, op_types=("MatMul", "Gemm"), float_storage="float32")

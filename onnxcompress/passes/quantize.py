@@ -698,7 +698,15 @@ class Quantize(CompressionPass):
             tensor = value.const_value
             assert tensor is not None
             is_table = _is_table(uses)
-            if not any(use.node.op_type in config.op_types for use in uses):
+            known = {(id(use.node), use.input_index) for use in uses}
+            elsewhere = [(node, index) for node, index in value.uses() if (id(node), index) not in known]
+            if elsewhere and is_table:
+                # Also read as a plain tensor (a dynamo export slices a tied item table): those
+                # readers get the table decoded whole, as a tied output layer does.
+                uses = [*uses, *(WeightUse(node, index, value, "tensor", 0, None) for node, index in elsewhere)]
+            if elsewhere and not is_table:
+                skipped[name] = f"also read by {elsewhere[0][0].op_type} as a plain tensor: left in float"
+            elif not any(use.node.op_type in config.op_types for use in uses):
                 skipped[name] = "op type not in quant.op_types"
             elif include is not None and not any(include.search(n) for n in names):
                 skipped[name] = "not matched by quant.include"
