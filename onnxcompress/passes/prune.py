@@ -27,6 +27,7 @@ from onnxcompress.graph import (
     weights_by_value,
 )
 from onnxcompress.layers import capture, fitting_rows, score_logit
+from onnxcompress.numerics.conv import ConvGeometry, conv_patches, filters, from_filters
 from onnxcompress.numerics.distill import logit_fidelity
 from onnxcompress.numerics.lstsq import Gram, NormalEquations
 from onnxcompress.numerics.prune import (
@@ -435,8 +436,10 @@ class Prune(CompressionPass):
         if self.context.calibration is None:
             return "no calibration data"
         layer = layers.get(weight.value)
+        if len(weight.value.uses()) == 1 and weight.uses[0].node.op_type == "Conv":
+            return _conv_refit_reason(weight.uses[0].node)
         if len(weight.value.uses()) != 1 or layer is None:
-            return "refit needs a single MatMul or Gemm (x @ W + b) reading the weight"
+            return "refit needs a single MatMul, Gemm (x @ W + b) or Conv reading the weight"
         if layer.data is None or layer.data.name is None:
             return "the layer's input has no name to capture"
         return None
@@ -446,7 +449,10 @@ class Prune(CompressionPass):
         sparsities = self._sparsities(weights)
         layers = {layer.weight: layer for layer in linear_layers(model)}
         why_not = {weight.value: self._reconstructable(weight, layers) for weight in weights}
-        refit = [layers[weight.value] for weight in weights if why_not[weight.value] is None]
+        convs = {w.value: w.uses[0].node for w in weights if why_not[w.value] is None and w.value not in layers}
+        for value in convs:
+            why_not[value] = None
+        refit = [layers[w.value] for w in weights if why_not[w.value] is None and w.value in layers]
         measured: dict[str, dict[str, float]] = {}
         calibration = self.context.calibration
         augment = self.config.refit_augment
@@ -456,7 +462,8 @@ class Prune(CompressionPass):
         choose_rows = self.config.augment == "auto" and (measure or nm is not None)
         if (measure or choose_rows) and refit and _priceable(model, calibration):
             assert calibration is not None
-            prices = _HeldOutPrices(self, model, [w for w in weights if why_not[w.value] is None], calibration)
+            priced = [w for w in weights if why_not[w.value] is None and w.value in layers]
+            prices = _HeldOutPrices(self, model, priced, calibration)
             if choose_rows:
                 totals = {
                     rows: float(prices.costs(rows, [self.config.sparsity]).sum())
@@ -469,16 +476,24 @@ class Prune(CompressionPass):
         if augment and calibration is not None and refit:
             calibration = fitting_rows(model, calibration, augment).calibration
         dense = _capture(calibration, model, [layer.data for layer in refit]) if refit else {}
+        dense_conv = _capture_raw(calibration, model, [node.inputs[0] for node in convs.values()]) if convs else {}
         originals = {layer: (_effective(layer), _bias_vector(layer)) for layer in refit}
         per_tensor: dict[str, dict[str, Any]] = {}
         after_refits: list[tuple[_Weight, float]] = []
+        entry: dict[str, Any]
         for weight, sparsity in zip(weights, sparsities, strict=True):
             layer = layers.get(weight.value)
-            if why_not[weight.value] is None:
+            if weight.value in convs:
+                node = convs[weight.value]
+                data = node.inputs[0]
+                assert data is not None  # _conv_refit_reason
+                error = self._refit_conv(model, calibration, node, dense_conv[data], sparsity)
+                entry = {"reconstructed": True, "relative_output_error": error}
+            elif why_not[weight.value] is None:
                 assert layer is not None
                 dense_input = dense[layer.data]
                 error = self._refit_masked(model, calibration, layer, dense_input, *originals[layer], sparsity)
-                entry: dict[str, Any] = {"reconstructed": True, "relative_output_error": error}
+                entry = {"reconstructed": True, "relative_output_error": error}
             else:
                 entry = {"reconstructed": False, "why_not_reconstructed": why_not[weight.value]}
                 if refit and weight.tensor.nbytes > CAPTURE_LAZY_MAX_BYTES:
@@ -555,10 +570,39 @@ class Prune(CompressionPass):
         residual = current @ new_weight + (new_bias if new_bias is not None else 0) - goal
         return _relative_error(residual, target)
 
-    def _sparse_solution(self, system: NormalEquations, layer: LinearLayer, sparsity: float) -> np.ndarray:
+    def _refit_conv(
+        self, model: ir.Model, calibration: Calibration | None, node: ir.Node, dense_input: np.ndarray, sparsity: float
+    ) -> float:
+        """:meth:`_refit_masked` for a convolution: its patches are the rows of the same ridge system
+        (``numerics.conv``), N:M groups running along input channels at each kernel offset."""
+        geometry = _conv_geometry(node)
+        assert geometry is not None and calibration is not None
+        weight_value, bias_value = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+        assert weight_value is not None and weight_value.const_value is not None
+        weight = weight_value.const_value.numpy()
+        weight0 = filters(weight.astype(np.float64))
+        bias0 = np.zeros(weight.shape[0])
+        if bias_value is not None and bias_value.const_value is not None:
+            bias0 = bias_value.const_value.numpy().astype(np.float64).reshape(-1)
+        (current,) = _capture_raw(calibration, model, [node.inputs[0]]).values()
+        rows = conv_patches(current, geometry)
+        target = conv_patches(dense_input, geometry) @ weight0 + bias0
+        fit_bias = bias_value is not None
+        goal = target if fit_bias else target - bias0
+        system = NormalEquations.of(Gram.of(rows, goal), self.config.refit_damping, fit_bias, prior=weight0)
+        new_weight = self._sparse_solution(system, None, sparsity)
+        new_bias = system.intercept(new_weight)
+        set_constant(weight_value, from_filters(new_weight, weight.shape).astype(weight.dtype))
+        if new_bias is not None and bias_value is not None and bias_value.const_value is not None:
+            _replace_constant(model.graph, node, 2, new_bias.astype(bias_value.const_value.dtype.numpy()))
+        residual = rows @ new_weight + (new_bias if new_bias is not None else 0) - goal
+        return _relative_error(residual, target)
+
+    def _sparse_solution(self, system: NormalEquations, layer: LinearLayer | None, sparsity: float) -> np.ndarray:
         """The layer's weight at ``sparsity``: OBS mask and exact refit, or SparseGPT for large layers."""
         nm = parse_nm(self.config.structure)
-        if layer.d_out * layer.d_in**3 > EXACT_OBS_FLOPS:
+        d_in, d_out = system.b.shape
+        if d_out * d_in**3 > EXACT_OBS_FLOPS:
             return sparsegpt(system, sparsity, nm)
         return system.solve(obs_mask(system, sparsity, OBS_ROUNDS, nm))
 
@@ -707,6 +751,64 @@ _CONSTANT_THROUGH: dict[str, Any] = {
     "Dropout": lambda values, node: values,
     "LeakyRelu": lambda values, node: np.where(values >= 0, values, node.attributes.get_float("alpha", 0.01) * values),
 }
+
+
+#: A convolution's refit holds its calibration patches in float64: above this many bytes it is
+#: pruned by magnitude instead (a 2-D map of 32x32 positions and 288 patch values on 512 rows is 1.2 GB).
+CONV_REFIT_MAX_BYTES = 256 << 20
+
+
+def _conv_geometry(node: ir.Node) -> ConvGeometry | None:
+    """The geometry of a Conv the refit handles: one group, explicit padding, a constant weight."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if weight is None or weight.const_value is None or len(weight.const_value.shape) < 3:
+        return None
+    if node.attributes.get_int("group", 1) != 1 or node.attributes.get_string("auto_pad", "NOTSET") != "NOTSET":
+        return None
+    kernel = [int(k) for k in weight.const_value.shape.numpy()[2:]]
+    return ConvGeometry.of(
+        kernel,
+        node.attributes.get_ints("strides", None),
+        node.attributes.get_ints("pads", None),
+        node.attributes.get_ints("dilations", None),
+    )
+
+
+def _conv_refit_reason(node: ir.Node) -> str | None:
+    """Why a Conv is pruned by magnitude only, or None when its patches can be refit."""
+    geometry = _conv_geometry(node)
+    data = node.inputs[0]
+    if geometry is None:
+        return "refit handles Conv with one group and explicit pads"
+    if data is None or data.name is None:
+        return "the layer's input has no name to capture"
+    dims = [dim for dim in data.shape.dims[1:] if isinstance(dim, int)] if data.shape is not None else []
+    if data.shape is not None and len(dims) == len(data.shape) - 1:
+        patch = int(np.prod(geometry.kernel)) * dims[0]
+        positions = int(np.prod(geometry.output_sizes(dims[1:])))
+        if CALIBRATION_ROWS_ESTIMATE * positions * patch * 8 > CONV_REFIT_MAX_BYTES:
+            return f"its calibration patches would take over {CONV_REFIT_MAX_BYTES >> 20} MiB"
+    return None
+
+
+#: Calibration rows assumed when sizing a convolution's patches before any is captured.
+CALIBRATION_ROWS_ESTIMATE = 512
+
+
+def _capture_raw(
+    calibration: Calibration | None, model: ir.Model, values: Sequence[ir.Value | None]
+) -> dict[ir.Value, np.ndarray]:
+    """Arrays of ``values`` on the calibration rows in their own shapes, as float64."""
+    assert calibration is not None, "captures run only with calibration data"
+    present = [value for value in dict.fromkeys(values) if value is not None]
+    wanted = [value for value in present if not value.is_graph_input()]
+    captured = calibration.capture(model, wanted) if wanted else {}
+    feeds = calibration.feeds.arrays
+    return {
+        value: np.asarray(feeds[value.name] if value.is_graph_input() else captured[value.name], dtype=np.float64)
+        for value in present
+        if value.name is not None
+    }
 
 
 def _priceable(model: ir.Model, calibration: Calibration | None) -> bool:
