@@ -1188,6 +1188,10 @@ class Quantize(CompressionPass):
         config = self.config
         channels, inputs = shape
         granularity = config.granularity if bits > 1 else "channel"
+        if bits == 8 and not config.mixed and channels * inputs < config.low_bit_min_elements:
+            # Kept at 8 bits for being small (a logit layer): one scale per channel, as the int8
+            # preset stores it, needs no block Reshape or Transpose (about 60 bytes a weight).
+            granularity = "channel"
         group = {"tensor": channels * inputs, "channel": inputs, "block": config.block_size}[granularity]
         if granularity == "block" and inputs % group:
             # First layers read concatenated features (137, 75, 52 inputs): equal blocks of at most
