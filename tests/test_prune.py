@@ -611,3 +611,18 @@ def test_a_grouped_convolution_is_pruned_by_magnitude_with_the_reason() -> None:
         result.stats["tensors"]["w2"]["why_not_reconstructed"] == "refit handles Conv with one group and explicit pads"
     )
     assert result.stats["tensors"]["w1"]["reconstructed"] is True
+
+
+def test_measured_scope_prices_convolutions_like_linear_layers() -> None:
+    x = (RNG.standard_normal((256, 1, 12)) + 0.5 * RNG.standard_normal((256, 8, 12))).astype(np.float32)
+    model = conv_model()
+    result = prune(model, calibration_for(x), sparsity=0.5, augment=0)(model)
+    tensors = result.stats["tensors"]
+    assert result.stats["scope"] == "measured"
+    for name in ("w1", "w2", "w3"):
+        prices = tensors[name]["held_out_score_error"]
+        assert prices["0.3"] <= prices["0.95"], name
+    sizes = {"w1": 384, "w2": 768, "w3": 192}
+    pruned = sum(tensors[name]["sparsity"] * size for name, size in sizes.items())
+    assert pruned == pytest.approx(0.5 * sum(sizes.values()), abs=8)
+    assert len({tensors[name]["sparsity"] for name in sizes}) > 1  # spread by price, not alike

@@ -460,9 +460,9 @@ class Prune(CompressionPass):
         nm = parse_nm(self.config.structure)
         measure = self.config.scope == "measured" and nm is None
         choose_rows = self.config.augment == "auto" and (measure or nm is not None)
-        if (measure or choose_rows) and refit and _priceable(model, calibration):
+        priced = [w for w in weights if why_not[w.value] is None]
+        if (measure or choose_rows) and priced and _priceable(model, calibration):
             assert calibration is not None
-            priced = [w for w in weights if why_not[w.value] is None and w.value in layers]
             prices = _HeldOutPrices(self, model, priced, calibration)
             if choose_rows:
                 totals = {
@@ -473,7 +473,7 @@ class Prune(CompressionPass):
                 choice["held_out_score_error_by_mixed_rows"] = {str(k): round(v, 8) for k, v in totals.items()}
             if measure:
                 sparsities, measured = prices.allocate(augment, weights)
-        if augment and calibration is not None and refit:
+        if augment and calibration is not None and priced:
             calibration = fitting_rows(model, calibration, augment).calibration
         dense = _capture(calibration, model, [layer.data for layer in refit]) if refit else {}
         dense_conv = _capture_raw(calibration, model, [node.inputs[0] for node in convs.values()]) if convs else {}
@@ -846,6 +846,11 @@ class _HeldOutPrices:
         self.model = model
         self.trial = model.clone()
         self.layers = {layer.weight.name: layer for layer in linear_layers(self.trial)}
+        self.convs = {
+            weight.name: node
+            for node in self.trial.graph
+            if node.op_type == "Conv" and len(node.inputs) > 1 and (weight := node.inputs[1]) is not None
+        }
         self.next_layers = {
             link.producer.weight.name: link.consumer
             for link in mlp_links(self.trial)[0]
@@ -872,9 +877,18 @@ class _HeldOutPrices:
         nm = parse_nm(config.structure)
         costs = np.zeros((len(self.refit), len(sparsities)))
         # Every layer's and every next layer's input on the dense trial, in one onnxruntime session.
-        layers = [self.layers[weight.name] for weight in self.refit]
+        layers = [self.layers[weight.name] for weight in self.refit if weight.name in self.layers]
         dense = _capture(rows, self.trial, [layer.data for layer in [*layers, *self.next_layers.values()]])
-        for row, (weight, layer) in enumerate(zip(self.refit, layers, strict=True)):
+        convs = [self.convs[weight.name] for weight in self.refit if weight.name not in self.layers]
+        dense_conv = _capture_raw(rows, self.trial, [node.inputs[0] for node in convs]) if convs else {}
+        for row, weight in enumerate(self.refit):
+            if weight.name not in self.layers:
+                node = self.convs[weight.name]
+                data = node.inputs[0]
+                assert data is not None  # _conv_refit_reason
+                costs[row] = self._conv_costs(node, dense_conv[data], sparsities)
+                continue
+            layer = self.layers[weight.name]
             system, weight0, bias0 = _refit_system(layer, dense[layer.data], dense[layer.data], config.refit_damping)
             keep = None
             for column, sparsity in enumerate(sparsities):
@@ -893,6 +907,40 @@ class _HeldOutPrices:
                 if after is not None and restore is not None:
                     _write_layer(self.trial.graph, after, *restore)
             _write_layer(self.trial.graph, layer, weight0, bias0)
+        return costs
+
+    def _conv_costs(self, node: ir.Node, inputs: np.ndarray, sparsities: Sequence[float]) -> np.ndarray:
+        """:meth:`costs` of one convolution: refit on its patches at each sparsity, the score priced."""
+        config = self.prune.config
+        geometry = _conv_geometry(node)
+        weight_value, bias_value = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+        assert geometry is not None and weight_value is not None and weight_value.const_value is not None
+        original = weight_value.const_value
+        weight0 = filters(original.numpy().astype(np.float64))
+        bias0 = np.zeros(weight0.shape[1])
+        bias_original = bias_value.const_value if bias_value is not None else None
+        if bias_original is not None:
+            bias0 = bias_original.numpy().astype(np.float64).reshape(-1)
+        rows = conv_patches(inputs, geometry)
+        target = rows @ weight0 + bias0
+        fit_bias = bias_value is not None
+        system = NormalEquations.of(
+            Gram.of(rows, target if fit_bias else target - bias0), config.refit_damping, fit_bias, prior=weight0
+        )
+        costs = np.zeros(len(sparsities))
+        for column, sparsity in enumerate(sparsities):
+            if sparsity == 0.0 and parse_nm(config.structure) is None:
+                continue
+            new_weight = self.prune._sparse_solution(system, None, sparsity)
+            set_constant(weight_value, from_filters(new_weight, original.shape.numpy()).astype(original.dtype.numpy()))
+            new_bias = system.intercept(new_weight)
+            if new_bias is not None and bias_value is not None and bias_value.const_value is not None:
+                _replace_constant(self.trial.graph, node, 2, new_bias.astype(bias_value.const_value.dtype.numpy()))
+            costs[column] = self._price(self.trial, self.logit)
+        weight_value.const_value = original
+        if bias_value is not None:
+            node.replace_input_with(2, bias_value)
+            bias_value.const_value = bias_original
         return costs
 
     def _price(self, trial: ir.Model, logit: ir.Value) -> float:

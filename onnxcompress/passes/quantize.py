@@ -1077,9 +1077,7 @@ class Quantize(CompressionPass):
         figures: dict[str, float] = {}
         dropped: list[str] = []
         eligible = {
-            name: timing
-            for name, timing in self._layer_timings.items()
-            if MIN_INTEGER_BITS <= plan[by_name[name]] <= 8
+            name: timing for name, timing in self._layer_timings.items() if MIN_INTEGER_BITS <= plan[by_name[name]] <= 8
         }
         while self._integer_layers:
             result = compare(reference, outputs_with(self._integer_layers), budget)
