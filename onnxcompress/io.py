@@ -213,7 +213,6 @@ class DetachedOutput:
     ``{class: probability}`` map per row), which onnx-ir cannot represent. The passes see the
     probability tensor it reads as that output, in its place; saving puts the node back."""
 
-    position: int
     node: bytes
     output: bytes
 
@@ -228,6 +227,7 @@ def _has_map(type_proto: onnx.TypeProto) -> bool:
 
 
 def _detach_zipmaps(proto: onnx.ModelProto) -> tuple[DetachedOutput, ...]:
+    """Take off every ZipMap that makes a graph output, its probability input standing in for it."""
     graph = proto.graph
     detached = []
     for node in list(graph.node):
@@ -247,7 +247,7 @@ def _detach_zipmaps(proto: onnx.ModelProto) -> tuple[DetachedOutput, ...]:
         tensor_type.shape.dim.add()  # rows
         if width:
             tensor_type.shape.dim.add().dim_value = width
-        detached.append(DetachedOutput(position, node.SerializeToString(), original.SerializeToString()))
+        detached.append(DetachedOutput(node.SerializeToString(), original.SerializeToString()))
         graph.output.remove(original)
         graph.output.insert(position, probabilities)
         graph.node.remove(node)
