@@ -564,7 +564,7 @@ class Prune(CompressionPass):
         # The ridge pulls towards the trained weights: inputs the calibration rows rarely exercise
         # (one-hot columns of rare categories) keep their values instead of shrinking to zero.
         system = NormalEquations.of(Gram.of(current, goal), self.config.refit_damping, fit_bias, prior=weight0)
-        new_weight = self._sparse_solution(system, layer, sparsity)
+        new_weight = self._sparse_solution(system, sparsity)
         new_bias = system.intercept(new_weight)
         _write_layer(model.graph, layer, new_weight, new_bias)
         residual = current @ new_weight + (new_bias if new_bias is not None else 0) - goal
@@ -575,30 +575,20 @@ class Prune(CompressionPass):
     ) -> float:
         """:meth:`_refit_masked` for a convolution: its patches are the rows of the same ridge system
         (``numerics.conv``), N:M groups running along input channels at each kernel offset."""
-        geometry = _conv_geometry(node)
-        assert geometry is not None and calibration is not None
         weight_value, bias_value = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
         assert weight_value is not None and weight_value.const_value is not None
-        weight = weight_value.const_value.numpy()
-        weight0 = filters(weight.astype(np.float64))
-        bias0 = np.zeros(weight.shape[0])
-        if bias_value is not None and bias_value.const_value is not None:
-            bias0 = bias_value.const_value.numpy().astype(np.float64).reshape(-1)
         (current,) = _capture_raw(calibration, model, [node.inputs[0]]).values()
-        rows = conv_patches(current, geometry)
-        target = conv_patches(dense_input, geometry) @ weight0 + bias0
-        fit_bias = bias_value is not None
-        goal = target if fit_bias else target - bias0
-        system = NormalEquations.of(Gram.of(rows, goal), self.config.refit_damping, fit_bias, prior=weight0)
-        new_weight = self._sparse_solution(system, None, sparsity)
+        system, rows, goal, target = _conv_refit_system(node, current, dense_input, self.config.refit_damping)
+        new_weight = self._sparse_solution(system, sparsity)
         new_bias = system.intercept(new_weight)
-        set_constant(weight_value, from_filters(new_weight, weight.shape).astype(weight.dtype))
+        original = weight_value.const_value
+        set_constant(weight_value, from_filters(new_weight, original.shape.numpy()).astype(original.dtype.numpy()))
         if new_bias is not None and bias_value is not None and bias_value.const_value is not None:
             _replace_constant(model.graph, node, 2, new_bias.astype(bias_value.const_value.dtype.numpy()))
         residual = rows @ new_weight + (new_bias if new_bias is not None else 0) - goal
         return _relative_error(residual, target)
 
-    def _sparse_solution(self, system: NormalEquations, layer: LinearLayer | None, sparsity: float) -> np.ndarray:
+    def _sparse_solution(self, system: NormalEquations, sparsity: float) -> np.ndarray:
         """The layer's weight at ``sparsity``: OBS mask and exact refit, or SparseGPT for large layers."""
         nm = parse_nm(self.config.structure)
         d_in, d_out = system.b.shape
@@ -895,7 +885,7 @@ class _HeldOutPrices:
                 if sparsity == 0.0 and nm is None:
                     continue
                 if nm is not None or layer.d_out * layer.d_in**3 > EXACT_OBS_FLOPS:
-                    new_weight = self.prune._sparse_solution(system, layer, sparsity)
+                    new_weight = self.prune._sparse_solution(system, sparsity)
                 else:
                     rounds = OBS_ROUNDS if keep is None else MEASURED_ROUNDS_PER_LEVEL
                     keep = obs_mask(system, sparsity, rounds, start=keep)
@@ -912,30 +902,20 @@ class _HeldOutPrices:
     def _conv_costs(self, node: ir.Node, inputs: np.ndarray, sparsities: Sequence[float]) -> np.ndarray:
         """:meth:`costs` of one convolution: refit on its patches at each sparsity, the score priced."""
         config = self.prune.config
-        geometry = _conv_geometry(node)
         weight_value, bias_value = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
-        assert geometry is not None and weight_value is not None and weight_value.const_value is not None
+        assert weight_value is not None and weight_value.const_value is not None
         original = weight_value.const_value
-        weight0 = filters(original.numpy().astype(np.float64))
-        bias0 = np.zeros(weight0.shape[1])
         bias_original = bias_value.const_value if bias_value is not None else None
-        if bias_original is not None:
-            bias0 = bias_original.numpy().astype(np.float64).reshape(-1)
-        rows = conv_patches(inputs, geometry)
-        target = rows @ weight0 + bias0
-        fit_bias = bias_value is not None
-        system = NormalEquations.of(
-            Gram.of(rows, target if fit_bias else target - bias0), config.refit_damping, fit_bias, prior=weight0
-        )
+        system, _, _, _ = _conv_refit_system(node, inputs, inputs, config.refit_damping)
         costs = np.zeros(len(sparsities))
         for column, sparsity in enumerate(sparsities):
             if sparsity == 0.0 and parse_nm(config.structure) is None:
                 continue
-            new_weight = self.prune._sparse_solution(system, None, sparsity)
+            new_weight = self.prune._sparse_solution(system, sparsity)
             set_constant(weight_value, from_filters(new_weight, original.shape.numpy()).astype(original.dtype.numpy()))
             new_bias = system.intercept(new_weight)
-            if new_bias is not None and bias_value is not None and bias_value.const_value is not None:
-                _replace_constant(self.trial.graph, node, 2, new_bias.astype(bias_value.const_value.dtype.numpy()))
+            if new_bias is not None and bias_original is not None:
+                _replace_constant(self.trial.graph, node, 2, new_bias.astype(bias_original.dtype.numpy()))
             costs[column] = self._price(self.trial, self.logit)
         weight_value.const_value = original
         if bias_value is not None:
@@ -1003,6 +983,27 @@ class _HeldOutPrices:
         allocated = allocate_sparsities(levels, costs, [link.width for link in links], config.sparsity)
         names = [link.producer.node.name or link.producer.weight.name or "?" for link in links]
         return allocated, _price_lists(names, levels, costs)
+
+
+def _conv_refit_system(
+    node: ir.Node, inputs: np.ndarray, dense_inputs: np.ndarray, damping: float
+) -> tuple[NormalEquations, np.ndarray, np.ndarray, np.ndarray]:
+    """The ridge system refitting Conv ``node`` on the patches of ``inputs`` towards its output on
+    ``dense_inputs`` (the unpruned model's), pulled towards its trained filters: (system, patch rows,
+    what the refit fits (the target less the bias when there is none to refit), target)."""
+    geometry = _conv_geometry(node)
+    weight_value, bias_value = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+    assert geometry is not None and weight_value is not None and weight_value.const_value is not None
+    weight0 = filters(weight_value.const_value.numpy().astype(np.float64))
+    bias0 = np.zeros(weight0.shape[1])
+    if bias_value is not None and bias_value.const_value is not None:
+        bias0 = bias_value.const_value.numpy().astype(np.float64).reshape(-1)
+    rows = conv_patches(inputs, geometry)
+    dense_rows = rows if dense_inputs is inputs else conv_patches(dense_inputs, geometry)
+    target = dense_rows @ weight0 + bias0
+    fit_bias = bias_value is not None
+    goal = target if fit_bias else target - bias0
+    return NormalEquations.of(Gram.of(rows, goal), damping, fit_bias, prior=weight0), rows, goal, target
 
 
 def _refit_system(
