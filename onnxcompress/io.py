@@ -160,15 +160,11 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
         raise InputModelError(f"{name}: the file is empty; re-export the model")
     try:
         proto = onnx.load(path, load_external_data=False)
-    except Exception as error:
-        raise InputModelError(
-            f"{name}: not a readable ONNX model (the file is truncated, corrupted or not ONNX: "
-            f"{_first_line(error)}); re-export it"
-        ) from error
-    detached = _detach_zipmaps(proto)
-    _check_no_maps(proto, name)
-    try:
+        detached = _detach_zipmaps(proto)
+        _check_no_maps(proto, name)
         model = ir.serde.deserialize_model(proto)
+    except InputModelError:
+        raise
     except Exception as error:
         raise InputModelError(
             f"{name}: not a readable ONNX model (the file is truncated, corrupted or not ONNX: "

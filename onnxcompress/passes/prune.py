@@ -152,19 +152,28 @@ def _write_layer(graph: ir.Graph, layer: LinearLayer, weight: np.ndarray, bias: 
 def _capture(
     calibration: Calibration | None, model: ir.Model, values: Sequence[ir.Value]
 ) -> dict[ir.Value, np.ndarray]:
-    """Arrays of ``values`` on the calibration rows, as float64 matrices ``[rows, last axis]``.
+    """Arrays of ``values`` on the calibration rows, as float64 matrices ``[rows, last axis]``."""
+    return {
+        value: array.reshape(-1, array.shape[-1]) for value, array in _capture_raw(calibration, model, values).items()
+    }
+
+
+def _capture_raw(
+    calibration: Calibration | None, model: ir.Model, values: Sequence[ir.Value | None]
+) -> dict[ir.Value, np.ndarray]:
+    """Arrays of ``values`` on the calibration rows in their own shapes, as float64.
 
     Graph inputs are read from the feeds: onnxruntime need not expose them as outputs.
     """
     assert calibration is not None, "captures run only with calibration data"
-    feeds = calibration.feeds.arrays
-    wanted = [value for value in dict.fromkeys(values) if not value.is_graph_input()]
+    present = [value for value in dict.fromkeys(values) if value is not None]
+    wanted = [value for value in present if not value.is_graph_input()]
     captured = calibration.capture(model, wanted) if wanted else {}
+    feeds = calibration.feeds.arrays
     arrays = {}
-    for value in dict.fromkeys(values):
+    for value in present:
         assert value.name is not None
-        array = feeds[value.name] if value.is_graph_input() else captured[value.name]
-        arrays[value] = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
+        arrays[value] = np.asarray(feeds[value.name] if value.is_graph_input() else captured[value.name], np.float64)
     return arrays
 
 
@@ -450,8 +459,6 @@ class Prune(CompressionPass):
         layers = {layer.weight: layer for layer in linear_layers(model)}
         why_not = {weight.value: self._reconstructable(weight, layers) for weight in weights}
         convs = {w.value: w.uses[0].node for w in weights if why_not[w.value] is None and w.value not in layers}
-        for value in convs:
-            why_not[value] = None
         refit = [layers[w.value] for w in weights if why_not[w.value] is None and w.value in layers]
         measured: dict[str, dict[str, float]] = {}
         calibration = self.context.calibration
@@ -783,22 +790,6 @@ def _conv_refit_reason(node: ir.Node) -> str | None:
 
 #: Calibration rows assumed when sizing a convolution's patches before any is captured.
 CALIBRATION_ROWS_ESTIMATE = 512
-
-
-def _capture_raw(
-    calibration: Calibration | None, model: ir.Model, values: Sequence[ir.Value | None]
-) -> dict[ir.Value, np.ndarray]:
-    """Arrays of ``values`` on the calibration rows in their own shapes, as float64."""
-    assert calibration is not None, "captures run only with calibration data"
-    present = [value for value in dict.fromkeys(values) if value is not None]
-    wanted = [value for value in present if not value.is_graph_input()]
-    captured = calibration.capture(model, wanted) if wanted else {}
-    feeds = calibration.feeds.arrays
-    return {
-        value: np.asarray(feeds[value.name] if value.is_graph_input() else captured[value.name], dtype=np.float64)
-        for value in present
-        if value.name is not None
-    }
 
 
 def _priceable(model: ir.Model, calibration: Calibration | None) -> bool:

@@ -72,9 +72,6 @@ from onnxcompress.numerics.quant import (
 from onnxcompress.parity import Budget, Budgets, ParityResult, compare
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
-
-if TYPE_CHECKING:
-    from onnxcompress.calibration import Calibration
 from onnxcompress.speed import (
     LayerTiming,
     ModelTiming,
@@ -84,6 +81,9 @@ from onnxcompress.speed import (
     probe_dynamic_matmul,
     rows_per_example,
 )
+
+if TYPE_CHECKING:
+    from onnxcompress.calibration import Calibration
 
 __all__ = ["Quantize"]
 
@@ -980,13 +980,7 @@ class Quantize(CompressionPass):
             costly = any(timing.faster_on_batch and timing.single_cost > 0 for timing in timings.values())
             if costly:
                 self._model_timing, self._reference_timing = self._model_timings(model, calibration)
-            self._integer_layers = choose_integer_layers(
-                timings,
-                self._model_timing,
-                config.activation_max_latency,
-                MIN_MODEL_BATCH_GAIN,
-                self._reference_timing,
-            )
+            self._integer_layers = self._choose_integer_layers(timings)
         return hessians
 
     def _plan_activations(
@@ -1090,12 +1084,8 @@ class Quantize(CompressionPass):
             if self._model_timing is not None:
                 # The one-row time the dropped layer would have spent may go to a layer the budget
                 # left out (the scikit-learn MLP: its first layer flips labels, its second does not).
-                self._integer_layers = choose_integer_layers(
-                    {name: timing for name, timing in eligible.items() if name not in dropped},
-                    self._model_timing,
-                    config.activation_max_latency,
-                    MIN_MODEL_BATCH_GAIN,
-                    self._reference_timing,
+                self._integer_layers = self._choose_integer_layers(
+                    {name: timing for name, timing in eligible.items() if name not in dropped}
                 )
         return {
             "integer_layers": len(self._integer_layers),
@@ -1105,6 +1095,15 @@ class Quantize(CompressionPass):
             "weights_only": {key: round(figure, 6) for key, figure in weights_only.items()},
             "measured": {key: round(figure, 6) for key, figure in figures.items()},
         }
+
+    def _choose_integer_layers(self, timings: dict[str, LayerTiming]) -> set[str]:
+        return choose_integer_layers(
+            timings,
+            self._model_timing,
+            self.config.activation_max_latency,
+            MIN_MODEL_BATCH_GAIN,
+            self._reference_timing,
+        )
 
     def _model_timings(self, model: ir.Model, calibration: Calibration) -> tuple[ModelTiming, ModelTiming | None]:
         """The float model's timing and, beside it, the original file's: earlier passes (pruning,
