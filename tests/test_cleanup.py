@@ -793,3 +793,30 @@ def test_a_label_read_in_its_own_shape_keeps_the_ml_operator() -> None:
     model = text_model(text, {"classes": np.arange(3, dtype=np.int64), "shape": np.array([-1], np.int64)})
     assert Cleanup()(model).stats["labels_simplified"] == 0
     assert "ArrayFeatureExtractor" in op_types(model)
+
+
+def test_a_branch_returning_an_outer_value_keeps_its_identity(tmp_path: Path) -> None:
+    # TorchScript's squeeze(1) becomes an If whose else branch returns the outer Sigmoid through an
+    # Identity; without it onnxruntime refuses the model.
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,1] x, bool wide) => (float[N] y) {
+          s = Sigmoid(x)
+          y = If (wide) <
+            then_branch = t () => (float[N] squeezed) {
+              axes = Constant <value = int64[1] {1}> ()
+              squeezed = Squeeze(s, axes)
+            },
+            else_branch = e () => (float[N] same) { same = Identity(s) }
+          >
+        }
+        """
+    )
+    Cleanup()(model)
+    path = save_model(model, tmp_path / "if.onnx")
+    session = runtime.make_session(path, "disable")
+    x = np.array([[0.0], [1.0]], np.float32)
+    for wide in (True, False):
+        (y,) = session.run(None, {"x": x, "wide": np.array(wide)})
+        np.testing.assert_allclose(y.reshape(-1), 1 / (1 + np.exp(-x.reshape(-1))), rtol=1e-6)

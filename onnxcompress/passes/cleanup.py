@@ -50,13 +50,16 @@ def _bypass(node: ir.Node) -> bool:
 
     When the output is a graph output, the input takes its name, so the interface is unchanged;
     that cannot be done when the input is itself a graph input, output or initializer (two graph
-    outputs would share one value), so such a node stays.
+    outputs would share one value), so such a node stays; so does one returning a value of an
+    enclosing graph from a subgraph, which onnxruntime refuses.
     """
     source, result = node.inputs[0], node.outputs[0]
     graph = node.graph
     if source is None or graph is None:
         return False
-    if result.is_graph_output() and (source.is_graph_input() or source.is_graph_output() or source.is_initializer()):
+    if result.is_graph_output() and (
+        source.is_graph_input() or source.is_graph_output() or source.is_initializer() or source.graph is not graph
+    ):
         return False
     was_graph_output = result.is_graph_output()
     ir.convenience.replace_all_uses_with(result, source, replace_graph_outputs=True)
