@@ -1077,3 +1077,61 @@ def test_weights_kept_at_8_bits_for_being_small_take_a_scale_per_channel(tmp_pat
     for name in ("w_gemm", "w_gemm_t"):  # 512 and 256 values
         assert (tensors[name]["bits"], tensors[name]["granularity"]) == (8, "channel"), name
     assert relative_error(expected[0], evaluate(model, tmp_path, feeds)[0]) < 0.15
+
+
+def _float16_export(name: str, directory: Path) -> dict[str, Path]:
+    """Shipped model ``name`` as a float16 export would be: float16 weights, float inputs and outputs."""
+    import onnx
+    from onnx import numpy_helper
+
+    files = model_files(name)
+    model = onnx.load(files["onnx"])
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.data_type == onnx.TensorProto.FLOAT:
+            array = numpy_helper.to_array(tensor).astype(np.float16)
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, tensor.name))
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    del model.graph.value_info[:]
+    converted = {"onnx": directory / f"{name}16.onnx", "labels": files["labels"]}
+    onnx.save(model, converted["onnx"])
+    for rows in ("feeds", "calib"):
+        arrays = {
+            key: value.astype(np.float16) if value.dtype == np.float32 else value
+            for key, value in np.load(files[rows]).items()
+        }
+        converted[rows] = directory / f"{name}16.{rows}.npz"
+        np.savez(converted[rows], **arrays)
+    return converted
+
+
+@pytest.mark.parametrize("preset", ["int4", "mixed"])
+def test_a_float16_export_keeps_its_types_and_quantizes_every_weight(tmp_path: Path, preset: str) -> None:
+    from onnxcompress import compress
+    from onnxcompress.presets import get_preset
+
+    files = _float16_export("dlrm", tmp_path)
+    recipe = get_preset(preset)
+    out = tmp_path / "out.onnx"
+    report = compress(
+        files["onnx"],
+        out,
+        list(recipe.passes),
+        options=recipe.options,
+        feeds=files["feeds"],
+        calib=files["calib"],
+        labels=files["labels"],
+    )
+    assert report.parity.passed
+    stats = next(record.stats for record in report.passes if record.name == "quant")
+    assert stats["weights_quantized"] == 13 and not stats.get("skipped")
+    saved = ir.load(out)
+    assert [value.dtype for value in saved.graph.outputs] == [ir.DataType.FLOAT16]
+    assert not [
+        v
+        for v in saved.graph.initializers.values()
+        if v.const_value.dtype == ir.DataType.FLOAT16 and v.const_value.size > 1024
+    ]
+    # From float16, int4 is about 3.5x smaller; the mixed search goes lower.
+    assert report.size_ratio > 3.3

@@ -312,6 +312,13 @@ def _float(build: _Builder, value: ir.Value, stored_as: ir.Value) -> ir.Value:
     return value
 
 
+def _as_type(build: _Builder, value: ir.Value, dtype: ir.DataType | None) -> ir.Value:
+    """Decoded float32 ``value`` in the type the replaced weight had (a float16 export's)."""
+    if dtype is None or dtype == ir.DataType.FLOAT:
+        return value
+    return build.op("Cast", [value], to=dtype)
+
+
 def _column(build: _Builder, value: ir.Value) -> ir.Value:
     """``value`` as ``[rows, 1]`` for broadcasting over ``[rows, elements]``."""
     tensor = value.const_value
@@ -859,7 +866,7 @@ class Quantize(CompressionPass):
         weight = tensor.numpy().astype(np.float32)
         if _is_table(uses):
             quantized, _, _ = self._table_codes(weight, bits, tensor.nbytes < self.config.fold_tables_below)
-            return _dequantized(quantized).reshape(weight.shape).astype(np.float32)
+            return _dequantized(quantized).reshape(weight.shape).astype(tensor.dtype.numpy())
         use = uses[0]
         rows = _channel_rows(weight, use)
         quantized, granularity, dynamic, _ = self._linear_codes(rows, uses, bits, hessians.get(value.name or ""))
@@ -872,7 +879,7 @@ class Quantize(CompressionPass):
             restored = restored / scales
         moved_shape = (weight.shape[use.out_axis], *[d for i, d in enumerate(weight.shape) if i != use.out_axis])
         restored = restored.reshape(moved_shape)
-        return np.moveaxis(restored, 0, use.out_axis).astype(np.float32)
+        return np.moveaxis(restored, 0, use.out_axis).astype(tensor.dtype.numpy())
 
     # --- calibration -----------------------------------------------------------------------------
 
@@ -1409,6 +1416,7 @@ class Quantize(CompressionPass):
             self._integer_matmuls(build, graph, uses, codes, scale)
             form = "dynamic"
         elif not dynamic:
+            output = _as_type(build, output, tensor.dtype)
             build.insert_before(_first(graph, uses))
             for weight_use in uses:
                 weight_use.node.replace_input_with(weight_use.input_index, output)
@@ -1651,6 +1659,7 @@ class Quantize(CompressionPass):
             whole = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, "fold")
             if flat:
                 whole = build.op("Reshape", [whole, build.constant("shape", np.array([rows, width], np.int64))])
+            whole = _as_type(build, whole, tensor.dtype)
             build.insert_before(_first(graph, uses))
             for use in others + (lookups if folded else []):
                 use.node.replace_input_with(use.input_index, whole)
@@ -1706,7 +1715,7 @@ class Quantize(CompressionPass):
         lookups = [use for use in uses if use.kind == "embedding"]
         others = [use for use in uses if use.kind != "embedding"]
         if folded or others:
-            whole = decode(packed)
+            whole = _as_type(build, decode(packed), tensor.dtype)
             build.insert_before(_first(graph, uses))
             for use in others + (lookups if folded else []):
                 use.node.replace_input_with(use.input_index, whole)
@@ -1752,7 +1761,7 @@ def _replace_lookup(build: _Builder, use: WeightUse, width: int, rows_of: Callab
     assert ids is not None
     one_dimensional = ids.shape is not None and len(ids.shape) == 1
     flat_ids = ids if one_dimensional else build.op("Reshape", [ids, build.constant("flat", np.array([-1], np.int64))])
-    values = rows_of(flat_ids)
+    values = _as_type(build, rows_of(flat_ids), node.outputs[0].dtype)
     if not one_dimensional:
         dim = build.constant("dim", np.array([width], np.int64))
         values = build.op("Reshape", [values, build.op("Concat", [build.op("Shape", [ids]), dim], axis=0)])
