@@ -184,7 +184,12 @@ def _check_feeds(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], w
                     )
     rows = {array.shape[0] for array in arrays.values() if array.ndim}
     if len(rows) > 1:
-        raise UsageError(f"{what}: the inputs have different numbers of rows {sorted(rows)}; give all the same")
+        sizes = ", ".join(f"{name} {array.shape[0]}" for name, array in arrays.items() if array.ndim)
+        raise UsageError(
+            f"{what}: the inputs have different numbers of rows ({sizes}); rows are split along the first "
+            "axis, so every input needs one per example (export bags of ids as [batch, length], not as "
+            "flat ids with offsets)"
+        )
 
 
 def load_feeds(path: Path, model: ir.Model, what: str = "--feeds") -> Feeds:

@@ -200,3 +200,15 @@ def test_ids_are_traced_through_tables_decoded_at_load(tmp_path: Path, preset: s
     assert float(ranges["user"][1]) == 943 and float(ranges["item"][1]) == 1682
     again = compress(first, tmp_path / "again.onnx", ["cleanup"])  # synthesized feeds must be valid ids
     assert again.parity.passed
+
+
+def test_inputs_with_different_row_counts_are_named_with_the_export_fix(tmp_path: Path) -> None:
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,2] dense, int64[M] ids) => (float[N,2] y) { y = Identity(dense) }
+        """
+    )
+    path = write_npz(tmp_path / "f.npz", dense=np.zeros((4, 2), np.float32), ids=np.zeros(12, np.int64))
+    with pytest.raises(UsageError, match=r"different numbers of rows \(dense 4, ids 12\).*\[batch, length\]"):
+        load_feeds(path, model)

@@ -21,6 +21,7 @@ from onnx_ir.passes.common import (
     RemoveUnusedOpsetsPass,
 )
 
+from onnxcompress.bags import vectorize_bags
 from onnxcompress.graph import constant_array, constant_value, is_constant_initializer, set_constant, unique_name
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
@@ -1148,6 +1149,13 @@ class Cleanup(CompressionPass):
                 "output added to the next layer's bias (lossless to float32 rounding)"
             },
         )
+        vectorize_bags: bool = field(
+            default=True,
+            metadata={
+                "help": "replace an embedding bag exported as a Loop (PyTorch EmbeddingBag over [batch, length] "
+                "ids) by one Gather and a reduction, after checking both agree on the calibration rows"
+            },
+        )
         simplify_labels: bool = field(
             default=True,
             metadata={
@@ -1189,6 +1197,7 @@ class Cleanup(CompressionPass):
         dropout = remove_inference_dropout(model) if self.config.remove_dropout else 0
         labels = simplify_class_labels(model) if self.config.simplify_labels else 0
         remove_identities(model)
+        bags = vectorize_bags(model, self.context.calibration) if self.config.vectorize_bags else {}
         affine = fold_affine_into_linear(model) + fold_affine_into_next_linear(model) if self.config.fold_affine else 0
         fused = fuse_parallel_linear(model) if self.config.fuse_parallel else 0
         norms = fold_norm_into_next_linear(model) if self.config.fold_affine else 0
@@ -1227,6 +1236,7 @@ class Cleanup(CompressionPass):
             "constant_adds_merged": adds_merged,
             "dead_units_removed": dead_units,
             "labels_simplified": labels,
+            **({"embedding_bag_loops": bags} if bags else {}),
             "metadata_items_stripped": stripped,
             "names_shortened": renamed,
             "constants_lifted": lifted,
@@ -1252,5 +1262,6 @@ class Cleanup(CompressionPass):
             or adds_merged
             or dead_units
             or labels
+            or any(not outcome.startswith("kept") for outcome in bags.values())
         )
         return CompressionResult(model, modified=modified, stats=stats)

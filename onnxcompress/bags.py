@@ -1,0 +1,272 @@
+"""Embedding bags exported as loops, recognised and rewritten as one Gather and one reduction.
+
+PyTorch exports ``nn.EmbeddingBag`` as an ONNX ``Loop`` over the bags: each iteration slices the
+bag's ids, gathers their rows and reduces them (TorchScript yields a scan output, dynamo a
+sequence joined by ``ConcatFromSequence``). onnxruntime runs that loop one bag at a time, 30-100x
+slower than a Gather of all the ids and a reduction over the bag axis, and the table read inside
+the loop body is out of reach of the quantizer. With fixed-length bags (a ``[batch, length]`` id
+input, the usual export of multi-hot history features) the loop computes exactly
+``Reduce(Gather(table, ids), axis=1)``.
+
+The exporters' loop bodies differ and change between versions, so the loop is not matched node by
+node. A loop is a candidate when it reads one float table through Gather and a two-dimensional
+integer graph input reaches it; the rewrite is made only when the loop's result equals
+``sum``, ``mean`` or ``max`` of the gathered rows on the calibration rows *and* on the same rows
+with every id drawn at random over the whole table (which catches what the calibration ids may
+not exercise: a padding id left out of a mean, per-id weights, renormalised rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress import runtime
+from onnxcompress.calibration import Calibration
+from onnxcompress.errors import UnsupportedModelError, UsageError
+
+__all__ = ["BagLoop", "find_bag_loops", "vectorize_bags"]
+
+#: Calibration rows used to check a rewrite (two runs of the model with the loop's values exposed).
+CHECK_ROWS = 256
+#: Relative tolerance of the check: the loop and the reduction add the same rows in other orders.
+CHECK_RTOL = 1e-5
+
+#: Ops that pass a bag result on unchanged in value (the dynamo form joins a sequence, then casts).
+_PASS_THROUGH = frozenset({"ConcatFromSequence", "Cast", "Identity"})
+
+_REDUCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "sum": lambda rows: rows.sum(axis=1),
+    "mean": lambda rows: rows.mean(axis=1),
+    "max": lambda rows: rows.max(axis=1),
+}
+_REDUCE_OPS = {"sum": "ReduceSum", "mean": "ReduceMean", "max": "ReduceMax"}
+
+
+@dataclass(frozen=True)
+class BagLoop:
+    """A loop that may compute an embedding bag: its table, the id inputs that reach it, and the
+    values that may hold its result (the loop's outputs and what they pass through)."""
+
+    loop: ir.Node
+    table: ir.Value
+    ids: tuple[ir.Value, ...]
+    results: tuple[ir.Value, ...]
+
+
+def _outer_reads(node: ir.Node) -> list[ir.Value]:
+    """Values of the main graph that ``node`` or any subgraph inside it reads."""
+    main = node.graph
+    reads = [value for value in node.inputs if value is not None]
+    for attribute in node.attributes.values():
+        if attribute.type != ir.AttributeType.GRAPH:
+            continue
+        for inner in ir.traversal.RecursiveGraphIterator(attribute.as_graph()):
+            reads += [value for value in inner.inputs if value is not None and value.graph is main]
+    return reads
+
+
+def _ancestors(start: list[ir.Value]) -> tuple[set[ir.Value], list[ir.Node]]:
+    """The values ``start`` is computed from (main graph) and the nodes that compute them."""
+    seen: set[ir.Value] = set()
+    nodes: list[ir.Node] = []
+    stack = list(start)
+    while stack:
+        value = stack.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        producer = value.producer()
+        if producer is not None:
+            nodes.append(producer)
+            stack += _outer_reads(producer)
+    return seen, nodes
+
+
+def _table_read_by(node: ir.Node) -> ir.Value | None:
+    """The float matrix initializer ``node`` gathers rows of, if any."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.attributes.get_int("axis", 0) != 0:
+        return None
+    table = node.inputs[0]
+    tensor = table.const_value if table is not None else None
+    if table is None or tensor is None or not table.is_initializer() or table.is_graph_input():
+        return None
+    if len(tensor.shape) != 2 or not tensor.dtype.is_floating_point():
+        return None
+    return table
+
+
+def find_bag_loops(model: ir.Model) -> list[BagLoop]:
+    """Main-graph loops reading exactly one float table, with 2-D integer graph inputs upstream."""
+    found = []
+    for loop in model.graph:
+        if loop.op_type != "Loop" or loop.domain not in ("", "ai.onnx"):
+            continue
+        body = loop.attributes["body"].as_graph()
+        readers = [*ir.traversal.RecursiveGraphIterator(body)]
+        values, upstream = _ancestors(_outer_reads(loop))
+        tables = {table for node in [*readers, *upstream] if (table := _table_read_by(node)) is not None}
+        ids = tuple(
+            value
+            for value in model.graph.inputs
+            if value in values
+            and value.dtype is not None
+            and value.dtype.is_integer()
+            and value.shape is not None
+            and len(value.shape) == 2
+        )
+        if len(tables) != 1 or not ids:
+            continue
+        # Loop-carried outputs (a dynamo export's sequence of rows) only lead to results; scan
+        # outputs and what passes them on are tensors.
+        carried = len(loop.inputs) - 2
+        results: list[ir.Value] = list(loop.outputs[carried:])
+        frontier = list(loop.outputs)
+        while frontier:
+            value = frontier.pop()
+            if value.producer() is not loop:
+                results.append(value)
+            frontier += [
+                node.outputs[0]
+                for node, _ in value.uses()
+                if node.op_type in _PASS_THROUGH and node.graph is model.graph and len(node.inputs) == 1
+            ]
+        found.append(BagLoop(loop, tables.pop(), ids, tuple(results)))
+    return found
+
+
+def _random_ids(feeds: dict[str, np.ndarray], ids: ir.Value, rows: int, seed: int) -> dict[str, np.ndarray]:
+    """``feeds`` with the input ``ids`` drawn uniformly over the table's rows."""
+    name = ids.name or ""
+    drawn = np.random.default_rng(seed).integers(0, rows, size=feeds[name].shape)
+    return {**feeds, name: drawn.astype(feeds[name].dtype)}
+
+
+def _matches(result: np.ndarray | None, expected: np.ndarray) -> bool:
+    if result is None or result.shape != expected.shape or not np.issubdtype(result.dtype, np.floating):
+        return False
+    tolerance = CHECK_RTOL * np.abs(expected).max(initial=1.0)
+    return bool(np.all(np.abs(result.astype(np.float64) - expected) <= tolerance))
+
+
+def _capture(model: ir.Model, feeds: dict[str, np.ndarray], values: tuple[ir.Value, ...]) -> dict[str, np.ndarray]:
+    """``values`` on ``feeds``."""
+    added = [value for value in values if not value.is_graph_output()]
+    model.graph.outputs.extend(added)
+    try:
+        session = runtime.make_session(model, "disable")
+    finally:
+        for value in added:
+            model.graph.outputs.remove(value)
+    return runtime.run(session, feeds, [value.name or "" for value in values], batch_size=None)
+
+
+def _verified(model: ir.Model, bag: BagLoop, calibration: Calibration) -> tuple[ir.Value, ir.Value, str] | None:
+    """(result value, id input, reduction) the loop provably computes on the checked rows, the
+    result furthest downstream first; None when no combination matches."""
+    tensor = bag.table.const_value
+    assert tensor is not None
+    table = tensor.numpy().astype(np.float64)
+    rows = min(CHECK_ROWS, calibration.feeds.rows)
+    base = {name: array[:rows] for name, array in calibration.feeds.arrays.items()}
+    named = tuple(value for value in bag.results if value.name)
+    for ids in bag.ids:
+        checks = [base, _random_ids(base, ids, len(table), seed=len(table))]
+        try:
+            captured = [_capture(model, feeds, named) for feeds in checks]
+        except (UsageError, UnsupportedModelError):  # ids it rejects (a narrower range): not this input
+            continue
+        for value in reversed(named):
+            for reduction, reduce in _REDUCTIONS.items():
+                if all(
+                    _matches(found.get(value.name or ""), reduce(table[feeds[ids.name or ""]]))
+                    for found, feeds in zip(captured, checks, strict=True)
+                ):
+                    return value, ids, reduction
+    return None
+
+
+def _rewrite(model: ir.Model, bag: BagLoop, result: ir.Value, ids: ir.Value, reduction: str) -> None:
+    graph = model.graph
+    name = result.name or "bag"
+    gathered = ir.Node("", "Gather", [bag.table, ids], attributes=[ir.AttrInt64("axis", 0)], name=f"{name}/gather")
+    op = _REDUCE_OPS[reduction]
+    # Axes became an input of ReduceSum at opset 13 and of the other reductions at opset 18.
+    axes_as_input = model.opset_imports.get("", 1) >= (13 if op == "ReduceSum" else 18)
+    inputs: list[ir.Value | None] = [gathered.outputs[0]]
+    attributes: list[ir.Attr] = [ir.AttrInt64("keepdims", 0)]
+    nodes = [gathered]
+    if axes_as_input:
+        axes = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.array([1], np.int64)))])
+        nodes.insert(0, axes)
+        inputs.append(axes.outputs[0])
+    else:
+        attributes.append(ir.AttrInt64s("axes", [1]))
+    reduced = ir.Node("", op, inputs, attributes=attributes, name=f"{name}/{op}")
+    nodes.append(reduced)
+    output = reduced.outputs[0]
+    if result.dtype is not None and bag.table.dtype != result.dtype:
+        cast = ir.Node("", "Cast", [output], attributes=[ir.AttrInt64("to", result.dtype.value)])
+        nodes.append(cast)
+        output = cast.outputs[0]
+    graph.insert_before(bag.loop, nodes)
+    was_output = result.is_graph_output()
+    ir.convenience.replace_all_uses_with(result, output, replace_graph_outputs=True)
+    output.type, output.shape = result.type, result.shape
+    if was_output:
+        result.name, output.name = None, name
+    else:
+        output.name = name + "_vectorized"
+    _remove_if_dead(graph, bag.loop)
+
+
+def _remove_if_dead(graph: ir.Graph, loop: ir.Node) -> None:
+    """Remove the loop once nothing reads it, with its body's reads of the main graph: a removed
+    node's subgraph still counts as a reader, which would keep the ids' offsets alive."""
+    downstream = [loop]
+    for node in downstream:
+        for output in node.outputs:
+            downstream += [user for user, _ in output.uses() if user.op_type in _PASS_THROUGH]
+    if any(
+        output.is_graph_output() or any(user not in downstream for user, _ in output.uses())
+        for node in downstream
+        for output in node.outputs
+    ):
+        return
+    for node in reversed(downstream):
+        for attribute in node.attributes.values():
+            if attribute.type == ir.AttributeType.GRAPH:
+                for inner in ir.traversal.RecursiveGraphIterator(attribute.as_graph()):
+                    for index in range(len(inner.inputs)):
+                        inner.replace_input_with(index, None)
+        graph.remove(node, safe=True)
+
+
+def vectorize_bags(model: ir.Model, calibration: Calibration | None) -> dict[str, str]:
+    """Rewrite every embedding-bag loop that checks out (see the module docstring).
+
+    Returns, per loop (by node name), the reduction it was replaced by or why it was kept. The
+    loop itself is left to dead-code removal.
+    """
+    outcome: dict[str, str] = {}
+    for bag in find_bag_loops(model):
+        label = bag.loop.name or bag.table.name or "Loop"
+        if calibration is None:
+            outcome[label] = "kept: no calibration rows to check the rewrite on"
+            continue
+        dtype = bag.table.dtype
+        if dtype is not None and dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
+            # Summed in another order, float16 rows round differently: not lossless.
+            outcome[label] = f"kept: {bag.table.name} is {dtype.name}, whose sums depend on their order"
+            continue
+        verified = _verified(model, bag, calibration)
+        if verified is None:
+            outcome[label] = f"kept: its result is not a sum, mean or max of {bag.table.name} rows on the checked ids"
+            continue
+        result, ids, reduction = verified
+        _rewrite(model, bag, result, ids, reduction)
+        outcome[label] = f"{reduction} of {bag.table.name} rows gathered by {ids.name}"
+    return outcome

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import save_model, text_model
+
+from onnxcompress import runtime
+from onnxcompress.bags import find_bag_loops, vectorize_bags
+from onnxcompress.calibration import Calibration, Feeds
+from onnxcompress.passes.base import PassContext
+from onnxcompress.passes.cleanup import Cleanup
+
+# An embedding bag as PyTorch exports one: a Loop over the bags, each slicing its ids out of the
+# flattened [batch, 3] input, gathering their rows and reducing them (``{reduce}``).
+BAG_LOOP = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (int64[N,3] ids, float[10,4] table, int64[1] flat_shape, int64 zero, int64 three, int64[1] axis0) => (float[N,4] bags) {{
+  flat = Reshape(ids, flat_shape)
+  shape = Shape(ids)
+  n = Gather <axis = 0> (shape, zero)
+  go = Constant <value = bool {{1}}> ()
+  bags = Loop (n, go) <body = body (int64 i, bool c) => (bool c_out, float[4] row) {{
+    c_out = Identity(c)
+    start = Mul(i, three)
+    end = Add(start, three)
+    first = Unsqueeze(start, axis0)
+    last = Unsqueeze(end, axis0)
+    part = Slice(flat, first, last)
+    rows = Gather(table, part)
+    {reduce}
+  }}>
+}}
+"""
+REDUCTIONS = {
+    "sum": "row = ReduceSum <keepdims = 0> (rows, axis0)",
+    "mean": "row = ReduceMean <keepdims = 0, axes = [0]> (rows)",
+    "max": "row = ReduceMax <keepdims = 0, axes = [0]> (rows)",
+    # Per-id weights (every row halved): not a plain sum, mean or max.
+    "weighted": "half = Constant <value = float {0.5}> ()\n    weighted = Mul(rows, half)\n"
+    "    row = ReduceSum <keepdims = 0> (weighted, axis0)",
+}
+
+
+def bag_model(reduce: str) -> ir.Model:
+    table = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    constants = {
+        "table": table,
+        "flat_shape": np.array([-1], np.int64),
+        "zero": np.array(0, np.int64),
+        "three": np.array(3, np.int64),
+        "axis0": np.array([0], np.int64),
+    }
+    return text_model(BAG_LOOP.format(reduce=REDUCTIONS[reduce]), constants)
+
+
+def calibration(rows: int = 64, high: int = 10) -> Calibration:
+    ids = np.random.default_rng(1).integers(0, high, (rows, 3)).astype(np.int64)
+    return Calibration(Feeds({"ids": ids}, "test rows"))
+
+
+def run(model: ir.Model, tmp_path: Path, ids: np.ndarray) -> np.ndarray:
+    path = save_model(model, tmp_path / f"m{len(list(tmp_path.iterdir()))}.onnx")
+    return runtime.make_session(path, "disable").run(None, {"ids": ids})[0]
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", "max"])
+def test_a_bag_loop_becomes_a_gather_and_a_reduction_with_the_same_outputs(tmp_path: Path, reduce: str) -> None:
+    ids = np.random.default_rng(2).integers(0, 10, (7, 3)).astype(np.int64)
+    expected = run(bag_model(reduce), tmp_path, ids)
+    model = bag_model(reduce)
+    (bag,) = find_bag_loops(model)
+    assert bag.table.name == "table" and [value.name for value in bag.ids] == ["ids"]
+    outcome = vectorize_bags(model, calibration())
+    assert list(outcome.values()) == [f"{reduce} of table rows gathered by ids"]
+    ops = [node.op_type for node in model.graph]
+    assert (
+        "Loop" not in ops
+        and "Gather" in ops
+        and {"sum": "ReduceSum", "mean": "ReduceMean", "max": "ReduceMax"}[reduce] in ops
+    )
+    np.testing.assert_allclose(run(model, tmp_path, ids), expected, rtol=1e-6, atol=1e-6)
+    # The body's reads of the main graph went with the loop: what only it read is left unused.
+    assert not model.graph.initializers["three"].uses()
+    ir.serde.serialize_model(model)
+
+
+def test_a_loop_that_is_not_a_plain_bag_is_kept_with_its_reason() -> None:
+    model = bag_model("weighted")
+    outcome = vectorize_bags(model, calibration())
+    (reason,) = outcome.values()
+    assert reason.startswith("kept: its result is not a sum, mean or max of table rows")
+    assert "Loop" in [node.op_type for node in model.graph]
+
+
+def test_ids_the_calibration_rows_never_reach_are_checked_too() -> None:
+    # A mean that skips id 0 (a padding id) agrees with ReduceMean on rows without a 0: the check on
+    # ids drawn over the whole table catches it.
+    skip_padding = (
+        "zero_f = Constant <value = int64 {0}> ()\n    kept = Greater(part, zero_f)\n"
+        "    weights = Cast <to = 1> (kept)\n    count = ReduceSum <keepdims = 0> (weights)\n"
+        "    wide = Unsqueeze(weights, one)\n    masked = Mul(rows, wide)\n"
+        "    total = ReduceSum <keepdims = 0> (masked, axis0)\n    row = Div(total, count)"
+    )
+    REDUCTIONS["skip_padding"] = skip_padding
+    try:
+        model = bag_model("skip_padding")
+    finally:
+        del REDUCTIONS["skip_padding"]
+    one = ir.Value(name="one", const_value=ir.tensor(np.array([1], np.int64), name="one"))
+    model.graph.register_initializer(one)
+    no_padding = Calibration(Feeds({"ids": np.random.default_rng(3).integers(1, 10, (64, 3))}, "rows"))
+    outcome = vectorize_bags(model, no_padding)
+    assert next(iter(outcome.values())).startswith("kept")
+
+
+def test_cleanup_vectorizes_bags_only_with_calibration_rows() -> None:
+    model = bag_model("sum")
+    result = Cleanup(context=PassContext()).call(model)
+    assert list(result.stats["embedding_bag_loops"].values()) == ["kept: no calibration rows to check the rewrite on"]
+    model = bag_model("sum")
+    result = Cleanup(context=PassContext(calibration=calibration())).call(model)
+    assert result.modified and "Loop" not in [node.op_type for node in model.graph]
