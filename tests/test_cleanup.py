@@ -820,3 +820,59 @@ def test_a_branch_returning_an_outer_value_keeps_its_identity(tmp_path: Path) ->
     for wide in (True, False):
         (y,) = session.run(None, {"x": x, "wide": np.array(wide)})
         np.testing.assert_allclose(y.reshape(-1), 1 / (1 + np.exp(-x.reshape(-1))), rtol=1e-6)
+
+
+def _saved_optimised(name: str, directory: Path) -> Path:
+    """Shipped model ``name`` as onnxruntime saves it optimised (FusedGemm, FusedMatMul)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(directory / f"{name}.optimised.onnx")
+    ort.InferenceSession(str(model_files(name)["onnx"]), options, providers=["CPUExecutionProvider"])
+    return directory / f"{name}.optimised.onnx"
+
+
+@pytest.mark.parametrize(
+    ("name", "fused", "left"),
+    [
+        # DLRM's interaction transposes a product of unknown rank: that FusedMatMul reads no weight and stays.
+        ("dlrm", {"FusedGemm": 5, "FusedMatMul": 1}, ["FusedMatMul"]),
+        ("keras_wide_deep", {"FusedGemm": 3}, []),
+        ("sasrec", {"FusedMatMul": 2}, []),
+    ],
+)
+def test_onnxruntime_fused_ops_become_standard_ops_with_the_same_outputs(
+    tmp_path: Path, name: str, fused: dict[str, int], left: list[str]
+) -> None:
+    path = _saved_optimised(name, tmp_path)
+    model = ir.load(path)
+    contrib = [node.op_type for node in model.graph if node.domain == "com.microsoft"]
+    assert {op: contrib.count(op) for op in set(contrib)} == fused
+    feeds = {key: value[:256] for key, value in np.load(model_files(name)["feeds"]).items()}
+    expected = runtime.make_session(path, "disable").run(None, feeds)[0]
+    result = Cleanup()(model)
+    assert result.stats["contrib_ops_unfused"] == sum(fused.values()) - len(left)
+    assert [node.op_type for node in model.graph if node.domain == "com.microsoft"] == left
+    got = runtime.make_session(save_model(model, tmp_path / "clean.onnx"), "disable").run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_saved_optimised_dlrm_compresses_like_the_export(tmp_path: Path) -> None:
+    from onnxcompress import compress
+    from onnxcompress.presets import get_preset
+
+    files = model_files("dlrm")
+    recipe = get_preset("int8")
+    report = compress(
+        _saved_optimised("dlrm", tmp_path),
+        tmp_path / "int8.onnx",
+        list(recipe.passes),
+        options=recipe.options,
+        feeds=files["feeds"],
+        calib=files["calib"],
+        labels=files["labels"],
+    )
+    quant = next(record.stats for record in report.passes if record.name == "quant")
+    assert quant["weights_quantized"] == 13
+    assert report.parity.passed and report.size_ratio >= 3.9

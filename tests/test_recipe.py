@@ -18,6 +18,7 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
         "strip_metadata": True,
         "fold_affine": True,
         "remove_dead_units": True,
+        "unfuse_contrib": True,
         "vectorize_bags": True,
         "simplify_labels": True,
         "fuse_parallel": True,

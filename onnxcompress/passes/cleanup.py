@@ -108,6 +108,109 @@ def remove_identities(model: ir.Model) -> int:
     return removed
 
 
+#: FusedGemm activations with a standard op, and the activation_* attributes each one reads.
+_FUSED_ACTIVATIONS: dict[str, tuple[str, ...]] = {
+    "Relu": (),
+    "Sigmoid": (),
+    "Tanh": (),
+    "LeakyRelu": ("alpha",),
+    "HardSigmoid": ("alpha", "beta"),
+}
+
+
+def _replace_node(graph: ir.Graph, node: ir.Node, nodes: list[ir.Node]) -> None:
+    """Put ``nodes`` where ``node`` was, the last one's output taking over its (single) output."""
+    old, new = node.outputs[0], nodes[-1].outputs[0]
+    graph.insert_before(node, nodes)
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    new.type, new.shape = old.type, old.shape
+    name, old.name = old.name, None
+    new.name = name
+    graph.remove(node, safe=True)
+
+
+def _unfused_gemm(node: ir.Node) -> list[ir.Node] | None:
+    activation = node.attributes.get_string("activation", "")
+    if activation not in _FUSED_ACTIVATIONS:
+        return None
+    kept = [attr for key, attr in node.attributes.items() if key in ("alpha", "beta", "transA", "transB")]
+    gemm = ir.Node("", "Gemm", list(node.inputs), attributes=kept, name=node.name)
+    extra = [
+        ir.AttrFloat32(key, node.attributes.get_float(f"activation_{key}"))
+        for key in _FUSED_ACTIVATIONS[activation]
+        if f"activation_{key}" in node.attributes
+    ]
+    return [gemm, ir.Node("", activation, [gemm.outputs[0]], attributes=extra)]
+
+
+def _transposed(graph: ir.Graph, value: ir.Value) -> tuple[ir.Value | None, list[ir.Node]]:
+    """``value`` with its last two axes swapped: a transposed copy of a constant matrix read only
+    here, else a Transpose node (None when the rank is unknown)."""
+    array = constant_array(value)
+    if array is not None and array.ndim == 2 and len(value.uses()) == 1 and value.is_initializer():
+        copy = constant_value(unique_name(graph, f"{value.name}_t"), np.ascontiguousarray(array.T))
+        graph.register_initializer(copy)
+        return copy, []
+    rank = len(value.shape) if value.shape is not None else (array.ndim if array is not None else None)
+    if rank is None or rank < 2:
+        return None, []
+    perm = [*range(rank - 2), rank - 1, rank - 2]
+    transpose = ir.Node("", "Transpose", [value], attributes=[ir.AttrInt64s("perm", perm)])
+    return transpose.outputs[0], [transpose]
+
+
+def _unfused_matmul(graph: ir.Graph, node: ir.Node) -> list[ir.Node] | None:
+    attributes = node.attributes
+    if attributes.get_int("transBatchA", 0) or attributes.get_int("transBatchB", 0):
+        return None
+    a, b = node.inputs[0], node.inputs[1]
+    if a is None or b is None:
+        return None
+    nodes: list[ir.Node] = []
+    operands = []
+    for operand, flag in ((a, "transA"), (b, "transB")):
+        if attributes.get_int(flag, 0):
+            swapped, added = _transposed(graph, operand)
+            if swapped is None:
+                return None
+            operand, nodes = swapped, nodes + added
+        operands.append(operand)
+    nodes.append(ir.Node("", "MatMul", operands, name=node.name))
+    alpha = attributes.get_float("alpha", 1.0)
+    if alpha != 1.0:
+        dtype = a.dtype or ir.DataType.FLOAT
+        scale = constant_value(unique_name(graph, f"{node.name or 'matmul'}_alpha"), np.array(alpha, dtype.numpy()))
+        graph.register_initializer(scale)
+        nodes.append(ir.Node("", "Mul", [nodes[-1].outputs[0], scale]))
+    return nodes
+
+
+def unfuse_contrib_ops(model: ir.Model) -> int:
+    """Standard ops for what onnxruntime fused when it saved an optimised model: ``FusedGemm`` (a
+    Gemm and its activation) and ``FusedMatMul`` (a MatMul with transposed operands and a scale);
+    return how many were replaced.
+
+    The passes know the standard ops (a FusedGemm's weight would stay in float), and onnxruntime
+    fuses them again when it loads the result. Batch-transposing FusedMatMuls and activations
+    without a standard op stay.
+    """
+    replaced = 0
+    graph = model.graph
+    for node in list(graph):
+        if node.domain != "com.microsoft" or len(node.outputs) != 1:
+            continue
+        if node.op_type == "FusedGemm":
+            nodes = _unfused_gemm(node)
+        elif node.op_type == "FusedMatMul":
+            nodes = _unfused_matmul(graph, node)
+        else:
+            continue
+        if nodes is not None:
+            _replace_node(graph, node, nodes)
+            replaced += 1
+    return replaced
+
+
 def _casts_to_own_type(node: ir.Node) -> bool:
     """A Cast to the type its input already has (skl2onnx casts float features to float)."""
     source = node.inputs[0]
@@ -1149,6 +1252,13 @@ class Cleanup(CompressionPass):
                 "output added to the next layer's bias (lossless to float32 rounding)"
             },
         )
+        unfuse_contrib: bool = field(
+            default=True,
+            metadata={
+                "help": "replace onnxruntime's com.microsoft FusedGemm and FusedMatMul (in models it saved "
+                "optimised) by the standard Gemm + activation and MatMul the passes work on"
+            },
+        )
         vectorize_bags: bool = field(
             default=True,
             metadata={
@@ -1195,6 +1305,7 @@ class Cleanup(CompressionPass):
         before = _op_counts(model)
         initializers_before = len(model.graph.initializers)
         dropout = remove_inference_dropout(model) if self.config.remove_dropout else 0
+        unfused = unfuse_contrib_ops(model) if self.config.unfuse_contrib else 0
         labels = simplify_class_labels(model) if self.config.simplify_labels else 0
         remove_identities(model)
         bags = vectorize_bags(model, self.context.calibration) if self.config.vectorize_bags else {}
@@ -1236,6 +1347,7 @@ class Cleanup(CompressionPass):
             "constant_adds_merged": adds_merged,
             "dead_units_removed": dead_units,
             "labels_simplified": labels,
+            "contrib_ops_unfused": unfused,
             **({"embedding_bag_loops": bags} if bags else {}),
             "metadata_items_stripped": stripped,
             "names_shortened": renamed,
@@ -1262,6 +1374,7 @@ class Cleanup(CompressionPass):
             or adds_merged
             or dead_units
             or labels
+            or unfused
             or any(not outcome.startswith("kept") for outcome in bags.values())
         )
         return CompressionResult(model, modified=modified, stats=stats)
