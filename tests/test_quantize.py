@@ -11,7 +11,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxcompress import runtime
 from onnxcompress.passes.base import PassContext
 from onnxcompress.passes.cleanup import Cleanup
-from onnxcompress.passes.quantize import CODEBOOK_MIN_ROWS, Quantize
+from onnxcompress.passes.quantize import CODEBOOK_MIN_ROWS, NOTHING_TO_QUANTIZE, Quantize
 from onnxcompress.report import Report
 
 RNG = np.random.default_rng(0)
@@ -237,6 +237,19 @@ def test_selection_options_and_skip_reasons() -> None:
         "w_gemm_t": "matched by quant.exclude",
     }
     assert "w_gemm" in model.graph.initializers and "w_mm" not in model.graph.initializers
+
+
+def test_a_model_without_weights_says_why_nothing_was_quantized() -> None:
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x, float[4] shift) => (float[N,4] y) { y = Add(x, shift) }
+        """,
+        {"shift": np.ones(4, np.float32)},
+    )
+    result = Quantize()(model)
+    assert not result.modified
+    assert result.stats == {"nothing_to_quantize": NOTHING_TO_QUANTIZE}
 
 
 def test_gptq_rounding_uses_calibration_and_beats_nearest(tmp_path: Path) -> None:

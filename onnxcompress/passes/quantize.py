@@ -378,6 +378,13 @@ def _first(graph: ir.Graph, uses: Sequence[WeightUse]) -> ir.Node:
     return min((use.node for use in uses), key=lambda node: _position(graph, node))
 
 
+#: Why a model without a weight the pass reads is left as it was.
+NOTHING_TO_QUANTIZE = (
+    "no initializer is read as a MatMul, Gemm or Conv weight or as a Gather table "
+    "(a tree ensemble keeps its thresholds in node attributes)"
+)
+
+
 @register("quant")
 class Quantize(CompressionPass):
     """Quantize weights to 8/4/2/1 bits in standard ONNX: linear layers per channel or block (integer
@@ -628,7 +635,9 @@ class Quantize(CompressionPass):
         self._linear_cache = {}
         selected, skipped = self._select(model)
         if not selected:
-            return CompressionResult(model, modified=False, stats={"skipped": skipped})
+            # A tree ensemble keeps its thresholds in attributes: say so rather than "no change".
+            found = {"skipped": skipped} if skipped else {"nothing_to_quantize": NOTHING_TO_QUANTIZE}
+            return CompressionResult(model, modified=False, stats=found)
         if self._prepare_opset(model):
             # Conversion through the ONNX C API rebuilds the graph: select from the new one.
             selected, skipped = self._select(model)
