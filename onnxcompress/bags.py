@@ -27,6 +27,7 @@ import onnx_ir as ir
 from onnxcompress import runtime
 from onnxcompress.calibration import Calibration
 from onnxcompress.errors import UnsupportedModelError, UsageError
+from onnxcompress.graph import detach_subgraphs
 
 __all__ = ["BagLoop", "find_bag_loops", "vectorize_bags"]
 
@@ -237,11 +238,7 @@ def _remove_if_dead(graph: ir.Graph, loop: ir.Node) -> None:
     ):
         return
     for node in reversed(downstream):
-        for attribute in node.attributes.values():
-            if attribute.type == ir.AttributeType.GRAPH:
-                for inner in ir.traversal.RecursiveGraphIterator(attribute.as_graph()):
-                    for index in range(len(inner.inputs)):
-                        inner.replace_input_with(index, None)
+        detach_subgraphs(node)
         graph.remove(node, safe=True)
 
 

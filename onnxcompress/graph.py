@@ -19,6 +19,7 @@ __all__ = [
     "LinearLayer",
     "WeightUse",
     "constant_value",
+    "detach_subgraphs",
     "is_constant_initializer",
     "linear_layers",
     "mlp_links",
@@ -96,6 +97,17 @@ def constant_value(name: str, array: np.ndarray, dtype: ir.DataType | None = Non
     """
     tensor = ir.tensor(array, dtype=dtype, name=name)
     return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+
+
+def detach_subgraphs(node: ir.Node) -> None:
+    """Drop every input of the nodes inside ``node``'s subgraphs: a removed If or Loop would
+    otherwise still count as a reader of the enclosing graph's values its body reads."""
+    for attribute in node.attributes.values():
+        if attribute.type != ir.AttributeType.GRAPH:
+            continue
+        for inner in ir.traversal.RecursiveGraphIterator(attribute.as_graph()):
+            for index in range(len(inner.inputs)):
+                inner.replace_input_with(index, None)
 
 
 def unique_name(graph: ir.Graph, base: str) -> str:

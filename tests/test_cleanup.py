@@ -876,3 +876,38 @@ def test_a_saved_optimised_dlrm_compresses_like_the_export(tmp_path: Path) -> No
     quant = next(record.stats for record in report.passes if record.name == "quant")
     assert quant["weights_quantized"] == 13
     assert report.parity.passed and report.size_ratio >= 3.9
+
+
+def test_torchscripts_squeeze_if_one_becomes_a_squeeze_where_the_size_is_known(tmp_path: Path) -> None:
+    # dlrm_bag's score: TorchScript could not prove the Gemm's [batch, 1] through its bag Loop.
+    path = model_files("dlrm_bag")["onnx"]
+    feeds = {key: value[:256] for key, value in np.load(model_files("dlrm_bag")["feeds"]).items()}
+    expected = runtime.make_session(path, "disable").run(None, feeds)[0]
+    model = ir.load(path)
+    assert "If" in op_types(model)
+    result = Cleanup()(model)
+    assert result.stats["squeeze_ifs_folded"] == 1 and "If" not in op_types(model)
+    got = runtime.make_session(save_model(model, tmp_path / "m.onnx"), "disable").run(None, feeds)[0]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_squeeze_if_of_an_unknown_size_stays() -> None:
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,M] x) => (float[N] y) {
+          shape = Shape(x)
+          one = Constant <value = int64 {1}> ()
+          size = Gather <axis = 0> (shape, one)
+          is_one = Equal(size, one)
+          y = If (is_one) <
+            then_branch = t () => (float[N] squeezed) {
+              axes = Constant <value = int64[1] {1}> ()
+              squeezed = Squeeze(x, axes)
+            },
+            else_branch = e () => (float[N] same) { same = Identity(x) }
+          >
+        }
+        """
+    )
+    assert Cleanup()(model).stats["squeeze_ifs_folded"] == 0 and "If" in op_types(model)

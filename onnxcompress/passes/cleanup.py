@@ -22,7 +22,14 @@ from onnx_ir.passes.common import (
 )
 
 from onnxcompress.bags import vectorize_bags
-from onnxcompress.graph import constant_array, constant_value, is_constant_initializer, set_constant, unique_name
+from onnxcompress.graph import (
+    constant_array,
+    constant_value,
+    detach_subgraphs,
+    is_constant_initializer,
+    set_constant,
+    unique_name,
+)
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 from onnxcompress.passes.prune import remove_dead_units
@@ -1162,6 +1169,83 @@ def _last_dim(value: ir.Value, depth: int = 0) -> int | None:
     return None
 
 
+def _only_output_op(branch: ir.Graph, op_type: str) -> ir.Node | None:
+    """The node of ``op_type`` that computes a one-output branch's output, if it does."""
+    if len(branch.outputs) != 1:
+        return None
+    producer = branch.outputs[0].producer()
+    return producer if producer is not None and producer.op_type == op_type else None
+
+
+def _squeeze_if(node: ir.Node) -> tuple[ir.Value, int] | None:
+    """(x, axis) when ``node`` is TorchScript's ``x.squeeze(axis)`` of a size it could not prove:
+    ``If(Shape(x)[axis] == 1, then Squeeze(x, axis), else Identity(x))``."""
+    if node.op_type != "If" or len(node.outputs) != 1 or node.inputs[0] is None:
+        return None
+    equal = node.inputs[0].producer()
+    if equal is None or equal.op_type != "Equal":
+        return None
+    sizes = [value for value in equal.inputs if value is not None and constant_array(value) is None]
+    ones = [array for value in equal.inputs if (array := constant_array(value)) is not None]
+    gather = sizes[0].producer() if len(sizes) == 1 else None
+    if gather is None or gather.op_type != "Gather" or len(ones) != 1 or ones[0].size != 1 or ones[0].item() != 1:
+        return None
+    shape, index = (
+        gather.inputs[0].producer() if gather.inputs[0] is not None else None,
+        constant_array(gather.inputs[1]),
+    )
+    if shape is None or shape.op_type != "Shape" or shape.attributes or index is None or index.size != 1:
+        return None
+    x, axis = shape.inputs[0], int(index.item())
+    squeeze = _only_output_op(node.attributes["then_branch"].as_graph(), "Squeeze")
+    identity = _only_output_op(node.attributes["else_branch"].as_graph(), "Identity")
+    if x is None or squeeze is None or identity is None or squeeze.inputs[0] is not x or identity.inputs[0] is not x:
+        return None
+    axes = constant_array(squeeze.inputs[1]) if len(squeeze.inputs) > 1 else None
+    if axes is None and "axes" in squeeze.attributes:
+        axes = np.array(squeeze.attributes.get_ints("axes"))
+    if axes is None or axes.reshape(-1).tolist() != [axis]:
+        return None
+    return x, axis
+
+
+def fold_static_squeezes(model: ir.Model) -> int:
+    """Replace TorchScript's squeeze-if-one (see ``_squeeze_if``) by a plain Squeeze where the size
+    is known to be 1: the last axis of a Gemm's output, through elementwise ops (a score's
+    ``[batch, 1]``). The If costs a branch on every call. Returns how many were folded."""
+    folded = 0
+    graph = model.graph
+    for node in list(graph):
+        found = _squeeze_if(node)
+        if found is None:
+            continue
+        x, axis = found
+        if axis not in (1, -1) or _last_dim(x) != 1 or _rank_two_source(x) is not True:
+            continue
+        if model.opset_imports.get("", 1) >= 13:
+            axes = constant_value(unique_name(graph, "squeeze_axes"), np.array([axis], np.int64))
+            graph.register_initializer(axes)
+            squeeze = ir.Node("", "Squeeze", [x, axes])
+        else:
+            squeeze = ir.Node("", "Squeeze", [x], attributes=[ir.AttrInt64s("axes", [axis])])
+        detach_subgraphs(node)
+        _replace_node(graph, node, [squeeze])
+        folded += 1
+    return folded
+
+
+def _rank_two_source(value: ir.Value, depth: int = 0) -> bool | None:
+    """Whether ``value`` is a Gemm's output (always two-dimensional), through elementwise ops."""
+    producer = value.producer()
+    if producer is None or depth > 16:
+        return None
+    if producer.op_type == "Gemm":
+        return True
+    if producer.op_type in _ELEMENTWISE and producer.inputs[0] is not None:
+        return _rank_two_source(producer.inputs[0], depth + 1)
+    return None
+
+
 def _variable_input(node: ir.Node) -> ir.Value | None:
     """The one non-constant input of an affine node (its data input)."""
     if node.op_type == "BatchNormalization":
@@ -1309,6 +1393,7 @@ class Cleanup(CompressionPass):
         labels = simplify_class_labels(model) if self.config.simplify_labels else 0
         remove_identities(model)
         bags = vectorize_bags(model, self.context.calibration) if self.config.vectorize_bags else {}
+        squeezes = fold_static_squeezes(model)
         affine = fold_affine_into_linear(model) + fold_affine_into_next_linear(model) if self.config.fold_affine else 0
         fused = fuse_parallel_linear(model) if self.config.fuse_parallel else 0
         norms = fold_norm_into_next_linear(model) if self.config.fold_affine else 0
@@ -1348,6 +1433,7 @@ class Cleanup(CompressionPass):
             "dead_units_removed": dead_units,
             "labels_simplified": labels,
             "contrib_ops_unfused": unfused,
+            "squeeze_ifs_folded": squeezes,
             **({"embedding_bag_loops": bags} if bags else {}),
             "metadata_items_stripped": stripped,
             "names_shortened": renamed,
@@ -1375,6 +1461,7 @@ class Cleanup(CompressionPass):
             or dead_units
             or labels
             or unfused
+            or squeezes
             or any(not outcome.startswith("kept") for outcome in bags.values())
         )
         return CompressionResult(model, modified=modified, stats=stats)
