@@ -911,3 +911,18 @@ def test_a_squeeze_if_of_an_unknown_size_stays() -> None:
         """
     )
     assert Cleanup()(model).stats["squeeze_ifs_folded"] == 0 and "If" in op_types(model)
+
+
+@pytest.mark.parametrize("name", ["keras_wide_deep", "sklearn_mlp", "dlrm"])
+def test_a_lossless_cleanup_never_writes_value_info_for_initializers(tmp_path: Path, name: str) -> None:
+    # tf2onnx and skl2onnx files have none; onnx-ir would write one per initializer with a type.
+    import onnx
+
+    source = model_files(name)["onnx"]
+    model = ir.load(source)
+    Cleanup()(model)
+    path = save_model(model, tmp_path / "clean.onnx")
+    saved = onnx.load(path, load_external_data=False)
+    initializers = {tensor.name for tensor in saved.graph.initializer}
+    assert not [info.name for info in saved.graph.value_info if info.name in initializers]
+    assert path.stat().st_size <= source.stat().st_size
