@@ -470,7 +470,8 @@ def pack_cast_vectors(model: ir.Model) -> int:
         split = ir.node("Split", [cast.outputs[0], sizes], num_outputs=len(casts))
         graph.insert_before(first, [cast, split])
         for old, piece, source in zip(casts, split.outputs, sources, strict=True):
-            piece.type, piece.shape = old.outputs[0].type, source.shape
+            if old.outputs[0].type is not None:  # a shape without a type is not written (onnx-ir warns)
+                piece.type, piece.shape = old.outputs[0].type, source.shape
             old.outputs[0].replace_all_uses_with(piece)
             graph.remove(old, safe=True)
             graph.initializers.pop(source.name or "")
