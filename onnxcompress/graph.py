@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "RECURRENT_SLOTS",
     "WEIGHT_SLOTS",
     "HiddenLink",
     "LinearLayer",
@@ -41,7 +42,7 @@ class WeightUse:
     node: ir.Node
     input_index: int
     value: ir.Value
-    kind: str  # "linear", "conv" or "embedding"
+    kind: str  # "linear", "conv", "recurrent" or "embedding"
     out_axis: int
     reduce_axis: int | None
 
@@ -63,6 +64,11 @@ WEIGHT_SLOTS: dict[str, Slot] = {
     "Gemm": (1, "linear", 2, _gemm_axes),
     "Conv": (1, "conv", None, lambda node: (0, 1)),
     "Gather": (0, "embedding", 2, _gather_axes),
+}
+#: Recurrent ops read two weights: W (input 1, ``[directions, gates x hidden, inputs]``) and R
+#: (input 2, ``[directions, gates x hidden, hidden]``); each row of a gate is an output channel.
+RECURRENT_SLOTS: dict[str, Slot] = {
+    f"{op}.{index}": (index, "recurrent", 3, lambda node: (1, 2)) for op in ("LSTM", "GRU", "RNN") for index in (1, 2)
 }
 
 
@@ -133,21 +139,24 @@ def weight_uses(model: ir.Model) -> list[WeightUse]:
     """Every (node, weight) pair of the main graph, in graph order, for float weights only."""
     uses = []
     for node in model.graph:
-        slot = WEIGHT_SLOTS.get(node.op_type)
-        if slot is None or node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx"):
             continue
-        index, kind, rank, axes_of = slot
-        value = node.inputs[index] if index < len(node.inputs) else None
-        if not is_constant_initializer(value):
-            continue
-        assert value is not None and value.const_value is not None
-        tensor = value.const_value
-        if not tensor.dtype.is_floating_point() or (rank is not None and len(tensor.shape) != rank):
-            continue
-        axes = axes_of(node)
-        if axes is None:
-            continue
-        uses.append(WeightUse(node, index, value, kind, axes[0], axes[1]))
+        slots = [WEIGHT_SLOTS.get(node.op_type), *(RECURRENT_SLOTS.get(f"{node.op_type}.{i}") for i in (1, 2))]
+        for slot in slots:
+            if slot is None:
+                continue
+            index, kind, rank, axes_of = slot
+            value = node.inputs[index] if index < len(node.inputs) else None
+            if not is_constant_initializer(value):
+                continue
+            assert value is not None and value.const_value is not None
+            tensor = value.const_value
+            if not tensor.dtype.is_floating_point() or (rank is not None and len(tensor.shape) != rank):
+                continue
+            axes = axes_of(node)
+            if axes is None:
+                continue
+            uses.append(WeightUse(node, index, value, kind, axes[0], axes[1]))
     return uses
 
 

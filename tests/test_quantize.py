@@ -1148,3 +1148,50 @@ def test_a_float16_export_keeps_its_types_and_quantizes_every_weight(tmp_path: P
     ]
     # From float16, int4 is about 3.5x smaller; the mixed search goes lower.
     assert report.size_ratio > 3.3
+
+
+RECURRENT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[6,N,8] x, float[1,48,8] w, float[1,48,16] r, float[1,96] b, int64[1] axis) => (float[N,16] h) {
+  y, last = GRU <hidden_size = 16> (x, w, r, b)
+  h = Squeeze(last, axis)
+}
+"""
+
+
+@pytest.mark.parametrize(("bits", "limit"), [(8, 0.01), (4, 0.15)])
+def test_recurrent_weights_are_quantized_per_gate_row_in_the_layout_the_op_reads(
+    tmp_path: Path, bits: int, limit: float
+) -> None:
+    rng = np.random.default_rng(4)
+    constants = {
+        "w": (rng.standard_normal((1, 48, 8)) * 0.4).astype(np.float32),
+        "r": (rng.standard_normal((1, 48, 16)) * 0.3).astype(np.float32),
+        "b": (rng.standard_normal((1, 96)) * 0.1).astype(np.float32),
+        "axis": np.array([0], np.int64),
+    }
+    feeds = {"x": rng.standard_normal((6, 32, 8)).astype(np.float32)}
+    (expected,) = evaluate(text_model(RECURRENT, constants), tmp_path, feeds)
+    model = text_model(RECURRENT, constants)
+    config = Quantize.Config(bits=bits, granularity="channel", float_storage="float32", low_bit_min_elements=0)
+    result = Quantize(config)(model)
+    tensors = result.stats["tensors"]
+    assert {name: (entry["kind"], entry["bits"]) for name, entry in tensors.items()} == {
+        "w": ("recurrent", bits),
+        "r": ("recurrent", bits),
+    }
+    assert "w" not in model.graph.initializers and "r" not in model.graph.initializers
+    if bits == 8:  # one scale per gate row: 3 gates x 16 hidden units
+        assert [model.graph.initializers[f"{name}_scale"].const_value.size for name in "wr"] == [48, 48]
+    (got,) = evaluate(model, tmp_path, feeds)
+    assert relative_error(expected, got) < limit
+
+
+def test_gru4recs_recurrent_weights_go_to_four_bits_with_its_table(tmp_path: Path) -> None:
+    report = compress_with_preset("gru4rec", "int4", tmp_path / "out.onnx")
+    stats = next(record.stats for record in report.passes if record.name == "quant")
+    recurrent = {name: entry["bits"] for name, entry in stats["tensors"].items() if entry["kind"] == "recurrent"}
+    assert sorted(recurrent.values()) == [4, 4] and len(recurrent) == 2
+    assert report.parity.passed and report.size_ratio > 7.0
+    score = report.parity.outputs[0]
+    assert abs(score.auc_candidate - score.auc_reference) < 0.001

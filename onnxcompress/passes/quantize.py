@@ -621,10 +621,11 @@ class Quantize(CompressionPass):
             },
         )
         op_types: tuple[str, ...] = field(
-            default=("MatMul", "Gemm", "Conv", "Gather", "Add"),
+            default=("MatMul", "Gemm", "Conv", "Gather", "Add", "LSTM", "GRU", "RNN"),
             metadata={
                 "help": "ops whose weights are quantized (Add: a table of 256+ values added to activations, "
-                "such as positional embeddings an exporter folded into a constant, quantized as a table)"
+                "such as positional embeddings an exporter folded into a constant, quantized as a table; "
+                "LSTM/GRU/RNN: their input and recurrent weights, one scale per gate row or block)"
             },
         )
         include: str = field(default="", metadata={"help": "regex: only weights or nodes whose name matches"})
