@@ -926,3 +926,55 @@ def test_a_lossless_cleanup_never_writes_value_info_for_initializers(tmp_path: P
     initializers = {tensor.name for tensor in saved.graph.initializer}
     assert not [info.name for info in saved.graph.value_info if info.name in initializers]
     assert path.stat().st_size <= source.stat().st_size
+
+
+# dynamo's GRU: PyTorch orders the gates (r, z, n), ONNX (z, r, n), so the recurrent weight is
+# three Slices of the parameter, a Concat and an Unsqueeze.
+GATE_ORDER = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[4,N,8] x, float[1,48,8] w, float[48,16] hh, int64[1] zero, int64[1] s16, int64[1] s32, int64[1] s48{extra_in}) => (float[1,N,16] last{extra_out}) {{
+  r_gate = Slice(hh, zero, s16, zero)
+  z_gate = Slice(hh, s16, s32, zero)
+  n_gate = Slice(hh, s32, s48, zero)
+  reordered = Concat <axis = 0> (z_gate, r_gate, n_gate)
+  r = Unsqueeze(reordered, zero)
+  y, last = GRU <hidden_size = 16> (x, w, r)
+  {extra_body}
+}}
+"""
+
+
+def gate_order_model(extra: bool = False) -> ir.Model:
+    rng = np.random.default_rng(9)
+    text = GATE_ORDER.format(
+        extra_in=", int64[N] ids" if extra else "",
+        extra_out=", float[N,16] rows" if extra else "",
+        extra_body="rows = Gather(hh, ids)" if extra else "",
+    )
+    constants = {
+        "w": rng.standard_normal((1, 48, 8)).astype(np.float32),
+        "hh": rng.standard_normal((48, 16)).astype(np.float32),
+        **{name: np.array([value], np.int64) for name, value in (("zero", 0), ("s16", 16), ("s32", 32), ("s48", 48))},
+    }
+    return text_model(text, constants)
+
+
+def test_a_weight_computed_by_layout_ops_becomes_one_initializer(tmp_path: Path) -> None:
+    feeds = {"x": np.random.default_rng(10).standard_normal((4, 3, 8)).astype(np.float32)}
+    original = save_model(gate_order_model(), tmp_path / "original.onnx")
+    expected = runtime.make_session(original, "disable").run(None, feeds)[0]
+    model = gate_order_model()
+    result = Cleanup()(model)
+    assert result.stats["weight_layouts_folded"] == 1
+    gru = next(node for node in model.graph if node.op_type == "GRU")
+    assert gru.inputs[2] is not None and gru.inputs[2].is_initializer()
+    assert "Slice" not in op_types(model) and "hh" not in model.graph.initializers
+    folded = save_model(model, tmp_path / "folded.onnx")
+    np.testing.assert_array_equal(runtime.make_session(folded, "disable").run(None, feeds)[0], expected)
+    assert folded.stat().st_size <= original.stat().st_size
+
+
+def test_a_weight_whose_source_is_read_elsewhere_is_not_copied() -> None:
+    model = gate_order_model(extra=True)
+    assert Cleanup()(model).stats["weight_layouts_folded"] == 0
+    assert "Slice" in op_types(model)

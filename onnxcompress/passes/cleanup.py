@@ -21,8 +21,11 @@ from onnx_ir.passes.common import (
     RemoveUnusedOpsetsPass,
 )
 
+from onnxcompress import runtime
 from onnxcompress.bags import vectorize_bags
 from onnxcompress.graph import (
+    RECURRENT_SLOTS,
+    WEIGHT_SLOTS,
     constant_array,
     constant_value,
     detach_subgraphs,
@@ -190,6 +193,114 @@ def _unfused_matmul(graph: ir.Graph, node: ir.Node) -> list[ir.Node] | None:
         graph.register_initializer(scale)
         nodes.append(ir.Node("", "Mul", [nodes[-1].outputs[0], scale]))
     return nodes
+
+
+#: Ops that only move data: a chain of them over constants is a weight in another layout.
+_LAYOUT_OPS = frozenset({"Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Identity", "Flatten"})
+#: Bytes a folded weight may add to the file (its new initializer's header, index constants kept).
+_FOLD_SLACK_BYTES = 256
+
+
+def _layout_chain(value: ir.Value) -> tuple[list[ir.Node], list[ir.Value]] | None:
+    """The layout nodes computing ``value`` from constants and the constants they read, or None
+    when anything else feeds it."""
+    nodes: list[ir.Node] = []
+    leaves: list[ir.Value] = []
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        if constant_array(current) is not None:
+            if current not in leaves:
+                leaves.append(current)
+            continue
+        producer = current.producer()
+        if producer is None or producer.op_type not in _LAYOUT_OPS or producer.domain not in ("", "ai.onnx"):
+            return None
+        if producer not in nodes:
+            nodes.append(producer)
+            stack += [item for item in producer.inputs if item is not None]
+    return (nodes, leaves) if nodes else None
+
+
+def _evaluate(model: ir.Model, nodes: list[ir.Node], leaves: list[ir.Value], value: ir.Value) -> np.ndarray:
+    """``value`` computed by onnxruntime from a copy of ``nodes`` fed the constants."""
+    order = {node: index for index, node in enumerate(model.graph)}
+    copies: dict[ir.Value, ir.Value] = {}
+    feeds: dict[str, np.ndarray] = {}
+    for index, leaf in enumerate(leaves):
+        array = constant_array(leaf)
+        assert array is not None
+        name = f"leaf{index}"
+        copies[leaf] = ir.Value(
+            name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape)
+        )
+        feeds[name] = array
+    body: list[ir.Node] = []
+    for node in sorted(nodes, key=order.__getitem__):
+        inputs = [copies[item] if item is not None else None for item in node.inputs]
+        copy = ir.Node(
+            node.domain, node.op_type, inputs, attributes=list(node.attributes.values()), num_outputs=len(node.outputs)
+        )
+        for index, (old, new) in enumerate(zip(node.outputs, copy.outputs, strict=True)):
+            new.name = f"{len(body)}_{index}"
+            copies[old] = new
+        body.append(copy)
+    graph = ir.Graph(
+        list(copies[leaf] for leaf in leaves), [copies[value]], nodes=body, opset_imports=dict(model.opset_imports)
+    )
+    session = runtime.make_session(ir.Model(graph, ir_version=model.ir_version), "disable")
+    return np.asarray(session.run(None, feeds)[0])
+
+
+def fold_weight_layouts(model: ir.Model) -> int:
+    """Store as one initializer a weight an exporter computes from initializers by layout ops only
+    (dynamo reorders a GRU's gates with Slice and Concat), so the passes see a weight; returns how
+    many were folded.
+
+    Only where the file does not grow: the folded weight may not take more bytes than the
+    initializers that only its computation read (which then go). onnxruntime folds the same chain
+    at load, so what runs is unchanged.
+    """
+    graph = model.graph
+    folded = 0
+    slots = {**WEIGHT_SLOTS, **RECURRENT_SLOTS}
+    for node in list(graph):
+        for key in (node.op_type, *(f"{node.op_type}.{index}" for index in (1, 2))):
+            slot = slots.get(key)
+            value = node.inputs[slot[0]] if slot is not None and slot[0] < len(node.inputs) else None
+            if value is None or node.domain not in ("", "ai.onnx") or constant_array(value) is not None:
+                continue
+            chain = _layout_chain(value)
+            if chain is None:
+                continue
+            nodes, leaves = chain
+            inside = set(nodes)
+            if (
+                any(
+                    user not in inside
+                    for member in nodes
+                    for output in member.outputs
+                    if output is not value
+                    for user, _ in output.uses()
+                )
+                or value.is_graph_output()
+            ):
+                continue
+            freed = sum(
+                int(leaf.const_value.nbytes)
+                for leaf in leaves
+                if leaf.const_value is not None
+                and leaf.is_initializer()
+                and all(user in inside for user, _ in leaf.uses())
+            )
+            array = _evaluate(model, nodes, leaves, value)
+            if array.nbytes > freed + _FOLD_SLACK_BYTES:
+                continue
+            weight = constant_value(unique_name(graph, value.name or "weight"), array)
+            graph.register_initializer(weight)
+            value.replace_all_uses_with(weight)
+            folded += 1
+    return folded
 
 
 def unfuse_contrib_ops(model: ir.Model) -> int:
@@ -1399,6 +1510,7 @@ class Cleanup(CompressionPass):
         initializers_before = len(model.graph.initializers)
         dropout = remove_inference_dropout(model) if self.config.remove_dropout else 0
         unfused = unfuse_contrib_ops(model) if self.config.unfuse_contrib else 0
+        weights_folded = fold_weight_layouts(model)
         labels = simplify_class_labels(model) if self.config.simplify_labels else 0
         remove_identities(model)
         bags = vectorize_bags(model, self.context.calibration) if self.config.vectorize_bags else {}
@@ -1443,6 +1555,7 @@ class Cleanup(CompressionPass):
             "dead_units_removed": dead_units,
             "labels_simplified": labels,
             "contrib_ops_unfused": unfused,
+            "weight_layouts_folded": weights_folded,
             "squeeze_ifs_folded": squeezes,
             **({"embedding_bag_loops": bags} if bags else {}),
             "metadata_items_stripped": stripped,
@@ -1471,6 +1584,7 @@ class Cleanup(CompressionPass):
             or dead_units
             or labels
             or unfused
+            or weights_folded
             or squeezes
             or any(not outcome.startswith("kept") for outcome in bags.values())
         )
