@@ -268,7 +268,8 @@ def fold_weight_layouts(model: ir.Model) -> int:
         for key in (node.op_type, *(f"{node.op_type}.{index}" for index in (1, 2))):
             slot = slots.get(key)
             value = node.inputs[slot[0]] if slot is not None and slot[0] < len(node.inputs) else None
-            if value is None or node.domain not in ("", "ai.onnx") or constant_array(value) is not None:
+            # Initializers and graph inputs have no producer (and their data is not read here).
+            if value is None or node.domain not in ("", "ai.onnx") or value.producer() is None:
                 continue
             chain = _layout_chain(value)
             if chain is None:
