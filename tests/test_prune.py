@@ -626,3 +626,19 @@ def test_measured_scope_prices_convolutions_like_linear_layers() -> None:
     pruned = sum(tensors[name]["sparsity"] * size for name, size in sizes.items())
     assert pruned == pytest.approx(0.5 * sum(sizes.values()), abs=8)
     assert len({tensors[name]["sparsity"] for name in sizes}) > 1  # spread by price, not alike
+
+
+@pytest.mark.parametrize(("setting", "auc_limit"), [("prune.sparsity=0.8", 0.002), ("prune.structure=2:4", 0.001)])
+def test_gru4recs_recurrent_weights_are_pruned_by_magnitude(
+    cli, tmp_path: Path, setting: str, auc_limit: float
+) -> None:
+    result, _ = run_prune(cli, tmp_path, "gru4rec", setting)
+    report = result.report
+    stats = report["passes"][0]["stats"]
+    recurrent = {name: tensor for name, tensor in stats["tensors"].items() if name.startswith("onnx::GRU")}
+    assert len(recurrent) == 2 and not any(tensor["reconstructed"] for tensor in recurrent.values())
+    expected = 0.8 if "0.8" in setting else 0.5
+    assert all(abs(tensor["sparsity"] - expected) < 0.01 for tensor in recurrent.values())
+    assert report["verdict"] == "passed"
+    output = score(report)
+    assert abs(output["auc_candidate"] - output["auc_reference"]) <= auc_limit

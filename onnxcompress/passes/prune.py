@@ -227,8 +227,11 @@ class Prune(CompressionPass):
             default=None, metadata={"help": "regular expression: never prune weights whose name or node name matches"}
         )
         op_types: tuple[str, ...] = field(
-            default=("MatMul", "Gemm", "Conv"),
-            metadata={"help": "ops whose weights are pruned (add Gather to prune embedding tables row by row)"},
+            default=("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN"),
+            metadata={
+                "help": "ops whose weights are pruned (add Gather to prune embedding tables row by row; "
+                "LSTM/GRU/RNN input and recurrent weights by magnitude, without a refit)"
+            },
         )
         min_elements: int = field(default=64, metadata={"help": "skip weights with fewer elements", "min": 0})
         reconstruct: bool = field(
