@@ -13,7 +13,7 @@ import numpy as np
 
 from onnxcompress import io, runtime
 from onnxcompress.calibration import Calibration, Feeds, load_feeds, load_labels, synthesize_feeds
-from onnxcompress.errors import ParityFailedError, UsageError
+from onnxcompress.errors import InterruptedAfterWrite, ParityFailedError, UsageError
 from onnxcompress.parity import Budget, Budgets, ParityResult, budget_with, compare
 from onnxcompress.passes.base import PassContext
 from onnxcompress.pipeline import Pipeline
@@ -172,7 +172,10 @@ def compress(
         write = not parity or result.passed or force
         output_bytes = staged.bytes_on_disk
         if write:
-            staged.commit()
+            try:
+                staged.commit()
+            except KeyboardInterrupt as interrupt:
+                raise InterruptedAfterWrite(str(out_path)) from interrupt
         seconds["total"] = time.perf_counter() - started
         report = Report(
             input_path=str(in_path),

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from onnxcompress.errors import EXIT_CODES, CompressError, ParityFailedError, UsageError
+from onnxcompress.errors import EXIT_CODES, CompressError, InterruptedAfterWrite, ParityFailedError, UsageError
 from onnxcompress.presets import PRESETS
 
 __all__ = ["main"]
@@ -289,6 +289,9 @@ def command(
         _fail(error, debug)
     except CompressError as error:
         _fail(error, debug)
+    except InterruptedAfterWrite:
+        _error(f"interrupted after {out_path} was written; it is complete")
+        sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         _error("interrupted; nothing was written")
         sys.exit(EXIT_INTERRUPTED)

@@ -15,6 +15,7 @@ __all__ = [
     "EXIT_CODES",
     "CompressError",
     "InputModelError",
+    "InterruptedAfterWrite",
     "OutputPathError",
     "ParityFailedError",
     "PassFailedError",
@@ -69,11 +70,17 @@ class ParityFailedError(CompressError):
         self.report = report
 
 
+class InterruptedAfterWrite(KeyboardInterrupt):
+    """A signal held while OUT and its data were moved into place, delivered once both were: OUT is
+    complete, the run was still interrupted."""
+
+
 EXIT_CODES: dict[int, str] = {
     0: "compressed model written (parity passed, or --force / --no-parity as the report says)",
     1: "parity gate failed: nothing written (rerun with --force to write anyway)",
     2: "usage or input error: bad option, pass, feeds, labels, input model or output path",
     3: "onnxruntime or a pass cannot handle the model: an unsupported op or type, or a graph error only "
     "onnxruntime detects (the message names it)",
-    130: "interrupted (SIGINT/SIGTERM): nothing written",
+    130: "interrupted (SIGINT/SIGTERM): nothing written, unless the signal came while OUT was being moved "
+    "into place (the message then says OUT is complete)",
 }
