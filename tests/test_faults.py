@@ -61,7 +61,9 @@ def set_location(model_path: Path, location: str, tensor_name: str | None = None
     model_path.write_bytes(proto.SerializeToString())
 
 
-def assert_refused(outcome: Outcome, code: int, message: str, out: Path, before: dict[str, bytes], inputs: Path) -> None:
+def assert_refused(
+    outcome: Outcome, code: int, message: str, out: Path, before: dict[str, bytes], inputs: Path
+) -> None:
     assert not outcome.crash, outcome.crash
     assert outcome.code == code, outcome.err
     assert outcome.err.strip().splitlines() == outcome.error_lines, outcome.err
@@ -160,7 +162,10 @@ def test_a_hard_linked_data_file_is_refused(tmp_path: Path, capfd: pytest.Captur
     [
         (lambda data: data.unlink(), "external data file 'model.onnx.data' (tensor"),
         (lambda data: data.write_bytes(b""), "has 0 bytes but tensor"),
-        (lambda data: data.write_bytes(data.read_bytes()[:-1]), "the data file is truncated or belongs to another model"),
+        (
+            lambda data: data.write_bytes(data.read_bytes()[:-1]),
+            "the data file is truncated or belongs to another model",
+        ),
         (lambda data: data.write_bytes(data.read_bytes()[: len(data.read_bytes()) // 2]), "the data file is truncated"),
         (lambda data: (data.unlink(), data.mkdir()), "is missing; copy it next to the model"),
     ],
@@ -223,7 +228,9 @@ def test_the_same_refusal_through_another_spelling_of_the_path(
     assert snapshot(tmp_path / "in") == before
 
 
-def test_a_symlinked_out_data_is_replaced_not_written_through(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_a_symlinked_out_data_is_replaced_not_written_through(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """OUT.data is a link to the input's data: the commit renames over the link, the input stays."""
     source = external_dlrm(tmp_path / "in")
     before = snapshot(tmp_path / "in")
@@ -330,6 +337,12 @@ def mid_save(out_dir: Path, total: int):
     return condition
 
 
+def interruptible() -> None:
+    """SIGINT as an interactive shell delivers it: a suite run in the background (``cmd &``) starts
+    with SIGINT ignored, which its children inherit, and Python keeps an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def staged_and_complete(out_dir: Path):
     def condition() -> bool:
         folders = staging_folders(out_dir)
@@ -349,12 +362,25 @@ def test_a_signal_during_the_write_leaves_nothing_and_keeps_the_previous_out(
     before_out, before_in = fingerprint(out_dir), fingerprint(big_model.parent)
     total = io.data_file_for(big_model).stat().st_size
     # Parity on 100k rows keeps the fully staged files around for a while before the commit.
-    args = ["--passes", "cleanup", "--input-shape", "ids0=100000", "--input-shape", "ids1=100000",
-            "--input-shape", "dense=100000,16"]
+    args = [
+        "--passes",
+        "cleanup",
+        "--input-shape",
+        "ids0=100000",
+        "--input-shape",
+        "ids1=100000",
+        "--input-shape",
+        "dense=100000,16",
+    ]
     condition = mid_save(out_dir, total) if phase == "saving" else staged_and_complete(out_dir)
     for _attempt in range(3):  # the window is a fraction of a second; a missed one is retried, not passed
         process = subprocess.Popen(
-            command(big_model, out, *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command(big_model, out, *args),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=interruptible,
         )
         caught = wait_for(process, condition)
         if caught:
@@ -400,7 +426,12 @@ def test_a_write_that_runs_out_of_space_fails_cleanly(
 
     process = subprocess.run(
         command(model, out, "--passes", "cleanup", *extra),
-        cwd=REPO, capture_output=True, text=True, preexec_fn=limit_file_size, check=False, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
+        check=False,
+        timeout=300,
     )
     assert process.returncode == 2, process.stderr
     assert process.stderr.strip().splitlines() == [
@@ -471,8 +502,14 @@ def test_a_signal_held_while_out_is_moved_into_place_says_out_is_complete(
         return original(self, target)
 
     monkeypatch.setattr(Path, "replace", replace)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # also when the suite runs with it ignored
     out = tmp_path / "out.onnx"
-    result = cli(MODELS / "sklearn_mlp.onnx", out, "--passes", "cleanup", "--calib", MODELS / "sklearn_mlp.calib.npz")
+    try:
+        result = cli(
+            MODELS / "sklearn_mlp.onnx", out, "--passes", "cleanup", "--calib", MODELS / "sklearn_mlp.calib.npz"
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert sent and result.code == 130
     assert result.error_lines == [f"error: interrupted after {out} was written; it is complete"]
     io.load(out)
