@@ -1467,7 +1467,7 @@ class Cleanup(CompressionPass):
         vectorize_bags: bool = field(
             default=True,
             metadata={
-                "help": "replace an embedding bag exported as a Loop (PyTorch EmbeddingBag over [batch, length] "
+                "help": "replace an embedding bag exported as a Loop (PyTorch EmbeddingBag over (batch, length) "
                 "ids) by one Gather and a reduction, after checking both agree on the calibration rows"
             },
         )
