@@ -187,7 +187,7 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
     default="auto",
     show_default=True,
     type=click.Choice(["auto", "always", "never"]),
-    help="Write tensors to OUT.data: auto = when the input had external data or tensors exceed 256 MiB.",
+    help="Write tensors to OUT.data: auto = when tensors still come from the input's external data or exceed 256 MiB.",
 )
 @click.option("--no-parity", is_flag=True, help="Skip the parity check (the report says it was not checked).")
 @click.option("--force", is_flag=True, help="Write OUT even if parity fails (the report says so).")
