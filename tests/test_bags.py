@@ -154,3 +154,11 @@ def test_pytorch_embedding_bag_exports_lose_their_loop_and_their_table_is_quanti
     quant = next(record.stats for record in report.passes if record.name == "quant")
     assert quant["tensors"]["bag.weight"]["bits"] == 8 and "bag.weight" not in quant.get("skipped", {})
     assert report.parity.passed and report.size_ratio > 3.9
+
+
+def test_quant_without_cleanup_names_the_loop_and_the_fix() -> None:
+    from onnxcompress.passes.quantize import Quantize
+
+    model = ir.load(model_files("dlrm_bag")["onnx"])
+    result = Quantize()(model)
+    assert "run cleanup first" in result.stats["skipped"]["bag.weight"]

@@ -1123,7 +1123,10 @@ def _other_reasons(model: ir.Model, accounted: set[str]) -> dict[str, str]:
             elif value.is_graph_input():
                 reason = "a graph input: callers may override it"
             elif any(node.graph is not model.graph for node in readers):
-                reason = "read inside a subgraph: If/Loop/Scan bodies are not pruned"
+                reason = (
+                    "read inside a subgraph: If/Loop/Scan bodies are not pruned "
+                    "(an embedding bag's Loop: run cleanup first)"
+                )
             elif any(node.op_identifier() in functions for node in readers):
                 reason = "passed to a model-local function, whose body is not pruned"
             elif readers:

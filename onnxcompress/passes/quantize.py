@@ -708,7 +708,10 @@ class Quantize(CompressionPass):
             if weight.is_graph_input():
                 skipped[weight.name or ""] = "a graph input: callers may override it"
             elif node.graph is not model.graph:
-                skipped[weight.name or ""] = "read inside an If/Loop/Scan body: only main-graph weights are quantized"
+                skipped[weight.name or ""] = (
+                    "read inside an If/Loop/Scan body: only main-graph weights are quantized "
+                    "(an embedding bag's Loop: run cleanup first, which replaces it)"
+                )
         for value, uses in {**weights_by_value(model), **_added_tables(model.graph)}.items():
             name = value.name or ""
             names = [name, *(use.node.name or "" for use in uses)]
