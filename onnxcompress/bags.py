@@ -6,7 +6,8 @@ sequence joined by ``ConcatFromSequence``). onnxruntime runs that loop one bag a
 slower than a Gather of all the ids and a reduction over the bag axis, and the table read inside
 the loop body is out of reach of the quantizer. With fixed-length bags (a ``[batch, length]`` id
 input, the usual export of multi-hot history features) the loop computes exactly
-``Reduce(Gather(table, ids), axis=1)``.
+``Reduce(Gather(table, ids), axis=1)``; a mean with a padding id (``padding_idx``, whose row
+PyTorch keeps at zero) is the sum over the ids divided by the count of the others.
 
 The exporters' loop bodies differ and change between versions, so the loop is not matched node by
 node. A loop is a candidate when it reads one float table through Gather and a two-dimensional
@@ -45,6 +46,32 @@ _REDUCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "max": lambda rows: rows.max(axis=1),
 }
 _REDUCE_OPS = {"sum": "ReduceSum", "mean": "ReduceMean", "max": "ReduceMax"}
+#: Zero rows tried as the padding id of a mean (PyTorch's ``padding_idx`` row stays zero).
+PADDING_CANDIDATES = 2
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """What a bag computes from its rows: ``sum``, ``mean`` or ``max``; a mean may leave out a
+    padding id (PyTorch's ``padding_idx``: its row is zero and it does not count)."""
+
+    kind: str
+    padding: int | None = None
+
+    def expected(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        rows = table[ids]
+        if self.padding is None:
+            return _REDUCTIONS[self.kind](rows)
+        counted = (ids != self.padding).sum(axis=1, keepdims=True)
+        return rows.sum(axis=1) / np.maximum(counted, 1)
+
+    def describe(self) -> str:
+        return self.kind if self.padding is None else f"mean without id {self.padding}"
+
+
+def _candidates(table: np.ndarray) -> list[Reduction]:
+    zero_rows = np.flatnonzero(~table.any(axis=1))[:PADDING_CANDIDATES]
+    return [*(Reduction(kind) for kind in _REDUCTIONS), *(Reduction("mean", int(row)) for row in zero_rows)]
 
 
 @dataclass(frozen=True)
@@ -165,7 +192,7 @@ def _capture(model: ir.Model, feeds: dict[str, np.ndarray], values: tuple[ir.Val
     return runtime.run(session, feeds, [value.name or "" for value in values], batch_size=None)
 
 
-def _verified(model: ir.Model, bag: BagLoop, calibration: Calibration) -> tuple[ir.Value, ir.Value, str] | None:
+def _verified(model: ir.Model, bag: BagLoop, calibration: Calibration) -> tuple[ir.Value, ir.Value, Reduction] | None:
     """(result value, id input, reduction) the loop provably computes on the checked rows, the
     result furthest downstream first; None when no combination matches."""
     tensor = bag.table.const_value
@@ -181,34 +208,55 @@ def _verified(model: ir.Model, bag: BagLoop, calibration: Calibration) -> tuple[
         except (UsageError, UnsupportedModelError):  # ids it rejects (a narrower range): not this input
             continue
         for value in reversed(named):
-            for reduction, reduce in _REDUCTIONS.items():
+            for reduction in _candidates(table):
                 if all(
-                    _matches(found.get(value.name or ""), reduce(table[feeds[ids.name or ""]]))
+                    _matches(found.get(value.name or ""), reduction.expected(table, feeds[ids.name or ""]))
                     for found, feeds in zip(captured, checks, strict=True)
                 ):
                     return value, ids, reduction
     return None
 
 
-def _rewrite(model: ir.Model, bag: BagLoop, result: ir.Value, ids: ir.Value, reduction: str) -> None:
+def _constant(array: np.ndarray) -> ir.Node:
+    return ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(array))])
+
+
+def _reduce(model: ir.Model, op: str, data: ir.Value, keepdims: int, nodes: list[ir.Node]) -> ir.Value:
+    """``op`` over axis 1 of ``data``, its nodes appended to ``nodes``."""
+    # Axes became an input of ReduceSum at opset 13 and of the other reductions at opset 18.
+    if model.opset_imports.get("", 1) >= (13 if op == "ReduceSum" else 18):
+        axes = _constant(np.array([1], np.int64))
+        nodes.append(axes)
+        reduced = ir.Node("", op, [data, axes.outputs[0]], attributes=[ir.AttrInt64("keepdims", keepdims)])
+    else:
+        attributes = [ir.AttrInt64("keepdims", keepdims), ir.AttrInt64s("axes", [1])]
+        reduced = ir.Node("", op, [data], attributes=attributes)
+    nodes.append(reduced)
+    return reduced.outputs[0]
+
+
+def _rewrite(model: ir.Model, bag: BagLoop, result: ir.Value, ids: ir.Value, reduction: Reduction) -> None:
     graph = model.graph
     name = result.name or "bag"
     gathered = ir.Node("", "Gather", [bag.table, ids], attributes=[ir.AttrInt64("axis", 0)], name=f"{name}/gather")
-    op = _REDUCE_OPS[reduction]
-    # Axes became an input of ReduceSum at opset 13 and of the other reductions at opset 18.
-    axes_as_input = model.opset_imports.get("", 1) >= (13 if op == "ReduceSum" else 18)
-    inputs: list[ir.Value | None] = [gathered.outputs[0]]
-    attributes: list[ir.Attr] = [ir.AttrInt64("keepdims", 0)]
     nodes = [gathered]
-    if axes_as_input:
-        axes = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.array([1], np.int64)))])
-        nodes.insert(0, axes)
-        inputs.append(axes.outputs[0])
+    if reduction.padding is None:
+        output = _reduce(model, _REDUCE_OPS[reduction.kind], gathered.outputs[0], 0, nodes)
     else:
-        attributes.append(ir.AttrInt64s("axes", [1]))
-    reduced = ir.Node("", op, inputs, attributes=attributes, name=f"{name}/{op}")
-    nodes.append(reduced)
-    output = reduced.outputs[0]
+        # The padding row is zero: the sum over every id is the sum over the counted ones.
+        total = _reduce(model, "ReduceSum", gathered.outputs[0], 0, nodes)
+        dtype = bag.table.dtype or ir.DataType.FLOAT
+        padding = _constant(np.array(reduction.padding, (ids.dtype or ir.DataType.INT64).numpy()))
+        one = _constant(np.array(1, dtype.numpy()))
+        same = ir.Node("", "Equal", [ids, padding.outputs[0]])
+        counted = ir.Node("", "Not", [same.outputs[0]])
+        as_float = ir.Node("", "Cast", [counted.outputs[0]], attributes=[ir.AttrInt64("to", dtype.value)])
+        nodes += [padding, one, same, counted, as_float]
+        count = _reduce(model, "ReduceSum", as_float.outputs[0], 1, nodes)
+        at_least_one = ir.Node("", "Max", [count, one.outputs[0]])
+        mean = ir.Node("", "Div", [total, at_least_one.outputs[0]])
+        nodes += [at_least_one, mean]
+        output = mean.outputs[0]
     if result.dtype is not None and bag.table.dtype != result.dtype:
         cast = ir.Node("", "Cast", [output], attributes=[ir.AttrInt64("to", result.dtype.value)])
         nodes.append(cast)
@@ -265,5 +313,5 @@ def vectorize_bags(model: ir.Model, calibration: Calibration | None) -> dict[str
             continue
         result, ids, reduction = verified
         _rewrite(model, bag, result, ids, reduction)
-        outcome[label] = f"{reduction} of {bag.table.name} rows gathered by {ids.name}"
+        outcome[label] = f"{reduction.describe()} of {bag.table.name} rows gathered by {ids.name}"
     return outcome

@@ -41,11 +41,19 @@ REDUCTIONS = {
     # Per-id weights (every row halved): not a plain sum, mean or max.
     "weighted": "half = Constant <value = float {0.5}> ()\n    weighted = Mul(rows, half)\n"
     "    row = ReduceSum <keepdims = 0> (weighted, axis0)",
+    # A mean that leaves id 0 out (PyTorch's padding_idx), 0 for a bag of padding only.
+    "skip_padding": "zero_id = Constant <value = int64 {0}> ()\n    kept = Greater(part, zero_id)\n"
+    "    weights = Cast <to = 1> (kept)\n    counted = ReduceSum <keepdims = 0> (weights)\n"
+    "    one_f = Constant <value = float {1}> ()\n    count = Max(counted, one_f)\n"
+    "    wide = Unsqueeze(weights, one)\n    masked = Mul(rows, wide)\n"
+    "    total = ReduceSum <keepdims = 0> (masked, axis0)\n    row = Div(total, count)",
 }
 
 
-def bag_model(reduce: str) -> ir.Model:
+def bag_model(reduce: str, zero_row: bool = False) -> ir.Model:
     table = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    if zero_row:
+        table[0] = 0.0  # a padding row, as PyTorch keeps it
     constants = {
         "table": table,
         "flat_shape": np.array([-1], np.int64),
@@ -53,7 +61,11 @@ def bag_model(reduce: str) -> ir.Model:
         "three": np.array(3, np.int64),
         "axis0": np.array([0], np.int64),
     }
-    return text_model(BAG_LOOP.format(reduce=REDUCTIONS[reduce]), constants)
+    text = BAG_LOOP.format(reduce=REDUCTIONS[reduce])
+    if reduce == "skip_padding":
+        text = text.replace("int64[1] axis0)", "int64[1] axis0, int64[1] one)")
+        constants["one"] = np.array([1], np.int64)
+    return text_model(text, constants)
 
 
 def calibration(rows: int = 64, high: int = 10) -> Calibration:
@@ -96,21 +108,9 @@ def test_a_loop_that_is_not_a_plain_bag_is_kept_with_its_reason() -> None:
 
 
 def test_ids_the_calibration_rows_never_reach_are_checked_too() -> None:
-    # A mean that skips id 0 (a padding id) agrees with ReduceMean on rows without a 0: the check on
-    # ids drawn over the whole table catches it.
-    skip_padding = (
-        "zero_f = Constant <value = int64 {0}> ()\n    kept = Greater(part, zero_f)\n"
-        "    weights = Cast <to = 1> (kept)\n    count = ReduceSum <keepdims = 0> (weights)\n"
-        "    wide = Unsqueeze(weights, one)\n    masked = Mul(rows, wide)\n"
-        "    total = ReduceSum <keepdims = 0> (masked, axis0)\n    row = Div(total, count)"
-    )
-    REDUCTIONS["skip_padding"] = skip_padding
-    try:
-        model = bag_model("skip_padding")
-    finally:
-        del REDUCTIONS["skip_padding"]
-    one = ir.Value(name="one", const_value=ir.tensor(np.array([1], np.int64), name="one"))
-    model.graph.register_initializer(one)
+    # A mean that skips id 0 agrees with ReduceMean on rows without a 0, and (row 0 not being zero)
+    # it is no mean without a padding row either: the check on ids over the whole table catches it.
+    model = bag_model("skip_padding")
     no_padding = Calibration(Feeds({"ids": np.random.default_rng(3).integers(1, 10, (64, 3))}, "rows"))
     outcome = vectorize_bags(model, no_padding)
     assert next(iter(outcome.values())).startswith("kept")
@@ -162,3 +162,14 @@ def test_quant_without_cleanup_names_the_loop_and_the_fix() -> None:
     model = ir.load(model_files("dlrm_bag")["onnx"])
     result = Quantize()(model)
     assert "run cleanup first" in result.stats["skipped"]["bag.weight"]
+
+
+def test_a_mean_that_leaves_out_a_zero_padding_row_becomes_a_sum_over_a_count(tmp_path: Path) -> None:
+    ids = np.random.default_rng(5).integers(0, 10, (40, 3)).astype(np.int64)
+    ids[:4] = 0  # bags of padding only: 0, as PyTorch gives
+    expected = run(bag_model("skip_padding", zero_row=True), tmp_path, ids)
+    model = bag_model("skip_padding", zero_row=True)
+    outcome = vectorize_bags(model, calibration())
+    assert list(outcome.values()) == ["mean without id 0 of table rows gathered by ids"]
+    assert "Loop" not in [node.op_type for node in model.graph]
+    np.testing.assert_allclose(run(model, tmp_path, ids), expected, rtol=1e-6, atol=1e-6)
