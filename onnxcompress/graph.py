@@ -66,9 +66,10 @@ WEIGHT_SLOTS: dict[str, Slot] = {
     "Gather": (0, "embedding", 2, _gather_axes),
 }
 #: Recurrent ops read two weights: W (input 1, ``[directions, gates x hidden, inputs]``) and R
-#: (input 2, ``[directions, gates x hidden, hidden]``); each row of a gate is an output channel.
+#: (input 2, ``[directions, gates x hidden, hidden]``). Each direction's gate row is an output
+#: channel: kind ``recurrent`` flattens the two leading axes into rows (``out_axis`` 0).
 RECURRENT_SLOTS: dict[str, Slot] = {
-    f"{op}.{index}": (index, "recurrent", 3, lambda node: (1, 2)) for op in ("LSTM", "GRU", "RNN") for index in (1, 2)
+    f"{op}.{index}": (index, "recurrent", 3, lambda node: (0, 2)) for op in ("LSTM", "GRU", "RNN") for index in (1, 2)
 }
 
 

@@ -902,7 +902,7 @@ class Quantize(CompressionPass):
         tensor = value.const_value
         assert tensor is not None
         shape = _static_shape(tensor)
-        rows = shape[uses[0].out_axis]
+        rows = int(np.prod(shape[:-1])) if uses[0].kind == "recurrent" else shape[uses[0].out_axis]
         table = _is_table(uses)
         if table and self._pq_dims(shape, bits) is not None:
             return tensor.size * bits / 8 + PQ_CENTROIDS * shape[1] * 2
@@ -1877,7 +1877,10 @@ def _added_tables(graph: ir.Graph) -> dict[ir.Value, list[WeightUse]]:
 
 
 def _channel_rows(weight: np.ndarray, use: WeightUse) -> np.ndarray:
-    """The weight as ``[output channels, inputs]`` (Conv kernels flattened into the inputs)."""
+    """The weight as ``[output channels, inputs]`` (Conv kernels flattened into the inputs; a
+    recurrent weight's directions and gate rows flattened into the channels)."""
+    if use.kind == "recurrent":
+        return weight.reshape(-1, weight.shape[-1])
     moved = np.moveaxis(weight, use.out_axis, 0)
     return moved.reshape(moved.shape[0], -1)
 
