@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -28,7 +29,10 @@ import onnx_ir as ir
 from onnxcompress import runtime
 from onnxcompress.calibration import Calibration
 from onnxcompress.errors import UnsupportedModelError, UsageError
-from onnxcompress.graph import detach_subgraphs
+from onnxcompress.graph import detach_subgraphs, replace_value
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = ["BagLoop", "find_bag_loops", "vectorize_bags"]
 
@@ -180,16 +184,15 @@ def _matches(result: np.ndarray | None, expected: np.ndarray) -> bool:
     return bool(np.all(np.abs(result.astype(np.float64) - expected) <= tolerance))
 
 
-def _capture(model: ir.Model, feeds: dict[str, np.ndarray], values: tuple[ir.Value, ...]) -> dict[str, np.ndarray]:
-    """``values`` on ``feeds``."""
+def _session_exposing(model: ir.Model, values: tuple[ir.Value, ...]) -> ort.InferenceSession:
+    """A session on ``model`` with ``values`` as extra outputs."""
     added = [value for value in values if not value.is_graph_output()]
     model.graph.outputs.extend(added)
     try:
-        session = runtime.make_session(model, "disable")
+        return runtime.make_session(model, "disable")
     finally:
         for value in added:
             model.graph.outputs.remove(value)
-    return runtime.run(session, feeds, [value.name or "" for value in values], batch_size=None)
 
 
 def _verified(model: ir.Model, bag: BagLoop, calibration: Calibration) -> tuple[ir.Value, ir.Value, Reduction] | None:
@@ -201,10 +204,12 @@ def _verified(model: ir.Model, bag: BagLoop, calibration: Calibration) -> tuple[
     rows = min(CHECK_ROWS, calibration.feeds.rows)
     base = {name: array[:rows] for name, array in calibration.feeds.arrays.items()}
     named = tuple(value for value in bag.results if value.name)
+    names = [value.name or "" for value in named]
+    session = _session_exposing(model, named)
     for ids in bag.ids:
         checks = [base, _random_ids(base, ids, len(table), seed=len(table))]
         try:
-            captured = [_capture(model, feeds, named) for feeds in checks]
+            captured = [runtime.run(session, feeds, names, batch_size=None) for feeds in checks]
         except (UsageError, UnsupportedModelError):  # ids it rejects (a narrower range): not this input
             continue
         for value in reversed(named):
@@ -262,13 +267,7 @@ def _rewrite(model: ir.Model, bag: BagLoop, result: ir.Value, ids: ir.Value, red
         nodes.append(cast)
         output = cast.outputs[0]
     graph.insert_before(bag.loop, nodes)
-    was_output = result.is_graph_output()
-    ir.convenience.replace_all_uses_with(result, output, replace_graph_outputs=True)
-    output.type, output.shape = result.type, result.shape
-    if was_output:
-        result.name, output.name = None, name
-    else:
-        output.name = name + "_vectorized"
+    replace_value(result, output)
     _remove_if_dead(graph, bag.loop)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "RECURRENT_OPS",
     "RECURRENT_SLOTS",
     "WEIGHT_SLOTS",
     "HiddenLink",
@@ -25,7 +26,9 @@ __all__ = [
     "linear_layers",
     "mlp_links",
     "replace_contents",
+    "replace_value",
     "set_constant",
+    "weight_slots",
     "weight_uses",
     "weights_by_value",
 ]
@@ -68,9 +71,18 @@ WEIGHT_SLOTS: dict[str, Slot] = {
 #: Recurrent ops read two weights: W (input 1, ``[directions, gates x hidden, inputs]``) and R
 #: (input 2, ``[directions, gates x hidden, hidden]``). Each direction's gate row is an output
 #: channel: kind ``recurrent`` flattens the two leading axes into rows (``out_axis`` 0).
-RECURRENT_SLOTS: dict[str, Slot] = {
-    f"{op}.{index}": (index, "recurrent", 3, lambda node: (0, 2)) for op in ("LSTM", "GRU", "RNN") for index in (1, 2)
-}
+RECURRENT_SLOTS: tuple[Slot, ...] = tuple((index, "recurrent", 3, lambda node: (0, 2)) for index in (1, 2))
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+
+
+def weight_slots(node: ir.Node) -> tuple[Slot, ...]:
+    """The weight inputs ``node`` reads (none for an op outside the standard domain)."""
+    if node.domain not in ("", "ai.onnx"):
+        return ()
+    if node.op_type in RECURRENT_OPS:
+        return RECURRENT_SLOTS
+    slot = WEIGHT_SLOTS.get(node.op_type)
+    return () if slot is None else (slot,)
 
 
 def is_constant_initializer(value: ir.Value | None) -> bool:
@@ -117,6 +129,17 @@ def detach_subgraphs(node: ir.Node) -> None:
                 inner.replace_input_with(index, None)
 
 
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Make every reader of ``old`` read ``new``, which takes its type and shape and, when ``old`` is
+    a graph output, its name: the interface is unchanged."""
+    was_graph_output = old.is_graph_output()
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    new.type, new.shape = old.type, old.shape
+    if was_graph_output:
+        name, old.name = old.name, None
+        new.name = name
+
+
 def unique_name(graph: ir.Graph, base: str) -> str:
     """``base``, or ``base_1``, ``base_2``, ...: the first not yet used by an initializer, a node
     or a node's output in ``graph``."""
@@ -140,13 +163,7 @@ def weight_uses(model: ir.Model) -> list[WeightUse]:
     """Every (node, weight) pair of the main graph, in graph order, for float weights only."""
     uses = []
     for node in model.graph:
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        slots = [WEIGHT_SLOTS.get(node.op_type), *(RECURRENT_SLOTS.get(f"{node.op_type}.{i}") for i in (1, 2))]
-        for slot in slots:
-            if slot is None:
-                continue
-            index, kind, rank, axes_of = slot
+        for index, kind, rank, axes_of in weight_slots(node):
             value = node.inputs[index] if index < len(node.inputs) else None
             if not is_constant_initializer(value):
                 continue

@@ -17,6 +17,7 @@ from onnxcompress.calibration import Calibration, load_feeds
 from onnxcompress.cli import main
 from onnxcompress.passes import PASSES, register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
+from onnxcompress.report import Report
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -55,6 +56,36 @@ def cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Callable[..., Cli
         return CliResult(code, captured.out, captured.err, report)
 
     return run
+
+
+def compress_with_preset(
+    name: str,
+    preset: str,
+    out: Path,
+    *assignments: str,
+    parity_rows: str = "feeds",
+    force: bool = False,
+    files: dict[str, Path] | None = None,
+) -> Report:
+    """Shipped model ``name`` (or ``files`` in its place) through ``preset`` with its calibration
+    rows, parity on ``parity_rows`` (its test ``feeds``, or its ``calib`` rows) with its labels when
+    those are the test rows."""
+    from onnxcompress import compress
+    from onnxcompress.presets import get_preset
+
+    files = files or model_files(name)
+    recipe = get_preset(preset)
+    return compress(
+        files["onnx"],
+        out,
+        list(recipe.passes),
+        options=recipe.options,
+        assignments=list(assignments),
+        feeds=files[parity_rows],
+        calib=files["calib"],
+        labels=files["labels"] if parity_rows == "feeds" else None,
+        force=force,
+    )
 
 
 def model_files(name: str) -> dict[str, Path]:

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import model_files, save_model, text_model
+from conftest import compress_with_preset, model_files, save_model, text_model
 
 from onnxcompress import runtime
 from onnxcompress.bags import find_bag_loops, vectorize_bags
@@ -130,7 +130,6 @@ def test_pytorch_embedding_bag_exports_lose_their_loop_and_their_table_is_quanti
     # TorchScript slices each bag in a Loop; dynamo nests a second Loop that skips the padding id
     # (whose row is zero, so the sum is the same).
     from onnxcompress import compress
-    from onnxcompress.presets import get_preset
 
     files = model_files(name)
     report = compress(
@@ -141,16 +140,7 @@ def test_pytorch_embedding_bag_exports_lose_their_loop_and_their_table_is_quanti
     assert list(stats["embedding_bag_loops"].values()) == ["sum of bag.weight rows gathered by history"]
     model = ir.load(tmp_path / "lossless.onnx")
     assert not [node for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "Loop"]
-    recipe = get_preset("int8")
-    report = compress(
-        files["onnx"],
-        tmp_path / "int8.onnx",
-        list(recipe.passes),
-        options=recipe.options,
-        feeds=files["feeds"],
-        calib=files["calib"],
-        labels=files["labels"],
-    )
+    report = compress_with_preset(name, "int8", tmp_path / "int8.onnx")
     quant = next(record.stats for record in report.passes if record.name == "quant")
     assert quant["tensors"]["bag.weight"]["bits"] == 8 and "bag.weight" not in quant.get("skipped", {})
     assert report.parity.passed and report.size_ratio > 3.9

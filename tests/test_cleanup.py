@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import mlp_model, model_files, save_model, text_model
+from conftest import compress_with_preset, mlp_model, model_files, save_model, text_model
 from onnx.reference import ReferenceEvaluator
 
 from onnxcompress import runtime
@@ -859,20 +859,8 @@ def test_onnxruntime_fused_ops_become_standard_ops_with_the_same_outputs(
 
 
 def test_a_saved_optimised_dlrm_compresses_like_the_export(tmp_path: Path) -> None:
-    from onnxcompress import compress
-    from onnxcompress.presets import get_preset
-
-    files = model_files("dlrm")
-    recipe = get_preset("int8")
-    report = compress(
-        _saved_optimised("dlrm", tmp_path),
-        tmp_path / "int8.onnx",
-        list(recipe.passes),
-        options=recipe.options,
-        feeds=files["feeds"],
-        calib=files["calib"],
-        labels=files["labels"],
-    )
+    files = {**model_files("dlrm"), "onnx": _saved_optimised("dlrm", tmp_path)}
+    report = compress_with_preset("dlrm", "int8", tmp_path / "int8.onnx", files=files)
     quant = next(record.stats for record in report.passes if record.name == "quant")
     assert quant["weights_quantized"] == 13
     assert report.parity.passed and report.size_ratio >= 3.9

@@ -5,14 +5,13 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import model_files, save_model, shipped_model_with_calibration, text_model
+from conftest import compress_with_preset, model_files, save_model, shipped_model_with_calibration, text_model
 from onnx.reference import ReferenceEvaluator
 
 from onnxcompress import runtime
 from onnxcompress.passes.base import PassContext
 from onnxcompress.passes.cleanup import Cleanup
 from onnxcompress.passes.quantize import CODEBOOK_MIN_ROWS, NOTHING_TO_QUANTIZE, Quantize
-from onnxcompress.report import Report
 
 RNG = np.random.default_rng(0)
 
@@ -524,29 +523,6 @@ def test_product_quantized_tables_store_4_bit_indices_and_decode_to_their_centro
     (got,) = evaluate(model, tmp_path, feeds)
     expected = product_dequantize(product_quantize(table, dims, 16))
     np.testing.assert_allclose(got, expected[feeds["ids"]], rtol=1e-6, atol=1e-7)
-
-
-def compress_with_preset(
-    name: str, preset: str, out: Path, *assignments: str, parity_rows: str = "feeds", force: bool = False
-) -> Report:
-    """Shipped model ``name`` through ``preset`` with its calibration rows, parity on ``parity_rows``
-    (its test ``feeds``, or its ``calib`` rows) with its labels when those are the test rows."""
-    from onnxcompress import compress
-    from onnxcompress.presets import get_preset
-
-    files = model_files(name)
-    recipe = get_preset(preset)
-    return compress(
-        files["onnx"],
-        out,
-        list(recipe.passes),
-        options=recipe.options,
-        assignments=list(assignments),
-        feeds=files[parity_rows],
-        calib=files["calib"],
-        labels=files["labels"] if parity_rows == "feeds" else None,
-        force=force,
-    )
 
 
 def test_product_codes_let_the_mixed_search_shrink_the_dlrm_further(tmp_path: Path) -> None:
@@ -1121,21 +1097,8 @@ def _float16_export(name: str, directory: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("preset", ["int4", "mixed"])
 def test_a_float16_export_keeps_its_types_and_quantizes_every_weight(tmp_path: Path, preset: str) -> None:
-    from onnxcompress import compress
-    from onnxcompress.presets import get_preset
-
-    files = _float16_export("dlrm", tmp_path)
-    recipe = get_preset(preset)
     out = tmp_path / "out.onnx"
-    report = compress(
-        files["onnx"],
-        out,
-        list(recipe.passes),
-        options=recipe.options,
-        feeds=files["feeds"],
-        calib=files["calib"],
-        labels=files["labels"],
-    )
+    report = compress_with_preset("dlrm", preset, out, files=_float16_export("dlrm", tmp_path))
     assert report.parity.passed
     stats = next(record.stats for record in report.passes if record.name == "quant")
     assert stats["weights_quantized"] == 13 and not stats.get("skipped")

@@ -24,14 +24,14 @@ from onnx_ir.passes.common import (
 from onnxcompress import runtime
 from onnxcompress.bags import vectorize_bags
 from onnxcompress.graph import (
-    RECURRENT_SLOTS,
-    WEIGHT_SLOTS,
     constant_array,
     constant_value,
     detach_subgraphs,
     is_constant_initializer,
+    replace_value,
     set_constant,
     unique_name,
+    weight_slots,
 )
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
@@ -130,12 +130,8 @@ _FUSED_ACTIVATIONS: dict[str, tuple[str, ...]] = {
 
 def _replace_node(graph: ir.Graph, node: ir.Node, nodes: list[ir.Node]) -> None:
     """Put ``nodes`` where ``node`` was, the last one's output taking over its (single) output."""
-    old, new = node.outputs[0], nodes[-1].outputs[0]
     graph.insert_before(node, nodes)
-    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-    new.type, new.shape = old.type, old.shape
-    name, old.name = old.name, None
-    new.name = name
+    replace_value(node.outputs[0], nodes[-1].outputs[0])
     graph.remove(node, safe=True)
 
 
@@ -263,13 +259,11 @@ def fold_weight_layouts(model: ir.Model) -> int:
     """
     graph = model.graph
     folded = 0
-    slots = {**WEIGHT_SLOTS, **RECURRENT_SLOTS}
     for node in list(graph):
-        for key in (node.op_type, *(f"{node.op_type}.{index}" for index in (1, 2))):
-            slot = slots.get(key)
-            value = node.inputs[slot[0]] if slot is not None and slot[0] < len(node.inputs) else None
+        for slot in weight_slots(node):
+            value = node.inputs[slot[0]] if slot[0] < len(node.inputs) else None
             # Initializers and graph inputs have no producer (and their data is not read here).
-            if value is None or node.domain not in ("", "ai.onnx") or value.producer() is None:
+            if value is None or value.producer() is None:
                 continue
             chain = _layout_chain(value)
             if chain is None:
@@ -1160,12 +1154,7 @@ def fuse_parallel_linear(model: ir.Model) -> int:
             first = min((member.nodes[0] for member in members), key=_position(graph))
             graph.insert_before(first, added)
             for member, piece in zip(members, split.outputs, strict=True):
-                old = member.output
-                piece.type, piece.shape = old.type, old.shape
-                was_output = old.is_graph_output()
-                ir.convenience.replace_all_uses_with(old, piece, replace_graph_outputs=True)
-                if was_output:
-                    piece.name, old.name = old.name, None
+                replace_value(member.output, piece)
                 graph.remove(member.nodes[::-1], safe=True)
             fused += len(members) - 1
     return fused

@@ -40,6 +40,7 @@ from onnxcompress.graph import (
     constant_array,
     constant_value,
     mlp_links,
+    replace_value,
     set_constant,
     weights_by_value,
 )
@@ -356,15 +357,6 @@ def _decode_rows(
     if zero is not None:
         values = build.op("Sub", [values, build.op("Cast", [_column(build, zero)], to=ir.DataType.FLOAT)])
     return build.op("Mul", [values, _float(build, _column(build, scale), scale_source)])
-
-
-def _replace_output(old: ir.Value, new: ir.Value) -> None:
-    was_graph_output = old.is_graph_output()
-    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-    new.type, new.shape = old.type, old.shape
-    if was_graph_output:
-        name, old.name = old.name, None
-        new.name = name
 
 
 def _position(graph: ir.Graph, node: ir.Node) -> int:
@@ -1513,7 +1505,7 @@ class Quantize(CompressionPass):
             if beta != 1.0:
                 bias = build.op("Mul", [bias, build.constant("beta", np.array(beta, np.float32))])
             result = build.op("Add", [result, bias])
-        _replace_output(node.outputs[0], result)
+        replace_value(node.outputs[0], result)
 
     # --- embedding tables ------------------------------------------------------------------------
 
@@ -1778,7 +1770,7 @@ def _replace_lookup(build: _Builder, use: WeightUse, width: int, rows_of: Callab
     if not one_dimensional:
         dim = build.constant("dim", np.array([width], np.int64))
         values = build.op("Reshape", [values, build.op("Concat", [build.op("Shape", [ids]), dim], axis=0)])
-    _replace_output(node.outputs[0], values)
+    replace_value(node.outputs[0], values)
     build.insert_before(node)
     build.graph.remove(node, safe=True)
 
