@@ -28,7 +28,9 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -144,26 +146,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def tensors(data: MovieLens, rows: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
+#: A model's ``logit`` arguments: tensors, or lists of tensors (one per sparse field).
+Inputs = tuple[torch.Tensor | list[torch.Tensor], ...]
+
+
+def tensors(data: MovieLens, rows: np.ndarray) -> Inputs:
     sparse = torch.from_numpy(data.sparse[rows])
     return torch.from_numpy(data.dense[rows]), [sparse[:, k].contiguous() for k in range(len(SPARSE_FIELDS))]
 
 
+def _take(inputs: Inputs, batch: torch.Tensor) -> Inputs:
+    return tuple([part[batch] for part in item] if isinstance(item, list) else item[batch] for item in inputs)
+
+
+def flat(inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """The arguments of ``forward`` (every sparse field its own graph input)."""
+    return tuple(tensor for item in inputs for tensor in (item if isinstance(item, list) else [item]))
+
+
 @torch.no_grad()
-def predict(model: DLRM, data: MovieLens, rows: np.ndarray) -> np.ndarray:
+def predict(model: nn.Module, inputs: Inputs) -> np.ndarray:
     model.eval()
-    dense, sparse = tensors(data, rows)
-    return model(dense, *sparse).numpy()
+    return model(*flat(inputs)).numpy()
 
 
-def train(data: MovieLens, config: Config) -> tuple[DLRM, dict[str, float | int]]:
+def train(
+    data: MovieLens, config: Config, make_model: Callable[[], nn.Module], inputs: Callable[[np.ndarray], Inputs]
+) -> tuple[nn.Module, dict[str, float | int]]:
     """Adam + BCE with early stopping on validation AUC; returns the best model and a summary."""
     seed_everything(SEED)
-    model = DLRM(data.cardinalities, config)
+    model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     loss_fn = nn.BCEWithLogitsLoss()
     generator = torch.Generator().manual_seed(SEED)
-    dense, sparse = tensors(data, data.train)
+    train_inputs = inputs(data.train)
     label = torch.from_numpy(data.label[data.train])
     best_auc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
     start = time.perf_counter()
@@ -173,11 +189,11 @@ def train(data: MovieLens, config: Config) -> tuple[DLRM, dict[str, float | int]
         total = 0.0
         for batch in order.split(config.batch_size):
             optimizer.zero_grad()
-            loss = loss_fn(model.logit(dense[batch], [s[batch] for s in sparse]), label[batch])
+            loss = loss_fn(model.logit(*_take(train_inputs, batch)), label[batch])
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
-        valid_auc = auc(data.label[data.valid], predict(model, data, data.valid))
+        valid_auc = auc(data.label[data.valid], predict(model, inputs(data.valid)))
         print(f"  epoch {epoch}: train loss {total / len(label):.4f}  valid AUC {valid_auc:.4f}")
         if valid_auc > best_auc:
             best_auc, best_epoch, best_state = valid_auc, epoch, copy.deepcopy(model.state_dict())
@@ -194,24 +210,26 @@ def train(data: MovieLens, config: Config) -> tuple[DLRM, dict[str, float | int]
     return model, summary
 
 
-def export(model: DLRM, mode: str, opset: int, path: Path, data: MovieLens) -> None:
-    dense, sparse = tensors(data, data.test[:4])
-    args = (dense, *sparse)
+def export(
+    model: nn.Module, mode: str, opset: int, path: Path, args: Inputs, names: tuple[str, ...] = INPUT_NAMES
+) -> None:
+    """Export ``model`` called on ``args`` with a dynamic batch axis on every input and the score."""
+    args = flat(args)
     if mode == "torchscript":
-        batch_axes = {name: {0: "batch"} for name in (*INPUT_NAMES, "score")}
+        batch_axes = {name: {0: "batch"} for name in (*names, "score")}
         torch.onnx.export(
             model,
             args,
             str(path),
             dynamo=False,
             opset_version=opset,
-            input_names=list(INPUT_NAMES),
+            input_names=list(names),
             output_names=["score"],
             dynamic_axes=batch_axes,
         )
     else:
         batch = torch.export.Dim("batch")
-        shapes = {name: {0: batch} for name in INPUT_NAMES}
+        shapes = {name: {0: batch} for name in names}
         torch.onnx.export(
             model,
             args,
@@ -244,7 +262,7 @@ def build(name: str, model: DLRM, summary: dict[str, float | int], data: MovieLe
     trained, mode, opset = EXPORTS[name]
     config = CONFIGS[trained]
     paths = {kind: MODELS / f"{name}.{kind}" for kind in ("onnx", "feeds.npz", "labels.npy", "calib.npz", "meta.json")}
-    export(model, mode, opset, paths["onnx"], data)
+    export(model, mode, opset, paths["onnx"], tensors(data, data.test[:4]))
     proto = onnx.load(paths["onnx"])
     onnx.checker.check_model(proto, full_check=True)
     inputs, outputs = graph_io(proto)
@@ -266,7 +284,7 @@ def build(name: str, model: DLRM, summary: dict[str, float | int], data: MovieLe
 
     session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
     ort_score = session.run(["score"], dict(np.load(paths["feeds.npz"])))[0]
-    torch_score = predict(model, data, data.test)
+    torch_score = predict(model, tensors(data, data.test))
     if ort_score.shape != torch_score.shape or ort_score.dtype != np.float32:
         raise RuntimeError(f"{name}: score is {ort_score.dtype}{ort_score.shape}, expected float32{torch_score.shape}")
     max_abs_diff = float(np.abs(ort_score - torch_score).max())
@@ -338,12 +356,13 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     data = load_movielens()
     MODELS.mkdir(exist_ok=True)
-    trained: dict[str, tuple[DLRM, dict[str, float | int]]] = {}
+    trained: dict[str, tuple[nn.Module, dict[str, float | int]]] = {}
     for name in names:
         network = EXPORTS[name][0]
         if network not in trained:
             print(f"training {network}")
-            trained[network] = train(data, CONFIGS[network])
+            config = CONFIGS[network]
+            trained[network] = train(data, config, partial(DLRM, data.cardinalities, config), partial(tensors, data))
         model, summary = trained[network]
         meta = build(name, model, summary, data)
         if name == "dlrm_wide" and (size := meta["file_bytes"][f"{name}.onnx"]) > MAX_WIDE_BYTES:

@@ -38,7 +38,6 @@ import copy
 import json
 import os
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -60,9 +59,13 @@ from train_dlrm import (
     N_CALIB,
     SEED,
     Config,
+    Inputs,
+    export,
     graph_io,
-    seed_everything,
+    predict,
 )
+from train_dlrm import tensors as dlrm_tensors
+from train_dlrm import train as train_dlrm
 
 from onnxcompress.metrics import auc
 
@@ -170,62 +173,20 @@ class DLRMBag(nn.Module):
         return torch.sigmoid(self.logit(dense, sparse, history))
 
 
-def tensors(
-    data: MovieLens, history: np.ndarray, rows: np.ndarray
-) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    sparse = torch.from_numpy(data.sparse[rows])
-    return (
-        torch.from_numpy(data.dense[rows]),
-        [sparse[:, k].contiguous() for k in range(len(SPARSE_FIELDS))],
-        torch.from_numpy(history[rows]),
-    )
-
-
-@torch.no_grad()
-def predict(model: DLRMBag, data: MovieLens, history: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    model.eval()
-    dense, sparse, bag = tensors(data, history, rows)
-    return model(dense, *sparse, bag).numpy()
+def tensors(data: MovieLens, history: np.ndarray, rows: np.ndarray) -> Inputs:
+    return (*dlrm_tensors(data, rows), torch.from_numpy(history[rows]))
 
 
 def train(data: MovieLens, history: np.ndarray) -> tuple[DLRMBag, dict[str, float | int]]:
-    """Adam + BCE with early stopping on validation AUC (as train_dlrm.train); the best model and a summary."""
-    config = CONFIG
-    seed_everything(SEED)
-    model = DLRMBag(data.cardinalities, data.n_items, config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loss_fn = nn.BCEWithLogitsLoss()
-    generator = torch.Generator().manual_seed(SEED)
-    dense, sparse, bag = tensors(data, history, data.train)
-    label = torch.from_numpy(data.label[data.train])
-    best_auc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
-    start = time.perf_counter()
-    for epoch in range(1, config.max_epochs + 1):
-        model.train()
-        order = torch.randperm(len(label), generator=generator)
-        total = 0.0
-        for batch in order.split(config.batch_size):
-            optimizer.zero_grad()
-            loss = loss_fn(model.logit(dense[batch], [s[batch] for s in sparse], bag[batch]), label[batch])
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        valid_auc = auc(data.label[data.valid], predict(model, data, history, data.valid))
-        print(f"  epoch {epoch}: train loss {total / len(label):.4f}  valid AUC {valid_auc:.4f}")
-        if valid_auc > best_auc:
-            best_auc, best_epoch, best_state = valid_auc, epoch, copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= config.patience:
-            break
-    model.load_state_dict(best_state)
-    model.eval()
+    """train_dlrm's training (Adam + BCE, early stopping on validation AUC) of the bag model."""
+    model, summary = train_dlrm(
+        data,
+        CONFIG,
+        lambda: DLRMBag(data.cardinalities, data.n_items, CONFIG),
+        lambda rows: tensors(data, history, rows),
+    )
     if torch.count_nonzero(model.bag.weight[0]):
         raise RuntimeError("the bag's padding row is no longer zero")
-    summary = {
-        "epochs_run": epoch,
-        "best_epoch": best_epoch,
-        "valid_auc": best_auc,
-        "train_seconds": round(time.perf_counter() - start, 1),
-    }
     return model, summary
 
 
@@ -234,36 +195,6 @@ def without_padding_idx(model: DLRMBag) -> DLRMBag:
     plain = copy.deepcopy(model)
     plain.bag.padding_idx = None
     return plain.eval()
-
-
-def export(model: DLRMBag, mode: str, opset: int, path: Path, data: MovieLens, history: np.ndarray) -> None:
-    dense, sparse, bag = tensors(data, history, data.test[:4])
-    args = (dense, *sparse, bag)
-    if mode == "torchscript":
-        batch_axes = {name: {0: "batch"} for name in (*INPUT_NAMES, "score")}
-        torch.onnx.export(
-            without_padding_idx(model),
-            args,
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=list(INPUT_NAMES),
-            output_names=["score"],
-            dynamic_axes=batch_axes,
-        )
-    else:
-        batch = torch.export.Dim("batch")
-        shapes = {name: {0: batch} for name in INPUT_NAMES}
-        torch.onnx.export(
-            model,
-            args,
-            str(path),
-            dynamo=True,
-            opset_version=opset,
-            dynamic_shapes=shapes,
-            output_names=["score"],
-            external_data=False,
-        )
 
 
 def op_types(graph: onnx.GraphProto) -> dict[str, object]:
@@ -285,7 +216,9 @@ def build(name: str, model: DLRMBag, summary: dict[str, float | int], data: Movi
     mode, opset = EXPORTS[name]
     config = CONFIG
     paths = {kind: MODELS / f"{name}.{kind}" for kind in ("onnx", "feeds.npz", "labels.npy", "calib.npz", "meta.json")}
-    export(model, mode, opset, paths["onnx"], data, history)
+    # The TorchScript exporter rejects an EmbeddingBag with padding_idx.
+    exported = without_padding_idx(model) if mode == "torchscript" else model
+    export(exported, mode, opset, paths["onnx"], tensors(data, history, data.test[:4]), INPUT_NAMES)
     proto = onnx.load(paths["onnx"])
     onnx.checker.check_model(proto, full_check=True)
     inputs, outputs = graph_io(proto)
@@ -312,8 +245,9 @@ def build(name: str, model: DLRMBag, summary: dict[str, float | int], data: Movi
     np.save(paths["labels.npy"], labels)
     np.savez_compressed(paths["calib.npz"], **feeds(calib_rows))
 
-    torch_score = predict(model, data, history, data.test)
-    if not np.array_equal(predict(without_padding_idx(model), data, history, data.test), torch_score):
+    test_inputs = tensors(data, history, data.test)
+    torch_score = predict(model, test_inputs)
+    if not np.array_equal(predict(without_padding_idx(model), test_inputs), torch_score):
         raise RuntimeError(f"{name}: dropping the bag's padding_idx changes the scores")
     session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
     ort_score = session.run(["score"], dict(np.load(paths["feeds.npz"])))[0]
