@@ -257,6 +257,67 @@ def graph_io(model: onnx.ModelProto) -> tuple[list[dict[str, object]], list[str]
     return inputs, [value.name for value in model.graph.output]
 
 
+def onnxruntime_scores(name: str, paths: dict[str, Path], torch_score: np.ndarray) -> tuple[np.ndarray, float]:
+    """onnxruntime's scores on the written test feeds and their largest difference from PyTorch's."""
+    session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+    ort_score = session.run(["score"], dict(np.load(paths["feeds.npz"])))[0]
+    if ort_score.shape != torch_score.shape or ort_score.dtype != np.float32:
+        raise RuntimeError(f"{name}: score is {ort_score.dtype}{ort_score.shape}, expected float32{torch_score.shape}")
+    max_abs_diff = float(np.abs(ort_score - torch_score).max())
+    assert max_abs_diff <= MAX_ABS_DIFF, f"{name}: onnxruntime differs from PyTorch by {max_abs_diff}"
+    return ort_score, max_abs_diff
+
+
+def run_meta(
+    *,
+    name: str,
+    script: str,
+    proto: onnx.ModelProto,
+    model: nn.Module,
+    trained_as: str,
+    config: Config,
+    summary: dict[str, float | int],
+    data: MovieLens,
+    scores: tuple[np.ndarray, np.ndarray, np.ndarray, float],
+    interface: tuple[list[dict[str, object]], list[str]],
+    paths: dict[str, Path],
+) -> dict[str, object]:
+    """The meta.json fields every DLRM export shares: versions, training, test scores, files."""
+    labels, torch_score, ort_score, max_abs_diff = scores
+    inputs, outputs = interface
+    return {
+        "versions": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__,
+            "onnxruntime": ort.__version__,
+        },
+        "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+        "parameter_count": sum(p.numel() for p in model.parameters()),
+        "trained_as": trained_as,
+        "training": {
+            "optimizer": "Adam",
+            "lr": config.lr,
+            "loss": "BCEWithLogits",
+            "batch_size": config.batch_size,
+            "max_epochs": config.max_epochs,
+            "early_stopping": f"validation AUC, patience {config.patience}",
+            **{k: v for k, v in summary.items() if k != "train_seconds"},
+        },
+        "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test), "calib": N_CALIB},
+        "label": "rating >= 4",
+        "test_auc_torch": auc(labels, torch_score),
+        "test_auc_ort": auc(labels, ort_score),
+        "max_abs_diff_score": max_abs_diff,
+        "inputs": inputs,
+        "outputs": outputs,
+        "score_output": "score",
+        "seed": SEED,
+        "rebuild": f"python {script} --model {name}",
+        "file_bytes": {p.name: p.stat().st_size for kind, p in paths.items() if kind != "meta.json"},
+    }
+
+
 def build(name: str, model: DLRM, summary: dict[str, float | int], data: MovieLens) -> dict[str, object]:
     """Export one model, write its data files, check it with onnxruntime, and write NAME.meta.json."""
     trained, mode, opset = EXPORTS[name]
@@ -282,13 +343,8 @@ def build(name: str, model: DLRM, summary: dict[str, float | int], data: MovieLe
     np.save(paths["labels.npy"], labels)
     np.savez_compressed(paths["calib.npz"], **feeds(calib_rows))
 
-    session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
-    ort_score = session.run(["score"], dict(np.load(paths["feeds.npz"])))[0]
     torch_score = predict(model, tensors(data, data.test))
-    if ort_score.shape != torch_score.shape or ort_score.dtype != np.float32:
-        raise RuntimeError(f"{name}: score is {ort_score.dtype}{ort_score.shape}, expected float32{torch_score.shape}")
-    max_abs_diff = float(np.abs(ort_score - torch_score).max())
-    assert max_abs_diff <= MAX_ABS_DIFF, f"{name}: onnxruntime differs from PyTorch by {max_abs_diff}"
+    ort_score, max_abs_diff = onnxruntime_scores(name, paths, torch_score)
 
     layers = {
         "embedding_dim": config.embedding_dim,
@@ -314,35 +370,19 @@ def build(name: str, model: DLRM, summary: dict[str, float | int], data: MovieLe
         "framework_version": torch.__version__,
         "exporter": f"torch.onnx.export(dynamo={mode == 'dynamo'})",
         "exporter_mode": mode,
-        "versions": {
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxscript": onnxscript.__version__,
-            "onnxruntime": ort.__version__,
-        },
-        "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-        "parameter_count": sum(p.numel() for p in model.parameters()),
-        "trained_as": trained,
-        "training": {
-            "optimizer": "Adam",
-            "lr": config.lr,
-            "loss": "BCEWithLogits",
-            "batch_size": config.batch_size,
-            "max_epochs": config.max_epochs,
-            "early_stopping": f"validation AUC, patience {config.patience}",
-            **{k: v for k, v in summary.items() if k != "train_seconds"},
-        },
-        "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test), "calib": N_CALIB},
-        "label": "rating >= 4",
-        "test_auc_torch": auc(labels, torch_score),
-        "test_auc_ort": auc(labels, ort_score),
-        "max_abs_diff_score": max_abs_diff,
-        "inputs": inputs,
-        "outputs": outputs,
-        "score_output": "score",
-        "seed": SEED,
-        "rebuild": f"python tools/train_dlrm.py --model {name}",
-        "file_bytes": {p.name: p.stat().st_size for kind, p in paths.items() if kind != "meta.json"},
+        **run_meta(
+            name=name,
+            script="tools/train_dlrm.py",
+            proto=proto,
+            model=model,
+            trained_as=trained,
+            config=config,
+            summary=summary,
+            data=data,
+            scores=(labels, torch_score, ort_score, max_abs_diff),
+            interface=(inputs, outputs),
+            paths=paths,
+        ),
     }
     paths["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -43,8 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-import onnxscript
 import torch
 from torch import nn
 
@@ -54,7 +52,6 @@ from movielens import DEFAULT_CACHE, DENSE_FIELDS, SPARSE_FIELDS, MovieLens, _co
 from train_dlrm import (
     CONFIGS,
     EMBEDDING_INIT_STD,
-    MAX_ABS_DIFF,
     MODELS,
     N_CALIB,
     SEED,
@@ -62,12 +59,12 @@ from train_dlrm import (
     Inputs,
     export,
     graph_io,
+    onnxruntime_scores,
     predict,
+    run_meta,
 )
 from train_dlrm import tensors as dlrm_tensors
 from train_dlrm import train as train_dlrm
-
-from onnxcompress.metrics import auc
 
 HISTORY_LEN = 10
 CONFIG = CONFIGS["dlrm"]
@@ -249,12 +246,7 @@ def build(name: str, model: DLRMBag, summary: dict[str, float | int], data: Movi
     torch_score = predict(model, test_inputs)
     if not np.array_equal(predict(without_padding_idx(model), test_inputs), torch_score):
         raise RuntimeError(f"{name}: dropping the bag's padding_idx changes the scores")
-    session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
-    ort_score = session.run(["score"], dict(np.load(paths["feeds.npz"])))[0]
-    if ort_score.shape != torch_score.shape or ort_score.dtype != np.float32:
-        raise RuntimeError(f"{name}: score is {ort_score.dtype}{ort_score.shape}, expected float32{torch_score.shape}")
-    max_abs_diff = float(np.abs(ort_score - torch_score).max())
-    assert max_abs_diff <= MAX_ABS_DIFF, f"{name}: onnxruntime differs from PyTorch by {max_abs_diff}"
+    ort_score, max_abs_diff = onnxruntime_scores(name, paths, torch_score)
 
     n_vectors = len(SPARSE_FIELDS) + 2
     top_in = len(model.pairs) + config.embedding_dim
@@ -296,42 +288,26 @@ def build(name: str, model: DLRMBag, summary: dict[str, float | int], data: Movi
         "framework_version": torch.__version__,
         "exporter": f"torch.onnx.export(dynamo={mode == 'dynamo'})",
         "exporter_mode": mode,
+        **run_meta(
+            name=name,
+            script="tools/train_dlrm_bag.py",
+            proto=proto,
+            model=model,
+            trained_as="dlrm_bag",
+            config=config,
+            summary=summary,
+            data=data,
+            scores=(labels, torch_score, ort_score, max_abs_diff),
+            interface=(inputs, outputs),
+            paths=paths,
+        ),
         "export_note": (
             "the TorchScript exporter rejects EmbeddingBag with padding_idx, so this is the export of a copy with "
             "padding_idx=None; row 0 of the bag table is exactly zero, so its scores are bit-identical"
             if mode == "torchscript"
             else "export of the trained module as is (EmbeddingBag with padding_idx=0)"
         ),
-        "versions": {
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxscript": onnxscript.__version__,
-            "onnxruntime": ort.__version__,
-        },
-        "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         "op_types": graph_ops,
-        "parameter_count": sum(p.numel() for p in model.parameters()),
-        "trained_as": "dlrm_bag",
-        "training": {
-            "optimizer": "Adam",
-            "lr": config.lr,
-            "loss": "BCEWithLogits",
-            "batch_size": config.batch_size,
-            "max_epochs": config.max_epochs,
-            "early_stopping": f"validation AUC, patience {config.patience}",
-            **{k: v for k, v in summary.items() if k != "train_seconds"},
-        },
-        "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test), "calib": N_CALIB},
-        "label": "rating >= 4",
-        "test_auc_torch": auc(labels, torch_score),
-        "test_auc_ort": auc(labels, ort_score),
-        "max_abs_diff_score": max_abs_diff,
-        "inputs": inputs,
-        "outputs": outputs,
-        "score_output": "score",
-        "seed": SEED,
-        "rebuild": f"python tools/train_dlrm_bag.py --model {name}",
-        "file_bytes": {p.name: p.stat().st_size for kind, p in paths.items() if kind != "meta.json"},
     }
     paths["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
     return meta
