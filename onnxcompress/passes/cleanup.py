@@ -512,6 +512,19 @@ def strip_metadata(model: ir.Model) -> int:
             graph.metadata_props.clear()
             cleared += 1
         interface = {*graph.inputs, *graph.outputs}
+        initializers = graph.initializers.values() if isinstance(graph, ir.Graph) else ()
+        # A dynamo export keeps metadata on its inputs and parameters too (about 100 bytes each),
+        # which onnx-ir writes back as value_info entries.
+        for value in [*interface, *initializers]:
+            if value.metadata_props or value.doc_string:
+                value.metadata_props.clear()
+                value.doc_string = None
+                cleared += 1
+            tensor = value.const_value
+            if tensor is not None and (tensor.metadata_props or tensor.doc_string):
+                tensor.metadata_props.clear()
+                tensor.doc_string = None
+                cleared += 1
         for node in graph:
             if node.doc_string or node.metadata_props:
                 node.doc_string = None
