@@ -7,11 +7,13 @@ from onnxcompress.numerics.quant import (
     EQUALIZATION_MIN_FACTOR,
     QuantizedRows,
     binarize_rows,
+    code_planes,
     dequantize_rows,
     equalization_factors,
     gptq_quantize,
     gptq_quantize_output_blocks,
     pack_codes,
+    packed_width,
     quantize_rows,
     quantized_row_error,
     tensor_scale,
@@ -61,12 +63,28 @@ def test_mse_search_never_does_worse_than_full_range() -> None:
     assert searched.sum() < 0.95 * plain.sum()
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("bits", range(1, 9))
 def test_pack_unpack_round_trip_and_size(bits: int) -> None:
     codes = RNG.integers(0, 2**bits, size=(7, 37)).astype(np.uint8)
     packed = pack_codes(codes, bits)
-    assert packed.shape == (7, -(-37 * bits // 8))
+    # each plane pads to a byte on its own: 37 codes of 3 bits take 10 + 5 bytes, not 14
+    planes = {1: [1], 2: [2], 3: [2, 1], 4: [4], 5: [4, 1], 6: [4, 2], 7: [4, 2, 1], 8: [8]}[bits]
+    assert packed.shape == (7, packed_width(37, bits)) == (7, sum(-(-37 * width // 8) for width in planes))
     np.testing.assert_array_equal(unpack_codes(packed, bits, 37), codes)
+
+
+def test_three_bit_codes_are_a_two_bit_plane_then_a_one_bit_plane() -> None:
+    codes = np.array([5, 2, 7, 0, 1, 6, 3, 4], np.uint8)  # 0b101, 0b010, 0b111, ...
+    low = pack_codes(codes & 3, 2)
+    high = pack_codes(codes >> 2, 1)
+    assert (
+        pack_codes(codes, 3).tolist()
+        == [*low.tolist(), *high.tolist()]
+        == [1 | 2 << 2 | 3 << 4, 1 | 2 << 2 | 3 << 4, 0b10100101]
+    )
+    assert code_planes(3) == ((0, 2), (2, 1)) and code_planes(4) == ((0, 4),)
+    with pytest.raises(ValueError, match="1 to 8 bits"):
+        code_planes(9)
 
 
 def test_pack_layout_is_little_endian_within_a_byte() -> None:

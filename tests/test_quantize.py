@@ -525,6 +525,51 @@ def test_product_quantized_tables_store_4_bit_indices_and_decode_to_their_centro
     np.testing.assert_allclose(got, expected[feeds["ids"]], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+@pytest.mark.parametrize("fold_tables_below", [0, 1 << 20])
+def test_widths_that_do_not_divide_a_byte_are_stored_as_bit_planes_and_decode_within_half_a_step(
+    bits: int, fold_tables_below: int, tmp_path: Path
+) -> None:
+    """3 bits are a 2-bit and a 1-bit plane side by side in each row of codes (5, 6, 7 bits: 4+1,
+    4+2, 4+2+1): a row costs its bits and no more, looked up by row or decoded whole."""
+    from onnxcompress.numerics.quant import packed_width
+
+    rng = np.random.default_rng(8)
+    table = rng.standard_normal((3000, 16)).astype(np.float32)
+    weight = rng.standard_normal((16, 8)).astype(np.float32)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] ids, float[3000,16] table, float[16,8] w) => (float[N,16] rows, float[N,8] y) {
+          rows = Gather(table, ids)
+          y = MatMul(rows, w)
+        }
+        """,
+        {"table": table, "w": weight},
+    )
+    config = Quantize.Config(
+        bits=bits,
+        embedding_bits=bits,
+        embedding_granularity="row",
+        rounding="nearest",
+        fold_tables_below=fold_tables_below,
+    )
+    stats = Quantize(config)(model).stats["tensors"]
+    assert stats["table"]["bits"] == stats["w"]["bits"] == bits
+    codes = model.graph.initializers["table_packed"].const_value
+    assert codes.dtype == ir.DataType.UINT8 and tuple(codes.shape) == (3000, packed_width(16, bits))
+    assert packed_width(16, bits) == 2 * bits  # 16 codes of `bits` bits, nothing wasted
+    ids = rng.integers(0, 3000, 200).astype(np.int64)
+    rows, y = evaluate(model, tmp_path, {"ids": ids})
+    expected = table[ids]
+    half_step = np.abs(expected).max(axis=1, keepdims=True) / (2 ** (bits - 1) - 1) / 2
+    assert np.all(np.abs(rows - expected) <= 1.01 * half_step + 1e-6)
+    # the layer's output error is that of per-channel rounding at `bits` (uniform noise: about
+    # 2.5 / (sqrt(12) (2^(bits-1) - 1)) of the weights' spread), on top of the rows' own
+    layer_error = relative_error(rows @ weight, y)
+    assert layer_error < 1.5 * 2.5 / (np.sqrt(12) * (2 ** (bits - 1) - 1))
+
+
 def test_product_codes_let_the_mixed_search_shrink_the_dlrm_further(tmp_path: Path) -> None:
     ratios = {}
     for codes in ("scalar", "pq"):
@@ -566,6 +611,22 @@ def test_a_one_value_wide_table_takes_one_scale_and_packs_its_codes_flat(
     else:
         step = np.abs(table).max() / (2 ** (bits - 1) - 1)
         assert np.abs(got - expected).max() <= step * 0.51
+
+
+def test_three_bits_let_the_mixed_search_shrink_deepfm_further_and_stay_off_small_weights(tmp_path: Path) -> None:
+    """A 3-bit rung between 4 and 2: DeepFM's 256x256 layer fails 2 bits but takes 3 (9.05x ->
+    10.07x). On a small weight 3 bits' unpacking nodes outweigh the codes they save, so the search
+    goes past them (the scikit-learn MLP's 64-value output layer took 135 bytes at 3 bits, 51 at 4)."""
+    reports = {
+        ladder: compress_with_preset("deepfm", "mixed", tmp_path / f"{ladder}.onnx", f"quant.mixed_bits={ladder}")
+        for ladder in ("8,4,2,1", "8,4,3,2,1")
+    }
+    assert all(report.parity.passed for report in reports.values())
+    assert reports["8,4,3,2,1"].size_ratio > 1.08 * reports["8,4,2,1"].size_ratio
+    assert 3 in reports["8,4,3,2,1"].passes[1].stats["mixed_precision"]["bits"].values()
+    report = compress_with_preset("sklearn_mlp", "mixed", tmp_path / "mlp.onnx")
+    tensors = report.passes[1].stats["tensors"]
+    assert all(entry["bits"] != 3 for entry in tensors.values() if entry["bytes_before"] <= 4096)
 
 
 def test_weights_too_large_for_the_mixed_search_keep_their_configured_bits(

@@ -18,6 +18,7 @@ __all__ = [
     "RowSource",
     "binarize_rows",
     "cheapest_scale_storage",
+    "code_planes",
     "dequantize_rows",
     "dynamic_quantize",
     "fitted_scale_codebook",
@@ -25,6 +26,7 @@ __all__ = [
     "gptq_quantize_output_blocks",
     "int8_requantize",
     "pack_codes",
+    "packed_width",
     "quantize_rows",
     "quantize_tensor_rows",
     "quantized_row_error",
@@ -404,12 +406,28 @@ def binarize_rows(rows: np.ndarray, scale_dtype: np.dtype | type = np.float32) -
     return (rows >= 0).astype(np.uint8), alpha
 
 
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned ``bits``-wide codes along the last axis, element ``i`` of a byte in bits
-    ``[i*bits, (i+1)*bits)`` (little-endian), padding the last byte with zeros."""
-    if bits not in (1, 2, 4, 8):
-        raise ValueError(f"packing supports 1, 2, 4 or 8 bits, got {bits}")
-    codes = np.asarray(codes, dtype=np.uint8)
+def code_planes(bits: int) -> tuple[tuple[int, int], ...]:
+    """How ``bits``-wide codes are stored: ``(shift, width)`` planes of 4, 2 or 1 bits, lowest bits
+    first. A width that divides a byte is one plane; 3 bits are a 2-bit plane (bits 0-1) and a 1-bit
+    plane (bit 2), so a 3-bit code costs 3 bits without codes straddling bytes."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"codes are 1 to 8 bits wide, got {bits}")
+    if bits in (1, 2, 4, 8):
+        return ((0, bits),)
+    planes, shift = [], 0
+    for width in (4, 2, 1):
+        if bits & width:
+            planes.append((shift, width))
+            shift += width
+    return tuple(planes)
+
+
+def packed_width(count: int, bits: int) -> int:
+    """Bytes that :func:`pack_codes` uses for ``count`` codes."""
+    return sum(-(-count * width // 8) for _, width in code_planes(bits))
+
+
+def _pack_plane(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return codes.copy()
     per_byte = 8 // bits
@@ -423,14 +441,41 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return packed
 
 
-def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes`: the first ``count`` codes along the last axis."""
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ``bits``-wide codes along the last axis, element ``i`` of a byte in bits
+    ``[i*bits, (i+1)*bits)`` (little-endian), padding the last byte with zeros. Widths that do not
+    divide a byte are stored as the planes of :func:`code_planes`, one after the other."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    planes = code_planes(bits)
+    if len(planes) == 1:
+        return _pack_plane(codes, bits)
+    return np.concatenate(
+        [_pack_plane((codes >> np.uint8(shift)) & np.uint8(2**width - 1), width) for shift, width in planes],
+        axis=-1,
+    )
+
+
+def _unpack_plane(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     if bits == 8:
         return np.asarray(packed, dtype=np.uint8)[..., :count]
     per_byte = 8 // bits
     shifts = (np.arange(per_byte) * bits).astype(np.uint8)
     unpacked = (np.asarray(packed, dtype=np.uint8)[..., None] >> shifts) & np.uint8(2**bits - 1)
     return unpacked.reshape(*packed.shape[:-1], -1)[..., :count]
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: the first ``count`` codes along the last axis."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    codes: np.ndarray | None = None
+    start = 0
+    for shift, width in code_planes(bits):
+        stop = start + -(-count * width // 8)
+        plane = _unpack_plane(packed[..., start:stop], width, count) << np.uint8(shift)
+        codes = plane if codes is None else codes | plane
+        start = stop
+    assert codes is not None
+    return codes
 
 
 def gptq_quantize(
