@@ -196,6 +196,35 @@ def test_batchnorm_and_per_channel_affine_fold_into_the_linear_layer(tmp_path: P
         np.testing.assert_allclose(exact, folded, rtol=1e-5, atol=1e-5)
 
 
+def test_folding_into_layers_that_share_one_weight_gives_each_its_own(tmp_path: Path) -> None:
+    """Blocks that share their weights (cloned layers an exporter deduplicates, ALBERT-style tied
+    blocks) each fold their own scale: the second fold's new initializer took the first one's name
+    and onnx-ir refused it, so cleanup failed on the whole model."""
+    rng = np.random.default_rng(1)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,2,4] x, float[4,4] w, float[4] s1, float[4] s2) => (float[N,2,4] y) {
+          a = MatMul(x, w)
+          h = Mul(a, s1)
+          b = MatMul(h, w)
+          y = Mul(b, s2)
+        }
+        """,
+        {
+            "w": rng.standard_normal((4, 4)).astype(np.float32),
+            "s1": rng.random(4).astype(np.float32) + 0.5,
+            "s2": rng.random(4).astype(np.float32) + 0.5,
+        },
+    )
+    feeds = {"x": rng.standard_normal((3, 2, 4)).astype(np.float32)}
+    before = run_reference(model, tmp_path, feeds)
+    result = Cleanup()(model)
+    assert result.stats["affine_folded"] >= 2
+    assert "Mul" not in op_types(model) and len(set(model.graph.initializers)) == len(model.graph.initializers)
+    np.testing.assert_allclose(run_reference(model, tmp_path, feeds)[0], before[0], rtol=1e-5, atol=1e-5)
+
+
 def test_a_batch_norm_after_an_activation_folds_into_the_next_linear_layer(tmp_path: Path) -> None:
     """tf2onnx writes Dense(relu) -> BatchNorm -> Dense as Relu, Mul, Add, MatMul, Add: the Mul and
     Add fold forward into the next layer (no shapes are declared: the width comes from the layer

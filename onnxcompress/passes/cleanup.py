@@ -922,12 +922,12 @@ def _rewrite_linear(
     """Give linear ``node`` the weight ``w`` and bias ``b`` as new initializers (a MatMul becomes a
     Gemm on 2-D inputs, else MatMul + Add, the bias of rank ``bias_rank``)."""
     output = node.outputs[0]
-    new_weight = constant_value(f"{weight.name}_folded", w.astype(np.float32))
+    new_weight = constant_value(unique_name(graph, f"{weight.name}_folded"), w.astype(np.float32))
     if node.op_type == "MatMul" and rank != 2 and bias_rank > 1 and b.size == 1:
         # One output column: onnxruntime adds a [1] bias to [N, 1] by its scalar path, twice as
         # slow as the [1, 1] the exporter wrote (3 us of a 65 us batch of 512 on the skl2onnx MLP).
         b = b.reshape((1,) * bias_rank)
-    new_bias = constant_value(f"{weight.name}_folded_bias", b.astype(np.float32))
+    new_bias = constant_value(unique_name(graph, f"{new_weight.name}_bias"), b.astype(np.float32))
     graph.register_initializer(new_weight)
     graph.register_initializer(new_bias)
     if node.op_type == "MatMul":
@@ -1143,7 +1143,9 @@ def fuse_parallel_linear(model: ir.Model) -> int:
                 continue
             first_weight = members[0].nodes[0].inputs[1]
             assert first_weight is not None  # _parallel_member read it
-            weight = constant_value(f"{first_weight.name}_fused", np.concatenate([m.weight() for m in members], axis=1))
+            weight = constant_value(
+                unique_name(graph, f"{first_weight.name}_fused"), np.concatenate([m.weight() for m in members], axis=1)
+            )
             graph.register_initializer(weight)
             any_bias = any(member.bias is not None for member in members)
             bias = None
@@ -1152,9 +1154,11 @@ def fuse_parallel_linear(model: ir.Model) -> int:
                     m.bias if m.bias is not None else np.zeros(w, np.float32)
                     for m, w in zip(members, widths, strict=True)
                 ]
-                bias = constant_value(f"{weight.name}_bias", np.concatenate(parts).astype(np.float32))
+                bias = constant_value(
+                    unique_name(graph, f"{weight.name}_bias"), np.concatenate(parts).astype(np.float32)
+                )
                 graph.register_initializer(bias)
-            sizes = constant_value(f"{weight.name}_split", np.array(widths, np.int64))
+            sizes = constant_value(unique_name(graph, f"{weight.name}_split"), np.array(widths, np.int64))
             graph.register_initializer(sizes)
             if op_type == "Gemm":
                 added = [ir.node("Gemm", [source, weight, bias] if bias is not None else [source, weight])]
@@ -1208,11 +1212,11 @@ def fold_norm_into_next_linear(model: ir.Model) -> int:
             if beta is not None and beta.any():
                 bias = (0.0 if bias is None else bias) + beta.astype(np.float64) @ weight
             _set_linear(graph, member, weight * gamma.astype(np.float64)[:, None], bias)
-        ones = constant_value(f"{node.inputs[1].name}_unit", np.ones_like(gamma))  # type: ignore[union-attr]
+        ones = constant_value(unique_name(graph, f"{node.inputs[1].name}_unit"), np.ones_like(gamma))  # type: ignore[union-attr]
         graph.register_initializer(ones)
         node.replace_input_with(1, ones)
         if shift is not None:
-            zeros = constant_value(f"{shift.name}_zero", np.zeros_like(gamma))
+            zeros = constant_value(unique_name(graph, f"{shift.name}_zero"), np.zeros_like(gamma))
             graph.register_initializer(zeros)
             node.replace_input_with(2, zeros)
         folded += 1
@@ -1228,12 +1232,12 @@ def _set_linear(graph: ir.Graph, member: _ParallelLinear, weight: np.ndarray, bi
     assert found is not None  # _parallel_member accepted the node
     old_weight, axis, _ = found
     stored = weight if axis == 1 else weight.T
-    new_weight = constant_value(f"{old_weight.name}_normed", stored.astype(np.float32))
+    new_weight = constant_value(unique_name(graph, f"{old_weight.name}_normed"), stored.astype(np.float32))
     graph.register_initializer(new_weight)
     node.replace_input_with(1, new_weight)
     if bias is None:
         return
-    new_bias = constant_value(f"{old_weight.name}_normed_bias", bias.astype(np.float32))
+    new_bias = constant_value(unique_name(graph, f"{new_weight.name}_bias"), bias.astype(np.float32))
     graph.register_initializer(new_bias)
     if node.op_type == "Gemm":
         if len(node.inputs) < 3:
