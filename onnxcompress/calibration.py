@@ -480,4 +480,17 @@ class Calibration:
         for batch in self.iter_capture(model, values):
             for name, array in batch.items():
                 parts.setdefault(name, []).append(array)
-        return {name: np.concatenate(chunks, axis=0) for name, chunks in parts.items()}
+        return {name: _join_batches(chunks) for name, chunks in parts.items()}
+
+
+def _join_batches(chunks: list[np.ndarray]) -> np.ndarray:
+    """Batches of one value joined along their batch axis: the first, unless the value carries the
+    batch elsewhere (PyTorch's attention, exported by TorchScript, works on ``[steps, batch * heads,
+    dim]``), where the one axis whose size changes with the batch is joined."""
+    if len(chunks) == 1:
+        return chunks[0]
+    shapes = {chunk.shape for chunk in chunks}
+    varying = [axis for axis in range(chunks[0].ndim) if len({shape[axis] for shape in shapes}) > 1]
+    if len(varying) > 1 or any(len(shape) != chunks[0].ndim for shape in shapes):
+        raise ValueError(f"captured batches of shapes {sorted(shapes)} differ on more than one axis")
+    return np.concatenate(chunks, axis=varying[0] if varying else 0)

@@ -180,6 +180,25 @@ def test_activation_capture_exposes_intermediates_in_batches_and_restores_output
     assert [value.name for value in model.graph.outputs] == ["score"]
 
 
+def test_capture_joins_batches_of_a_value_whose_batch_axis_is_not_the_first() -> None:
+    """PyTorch's attention, exported by TorchScript, works on [steps, batch * heads, dim]: its
+    batches join along the axis that grows with the batch (the max preset's distillation failed
+    on every nn.TransformerEncoderLayer export with numpy's concatenate error)."""
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3,4] x) => (float[N,3,4] y) {
+          steps_first = Transpose <perm = [1, 0, 2]> (x)
+          y = Transpose <perm = [1, 0, 2]> (steps_first)
+        }
+        """
+    )
+    x = np.random.default_rng(0).standard_normal((10, 3, 4)).astype(np.float32)
+    steps_first = next(iter(model.graph)).outputs[0]
+    captured = Calibration(Feeds({"x": x}, "test"), batch_size=4).capture(model, [steps_first])
+    np.testing.assert_array_equal(captured[steps_first.name], x.transpose(1, 0, 2))
+
+
 def test_graph_inputs_skip_initializers_that_are_also_inputs() -> None:
     model = mlp_model()
     w1 = model.graph.initializers["w1"]
