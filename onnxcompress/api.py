@@ -175,7 +175,9 @@ def compress(
             try:
                 staged.commit()
             except KeyboardInterrupt as interrupt:
-                raise InterruptedAfterWrite(str(out_path)) from interrupt
+                if staged.committed:
+                    raise InterruptedAfterWrite(str(out_path)) from interrupt
+                raise
         seconds["total"] = time.perf_counter() - started
         report = Report(
             input_path=str(in_path),

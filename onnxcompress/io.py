@@ -325,6 +325,8 @@ class StagedModel:
     model_path: Path
     data_path: Path | None
     out_path: Path
+    #: Set once OUT is in place (a signal held during the commit is raised after that).
+    committed: bool = False
 
     @property
     def bytes_on_disk(self) -> int:
@@ -332,33 +334,52 @@ class StagedModel:
         return size + (self.data_path.stat().st_size if self.data_path else 0)
 
     def commit(self) -> None:
-        """Move the staged files into place; OUT's data file first, so OUT never points at nothing."""
+        """Move the staged files into place; OUT's data file first, so OUT never points at nothing.
+
+        A SIGINT/SIGTERM that comes meanwhile takes effect once both are in place (``committed``
+        then tells the caller that OUT is complete)."""
         final_data = data_file_for(self.out_path)
-        with _signals_deferred():
-            if self.data_path is not None:
-                self.data_path.replace(final_data)
-            self.model_path.replace(self.out_path)
-            if self.data_path is None and final_data.exists():
-                # A previous OUT's data file would otherwise be left behind, now unreferenced.
-                final_data.unlink()
-        self.discard()
+        try:
+            with _signals_deferred():
+                if self.data_path is not None:
+                    self.data_path.replace(final_data)
+                self.model_path.replace(self.out_path)
+                self.committed = True
+                if self.data_path is None and final_data.exists():
+                    # A previous OUT's data file would otherwise be left behind, now unreferenced.
+                    final_data.unlink()
+        finally:
+            self.discard()
 
     def discard(self) -> None:
         shutil.rmtree(self.staging_dir, ignore_errors=True)
 
 
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while the two renames of a commit run, so OUT and its data stay paired."""
+    """Hold SIGINT/SIGTERM while the renames of a commit run, so OUT and its data stay paired.
+
+    The signals are recorded by handlers of our own and raised again once the block is done: a
+    signal mask would not do, since the kernel hands a process's signal to any thread that does not
+    block it (onnxruntime's and OpenBLAS's pools), and Python then raises KeyboardInterrupt in the
+    main thread wherever it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    received: list[int] = []
+    previous = {number: signal.getsignal(number) for number in _DEFERRED_SIGNALS}
+    for number in _DEFERRED_SIGNALS:
+        signal.signal(number, lambda signum, _frame: received.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def _uses_external_data(model: ir.Model, external_data: str) -> bool:
