@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "OVERRIDABLE_WEIGHT",
     "RECURRENT_OPS",
     "RECURRENT_SLOTS",
     "WEIGHT_SLOTS",
@@ -32,6 +33,9 @@ __all__ = [
     "weight_uses",
     "weights_by_value",
 ]
+
+#: Why a pass leaves a weight that is also a graph input alone.
+OVERRIDABLE_WEIGHT = "a graph input: callers may override it (cleanup.initializer_inputs makes it a constant)"
 
 
 @dataclass(frozen=True)

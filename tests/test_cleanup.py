@@ -131,6 +131,27 @@ def test_merging_reads_external_tensors_by_file_and_leaves_them_external(tmp_pat
     assert all(isinstance(v.const_value, ir.ExternalTensor) for v in loaded.graph.initializers.values())
 
 
+def test_weights_listed_as_graph_inputs_become_constants_the_passes_can_compress() -> None:
+    """torch.onnx.export(..., keep_initializers_as_inputs=True), the default of old exporters, lists
+    every weight as an input a caller could override: every preset left such a DLRM at 1.00x."""
+    from onnxcompress.passes.quantize import Quantize
+
+    model = mlp_model()
+    model.graph.inputs.extend([model.graph.initializers["w1"], model.graph.initializers["w2"]])
+    skipped = Quantize()(model).stats["skipped"]
+    assert set(skipped) == {"w1", "w2"} and "cleanup.initializer_inputs" in skipped["w1"]
+    model = mlp_model()
+    model.graph.inputs.extend([model.graph.initializers["w1"], model.graph.initializers["w2"]])
+    result = Cleanup()(model)
+    assert result.stats["initializer_inputs_made_constant"] == 2
+    assert [value.name for value in model.graph.inputs] == ["x"]
+    assert sorted(Quantize()(model).stats["tensors"]) == ["w1", "w2"]
+    old = mlp_model()
+    old.ir_version = 3  # IR 3 requires every initializer among the inputs
+    old.graph.inputs.append(old.graph.initializers["w1"])
+    assert Cleanup()(old).stats["initializer_inputs_made_constant"] == 0
+
+
 def test_strip_metadata_drops_doc_strings_and_intermediate_types() -> None:
     model = mlp_model()
     node = next(iter(model.graph))

@@ -496,6 +496,21 @@ def drop_initializer_types(model: ir.Model) -> int:
     return cleared
 
 
+def constant_initializer_inputs(model: ir.Model) -> int:
+    """Drop from the graph inputs the initializers listed there too, so that they are constants.
+
+    Old exporters listed every weight as a graph input with a default (``torch.onnx.export(...,
+    keep_initializers_as_inputs=True)``, the default below opset 9): a caller could feed another
+    value, so no pass may rewrite them. IR version 3 requires the listing and keeps it.
+    """
+    if model.ir_version < 4:
+        return 0
+    listed = [value for value in model.graph.inputs if value.name in model.graph.initializers]
+    for value in listed:
+        model.graph.inputs.remove(value)
+    return len(listed)
+
+
 def strip_metadata(model: ir.Model) -> int:
     """Drop what no runtime reads: doc strings, node and value metadata, intermediate value_info,
     the exporter's producer name and version.
@@ -1441,6 +1456,14 @@ class Cleanup(CompressionPass):
         remove_dropout: bool = field(
             default=True, metadata={"help": "bypass Dropout nodes that do nothing at inference"}
         )
+        initializer_inputs: bool = field(
+            default=True,
+            metadata={
+                "help": "make initializers that are also graph inputs (keep_initializers_as_inputs, the "
+                "default of old exporters) plain constants: as inputs a caller could override them, so no "
+                "pass may change them"
+            },
+        )
         merge_initializers: bool = field(
             default=True,
             metadata={"help": "make duplicated initializers and Constant nodes (same dtype, shape, bytes) one"},
@@ -1515,6 +1538,7 @@ class Cleanup(CompressionPass):
     def call(self, model: ir.Model) -> CompressionResult:
         before = _op_counts(model)
         initializers_before = len(model.graph.initializers)
+        inputs_made_constant = constant_initializer_inputs(model) if self.config.initializer_inputs else 0
         dropout = remove_inference_dropout(model) if self.config.remove_dropout else 0
         unfused = unfuse_contrib_ops(model) if self.config.unfuse_contrib else 0
         weights_folded = fold_weight_layouts(model)
@@ -1551,6 +1575,7 @@ class Cleanup(CompressionPass):
             "nodes_removed": sum(removed_by_op.values()),
             "removed_by_op": dict(sorted(removed_by_op.items())),
             "dropout_removed": dropout,
+            "initializer_inputs_made_constant": inputs_made_constant,
             "initializers_removed": initializers_before - len(model.graph.initializers) - merged,
             "initializers_merged": merged,
             "constants_merged": constants_merged,
@@ -1575,6 +1600,7 @@ class Cleanup(CompressionPass):
         }
         modified = bool(
             stats["nodes_removed"]
+            or inputs_made_constant
             or stats["initializers_removed"]
             or merged
             or constants_merged

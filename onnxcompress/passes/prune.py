@@ -16,6 +16,7 @@ from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.graph import (
     BATCHNORM_PARAMS,
     ELEMENTWISE_BINARY,
+    OVERRIDABLE_WEIGHT,
     WEIGHT_SLOTS,
     HiddenLink,
     LinearLayer,
@@ -322,7 +323,7 @@ class Prune(CompressionPass):
             if value is None or not value.is_initializer() or value.name is None:
                 continue
             if value.is_graph_input():
-                skipped[value.name] = "a graph input: callers may override it"
+                skipped[value.name] = OVERRIDABLE_WEIGHT
             elif value.const_value is not None and not value.const_value.dtype.is_floating_point():
                 skipped[value.name] = f"{value.const_value.dtype.name} weights are not pruned"
         selected = []
@@ -1121,7 +1122,7 @@ def _other_reasons(model: ir.Model, accounted: set[str]) -> dict[str, str]:
             if graph is not model.graph:
                 reason = "inside a subgraph: If/Loop/Scan bodies are not pruned"
             elif value.is_graph_input():
-                reason = "a graph input: callers may override it"
+                reason = OVERRIDABLE_WEIGHT
             elif any(node.graph is not model.graph for node in readers):
                 reason = (
                     "read inside a subgraph: If/Loop/Scan bodies are not pruned "

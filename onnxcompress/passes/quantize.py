@@ -35,6 +35,7 @@ import onnx_ir as ir
 from onnxcompress import runtime
 from onnxcompress.channel_scale import POSITIVELY_HOMOGENEOUS, scale_last_axis, scaling_form
 from onnxcompress.graph import (
+    OVERRIDABLE_WEIGHT,
     WEIGHT_SLOTS,
     WeightUse,
     constant_array,
@@ -740,7 +741,7 @@ class Quantize(CompressionPass):
             if weight is None or not weight.is_initializer():
                 continue
             if weight.is_graph_input():
-                skipped[weight.name or ""] = "a graph input: callers may override it"
+                skipped[weight.name or ""] = OVERRIDABLE_WEIGHT
             elif node.graph is not model.graph:
                 skipped[weight.name or ""] = (
                     "read inside an If/Loop/Scan body: only main-graph weights are quantized "
