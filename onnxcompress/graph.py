@@ -35,7 +35,9 @@ __all__ = [
 ]
 
 #: Why a pass leaves a weight that is also a graph input alone.
-OVERRIDABLE_WEIGHT = "a graph input: callers may override it (cleanup.initializer_inputs makes it a constant)"
+OVERRIDABLE_WEIGHT = (
+    "a graph input: callers may override it (when every weight is one, cleanup.initializer_inputs makes them constants)"
+)
 
 
 @dataclass(frozen=True)

@@ -133,22 +133,27 @@ def test_merging_reads_external_tensors_by_file_and_leaves_them_external(tmp_pat
 
 def test_weights_listed_as_graph_inputs_become_constants_the_passes_can_compress() -> None:
     """torch.onnx.export(..., keep_initializers_as_inputs=True), the default of old exporters, lists
-    every weight as an input a caller could override: every preset left such a DLRM at 1.00x."""
+    every weight as an input a caller could override: every preset left such a DLRM at 1.00x. A
+    model that lists only some initializers means them as defaults to override, and keeps them."""
     from onnxcompress.passes.quantize import Quantize
 
-    model = mlp_model()
-    model.graph.inputs.extend([model.graph.initializers["w1"], model.graph.initializers["w2"]])
-    skipped = Quantize()(model).stats["skipped"]
+    def listing(names: list[str], ir_version: int = 8) -> ir.Model:
+        model = mlp_model()
+        model.ir_version = ir_version
+        model.graph.inputs.extend(model.graph.initializers[name] for name in names)
+        return model
+
+    every = ["w1", "b1", "w2", "b2"]
+    skipped = Quantize()(listing(every)).stats["skipped"]
     assert set(skipped) == {"w1", "w2"} and "cleanup.initializer_inputs" in skipped["w1"]
-    model = mlp_model()
-    model.graph.inputs.extend([model.graph.initializers["w1"], model.graph.initializers["w2"]])
-    result = Cleanup()(model)
-    assert result.stats["initializer_inputs_made_constant"] == 2
+    model = listing(every)
+    assert Cleanup()(model).stats["initializer_inputs_made_constant"] == 4
     assert [value.name for value in model.graph.inputs] == ["x"]
     assert sorted(Quantize()(model).stats["tensors"]) == ["w1", "w2"]
-    old = mlp_model()
-    old.ir_version = 3  # IR 3 requires every initializer among the inputs
-    old.graph.inputs.append(old.graph.initializers["w1"])
+    some = listing(["w1"])  # an overridable default
+    assert Cleanup()(some).stats["initializer_inputs_made_constant"] == 0
+    assert [value.name for value in some.graph.inputs] == ["x", "w1"]
+    old = listing(every, ir_version=3)  # IR 3 requires every initializer among the inputs
     assert Cleanup()(old).stats["initializer_inputs_made_constant"] == 0
 
 

@@ -19,6 +19,7 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
         "fold_affine": True,
         "remove_dead_units": True,
         "unfuse_contrib": True,
+        "initializer_inputs": True,
         "vectorize_bags": True,
         "simplify_labels": True,
         "fuse_parallel": True,

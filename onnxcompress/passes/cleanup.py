@@ -497,15 +497,17 @@ def drop_initializer_types(model: ir.Model) -> int:
 
 
 def constant_initializer_inputs(model: ir.Model) -> int:
-    """Drop from the graph inputs the initializers listed there too, so that they are constants.
+    """Drop the initializers from the graph inputs when every one of them is listed there.
 
     Old exporters listed every weight as a graph input with a default (``torch.onnx.export(...,
     keep_initializers_as_inputs=True)``, the default below opset 9): a caller could feed another
-    value, so no pass may rewrite them. IR version 3 requires the listing and keeps it.
+    value, so no pass may rewrite them. A model that lists only some initializers means them as
+    overridable defaults and keeps them; IR version 3 requires the listing and keeps it too.
     """
-    if model.ir_version < 4:
+    initializers = model.graph.initializers
+    listed = [value for value in model.graph.inputs if value.name in initializers]
+    if model.ir_version < 4 or not listed or len(listed) < len(initializers):
         return 0
-    listed = [value for value in model.graph.inputs if value.name in model.graph.initializers]
     for value in listed:
         model.graph.inputs.remove(value)
     return len(listed)
@@ -1456,14 +1458,6 @@ class Cleanup(CompressionPass):
         remove_dropout: bool = field(
             default=True, metadata={"help": "bypass Dropout nodes that do nothing at inference"}
         )
-        initializer_inputs: bool = field(
-            default=True,
-            metadata={
-                "help": "make initializers that are also graph inputs (keep_initializers_as_inputs, the "
-                "default of old exporters) plain constants: as inputs a caller could override them, so no "
-                "pass may change them"
-            },
-        )
         merge_initializers: bool = field(
             default=True,
             metadata={"help": "make duplicated initializers and Constant nodes (same dtype, shape, bytes) one"},
@@ -1491,6 +1485,14 @@ class Cleanup(CompressionPass):
             metadata={
                 "help": "replace onnxruntime's com.microsoft FusedGemm and FusedMatMul (in models it saved "
                 "optimised) by the standard Gemm + activation and MatMul the passes work on"
+            },
+        )
+        initializer_inputs: bool = field(
+            default=True,
+            metadata={
+                "help": "when every initializer is also a graph input (keep_initializers_as_inputs, the default "
+                "of old exporters), make them plain constants the passes may rewrite; a model listing only "
+                "some (defaults meant to be overridden) keeps them"
             },
         )
         vectorize_bags: bool = field(
