@@ -8,9 +8,12 @@ with onnxruntime.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,11 +22,26 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from movielens import load_movielens
 from torch import nn
 
 from onnxcompress.metrics import auc
 
-__all__ = ["MODELS_DIR", "SEED", "Feeds", "TrainResult", "fit", "predict", "publish", "rows", "setup"]
+__all__ = [
+    "MODELS_DIR",
+    "SEED",
+    "Feeds",
+    "TrainResult",
+    "check_export",
+    "fit",
+    "op_counts",
+    "predict",
+    "publish",
+    "record_training",
+    "rows",
+    "setup",
+    "train_and_build",
+]
 
 SEED = 20240
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -241,3 +259,54 @@ def publish(
     print(json.dumps({k: meta[k] for k in ("parameters", "test_auc_torch", "test_auc_onnxruntime",
                                            "max_abs_diff_torch_vs_onnxruntime", "training", "files")}, indent=2))
     return meta
+
+
+def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    """Nodes per op type of the main graph, by name."""
+    return dict(sorted(Counter(node.op_type for node in proto.graph.node).items()))
+
+
+def check_export(name: str, proto: onnx.ModelProto, meta: dict[str, Any], opset: int, max_bytes: int) -> None:
+    """Fail unless the exported file has the expected opset and stays under ``max_bytes``."""
+    if (file_opset := next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))) != opset:
+        raise RuntimeError(f"{name}: exported with opset {file_opset}, expected {opset}")
+    if (size := meta["files"]["onnx"]["bytes"]) > max_bytes:
+        raise RuntimeError(f"{name}.onnx is {size} bytes, over {max_bytes}")
+
+
+def record_training(meta: dict[str, Any], training: dict[str, Any]) -> None:
+    """The training settings in meta.json instead of the wall-clock time, so that a rebuild gives a
+    byte-identical file."""
+    meta["training"].pop("seconds")
+    meta["training"] |= {k: v for k, v in training.items() if k != "patience"}
+    meta["training"]["early_stopping"] = f"validation AUC, patience {training['patience']}"
+
+
+def train_and_build(
+    description: str,
+    exports: list[str],
+    make_model: Callable[[Any], nn.Module],
+    make_feeds: Callable[[Any], Feeds],
+    training: dict[str, Any],
+    build: Callable[[str, nn.Module, TrainResult, Any, Feeds], Any],
+) -> None:
+    """The command line of a script that trains one model on MovieLens and exports it several ways:
+    ``--model NAME`` (repeatable) builds only those exports, each from the same trained weights."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", action="append", choices=sorted(exports), help="build only this model (repeatable)")
+    names = parser.parse_args().model or list(exports)
+    setup()
+    data = load_movielens()
+    feeds = make_feeds(data)
+    model = make_model(data)
+    trained = fit(
+        model,
+        rows(feeds, data.train),
+        data.label[data.train],
+        rows(feeds, data.valid),
+        data.label[data.valid],
+        **training,
+    )
+    print(f"trained in {trained.seconds:.1f}s", flush=True)
+    for name in names:
+        build(name, model, trained, data, feeds)

@@ -25,10 +25,8 @@ and 12345, so unlike train_dlrm_bag.py the script does not pin it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +36,19 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from movielens import SPARSE_FIELDS, MovieLens, load_movielens
-from torch_common import MODELS_DIR, Feeds, TrainResult, fit, publish, rows, setup
-from train_sasrec import DIM, DROPOUT
+from movielens import MovieLens
+from torch_common import (
+    MODELS_DIR,
+    Feeds,
+    TrainResult,
+    check_export,
+    op_counts,
+    publish,
+    record_training,
+    rows,
+    train_and_build,
+)
+from train_sasrec import DIM, DROPOUT, sequence_feeds
 
 SCRIPT = "tools/train_gru4rec.py"
 # Model name -> (exporter mode, opset, rebuild command line after the script); both export the same weights.
@@ -71,10 +79,6 @@ class GRU4Rec(nn.Module):
         _, last = self.gru(self.dropout(self.item_table(history)))  # last: [1, batch, DIM]
         last = self.dropout(last[0])
         return torch.sigmoid((last * self.item_table(item + 1)).sum(dim=-1) + self.bias)
-
-
-def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
-    return dict(sorted(Counter(node.op_type for node in proto.graph.node).items()))
 
 
 def gru_inputs(proto: onnx.ModelProto, gru: onnx.NodeProto) -> dict[str, dict[str, object]]:
@@ -150,15 +154,10 @@ def build(name: str, model: GRU4Rec, trained: TrainResult, data: MovieLens, feed
     ops = op_counts(proto)
     if ops.get("GRU") != 1 or {"Loop", "Scan"} & set(ops):
         raise RuntimeError(f"{name}: expected exactly one ONNX GRU node and no loop: {ops}")
-    if (file_opset := next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))) != opset:
-        raise RuntimeError(f"{name}: exported with opset {file_opset}, expected {opset}")
-    if (size := meta["files"]["onnx"]["bytes"]) > MAX_ONNX_BYTES:
-        raise RuntimeError(f"{name}.onnx is {size} bytes, over {MAX_ONNX_BYTES}")
+    check_export(name, proto, meta, opset, MAX_ONNX_BYTES)
     gru = next(node for node in proto.graph.node if node.op_type == "GRU")
     chains = gru_inputs(proto, gru)
-    meta["training"].pop("seconds")
-    meta["training"] |= {k: v for k, v in TRAINING.items() if k != "patience"}
-    meta["training"]["early_stopping"] = f"validation AUC, patience {TRAINING['patience']}"
+    record_training(meta, TRAINING)
     meta["op_types"] = ops
     meta["gru_node"] = {a.name: onnx.helper.get_attribute_value(a) for a in gru.attribute}
     meta["gru_node"] = {k: v.decode() if isinstance(v, bytes) else v for k, v in meta["gru_node"].items()}
@@ -178,24 +177,9 @@ def build(name: str, model: GRU4Rec, trained: TrainResult, data: MovieLens, feed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", choices=sorted(EXPORTS), help="build only this model (repeatable)")
-    names = parser.parse_args().model or list(EXPORTS)
-    setup()
-    data = load_movielens()
-    feeds = {"history": data.history, "item": data.sparse[:, SPARSE_FIELDS.index("item")].copy()}
-    model = GRU4Rec(data.n_items)
-    trained = fit(
-        model,
-        rows(feeds, data.train),
-        data.label[data.train],
-        rows(feeds, data.valid),
-        data.label[data.valid],
-        **TRAINING,
+    train_and_build(
+        __doc__.splitlines()[0], list(EXPORTS), lambda data: GRU4Rec(data.n_items), sequence_feeds, TRAINING, build
     )
-    print(f"trained in {trained.seconds:.1f}s", flush=True)
-    for name in names:
-        build(name, model, trained, data, feeds)
 
 
 if __name__ == "__main__":

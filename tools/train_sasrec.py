@@ -24,8 +24,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from movielens import SPARSE_FIELDS, load_movielens
-from torch_common import fit, publish, rows, setup
+from movielens import SPARSE_FIELDS, MovieLens, load_movielens
+from torch_common import Feeds, fit, publish, rows, setup
 
 DIM = 32
 HEADS = 2
@@ -80,10 +80,15 @@ class SASRec(nn.Module):
         return torch.sigmoid((last * self.item_table(item + 1)).sum(dim=-1))
 
 
+def sequence_feeds(data: MovieLens) -> Feeds:
+    """The inputs of the sequential models: the history of item ids and the candidate item."""
+    return {"history": data.history, "item": data.sparse[:, SPARSE_FIELDS.index("item")].copy()}
+
+
 def main() -> None:
     setup()
     data = load_movielens()
-    feeds = {"history": data.history, "item": data.sparse[:, SPARSE_FIELDS.index("item")].copy()}
+    feeds = sequence_feeds(data)
     steps = data.history.shape[1]
     model = SASRec(data.n_items, steps)
     trained = fit(model, rows(feeds, data.train), data.label[data.train], rows(feeds, data.valid),

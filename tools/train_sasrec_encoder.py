@@ -35,11 +35,9 @@ run retrains the weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +49,19 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from movielens import SPARSE_FIELDS, MovieLens, load_movielens
-from torch_common import MODELS_DIR, Feeds, TrainResult, fit, publish, rows, setup
-from train_sasrec import BLOCKS, DIM, DROPOUT, FFN_DIM, HEADS
+from movielens import MovieLens
+from torch_common import (
+    MODELS_DIR,
+    Feeds,
+    TrainResult,
+    check_export,
+    op_counts,
+    publish,
+    record_training,
+    rows,
+    train_and_build,
+)
+from train_sasrec import BLOCKS, DIM, DROPOUT, FFN_DIM, HEADS, sequence_feeds
 
 SCRIPT = "tools/train_sasrec_encoder.py"
 # Model name -> (exporter mode, opset, rebuild command line after the script); both export the same weights.
@@ -105,10 +113,6 @@ class SASRecEncoder(nn.Module):
         return torch.sigmoid((last * self.item_table(item + 1)).sum(dim=-1))
 
 
-def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
-    return dict(sorted(Counter(node.op_type for node in proto.graph.node).items()))
-
-
 def build(name: str, model: SASRecEncoder, trained: TrainResult, data: MovieLens, feeds: Feeds) -> dict[str, Any]:
     """Export one model with publish (ONNX file, feeds, labels, calibration rows, onnxruntime check) and add
     the provenance publish does not record to NAME.meta.json."""
@@ -153,17 +157,12 @@ def build(name: str, model: SASRecEncoder, trained: TrainResult, data: MovieLens
     onnx_path = MODELS_DIR / f"{name}.onnx"
     proto = onnx.load(str(onnx_path))
     ops = op_counts(proto)
-    if (file_opset := next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))) != opset:
-        raise RuntimeError(f"{name}: exported with opset {file_opset}, expected {opset}")
-    if (size := meta["files"]["onnx"]["bytes"]) > MAX_ONNX_BYTES:
-        raise RuntimeError(f"{name}.onnx is {size} bytes, over {MAX_ONNX_BYTES}")
+    check_export(name, proto, meta, opset, MAX_ONNX_BYTES)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     for split, split_feeds in {"test": test, "calibration pool": calib_pool}.items():
         if not np.isfinite(score := session.run(["score"], split_feeds)[0]).all():
             raise RuntimeError(f"{name}: {np.count_nonzero(~np.isfinite(score))} non-finite scores on the {split} rows")
-    meta["training"].pop("seconds")
-    meta["training"] |= {k: v for k, v in TRAINING.items() if k != "patience"}
-    meta["training"]["early_stopping"] = f"validation AUC, patience {TRAINING['patience']}"
+    record_training(meta, TRAINING)
     meta["attention_masks"] = MASKS
     meta["op_types"] = ops
     meta["export_note"] = EXPORT_NOTES[mode]
@@ -173,24 +172,14 @@ def build(name: str, model: SASRecEncoder, trained: TrainResult, data: MovieLens
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", choices=sorted(EXPORTS), help="build only this model (repeatable)")
-    names = parser.parse_args().model or list(EXPORTS)
-    setup()
-    data = load_movielens()
-    feeds = {"history": data.history, "item": data.sparse[:, SPARSE_FIELDS.index("item")].copy()}
-    model = SASRecEncoder(data.n_items, data.history.shape[1])
-    trained = fit(
-        model,
-        rows(feeds, data.train),
-        data.label[data.train],
-        rows(feeds, data.valid),
-        data.label[data.valid],
-        **TRAINING,
+    train_and_build(
+        __doc__.splitlines()[0],
+        list(EXPORTS),
+        lambda data: SASRecEncoder(data.n_items, data.history.shape[1]),
+        sequence_feeds,
+        TRAINING,
+        build,
     )
-    print(f"trained in {trained.seconds:.1f}s", flush=True)
-    for name in names:
-        build(name, model, trained, data, feeds)
 
 
 if __name__ == "__main__":
