@@ -149,7 +149,16 @@ def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
         raise UsageError(f"{what} {path}: not a readable .npz file ({error}); save it with numpy.savez") from None
 
 
-def _check_feeds(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], what: str) -> None:
+#: Why feeds miss inputs of a model that stores no weights.
+NO_WEIGHTS_HINT = (
+    "the model stores no weights, so its parameters are graph inputs (torch.onnx.export(..., "
+    "export_params=False)); re-export it with export_params=True"
+)
+
+
+def _check_feeds(
+    arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], what: str, hint: str | None = None
+) -> None:
     expected = ", ".join(spec.describe() for spec in specs)
     wanted = {spec.name for spec in specs}
     missing = sorted(wanted - set(arrays))
@@ -163,6 +172,8 @@ def _check_feeds(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], w
             )
             if part
         )
+        if missing and hint:
+            raise UsageError(f"{what}: {problem}; {hint}")
         raise UsageError(f"{what}: {problem}; the model expects {expected}")
     for spec in specs:
         array = arrays[spec.name]
@@ -195,7 +206,8 @@ def _check_feeds(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], w
 def load_feeds(path: Path, model: ir.Model, what: str = "--feeds") -> Feeds:
     """Read and validate an .npz whose keys are the graph input names."""
     arrays = _read_npz(Path(path), f"{what} {path}")
-    _check_feeds(arrays, graph_inputs(model), f"{what} {path}")
+    hint = NO_WEIGHTS_HINT if not model.graph.initializers else None
+    _check_feeds(arrays, graph_inputs(model), f"{what} {path}", hint)
     return Feeds(arrays, f"{path} ({next(iter(arrays.values())).shape[0] if arrays else 0} rows)")
 
 

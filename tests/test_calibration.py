@@ -199,6 +199,34 @@ def test_capture_joins_batches_of_a_value_whose_batch_axis_is_not_the_first() ->
     np.testing.assert_array_equal(captured[steps_first.name], x.transpose(1, 0, 2))
 
 
+def test_feeds_for_a_model_that_stores_no_weights_name_the_export_fix(tmp_path: Path) -> None:
+    """torch.onnx.export(..., export_params=False) makes every parameter a graph input: the feeds'
+    "missing mlp.0.weight, ..." then means the export, not the feeds, is wrong."""
+    from onnxcompress.passes.quantize import Quantize
+
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x, float[4,2] w) => (float[N,2] y) {
+          y = MatMul(x, w)
+        }
+        """
+    path = tmp_path / "x.npz"
+    np.savez(path, x=np.zeros((3, 4), np.float32))
+    with pytest.raises(UsageError, match=r"missing w; the model stores no weights.*export_params=True"):
+        load_feeds(path, text_model(text))
+    stats = Quantize()(text_model(text)).stats
+    assert "export_params=True" in stats["nothing_to_quantize"]
+    with_weights = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x, float[4,2] w, float[2] b) => (float[N,2] y) {
+          h = MatMul(x, w)
+          y = Add(h, b)
+        }
+        """
+    with pytest.raises(UsageError, match="missing w; the model expects"):  # b is stored: w is a real input
+        load_feeds(path, text_model(with_weights, {"b": np.ones(2, np.float32)}))
+
+
 def test_graph_inputs_skip_initializers_that_are_also_inputs() -> None:
     model = mlp_model()
     w1 = model.graph.initializers["w1"]

@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import runtime
+from onnxcompress.calibration import NO_WEIGHTS_HINT
 from onnxcompress.channel_scale import POSITIVELY_HOMOGENEOUS, scale_last_axis, scaling_form
 from onnxcompress.graph import (
     OVERRIDABLE_WEIGHT,
@@ -672,7 +673,8 @@ class Quantize(CompressionPass):
         selected, skipped = self._select(model)
         if not selected:
             # A tree ensemble keeps its thresholds in attributes: say so rather than "no change".
-            found = {"skipped": skipped} if skipped else {"nothing_to_quantize": NOTHING_TO_QUANTIZE}
+            reason = NOTHING_TO_QUANTIZE if model.graph.initializers else NO_WEIGHTS_HINT
+            found = {"skipped": skipped} if skipped else {"nothing_to_quantize": reason}
             return CompressionResult(model, modified=False, stats=found)
         if self._prepare_opset(model):
             # Conversion through the ONNX C API rebuilds the graph: select from the new one.
