@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from onnxcompress import runtime
 from onnxcompress.errors import InputModelError, UsageError
-from onnxcompress.graph import constant_array
+from onnxcompress.graph import NO_WEIGHTS_HINT, constant_array
 
 __all__ = [
     "DEFAULT_DIM",
@@ -147,13 +147,6 @@ def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         raise UsageError(f"{what} {path}: not a readable .npz file ({error}); save it with numpy.savez") from None
-
-
-#: Why feeds miss inputs of a model that stores no weights.
-NO_WEIGHTS_HINT = (
-    "the model stores no weights, so its parameters are graph inputs (torch.onnx.export(..., "
-    "export_params=False)); re-export it with export_params=True"
-)
 
 
 def _check_feeds(

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "NO_WEIGHTS_HINT",
     "OVERRIDABLE_WEIGHT",
     "RECURRENT_OPS",
     "RECURRENT_SLOTS",
@@ -33,6 +34,12 @@ __all__ = [
     "weight_uses",
     "weights_by_value",
 ]
+
+#: Why a model that stores no weights has nothing to compress and feeds that miss its parameters.
+NO_WEIGHTS_HINT = (
+    "the model stores no weights, so its parameters are graph inputs (torch.onnx.export(..., "
+    "export_params=False)); re-export it with export_params=True"
+)
 
 #: Why a pass leaves a weight that is also a graph input alone.
 OVERRIDABLE_WEIGHT = (

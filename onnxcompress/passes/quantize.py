@@ -33,9 +33,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import runtime
-from onnxcompress.calibration import NO_WEIGHTS_HINT
 from onnxcompress.channel_scale import POSITIVELY_HOMOGENEOUS, scale_last_axis, scaling_form
 from onnxcompress.graph import (
+    NO_WEIGHTS_HINT,
     OVERRIDABLE_WEIGHT,
     WEIGHT_SLOTS,
     WeightUse,
@@ -877,16 +877,14 @@ class Quantize(CompressionPass):
                 # The next width down that takes fewer bytes: on a small weight, 3 bits' unpacking
                 # outweighs the codes it saves over 4 bits.
                 current = self._estimated_bytes(value, selected[value], state[value])
-                lower, saved = next(
-                    (
-                        (bits, current - self._estimated_bytes(value, selected[value], bits))
-                        for bits in ladder[ladder.index(state[value]) + 1 :]
-                        if self._estimated_bytes(value, selected[value], bits) < current
-                    ),
-                    (0, 0.0),
-                )
-                if not lower:
+                smaller = [
+                    (bits, current - size)
+                    for bits in ladder[ladder.index(state[value]) + 1 :]
+                    if (size := self._estimated_bytes(value, selected[value], bits)) < current
+                ]
+                if not smaller:
                     continue
+                lower, saved = smaller[0]
                 if (value, lower) not in sensitivity:
                     sensitivity[(value, lower)] = loss({value: lower}) + 1.0
                     evaluations += 1
