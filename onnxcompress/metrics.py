@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["auc", "spearman", "top_k_overlap"]
+__all__ = ["auc", "auc_difference", "spearman", "top_k_overlap"]
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
@@ -28,6 +28,31 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
         return float("nan")
     ranks = _average_ranks(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def auc_difference(labels: np.ndarray, reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """``auc(candidate) - auc(reference)`` on the same rows and its standard error (DeLong et al.,
+    1988, for two correlated ROC curves): near-identical scores give a small error even on few rows,
+    where each AUC alone would be uncertain. NaN for both if one class is absent."""
+    positive = np.asarray(labels).ravel() > 0.5
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos < 2 or n_neg < 2:
+        return float("nan"), float("nan")
+    # Each row's structural component: the share of the other class it outranks.
+    pos_parts, neg_parts, aucs = [], [], []
+    for scores in (np.asarray(reference, dtype=np.float64).ravel(), np.asarray(candidate, dtype=np.float64).ravel()):
+        overall = _average_ranks(scores)
+        within_pos = _average_ranks(scores[positive])
+        within_neg = _average_ranks(scores[~positive])
+        pos_parts.append((overall[positive] - within_pos) / n_neg)
+        neg_parts.append(1.0 - (overall[~positive] - within_neg) / n_pos)
+        aucs.append(float(pos_parts[-1].mean()))
+    pos_cov = np.cov(np.stack(pos_parts))
+    neg_cov = np.cov(np.stack(neg_parts))
+    variance = (pos_cov[0, 0] + pos_cov[1, 1] - 2 * pos_cov[0, 1]) / n_pos
+    variance += (neg_cov[0, 0] + neg_cov[1, 1] - 2 * neg_cov[0, 1]) / n_neg
+    return aucs[1] - aucs[0], float(np.sqrt(max(variance, 0.0)))
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

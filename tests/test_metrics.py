@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from onnxcompress.metrics import auc, spearman, top_k_overlap
+from onnxcompress.metrics import auc, auc_difference, spearman, top_k_overlap
 
 
 def brute_force_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -29,6 +29,25 @@ def test_auc_extremes_and_degenerate_labels() -> None:
     assert np.isnan(auc(np.ones(4), np.arange(4.0)))
     with pytest.raises(ValueError, match="labels have 4 values"):
         auc(labels, np.arange(3.0))
+
+
+def test_auc_difference_error_agrees_with_the_bootstrap() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.random(1500) < 0.3
+    reference = labels * 0.8 + rng.normal(size=labels.size)
+    close = reference + 0.1 * rng.normal(size=labels.size)
+    far = reference + 1.0 * rng.normal(size=labels.size)
+    delta, error = auc_difference(labels, reference, far)
+    assert delta == pytest.approx(auc(labels, far) - auc(labels, reference), abs=1e-12)
+    draws = []
+    for _ in range(300):
+        rows = rng.integers(0, labels.size, labels.size)
+        draws.append(auc(labels[rows], far[rows]) - auc(labels[rows], reference[rows]))
+    assert error == pytest.approx(float(np.std(draws)), rel=0.15)
+    # Paired: a candidate close to the reference has a far smaller error than either AUC alone.
+    assert auc_difference(labels, reference, close)[1] < error / 3
+    assert auc_difference(labels, reference, reference) == (0.0, 0.0)
+    assert all(np.isnan(auc_difference(np.ones(4), np.arange(4.0), np.arange(4.0))))
 
 
 def test_spearman_is_rank_based() -> None:
