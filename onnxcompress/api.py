@@ -57,6 +57,7 @@ def compress(
     feeds: str | Path | None = None,
     calib: str | Path | None = None,
     labels: str | Path | None = None,
+    calib_labels: str | Path | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     tolerances: Mapping[str, float] | None = None,
     output_tolerances: Mapping[str, Mapping[str, float]] | None = None,
@@ -77,6 +78,8 @@ def compress(
             calibration rows if given, else synthesized with a fixed seed.
         calib: calibration rows for passes that need data (default: the feeds).
         labels: a .npy of 0/1 labels aligned with the feeds, for AUC.
+        calib_labels: a .npy of 0/1 labels aligned with the calibration rows, for passes that budget
+            AUC (default: ``labels`` when the calibration rows are the feeds).
         input_shapes: full shapes for synthesized inputs with symbolic dimensions.
         tolerances: parity budget fields (``atol``, ``rtol``, ``min_cosine``, ``min_rank_corr``,
             ``max_auc_drop``, ``max_mismatch``) replacing the default budget's.
@@ -131,7 +134,14 @@ def compress(
         parity_feeds = synthesize_feeds(model, input_shapes)
     label_array: np.ndarray | None = load_labels(Path(labels), parity_feeds.rows) if labels is not None else None
     calib_feeds: Feeds = calib_rows if calib_rows is not None else parity_feeds
-    pipeline = Pipeline(specs, PassContext(calibration=Calibration(calib_feeds), source=in_path))
+    # --labels align with the feeds, which are the calibration rows unless both files were given.
+    calib_label_array = label_array if calib is None or feeds is None else None
+    if calib_labels is not None:
+        if calib is None:
+            raise UsageError("--calib-labels labels the --calib rows; give --calib too (or use --labels for the feeds)")
+        calib_label_array = load_labels(Path(calib_labels), calib_feeds.rows, "--calib-labels", "the --calib rows")
+    calibration = Calibration(calib_feeds, labels=calib_label_array)
+    pipeline = Pipeline(specs, PassContext(calibration=calibration, source=in_path))
     budgets = _budgets(pipeline.budget, tolerances, output_tolerances)
 
     reference: dict[str, np.ndarray] = {}

@@ -204,23 +204,23 @@ def load_feeds(path: Path, model: ir.Model, what: str = "--feeds") -> Feeds:
     return Feeds(arrays, f"{path} ({next(iter(arrays.values())).shape[0] if arrays else 0} rows)")
 
 
-def load_labels(path: Path, rows: int) -> np.ndarray:
-    """Read binary labels (.npy) aligned with the feeds' rows."""
+def load_labels(path: Path, rows: int, what: str = "--labels", aligned_with: str = "the feeds") -> np.ndarray:
+    """Read binary labels (.npy) aligned with the rows of ``aligned_with``."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--labels {path}: no such file; give a .npy array with one label per feeds row")
+        raise UsageError(f"{what} {path}: no such file; give a .npy array with one label per row of {aligned_with}")
     try:
         labels = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
-        raise UsageError(f"--labels {path}: not a readable .npy file ({error}); save it with numpy.save") from None
+        raise UsageError(f"{what} {path}: not a readable .npy file ({error}); save it with numpy.save") from None
     if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "biuf":
-        raise UsageError(f"--labels {path}: expected a numeric .npy array of 0/1 labels")
+        raise UsageError(f"{what} {path}: expected a numeric .npy array of 0/1 labels")
     labels = labels.reshape(-1)
     if labels.size != rows:
-        raise UsageError(f"--labels {path}: has {labels.size} labels but the feeds have {rows} rows; align them")
+        raise UsageError(f"{what} {path}: has {labels.size} labels but {aligned_with} have {rows} rows; align them")
     values = np.unique(labels)
     if not np.isin(values, (0, 1)).all():
-        raise UsageError(f"--labels {path}: labels must be 0 or 1, found values such as {values[:5].tolist()}")
+        raise UsageError(f"{what} {path}: labels must be 0 or 1, found values such as {values[:5].tolist()}")
     return labels.astype(np.float32)
 
 
@@ -461,6 +461,8 @@ class Calibration:
     batch_size: int = 1024
     opt_level: str = "disable"
     notes: list[str] = field(default_factory=list)
+    #: 0/1 labels of the rows, for passes that budget AUC (``quant.max_auc_drop``).
+    labels: np.ndarray | None = None
 
     def iter_capture(self, model: ir.Model, values: Sequence[ir.Value]) -> Iterator[dict[str, np.ndarray]]:
         """Yield, batch by batch, the arrays of ``values`` (exposed as extra outputs) on the feeds."""

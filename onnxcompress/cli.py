@@ -146,6 +146,12 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 )
 @click.option("--labels", type=click.Path(path_type=Path), help=".npy of 0/1 labels aligned with the feeds (AUC).")
 @click.option(
+    "--calib-labels",
+    type=click.Path(path_type=Path),
+    help=".npy of 0/1 labels aligned with the --calib rows, for quant.max_auc_drop; default: --labels "
+    "when the feeds are the calibration rows.",
+)
+@click.option(
     "--input-shape",
     "input_shapes",
     multiple=True,
@@ -217,6 +223,7 @@ def command(
     feeds: Path | None,
     calib: Path | None,
     labels: Path | None,
+    calib_labels: Path | None,
     input_shapes: tuple[str, ...],
     rank_group: int | None,
     ort_opt_level: str,
@@ -271,6 +278,7 @@ def command(
             feeds=feeds,
             calib=calib,
             labels=labels,
+            calib_labels=calib_labels,
             input_shapes=_parse_shapes(input_shapes),
             tolerances=tolerances,
             output_tolerances=per_output,

@@ -227,6 +227,27 @@ def test_bad_labels(cli, tmp_path: Path) -> None:
     assert_clean_failure(result, 2, "has 3 labels but the feeds have 10000 rows", tmp_path)
 
 
+def test_bad_calibration_labels(cli, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros(3))
+    mixed = ("--preset", "mixed", "--set", "quant.max_auc_drop=0.001")
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", *mixed, "--calib", DLRM["calib"], "--calib-labels", labels)
+    assert_clean_failure(result, 2, "--calib-labels", tmp_path)
+    assert "has 3 labels but the --calib rows have 512 rows" in result.error_lines[0]
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", *mixed, "--calib-labels", labels)
+    assert_clean_failure(result, 2, "--calib-labels labels the --calib rows; give --calib too", tmp_path)
+    # --labels align with the feeds, not with separate calibration rows: the budget has no labels.
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", *mixed, "--calib", DLRM["calib"], "--feeds", DLRM["feeds"],
+                 "--labels", DLRM["labels"])
+    assert_clean_failure(result, 2, "quant.max_auc_drop needs labels for the calibration rows", tmp_path)
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--preset", "int8", "--set", "quant.max_auc_drop=0.001",
+                 "--calib", DLRM["calib"], "--calib-labels", DLRM["labels"])
+    assert_clean_failure(result, 2, "has 10000 labels", tmp_path)
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--preset", "int8", "--set", "quant.max_auc_drop=0.001",
+                 "--feeds", DLRM["feeds"], "--labels", DLRM["labels"])
+    assert_clean_failure(result, 2, "quant.max_auc_drop budgets the mixed-precision search; set quant.mixed=true", tmp_path)
+
+
 def test_out_equal_to_in_is_refused_and_input_untouched(cli, tmp_path: Path) -> None:
     source = tmp_path / "model.onnx"
     source.write_bytes(DLRM["onnx"].read_bytes())

@@ -676,6 +676,51 @@ def test_the_mixed_search_keeps_label_flips_within_its_budget_on_the_sklearn_cla
     assert mismatch[0.002] <= 0.002 < mismatch[1.0]
 
 
+def test_the_auc_budget_bounds_the_drop_on_labelled_calibration_rows_and_replaces_the_rank_budget(
+    tmp_path: Path,
+) -> None:
+    """quant.max_auc_drop with labels for the calibration rows (here --labels, the feeds being the
+    calibration rows): the AUC drop's upper 95% bound stays within the budget; a looser budget buys
+    a smaller file, and the score is no longer held to the search's Spearman of 0.998."""
+    from onnxcompress import compress
+    from onnxcompress.metrics import auc_difference
+    from onnxcompress.presets import get_preset
+
+    files = model_files("dlrm")
+    feeds = dict(np.load(files["feeds"]))
+    labels = np.load(files["labels"])[:3000]
+    rows = {name: array[:3000] for name, array in feeds.items()}
+    np.savez(tmp_path / "rows.npz", **rows)
+    np.save(tmp_path / "labels.npy", labels)
+    recipe = get_preset("mixed")
+    reference = runtime.run(runtime.make_session(files["onnx"]), rows)["score"].reshape(-1)
+    ratios, spearman = {}, {}
+    for budget in (0.0005, 0.003):
+        out = tmp_path / f"{budget}.onnx"
+        report = compress(
+            files["onnx"],
+            out,
+            list(recipe.passes),
+            options=recipe.options,
+            assignments=[f"quant.max_auc_drop={budget}"],
+            calib=tmp_path / "rows.npz",
+            labels=tmp_path / "labels.npy",
+        )
+        quant = next(record for record in report.passes if record.name == "quant")
+        search = quant.stats["mixed_precision"]
+        assert search["budget"]["max_auc_drop"] == budget
+        candidate = runtime.run(runtime.make_session(out), rows)["score"].reshape(-1)
+        delta, error = auc_difference(labels, reference, candidate)
+        assert max(-delta, 0.0) + 1.645 * error <= budget * 1.01
+        assert search["calibration_auc"]["score"]["drop_bound"] == pytest.approx(
+            max(-delta, 0.0) + 1.645 * error, abs=2e-4
+        )
+        ratios[budget] = report.size_ratio
+        spearman[budget] = report.parity.outputs[0].spearman
+    assert ratios[0.003] > 1.2 * ratios[0.0005]
+    assert spearman[0.003] < 0.998
+
+
 def test_the_mixed_preset_leaves_the_sklearn_labels_a_margin_for_unseen_rows(tmp_path: Path) -> None:
     """Searched at the gate's own 1%, 1.49% of the test labels flipped and the gate failed; the
     search keeps half of it."""

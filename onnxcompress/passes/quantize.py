@@ -34,6 +34,7 @@ import onnx_ir as ir
 
 from onnxcompress import runtime
 from onnxcompress.channel_scale import POSITIVELY_HOMOGENEOUS, scale_last_axis, scaling_form
+from onnxcompress.errors import UsageError
 from onnxcompress.graph import (
     NO_WEIGHTS_HINT,
     OVERRIDABLE_WEIGHT,
@@ -47,6 +48,7 @@ from onnxcompress.graph import (
     weights_by_value,
 )
 from onnxcompress.io import ExternalRows, initializer_bytes
+from onnxcompress.metrics import auc_difference
 from onnxcompress.numerics.pq import ProductCodes, product_assign, product_dequantize, product_quantize
 from onnxcompress.numerics.quant import (
     SCALE_CODEBOOK_SIZE,
@@ -74,7 +76,7 @@ from onnxcompress.numerics.quant import (
     tensor_scale,
     with_scale_codebook,
 )
-from onnxcompress.parity import Budget, Budgets, ParityResult, compare
+from onnxcompress.parity import LOSSY, Budget, Budgets, ParityResult, compare, score_column
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 from onnxcompress.speed import (
@@ -127,6 +129,9 @@ NARROW_TABLE_WIDTH = 4
 #: Weights above this size keep their configured bits in the mixed-precision search, whose every
 #: evaluation would otherwise hold them in float.
 MIXED_SEARCH_MAX_BYTES = 64 << 20
+#: ``max_auc_drop`` holds the AUC drop's one-sided 95% upper bound: a drop measured on a few hundred
+#: rows is mostly noise, and a greedy search that keeps every move the noise allows spends it.
+AUC_CONFIDENCE_Z = 1.645
 #: Product quantization: centroids per sub-space (a 4-bit index) and the fewest rows to fit them on.
 PQ_CENTROIDS = 16
 PQ_MIN_ROWS = 256
@@ -639,6 +644,18 @@ class Quantize(CompressionPass):
                 "max": 1.0,
             },
         )
+        max_auc_drop: float | None = field(
+            default=None,
+            metadata={
+                "help": "mixed, with labels for the calibration rows (--calib-labels, or --labels when the "
+                "feeds are the calibration rows): largest AUC drop of each score output, at the upper "
+                "end of its one-sided 95% interval (paired DeLong error, so few rows allow little); "
+                "score outputs then keep only the parity gate's rank and cosine defaults (0.99) in "
+                "place of mixed_min_rank_corr and mixed_min_cosine",
+                "min": 0.0,
+                "max": 1.0,
+            },
+        )
         low_bit_min_elements: int = field(
             default=0,
             metadata={
@@ -817,6 +834,8 @@ class Quantize(CompressionPass):
         config = self.config
         plan = {value: (config.embedding_bits if _is_table(uses) else config.bits) for value, uses in selected.items()}
         calibration = self.context.calibration
+        if config.max_auc_drop is not None and not config.mixed:
+            raise UsageError("quant.max_auc_drop budgets the mixed-precision search; set quant.mixed=true too")
         if not config.mixed:
             for value, bits in plan.items():
                 if 0 < bits < 8 and value.const_value.size < config.low_bit_min_elements:  # type: ignore[union-attr]
@@ -845,8 +864,11 @@ class Quantize(CompressionPass):
                 fakes[(value, bits)] = ir.tensor(self._simulate(value, selected[value], bits, hessians))
             return fakes[(value, bits)]
 
-        def loss(state: dict[ir.Value, int]) -> float:
-            """How far the model with ``state`` is from the budget: > 0 means it fails."""
+        labels = self._auc_labels(reference)
+
+        def measure(state: dict[ir.Value, int]) -> tuple[float, dict[str, dict[str, float]]]:
+            """How far the model with ``state`` is from the budget (> 0 means it fails), and each
+            score output's AUC change on the labelled calibration rows."""
             try:
                 for value, bits in state.items():
                     value.const_value = fake(value, bits)
@@ -856,12 +878,28 @@ class Quantize(CompressionPass):
                     value.const_value = tensor
             result = compare(reference, outputs, budget)
             worst = 0.0
+            aucs: dict[str, dict[str, float]] = {}
             for output in result.outputs:
                 needed = output.would_pass_with
-                worst = max(worst, config.mixed_min_cosine - needed.get("min_cosine", 1.0))
-                worst = max(worst, config.mixed_min_rank_corr - needed.get("min_rank_corr", 1.0))
+                scored = labels is not None and output.name in labels
+                min_cosine = LOSSY.min_cosine if scored else config.mixed_min_cosine
+                min_rank_corr = LOSSY.min_rank_corr if scored else config.mixed_min_rank_corr
+                worst = max(worst, (min_cosine or 0.0) - needed.get("min_cosine", 1.0))
+                worst = max(worst, (min_rank_corr or 0.0) - needed.get("min_rank_corr", 1.0))
                 worst = max(worst, needed.get("max_mismatch", 0.0) - config.mixed_max_mismatch)
-            return worst
+                if scored:
+                    assert labels is not None and config.max_auc_drop is not None
+                    column, rows = labels[output.name]
+                    delta, error = auc_difference(
+                        rows, _column_of(reference[output.name], column), _column_of(outputs[output.name], column)
+                    )
+                    bound = max(-delta, 0.0) + AUC_CONFIDENCE_Z * error
+                    aucs[output.name] = {"delta": delta, "standard_error": error, "drop_bound": bound}
+                    worst = max(worst, bound - config.max_auc_drop)
+            return worst, aucs
+
+        def loss(state: dict[ir.Value, int]) -> float:
+            return measure(state)[0]
 
         state = {value: ladder[0] for value in searched}
         evaluations = 1
@@ -905,9 +943,15 @@ class Quantize(CompressionPass):
                 "min_rank_corr": config.mixed_min_rank_corr,
                 "min_cosine": config.mixed_min_cosine,
                 "max_mismatch": config.mixed_max_mismatch,
+                **({"max_auc_drop": config.max_auc_drop, "auc_confidence": 0.95} if labels else {}),
             },
             "calibration_rows": calibration.feeds.rows,
         }
+        if labels:
+            summary["calibration_auc"] = {
+                name: {key: round(figure, 5) for key, figure in figures.items()}
+                for name, figures in measure(state)[1].items()
+            }
         if too_large:
             summary["not_searched"] = {
                 value.name: f"{value.const_value.nbytes / 2**20:.0f} MiB, above the search's "  # type: ignore[union-attr]
@@ -915,6 +959,29 @@ class Quantize(CompressionPass):
                 for value in too_large
             }
         return {**plan, **state}, summary
+
+    def _auc_labels(self, reference: dict[str, np.ndarray]) -> dict[str, tuple[int, np.ndarray]] | None:
+        """With ``max_auc_drop``: each score output's column and the calibration labels it is judged on."""
+        config = self.config
+        if config.max_auc_drop is None:
+            return None
+        calibration = self.context.calibration
+        if calibration is None or calibration.labels is None:
+            raise UsageError(
+                "quant.max_auc_drop needs labels for the calibration rows: give --calib-labels (aligned with "
+                "--calib), or --labels when the feeds are the calibration rows"
+            )
+        scored = {}
+        for name, array in reference.items():
+            column = score_column(array.shape) if array.dtype.kind == "f" else None
+            if column is not None and array.shape[0] == calibration.labels.size:
+                scored[name] = (column, calibration.labels)
+        if not scored:
+            raise UsageError(
+                "quant.max_auc_drop: no output gives one score per calibration row to judge against the labels; "
+                "budget the search with mixed_min_rank_corr instead"
+            )
+        return scored
 
     def _simulate(
         self, value: ir.Value, uses: list[WeightUse], bits: int, hessians: dict[str, np.ndarray]
@@ -1837,6 +1904,10 @@ def _dequantized(quantized: QuantizedRows | ProductCodes) -> np.ndarray:
     if quantized.bits == 1:
         return (2.0 * quantized.codes.astype(np.float64) - 1.0) * quantized.scale.astype(np.float64)[:, None]
     return dequantize_rows(quantized)
+
+
+def _column_of(array: np.ndarray, column: int) -> np.ndarray:
+    return array.reshape(-1) if array.ndim == 1 else array[:, column]
 
 
 def _figures(result: ParityResult) -> dict[str, float]:
