@@ -643,6 +643,36 @@ def test_a_causal_mask_is_stored_as_trilu_and_computes_the_same(tmp_path: Path) 
     np.testing.assert_array_equal(ReferenceEvaluator(str(path)).run(None, feeds)[0], expected)
 
 
+def test_an_additive_causal_mask_is_stored_as_a_where_of_trilu_and_computes_the_same(tmp_path: Path) -> None:
+    """PyTorch's nn.TransformerEncoderLayer exports its causal mask as a float constant of 0 and
+    -inf added to the attention scores, with a leading batch axis of one."""
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,16,16] scores, float[1,16,16] causal) => (float[N,16,16] y) {
+          masked = Add(causal, scores)
+          y = Softmax<axis=-1>(masked)
+        }
+        """
+    additive = np.where(np.triu(np.ones((1, 16, 16), bool), 1), -np.inf, 0.0).astype(np.float32)
+    feeds = {"scores": np.random.default_rng(0).standard_normal((2, 16, 16)).astype(np.float32)}
+    expected = run_reference(text_model(text, {"causal": additive}), tmp_path, feeds)[0]
+    sizes = {}
+    for compact in (False, True):
+        model = text_model(text, {"causal": additive})
+        result = Cleanup(Cleanup.Config(compact_masks=compact, short_names=True, strip_metadata=True))(model)
+        sizes[compact] = save_model(model, tmp_path / f"{compact}.onnx").stat().st_size
+    assert result.stats["masks_compacted"] == 1
+    assert op_types(model) == ["Expand", "Trilu", "Where", "Add", "Softmax"]
+    assert sizes[True] < sizes[False] - 800  # 1,024 bytes of mask
+    path = tmp_path / "True.onnx"
+    np.testing.assert_array_equal(ReferenceEvaluator(str(path)).run(None, feeds)[0], expected)
+    # Two values off a triangle, or three values on one, stay as they are.
+    rng = np.random.default_rng(1)
+    for other in (rng.integers(0, 2, (1, 16, 16)).astype(np.float32), additive + np.eye(16, dtype=np.float32)):
+        model = text_model(text, {"causal": other})
+        assert Cleanup(Cleanup.Config(compact_masks=True))(model).stats.get("masks_compacted", 0) == 0
+
+
 def test_consecutive_constant_adds_become_one(tmp_path: Path) -> None:
     """A bias and a shift folded next to it (tf2onnx's batch norm after an activation, folded into
     the next layer) are one vector; an Add whose result is read twice is left alone."""

@@ -636,41 +636,70 @@ MASK_MIN_ELEMENTS = 128
 _TRILU_OPSET = 14
 
 
+def _triangle_levels(array: np.ndarray) -> tuple[bool, int, np.ndarray | None, np.ndarray | None] | None:
+    """``(upper, k, inside, outside)`` when ``array``, past leading axes of one, is a triangle: a
+    boolean mask (``inside``/``outside`` None), or a tensor of two values, ``inside`` on the
+    triangle and ``outside`` off it (an additive attention mask of 0 and -inf)."""
+    if array.ndim < 2 or any(dim != 1 for dim in array.shape[:-2]):
+        return None
+    square = array.reshape(array.shape[-2:])
+    if square.dtype == np.bool_:
+        triangle = triangle_of(square)
+        return None if triangle is None else (*triangle, None, None)
+    if square.dtype.kind not in "fiu" or (square.dtype.kind == "f" and np.isnan(square).any()):
+        return None
+    levels = np.unique(square)
+    if levels.size != 2:
+        return None
+    for inside, outside in (levels, levels[::-1]):
+        triangle = triangle_of(square == inside)
+        if triangle is not None:
+            return (*triangle, np.array(inside, square.dtype), np.array(outside, square.dtype))
+    return None
+
+
 def compact_masks(model: ir.Model) -> int:
-    """Store triangular boolean constants (causal attention masks, ``T * T`` bytes) as
-    ``Trilu(Expand(true, [T, T]), k)``: about 100 bytes at any ``T``, folded back by the runtime at
-    load. Returns the number of masks rewritten."""
+    """Store triangular constants (causal attention masks, ``T * T`` values) as
+    ``Trilu(Expand(true, [T, T]), k)``, and two-valued ones (PyTorch's additive mask of 0 and -inf)
+    as a ``Where`` of that between the two values: about 100 bytes at any ``T``, folded back by the
+    runtime at load. Returns the number of masks rewritten."""
     if model.opset_imports.get("", 1) < _TRILU_OPSET:
         return 0
     rewritten = 0
     graph = model.graph
     for value in list(graph.initializers.values()):
         tensor = value.const_value
-        if tensor is None or tensor.dtype != ir.DataType.BOOL or tensor.size < MASK_MIN_ELEMENTS:
+        if tensor is None or tensor.size < MASK_MIN_ELEMENTS:
             continue
         if value.is_graph_input() or value.is_graph_output() or not value.uses():
             continue
         if any(node.graph is not graph for node, _ in value.uses()):
             continue
-        triangle = triangle_of(tensor.numpy())
-        if triangle is None:
+        found = _triangle_levels(tensor.numpy())
+        if found is None:
             continue
-        upper, k = triangle
+        upper, k, inside, outside = found
         name = value.name or "mask"
         constants = [
             constant_value(unique_name(graph, f"{name}_true"), np.array(True)),
             constant_value(unique_name(graph, f"{name}_shape"), np.array(tensor.shape.numpy(), np.int64)),
             constant_value(unique_name(graph, f"{name}_k"), np.array(k, np.int64)),
         ]
+        nodes = [ir.node("Expand", constants[:2])]
+        nodes.append(ir.node("Trilu", [nodes[0].outputs[0], constants[2]], attributes={} if upper else {"upper": 0}))
+        if inside is not None and outside is not None:
+            constants += [
+                constant_value(unique_name(graph, f"{name}_inside"), inside),
+                constant_value(unique_name(graph, f"{name}_outside"), outside),
+            ]
+            nodes.append(ir.node("Where", [nodes[1].outputs[0], *constants[3:]]))
         for constant in constants:
             graph.register_initializer(constant)
-        ones = ir.node("Expand", constants[:2])
-        trilu = ir.node("Trilu", [ones.outputs[0], constants[2]], attributes={} if upper else {"upper": 0})
         users = {node for node, _ in value.uses()}
-        graph.insert_before(next(node for node in graph if node in users), [ones, trilu])
-        mask = trilu.outputs[0]
+        graph.insert_before(next(node for node in graph if node in users), nodes)
+        mask = nodes[-1].outputs[0]
         mask.name = unique_name(graph, f"{name}_trilu")
-        mask.type, mask.shape = ir.TensorType(ir.DataType.BOOL), value.shape
+        mask.type, mask.shape = ir.TensorType(tensor.dtype), value.shape
         value.replace_all_uses_with(mask)
         graph.initializers.pop(name)
         rewritten += 1
@@ -1528,7 +1557,10 @@ class Cleanup(CompressionPass):
         )
         compact_masks: bool = field(
             default=False,
-            metadata={"help": "store triangular boolean constants (causal attention masks) as Trilu of a broadcast"},
+            metadata={
+                "help": "store triangular constants (causal attention masks: boolean, or additive 0/-inf) as "
+                "Trilu of a broadcast"
+            },
         )
         pack_casts: bool = field(
             default=False,
