@@ -367,6 +367,45 @@ def test_4_bit_weights_feed_integer_kernels_rounded_to_int8_at_load(dequantize: 
     }
 
 
+def test_4_bit_codes_with_one_scale_per_channel_feed_integer_kernels_as_they_are(tmp_path: Path) -> None:
+    """A block as wide as the layer's inputs is one scale per output channel, the integer kernel's
+    own form: the int4 codes are stored in its [inputs, outputs] layout and widened to int8 at load,
+    exactly (no decode and second rounding), and onnxruntime still fuses the layer."""
+    import onnx
+    import onnxruntime as ort
+
+    feeds = {"x": RNG.standard_normal((20, 64)).astype(np.float32)}
+    config = {"bits": 4, "granularity": "block", "block_size": 64}
+    weight_only = linear_model()
+    Quantize(Quantize.Config(**config))(weight_only)
+    (float_activations,) = evaluate(weight_only, tmp_path, feeds)
+    model = linear_model()
+    result = Quantize(Quantize.Config(**config, activations="dynamic"))(model)
+    assert {(entry["bits"], entry["form"]) for entry in result.stats["tensors"].values()} == {(4, "dynamic")}
+    integer_products = [node for node in model.graph if node.op_type == "MatMulInteger"]
+    assert len(integer_products) == 3
+    for node in integer_products:
+        widen = node.inputs[1].producer()
+        assert widen.op_type == "Cast" and widen.attributes["to"].as_int() == ir.DataType.INT8
+        codes = widen.inputs[0].const_value
+        assert codes.dtype == ir.DataType.INT4 and codes.shape[0] == node.inputs[0].producer().inputs[0].shape[-1]
+    ops = {node.op_type for node in model.graph}
+    assert not {"QuantizeLinear", "ReduceMax", "Abs", "Div"} & ops
+    (got,) = evaluate(model, tmp_path, feeds)
+    # The same codes as the weight-only model: only the activations' int8 rounding differs.
+    assert relative_error(float_activations, got) < 0.015
+    path = save_model(model, tmp_path / "int4_direct.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    constants = {init.name for init in optimized.graph.initializer}
+    fused = [node for node in optimized.graph.node if node.op_type == "DynamicQuantizeMatMul"]
+    assert len(fused) == 3 and all(node.input[1] in constants for node in fused)
+    assert "Cast" not in {node.op_type for node in optimized.graph.node}
+
+
 def test_a_dead_output_channel_of_a_4_bit_integer_layer_stays_zero(tmp_path: Path) -> None:
     """An all-zero output channel would give its int8 scale 0 and its codes 0/0 (what QuantizeLinear
     makes of NaN is unspecified): the graph floors the channel's peak at a tiny value instead, and

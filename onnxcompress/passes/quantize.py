@@ -998,7 +998,7 @@ class Quantize(CompressionPass):
         rows = _channel_rows(weight, use)
         quantized, granularity, dynamic, _ = self._linear_codes(rows, uses, bits, hessians.get(value.name or ""))
         restored = _restored(quantized, granularity, *rows.shape)
-        if dynamic and bits < 8:
+        if dynamic and bits < 8 and not _integer_codes(quantized, granularity, rows.shape[0]):
             codes, requantized = int8_requantize(restored)
             restored = codes * requantized[:, None].astype(np.float64)
         scales = self._smoothing(uses, dynamic)
@@ -1499,6 +1499,14 @@ class Quantize(CompressionPass):
             scale = build.constant("scale", quantized.scale.astype(np.float32).reshape(scale_shape))
             self._integer_matmuls(build, graph, uses, weight_kn, scale)
             form = "dynamic"
+        elif dynamic and _integer_codes(quantized, granularity, channels):
+            # 4-bit codes with one scale per output channel are the integer kernel's own: widened to
+            # int8 at load, exactly, instead of decoded and rounded again (six nodes fewer a layer).
+            codes_kn = quantized.codes.reshape(channels, inputs).T.astype(ml_dtypes.int4)
+            weight_kn = build.op("Cast", [build.constant("q", codes_kn, ir.DataType.INT4)], to=ir.DataType.INT8)
+            scale = build.constant("scale", quantized.scale.astype(np.float32).reshape(channels))
+            self._integer_matmuls(build, graph, uses, weight_kn, scale)
+            form = "dynamic"
         elif _stored_as_read(quantized, granularity, use, weight.shape, dequantize):
             # Codes kept in the [inputs, outputs] layout MatMul reads, scales as a [1, outputs] row:
             # no Transpose node to store.
@@ -1528,7 +1536,7 @@ class Quantize(CompressionPass):
                     flat = _without_padding(build, flat, (channels, quantized.codes.size // channels), inputs)
                     decoded_shape = rows.shape
                 output = self._to_weight_layout(build, flat, decoded_shape, weight.shape, use)
-        if dynamic and bits < 8:
+        if dynamic and bits < 8 and not _integer_codes(quantized, granularity, channels):
             # Stored at its own width; decoded and rounded to int8 per output channel at load (every
             # input is constant, so onnxruntime folds it, scales included: none is stored), then
             # read by the integer kernel. numerics.quant.int8_requantize computes the same.
@@ -1904,6 +1912,19 @@ def _dequantized(quantized: QuantizedRows | ProductCodes) -> np.ndarray:
     if quantized.bits == 1:
         return (2.0 * quantized.codes.astype(np.float64) - 1.0) * quantized.scale.astype(np.float64)[:, None]
     return dequantize_rows(quantized)
+
+
+def _integer_codes(quantized: QuantizedRows, granularity: str, channels: int) -> bool:
+    """Whether an integer layer's codes can feed MatMulInteger as they are: native int4, symmetric,
+    one scale per output channel (a block as wide as the layer's inputs), no scale codebook."""
+    return (
+        granularity in ("channel", "block")
+        and quantized.bits == 4
+        and quantized.symmetric
+        and quantized.codes.shape[0] == channels
+        and quantized.scale.size == channels
+        and quantized.codebook is None
+    )
 
 
 def _column_of(array: np.ndarray, column: int) -> np.ndarray:
