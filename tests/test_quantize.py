@@ -406,6 +406,50 @@ def test_4_bit_codes_with_one_scale_per_channel_feed_integer_kernels_as_they_are
     assert "Cast" not in {node.op_type for node in optimized.graph.node}
 
 
+def test_an_integer_layer_takes_one_scale_per_channel_where_blocks_are_no_better_after_int8_rounding(
+    tmp_path: Path,
+) -> None:
+    """Blocks of 4-bit codes reach the integer kernel rounded again to int8 per channel; codes with
+    one scale per channel reach it exactly and store fewer scales and nodes. With calibration data,
+    each integer layer keeps whichever has the smaller output error (both in the report)."""
+    from onnxcompress.calibration import Calibration, Feeds
+
+    def layer(weight: np.ndarray) -> ir.Model:
+        return text_model(
+            """
+            <ir_version: 8, opset_import: ["" : 17]>
+            g (float[N,64] x, float[64,32] w) => (float[N,32] y) {
+              y = MatMul(x, w)
+            }
+            """,
+            {"w": weight},
+        )
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((512, 64)).astype(np.float32)
+    context = PassContext(calibration=Calibration(Feeds({"x": x}, "test")))
+    # On a per-channel 4-bit grid already: one scale per channel is exact, blocks are not.
+    on_grid = (rng.integers(-7, 8, (64, 32)) * rng.uniform(0.01, 0.1, 32)).astype(np.float32)
+    # Input blocks of very different magnitudes: one scale per channel would flatten the small ones.
+    uneven = (rng.standard_normal((64, 32)) * np.repeat([1.0, 0.01], 32)[:, None]).astype(np.float32)
+    config = Quantize.Config(
+        bits=4, granularity="block", block_size=32, block_axis="reduction", activations="dynamic", smoothing=False
+    )
+    expected_granularity = {"on_grid": "channel", "uneven": "block"}
+    for name, weight in (("on_grid", on_grid), ("uneven", uneven)):
+        model = layer(weight)
+        entry = Quantize(config, context)(model).stats["tensors"]["w"]
+        errors = entry["integer_scale_errors"]
+        assert entry["form"] == "dynamic" and entry["granularity"] == expected_granularity[name], (name, errors)
+        assert (errors["channel"] <= errors["blocks"]) == (name == "on_grid")
+        if name == "on_grid":
+            assert errors["channel"] < 1e-6 < errors["blocks"]
+            widen = next(node for node in model.graph if node.op_type == "MatMulInteger").inputs[1].producer()
+            assert widen.op_type == "Cast" and widen.inputs[0].const_value.dtype == ir.DataType.INT4
+            (got,) = evaluate(model, tmp_path, {"x": x})
+            assert relative_error(x @ weight, got) < 0.01  # only the activations' int8 rounding
+
+
 def test_a_dead_output_channel_of_a_4_bit_integer_layer_stays_zero(tmp_path: Path) -> None:
     """An all-zero output channel would give its int8 scale 0 and its codes 0/0 (what QuantizeLinear
     makes of NaN is unspecified): the graph floors the channel's peak at a tiny value instead, and

@@ -449,6 +449,8 @@ class Quantize(CompressionPass):
     #: Calibration rows behind each linear weight's ``X^T X`` (set by ``_hessians``).
     _hessian_rows: dict[str, int]
     _linear_cache: dict[tuple[str, int, bool], tuple[np.ndarray, np.ndarray | None, Any]]
+    #: Integer 4-bit layers: output error with blocks (after int8 rounding) and with channel scales.
+    _integer_choices: dict[str, dict[str, float]]
     #: Equalised 8-bit weights: one scale for all their channels (set by ``_equalize``).
     _one_scale: set[str]
 
@@ -687,6 +689,7 @@ class Quantize(CompressionPass):
 
     def call(self, model: ir.Model) -> CompressionResult:
         self._linear_cache = {}
+        self._integer_choices = {}
         selected, skipped = self._select(model)
         if not selected:
             # A tree ensemble keeps its thresholds in attributes: say so rather than "no change".
@@ -1404,7 +1407,11 @@ class Quantize(CompressionPass):
             if granularity == "block" and config.block_axis != "reduction" and unpadded_hessian is not None:
                 by_output = self._output_blocks(unpadded_rows, unpadded_hessian, quantized, bits, symmetric, act_order)
                 if by_output is not None:
-                    return by_output, "block_outputs", dynamic, "gptq"
+                    quantized, granularity = by_output, "block_outputs"
+            if dynamic and bits == 4 and group < inputs and unpadded_hessian is not None:
+                name = uses[0].value.name or ""
+                chosen = self._integer_scales(name, unpadded_rows, unpadded_hessian, quantized, granularity, act_order)
+                return (*chosen, dynamic, "gptq")
             return quantized, granularity, dynamic, "gptq"
         search = config.rounding in ("mse", "auto")
         if one_scale:
@@ -1412,6 +1419,28 @@ class Quantize(CompressionPass):
             return quantized, granularity, dynamic, "mse" if search else "nearest"
         quantized = quantize_rows(rows.reshape(-1, group), bits, symmetric=symmetric, search=search)
         return quantized, granularity, dynamic, "mse" if search else "nearest"
+
+    def _integer_scales(
+        self, name: str, rows: np.ndarray, hessian: np.ndarray, blocks: QuantizedRows, granularity: str, act_order: bool
+    ) -> tuple[QuantizedRows, str]:
+        """An integer layer's 4-bit codes in blocks are decoded and rounded to int8 per output
+        channel at load; codes with one scale per channel feed the kernel as they are (no scales
+        per block, no decoding nodes). Those are kept when their output error on the calibration
+        inputs is no larger than the blocks' after that rounding."""
+        channels, inputs = rows.shape
+        decoded = _restored(blocks, granularity, channels, inputs)
+        codes, requantized = int8_requantize(decoded)
+        block_error = _weighted_error(codes * requantized[:, None].astype(np.float64) - rows, hessian)
+        per_channel = gptq_quantize(rows, hessian, 4, symmetric=True, act_order=act_order)
+        channel_error = _weighted_error(_restored(per_channel, "channel", channels, inputs) - rows, hessian)
+        reference = max(_weighted_error(rows, hessian), 1e-30)
+        self._integer_choices[name] = {
+            "blocks": round(float(np.sqrt(block_error / reference)), 5),
+            "channel": round(float(np.sqrt(channel_error / reference)), 5),
+        }
+        if channel_error <= block_error:
+            return per_channel, "channel"
+        return blocks, granularity
 
     def _rounding_errors(
         self,
@@ -1431,7 +1460,7 @@ class Quantize(CompressionPass):
         if scales is not None:
             rows, hessian = rows * scales, hessian / np.outer(scales, scales)
         restored = _restored(quantized, granularity, channels, inputs)
-        _, group, _ = self._linear_plan(uses, (channels, inputs), bits)
+        group = inputs if granularity == "channel" else self._linear_plan(uses, (channels, inputs), bits)[1]
         padded = np.pad(rows, ((0, 0), (0, -inputs % group)))
         nearest = _dequantized(quantize_rows(padded.reshape(-1, group), bits, symmetric=quantized.symmetric))
         return {
@@ -1570,6 +1599,11 @@ class Quantize(CompressionPass):
                     )
                 }
                 if method == "gptq" and hessian is not None
+                else {}
+            ),
+            **(
+                {"integer_scale_errors": self._integer_choices[value.name]}
+                if dynamic and value.name in self._integer_choices
                 else {}
             ),
             "form": form,
