@@ -76,7 +76,7 @@ PRESETS: dict[str, Preset] = {
             "int4",
             "4-bit weights: linear layers in blocks of 32 with GPTQ on calibration data (integer kernels "
             "where faster, rounded to int8 at load), tables per row (offsets dropped where they cost more "
-            "than they buy); scales of weights with 768+ of them in a codebook; weights under 1024 values "
+            "than they buy); scales of weights with 768+ of them in a codebook; weights under 512 values "
             "at 8 bits",
             ("cleanup", "quant", "cleanup@final"),
             {
@@ -89,7 +89,7 @@ PRESETS: dict[str, Preset] = {
                     # error that adds is worth fewer bits than the offset (16-wide rows, not 64).
                     "embedding_symmetric": "auto",
                     "scale_codebook": True,
-                    "low_bit_min_elements": 1024,
+                    "low_bit_min_elements": 512,
                     # Integer kernels read int8: the 4-bit blocks are decoded and rounded to int8
                     # per output channel at load, where onnxruntime measures it faster.
                     "activations": "auto",

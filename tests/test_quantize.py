@@ -1063,6 +1063,20 @@ def test_int4_deepfm_is_seven_times_smaller_within_a_thousandth_of_auc(tmp_path:
     assert report.size_ratio >= 6.9  # 7.0x and up with two integer layers; how many is the speed probe's call
 
 
+def test_int4_sasrec_encoder_stores_its_additive_causal_mask_as_nodes_and_is_seven_times_smaller(
+    tmp_path: Path,
+) -> None:
+    """nn.TransformerEncoderLayer under TorchScript: a [1, 20, 20] float mask of 0 and -inf (1.6 KB,
+    3% of the int4 file) becomes a Where on a Trilu. Float activations, so that the speed probe's
+    choice of integer layers (up to 0.27x of ratio on this model) does not move the figure."""
+    report = compress_with_preset("sasrec_encoder", "int4", tmp_path / "int4.onnx", "quant.activations=none")
+    final = next(record for record in report.passes if record.name == "cleanup@final")
+    assert final.stats["masks_compacted"] == 1
+    (score,) = report.parity.outputs
+    assert report.parity.passed and score.auc_delta is not None and abs(score.auc_delta) <= 0.001
+    assert report.size_ratio >= 7.15
+
+
 @pytest.mark.parametrize(("width", "offsets_kept"), [(16, False), (64, True)])
 def test_table_offsets_are_dropped_where_they_cost_more_bits_than_the_error_they_save(
     width: int, offsets_kept: bool
