@@ -106,6 +106,31 @@ def test_linear_weights_become_integer_initializers(
     assert result.stats["bytes_before"] / result.stats["bytes_after"] > min_ratio
 
 
+def test_binary_weights_decode_by_testing_bits_against_masks(tmp_path: Path) -> None:
+    """A packed bit picks +alpha or -alpha of its output channel through a bit mask, a boolean Cast
+    and Where: no BitShift, no Unsqueeze (the packed codes carry a trailing axis of one), no
+    arithmetic; decoded, every weight is exactly its sign times its channel's alpha."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((64, 20)).astype(np.float32)  # 20 outputs: 64 inputs, 8 bytes a row
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,64] x, float[64,20] w) => (float[N,20] y) {
+          y = MatMul(x, w)
+        }
+        """,
+        {"w": weight},
+    )
+    Quantize(Quantize.Config(bits=1))(model)
+    ops = {node.op_type for node in model.graph}
+    assert {"BitwiseAnd", "Where", "Neg"} <= ops and not {"BitShift", "Unsqueeze", "Sub", "Add"} & ops
+    (decoded,) = evaluate(model, tmp_path, {"x": np.eye(64, dtype=np.float32)})
+    alpha = np.abs(decoded).max(axis=0)
+    np.testing.assert_array_equal(np.abs(decoded), np.broadcast_to(alpha, decoded.shape))
+    np.testing.assert_array_equal(np.sign(decoded), np.where(weight >= 0, 1.0, -1.0))
+    np.testing.assert_allclose(alpha, np.abs(weight).mean(axis=0), rtol=1e-3)  # the L2-optimal alpha
+
+
 def _constant_only(node: ir.Node) -> bool:
     return all(
         value is None or value.is_initializer() or (value.producer() is not None and _constant_only(value.producer()))
@@ -166,7 +191,7 @@ def test_low_bit_tables_are_bit_packed_and_unpacked_after_the_gather(
     model = table_model()
     result = Quantize(Quantize.Config(embedding_bits=bits, fold_tables_below=0))(model)
     packed = model.graph.initializers["users_packed"].const_value
-    assert packed.dtype == ir.DataType.UINT8 and tuple(packed.shape) == (50, 16 * bits // 8)
+    assert packed.dtype == ir.DataType.UINT8 and tuple(packed.shape) == (50, 16 * bits // 8, 1)
     # packed codes + an fp16 scale and a uint8 zero point per row (+ the unpacking constants)
     assert result.stats["tensors"]["users"]["bytes_after"] <= 50 * (16 * bits / 8 + 3) + 64
     got = evaluate(model, tmp_path, feeds)
@@ -599,7 +624,7 @@ def test_product_quantized_tables_store_4_bit_indices_and_decode_to_their_centro
     assert stats["granularity"] == "pq" and stats["pq"] == {"dims": dims, "centroids": 16, "sub_vectors": 16 // dims}
     assert stats["form"] == ("gathered" if fold_tables_below == 0 else "fold")
     codes = model.graph.initializers["table_pq_codes"].const_value
-    assert codes.dtype == ir.DataType.UINT8 and tuple(codes.shape) == (3000, 16 // dims // 2)  # two indices a byte
+    assert codes.dtype == ir.DataType.UINT8 and tuple(codes.shape) == (3000, 16 // dims // 2, 1)  # two indices a byte
     # bits a value for the codes, 16 float16 centroids of 16 values per sub-space set, no per-row scale
     assert stats["bytes_after"] <= 3000 * 16 * bits / 8 + 16 * 16 * 2 + 128  # + offsets, unpacking constants
     feeds = {"ids": rng.integers(0, 3000, (20, 3)).astype(np.int64)}
@@ -640,7 +665,7 @@ def test_widths_that_do_not_divide_a_byte_are_stored_as_bit_planes_and_decode_wi
     stats = Quantize(config)(model).stats["tensors"]
     assert stats["table"]["bits"] == stats["w"]["bits"] == bits
     codes = model.graph.initializers["table_packed"].const_value
-    assert codes.dtype == ir.DataType.UINT8 and tuple(codes.shape) == (3000, packed_width(16, bits))
+    assert codes.dtype == ir.DataType.UINT8 and tuple(codes.shape) == (3000, packed_width(16, bits), 1)
     assert packed_width(16, bits) == 2 * bits  # 16 codes of `bits` bits, nothing wasted
     ids = rng.integers(0, 3000, 200).astype(np.int64)
     rows, y = evaluate(model, tmp_path, {"ids": ids})

@@ -224,14 +224,15 @@ _PACK_CHUNK_ROWS = 1 << 16
 
 def _pack_rows(codes: np.ndarray, bits: int, offset: int) -> np.ndarray:
     """``pack_codes(codes + offset)`` row chunk by row chunk (a 2M-row table needs no table-sized
-    temporaries)."""
+    temporaries), with a trailing axis of one: the unpacking's shifts or masks broadcast over it,
+    so no Unsqueeze node is stored."""
     rows, elements = codes.shape
-    packed = np.empty((rows, packed_width(elements, bits)), np.uint8)
+    packed = np.empty((rows, packed_width(elements, bits), 1), np.uint8)
     for start in range(0, rows, _PACK_CHUNK_ROWS):
         chunk = codes[start : start + _PACK_CHUNK_ROWS]
         if offset or chunk.dtype != np.uint8:
             chunk = (chunk.astype(np.int16) + offset).astype(np.uint8)
-        packed[start : start + _PACK_CHUNK_ROWS] = pack_codes(chunk, bits)
+        packed[start : start + _PACK_CHUNK_ROWS, :, 0] = pack_codes(chunk, bits)
     return packed
 
 
@@ -248,8 +249,9 @@ def _unpacking_bytes(bits: int) -> int:
 
 
 def _unpack(build: _Builder, packed: ir.Value, bits: int, count: int) -> ir.Value:
-    """Standard-op unpacking of little-endian ``bits``-wide codes along the last axis (uint8); codes
-    stored as several planes (:func:`code_planes`) are sliced apart, unpacked and or-ed together."""
+    """Standard-op unpacking of little-endian ``bits``-wide codes packed along axis 1 (uint8
+    ``[rows, bytes, 1]``, see :func:`_pack_rows`) into ``[rows, count]``; codes stored as several
+    planes (:func:`code_planes`) are sliced apart, unpacked and or-ed together."""
     planes = code_planes(bits)
     if len(planes) == 1:
         return _unpack_plane(build, packed, bits, count)
@@ -273,9 +275,8 @@ def _unpack(build: _Builder, packed: ir.Value, bits: int, count: int) -> ir.Valu
 
 def _unpack_plane(build: _Builder, packed: ir.Value, bits: int, count: int) -> ir.Value:
     per_byte = 8 // bits
-    expanded = build.op("Unsqueeze", [packed, _last(build)])
     shifts = build.constant("shifts", (np.arange(per_byte) * bits).astype(np.uint8))
-    shifted = build.op("BitShift", [expanded, shifts], direction="RIGHT")
+    shifted = build.op("BitShift", [packed, shifts], direction="RIGHT")
     codes = build.op("BitwiseAnd", [shifted, build.constant("mask", np.array(2**bits - 1, np.uint8))])
     flat = build.op("Reshape", [codes, build.constant("merge", np.array([0, -1], np.int64))])
     if (count * bits) % 8:
@@ -387,6 +388,8 @@ def _decode_rows(
     (Cast, Sub, Mul: plain arithmetic that onnxruntime constant-folds when every input is an
     initializer; scale and zero of shape ``[n]`` or ``[n, 1]``).
     """
+    if stored.binary and stored.packed:
+        return _decode_signs(build, stored, rows, scale)
     codes = _unpack(build, rows, stored.bits, stored.elements) if stored.packed else rows
     scale_source = stored.scale
     if stored.codebook is not None:
@@ -406,6 +409,26 @@ def _decode_rows(
     if zero is not None:
         values = build.op("Sub", [values, build.op("Cast", [_column(build, zero)], to=ir.DataType.FLOAT)])
     return build.op("Mul", [values, _float(build, _column(build, scale), scale_source)])
+
+
+def _decode_signs(build: _Builder, stored: _Stored, rows: ir.Value, scale: ir.Value) -> ir.Value:
+    """Binary rows: each packed bit picks ``+alpha`` or ``-alpha`` of its row. The bits are tested
+    with a mask per position and read as booleans (``Where``), which takes fewer nodes than
+    shifting them down and computing ``(2 * bit - 1) * alpha``."""
+    masks = build.constant("bit_masks", (1 << np.arange(8)).astype(np.uint8))
+    flat = build.op("Reshape", [build.op("BitwiseAnd", [rows, masks]), build.constant("merge", np.array([0, -1]))])
+    if stored.elements % 8:
+        start = build.constant("start", np.array([0], np.int64))
+        stop = build.constant("stop", np.array([stored.elements], np.int64))
+        flat = build.op("Slice", [flat, start, stop, build.constant("axis1", np.array([1], np.int64))])
+    scale_source = stored.scale
+    if stored.codebook is not None:
+        index = build.op("Cast", [scale], to=ir.DataType.INT32)
+        rank = len(scale.const_value.shape) if scale.const_value is not None else 1
+        scale, scale_source = build.op("Gather", [stored.codebook, index], axis=0), stored.codebook
+        scale.shape = ir.Shape([None] * rank)
+    alpha = _float(build, _column(build, scale), scale_source)
+    return build.op("Where", [build.op("Cast", [flat], to=ir.DataType.BOOL), alpha, build.op("Neg", [alpha])])
 
 
 def _position(graph: ir.Graph, node: ir.Node) -> int:
