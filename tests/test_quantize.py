@@ -109,7 +109,9 @@ def test_linear_weights_become_integer_initializers(
 def test_binary_weights_decode_by_testing_bits_against_masks(tmp_path: Path) -> None:
     """A packed bit picks +alpha or -alpha of its output channel through a bit mask, a boolean Cast
     and Where: no BitShift, no Unsqueeze (the packed codes carry a trailing axis of one), no
-    arithmetic; decoded, every weight is exactly its sign times its channel's alpha."""
+    arithmetic, and no Transpose (MatMul's [inputs, outputs] weight keeps that layout: each input's
+    signs packed along the outputs, alpha a row); decoded, every weight is exactly its sign times
+    its channel's alpha."""
     rng = np.random.default_rng(5)
     weight = rng.standard_normal((64, 20)).astype(np.float32)  # 20 outputs: 64 inputs, 8 bytes a row
     model = text_model(
@@ -123,7 +125,9 @@ def test_binary_weights_decode_by_testing_bits_against_masks(tmp_path: Path) -> 
     )
     Quantize(Quantize.Config(bits=1))(model)
     ops = {node.op_type for node in model.graph}
-    assert {"BitwiseAnd", "Where", "Neg"} <= ops and not {"BitShift", "Unsqueeze", "Sub", "Add"} & ops
+    assert {"BitwiseAnd", "Where", "Neg"} <= ops and not {"BitShift", "Unsqueeze", "Sub", "Add", "Transpose"} & ops
+    shapes = {tuple(value.const_value.shape) for value in model.graph.initializers.values()}
+    assert (64, 3, 1) in shapes and (1, 20) in shapes  # 20 signs in 3 bytes per input, alpha per output
     (decoded,) = evaluate(model, tmp_path, {"x": np.eye(64, dtype=np.float32)})
     alpha = np.abs(decoded).max(axis=0)
     np.testing.assert_array_equal(np.abs(decoded), np.broadcast_to(alpha, decoded.shape))

@@ -1568,7 +1568,7 @@ class Quantize(CompressionPass):
                 quantized.zero_point,
                 bits,
             )
-            stored = _store(build, by_column, native_int4=True, along_rows=True)
+            stored = _store(build, by_column, binary=bits == 1, native_int4=True, along_rows=True)
             output = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, "fold")
             form = "fold"
         else:
@@ -2085,13 +2085,14 @@ def _stored_as_read(
     quantized: QuantizedRows, granularity: str, use: WeightUse, shape: tuple[int, ...], dequantize: str
 ) -> bool:
     """Whether a per-channel weight whose output channels are its second axis (MatMul, Gemm without
-    transB) can be stored in the layout its op reads, at a bit width stored without packing."""
+    transB) can be stored in the layout its op reads: at a width stored without packing, or binary
+    (the signs of each input's row packed along the outputs, one alpha per column)."""
     return (
         dequantize == "fold"
         and granularity == "channel"
         and use.out_axis == 1
         and len(shape) == 2
-        and quantized.bits in (8, 4)
+        and quantized.bits in (8, 4, 1)
         and quantized.codes.size == shape[0] * shape[1]
         and quantized.scale.size in (1, shape[1])
     )
