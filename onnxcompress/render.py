@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,6 +28,23 @@ def human_bytes(count: int | float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1000
     return f"{value:.2f} GB"
+
+
+def loosened(key: str, value: float) -> str:
+    """A tolerance the output meets, in four significant digits rounded towards loosening it: down
+    for a floor (``min_*``), up for a ceiling (``atol``, ``max_*``), so that the suggested flag
+    passes when given back."""
+    if not math.isfinite(value) or value == 0:
+        return f"{value:.4g}"
+    step = 10.0 ** (math.floor(math.log10(abs(value))) - 3)
+    rounding = math.floor if key.startswith("min_") else math.ceil
+    # The quotient of a 4-digit value by its step can land a hair off an integer.
+    steps = rounding(round(value / step, 6))
+    if rounding is math.floor and steps * step > value:
+        steps -= 1
+    elif rounding is math.ceil and steps * step < value:
+        steps += 1
+    return f"{steps * step:.4g}"
 
 
 def _short(value: Any) -> str:
@@ -115,7 +133,7 @@ def report_view(report: Report) -> RenderableType:
         for output in report.parity.failing:
             parts.append(Text(f"  {output.name}: {'; '.join(output.failures)}"))
             flags = " ".join(
-                f"--{key.replace('_', '-')} {output.name}={_short(value)}"
+                f"--{key.replace('_', '-')} {output.name}={loosened(key, value)}"
                 for key, value in output.would_pass_with.items()
             )
             parts.append(Text(f"  {output.name} would pass with: {flags}"))

@@ -85,6 +85,22 @@ def test_parity_failure_writes_nothing_and_names_the_fix(cli, tmp_path: Path, pe
     assert "score would pass with: --atol score=" in result.err
 
 
+@pytest.mark.parametrize("noise", [0.05, 0.2])
+def test_the_suggested_tolerances_pass_when_given_back(cli, tmp_path: Path, perturb_pass, noise: float) -> None:
+    """Each suggested figure is rounded towards loosening (floors down, ceilings up): rounded to
+    the nearest, a cosine of 0.990370 was suggested as 0.9904 and failed again."""
+    common = ("--passes", "perturb", "--set", f"perturb.noise={noise}", "--feeds", DLRM["feeds"],
+              "--labels", DLRM["labels"])
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", *common)
+    assert result.code == 1, result.err
+    suggestion = next(line for line in result.err.splitlines() if "would pass with:" in line)
+    flags = suggestion.split("would pass with:")[1].split()
+    assert "--min-cosine" in flags and "--min-rank-corr" in flags and "--atol" in flags
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", *common, *flags)
+    assert result.code == 0, result.err
+    assert result.report["verdict"] == "passed"
+
+
 def test_force_writes_a_failing_model_and_says_so(cli, tmp_path: Path, perturb_pass) -> None:
     out = tmp_path / "out.onnx"
     result = cli(DLRM["onnx"], out, "--passes", "perturb", "--force")
