@@ -86,6 +86,8 @@ class OutputComparison:
     max_rel: float = 0.0
     cosine: float = 1.0
     mismatch: float = 0.0
+    #: Values NaN or infinite in one model and not the same in the other (no tolerance covers them).
+    nonfinite_mismatch: int = 0
     spearman: float | None = None
     top10_overlap: float | None = None
     auc_reference: float | None = None
@@ -174,8 +176,17 @@ def _compare_one(
     ref = reference.astype(np.float64)
     cand = candidate.astype(np.float64)
     failures: list[str] = []
-    if not np.array_equal(np.isnan(ref), np.isnan(cand)) or not np.array_equal(np.isinf(ref), np.isinf(cand)):
-        failures.append("NaN or infinity where the original has a finite value")
+    # Compared as values: NaN matches NaN, +inf matches +inf.
+    same = (ref == cand) | (np.isnan(ref) & np.isnan(cand))
+    new_nonfinite = int((~np.isfinite(cand) & np.isfinite(ref)).sum())
+    lost_nonfinite = int((~np.isfinite(ref) & ~same).sum())
+    if new_nonfinite:
+        failures.append(f"{new_nonfinite} values are NaN or infinite where the original's are finite")
+    if lost_nonfinite:
+        failures.append(
+            f"the original gives NaN or infinity on {lost_nonfinite} values where this model does not "
+            "(rows the original cannot score, such as an empty history: leave them out of the feeds)"
+        )
     finite = np.isfinite(ref) & np.isfinite(cand)
     ref, cand = ref[finite], cand[finite]
     error = np.abs(cand - ref)
@@ -200,6 +211,11 @@ def _compare_one(
         kind = "score"
         ref_scores = _scores(reference, column).astype(np.float64)
         cand_scores = _scores(candidate, column).astype(np.float64)
+        scored = np.isfinite(ref_scores) & np.isfinite(cand_scores)
+        if not scored.all():  # ranks and AUC over the rows both models score
+            ref_scores, cand_scores = ref_scores[scored], cand_scores[scored]
+            labels = labels[scored] if labels is not None and labels.size == scored.size else None
+            rank_group = None  # groups of rows no longer line up
         groups = _ranking_groups(ref_scores.size, rank_group)
         rank_corr = float(np.mean([spearman(ref_scores[g], cand_scores[g]) for g in groups]))
         overlap = float(np.mean([top_k_overlap(ref_scores[g], cand_scores[g], TOP_K) for g in groups]))
@@ -222,6 +238,7 @@ def _compare_one(
         mean_abs=mean_abs,
         max_rel=max_rel,
         cosine=cosine,
+        nonfinite_mismatch=new_nonfinite + lost_nonfinite,
         spearman=rank_corr,
         top10_overlap=overlap,
         auc_reference=auc_ref,

@@ -136,7 +136,8 @@ def report_view(report: Report) -> RenderableType:
                 f"--{key.replace('_', '-')} {output.name}={loosened(key, value)}"
                 for key, value in output.would_pass_with.items()
             )
-            parts.append(Text(f"  {output.name} would pass with: {flags}"))
+            if not output.nonfinite_mismatch:  # no tolerance covers NaN where the other has a value
+                parts.append(Text(f"  {output.name} would pass with: {flags}"))
 
     summary = Text()
     summary.append(f"{report.input_path}: {human_bytes(report.input_bytes)} → ")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from onnxcompress.metrics import auc
 from onnxcompress.parity import LOSSLESS, LOSSY, Budget, Budgets, compare, score_column
 
 
@@ -70,7 +71,29 @@ def test_integer_outputs_count_mismatches_and_shapes_must_match() -> None:
 
 def test_nan_in_the_candidate_fails() -> None:
     result = compare({"y": np.ones(3)}, {"y": np.array([1.0, np.nan, 1.0])}, Budgets(Budget()))
-    assert not result.passed and "NaN" in result.outputs[0].failures[0]
+    (output,) = result.outputs
+    assert not result.passed and output.failures == ("1 values are NaN or infinite where the original's are finite",)
+    assert output.nonfinite_mismatch == 1
+
+
+def test_nan_in_the_original_is_named_as_the_original_s_and_left_out_of_ranks_and_auc() -> None:
+    """A Keras masked mean gives NaN on an empty history; a compressed model may not: the message
+    says which side has the NaN, and Spearman and AUC are taken over the rows both score."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random(200) < 0.4).astype(np.float32)
+    reference = labels + rng.normal(size=200)
+    candidate = reference + 0.01 * rng.normal(size=200)
+    reference[:10] = np.nan
+    result = compare({"score": reference}, {"score": candidate}, Budgets(LOSSY), labels=labels)
+    (output,) = result.outputs
+    assert not output.passed and output.nonfinite_mismatch == 10
+    assert output.failures[0].startswith("the original gives NaN or infinity on 10 values where this model does not")
+    assert output.spearman is not None and output.spearman > 0.999
+    assert output.auc_reference == pytest.approx(auc(labels[10:], reference[10:]))
+    same_nan = compare(
+        {"score": reference}, {"score": np.where(np.isnan(reference), np.nan, candidate)}, Budgets(LOSSY)
+    )
+    assert same_nan.passed  # NaN where the original has NaN is agreement
 
 
 def test_ranking_groups_average_per_user_top_k() -> None:
