@@ -67,12 +67,15 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
-    """Fraction of the k highest scores of ``a`` that are also among the k highest of ``b``."""
+    """Fraction of the k highest scores of ``a`` that are also among the k highest of ``b``.
+
+    Ties at the k-th score belong to the top k (any order of tied items is a valid ranking): a
+    score saturated at 1.0 on hundreds of rows would otherwise be compared by arbitrary picks."""
     a = np.asarray(a).ravel()
     b = np.asarray(b).ravel()
     k = min(k, a.size)
     if k == 0:
         return 1.0
-    top_a = np.argpartition(-a, k - 1)[:k]
-    top_b = np.argpartition(-b, k - 1)[:k]
-    return len(np.intersect1d(top_a, top_b)) / k
+    top_a = np.flatnonzero(a >= np.partition(a, a.size - k)[a.size - k])
+    top_b = np.flatnonzero(b >= np.partition(b, b.size - k)[b.size - k])
+    return min(1.0, len(np.intersect1d(top_a, top_b)) / k)

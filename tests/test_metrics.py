@@ -63,3 +63,17 @@ def test_top_k_overlap_counts_shared_leaders() -> None:
     b[19], b[0] = b[0], b[19]  # the best item of a falls to last place in b
     assert top_k_overlap(a, a, 10) == 1.0
     assert top_k_overlap(a, b, 10) == pytest.approx(0.9)
+
+
+def test_top_k_overlap_counts_ties_at_the_cut_as_leaders() -> None:
+    """290 scores saturated at 1.0: any ten of them are a valid top ten (the DCN found by a probe
+    showed an overlap of 0.00 at a Spearman of 0.9992 from arbitrary picks among the ties)."""
+    rng = np.random.default_rng(0)
+    reference = np.concatenate([np.ones(290), rng.random(710) * 0.9])
+    candidate = reference + rng.normal(0, 1e-3, reference.size)
+    candidate[:290] = 1.0 - rng.random(290) * 1e-4  # the tie broken in some order
+    assert top_k_overlap(reference, candidate, 10) == 1.0
+    assert top_k_overlap(candidate, reference, 10) == 1.0
+    moved = candidate.copy()
+    moved[np.argsort(candidate)[-10:]] = 0.0  # the candidate's leaders fall out
+    assert top_k_overlap(candidate, moved, 10) == 0.0
