@@ -67,6 +67,7 @@ __all__ = [
     "refit_gap",
     "remove",
     "score_logit",
+    "score_logits",
     "write_linear",
 ]
 
@@ -277,17 +278,18 @@ def _float_outputs(model: ir.Model) -> list[ir.Value]:
     return [value for value in model.graph.outputs if value.dtype is not None and value.dtype.is_floating_point()]
 
 
-def score_logit(model: ir.Model) -> ir.Value:
-    """The value the model ranks rows by: the input of the Sigmoid behind a float graph output
-    (searched up to three nodes back), else the first float graph output itself.
+def _is_score(value: ir.Value) -> bool:
+    """One value per row ([N] or [N, 1]) or a two-class probability pair ([N, 2]), as parity
+    judges scores."""
+    shape = value.shape
+    if shape is None:
+        return False
+    return len(shape) == 1 or (len(shape) == 2 and shape[1] in (1, 2))
 
-    Raises:
-        UnsupportedModelError: the model has no float output.
-    """
-    outputs = _float_outputs(model)
-    if not outputs:
-        raise UnsupportedModelError("distill needs a float score output; the model has none")
-    frontier = list(outputs)
+
+def _logit_behind(output: ir.Value) -> ir.Value | None:
+    """The input of the Sigmoid behind ``output`` (searched up to three nodes back), if any."""
+    frontier = [output]
     for _ in range(4):
         producers = [value.producer() for value in frontier]
         for producer in producers:
@@ -296,7 +298,32 @@ def score_logit(model: ir.Model) -> ir.Value:
         frontier = [
             value for producer in producers if producer is not None for value in producer.inputs if value is not None
         ]
-    return outputs[0]
+    return None
+
+
+def score_logits(model: ir.Model) -> list[ir.Value]:
+    """The values the model ranks rows by, one per score output (a multi-task model's click and
+    conversion scores): the input of the Sigmoid behind each, else the output itself. A model
+    without a score output is ranked by its first float output.
+
+    Raises:
+        UnsupportedModelError: the model has no float output.
+    """
+    outputs = _float_outputs(model)
+    if not outputs:
+        raise UnsupportedModelError("distill needs a float score output; the model has none")
+    scores = [output for output in outputs if _is_score(output)] or outputs[:1]
+    logits: list[ir.Value] = []
+    for output in scores:
+        logit = _logit_behind(output) or output
+        if logit not in logits:
+            logits.append(logit)
+    return logits
+
+
+def score_logit(model: ir.Model) -> ir.Value:
+    """The first of :func:`score_logits`."""
+    return score_logits(model)[0]
 
 
 def logit_heads(model: ir.Model, logit: ir.Value) -> list[LinearLayer]:
@@ -744,27 +771,31 @@ class LayerReport:
     refit: tuple[str, ...] = ()
 
 
+def _side_by_side(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    return np.hstack([np.asarray(array).reshape(len(array), -1) for array in arrays])
+
+
 def measure(
     model: ir.Model, layers: Sequence[Layer], fitting: Fitting, damping: float = 0.01, refit: bool = True
 ) -> list[LayerReport]:
     """Remove each layer alone from a copy of ``model`` and measure the score change on the calibration rows."""
     teacher = Activations(model, fitting.calibration)
-    logit = score_logit(model)
-    (reference,) = teacher(logit.name)  # type: ignore[arg-type]
-    reference = reference[fitting.rows]
+    # Every task's logit side by side: a layer a multi-task model's towers share moves them all.
+    references = teacher(*[logit.name for logit in score_logits(model)])  # type: ignore[arg-type]
+    reference = _side_by_side(references)[fitting.rows]
     flops = matmul_flops(model, fitting.calibration.feeds.head(4))
     reports = []
     for layer in layers:
         student = model.clone()
         twin = next(candidate for candidate in discover(student) if candidate.name == layer.name)
         removal = remove(student, twin)
-        student_logit = score_logit(student)
-        (bypassed,) = capture(student, fitting.evaluation, [student_logit])
+        student_logits = score_logits(student)
+        bypassed = _side_by_side(capture(student, fitting.evaluation, student_logits))
         refit_error = None
         refit_layers: list[str] = []
         if refit:
             refit_layers = refit_gap(student, removal, teacher, damping)
-            (fitted,) = capture(student, fitting.evaluation, [student_logit])
+            fitted = _side_by_side(capture(student, fitting.evaluation, student_logits))
             refit_error = relative_error(reference, fitted)
         cosine = None
         if layer.kind != "mlp":

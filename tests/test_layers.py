@@ -349,7 +349,7 @@ def test_logit_matching_recovers_heads_exactly() -> None:
     student = text_model(text, {name: np.zeros_like(array, np.float32) for name, array in weights.items()})
     fitting = fitting_rows(teacher, calibration_for(teacher), augment=0)
     (teacher_logit,) = Activations(teacher, fitting.calibration)("logit")
-    assert refit_heads(student, teacher_logit, fitting, damping=1e-9) == ["wa", "wb"]
+    assert refit_heads(student, [teacher_logit], fitting, damping=1e-9) == ["wa", "wb"]
     np.testing.assert_allclose(student.graph.initializers["wa"].const_value.numpy(), weights["wa"], atol=1e-4)  # type: ignore[union-attr]
     np.testing.assert_allclose(student.graph.initializers["wb"].const_value.numpy(), weights["wb"], atol=1e-4)  # type: ignore[union-attr]
     np.testing.assert_allclose(student.graph.initializers["ba"].const_value.numpy(), weights["ba"], atol=1e-4)  # type: ignore[union-attr]

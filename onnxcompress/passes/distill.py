@@ -33,7 +33,7 @@ from onnxcompress.layers import (
     model_params,
     refit_gap,
     remove,
-    score_logit,
+    score_logits,
     write_linear,
 )
 from onnxcompress.numerics.distill import logit_fidelity
@@ -48,14 +48,21 @@ __all__ = ["Distill", "refit_heads"]
 logger = logging.getLogger(__name__)
 
 
-def refit_heads(model: ir.Model, teacher_logit: np.ndarray, fitting: Fitting, damping: float) -> list[str]:
-    """Logit matching: jointly refit the linear layers adding into ``model``'s score logit so that the
-    logit matches ``teacher_logit`` (on the fitting rows) in the least-squares sense.
+def refit_heads(model: ir.Model, teacher_logits: Sequence[np.ndarray], fitting: Fitting, damping: float) -> list[str]:
+    """Logit matching: for each score logit of ``model`` (one per task of a multi-task model), jointly
+    refit the linear layers adding into it so that it matches the teacher's (on the fitting rows)
+    in the least-squares sense. Returns the refit heads."""
+    refit: list[str] = []
+    for logit, teacher_logit in zip(score_logits(model), teacher_logits, strict=True):
+        refit += _refit_logit_heads(model, logit, teacher_logit, fitting, damping)
+    return refit
 
-    What else adds into the logit (DeepFM's FM term, say) stays fixed and is subtracted from the
-    target. The intercept goes to one head; the others' biases become zero. Returns the refit heads.
-    """
-    logit = score_logit(model)
+
+def _refit_logit_heads(
+    model: ir.Model, logit: ir.Value, teacher_logit: np.ndarray, fitting: Fitting, damping: float
+) -> list[str]:
+    """What else adds into the logit (DeepFM's FM term, say) stays fixed and is subtracted from the
+    target. The intercept goes to one head; the others' biases become zero."""
     heads = logit_heads(model, logit)
     if not heads:
         return []
@@ -159,9 +166,17 @@ def _strip(student: ir.Model, outputs: Sequence[str]) -> dict[str, int]:
     }
 
 
-def _fidelity(teacher_logit: np.ndarray, model: ir.Model, fitting: Fitting) -> dict[str, float]:
-    (logit,) = capture(model, fitting.evaluation, [score_logit(model)])
-    return logit_fidelity(teacher_logit[fitting.rows], logit)
+def _fidelity(teacher_logits: Sequence[np.ndarray], model: ir.Model, fitting: Fitting) -> dict[str, float]:
+    """The student's worst score: the lowest Spearman and the largest logit error over its tasks."""
+    students = capture(model, fitting.evaluation, score_logits(model))
+    figures = [
+        logit_fidelity(teacher[fitting.rows], student)
+        for teacher, student in zip(teacher_logits, students, strict=True)
+    ]
+    return {
+        "spearman": min(figure["spearman"] for figure in figures),
+        "logit_mae": max(figure["logit_mae"] for figure in figures),
+    }
 
 
 @register("distill")
@@ -300,7 +315,7 @@ class Distill(CompressionPass):
         """Remove layers in ``order`` (skipping any that overlap one already removed) until the count or
         the parameter target is reached, each followed by the refit of its neighbour; then the heads."""
         teacher = Activations(teacher_model, fitting.calibration)
-        (teacher_logit,) = teacher(score_logit(teacher_model).name)  # type: ignore[arg-type]
+        teacher_logits = teacher(*[value.name for value in score_logits(teacher_model)])  # type: ignore[arg-type]
         params_before, flops_before = model_params(model), _flops(model, fitting)
         plain = model.clone() if self.config.refit or self.config.refit_head else None
         removed: list[str] = []
@@ -329,8 +344,8 @@ class Distill(CompressionPass):
             refit_now = refit_gap(trial, removal, teacher, self.config.ridge) if self.config.refit else []
             if budget:
                 if self.config.refit_head:
-                    refit_heads(trial, teacher_logit, fitting, self.config.ridge)
-                spearman_now = _fidelity(teacher_logit, trial, fitting)["spearman"]
+                    refit_heads(trial, teacher_logits, fitting, self.config.ridge)
+                spearman_now = _fidelity(teacher_logits, trial, fitting)["spearman"]
                 if spearman_now < budget:
                     over_budget[wanted.name] = round(spearman_now, 5)
                     continue
@@ -363,11 +378,11 @@ class Distill(CompressionPass):
         stages = [("removed", plain)] if plain is not None else []
         stages.append(("refit" if self.config.refit else "removed", model))
         for stage, candidate in stages:
-            figures = _fidelity(teacher_logit, candidate, fitting)  # type: ignore[arg-type]
+            figures = _fidelity(teacher_logits, candidate, fitting)  # type: ignore[arg-type]
             spearman[stage], mae[stage] = figures["spearman"], figures["logit_mae"]
-        heads = refit_heads(model, teacher_logit, fitting, self.config.ridge) if self.config.refit_head else []
+        heads = refit_heads(model, teacher_logits, fitting, self.config.ridge) if self.config.refit_head else []
         if heads:
-            figures = _fidelity(teacher_logit, model, fitting)
+            figures = _fidelity(teacher_logits, model, fitting)
             spearman["head_refit"], mae["head_refit"] = figures["spearman"], figures["logit_mae"]
         stats: dict[str, Any] = {
             "removed": removed,
@@ -398,12 +413,13 @@ class Distill(CompressionPass):
         _check_interface(model, student, path)
         stripped = _strip(student, [value.name for value in model.graph.outputs])  # type: ignore[misc]
         fitting = fitting_rows(model, self.context.calibration, self.config.augment)
-        (teacher_logit,) = Activations(model, fitting.calibration)(score_logit(model).name)  # type: ignore[arg-type]
-        before = _fidelity(teacher_logit, student, fitting)
+        teacher = Activations(model, fitting.calibration)
+        teacher_logits = teacher(*[value.name for value in score_logits(model)])  # type: ignore[arg-type]
+        before = _fidelity(teacher_logits, student, fitting)
         spearman, mae = {"student": before["spearman"]}, {"student": before["logit_mae"]}
-        heads = refit_heads(student, teacher_logit, fitting, self.config.ridge) if self.config.refit_head else []
+        heads = refit_heads(student, teacher_logits, fitting, self.config.ridge) if self.config.refit_head else []
         if heads:
-            after = _fidelity(teacher_logit, student, fitting)
+            after = _fidelity(teacher_logits, student, fitting)
             spearman["head_refit"], mae["head_refit"] = after["spearman"], after["logit_mae"]
         stats: dict[str, Any] = {
             "student": str(path),

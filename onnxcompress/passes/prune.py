@@ -27,7 +27,7 @@ from onnxcompress.graph import (
     set_constant,
     weights_by_value,
 )
-from onnxcompress.layers import capture, fitting_rows, score_logit
+from onnxcompress.layers import capture, fitting_rows, score_logit, score_logits
 from onnxcompress.numerics.conv import ConvGeometry, conv_patches, filters, from_filters
 from onnxcompress.numerics.distill import logit_fidelity
 from onnxcompress.numerics.lstsq import Gram, NormalEquations
@@ -366,14 +366,17 @@ class Prune(CompressionPass):
         held_out = max(1, calibration.feeds.rows // 4)
         fitting = dataclasses.replace(calibration, feeds=calibration.feeds.head(calibration.feeds.rows - held_out))
         evaluation = dataclasses.replace(calibration, feeds=calibration.feeds.tail(calibration.feeds.rows - held_out))
-        (reference,) = capture(model, evaluation, [score_logit(model)])
+        references = capture(model, evaluation, score_logits(model))
         sparsity = self.config.sparsity
         tried: dict[str, float] = {}
         for _ in range(BUDGET_ATTEMPTS):
             trial = model.clone()
             self._at(sparsity, fitting).call(trial)
-            (score,) = capture(trial, evaluation, [score_logit(trial)])
-            tried[f"{sparsity:g}"] = logit_fidelity(reference, score)["spearman"]
+            scores = capture(trial, evaluation, score_logits(trial))
+            tried[f"{sparsity:g}"] = min(
+                logit_fidelity(reference, score)["spearman"]
+                for reference, score in zip(references, scores, strict=True)
+            )
             if tried[f"{sparsity:g}"] >= budget:
                 result = self._at(sparsity, calibration).call(model)
                 stats = {**result.stats, "sparsity_chosen": sparsity, "held_out_spearman": tried}
@@ -841,10 +844,12 @@ class _HeldOutPrices:
             for link in mlp_links(self.trial)[0]
             if len(link.consumer.weight.uses()) == 1
         }
-        self.logit = score_logit(self.trial)
-        (reference,) = capture(self.trial, self.evaluation, [self.logit])
-        self.reference = np.asarray(reference, dtype=np.float64)
-        self.variance = float(self.reference.var()) or 1.0
+        # Every task of a multi-task model: a layer its towers share is priced by all of them.
+        self.logits = score_logits(self.trial)
+        self.references = [
+            np.asarray(reference, dtype=np.float64) for reference in capture(self.trial, self.evaluation, self.logits)
+        ]
+        self.variances = [float(reference.var()) or 1.0 for reference in self.references]
 
     def levels(self) -> list[float]:
         """``MEASURED_LEVELS`` up to max_layer_sparsity, which is the top level."""
@@ -888,7 +893,7 @@ class _HeldOutPrices:
                 _write_layer(self.trial.graph, layer, new_weight, system.intercept(new_weight))
                 after = self.next_layers.get(weight.name)
                 restore = self._absorb(after, rows, dense[after.data]) if after is not None else None
-                costs[row, column] = self._price(self.trial, self.logit)
+                costs[row, column] = self._price(self.trial, self.logits)
                 if after is not None and restore is not None:
                     _write_layer(self.trial.graph, after, *restore)
             _write_layer(self.trial.graph, layer, weight0, bias0)
@@ -911,17 +916,21 @@ class _HeldOutPrices:
             new_bias = system.intercept(new_weight)
             if new_bias is not None and bias_original is not None:
                 _replace_constant(self.trial.graph, node, 2, new_bias.astype(bias_original.dtype.numpy()))
-            costs[column] = self._price(self.trial, self.logit)
+            costs[column] = self._price(self.trial, self.logits)
         weight_value.const_value = original
         if bias_value is not None:
             node.replace_input_with(2, bias_value)
             bias_value.const_value = bias_original
         return costs
 
-    def _price(self, trial: ir.Model, logit: ir.Value) -> float:
-        """The mean squared change of ``trial``'s score on the held-out rows, relative to its variance."""
-        (score,) = capture(trial, self.evaluation, [logit])
-        return float(np.mean((np.asarray(score, dtype=np.float64) - self.reference) ** 2)) / self.variance
+    def _price(self, trial: ir.Model, logits: list[ir.Value]) -> float:
+        """The mean squared change of ``trial``'s scores on the held-out rows, each relative to its
+        variance, summed over the scores."""
+        scores = capture(trial, self.evaluation, logits)
+        return sum(
+            float(np.mean((np.asarray(score, dtype=np.float64) - reference) ** 2)) / variance
+            for score, reference, variance in zip(scores, self.references, self.variances, strict=True)
+        )
 
     def _absorb(
         self, layer: LinearLayer, rows: Calibration, dense_inputs: np.ndarray
@@ -974,7 +983,7 @@ class _HeldOutPrices:
                 )
                 Prune._shrink(trial.graph, copy, keep)
                 _write_layer(trial.graph, copy.consumer, *_kept_rows_solution(system, keep))
-                costs[row, column] = self._price(trial, score_logit(trial))
+                costs[row, column] = self._price(trial, score_logits(trial))
         allocated = allocate_sparsities(levels, costs, [link.width for link in links], config.sparsity)
         names = [link.producer.node.name or link.producer.weight.name or "?" for link in links]
         return allocated, _price_lists(names, levels, costs)
