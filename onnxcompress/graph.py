@@ -345,6 +345,10 @@ class HiddenLink:
     producer: LinearLayer
     between: tuple[ir.Node, ...]
     consumer: LinearLayer
+    #: Nodes of ``between`` that together compute one elementwise function of the units from
+    #: several paths (GELU's erf form, ``x * 0.5 * (1 + erf(x / sqrt(2)))``; SiLU as
+    #: ``x * sigmoid(x)``): per unit as a whole, but not a chain of single steps.
+    fused: frozenset[ir.Node] = frozenset()
 
     @property
     def width(self) -> int:
@@ -371,6 +375,8 @@ def _step(node: ir.Node, index: int, width: int, rank: int | None) -> str | None
         if len(node.inputs) != 2:
             return f"hidden units reach {op}"
         shape = _constant_shape(node.inputs[1 - index])
+        if shape is None and _is_scalar_constant(node.inputs[1 - index]):  # a Constant node's scalar
+            return None
         if shape is None:
             return f"hidden units reach {op} with a non-constant other input (a residual or gate)"
         if not _per_unit_shape(shape, width) or (rank is not None and len(shape) > rank):
@@ -397,6 +403,49 @@ def _step(node: ir.Node, index: int, width: int, rank: int | None) -> str | None
     return f"hidden units reach {op}"
 
 
+#: Ops an elementwise region may hold, and the most nodes it may have (GELU's tanh form has 9).
+_REGION_OPS = ELEMENTWISE_UNARY | ELEMENTWISE_BINARY | {"Pow"}
+_REGION_MAX_NODES = 12
+
+
+def _elementwise_region(value: ir.Value) -> tuple[list[ir.Node], ir.Value] | None:
+    """The nodes computing one elementwise function of ``value`` along several paths that join
+    again (every input ``value``, a value they compute, or a one-element constant), and the value
+    where they join; None if ``value``'s uses do not close into such a region."""
+    inside = {value}
+    nodes: list[ir.Node] = []
+    while len(nodes) < _REGION_MAX_NODES:
+        ready = None
+        for known in list(inside):
+            for node, _ in known.uses():
+                if node in nodes or node.domain not in ("", "ai.onnx") or node.op_type not in _REGION_OPS:
+                    continue
+                if len(node.outputs) != 1 or not all(
+                    item is None or item in inside or _is_scalar_constant(item) for item in node.inputs
+                ):
+                    continue
+                ready = node
+                break
+            if ready is not None:
+                break
+        if ready is None:
+            return None
+        nodes.append(ready)
+        inside.add(ready.outputs[0])
+        region = set(nodes)
+        open_values = [
+            known for known in inside if known.is_graph_output() or any(node not in region for node, _ in known.uses())
+        ]
+        if open_values == [ready.outputs[0]] and not ready.outputs[0].is_graph_output():
+            return nodes, ready.outputs[0]
+    return None
+
+
+def _is_scalar_constant(value: ir.Value | None) -> bool:
+    array = constant_array(value)  # TorchScript keeps GELU's constants in Constant nodes
+    return array is not None and array.size == 1
+
+
 def _walk(producer: LinearLayer, consumers: dict[ir.Node, LinearLayer]) -> HiddenLink | str:
     """Follow the producer's output through elementwise ops to the next linear layer, or say why not."""
     width = producer.d_out
@@ -404,6 +453,7 @@ def _walk(producer: LinearLayer, consumers: dict[ir.Node, LinearLayer]) -> Hidde
     rank = 2 if producer.node.op_type == "Gemm" else (len(shape) if shape is not None else None)
     value = producer.output
     between: list[ir.Node] = []
+    fused: set[ir.Node] = set()
     while True:
         if value.is_graph_output():
             return "hidden units are a graph output"
@@ -411,7 +461,13 @@ def _walk(producer: LinearLayer, consumers: dict[ir.Node, LinearLayer]) -> Hidde
         if len(uses) != 1:
             if not uses:
                 return "hidden units are unused"
-            return f"hidden units feed {len(uses)} nodes ({', '.join(sorted(n.op_type for n, _ in uses))})"
+            region = _elementwise_region(value)
+            if region is None:
+                return f"hidden units feed {len(uses)} nodes ({', '.join(sorted(n.op_type for n, _ in uses))})"
+            between += region[0]
+            fused.update(region[0])
+            value = region[1]
+            continue
         node, index = uses[0]
         consumer = consumers.get(node)
         if consumer is not None:
@@ -419,7 +475,7 @@ def _walk(producer: LinearLayer, consumers: dict[ir.Node, LinearLayer]) -> Hidde
                 return f"hidden units reach {node.op_type} input {index}"
             if consumer.d_in != width:
                 return f"the next layer reads {consumer.d_in} inputs, not {width}"
-            return HiddenLink(producer, tuple(between), consumer)
+            return HiddenLink(producer, tuple(between), consumer, frozenset(fused))
         reason = _step(node, index, width, rank)
         if reason is not None:
             return reason

@@ -35,6 +35,7 @@ from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.graph import (
     HiddenLink,
     LinearLayer,
+    constant_array,
     constant_value,
     is_constant_initializer,
     linear_layers,
@@ -287,6 +288,12 @@ def _is_score(value: ir.Value) -> bool:
     return len(shape) == 1 or (len(shape) == 2 and shape[1] in (1, 2))
 
 
+#: Ops between a score output and its Sigmoid that only move or copy values (scikit-learn's
+#: ``Concat(1 - p, p)``, PyTorch's squeeze): a Sigmoid behind anything else (SiLU's, a gate's)
+#: is not the score's.
+_TO_SCORE = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Concat", "Sub", "Cast", "Slice"})
+
+
 def _logit_behind(output: ir.Value) -> ir.Value | None:
     """The input of the Sigmoid behind ``output`` (searched up to three nodes back), if any."""
     frontier = [output]
@@ -296,7 +303,11 @@ def _logit_behind(output: ir.Value) -> ir.Value | None:
             if producer is not None and producer.op_type == "Sigmoid" and producer.inputs[0] is not None:
                 return producer.inputs[0]
         frontier = [
-            value for producer in producers if producer is not None for value in producer.inputs if value is not None
+            value
+            for producer in producers
+            if producer is not None and producer.op_type in _TO_SCORE
+            for value in producer.inputs
+            if value is not None
         ]
     return None
 
@@ -547,15 +558,22 @@ def write_linear(graph: ir.Graph, layer: LinearLayer, weight: np.ndarray, bias: 
 
 
 def _constant_array(value: ir.Value | None) -> np.ndarray:
-    assert value is not None and value.const_value is not None
-    return value.const_value.numpy().astype(np.float64)
+    array = constant_array(value)  # an initializer, or a Constant node's scalar (TorchScript's GELU)
+    assert array is not None
+    return array.astype(np.float64)
 
 
-def _linearised(between: Sequence[ir.Node], start: ir.Value, hidden: np.ndarray) -> np.ndarray:
+def _linearised(
+    between: Sequence[ir.Node], start: ir.Value, hidden: np.ndarray, fused: frozenset[ir.Node] = frozenset()
+) -> np.ndarray:
     """Push ``hidden`` (rows of the producer's output) through the elementwise tail, keeping the affine
-    steps (constant Add/Sub/Mul/Div, inference BatchNormalization) and treating the rest as identity."""
+    steps (constant Add/Sub/Mul/Div, inference BatchNormalization) and treating the rest, ``fused``
+    activations included, as identity."""
     current = start
     for node in between:
+        if node in fused:
+            current = node.outputs[0]
+            continue
         index = list(node.inputs).index(current)
         op = node.op_type
         if op == "BatchNormalization":
@@ -585,7 +603,7 @@ def _bypass_map(link: HiddenLink) -> tuple[np.ndarray, np.ndarray]:
         return weight, bias
     w_in, b_in = linear_weights(producer)
     basis = np.vstack([np.zeros(producer.d_in), np.eye(producer.d_in)])
-    image = _linearised(link.between, producer.output, basis @ w_in + b_in)
+    image = _linearised(link.between, producer.output, basis @ w_in + b_in, link.fused)
     shift, linear = image[0], image[1:] - image[0]
     return linear @ weight, shift @ weight + bias
 

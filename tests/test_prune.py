@@ -12,7 +12,7 @@ from conftest import model_files, save_model, shipped_model_with_calibration, te
 from onnx.reference import ReferenceEvaluator
 
 from onnxcompress.calibration import Calibration, Feeds
-from onnxcompress.graph import OVERRIDABLE_WEIGHT
+from onnxcompress.graph import OVERRIDABLE_WEIGHT, mlp_links
 from onnxcompress.passes.base import PassContext
 from onnxcompress.passes.prune import Prune
 
@@ -274,6 +274,53 @@ def test_neurons_through_batchnorm_and_per_unit_constants_with_refit(tmp_path: P
     (after,) = ReferenceEvaluator(str(save_model(model, tmp_path / "after.onnx"))).run(None, {"x": x})
     assert after.shape == before.shape
     onnx.checker.check_model(str(tmp_path / "after.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize(
+    "activation",
+    [
+        # GELU as TorchScript, dynamo before opset 20 and tf2onnx export it: x * 0.5 * (1 + erf(x / sqrt 2)),
+        # its constants in Constant nodes
+        """c = Constant <value = float {1.4142135}> ()
+          d = Div(h, c)
+          e = Erf(d)
+          one = Constant <value = float {1.0}> ()
+          a = Add(e, one)
+          m = Mul(h, a)
+          half = Constant <value = float {0.5}> ()
+          k = Mul(m, half)""",
+        "s = Sigmoid(h)\n  k = Mul(h, s)",  # SiLU / Swish
+    ],
+)
+def test_neurons_pass_through_an_activation_computed_along_several_paths(activation: str, tmp_path: Path) -> None:
+    """The units feed two nodes that join again into one elementwise function of them: the region
+    counts as one activation, and half the units go with the refit following them."""
+    rng = np.random.default_rng(4)
+    model = text_model(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,8] x, float[8,16] w1, float[16] b1, float[16,2] w2) => (float[N,2] y) {{
+          p = MatMul(x, w1)
+          h = Add(p, b1)
+          {activation}
+          y = MatMul(k, w2)
+        }}
+        """,
+        {
+            name: rng.standard_normal(shape).astype(np.float32)
+            for name, shape in (("w1", (8, 16)), ("b1", 16), ("w2", (16, 2)))
+        },
+    )
+    x = rng.standard_normal((256, 8)).astype(np.float32)
+    (link,) = mlp_links(model)[0]
+    assert len(link.fused) >= 2 and link.consumer.weight.name == "w2"
+    result = prune(model, calibration_for(x), structure="neurons", sparsity=0.5)(model)
+    assert result.modified
+    assert model.graph.initializers["w1"].const_value.shape == (8, 8)
+    assert model.graph.initializers["b1"].const_value.shape == (8,)
+    assert model.graph.initializers["w2"].const_value.shape == (8, 2)
+    (after,) = ReferenceEvaluator(str(save_model(model, tmp_path / "after.onnx"))).run(None, {"x": x})
+    assert after.shape == (256, 2) and np.isfinite(after).all()
 
 
 @pytest.mark.parametrize(
