@@ -47,6 +47,20 @@ def _budgets(
     return Budgets(default, per_output)
 
 
+def _load_labels(labels: str | Path | Mapping[str, str | Path], rows: int, model: Any) -> dict[str, np.ndarray]:
+    """Labels by output name (``""``: every score output without labels of its own)."""
+    files = {"": labels} if isinstance(labels, str | Path) else dict(labels)
+    outputs = [value.name for value in model.graph.outputs]
+    arrays = {}
+    for name, path in files.items():
+        if name and name not in outputs:
+            raise UsageError(
+                f"--labels {name}={path}: the model has no output {name!r}; its outputs: {', '.join(map(str, outputs))}"
+            )
+        arrays[name] = load_labels(Path(path), rows, f"--labels for {name}," if name else "--labels")
+    return arrays
+
+
 def compress(
     in_path: str | Path,
     out_path: str | Path,
@@ -56,7 +70,7 @@ def compress(
     assignments: Sequence[str] = (),
     feeds: str | Path | None = None,
     calib: str | Path | None = None,
-    labels: str | Path | None = None,
+    labels: str | Path | Mapping[str, str | Path] | None = None,
     calib_labels: str | Path | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     tolerances: Mapping[str, float] | None = None,
@@ -77,7 +91,8 @@ def compress(
         feeds: an .npz keyed by graph input names for the parity check; when omitted, the
             calibration rows if given, else synthesized with a fixed seed.
         calib: calibration rows for passes that need data (default: the feeds).
-        labels: a .npy of 0/1 labels aligned with the feeds, for AUC.
+        labels: a .npy of 0/1 labels aligned with the feeds, for AUC; or files by output name (a
+            multi-task model's tasks), ``""`` for every other score output.
         calib_labels: a .npy of 0/1 labels aligned with the calibration rows, for passes that budget
             AUC (default: ``labels`` when the calibration rows are the feeds).
         input_shapes: full shapes for synthesized inputs with symbolic dimensions.
@@ -132,15 +147,17 @@ def compress(
         )
     else:
         parity_feeds = synthesize_feeds(model, input_shapes)
-    label_array: np.ndarray | None = load_labels(Path(labels), parity_feeds.rows) if labels is not None else None
+    label_arrays = _load_labels(labels, parity_feeds.rows, model) if labels is not None else None
     calib_feeds: Feeds = calib_rows if calib_rows is not None else parity_feeds
     # --labels align with the feeds, which are the calibration rows unless both files were given.
-    calib_label_array = label_array if calib is None or feeds is None else None
+    calib_label_arrays = label_arrays if calib is None or feeds is None else None
     if calib_labels is not None:
         if calib is None:
             raise UsageError("--calib-labels labels the --calib rows; give --calib too (or use --labels for the feeds)")
-        calib_label_array = load_labels(Path(calib_labels), calib_feeds.rows, "--calib-labels", "the --calib rows")
-    calibration = Calibration(calib_feeds, labels=calib_label_array)
+        calib_label_arrays = {
+            "": load_labels(Path(calib_labels), calib_feeds.rows, "--calib-labels", "the --calib rows")
+        }
+    calibration = Calibration(calib_feeds, labels=calib_label_arrays)
     pipeline = Pipeline(specs, PassContext(calibration=calibration, source=in_path))
     budgets = _budgets(pipeline.budget, tolerances, output_tolerances)
 
@@ -173,7 +190,7 @@ def compress(
                 reference,
                 candidate,
                 budgets,
-                labels=label_array,
+                labels=label_arrays,
                 rank_group=rank_group,
                 opt_level=opt_level,
                 feeds=parity_feeds.source,

@@ -461,8 +461,9 @@ class Calibration:
     batch_size: int = 1024
     opt_level: str = "disable"
     notes: list[str] = field(default_factory=list)
-    #: 0/1 labels of the rows, for passes that budget AUC (``quant.max_auc_drop``).
-    labels: np.ndarray | None = None
+    #: 0/1 labels of the rows by score output (``""``: every other score output), for passes that
+    #: budget AUC (``quant.max_auc_drop``).
+    labels: Mapping[str, np.ndarray] | None = None
 
     def iter_capture(self, model: ir.Model, values: Sequence[ir.Value]) -> Iterator[dict[str, np.ndarray]]:
         """Yield, batch by batch, the arrays of ``values`` (exposed as extra outputs) on the feeds."""

@@ -102,6 +102,21 @@ def _parse_tolerances(option: str, values: Sequence[str]) -> tuple[float | None,
     return overall, per_output
 
 
+def _parse_labels(values: Sequence[str]) -> dict[str, Path] | None:
+    """``--labels FILE`` (every score output) and ``--labels OUTPUT=FILE``, by output name (``""``: all)."""
+    if not values:
+        return None
+    files: dict[str, Path] = {}
+    for text in values:
+        name, sep, path = text.partition("=")
+        if not sep or Path(text).exists():
+            name, path = "", text
+        if name in files:
+            raise UsageError(f"--labels {text}: {'output ' + name if name else 'the default labels'} given twice")
+        files[name] = Path(path)
+    return files
+
+
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -144,7 +159,14 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
     type=click.Path(path_type=Path),
     help=".npz of calibration rows for passes that need data; default: the feeds.",
 )
-@click.option("--labels", type=click.Path(path_type=Path), help=".npy of 0/1 labels aligned with the feeds (AUC).")
+@click.option(
+    "--labels",
+    "labels",
+    multiple=True,
+    metavar="[OUTPUT=]FILE",
+    help=".npy of 0/1 labels aligned with the feeds (AUC); OUTPUT=FILE for one output of a multi-task model "
+    "(repeatable).",
+)
 @click.option(
     "--calib-labels",
     type=click.Path(path_type=Path),
@@ -222,7 +244,7 @@ def command(
     recipe: Path | None,
     feeds: Path | None,
     calib: Path | None,
-    labels: Path | None,
+    labels: tuple[str, ...],
     calib_labels: Path | None,
     input_shapes: tuple[str, ...],
     rank_group: int | None,
@@ -277,7 +299,7 @@ def command(
             assignments=assignments,
             feeds=feeds,
             calib=calib,
-            labels=labels,
+            labels=_parse_labels(labels),
             calib_labels=calib_labels,
             input_shapes=_parse_shapes(input_shapes),
             tolerances=tolerances,

@@ -252,18 +252,21 @@ def compare(
     candidate: Mapping[str, np.ndarray],
     budgets: Budgets,
     *,
-    labels: np.ndarray | None = None,
+    labels: np.ndarray | Mapping[str, np.ndarray] | None = None,
     rank_group: int | None = None,
     opt_level: str = "",
     feeds: str = "",
 ) -> ParityResult:
-    """Compare every output of ``reference`` with the same-named output of ``candidate``."""
+    """Compare every output of ``reference`` with the same-named output of ``candidate``.
+
+    ``labels``: one array for every score output, or arrays by output name (``""``: the others)."""
     outputs = []
     for name, ref in reference.items():
         if name not in candidate:
             outputs.append(OutputComparison(name, "tensor", tuple(ref.shape), False, ("output is missing",)))
             continue
-        outputs.append(_compare_one(name, ref, candidate[name], budgets.for_output(name), labels, rank_group))
+        own = labels if labels is None or isinstance(labels, np.ndarray) else labels.get(name, labels.get(""))
+        outputs.append(_compare_one(name, ref, candidate[name], budgets.for_output(name), own, rank_group))
     rows = next((array.shape[0] for array in reference.values() if array.ndim), 1)
     return ParityResult(True, tuple(outputs), opt_level, rows, feeds, budgets.default)
 

@@ -264,6 +264,28 @@ def test_bad_calibration_labels(cli, tmp_path: Path) -> None:
     assert_clean_failure(result, 2, "quant.max_auc_drop budgets the mixed-precision search; set quant.mixed=true", tmp_path)
 
 
+def test_each_task_of_a_multi_task_model_is_scored_against_its_own_labels(cli, tmp_path: Path) -> None:
+    """The shipped MMoE predicts like (rating >= 4) and love (rating == 5): --labels FILE scores every
+    output, --labels OUTPUT=FILE one of them."""
+    mmoe = model_files("mmoe")
+    love = MODELS / "mmoe.love.labels.npy"
+    common = (mmoe["onnx"], tmp_path / "out.onnx", "--passes", "cleanup", "--feeds", mmoe["feeds"])
+    result = cli(*common, "--labels", mmoe["labels"], "--labels", f"love={love}")
+    assert result.code == 0, result.err
+    auc = {output["name"]: output["auc_reference"] for output in result.report["parity"]["outputs"]}
+    assert auc["like"] == pytest.approx(0.7150, abs=1e-4) and auc["love"] == pytest.approx(0.6813, abs=1e-4)
+    shared = cli(*common, "--labels", mmoe["labels"])
+    assert {o["name"]: o["auc_reference"] for o in shared.report["parity"]["outputs"]}["love"] != auc["love"]
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    bad = (mmoe["onnx"], refused / "out.onnx", "--passes", "cleanup", "--feeds", mmoe["feeds"])
+    result = cli(*bad, "--labels", f"hate={love}")
+    assert_clean_failure(result, 2, "--labels hate=", refused)
+    assert "the model has no output 'hate'; its outputs: like, love" in result.error_lines[0]
+    result = cli(*bad, "--labels", f"love={love}", "--labels", f"love={love}")
+    assert_clean_failure(result, 2, "output love given twice", refused)
+
+
 def test_out_equal_to_in_is_refused_and_input_untouched(cli, tmp_path: Path) -> None:
     source = tmp_path / "model.onnx"
     source.write_bytes(DLRM["onnx"].read_bytes())

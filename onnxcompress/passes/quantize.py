@@ -1000,8 +1000,9 @@ class Quantize(CompressionPass):
         scored = {}
         for name, array in reference.items():
             column = score_column(array.shape) if array.dtype.kind == "f" else None
-            if column is not None and array.shape[0] == calibration.labels.size:
-                scored[name] = (column, calibration.labels)
+            labels = calibration.labels.get(name, calibration.labels.get(""))
+            if column is not None and labels is not None and array.shape[0] == labels.size:
+                scored[name] = (column, labels)
         if not scored:
             raise UsageError(
                 "quant.max_auc_drop: no output gives one score per calibration row to judge against the labels; "
