@@ -9,7 +9,7 @@ from conftest import compress_with_preset, model_files, save_model, shipped_mode
 from onnx.reference import ReferenceEvaluator
 
 from onnxcompress import runtime
-from onnxcompress.passes.base import PassContext
+from onnxcompress.passes.base import CompressionResult, PassContext
 from onnxcompress.passes.cleanup import Cleanup
 from onnxcompress.passes.quantize import CODEBOOK_MIN_ROWS, NOTHING_TO_QUANTIZE, Quantize
 
@@ -365,12 +365,7 @@ def test_4_bit_weights_feed_integer_kernels_rounded_to_int8_at_load(dequantize: 
 
     feeds = {"x": RNG.standard_normal((20, 64)).astype(np.float32)}
     config = {"bits": 4, "granularity": "block", "block_size": 16, "dequantize": dequantize}
-    weight_only = linear_model()
-    Quantize(Quantize.Config(**config))(weight_only)
-    (float_activations,) = evaluate(weight_only, tmp_path, feeds)
-    model = linear_model()
-    result = Quantize(Quantize.Config(**config, activations="dynamic"))(model)
-    assert {(entry["bits"], entry["form"]) for entry in result.stats["tensors"].values()} == {(4, "dynamic")}
+    float_activations, model, result = with_integer_layers(config, feeds, tmp_path)
     assert result.stats["integer_layers"] == 3  # shown in the CLI's pass summary
     int8 = [v.name for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.INT8]
     assert not int8  # no int8 copy of a weight is stored
@@ -382,6 +377,20 @@ def test_4_bit_weights_feed_integer_kernels_rounded_to_int8_at_load(dequantize: 
     assert relative_error(float_activations, got) < 0.02
     ops = fused_by_onnxruntime(model, tmp_path, integer_layers=3)
     assert not {"QuantizeLinear", "DequantizeLinear", "Abs", "ReduceMax", "DynamicQuantizeLinear"} & ops
+
+
+def with_integer_layers(
+    config: dict, feeds: dict[str, np.ndarray], tmp_path: Path
+) -> tuple[np.ndarray, ir.Model, CompressionResult]:
+    """linear_model at ``config`` with float activations (its output on ``feeds``), and with every
+    layer an integer 4-bit layer (the model and the pass result)."""
+    weight_only = linear_model()
+    Quantize(Quantize.Config(**config))(weight_only)
+    (float_activations,) = evaluate(weight_only, tmp_path, feeds)
+    model = linear_model()
+    result = Quantize(Quantize.Config(**config, activations="dynamic"))(model)
+    assert {(entry["bits"], entry["form"]) for entry in result.stats["tensors"].values()} == {(4, "dynamic")}
+    return float_activations, model, result
 
 
 def fused_by_onnxruntime(model: ir.Model, tmp_path: Path, integer_layers: int) -> set[str]:
@@ -408,13 +417,9 @@ def test_4_bit_codes_with_one_scale_per_channel_feed_integer_kernels_as_they_are
     exactly (no decode and second rounding), and onnxruntime still fuses the layer."""
 
     feeds = {"x": RNG.standard_normal((20, 64)).astype(np.float32)}
-    config = {"bits": 4, "granularity": "block", "block_size": 64}
-    weight_only = linear_model()
-    Quantize(Quantize.Config(**config))(weight_only)
-    (float_activations,) = evaluate(weight_only, tmp_path, feeds)
-    model = linear_model()
-    result = Quantize(Quantize.Config(**config, activations="dynamic"))(model)
-    assert {(entry["bits"], entry["form"]) for entry in result.stats["tensors"].values()} == {(4, "dynamic")}
+    float_activations, model, _ = with_integer_layers(
+        {"bits": 4, "granularity": "block", "block_size": 64}, feeds, tmp_path
+    )
     integer_products = [node for node in model.graph if node.op_type == "MatMulInteger"]
     assert len(integer_products) == 3
     for node in integer_products:
