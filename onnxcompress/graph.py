@@ -442,8 +442,10 @@ def _elementwise_region(value: ir.Value) -> tuple[list[ir.Node], ir.Value] | Non
 
 
 def _is_scalar_constant(value: ir.Value | None) -> bool:
-    array = constant_array(value)  # TorchScript keeps GELU's constants in Constant nodes
-    return array is not None and array.size == 1
+    """A constant of one value and at most one axis (one of more axes could broadcast the units
+    into a higher rank); TorchScript keeps GELU's constants in Constant nodes."""
+    array = constant_array(value)
+    return array is not None and array.size == 1 and array.ndim <= 1
 
 
 def _walk(producer: LinearLayer, consumers: dict[ir.Node, LinearLayer]) -> HiddenLink | str:
