@@ -315,7 +315,8 @@ def _logit_behind(output: ir.Value) -> ir.Value | None:
 def score_logits(model: ir.Model) -> list[ir.Value]:
     """The values the model ranks rows by, one per score output (a multi-task model's click and
     conversion scores): the input of the Sigmoid behind each, else the output itself. A model
-    without a score output is ranked by its first float output.
+    without an output shaped like a score is ranked by its first float output with a Sigmoid
+    behind it, else its first float output.
 
     Raises:
         UnsupportedModelError: the model has no float output.
@@ -323,7 +324,9 @@ def score_logits(model: ir.Model) -> list[ir.Value]:
     outputs = _float_outputs(model)
     if not outputs:
         raise UnsupportedModelError("distill needs a float score output; the model has none")
-    scores = [output for output in outputs if _is_score(output)] or outputs[:1]
+    scores = [output for output in outputs if _is_score(output)]
+    if not scores:  # shapes unknown: the first output with a Sigmoid behind it, else the first
+        scores = [next((output for output in outputs if _logit_behind(output) is not None), outputs[0])]
     logits: list[ir.Value] = []
     for output in scores:
         logit = _logit_behind(output) or output

@@ -23,6 +23,7 @@ from onnxcompress.layers import (
     refit_gap,
     remove,
     score_logit,
+    score_logits,
 )
 from onnxcompress.numerics.distill import cosine_distance, mix_columns, relative_error
 from onnxcompress.passes.distill import refit_heads
@@ -408,3 +409,34 @@ def test_linear_weights_read_both_layouts() -> None:
     w0 = discover(model)[0].link.producer  # type: ignore[union-attr]
     weight, bias = linear_weights(w0)
     assert weight.shape == (4, 6) and bias.shape == (6,)
+
+
+def test_score_logits_are_the_logits_behind_every_score_output_and_not_a_silu() -> None:
+    """A two-tower's embedding output is not a score; each task's sigmoid output is; a SiLU's
+    Sigmoid inside the network is not a score's (it is reached only through a MatMul)."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,4] x, float[4,4] w, float[4,1] a, float[4,1] b) => (float[N,4] emb, float[N,1] ctr, float[N] cvr) {
+      h = MatMul(x, w)
+      s = Sigmoid(h)
+      emb = Mul(h, s)
+      la = MatMul(emb, a)
+      ctr = Sigmoid(la)
+      lb = MatMul(emb, b)
+      pb = Sigmoid(lb)
+      shape = Constant <value = int64[1] {-1}> ()
+      cvr = Reshape(pb, shape)
+    }
+    """
+    rng = np.random.default_rng(0)
+    model = text_model(
+        text, {n: rng.standard_normal(sh).astype(np.float32) for n, sh in (("w", (4, 4)), ("a", (4, 1)), ("b", (4, 1)))}
+    )
+    assert [value.name for value in score_logits(model)] == ["la", "lb"]
+    assert score_logit(model).name == "la"
+    plain = text_model(
+        text, {n: rng.standard_normal(sh).astype(np.float32) for n, sh in (("w", (4, 4)), ("a", (4, 1)), ("b", (4, 1)))}
+    )
+    for output in plain.graph.outputs:
+        output.shape = None
+    assert [value.name for value in score_logits(plain)] == ["la"]  # shapes unknown: the first with a Sigmoid
