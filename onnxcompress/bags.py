@@ -56,8 +56,9 @@ PADDING_CANDIDATES = 2
 
 @dataclass(frozen=True)
 class Reduction:
-    """What a bag computes from its rows: ``sum``, ``mean`` or ``max``; a mean may leave out a
-    padding id (PyTorch's ``padding_idx``: its row is zero and it does not count)."""
+    """What a bag computes from its rows: ``sum``, ``mean`` or ``max``; a mean or a max may leave
+    out a padding id (PyTorch's ``padding_idx``: its row is zero and it does not count; a bag of
+    padding only gives 0)."""
 
     kind: str
     padding: int | None = None
@@ -66,16 +67,20 @@ class Reduction:
         rows = table[ids]
         if self.padding is None:
             return _REDUCTIONS[self.kind](rows)
-        counted = (ids != self.padding).sum(axis=1, keepdims=True)
-        return rows.sum(axis=1) / np.maximum(counted, 1)
+        counted = ids != self.padding
+        if self.kind == "max":  # the counted rows' maximum, 0 for a bag of padding only
+            largest = np.where(counted[..., None], rows, -np.inf).max(axis=1)
+            return np.where(counted.any(axis=1)[:, None], largest, 0.0)
+        return rows.sum(axis=1) / np.maximum(counted.sum(axis=1, keepdims=True), 1)
 
     def describe(self) -> str:
-        return self.kind if self.padding is None else f"mean without id {self.padding}"
+        return self.kind if self.padding is None else f"{self.kind} without id {self.padding}"
 
 
 def _candidates(table: np.ndarray) -> list[Reduction]:
     zero_rows = np.flatnonzero(~table.any(axis=1))[:PADDING_CANDIDATES]
-    return [*(Reduction(kind) for kind in _REDUCTIONS), *(Reduction("mean", int(row)) for row in zero_rows)]
+    padded = [Reduction(kind, int(row)) for row in zero_rows for kind in ("mean", "max")]
+    return [*(Reduction(kind) for kind in _REDUCTIONS), *padded]
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,32 @@ def _reduce(model: ir.Model, op: str, data: ir.Value, keepdims: int, nodes: list
     return reduced.outputs[0]
 
 
+def _max_without(
+    model: ir.Model, bag: BagLoop, ids: ir.Value, rows: ir.Value, padding: int, nodes: list[ir.Node]
+) -> ir.Value:
+    """The maximum over axis 1 of ``rows`` leaving out the rows of id ``padding`` (set to -inf
+    first), 0 where a bag holds nothing else (its maximum is then -inf, which no row can be)."""
+    dtype = bag.table.dtype or ir.DataType.FLOAT
+    pad = _constant(np.array(padding, (ids.dtype or ir.DataType.INT64).numpy()))
+    lowest = _constant(np.array(-np.inf, dtype.numpy()))
+    zero = _constant(np.array(0, dtype.numpy()))
+    same = ir.Node("", "Equal", [ids, pad.outputs[0]])
+    nodes += [pad, lowest, zero, same]
+    if model.opset_imports.get("", 1) >= 13:  # Unsqueeze's axes became an input at opset 13
+        last = _constant(np.array([-1], np.int64))
+        nodes.append(last)
+        column = ir.Node("", "Unsqueeze", [same.outputs[0], last.outputs[0]])
+    else:
+        column = ir.Node("", "Unsqueeze", [same.outputs[0]], attributes=[ir.AttrInt64s("axes", [-1])])
+    masked = ir.Node("", "Where", [column.outputs[0], lowest.outputs[0], rows])
+    nodes += [column, masked]
+    largest = _reduce(model, "ReduceMax", masked.outputs[0], 0, nodes)
+    empty = ir.Node("", "Equal", [largest, lowest.outputs[0]])
+    result = ir.Node("", "Where", [empty.outputs[0], zero.outputs[0], largest])
+    nodes += [empty, result]
+    return result.outputs[0]
+
+
 def _rewrite(model: ir.Model, bag: BagLoop, result: ir.Value, ids: ir.Value, reduction: Reduction) -> None:
     graph = model.graph
     name = result.name or "bag"
@@ -247,6 +278,8 @@ def _rewrite(model: ir.Model, bag: BagLoop, result: ir.Value, ids: ir.Value, red
     nodes = [gathered]
     if reduction.padding is None:
         output = _reduce(model, _REDUCE_OPS[reduction.kind], gathered.outputs[0], 0, nodes)
+    elif reduction.kind == "max":
+        output = _max_without(model, bag, ids, gathered.outputs[0], reduction.padding, nodes)
     else:
         # The padding row is zero: the sum over every id is the sum over the counted ones.
         total = _reduce(model, "ReduceSum", gathered.outputs[0], 0, nodes)

@@ -47,6 +47,12 @@ REDUCTIONS = {
     "    one_f = Constant <value = float {1}> ()\n    count = Max(counted, one_f)\n"
     "    wide = Unsqueeze(weights, one)\n    masked = Mul(rows, wide)\n"
     "    total = ReduceSum <keepdims = 0> (masked, axis0)\n    row = Div(total, count)",
+    # A max that leaves id 0 out (PyTorch's padding_idx with mode="max"), 0 for a bag of padding only.
+    "max_skip_padding": "zero_id = Constant <value = int64 {0}> ()\n    kept = Greater(part, zero_id)\n"
+    "    wide = Unsqueeze(kept, one)\n    low = Constant <value = float {-1e30}> ()\n"
+    "    masked = Where(wide, rows, low)\n    largest = ReduceMax <keepdims = 0, axes = [0]> (masked)\n"
+    "    weights = Cast <to = 1> (kept)\n    counted = ReduceMax <keepdims = 0> (weights)\n"
+    "    row = Mul(largest, counted)",
 }
 
 
@@ -62,7 +68,7 @@ def bag_model(reduce: str, zero_row: bool = False) -> ir.Model:
         "axis0": np.array([0], np.int64),
     }
     text = BAG_LOOP.format(reduce=REDUCTIONS[reduce])
-    if reduce == "skip_padding":
+    if reduce in ("skip_padding", "max_skip_padding"):
         text = text.replace("int64[1] axis0)", "int64[1] axis0, int64[1] one)")
         constants["one"] = np.array([1], np.int64)
     return text_model(text, constants)
@@ -152,6 +158,21 @@ def test_quant_without_cleanup_names_the_loop_and_the_fix() -> None:
     model = ir.load(model_files("dlrm_bag")["onnx"])
     result = Quantize()(model)
     assert "run cleanup first" in result.stats["skipped"]["bag.weight"]
+
+
+def test_a_max_that_leaves_out_a_zero_padding_row_masks_it_and_gives_0_for_padding_only(tmp_path: Path) -> None:
+    """nn.EmbeddingBag(mode="max", padding_idx=0): padding ids do not take part in the maximum and
+    a bag of padding only gives 0 (a plain max would give 0 wherever every other row is negative)."""
+    ids = np.random.default_rng(6).integers(0, 10, (40, 3)).astype(np.int64)
+    ids[:4] = 0
+    expected = run(bag_model("max_skip_padding", zero_row=True), tmp_path, ids)
+    model = bag_model("max_skip_padding", zero_row=True)
+    outcome = vectorize_bags(model, calibration())
+    assert list(outcome.values()) == ["max without id 0 of table rows gathered by ids"]
+    ops = [node.op_type for node in model.graph]
+    assert "Loop" not in ops and "ReduceMax" in ops and ops.count("Where") == 2
+    np.testing.assert_allclose(run(model, tmp_path, ids), expected, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(run(model, tmp_path, ids)[:4], np.zeros((4, 4), np.float32))
 
 
 def test_a_mean_that_leaves_out_a_zero_padding_row_becomes_a_sum_over_a_count(tmp_path: Path) -> None:
