@@ -28,6 +28,8 @@ __all__ = [
     "ParityResult",
     "compare",
     "loosest",
+    "score_column",
+    "scores_of",
 ]
 
 #: Elements whose reference magnitude is below this are left out of the relative error.
@@ -134,7 +136,8 @@ def score_column(shape: tuple[int, ...]) -> int | None:
     return None
 
 
-def _scores(array: np.ndarray, column: int) -> np.ndarray:
+def scores_of(array: np.ndarray, column: int) -> np.ndarray:
+    """The score column of an output (see :func:`score_column`), one value per row."""
     return array.reshape(-1) if array.ndim == 1 else array[:, column]
 
 
@@ -209,8 +212,8 @@ def _compare_one(
     column = score_column(shape)
     if column is not None and reference.shape[0] > 1:
         kind = "score"
-        ref_scores = _scores(reference, column).astype(np.float64)
-        cand_scores = _scores(candidate, column).astype(np.float64)
+        ref_scores = scores_of(reference, column).astype(np.float64)
+        cand_scores = scores_of(candidate, column).astype(np.float64)
         scored = np.isfinite(ref_scores) & np.isfinite(cand_scores)
         if not scored.all():  # ranks and AUC over the rows both models score
             ref_scores, cand_scores = ref_scores[scored], cand_scores[scored]

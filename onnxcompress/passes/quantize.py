@@ -76,7 +76,7 @@ from onnxcompress.numerics.quant import (
     tensor_scale,
     with_scale_codebook,
 )
-from onnxcompress.parity import LOSSY, Budget, Budgets, ParityResult, compare, score_column
+from onnxcompress.parity import LOSSY, Budget, Budgets, ParityResult, compare, score_column, scores_of
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 from onnxcompress.speed import (
@@ -391,13 +391,7 @@ def _decode_rows(
     if stored.binary and stored.packed:
         return _decode_signs(build, stored, rows, scale)
     codes = _unpack(build, rows, stored.bits, stored.elements) if stored.packed else rows
-    scale_source = stored.scale
-    if stored.codebook is not None:
-        # Gather indices must be int32/int64; the looked-up scales have the indices' shape.
-        index = build.op("Cast", [scale], to=ir.DataType.INT32)
-        rank = len(scale.const_value.shape) if scale.const_value is not None else 1  # gathered by ids: [n]
-        scale, scale_source = build.op("Gather", [stored.codebook, index], axis=0), stored.codebook
-        scale.shape = ir.Shape([None] * rank)  # the indices' rank: [rows, 1] needs no Unsqueeze
+    scale, scale_source = _scale_values(build, stored, scale)
     if stored.binary:
         alpha = _float(build, _column(build, scale), scale_source)
         doubled = build.op("Mul", [build.op("Cast", [codes], to=ir.DataType.FLOAT), build.op("Add", [alpha, alpha])])
@@ -411,6 +405,19 @@ def _decode_rows(
     return build.op("Mul", [values, _float(build, _column(build, scale), scale_source)])
 
 
+def _scale_values(build: _Builder, stored: _Stored, scale: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """The scales ``scale`` stands for (looked up in the codebook when it holds indices) and the
+    value whose type they have."""
+    if stored.codebook is None:
+        return scale, stored.scale
+    # Gather indices must be int32/int64; the looked-up scales have the indices' shape.
+    index = build.op("Cast", [scale], to=ir.DataType.INT32)
+    rank = len(scale.const_value.shape) if scale.const_value is not None else 1  # gathered by ids: [n]
+    looked_up = build.op("Gather", [stored.codebook, index], axis=0)
+    looked_up.shape = ir.Shape([None] * rank)  # the indices' rank: [rows, 1] needs no Unsqueeze
+    return looked_up, stored.codebook
+
+
 def _decode_signs(build: _Builder, stored: _Stored, rows: ir.Value, scale: ir.Value) -> ir.Value:
     """Binary rows: each packed bit picks ``+alpha`` or ``-alpha`` of its row. The bits are tested
     with a mask per position and read as booleans (``Where``), which takes fewer nodes than
@@ -421,12 +428,7 @@ def _decode_signs(build: _Builder, stored: _Stored, rows: ir.Value, scale: ir.Va
         start = build.constant("start", np.array([0], np.int64))
         stop = build.constant("stop", np.array([stored.elements], np.int64))
         flat = build.op("Slice", [flat, start, stop, build.constant("axis1", np.array([1], np.int64))])
-    scale_source = stored.scale
-    if stored.codebook is not None:
-        index = build.op("Cast", [scale], to=ir.DataType.INT32)
-        rank = len(scale.const_value.shape) if scale.const_value is not None else 1
-        scale, scale_source = build.op("Gather", [stored.codebook, index], axis=0), stored.codebook
-        scale.shape = ir.Shape([None] * rank)
+    scale, scale_source = _scale_values(build, stored, scale)
     alpha = _float(build, _column(build, scale), scale_source)
     return build.op("Where", [build.op("Cast", [flat], to=ir.DataType.BOOL), alpha, build.op("Neg", [alpha])])
 
@@ -917,7 +919,7 @@ class Quantize(CompressionPass):
                     assert labels is not None and config.max_auc_drop is not None
                     column, rows = labels[output.name]
                     delta, error = auc_difference(
-                        rows, _column_of(reference[output.name], column), _column_of(outputs[output.name], column)
+                        rows, scores_of(reference[output.name], column), scores_of(outputs[output.name], column)
                     )
                     bound = max(-delta, 0.0) + AUC_CONFIDENCE_Z * error
                     aucs[output.name] = {"delta": delta, "standard_error": error, "drop_bound": bound}
@@ -929,7 +931,8 @@ class Quantize(CompressionPass):
 
         state = {value: ladder[0] for value in searched}
         evaluations = 1
-        if loss(state) > 0:
+        worst, state_aucs = measure(state)
+        if worst > 0:
             return plan, {"skipped": f"already over budget at {ladder[0]} bits: the configured bits were used"}
         sensitivity: dict[tuple[ir.Value, int], float] = {}
         frozen: set[ir.Value] = set()
@@ -958,8 +961,9 @@ class Quantize(CompressionPass):
             _, value, lower = max(moves, key=lambda move: move[0])
             trial = {**state, value: lower}
             evaluations += 1
-            if loss(trial) <= 0:
-                state = trial
+            worst, trial_aucs = measure(trial)
+            if worst <= 0:
+                state, state_aucs = trial, trial_aucs
             else:
                 frozen.add(value)
         summary: dict[str, Any] = {
@@ -975,8 +979,7 @@ class Quantize(CompressionPass):
         }
         if labels:
             summary["calibration_auc"] = {
-                name: {key: round(figure, 5) for key, figure in figures.items()}
-                for name, figures in measure(state)[1].items()
+                name: {key: round(figure, 5) for key, figure in figures.items()} for name, figures in state_aucs.items()
             }
         if too_large:
             summary["not_searched"] = {
@@ -1987,10 +1990,6 @@ def _integer_codes(quantized: QuantizedRows, granularity: str, channels: int) ->
         and quantized.scale.size == channels
         and quantized.codebook is None
     )
-
-
-def _column_of(array: np.ndarray, column: int) -> np.ndarray:
-    return array.reshape(-1) if array.ndim == 1 else array[:, column]
 
 
 def _figures(result: ParityResult) -> dict[str, float]:
