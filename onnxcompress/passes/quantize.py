@@ -207,6 +207,8 @@ class _Stored:
     binary: bool = False
     #: With a scale codebook, ``scale`` holds uint8 indices into this float32 table of scales.
     codebook: ir.Value | None = None
+    #: Scales are one per column of the codes (``[elements]``, broadcast along the rows as stored).
+    along_rows: bool = False
 
     @property
     def per_row(self) -> bool:
@@ -302,13 +304,13 @@ def _store(
     DequantizeLinear: one node instead of an unpacking chain; a Gather cannot read int4), and
     bit-packed uint8 otherwise. ``column`` stores scales and zero points as ``[rows, 1]`` so that
     they broadcast over the codes without an Unsqueeze node; ``along_rows`` stores them as
-    ``[1, elements]``, one per column of the codes.
+    ``[elements]``, one per column of the codes (a vector: the final cleanup packs vectors).
     """
     bits = quantized.bits
     if rows_shape is not None:  # one scale for the whole tensor, codes kept as rows for lookups
         quantized = QuantizedRows(quantized.codes.reshape(rows_shape), quantized.scale, quantized.zero_point, bits)
     rows, elements = quantized.codes.shape
-    shape: tuple[int, ...] = (1, elements) if along_rows else (rows, 1) if column else (rows,)
+    shape: tuple[int, ...] = (elements,) if along_rows else (rows, 1) if column else (rows,)
     if quantized.scale.size == 1 and rows != 1:
         shape = ()
     offset = 0
@@ -322,7 +324,7 @@ def _store(
         if quantized.zero_point is not None:
             zero = build.constant("zero_point", quantized.zero_point.astype(numpy_type).reshape(shape), int4_type)
         scale, codebook = _store_scale(build, quantized, shape, native_int4)
-        return _Stored(codes, scale, zero, bits, elements, binary, codebook)
+        return _Stored(codes, scale, zero, bits, elements, binary, codebook, along_rows)
     else:
         # Symmetric codes are stored offset by the zero point below, so every stored code is unsigned.
         offset = 2 ** (bits - 1) - 1 if quantized.symmetric and not binary else 0
@@ -337,7 +339,7 @@ def _store(
             zero_array = np.full(1 if column or along_rows else quantized.scale.size, offset, np.uint8)
             shape = () if column or along_rows else shape
         zero = build.constant("zero_point", zero_array.reshape(shape))
-    return _Stored(codes, scale, zero, bits, elements, binary, codebook)
+    return _Stored(codes, scale, zero, bits, elements, binary, codebook, along_rows)
 
 
 def _store_scale(
@@ -370,8 +372,11 @@ def _as_type(build: _Builder, value: ir.Value, dtype: ir.DataType | None) -> ir.
     return build.op("Cast", [value], to=dtype)
 
 
-def _column(build: _Builder, value: ir.Value) -> ir.Value:
-    """``value`` as ``[rows, 1]`` for broadcasting over ``[rows, elements]``."""
+def _column(build: _Builder, value: ir.Value, stored: _Stored) -> ir.Value:
+    """``value`` as ``[rows, 1]`` for broadcasting over ``[rows, elements]`` (as it is when the
+    values are one per column)."""
+    if stored.along_rows:
+        return value
     tensor = value.const_value
     shape = tensor.shape if tensor is not None else value.shape
     if shape is not None and len(shape) in (0, 2):
@@ -393,7 +398,7 @@ def _decode_rows(
     codes = _unpack(build, rows, stored.bits, stored.elements) if stored.packed else rows
     scale, scale_source = _scale_values(build, stored, scale)
     if stored.binary:
-        alpha = _float(build, _column(build, scale), scale_source)
+        alpha = _float(build, _column(build, scale, stored), scale_source)
         doubled = build.op("Mul", [build.op("Cast", [codes], to=ir.DataType.FLOAT), build.op("Add", [alpha, alpha])])
         return build.op("Sub", [doubled, alpha])
     if form == "linear":
@@ -401,8 +406,8 @@ def _decode_rows(
         return build.op("DequantizeLinear", [codes, scale, zero] if zero is not None else [codes, scale], axis=0)
     values = build.op("Cast", [codes], to=ir.DataType.FLOAT)
     if zero is not None:
-        values = build.op("Sub", [values, build.op("Cast", [_column(build, zero)], to=ir.DataType.FLOAT)])
-    return build.op("Mul", [values, _float(build, _column(build, scale), scale_source)])
+        values = build.op("Sub", [values, build.op("Cast", [_column(build, zero, stored)], to=ir.DataType.FLOAT)])
+    return build.op("Mul", [values, _float(build, _column(build, scale, stored), scale_source)])
 
 
 def _scale_values(build: _Builder, stored: _Stored, scale: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -429,7 +434,7 @@ def _decode_signs(build: _Builder, stored: _Stored, rows: ir.Value, scale: ir.Va
         stop = build.constant("stop", np.array([stored.elements], np.int64))
         flat = build.op("Slice", [flat, start, stop, build.constant("axis1", np.array([1], np.int64))])
     scale, scale_source = _scale_values(build, stored, scale)
-    alpha = _float(build, _column(build, scale), scale_source)
+    alpha = _float(build, _column(build, scale, stored), scale_source)
     return build.op("Where", [build.op("Cast", [flat], to=ir.DataType.BOOL), alpha, build.op("Neg", [alpha])])
 
 
@@ -1567,9 +1572,10 @@ class Quantize(CompressionPass):
             scale = build.constant("scale", quantized.scale.astype(np.float32).reshape(channels))
             self._integer_matmuls(build, graph, uses, weight_kn, scale)
             form = "dynamic"
-        elif _stored_as_read(quantized, granularity, use, weight.shape, dequantize):
-            # Codes kept in the [inputs, outputs] layout MatMul reads, scales as a [1, outputs] row:
+        elif _stored_as_read(quantized, granularity, uses, weight.shape, dequantize):
+            # Codes kept in the [inputs, outputs] layout MatMul reads, scales as an [outputs] vector:
             # no Transpose node to store.
+            _read_as_stored(uses)
             by_column = QuantizedRows(
                 quantized.codes.reshape(channels, inputs).T.copy(),
                 quantized.scale,
@@ -2086,20 +2092,31 @@ def _channel_rows(weight: np.ndarray, use: WeightUse) -> np.ndarray:
 
 
 def _stored_as_read(
-    quantized: QuantizedRows, granularity: str, use: WeightUse, shape: tuple[int, ...], dequantize: str
+    quantized: QuantizedRows, granularity: str, uses: Sequence[WeightUse], shape: tuple[int, ...], dequantize: str
 ) -> bool:
-    """Whether a per-channel weight whose output channels are its second axis (MatMul, Gemm without
-    transB) can be stored in the layout its op reads: at a width stored without packing, or binary
-    (the signs of each input's row packed along the outputs, one alpha per column)."""
-    return (
-        dequantize == "fold"
-        and granularity == "channel"
-        and use.out_axis == 1
-        and len(shape) == 2
-        and quantized.bits in (8, 4, 1)
-        and quantized.codes.size == shape[0] * shape[1]
-        and quantized.scale.size in (1, shape[1])
-    )
+    """Whether a per-channel linear weight can be stored as ``[inputs, outputs]``, the layout MatMul
+    and Gemm without transB read, with one scale per column: at a width stored without packing, or
+    binary (the signs of each input's row packed along the outputs). A Gemm with transB reads it
+    once its transB is cleared (``_read_as_stored``)."""
+    if len(shape) != 2 or dequantize != "fold" or granularity != "channel" or quantized.bits not in (8, 4, 1):
+        return False
+    if not all(use.out_axis == 1 for use in uses) and not all(_gemm_transposed(use) for use in uses):
+        return False
+    return quantized.codes.size == shape[0] * shape[1] and quantized.scale.size in (1, shape[uses[0].out_axis])
+
+
+def _gemm_transposed(use: WeightUse) -> bool:
+    """A Gemm weight read with transB (output channels first), which reads ``[inputs, outputs]``
+    once transB is cleared."""
+    node = use.node
+    return node.op_type == "Gemm" and use.input_index == 1 and bool(node.attributes.get_int("transB", 0))
+
+
+def _read_as_stored(uses: Sequence[WeightUse]) -> None:
+    """Gemms of a weight now stored as ``[inputs, outputs]`` read it without transB."""
+    for use in uses:
+        if _gemm_transposed(use):
+            use.node.attributes.pop("transB")
 
 
 def _dynamic_ready(uses: list[WeightUse]) -> bool:
@@ -2155,8 +2172,9 @@ def _feeds_relu(node: ir.Node) -> bool:
 #: Consumers whose float inputs must stay float32 tensors of their own (quantization parameters).
 _KEEP_FLOAT32_FOR = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
 _FLOAT16_MAX = 65504.0
-#: A Cast node with short names takes about 25 bytes: from 24 values (48 bytes saved) float16 pays.
-FLOAT16_MIN_VALUES = 24
+#: A Cast node with short names takes about 25 bytes: from 16 values (32 bytes saved) float16 pays,
+#: and the final cleanup's ``pack_casts`` shares one Cast among vectors.
+FLOAT16_MIN_VALUES = 16
 
 
 def _store_floats_as_float16(graph: ir.Graph) -> dict[str, int]:
