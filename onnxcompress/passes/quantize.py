@@ -1595,7 +1595,10 @@ class Quantize(CompressionPass):
                 # [inputs, outputs] layout MatMul reads, once the padding outputs are sliced off.
                 output = _without_padding(build, flat, (inputs, quantized.codes.size // inputs), channels)
                 if use.out_axis == 0 and not dynamic:  # the integer kernel reads [inputs, outputs]
-                    output = build.op("Transpose", [output], perm=[1, 0])
+                    if all(_gemm_transposed(weight_use) for weight_use in uses):
+                        _read_as_stored(uses)
+                    else:
+                        output = build.op("Transpose", [output], perm=[1, 0])
             else:
                 decoded_shape = quantized.codes.shape
                 if quantized.codes.size != rows.size:  # blocks padded: drop the padding columns
