@@ -170,16 +170,8 @@ def probe_dynamic_matmul(inputs: int, outputs: int, relu: bool, example_rows: in
     DynamicQuantizeLinear + MatMulInteger, the form the quantizer writes, on one example and on
     ``BATCH_ROWS`` examples of ``example_rows`` rows each (a sequence model's layer sees every
     position of every sequence). Measured, not modelled: the crossover depends on the CPU."""
-    rng = np.random.default_rng(0)
-    weight = rng.standard_normal((inputs, outputs)).astype(np.float32)
     tail = "g = Add(r, b)\n y = Relu(g)" if relu else "y = Add(r, b)"
-    # A sequence layer reads [N, T, K], as in the model: onnxruntime runs 3-D products differently.
-    rows = "N" if example_rows == 1 else f"N,{example_rows}"
-    float_model = _probe_model(
-        f"(float[{rows},{inputs}] x, float[{inputs},{outputs}] w, float[{outputs}] b) => (float[{rows},{outputs}] y) "
-        f"{{ r = MatMul(x, w)\n {tail} }}",
-        {"w": weight, "b": np.zeros(outputs, np.float32)},
-    )
+    rows = _rows(example_rows)
     int_model = _probe_model(
         f"""(float[{rows},{inputs}] x, int8[{inputs},{outputs}] w, int8[{outputs}] wz, float[{outputs}] ws,
         float[{outputs}] b) => (float[{rows},{outputs}] y) {{
@@ -190,14 +182,64 @@ def probe_dynamic_matmul(inputs: int, outputs: int, relu: bool, example_rows: in
           r = Mul(f, m)
           {tail}
         }}""",
+        {**_probe_weights(inputs, outputs), "wz": np.zeros(outputs, np.int8), "b": np.zeros(outputs, np.float32)},
+    )
+    return _time_against_float(int_model, inputs, outputs, relu, example_rows)
+
+
+@functools.lru_cache(maxsize=256)
+def probe_static_matmul(inputs: int, outputs: int, relu: bool, example_rows: int = 1) -> LayerTiming:
+    """As :func:`probe_dynamic_matmul`, for static activations in QDQ form: QuantizeLinear and
+    DequantizeLinear on ``x`` with a fixed scale, the weight and an int32 bias through
+    DequantizeLinear (onnxruntime fuses them into QGemm or MatMulIntegerToFloat at load)."""
+    tail = "g = Add(r, bd)\n y = Relu(g)" if relu else "y = Add(r, bd)"
+    rows = _rows(example_rows)
+    qdq_model = _probe_model(
+        f"""(float[{rows},{inputs}] x, int8[{inputs},{outputs}] w, float[{outputs}] ws, int8[{outputs}] wz,
+        float xs, uint8 xz, int32[{outputs}] bq, float[{outputs}] bs) => (float[{rows},{outputs}] y) {{
+          q = QuantizeLinear(x, xs, xz)
+          xd = DequantizeLinear(q, xs, xz)
+          wd = DequantizeLinear <axis = 1> (w, ws, wz)
+          bd = DequantizeLinear <axis = 0> (bq, bs)
+          r = MatMul(xd, wd)
+          {tail}
+        }}""",
         {
-            "w": np.clip(np.rint(weight * 40), -127, 127).astype(np.int8),
+            **_probe_weights(inputs, outputs),
             "wz": np.zeros(outputs, np.int8),
-            "ws": np.full(outputs, 0.025, np.float32),
-            "b": np.zeros(outputs, np.float32),
+            "xs": np.array(0.02, np.float32),
+            "xz": np.array(128, np.uint8),
+            "bq": np.zeros(outputs, np.int32),
+            "bs": np.full(outputs, 0.02 * 0.025, np.float32),
         },
     )
-    sessions = [_timing_session(model) for model in (float_model, int_model)]
+    return _time_against_float(qdq_model, inputs, outputs, relu, example_rows)
+
+
+def _rows(example_rows: int) -> str:
+    # A sequence layer reads [N, T, K], as in the model: onnxruntime runs 3-D products differently.
+    return "N" if example_rows == 1 else f"N,{example_rows}"
+
+
+def _probe_weights(inputs: int, outputs: int) -> dict[str, np.ndarray]:
+    weight = np.random.default_rng(0).standard_normal((inputs, outputs)).astype(np.float32)
+    return {"w": np.clip(np.rint(weight * 40), -127, 127).astype(np.int8), "ws": np.full(outputs, 0.025, np.float32)}
+
+
+def _time_against_float(
+    integer_model: ir.Model, inputs: int, outputs: int, relu: bool, example_rows: int
+) -> LayerTiming:
+    """``integer_model`` and the float layer it replaces, timed side by side on one example and on
+    ``BATCH_ROWS`` examples."""
+    rng = np.random.default_rng(0)
+    tail = "g = Add(r, b)\n y = Relu(g)" if relu else "y = Add(r, b)"
+    rows = _rows(example_rows)
+    float_model = _probe_model(
+        f"(float[{rows},{inputs}] x, float[{inputs},{outputs}] w, float[{outputs}] b) => (float[{rows},{outputs}] y) "
+        f"{{ r = MatMul(x, w)\n {tail} }}",
+        {"w": rng.standard_normal((inputs, outputs)).astype(np.float32), "b": np.zeros(outputs, np.float32)},
+    )
+    sessions = [_timing_session(model) for model in (float_model, integer_model)]
     shape = (example_rows, inputs) if example_rows > 1 else (inputs,)
     single = {"x": rng.standard_normal((1, *shape)).astype(np.float32)}
     batch = {"x": rng.standard_normal((BATCH_ROWS, *shape)).astype(np.float32)}

@@ -452,3 +452,43 @@ def test_equalized_layers_keep_the_product_and_one_scale_keeps_the_per_channel_e
     equalized = error(first_eq, quantize_rows(first_eq.T.reshape(1, -1), 8), bias_eq, second_eq)
     assert one_scale > 2.5 * per_channel
     assert equalized < 1.2 * per_channel, (equalized, per_channel)
+
+
+def test_static_activation_range_clips_a_heavy_tail_and_keeps_zero_exact() -> None:
+    """The MSE search narrows the range where a heavy tail would spend the 256 levels on a few
+    values (less squared error than the full min/max range), zero stays a code, and the fake
+    quantization is what ONNX QuantizeLinear + DequantizeLinear compute."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxcompress.numerics.quant import StaticActivation, _uint8_range, static_activation_range
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_t(2, (4096, 16)).astype(np.float32)  # heavy tails, both signs
+    chosen = static_activation_range([x[:2048], x[2048:]])
+    full = _uint8_range(float(x.min()), float(x.max()))
+    assert chosen.scale < 0.95 * full.scale
+    assert np.square(chosen.fake_quantize(x) - x).sum() < np.square(full.fake_quantize(x) - x).sum()
+    assert chosen.fake_quantize(np.zeros(3, np.float32)).tolist() == [0.0, 0.0, 0.0]
+    relu = np.maximum(x, 0)
+    assert static_activation_range([relu]).zero_point == 0  # ReLU outputs: the whole range above 0
+    assert static_activation_range([np.zeros((4, 4), np.float32)]) == StaticActivation(1.0, 0)
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4096, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4096, 16])],
+        [
+            numpy_helper.from_array(np.array(chosen.scale, np.float32), "s"),
+            numpy_helper.from_array(np.array(chosen.zero_point, np.uint8), "z"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], chosen.fake_quantize(x), rtol=0, atol=1e-6)

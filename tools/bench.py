@@ -53,6 +53,12 @@ RECIPES: dict[str, tuple[tuple[str, ...], dict[str, dict[str, Any]]]] = {
             "cleanup@final": dict(get_preset("int8").options["cleanup@final"]),
         },
     ),
+    # issue 5's static activations: the int8 preset with QuantizeLinear/DequantizeLinear ranges fixed
+    # on the calibration rows instead of DynamicQuantizeLinear (scores independent of the batch).
+    "ours-int8-static": (
+        get_preset("int8").passes,
+        {**get_preset("int8").options, "quant": {**get_preset("int8").options["quant"], "activations": "static"}},
+    ),
 }
 
 BASELINES = (

@@ -760,6 +760,61 @@ def dynamic_quantize(x: np.ndarray) -> np.ndarray:
     return ((codes - zero) * scale).astype(x.dtype)
 
 
+#: Fractions of the observed range tried as a static activation range: 1.0 down to 0.3.
+STATIC_RANGE_FRACTIONS = tuple(float(f) for f in np.linspace(1.0, 0.3, 36))
+#: Values of a calibration sample the static range search looks at (a fixed-seed subsample).
+STATIC_RANGE_SAMPLE = 1 << 18
+
+
+@dataclass(frozen=True)
+class StaticActivation:
+    """QuantizeLinear parameters of one tensor of activations: uint8 ``scale`` and ``zero_point``."""
+
+    scale: float
+    zero_point: int
+
+    def fake_quantize(self, x: np.ndarray) -> np.ndarray:
+        """What ONNX QuantizeLinear then DequantizeLinear with these parameters do to ``x``
+        (round half to even, saturate to 0..255)."""
+        codes = np.clip(np.rint(x / np.float32(self.scale)) + self.zero_point, 0, 255)
+        return ((codes - self.zero_point) * np.float32(self.scale)).astype(x.dtype)
+
+
+def _uint8_range(low: float, high: float) -> StaticActivation:
+    """The uint8 parameters over ``[low, high]`` (which contains 0, so 0 stays exact)."""
+    scale = (high - low) / 255.0
+    return StaticActivation(scale, int(np.clip(np.rint(-low / scale), 0, 255)))
+
+
+def static_activation_range(samples: Sequence[np.ndarray]) -> StaticActivation:
+    """uint8 QuantizeLinear parameters for activations seen as ``samples`` on calibration rows.
+
+    The range ``[min(x, 0), max(x, 0)]`` is narrowed by the fraction (1.0 down to 0.3) whose
+    quantize-dequantize has the least squared error on the samples: a few outliers would spend
+    most of the 256 levels, while clipping them costs only those few values (MSE calibration)."""
+    values = np.concatenate([np.asarray(sample, dtype=np.float32).reshape(-1) for sample in samples])
+    if values.size > STATIC_RANGE_SAMPLE:
+        values = np.random.default_rng(0).choice(values, STATIC_RANGE_SAMPLE, replace=False)
+    low, high = min(float(values.min(initial=0.0)), 0.0), max(float(values.max(initial=0.0)), 0.0)
+    if high == low:
+        return StaticActivation(1.0, 0)
+    candidates = [_uint8_range(low * fraction, high * fraction) for fraction in STATIC_RANGE_FRACTIONS]
+    errors = [float(np.square(candidate.fake_quantize(values) - values).sum()) for candidate in candidates]
+    return candidates[int(np.argmin(errors))]
+
+
+def static_activation_error(batches: Sequence[np.ndarray], rows: np.ndarray, activation: StaticActivation) -> float:
+    """Relative output error of ``x @ rows.T`` when ``x`` is quantized with ``activation`` (weights
+    in float), over the calibration ``batches``."""
+    rows = np.asarray(rows, dtype=np.float32)
+    error = total = 0.0
+    for batch in batches:
+        reference = batch @ rows.T
+        error += float(np.square(activation.fake_quantize(batch) @ rows.T - reference).sum())
+        total += float(np.square(reference).sum())
+    return float(np.sqrt(error / total)) if total else 0.0
+
+
 def smoothing_scales(activation_peaks: np.ndarray, weight_peaks: np.ndarray, strength: float) -> np.ndarray:
     """SmoothQuant's per-input-channel factors from ``a^strength / w^(1 - strength)``: ``x / s``
     times ``s * W`` is the same product, with the activations' channel peaks ``a`` moved toward the

@@ -56,6 +56,7 @@ from onnxcompress.numerics.quant import (
     TINY_SCALE,
     ActivationPlan,
     QuantizedRows,
+    StaticActivation,
     binarize_rows,
     cheapest_scale_storage,
     code_planes,
@@ -73,6 +74,8 @@ from onnxcompress.numerics.quant import (
     relative_error,
     row_relative_error,
     sample_rows,
+    static_activation_error,
+    static_activation_range,
     tensor_scale,
     with_scale_codebook,
 )
@@ -86,6 +89,7 @@ from onnxcompress.speed import (
     model_timing,
     model_timings,
     probe_dynamic_matmul,
+    probe_static_matmul,
     rows_per_example,
 )
 
@@ -464,6 +468,13 @@ class Quantize(CompressionPass):
     lossy = True
     #: Per linear weight, how 8-bit activations fare: smoothing and error (set by ``_hessians``).
     _activation_plans: dict[str, ActivationPlan]
+    #: activations=static: each candidate layer's QuantizeLinear parameters (set by ``_hessians``).
+    _static_activations: dict[str, StaticActivation]
+    #: activations=static: for a candidate whose output goes through a Relu, that Relu's output and
+    #: its parameters (a runtime fuses a QDQ layer with a quantized output; followed by a float
+    #: Relu, onnxruntime fuses the Gemm and the Relu in float instead and dequantizes the weight on
+    #: every call).
+    _static_outputs: dict[str, tuple[ir.Value, StaticActivation]]
     #: Linear weights whose layers run on integer kernels (set by ``_hessians``, then
     #: ``_plan_activations`` keeps those the model as a whole can afford).
     _integer_layers: set[str]
@@ -507,8 +518,11 @@ class Quantize(CompressionPass):
             metadata={
                 "help": "none: float activations; dynamic: DynamicQuantizeLinear + MatMulInteger (weights "
                 "of 4+ bits, below 8 rounded to int8 at load); auto: dynamic for the layers where onnxruntime "
-                "measures it faster and the calibration rows allow it",
-                "choices": ("none", "dynamic", "auto"),
+                "measures it faster and the calibration rows allow it; static: QuantizeLinear/DequantizeLinear "
+                "with a range fixed on the calibration rows (MSE search; int8 weights and an int32 bias through "
+                "DequantizeLinear, the QDQ form runtimes fuse into integer kernels) for the same layers as auto, "
+                "8-bit weights only; scores then do not depend on what else is in the batch",
+                "choices": ("none", "dynamic", "auto", "static"),
             },
         )
         activation_tolerance: float = field(
@@ -1076,6 +1090,8 @@ class Quantize(CompressionPass):
         config = self.config
         calibration = self.context.calibration
         self._activation_plans = {}
+        self._static_activations = {}
+        self._static_outputs = {}
         self._integer_layers = set()
         self._layer_timings = {}
         self._model_timing = None
@@ -1092,7 +1108,7 @@ class Quantize(CompressionPass):
                 continue
             if len(uses) == 1 and self._wants_gptq(use):
                 gptq[value.name or ""] = x
-            if config.activations in ("auto", "dynamic") and _dynamic_ready(uses):
+            if config.activations in ("auto", "dynamic", "static") and _dynamic_ready(uses):
                 dynamic[value.name or ""] = (x, _channel_rows(value.const_value.numpy(), use))  # type: ignore[union-attr]
                 dynamic_values[value.name or ""] = value
                 if len(uses) > 1:
@@ -1104,7 +1120,16 @@ class Quantize(CompressionPass):
         hessians: dict[str, np.ndarray] = {}
         batches: dict[str, list[np.ndarray]] = {name: [] for name in dynamic}
         captured = {value.name: value for value in [*gptq.values(), *(x for x, _ in dynamic.values())]}
+        relu_outputs: dict[str, ir.Value] = {}
+        if config.activations == "static":
+            for weight_name in dynamic:
+                relu = _relu_after(selected[dynamic_values[weight_name]][0].node)
+                if relu is not None and not relu.is_graph_output():
+                    relu_outputs[weight_name] = captured.setdefault(relu.name, relu)
+        relu_batches: dict[str, list[np.ndarray]] = {name: [] for name in relu_outputs}
         for batch in calibration.iter_capture(model, list(captured.values())):
+            for weight_name, relu in relu_outputs.items():
+                relu_batches[weight_name].append(batch[relu.name or ""])
             for weight_name, input_value in gptq.items():
                 inputs = batch[input_value.name or ""].astype(np.float64)
                 inputs = inputs.reshape(-1, inputs.shape[-1])
@@ -1115,11 +1140,26 @@ class Quantize(CompressionPass):
                 batches[weight_name].append(inputs.reshape(-1, inputs.shape[-1]))
         timings: dict[str, LayerTiming] = {}
         for weight_name, (_, rows) in dynamic.items():
+            channels, inputs = rows.shape
+            if config.activations == "static":
+                # One range for every batch: no smoothing, whose factors a fixed range would have
+                # to be measured after.
+                samples = batches.pop(weight_name)
+                static = self._static_activations[weight_name] = static_activation_range(samples)
+                if weight_name in relu_outputs:
+                    output = static_activation_range(relu_batches[weight_name])
+                    self._static_outputs[weight_name] = (relu_outputs[weight_name], output)
+                error = static_activation_error(samples, rows, static)
+                self._activation_plans[weight_name] = ActivationPlan(None, error, error)
+                if error <= config.activation_tolerance and self._static_ready(selected[dynamic_values[weight_name]]):
+                    use = selected[dynamic_values[weight_name]][0]
+                    rows_each = rows_per_example(use.node.inputs[0])
+                    timings[weight_name] = probe_static_matmul(inputs, channels, _feeds_relu(use.node), rows_each)
+                continue
             plan = plan_activations(batches.pop(weight_name), rows)
             if not config.smoothing or weight_name in shared:
                 plan = ActivationPlan(None, plan.error_unsmoothed, plan.error_unsmoothed)
             self._activation_plans[weight_name] = plan
-            channels, inputs = rows.shape
             if config.activations == "auto" and plan.error <= config.activation_tolerance:
                 use = selected[dynamic_values[weight_name]][0]
                 x = use.node.inputs[0]
@@ -1144,7 +1184,7 @@ class Quantize(CompressionPass):
                     plan = ActivationPlan(None, plan.error_unsmoothed, plan.error_unsmoothed)
                     self._activation_plans[weight_name] = plan
                 timings[weight_name] = timing
-        if config.activations == "auto":
+        if config.activations in ("auto", "static"):
             self._layer_timings = timings
             costly = any(timing.faster_on_batch and timing.single_cost > 0 for timing in timings.values())
             if costly:
@@ -1169,7 +1209,7 @@ class Quantize(CompressionPass):
         by_name = {value.name: value for value in selected}
         candidates = [name for name in self._integer_layers if MIN_INTEGER_BITS <= plan[by_name[name]] <= 8]
         self._integer_layers = set(candidates)
-        if config.activations != "auto" or calibration is None:
+        if config.activations not in ("auto", "static") or calibration is None:
             return {}
         if not candidates:
             return {"integer_layers": 0, **self._timing_stats()} if self._layer_timings else {}
@@ -1198,6 +1238,7 @@ class Quantize(CompressionPass):
             the ``integer`` layers rounded as DynamicQuantizeLinear rounds them."""
             build = _Builder(model.graph, "activation_probe")
             rewired: list[tuple[ir.Node, ir.Value]] = []
+            rewired_outputs: list[tuple[ir.Node, int, ir.Value]] = []
             inserted: list[ir.Node] = []
             constants_before = set(model.graph.initializers)
             try:
@@ -1209,18 +1250,33 @@ class Quantize(CompressionPass):
                         x = use.node.inputs[0]
                         assert x is not None
                         smoothed = x if scales is None else build.op("Mul", [x, build.constant("inverse", 1 / scales)])
-                        codes, scale, zero = build.multi("DynamicQuantizeLinear", [smoothed], outputs=3)
-                        rounded = build.op("DequantizeLinear", [codes, scale, zero])
+                        static = self._static_activations.get(name)
+                        if static is not None:
+                            rounded = _round_statically(build, smoothed, static)
+                        else:
+                            codes, scale, zero = build.multi("DynamicQuantizeLinear", [smoothed], outputs=3)
+                            rounded = build.op("DequantizeLinear", [codes, scale, zero])
                         if scales is not None:
                             rounded = build.op("Mul", [rounded, build.constant("scales", scales)])
                         inserted.extend(build.nodes)
                         build.insert_before(use.node)
                         use.node.replace_input_with(0, rounded)
                         rewired.append((use.node, x))
+                    if name in self._static_outputs:
+                        relu, static = self._static_outputs[name]
+                        readers = list(relu.uses())
+                        rounded = _round_statically(build, relu, static)
+                        inserted.extend(build.nodes)
+                        build.insert_before(min((r for r, _ in readers), key=lambda n: _position(model.graph, n)))
+                        for reader, index in readers:
+                            reader.replace_input_with(index, rounded)
+                            rewired_outputs.append((reader, index, relu))
                 return runtime.run(runtime.make_session(model, "disable"), calibration.feeds.arrays)
             finally:
                 for node, x in rewired:
                     node.replace_input_with(0, x)
+                for node, index, relu in rewired_outputs:
+                    node.replace_input_with(index, relu)
                 model.graph.remove(inserted, safe=True)
                 for name in set(model.graph.initializers) - constants_before:
                     model.graph.initializers.pop(name)
@@ -1329,6 +1385,8 @@ class Quantize(CompressionPass):
             plan = self._activation_plans.get(consumer.weight.name or "")
             if (consumer.weight.name or "") in self._integer_layers and plan is not None and plan.scales is not None:
                 continue
+            if (consumer.weight.name or "") in self._integer_layers and self.config.activations == "static":
+                continue  # its range was fixed on the inputs as they were
             if any(node.op_type not in POSITIVELY_HOMOGENEOUS or node.domain != "" for node in link.between):
                 continue
             weight = constant_array(producer.weight)
@@ -1382,9 +1440,9 @@ class Quantize(CompressionPass):
             # First layers read concatenated features (137, 75, 52 inputs): equal blocks of at most
             # block_size, the last few columns padded with zeros, instead of one scale per channel.
             group = -(-inputs // -(-inputs // group))
-        dynamic = (
-            bits >= MIN_INTEGER_BITS and _dynamic_ready(uses) and (uses[0].value.name or "") in self._integer_layers
-        )
+        # Static activations read 8-bit weight codes through DequantizeLinear, which no runtime folds.
+        min_bits = 8 if config.activations == "static" else MIN_INTEGER_BITS
+        dynamic = bits >= min_bits and _dynamic_ready(uses) and (uses[0].value.name or "") in self._integer_layers
         if dynamic and bits == 8:
             granularity, group = "channel", inputs
         return granularity, group, dynamic
@@ -1563,7 +1621,7 @@ class Quantize(CompressionPass):
             scale_shape = () if shared_scale else (channels,)
             scale = build.constant("scale", quantized.scale.astype(np.float32).reshape(scale_shape))
             self._integer_matmuls(build, graph, uses, weight_kn, scale)
-            form = "dynamic"
+            form = "static" if value.name in self._static_activations else "dynamic"
         elif dynamic and _integer_codes(quantized, granularity, channels):
             # 4-bit codes with one scale per output channel are the integer kernel's own: widened to
             # int8 at load, exactly, instead of decoded and rounded again (six nodes fewer a layer).
@@ -1685,7 +1743,10 @@ class Quantize(CompressionPass):
     ) -> None:
         """Every use of the weight as an integer product with the int8 codes ``weight_kn``."""
         for weight_use in uses:
-            self._dynamic_matmul(build, weight_use, weight_kn, scale)
+            if weight_use.value.name in self._static_activations:
+                self._static_matmul(build, weight_use, weight_kn, scale)
+            else:
+                self._dynamic_matmul(build, weight_use, weight_kn, scale)
             build.insert_before(weight_use.node)
             graph.remove(weight_use.node, safe=True)
 
@@ -1710,6 +1771,57 @@ class Quantize(CompressionPass):
                 bias = build.op("Mul", [bias, build.constant("beta", np.array(beta, np.float32))])
             result = build.op("Add", [result, bias])
         replace_value(node.outputs[0], result)
+
+    def _static_ready(self, uses: list[WeightUse]) -> bool:
+        """The static form covers one MatMul, or one Gemm whose bias (if any) is a vector."""
+        if len(uses) != 1:
+            return False
+        node = uses[0].node
+        return node.op_type == "MatMul" or len(node.inputs) < 3 or _vector(node.inputs[2]) is not None
+
+    def _static_matmul(self, build: _Builder, use: WeightUse, weight_kn: ir.Value, scale: ir.Value) -> None:
+        """``y = x @ W (+ b)`` in QDQ form: ``x`` through QuantizeLinear and DequantizeLinear with
+        the range fixed on the calibration rows, ``W`` (int8 codes ``[K, N]``, one scale per output
+        or one for all) and the bias (int32 at the product's scale) through DequantizeLinear. The
+        runtime fuses them into one integer kernel (onnxruntime: QGemm, or MatMulIntegerToFloat
+        without a bias) and only where the zero points are explicit, so they are."""
+        node = use.node
+        x = node.inputs[0]
+        assert x is not None and scale.const_value is not None
+        static = self._static_activations[use.value.name or ""]
+        weight_scale = scale.const_value.numpy().astype(np.float32)
+        alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
+        if alpha != 1.0:
+            weight_scale = weight_scale * np.float32(alpha)
+            scale = build.constant("scale", weight_scale)
+        x_rounded = _round_statically(build, x, static)
+        weight_zero = build.constant("zero_point", np.zeros(weight_scale.shape, np.int8))
+        weight = build.op("DequantizeLinear", [weight_kn, scale, weight_zero], axis=1)
+        if node.op_type == "Gemm":
+            bias = _vector(node.inputs[2]) if len(node.inputs) > 2 else None
+            beta = node.attributes.get_float("beta", 1.0)
+            inputs = [x_rounded, weight]
+            if bias is not None:
+                inputs.append(_static_bias(build, bias * np.float32(beta), np.float32(static.scale) * weight_scale))
+            replace_value(node.outputs[0], build.op("Gemm", inputs))
+        else:
+            product = build.op("MatMul", [x_rounded, weight])
+            replace_value(node.outputs[0], product)
+            add = _bias_add(product)
+            if add is not None:
+                index, bias = add
+                add_node = next(user for user, _ in product.uses())
+                add_node.replace_input_with(index, _static_bias(build, bias, np.float32(static.scale) * weight_scale))
+        if (use.value.name or "") in self._static_outputs:
+            relu, output = self._static_outputs[use.value.name or ""]
+            readers = list(relu.uses())
+            build.insert_before(node)  # the layer's nodes; the output's go after its Relu
+            rounded = _round_statically(build, relu, output)
+            graph = node.graph
+            assert graph is not None
+            build.insert_before(min((reader for reader, _ in readers), key=lambda n: _position(graph, n)))
+            for reader, index in readers:
+                reader.replace_input_with(index, rounded)
 
     # --- embedding tables ------------------------------------------------------------------------
 
@@ -2122,6 +2234,64 @@ def _read_as_stored(uses: Sequence[WeightUse]) -> None:
             use.node.attributes.pop("transB")
 
 
+def _round_statically(build: _Builder, x: ir.Value, static: StaticActivation) -> ir.Value:
+    """``x`` through QuantizeLinear and DequantizeLinear with ``static``'s parameters; an ``x``
+    that is already the output of that pair (the Relu of a static layer before) is returned as is."""
+    producer = x.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear" and len(producer.inputs) == 3:
+        stored_scale, stored_zero = (constant_array(value) for value in producer.inputs[1:])
+        if (
+            stored_scale is not None
+            and stored_zero is not None
+            and stored_zero.dtype == np.uint8
+            and float(stored_scale) == np.float32(static.scale)
+            and int(stored_zero) == static.zero_point
+        ):
+            return x
+    scale, zero = _static_parameters(build, static)
+    return build.op("DequantizeLinear", [build.op("QuantizeLinear", [x, scale, zero]), scale, zero])
+
+
+def _static_parameters(build: _Builder, static: StaticActivation) -> tuple[ir.Value, ir.Value]:
+    """QuantizeLinear's scale (float32) and zero point (uint8) for ``static``."""
+    return (
+        build.constant("x_scale", np.array(static.scale, np.float32)),
+        build.constant("x_zero_point", np.array(static.zero_point, np.uint8)),
+    )
+
+
+def _vector(value: ir.Value | None) -> np.ndarray | None:
+    """The constant 1-D float array ``value`` holds, else None."""
+    array = constant_array(value) if value is not None else None
+    return array.astype(np.float32) if array is not None and array.ndim == 1 and array.dtype.kind == "f" else None
+
+
+def _bias_add(product: ir.Value) -> tuple[int, np.ndarray] | None:
+    """(input index, bias) of the Add that is ``product``'s only reader and adds a constant vector
+    to it (a MatMul's bias as dynamo and tf2onnx export it), else None."""
+    readers = list(product.uses())
+    if len(readers) != 1 or readers[0][0].op_type != "Add" or readers[0][0].domain not in ("", "ai.onnx"):
+        return None
+    add = readers[0][0]
+    index = 1 - readers[0][1]
+    bias = _vector(add.inputs[index]) if len(add.inputs) == 2 else None
+    return None if bias is None else (index, bias)
+
+
+def _static_bias(build: _Builder, bias: np.ndarray, product_scale: np.ndarray) -> ir.Value:
+    """``bias`` as int32 codes at the product's scale (one, or one per output, as the weight's)
+    through DequantizeLinear, as the QDQ form stores it; float where a code would not fit in int32.
+    The scale is the float32 product of the two, which the runtime's fusion checks."""
+    step = np.asarray(product_scale, np.float32)
+    codes = np.rint(bias / np.where(step > 0, step, 1.0))
+    if not np.all(step > 0) or np.abs(codes).max(initial=0) >= 2**31 - 1:
+        return build.constant("bias", bias)
+    stored = build.constant("bias_q", codes.astype(np.int32))
+    if step.ndim == 0:
+        return build.op("DequantizeLinear", [stored, build.constant("bias_scale", step)])
+    return build.op("DequantizeLinear", [stored, build.constant("bias_scale", step)], axis=0)
+
+
 def _dynamic_ready(uses: list[WeightUse]) -> bool:
     """MatMulInteger covers MatMul and Gemm (without transA) on a float input; not Conv."""
     for use in uses:
@@ -2158,18 +2328,24 @@ def _linear_producer(value: ir.Value) -> ir.Node | None:
 def _feeds_relu(node: ir.Node) -> bool:
     """Whether the layer's output (after its bias Add, for a MatMul) goes only into a Relu: the
     float form then runs as one fused kernel, which the speed probe must time against."""
+    return _relu_after(node) is not None
+
+
+def _relu_after(node: ir.Node) -> ir.Value | None:
+    """The output of the Relu that alone reads the layer's output (after its bias Add, for a
+    MatMul), if there is one."""
     value = node.outputs[0]
     for _ in range(2):
         consumers = [user for user, _ in value.uses()]
         if len(consumers) != 1:
-            return False
+            return None
         (consumer,) = consumers
-        if consumer.op_type == "Relu":
-            return True
+        if consumer.op_type == "Relu" and consumer.domain in ("", "ai.onnx"):
+            return consumer.outputs[0]
         if consumer.op_type != "Add" or node.op_type != "MatMul":
-            return False
+            return None
         value = consumer.outputs[0]
-    return False
+    return None
 
 
 #: Consumers whose float inputs must stay float32 tensors of their own (quantization parameters).
