@@ -1122,9 +1122,13 @@ class Quantize(CompressionPass):
         captured = {value.name: value for value in [*gptq.values(), *(x for x, _ in dynamic.values())]}
         relu_outputs: dict[str, ir.Value] = {}
         if config.activations == "static":
-            for weight_name in dynamic:
-                relu = _relu_after(selected[dynamic_values[weight_name]][0].node)
-                if relu is not None and not relu.is_graph_output():
+            for weight_name, (x, _) in dynamic.items():
+                node = selected[dynamic_values[weight_name]][0].node
+                relu = _relu_after(node)
+                # Only a Gemm (which onnxruntime makes of a 2-D MatMul and its bias Add) is fused
+                # with its Relu in float before the QDQ fusion; a sequence layer's MatMul is not.
+                two_dimensional = x.shape is None or len(x.shape) == 2
+                if relu is not None and not relu.is_graph_output() and (node.op_type == "Gemm" or two_dimensional):
                     relu_outputs[weight_name] = captured.setdefault(relu.name, relu)
         relu_batches: dict[str, list[np.ndarray]] = {name: [] for name in relu_outputs}
         for batch in calibration.iter_capture(model, list(captured.values())):
