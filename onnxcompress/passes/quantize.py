@@ -528,16 +528,16 @@ class Quantize(CompressionPass):
         activation_tolerance: float = field(
             default=0.01,
             metadata={
-                "help": "auto: largest relative output error a layer may take from 8-bit activations, "
-                "measured on calibration rows after smoothing (without calibration data auto keeps "
-                "float activations)",
+                "help": "auto and static: largest relative output error a layer may take from 8-bit "
+                "activations, measured on calibration rows after smoothing (without calibration data both "
+                "keep float activations)",
                 "min": 0.0,
             },
         )
         activation_min_rank_corr: float = field(
             default=0.9998,
             metadata={
-                "help": "auto: Spearman of each score output with the original's on calibration rows, with "
+                "help": "auto and static: Spearman of each score output with the original's on calibration rows, with "
                 "every integer layer at once (layers are returned to float, largest error first, until it holds)",
                 "min": 0.0,
                 "max": 1.0,
@@ -545,12 +545,12 @@ class Quantize(CompressionPass):
         )
         activation_min_cosine: float = field(
             default=0.9999,
-            metadata={"help": "auto: the same for the cosine of each output", "min": 0.0, "max": 1.0},
+            metadata={"help": "auto and static: the same for the cosine of each output", "min": 0.0, "max": 1.0},
         )
         activation_max_mismatch: float = field(
             default=0.005,
             metadata={
-                "help": "auto: the same for the fraction of each integer output's values that differ",
+                "help": "auto and static: the same for the fraction of each integer output's values that differ",
                 "min": 0.0,
                 "max": 1.0,
             },
@@ -558,7 +558,7 @@ class Quantize(CompressionPass):
         activation_max_latency: float = field(
             default=0.08,
             metadata={
-                "help": "auto: how much slower than the original model (as given, before any pass) the "
+                "help": "auto and static: how much slower than the original model (as given, before any pass) the "
                 "integer layers may make one row, as a fraction (quantizing activations costs about a "
                 "microsecond a layer on one row)",
                 "min": 0.0,
