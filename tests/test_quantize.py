@@ -1505,3 +1505,41 @@ def test_static_activations_write_qdq_layers_that_onnxruntime_runs_as_integer_ke
         [session.run(None, {key: value[i : i + 1] for key, value in feeds.items()})[0] for i in range(64)]
     )
     np.testing.assert_array_equal(batch, alone)
+
+
+def test_static_activations_fold_gemm_alpha_and_beta_into_the_stored_scales(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Gemm with alpha and beta: alpha goes into the weight's DequantizeLinear scales, beta into
+    the int32 bias, so the QDQ layer computes the same function (and is still one QGemm)."""
+    import onnx
+    import onnxruntime
+
+    from onnxcompress.calibration import Calibration, Feeds
+    from onnxcompress.passes import quantize
+    from onnxcompress.speed import LayerTiming
+
+    us = 1e-6
+    monkeypatch.setattr(quantize, "probe_static_matmul", lambda *args: LayerTiming(4 * us, 4 * us, 45 * us, 30 * us))
+    rng = np.random.default_rng(6)
+    graph = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,64] x, float[64,32] w, float[32] b) => (float[N,32] y) {
+          h = Gemm <alpha = 0.5, beta = 2.0> (x, w, b)
+          y = Relu(h)
+        }
+        """
+    weights = {"w": rng.standard_normal((64, 32)).astype(np.float32), "b": rng.standard_normal(32).astype(np.float32)}
+    x = np.maximum(rng.standard_normal((512, 64)), 0).astype(np.float32)
+    (expected,) = evaluate(text_model(graph, weights), tmp_path, {"x": x})
+    model = text_model(graph, weights)
+    context = PassContext(calibration=Calibration(Feeds({"x": x}, "test")))
+    result = Quantize(Quantize.Config(bits=8, activations="static", equalize=False), context)(model)
+    assert result.stats["tensors"]["w"]["form"] == "static"
+    path = save_model(model, tmp_path / "static.onnx")
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    assert "QGemm" in [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    (got,) = session.run(None, {"x": x})
+    assert relative_error(expected, got) < 0.01
