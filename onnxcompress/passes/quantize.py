@@ -450,7 +450,26 @@ def _position(graph: ir.Graph, node: ir.Node) -> int:
 
 
 def _first(graph: ir.Graph, uses: Sequence[WeightUse]) -> ir.Node:
-    return min((use.node for use in uses), key=lambda node: _position(graph, node))
+    return _earliest(graph, [use.node for use in uses])
+
+
+def _earliest(graph: ir.Graph, nodes: Sequence[ir.Node]) -> ir.Node:
+    return min(nodes, key=lambda node: _position(graph, node))
+
+
+def _round_readers(
+    build: _Builder, value: ir.Value, static: StaticActivation
+) -> tuple[list[ir.Node], list[tuple[ir.Node, int]]]:
+    """Make every reader of ``value`` read it through QuantizeLinear and DequantizeLinear with
+    ``static``'s parameters, inserted before the first of them (``build`` holds no other nodes).
+    Returns the nodes inserted and the readers, with the input each read ``value`` at."""
+    readers = [(reader, index) for reader, index in value.uses()]
+    rounded = _round_statically(build, value, static)
+    inserted = list(build.nodes)
+    build.insert_before(_earliest(build.graph, [reader for reader, _ in readers]))
+    for reader, index in readers:
+        reader.replace_input_with(index, rounded)
+    return inserted, readers
 
 
 #: Why a model without a weight the pass reads is left as it was.
@@ -1155,7 +1174,7 @@ class Quantize(CompressionPass):
                     self._static_outputs[weight_name] = (relu_outputs[weight_name], output)
                 error = static_activation_error(samples, rows, static)
                 self._activation_plans[weight_name] = ActivationPlan(None, error, error)
-                if error <= config.activation_tolerance and self._static_ready(selected[dynamic_values[weight_name]]):
+                if error <= config.activation_tolerance and _static_ready(selected[dynamic_values[weight_name]]):
                     use = selected[dynamic_values[weight_name]][0]
                     rows_each = rows_per_example(use.node.inputs[0])
                     timings[weight_name] = probe_static_matmul(inputs, channels, _feeds_relu(use.node), rows_each)
@@ -1239,7 +1258,7 @@ class Quantize(CompressionPass):
 
         def outputs_with(integer: set[str]) -> dict[str, np.ndarray]:
             """The calibration outputs with every weight at its planned bits and the activations of
-            the ``integer`` layers rounded as DynamicQuantizeLinear rounds them."""
+            the ``integer`` layers rounded as DynamicQuantizeLinear (or, static, QuantizeLinear) rounds them."""
             build = _Builder(model.graph, "activation_probe")
             rewired: list[tuple[ir.Node, ir.Value]] = []
             rewired_outputs: list[tuple[ir.Node, int, ir.Value]] = []
@@ -1268,13 +1287,9 @@ class Quantize(CompressionPass):
                         rewired.append((use.node, x))
                     if name in self._static_outputs:
                         relu, static = self._static_outputs[name]
-                        readers = list(relu.uses())
-                        rounded = _round_statically(build, relu, static)
-                        inserted.extend(build.nodes)
-                        build.insert_before(min((r for r, _ in readers), key=lambda n: _position(model.graph, n)))
-                        for reader, index in readers:
-                            reader.replace_input_with(index, rounded)
-                            rewired_outputs.append((reader, index, relu))
+                        nodes, readers = _round_readers(build, relu, static)
+                        inserted.extend(nodes)
+                        rewired_outputs.extend((reader, index, relu) for reader, index in readers)
                 return runtime.run(runtime.make_session(model, "disable"), calibration.feeds.arrays)
             finally:
                 for node, x in rewired:
@@ -1387,10 +1402,10 @@ class Quantize(CompressionPass):
             if producer.weight not in selected or consumer.weight not in selected:
                 continue
             plan = self._activation_plans.get(consumer.weight.name or "")
-            if (consumer.weight.name or "") in self._integer_layers and plan is not None and plan.scales is not None:
+            smoothed = plan is not None and plan.scales is not None
+            # A static layer's range was fixed on its inputs as they were.
+            if (consumer.weight.name or "") in self._integer_layers and (smoothed or config.activations == "static"):
                 continue
-            if (consumer.weight.name or "") in self._integer_layers and self.config.activations == "static":
-                continue  # its range was fixed on the inputs as they were
             if any(node.op_type not in POSITIVELY_HOMOGENEOUS or node.domain != "" for node in link.between):
                 continue
             weight = constant_array(producer.weight)
@@ -1776,13 +1791,6 @@ class Quantize(CompressionPass):
             result = build.op("Add", [result, bias])
         replace_value(node.outputs[0], result)
 
-    def _static_ready(self, uses: list[WeightUse]) -> bool:
-        """The static form covers one MatMul, or one Gemm whose bias (if any) is a vector."""
-        if len(uses) != 1:
-            return False
-        node = uses[0].node
-        return node.op_type == "MatMul" or len(node.inputs) < 3 or _vector(node.inputs[2]) is not None
-
     def _static_matmul(self, build: _Builder, use: WeightUse, weight_kn: ir.Value, scale: ir.Value) -> None:
         """``y = x @ W (+ b)`` in QDQ form: ``x`` through QuantizeLinear and DequantizeLinear with
         the range fixed on the calibration rows, ``W`` (int8 codes ``[K, N]``, one scale per output
@@ -1801,12 +1809,13 @@ class Quantize(CompressionPass):
         x_rounded = _round_statically(build, x, static)
         weight_zero = build.constant("zero_point", np.zeros(weight_scale.shape, np.int8))
         weight = build.op("DequantizeLinear", [weight_kn, scale, weight_zero], axis=1)
+        product_scale = np.float32(static.scale) * weight_scale
         if node.op_type == "Gemm":
             bias = _vector(node.inputs[2]) if len(node.inputs) > 2 else None
             beta = node.attributes.get_float("beta", 1.0)
             inputs = [x_rounded, weight]
             if bias is not None:
-                inputs.append(_static_bias(build, bias * np.float32(beta), np.float32(static.scale) * weight_scale))
+                inputs.append(_static_bias(build, bias * np.float32(beta), product_scale))
             replace_value(node.outputs[0], build.op("Gemm", inputs))
         else:
             product = build.op("MatMul", [x_rounded, weight])
@@ -1815,17 +1824,10 @@ class Quantize(CompressionPass):
             if add is not None:
                 index, bias = add
                 add_node = next(user for user, _ in product.uses())
-                add_node.replace_input_with(index, _static_bias(build, bias, np.float32(static.scale) * weight_scale))
+                add_node.replace_input_with(index, _static_bias(build, bias, product_scale))
         if (use.value.name or "") in self._static_outputs:
-            relu, output = self._static_outputs[use.value.name or ""]
-            readers = list(relu.uses())
             build.insert_before(node)  # the layer's nodes; the output's go after its Relu
-            rounded = _round_statically(build, relu, output)
-            graph = node.graph
-            assert graph is not None
-            build.insert_before(min((reader for reader, _ in readers), key=lambda n: _position(graph, n)))
-            for reader, index in readers:
-                reader.replace_input_with(index, rounded)
+            _round_readers(build, *self._static_outputs[use.value.name or ""])
 
     # --- embedding tables ------------------------------------------------------------------------
 
@@ -2294,6 +2296,14 @@ def _static_bias(build: _Builder, bias: np.ndarray, product_scale: np.ndarray) -
     if step.ndim == 0:
         return build.op("DequantizeLinear", [stored, build.constant("bias_scale", step)])
     return build.op("DequantizeLinear", [stored, build.constant("bias_scale", step)], axis=0)
+
+
+def _static_ready(uses: list[WeightUse]) -> bool:
+    """The static form covers one MatMul, or one Gemm whose bias (if any) is a vector."""
+    if len(uses) != 1:
+        return False
+    node = uses[0].node
+    return node.op_type == "MatMul" or len(node.inputs) < 3 or _vector(node.inputs[2]) is not None
 
 
 def _dynamic_ready(uses: list[WeightUse]) -> bool:
