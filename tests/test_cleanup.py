@@ -593,7 +593,8 @@ def test_a_cast_to_its_own_type_goes_and_gather_indices_are_narrowed_to_int32(tm
     feeds = {"x": np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)}
     expected = run_reference(text_model(text, constants), tmp_path, feeds)
     model = text_model(text, constants)
-    result = Cleanup(Cleanup.Config(narrow_indices=True))(model)
+    # Columns of an activation would become a selection MatMul; the indices of this Gather are the subject.
+    result = Cleanup(Cleanup.Config(narrow_indices=True, select_columns=False))(model)
     assert "Cast" not in op_types(model)
     dtypes = {name: value.const_value.dtype for name, value in model.graph.initializers.items()}
     assert dtypes == {"pick": ir.DataType.INT32, "shape": ir.DataType.INT64}  # a Reshape's shape stays int64
@@ -602,7 +603,7 @@ def test_a_cast_to_its_own_type_goes_and_gather_indices_are_narrowed_to_int32(tm
         np.testing.assert_array_equal(narrowed, exact)
     huge = {"pick": np.array([1, 2**40], np.int64), "shape": constants["shape"]}
     model = text_model(text, huge)
-    Cleanup(Cleanup.Config(narrow_indices=True))(model)
+    Cleanup(Cleanup.Config(narrow_indices=True, select_columns=False))(model)
     assert model.graph.initializers["pick"].const_value.dtype == ir.DataType.INT64  # does not fit int32
 
 
@@ -1065,3 +1066,89 @@ def test_a_weight_whose_source_is_read_elsewhere_is_not_copied() -> None:
     model = gate_order_model(extra=True)
     assert Cleanup()(model).stats["weight_layouts_folded"] == 0
     assert "Slice" in op_types(model)
+
+
+@pytest.mark.parametrize("name", ["dlrm", "dlrm_dynamo", "mmoe"])
+def test_stacks_become_one_concat_and_column_gathers_a_selection_matmul_on_exported_models(
+    name: str, tmp_path: Path
+) -> None:
+    """torch.stack exports as an Unsqueeze per tensor and a Concat, DLRM's upper triangle as a Gather
+    along axis 1: after cleanup neither is left and the scores are bit for bit the original's."""
+    files = model_files(name)
+    model = ir.load(files["onnx"])
+    stats = Cleanup()(model).stats
+    assert stats["stacks_concatenated"] == 1
+    concats = [node for node in model.graph if node.op_type == "Concat"]
+    readers = [value.producer() for node in concats for value in node.inputs]
+    assert all(producer is None or producer.op_type != "Unsqueeze" for producer in readers)
+    column_gathers = [node for node in model.graph if node.op_type == "Gather" and node.attributes.get_int("axis", 0)]
+    assert column_gathers == []
+    assert stats["column_gathers_as_matmul"] == (0 if name == "mmoe" else 1)
+    feeds = {key: array[:256] for key, array in np.load(files["feeds"]).items()}
+    expected = runtime.make_session(files["onnx"], "disable").run(None, feeds)
+    got = runtime.make_session(save_model(model, tmp_path / "clean.onnx"), "all").run(None, feeds)
+    for exact, rewritten in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(rewritten, exact)
+
+
+def test_a_stack_merges_with_the_next_axis_and_is_left_where_it_cannot(tmp_path: Path) -> None:
+    """Stacked on axis 1 of [N, 3, 4] tensors (axes 1 and -3 alike): a Concat along axis 1 and a
+    Reshape to [N, 2, 3, 4]. Stacked on the new last axis there is no axis to merge with, and an
+    Unsqueeze another node also reads must stay: both graphs keep their nodes."""
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3,4] a, float[N,3,4] b, int64[1] one, int64[1] back, int64[1] last) => (float[N,2,3,4] s, float[N,3,4,2] t, float[N,1,3,4] u) {
+          ua = Unsqueeze (a, one)
+          ub = Unsqueeze (b, back)
+          s = Concat <axis = 1> (ua, ub)
+          la = Unsqueeze (a, last)
+          lb = Unsqueeze (b, last)
+          t = Concat <axis = 3> (la, lb)
+          u = Unsqueeze (a, one)
+        }
+        """
+    constants = {"one": np.array([1]), "back": np.array([-3]), "last": np.array([3])}
+    rng = np.random.default_rng(0)
+    feeds = {key: rng.standard_normal((5, 3, 4)).astype(np.float32) for key in ("a", "b")}
+    expected = run_reference(text_model(text, constants), tmp_path, feeds)
+    model = text_model(text, constants)
+    assert Cleanup()(model).stats["stacks_concatenated"] == 1
+    first = next(node for node in model.graph if node.outputs[0].name == "s")
+    assert first.op_type == "Reshape" and first.inputs[1].const_value.numpy().tolist() == [0, 2, 3, 4]
+    assert op_types(model).count("Unsqueeze") == 3
+    for exact, rewritten in zip(expected, run_reference(model, tmp_path, feeds), strict=True):
+        np.testing.assert_array_equal(rewritten, exact)
+
+    shared = text.replace("u = Unsqueeze (a, one)", "u = Identity (ua)")
+    model = text_model(shared, constants)
+    assert Cleanup()(model).stats["stacks_concatenated"] == 0
+
+
+def test_column_gathers_become_a_selection_matmul_only_where_it_is_exact_and_small(tmp_path: Path) -> None:
+    """Negative column numbers and float16 data select exactly; a matrix wider than
+    SELECTION_MAX_COLUMNS, integer data and a Gather of rows keep their Gather."""
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,6] x, float16[N,6] h, int64[N,6] k, float[N,300] wide, int64[3] pick, int64[2] rows) => (float[N,3] y, float16[N,3] z, int64[N,3] j, float[N,3] v, float[2,6] r) {
+          y = Gather <axis = 1> (x, pick)
+          z = Gather <axis = -1> (h, pick)
+          j = Gather <axis = 1> (k, pick)
+          v = Gather <axis = 1> (wide, pick)
+          r = Gather <axis = 0> (x, rows)
+        }
+        """
+    constants = {"pick": np.array([5, -6, 2]), "rows": np.array([1, 0])}
+    rng = np.random.default_rng(0)
+    feeds = {
+        "x": rng.standard_normal((4, 6)).astype(np.float32),
+        "h": rng.standard_normal((4, 6)).astype(np.float16),
+        "k": rng.integers(-9, 9, (4, 6)),
+        "wide": rng.standard_normal((4, 300)).astype(np.float32),
+    }
+    expected = run_reference(text_model(text, constants), tmp_path, feeds)
+    model = text_model(text, constants)
+    assert Cleanup()(model).stats["column_gathers_as_matmul"] == 2
+    assert op_types(model).count("OneHot") == 2 and op_types(model).count("Gather") == 3
+    got = runtime.make_session(save_model(model, tmp_path / "selected.onnx"), "all").run(None, feeds)
+    for exact, rewritten in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(rewritten, exact)
