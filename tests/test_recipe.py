@@ -22,6 +22,8 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
         "initializer_inputs": True,
         "vectorize_bags": True,
         "simplify_labels": True,
+        "concat_stacks": True,
+        "select_columns": True,
         "fuse_parallel": True,
         "short_names": False,
         "drop_default_attributes": False,
