@@ -340,6 +340,7 @@ def test_short_names_keep_the_interface() -> None:
     Cleanup(Cleanup.Config(short_names=True))(model)
     assert [v.name for v in model.graph.inputs] == ["x"] and [v.name for v in model.graph.outputs] == ["score"]
     assert not any(node.name for node in model.graph)
+    assert model.graph.name == "g"
     internal = [out.name for node in model.graph for out in node.outputs if not out.is_graph_output()]
     assert all(name.isidentifier() and len(name) == 1 for name in internal)  # C identifiers, ONNX's rule
     assert len(set(internal)) == len(internal)
@@ -452,14 +453,19 @@ def test_gemm_layers_of_one_input_fuse_whatever_their_weight_layout(tmp_path: Pa
 
 
 def test_default_attributes_and_constant_nodes_cost_no_bytes(tmp_path: Path) -> None:
+    """Softmax's axis defaults to the last one from opset 13: axis 1 goes on a [N, 3] input and
+    stays on a [N, 3, 2] one."""
     model = text_model(
         """
         <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N,6] x, float[3,6] w) => (float[N,3] y) {
+        g (float[N,6] x, float[3,6] w) => (float[N,3] y, float[N,3,2] z) {
           shape = Constant <value = int64[2] {-1, 3}> ()
           h = Gemm <alpha = 1.0, beta = 1.0, transA = 0, transB = 1> (x, w)
           s = Softmax <axis = 1> (h)
           y = Reshape <allowzero = 0> (s, shape)
+          cube = Constant <value = int64[3] {0, 3, 2}> ()
+          h3 = Reshape (x, cube)
+          z = Softmax <axis = 1> (h3)
         }
         """,
         {"w": np.ones((3, 6), np.float32)},
@@ -467,14 +473,16 @@ def test_default_attributes_and_constant_nodes_cost_no_bytes(tmp_path: Path) -> 
     feeds = {"x": np.arange(12, dtype=np.float32).reshape(2, 6)}
     before = run_reference(model, tmp_path, feeds)
     result = Cleanup(Cleanup.Config(drop_default_attributes=True, lift_constants=True))(model)
-    assert result.stats["default_attributes_dropped"] == 4  # alpha, beta, transA, allowzero
-    assert result.stats["constants_lifted"] == 1
-    gemm, softmax, reshape = model.graph
+    assert result.stats["default_attributes_dropped"] == 5  # alpha, beta, transA, allowzero, axis
+    assert result.stats["constants_lifted"] == 2
+    gemm, softmax, reshape, _, softmax3 = model.graph
     assert set(gemm.attributes) == {"transB"}
-    assert set(softmax.attributes) == {"axis"}  # opset 13+ default is -1, not 1
+    assert not softmax.attributes
+    assert softmax3.attributes.get_int("axis") == 1
     assert not reshape.attributes
     assert reshape.inputs[1].is_initializer()
-    np.testing.assert_array_equal(run_reference(model, tmp_path, feeds)[0], before[0])
+    for exact, cleaned in zip(before, run_reference(model, tmp_path, feeds), strict=True):
+        np.testing.assert_array_equal(cleaned, exact)
 
 
 def test_a_layer_norms_scale_and_shift_fold_into_the_layers_that_read_it(tmp_path: Path) -> None:
@@ -1152,3 +1160,45 @@ def test_column_gathers_become_a_selection_matmul_only_where_it_is_exact_and_sma
     got = runtime.make_session(save_model(model, tmp_path / "selected.onnx"), "all").run(None, feeds)
     for exact, rewritten in zip(expected, got, strict=True):
         np.testing.assert_array_equal(rewritten, exact)
+
+
+@pytest.mark.parametrize(
+    ("name", "sums", "shapes"), [("deepfm", 3, 2), ("deepfm_student", 3, 2), ("mmoe", 2, 1), ("two_tower", 0, 0)]
+)
+def test_middle_axis_sums_become_a_matmul_on_exported_models(name: str, sums: int, shapes: int, tmp_path: Path) -> None:
+    """DeepFM's sums over its 7 fields (x16 twice, x1 for the first order), MMoE's over its 3
+    experts (x32): flattened rows times stacked identities, one set per shape, equal to float32
+    rounding. Two-tower's pooled history of 20 x 16 stays a ReduceSum (its MatMul is slower)."""
+    files = model_files(name)
+    model = ir.load(files["onnx"])
+    assert Cleanup()(model).stats["sums_as_matmul"] == sums
+    assert op_types(model).count("EyeLike") == shapes
+    feeds = {key: array[:256] for key, array in np.load(files["feeds"]).items()}
+    expected = runtime.make_session(files["onnx"], "disable").run(None, feeds)
+    got = runtime.make_session(save_model(model, tmp_path / "clean.onnx"), "all").run(None, feeds)
+    for exact, rewritten in zip(expected, got, strict=True):
+        np.testing.assert_allclose(rewritten, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_a_middle_axis_sum_keeps_its_dims_and_larger_or_last_axis_sums_stay(tmp_path: Path) -> None:
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4,8] x, float[N,40,32] big, int64[1] middle, int64[1] back) => (float[N,1,8] kept, float[N,32] wide, float[N,4] last) {
+          kept = ReduceSum <keepdims = 1> (x, middle)
+          wide = ReduceSum <keepdims = 0> (big, middle)
+          last = ReduceSum <keepdims = 0> (x, back)
+        }
+        """
+    rng = np.random.default_rng(0)
+    feeds = {
+        "x": rng.standard_normal((5, 4, 8)).astype(np.float32),
+        "big": rng.standard_normal((5, 40, 32)).astype(np.float32),
+    }
+    constants = {"middle": np.array([1]), "back": np.array([-1])}
+    expected = run_reference(text_model(text, constants), tmp_path, feeds)
+    model = text_model(text, constants)
+    assert Cleanup()(model).stats["sums_as_matmul"] == 1
+    assert op_types(model).count("ReduceSum") == 2 and op_types(model).count("MatMul") == 1
+    for exact, rewritten in zip(expected, run_reference(model, tmp_path, feeds), strict=True):
+        assert rewritten.shape == exact.shape
+        np.testing.assert_allclose(rewritten, exact, rtol=1e-5, atol=1e-6)

@@ -24,6 +24,7 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
         "simplify_labels": True,
         "concat_stacks": True,
         "select_columns": True,
+        "sums_as_matmul": True,
         "fuse_parallel": True,
         "short_names": False,
         "drop_default_attributes": False,
