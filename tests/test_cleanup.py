@@ -1163,12 +1163,12 @@ def test_column_gathers_become_a_selection_matmul_only_where_it_is_exact_and_sma
 
 
 @pytest.mark.parametrize(
-    ("name", "sums", "shapes"), [("deepfm", 3, 2), ("deepfm_student", 3, 2), ("mmoe", 2, 1), ("two_tower", 0, 0)]
+    ("name", "sums", "shapes"), [("deepfm", 3, 2), ("deepfm_student", 3, 2), ("mmoe", 2, 1), ("two_tower", 1, 1)]
 )
 def test_middle_axis_sums_become_a_matmul_on_exported_models(name: str, sums: int, shapes: int, tmp_path: Path) -> None:
     """DeepFM's sums over its 7 fields (x16 twice, x1 for the first order), MMoE's over its 3
-    experts (x32): flattened rows times stacked identities, one set per shape, equal to float32
-    rounding. Two-tower's pooled history of 20 x 16 stays a ReduceSum (its MatMul is slower)."""
+    experts (x32), two-tower's pooled history of 20 x 16: flattened rows times stacked identities,
+    one set per shape, equal to float32 rounding."""
     files = model_files(name)
     model = ir.load(files["onnx"])
     assert Cleanup()(model).stats["sums_as_matmul"] == sums
