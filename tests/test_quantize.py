@@ -9,6 +9,7 @@ from conftest import compress_with_preset, model_files, save_model, shipped_mode
 from onnx.reference import ReferenceEvaluator
 
 from onnxcompress import runtime
+from onnxcompress.graph import WeightUse
 from onnxcompress.passes.base import CompressionResult, PassContext
 from onnxcompress.passes.cleanup import Cleanup
 from onnxcompress.passes.quantize import CODEBOOK_MIN_ROWS, NOTHING_TO_QUANTIZE, Quantize
@@ -1281,7 +1282,8 @@ def costly_layers(monkeypatch: pytest.MonkeyPatch, model_us: tuple[float, float]
     """Every layer probes 1.5x faster on a batch and 0.7 µs slower on one row (the scikit-learn MLP's
     layers on this machine), so which figures are reported does not depend on the machine's load;
     with ``model_us`` (float model, original) the models' one-row times are fixed too, and with
-    them which layers go integer."""
+    them which layers go integer (copies timed with more integer layers take a millisecond: none
+    is added beyond the probe's choice)."""
     from onnxcompress.passes import quantize
     from onnxcompress.speed import LayerTiming, ModelTiming
 
@@ -1289,7 +1291,14 @@ def costly_layers(monkeypatch: pytest.MonkeyPatch, model_us: tuple[float, float]
     monkeypatch.setattr(quantize, "probe_dynamic_matmul", lambda *args: LayerTiming(4 * us, 4.7 * us, 45 * us, 30 * us))
     if model_us is not None:
         timings = [ModelTiming(seconds * us, 100 * seconds * us) for seconds in model_us]
-        monkeypatch.setattr(quantize, "model_timings", lambda models, feeds: timings[: len(models)])
+        slow = ModelTiming(1000 * us, 1000 * us)
+
+        def fixed(models: list[object], feeds: object) -> list[ModelTiming]:
+            if isinstance(models[0], ir.Model):  # the float model, then the original file
+                return timings[: len(models)]
+            return [timings[1]] + [slow] * (len(models) - 1)  # the original, then copies to time
+
+        monkeypatch.setattr(quantize, "model_timings", fixed)
         monkeypatch.setattr(quantize, "model_timing", lambda model, feeds: timings[0])
 
 
@@ -1570,3 +1579,62 @@ def test_static_activations_leave_a_sequence_layers_relu_output_in_float(
     static = sum(stats.get("form") == "static" for stats in tensors.values())
     assert static >= 4
     assert sum(node.op_type == "QuantizeLinear" for node in onnx.load(str(out)).graph.node) == static
+
+
+def test_layers_the_probe_left_out_join_when_the_model_timed_with_them_keeps_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wide&Deep's probed one-row costs (1.5 µs for a 256-unit layer) fit two of its four layers in
+    the budget; inside the model they cost a fraction of that. Copies written with one and two more
+    integer layers are timed against the original: those within 8% of its one-row time are taken,
+    and the model stays within the calibration check. Timings are fixed here; which layers they
+    pick on a machine is the benchmark's business."""
+    from onnxcompress.passes import quantize
+    from onnxcompress.speed import LayerTiming, ModelTiming
+
+    us = 1e-6
+    monkeypatch.setattr(quantize, "probe_dynamic_matmul", lambda *args: LayerTiming(4 * us, 5.5 * us, 45 * us, 20 * us))
+    timed: list[list[object]] = []
+
+    def fake_timings(models: list[object], feeds: object) -> list[ModelTiming]:
+        timed.append(list(models))
+        if isinstance(models[0], ir.Model):  # the cleaned float model and the original: 18 and 18.7 µs
+            return [ModelTiming(18 * us, 700 * us), ModelTiming(18.7 * us, 720 * us)]
+        # the original, then copies with 1, 2, ... more integer layers: 0.4 µs a layer, the last over
+        return [ModelTiming(18.7 * us, 720 * us)] + [
+            ModelTiming((18.9 + 0.4 * count + (5 if count == len(models) - 1 else 0)) * us, 400 * us)
+            for count in range(1, len(models))
+        ]
+
+    monkeypatch.setattr(quantize, "model_timings", fake_timings)
+    report = compress_with_preset("keras_wide_deep", "int8", tmp_path / "int8.onnx")
+    quant = next(record for record in report.passes if record.name == "quant")
+    activations = quant.stats["activations"]
+    copies = timed[-1][1:]
+    assert len(copies) >= 2 and all(isinstance(copy, ir.Model) for copy in copies)
+    probed = quant.stats["integer_layers"] - len(activations["added_by_model_timing"])
+    for count, copy in enumerate(copies, start=1):  # each copy has one more integer layer
+        assert [node.op_type for node in copy.graph].count("MatMulInteger") == probed + count
+    # every copy but the last (5 µs over) fits: the probe's choice plus all but one left-out layer
+    assert len(activations["added_by_model_timing"]) == len(copies) - 1
+    forms = [tensor["form"] for tensor in quant.stats["tensors"].values()]
+    assert forms.count("dynamic") == quant.stats["integer_layers"] >= 3
+    assert report.parity.passed
+
+
+def test_a_copy_timed_with_integer_layers_leaves_the_model_alone() -> None:
+    from onnxcompress.passes.quantize import _integer_variant
+
+    model, _ = shipped_model_with_calibration("dlrm")
+    Cleanup()(model)
+    before = ir.serde.serialize_model(model).SerializeToString()
+    layers = [node for node in model.graph if node.op_type == "Gemm"][:2]
+    uses = [WeightUse(node, 1, node.inputs[1], "linear", 0, 1) for node in layers]
+    copy = _integer_variant(model, uses)
+    assert copy is not None and ir.serde.serialize_model(model).SerializeToString() == before
+    ops = [node.op_type for node in copy.graph]
+    assert ops.count("MatMulInteger") == ops.count("DynamicQuantizeLinear") == 2
+    assert ops.count("Gemm") == [node.op_type for node in model.graph].count("Gemm") - 2
+    feeds = {name: array[:4] for name, array in np.load(model_files("dlrm")["feeds"]).items()}
+    (scores,) = runtime.make_session(copy, "all").run(None, feeds)
+    assert scores.shape == (4,)
