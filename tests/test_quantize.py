@@ -1617,6 +1617,7 @@ def test_layers_the_probe_left_out_join_when_the_model_timed_with_them_keeps_the
         assert [node.op_type for node in copy.graph].count("MatMulInteger") == probed + count
     # every copy but the last (5 µs over) fits: the probe's choice plus all but one left-out layer
     assert len(activations["added_by_model_timing"]) == len(copies) - 1
+    assert activations["timed_with_added_us"]["original_single_row"] == 18.7
     forms = [tensor["form"] for tensor in quant.stats["tensors"].values()]
     assert forms.count("dynamic") == quant.stats["integer_layers"] >= 3
     assert report.parity.passed

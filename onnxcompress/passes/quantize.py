@@ -501,6 +501,7 @@ class Quantize(CompressionPass):
     #: (measured only when some layer would cost single-row latency).
     _layer_timings: dict[str, LayerTiming]
     _model_timing: ModelTiming | None
+    _measured_timing: tuple[ModelTiming, ModelTiming] | None = None
     #: The model file as the user gave it, timed beside the float model when earlier passes may
     #: have changed its one-row time (the latency budget is the original's).
     _reference_timing: ModelTiming | None
@@ -1335,7 +1336,7 @@ class Quantize(CompressionPass):
         return {
             "integer_layers": len(self._integer_layers),
             **self._timing_stats(),
-            **({"added_by_model_timing": added} if added else {}),
+            **({"added_by_model_timing": added, "timed_with_added_us": self._measured_stats()} if added else {}),
             "returned_to_float": dropped,
             "budget": {key: round(limit, 6) for key, limit in limits.items()},
             "weights_only": {key: round(figure, 6) for key, figure in weights_only.items()},
@@ -1392,15 +1393,22 @@ class Quantize(CompressionPass):
             return []
         timings = model_timings([source, *variants], calibration.feeds.arrays)  # type: ignore[list-item]
         allowed = (1 + self.config.activation_max_latency) * timings[0].single
-        fitting = [layers for layers, timing in zip(sets, timings[1:], strict=True) if timing.single <= allowed]
+        fitting = [
+            (layers, timing) for layers, timing in zip(sets, timings[1:], strict=True) if timing.single <= allowed
+        ]
         if not fitting:
             return []
-        extended = max(fitting, key=len)
+        extended, timing = max(fitting, key=lambda item: len(item[0]))
+        self._measured_timing = (timing, timings[0])
         added = [name for name, _ in left if name in extended]
         while added and not compare(reference, outputs_with(chosen | set(added)), budget).passed:
             added.pop()
         self._integer_layers = chosen | set(added)
         return added
+
+    def _measured_stats(self) -> dict[str, float]:
+        taken, original = self._measured_timing  # type: ignore[misc]
+        return {"single_row": round(taken.single * 1e6, 1), "original_single_row": round(original.single * 1e6, 1)}
 
     def _choose_integer_layers(self, timings: dict[str, LayerTiming]) -> set[str]:
         return choose_integer_layers(
