@@ -1607,6 +1607,11 @@ def test_layers_the_probe_left_out_join_when_the_model_timed_with_them_keeps_the
         ]
 
     monkeypatch.setattr(quantize, "model_timings", fake_timings)
+    # Below 8 bits an integer layer stores channel scales a folded one does not: only the probe's choice.
+    int4 = next(
+        r for r in compress_with_preset("keras_wide_deep", "int4", tmp_path / "b.onnx").passes if r.name == "quant"
+    )
+    assert "added_by_model_timing" not in int4.stats["activations"] and int4.stats["integer_layers"] >= 1
     report = compress_with_preset("keras_wide_deep", "int8", tmp_path / "int8.onnx")
     quant = next(record for record in report.passes if record.name == "quant")
     activations = quant.stats["activations"]
