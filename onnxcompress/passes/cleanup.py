@@ -864,7 +864,7 @@ def _drop_last_axis_attributes(model: ir.Model) -> int:
     inferred = _inferred(model, [node.inputs[0] for node in nodes])  # type: ignore[misc]
     dropped = 0
     for node in nodes:
-        shape = node.inputs[0].shape if node.inputs[0].shape is not None else inferred[node.inputs[0]][0]  # type: ignore[union-attr,index]
+        shape = inferred[node.inputs[0]][0]  # type: ignore[index]
         if shape is not None and node.attributes.get_int("axis") == len(shape) - 1:
             del node.attributes["axis"]
             dropped += 1
@@ -1404,12 +1404,19 @@ def _squeeze_if(node: ir.Node) -> tuple[ir.Value, int] | None:
     identity = _only_output_op(node.attributes["else_branch"].as_graph(), "Identity")
     if x is None or squeeze is None or identity is None or squeeze.inputs[0] is not x or identity.inputs[0] is not x:
         return None
-    axes = constant_array(squeeze.inputs[1]) if len(squeeze.inputs) > 1 else None
-    if axes is None and "axes" in squeeze.attributes:
-        axes = np.array(squeeze.attributes.get_ints("axes"))
-    if axes is None or axes.reshape(-1).tolist() != [axis]:
+    if _constant_axes(squeeze) != [axis]:
         return None
     return x, axis
+
+
+def _constant_axes(node: ir.Node) -> list[int] | None:
+    """The constant ``axes`` of a Squeeze, Unsqueeze or reduction: an input from opset 13 (18 for
+    most reductions), an attribute before; None when not constant or absent."""
+    if len(node.inputs) > 1:
+        axes = constant_array(node.inputs[1])
+        return None if axes is None else [int(axis) for axis in axes.reshape(-1)]
+    attribute = node.attributes.get("axes")
+    return None if attribute is None else list(attribute.as_ints())
 
 
 def fold_static_squeezes(model: ir.Model) -> int:
@@ -1444,12 +1451,7 @@ def _unsqueezed_axis(value: ir.Value, concat: ir.Node) -> int | None:
         return None
     if any(reader is not concat for reader, _ in value.uses()) or value.is_graph_output():
         return None
-    if len(producer.inputs) > 1:
-        axes = constant_array(producer.inputs[1])
-        found = None if axes is None else [int(axis) for axis in axes.reshape(-1)]
-    else:
-        attribute = producer.attributes.get("axes")
-        found = None if attribute is None else list(attribute.as_ints())
+    found = _constant_axes(producer)
     return found[0] if found is not None and len(found) == 1 else None
 
 
@@ -1572,15 +1574,6 @@ _SELECTABLE = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOA
 SUM_MATMUL_MAX_PRODUCT = 6144
 
 
-def _reduced_axes(node: ir.Node) -> list[int] | None:
-    """A ReduceSum's constant axes (an input from opset 13, an attribute before)."""
-    if len(node.inputs) > 1:
-        axes = constant_array(node.inputs[1])
-        return None if axes is None else [int(axis) for axis in axes.reshape(-1)]
-    attribute = node.attributes.get("axes")
-    return None if attribute is None else list(attribute.as_ints())
-
-
 def sums_as_matmul(model: ir.Model) -> int:
     """Replace a ReduceSum over the middle axis of a ``[batch, n, width]`` tensor (DeepFM's sums over
     fields, MMoE's gate-weighted experts, a pooled history) by a MatMul of the rows flattened to
@@ -1595,7 +1588,7 @@ def sums_as_matmul(model: ir.Model) -> int:
         if node.op_type == "ReduceSum"
         and node.domain in ("", "ai.onnx")
         and node.inputs[0] is not None
-        and _reduced_axes(node) in ([1], [-2])
+        and _constant_axes(node) in ([1], [-2])
     ]
     if not candidates or model.opset_imports.get("", 1) < 9:
         return 0

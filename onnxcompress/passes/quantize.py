@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxcompress import runtime
 from onnxcompress.channel_scale import POSITIVELY_HOMOGENEOUS, scale_last_axis, scaling_form
@@ -501,7 +502,6 @@ class Quantize(CompressionPass):
     #: (measured only when some layer would cost single-row latency).
     _layer_timings: dict[str, LayerTiming]
     _model_timing: ModelTiming | None
-    _measured_timing: tuple[ModelTiming, ModelTiming] | None = None
     #: The model file as the user gave it, timed beside the float model when earlier passes may
     #: have changed its one-row time (the latency budget is the original's).
     _reference_timing: ModelTiming | None
@@ -1339,7 +1339,7 @@ class Quantize(CompressionPass):
         return {
             "integer_layers": len(self._integer_layers),
             **self._timing_stats(),
-            **({"added_by_model_timing": added, "timed_with_added_us": self._measured_stats()} if added else {}),
+            **added,
             "returned_to_float": dropped,
             "budget": {key: round(limit, 6) for key, limit in limits.items()},
             "weights_only": {key: round(figure, 6) for key, figure in weights_only.items()},
@@ -1355,7 +1355,7 @@ class Quantize(CompressionPass):
         outputs_with: Callable[[set[str]], dict[str, np.ndarray]],
         reference: dict[str, np.ndarray],
         budget: Budgets,
-    ) -> list[str]:
+    ) -> dict[str, Any]:
         """More integer layers where the whole model, timed with them, keeps the one-row budget.
 
         A layer's one-row cost probed alone overstates what it costs inside the model (Wide&Deep's
@@ -1365,13 +1365,14 @@ class Quantize(CompressionPass):
         with integer kernels of their shapes; the longest run of them whose timed one-row latency
         stays within the budget, against the original file timed beside it, is taken, less any
         that the calibration check then returns to float. Only with activations=auto, a reference
-        file and layers at 8 bits (``eligible``). Returns the names added."""
+        file and layers at 8 bits (``eligible``). Returns the report's entries: the names added and
+        the one-row time of the copy they were timed in, or nothing."""
         source = self.context.source
         calibration = self.context.calibration
         if self.config.activations != "auto" or self._model_timing is None or self._reference_timing is None:
-            return []
+            return {}
         if source is None or calibration is None or initializer_bytes(model) > REFERENCE_TIMING_MAX_BYTES:
-            return []
+            return {}
         chosen = set(self._integer_layers)
         left = sorted(
             (
@@ -1386,32 +1387,32 @@ class Quantize(CompressionPass):
             reverse=True,
         )[:MEASURED_MAX_ADDED]
         if not left:
-            return []
+            return {}
         by_name = {value.name: value for value in selected}
         sets = [chosen | {name for name, _ in left[: count + 1]} for count in range(len(left))]
+        serialized = ir.serde.serialize_model(model)
         variants = [
-            _integer_variant(model, [use for name in layers for use in selected[by_name[name]]]) for layers in sets
+            _integer_variant(model, serialized, [use for name in layers for use in selected[by_name[name]]])
+            for layers in sets
         ]
         if any(variant is None for variant in variants):
-            return []
+            return {}
         timings = model_timings([source, *variants], calibration.feeds.arrays)  # type: ignore[list-item]
         allowed = (1 + self.config.activation_max_latency) * timings[0].single
         fitting = [
             (layers, timing) for layers, timing in zip(sets, timings[1:], strict=True) if timing.single <= allowed
         ]
         if not fitting:
-            return []
+            return {}
         extended, timing = max(fitting, key=lambda item: len(item[0]))
-        self._measured_timing = (timing, timings[0])
         added = [name for name, _ in left if name in extended]
         while added and not compare(reference, outputs_with(chosen | set(added)), budget).passed:
             added.pop()
         self._integer_layers = chosen | set(added)
-        return added
-
-    def _measured_stats(self) -> dict[str, float]:
-        taken, original = self._measured_timing  # type: ignore[misc]
-        return {"single_row": round(taken.single * 1e6, 1), "original_single_row": round(original.single * 1e6, 1)}
+        if not added:
+            return {}
+        timed = {"single_row": round(timing.single * 1e6, 1), "original_single_row": round(timings[0].single * 1e6, 1)}
+        return {"added_by_model_timing": added, "timed_with_added_us": timed}
 
     def _choose_integer_layers(self, timings: dict[str, LayerTiming]) -> set[str]:
         return choose_integer_layers(
@@ -2416,11 +2417,11 @@ def _linear_producer(value: ir.Value) -> ir.Node | None:
 MEASURED_MAX_ADDED = 6
 
 
-def _integer_variant(model: ir.Model, uses: list[WeightUse]) -> ir.Model | None:
-    """A copy of ``model`` whose MatMul/Gemm ``uses`` run as DynamicQuantizeLinear + MatMulInteger
-    with int8 weights of their shapes (values do not matter: it is only timed), or None when one
-    of them is not a plain 2-D weight."""
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+def _integer_variant(model: ir.Model, serialized: Any, uses: list[WeightUse]) -> ir.Model | None:
+    """A copy of ``model`` (made from ``serialized``, its proto) whose MatMul/Gemm ``uses`` run as
+    DynamicQuantizeLinear + MatMulInteger with int8 weights of their shapes (values do not matter:
+    it is only timed), or None when one of them is not a plain 2-D weight."""
+    copy = ir.serde.deserialize_model(serialized)
     order = {id(node): index for index, node in enumerate(model.graph)}
     nodes = list(copy.graph)
     rng = np.random.default_rng(0)
@@ -2447,9 +2448,7 @@ def _integer_variant(model: ir.Model, uses: list[WeightUse]) -> ir.Model | None:
         build.insert_before(node)
         replace_value(node.outputs[0], result)
         copy.graph.remove(node, safe=True)
-    for name, value in list(copy.graph.initializers.items()):
-        if not value.uses() and not value.is_graph_output():
-            copy.graph.initializers.pop(name)
+    RemoveUnusedNodesPass()(copy)  # the replaced weights: onnxruntime rejects an initializer no node reads
     return copy
 
 
