@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -129,15 +130,18 @@ PROBE_MAX_ROWS_PER_EXAMPLE = 64
 
 
 def rows_per_example(value: ir.Value | None) -> int:
-    """Rows a linear layer multiplies per example: the static sizes between the batch axis and
-    the last one (a sequence model's positions), 1 when unknown."""
+    """Rows a linear layer multiplies per example: the static sizes of every axis but the batch
+    axis and the last one (a sequence model's positions), 1 when unknown. The batch axis is the one
+    symbolic axis, wherever it stands (PyTorch's attention projects ``[positions, batch, width]``),
+    else the first."""
     if value is None or value.shape is None or len(value.shape) < 3:
         return 1
-    rows = 1
-    for dim in list(value.shape)[1:-1]:
-        if not isinstance(dim, int):
-            return 1
-        rows *= dim
+    leading = list(value.shape)[:-1]
+    static = {index: dim for index, dim in enumerate(leading) if isinstance(dim, int)}
+    if len(static) < len(leading) - 1:
+        return 1
+    batch_axis = next((index for index in range(len(leading)) if index not in static), 0)
+    rows = math.prod(dim for index, dim in static.items() if index != batch_axis)
     return max(1, min(rows, PROBE_MAX_ROWS_PER_EXAMPLE))
 
 

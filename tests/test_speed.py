@@ -120,3 +120,12 @@ def test_a_sequence_layer_is_probed_on_its_three_dimensional_input() -> None:
     assert rows_per_example(ir.Value(name="z", shape=ir.Shape(["N", "T", 32]))) == 1
     assert rows_per_example(ir.Value(name="w", shape=ir.Shape(["N", 1000, 32]))) == 64
     assert rows_per_example(None) == 1
+
+
+def test_the_batch_axis_of_a_sequence_layer_is_its_one_symbolic_axis() -> None:
+    """PyTorch's attention projects [positions, batch, width]: probed as one row an example, SASRec's
+    query/key/value projections (its largest products, 0.8 ms a batch of 512) looked 16x cheaper
+    than they are and stayed float."""
+    assert rows_per_example(ir.Value(name="x", shape=ir.Shape([20, "N", 32]))) == 20
+    assert rows_per_example(ir.Value(name="y", shape=ir.Shape([4, 5, "N", 32]))) == 20
+    assert rows_per_example(ir.Value(name="z", shape=ir.Shape([8, 20, 32]))) == 20
