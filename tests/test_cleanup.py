@@ -715,10 +715,11 @@ def test_consecutive_constant_adds_become_one(tmp_path: Path) -> None:
 
 def test_a_one_output_layer_keeps_the_exporters_two_dimensional_bias(tmp_path: Path) -> None:
     """skl2onnx's logit layer adds a [1, 1] bias to [N, 1]; folded into a [1] bias, onnxruntime would
-    take its scalar broadcast path, twice as slow at batch 512 (3 us of the model's 65 us)."""
+    take its scalar broadcast path, twice as slow at batch 512 (3 us of the model's 65 us). (With
+    complementary_sigmoids, on by default, the layer is two columns wide.)"""
     files = model_files("sklearn_mlp")
     model = ir.load(files["onnx"])
-    Cleanup()(model)
+    Cleanup(Cleanup.Config(complementary_sigmoids=False))(model)
     sigmoid = next(node for node in model.graph if node.op_type == "Sigmoid")
     add = sigmoid.inputs[0].producer()
     assert add.op_type == "Add" and add.inputs[1].const_value.shape == (1, 1)
@@ -776,7 +777,7 @@ def test_the_sklearn_mlps_dead_units_go_without_changing_its_scores(tmp_path: Pa
     assert result.stats["dead_units_removed"] == 28
     shapes = [tuple(value.const_value.shape.numpy()) for value in model.graph.initializers.values()]
     widths = sorted(shape for shape in shapes if len(shape) == 2)
-    assert widths == [(1, 1), (54, 1), (75, 110), (110, 54)]  # the [1, 1] is the logit's bias
+    assert widths == [(54, 2), (75, 110), (110, 54)]  # the logit layer gives both probabilities
     feeds = {name: array[:256] for name, array in np.load(files["feeds"]).items()}
     expected = runtime.make_session(files["onnx"], "disable").run(None, feeds)
     got = runtime.make_session(save_model(model, tmp_path / "clean.onnx"), "disable").run(None, feeds)
@@ -823,7 +824,10 @@ def test_the_sklearn_label_needs_no_ml_operator_and_stays_identical(tmp_path: Pa
     model = ir.load(files["onnx"])
     result = Cleanup()(model)
     assert result.stats["labels_simplified"] == 1
-    assert "ArrayFeatureExtractor" not in op_types(model) and "ArgMax" not in op_types(model)
+    # the probabilities come from one two-column Sigmoid (complementary_sigmoids), the label is their
+    # ArgMax as exported, int64 already: neither the extractor nor the exporter's Cast is left
+    assert op_types(model)[-3:] == ["Sigmoid", "ArgMax", "Reshape"]
+    assert "ArrayFeatureExtractor" not in op_types(model) and "Cast" not in op_types(model)
     assert "ai.onnx.ml" not in model.opset_imports
     feeds = dict(np.load(files["feeds"]))
     expected = runtime.make_session(files["onnx"], "all").run(None, feeds)
@@ -833,6 +837,86 @@ def test_the_sklearn_label_needs_no_ml_operator_and_stays_identical(tmp_path: Pa
     assert got[0].dtype == expected[0].dtype and got[0].shape == expected[0].shape
     np.testing.assert_array_equal(got[0], expected[0])
     assert 0 < expected[0].mean() < 1  # both classes occur
+
+
+SIGMOID_PAIR_TEXT = """
+<ir_version: 8, opset_import: ["" : 14]>
+g (float[N,3] x) => (float[N,2] probabilities) {
+  product = MatMul(x, w)
+  logit = Add(product, b)
+  score = Sigmoid(logit)
+  complement = Sub(one, score)
+  probabilities = Concat <axis = 1> (complement, score)
+}
+"""
+
+SIGMOID_PAIR_CONSTANTS = {
+    "w": np.array([[0.5], [-1.25], [2.0]], np.float32),
+    "b": np.array([[0.3]], np.float32),
+    "one": np.array(1.0, np.float32),
+}
+
+
+def _sigmoid_pair(text: str, constants: dict[str, np.ndarray]) -> ir.Model:
+    inputs = ", ".join(f"float[{','.join(map(str, a.shape))}] {name}" for name, a in constants.items())
+    return text_model(text.replace("g (", f"g ({inputs}, "), constants)
+
+
+@pytest.mark.parametrize("layer", ["MatMul", "Gemm"])
+def test_both_probabilities_of_a_binary_classifier_come_from_one_sigmoid(layer: str, tmp_path: Path) -> None:
+    """``Concat(1 - Sigmoid(z), Sigmoid(z))``: the last layer gets the column ``-w`` (bias ``-b``)
+    beside its own and one Sigmoid gives both probabilities; within float32 rounding. The same
+    through a Gemm with its weight as [outputs, inputs] (transB) and its own bias."""
+    text, constants = SIGMOID_PAIR_TEXT, dict(SIGMOID_PAIR_CONSTANTS)
+    if layer == "Gemm":
+        text = text.replace("product = MatMul(x, w)\n  logit = Add(product, b)", "logit = Gemm <transB = 1> (x, w, b)")
+        constants.update(w=constants["w"].T.copy(), b=np.float32([0.3]))
+    model = _sigmoid_pair(text, constants)
+    feeds = {"x": np.random.default_rng(1).standard_normal((64, 3)).astype(np.float32) * 3}
+    before = runtime.make_session(save_model(model, tmp_path / "before.onnx"), "disable").run(None, feeds)
+    assert Cleanup()(model).stats["complementary_sigmoids"] == 1
+    assert op_types(model) == ["Gemm", "Sigmoid"]  # MatMul + Add folded on the 2-D input
+    gemm = model.graph.node(0)
+    weight = gemm.inputs[1].const_value.numpy()
+    axis = 0 if layer == "Gemm" else 1
+    np.testing.assert_array_equal(weight, np.concatenate([-constants["w"], constants["w"]], axis))
+    np.testing.assert_array_equal(gemm.inputs[2].const_value.numpy().reshape(-1), np.float32([-0.3, 0.3]))
+    after = runtime.make_session(save_model(model, tmp_path / "after.onnx"), "disable").run(None, feeds)
+    np.testing.assert_allclose(after[0], before[0], rtol=0, atol=1e-7)
+    assert after[0].shape == (64, 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "constants"),
+    [
+        (("Sub(one, score)", "Sub(one, score)"), {"one": np.array(0.999, np.float32)}),  # not 1 - p
+        (("(complement, score)", "(score, complement)"), {}),  # the order the rewrite does not give
+        (("probabilities) {", "probabilities, float[N,1] score) {"), {}),  # the score is an output too
+        (("Add(product, b)", "Add(product, b)"), {"w": np.ones((3, 2), np.float32)}),  # two columns already
+        (("Add(product, b)", "Add(product, b)"), {"b": np.array([[0.3], [0.1]], np.float32)}),  # a bias per row
+    ],
+)
+def test_sigmoid_pairs_the_rewrite_cannot_give_are_left_alone(
+    change: tuple[str, str], constants: dict[str, np.ndarray]
+) -> None:
+    text = SIGMOID_PAIR_TEXT.replace(*change)
+    model = _sigmoid_pair(text, {**SIGMOID_PAIR_CONSTANTS, **constants})
+    assert Cleanup(Cleanup.Config(fold_affine=False))(model).stats["complementary_sigmoids"] == 0
+    assert "Concat" in op_types(model)
+
+
+def test_the_sklearn_probabilities_and_labels_stay_as_exported(tmp_path: Path) -> None:
+    """On the shipped MLPClassifier, every one of 10,000 labels and the probabilities to 6e-8 (one
+    float32 step near 1); the Sub and the Concat are gone."""
+    files = model_files("sklearn_mlp")
+    model = ir.load(files["onnx"])
+    assert Cleanup()(model).stats["complementary_sigmoids"] == 1
+    assert "Sub" not in op_types(model) and "Concat" not in op_types(model)
+    feeds = dict(np.load(files["feeds"]))
+    expected = runtime.make_session(files["onnx"], "basic").run(None, feeds)
+    got = runtime.make_session(save_model(model, tmp_path / "clean.onnx"), "basic").run(None, feeds)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1], rtol=0, atol=6e-8)
 
 
 BINARY_LABEL_TEXT = """

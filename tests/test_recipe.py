@@ -22,6 +22,7 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
         "initializer_inputs": True,
         "vectorize_bags": True,
         "simplify_labels": True,
+        "complementary_sigmoids": True,
         "concat_stacks": True,
         "select_columns": True,
         "sums_as_matmul": True,

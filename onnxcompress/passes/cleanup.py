@@ -762,6 +762,116 @@ def _reshaped_label_type(result: ir.Value) -> ir.DataType | None:
     return dtype if np.issubdtype(dtype.numpy(), np.integer) else None
 
 
+def _is_one(value: ir.Value | None, rank: int) -> bool:
+    """A floating-point constant 1 that broadcasts to no more than ``rank`` axes of size 1."""
+    array = constant_array(value)
+    return (
+        array is not None and array.dtype.kind == "f" and array.size == 1 and array.ndim <= rank and array.item() == 1
+    )
+
+
+def _one_output_layer(value: ir.Value) -> tuple[ir.Node, int, ir.Node | None, int] | None:
+    """``(layer, output axis of its weight, node holding its bias, that input's index)`` when ``value``
+    is the one-column output of a MatMul or Gemm with a constant weight, plus at most a constant bias
+    of one value (the Gemm's own, or an Add that alone reads the MatMul)."""
+    producer = value.producer()
+    if producer is None:
+        return None
+    holder: ir.Node | None = None
+    index = 0
+    if producer.op_type == "Add" and producer.domain in ("", "ai.onnx") and len(producer.inputs) == 2:
+        for slot in (0, 1):
+            product, bias = producer.inputs[slot], producer.inputs[1 - slot]
+            array = constant_array(bias)
+            if product is not None and array is not None and array.size == 1 and array.ndim <= 2:
+                holder, index, producer = producer, 1 - slot, product.producer()
+                if producer is None or producer.op_type != "MatMul" or len(product.uses()) != 1:
+                    return None
+                if product.is_graph_output():
+                    return None
+                break
+        else:
+            return None
+    found = _linear_weights(producer)
+    if found is None:
+        return None
+    weight, axis, bias = found
+    if weight.const_value.shape[axis] != 1:  # type: ignore[union-attr]
+        return None
+    if bias is not None:
+        if holder is not None or constant_array(bias) is None or constant_array(bias).size != 1:  # type: ignore[union-attr]
+            return None
+        holder, index = producer, 2
+    return producer, axis, holder, index
+
+
+def complementary_sigmoids(model: ir.Model) -> int:
+    """A binary classifier's probabilities ``Concat(1 - Sigmoid(z), Sigmoid(z))`` (scikit-learn's
+    MLPClassifier), ``z`` one column of a linear layer, become ``Sigmoid`` of that layer made two
+    columns wide, ``[-w, w]`` and ``[-b, b]``: ``Sigmoid(-z)`` is ``1 - Sigmoid(z)``, so the Sub and
+    the Concat go, and the label is then an ``ArgMax`` of the probabilities as exported
+    (scikit-learn MLP batch 512 182 -> 176 µs, one row 9.2 -> 8.0 µs). Equal to float32 rounding
+    (up to 6e-8 on the probabilities; a label differs only where both round to 0.5). Runs before
+    ``simplify_class_labels``. Returns the pairs rewritten."""
+    graph = model.graph
+    candidates: list[tuple[ir.Node, ir.Node, ir.Node, ir.Value]] = []
+    for concat in graph:
+        if concat.op_type != "Concat" or concat.domain not in ("", "ai.onnx") or len(concat.inputs) != 2:
+            continue
+        complement, score = concat.inputs
+        sub = complement.producer() if complement is not None else None
+        sigmoid = score.producer() if score is not None else None
+        if sub is None or sigmoid is None or sub.op_type != "Sub" or sigmoid.op_type != "Sigmoid":
+            continue
+        if sub.domain not in ("", "ai.onnx") or sigmoid.domain not in ("", "ai.onnx") or sub.inputs[1] is not score:
+            continue
+        assert complement is not None and score is not None
+        if {node for node, _ in complement.uses()} != {concat} or complement.is_graph_output():
+            continue
+        if {node for node, _ in score.uses()} != {sub, concat} or score.is_graph_output():
+            continue
+        logit = sigmoid.inputs[0]
+        if logit is None or len(logit.uses()) != 1 or logit.is_graph_output():
+            continue
+        candidates.append((concat, sub, sigmoid, logit))
+    if not candidates:
+        return 0
+    inferred = _inferred(model, [concat.outputs[0] for concat, *_ in candidates])
+    rewritten = 0
+    for concat, sub, sigmoid, logit in candidates:
+        shape = inferred[concat.outputs[0]][0]
+        if shape is None or len(shape) < 1 or shape[-1] != 2:
+            continue
+        rank = len(shape)
+        layer = _one_output_layer(logit)
+        if concat.attributes.get_int("axis", 0) % rank != rank - 1 or layer is None or not _is_one(sub.inputs[0], rank):
+            continue
+        node, axis, holder, index = layer
+        weight = constant_array(node.inputs[1])
+        assert weight is not None and node.inputs[1] is not None
+        name = node.inputs[1].name or "weight"
+        both = constant_value(unique_name(graph, f"{name}_both"), np.concatenate([-weight, weight], axis=axis))
+        graph.register_initializer(both)
+        node.replace_input_with(1, both)
+        if holder is not None:
+            bias = constant_array(holder.inputs[index])
+            assert bias is not None
+            # The bias keeps the rank the exporter gave it: [1, 1] becomes [1, 2].
+            paired = np.array([-bias.item(), bias.item()], bias.dtype).reshape(*bias.shape[:-1], 2)
+            pair = constant_value(unique_name(graph, f"{name}_both_bias"), paired)
+            graph.register_initializer(pair)
+            holder.replace_input_with(index, pair)
+        for value in {node.outputs[0], logit}:
+            if value.shape is not None and len(value.shape) >= 1:
+                value.shape = ir.Shape([*value.shape[:-1], 2])
+        probabilities = ir.node("Sigmoid", [logit])
+        graph.insert_before(concat, probabilities)
+        replace_value(concat.outputs[0], probabilities.outputs[0])
+        graph.remove([concat, sub, sigmoid], safe=True)
+        rewritten += 1
+    return rewritten
+
+
 def simplify_class_labels(model: ir.Model) -> int:
     """Compute a classifier's label without ``ai.onnx.ml.ArrayFeatureExtractor`` (which TensorRT and
     other runtimes lack, and which onnxruntime runs as a kernel of its own).
@@ -802,12 +912,17 @@ def simplify_class_labels(model: ir.Model) -> int:
                     graph.register_initializer(pick)
                 new_nodes = [greater, ir.node("Where", [greater.outputs[0], *picks])]
         elif classes.tolist() == list(range(len(classes))):
-            new_nodes = [ir.node("Cast", [index], attributes={"to": dtype})]
+            # ArgMax gives int64: a label of that type is its index as it is.
+            new_nodes = [] if dtype == ir.DataType.INT64 else [ir.node("Cast", [index], attributes={"to": dtype})]
         else:
             continue
-        graph.insert_before(node, new_nodes)
-        label = new_nodes[-1].outputs[0]
-        label.name = unique_name(graph, f"{result.name or 'label'}_simplified")
+        if new_nodes:
+            graph.insert_before(node, new_nodes)
+            label = new_nodes[-1].outputs[0]
+            label.name = unique_name(graph, f"{result.name or 'label'}_simplified")
+        else:
+            assert index is not None  # it has an ArgMax producer
+            label = index
         result.replace_all_uses_with(label)
         graph.remove(node, safe=True)
         rewritten += 1
@@ -1765,6 +1880,13 @@ class Cleanup(CompressionPass):
                 "ai.onnx.ml.ArrayFeatureExtractor (scikit-learn exports; exact)"
             },
         )
+        complementary_sigmoids: bool = field(
+            default=True,
+            metadata={
+                "help": "a binary classifier's Concat(1 - Sigmoid(z), Sigmoid(z)) becomes the Sigmoid of its last "
+                "layer made two columns wide, [-w, w] (scikit-learn MLPs; equal to float32 rounding)"
+            },
+        )
         concat_stacks: bool = field(
             default=True,
             metadata={
@@ -1824,6 +1946,7 @@ class Cleanup(CompressionPass):
         dropout = remove_inference_dropout(model) if self.config.remove_dropout else 0
         unfused = unfuse_contrib_ops(model) if self.config.unfuse_contrib else 0
         weights_folded = fold_weight_layouts(model)
+        sigmoids = complementary_sigmoids(model) if self.config.complementary_sigmoids else 0
         labels = simplify_class_labels(model) if self.config.simplify_labels else 0
         remove_identities(model)
         bags = vectorize_bags(model, self.context.calibration) if self.config.vectorize_bags else {}
@@ -1871,6 +1994,7 @@ class Cleanup(CompressionPass):
             "constant_adds_merged": adds_merged,
             "dead_units_removed": dead_units,
             "labels_simplified": labels,
+            "complementary_sigmoids": sigmoids,
             "contrib_ops_unfused": unfused,
             "weight_layouts_folded": weights_folded,
             "squeeze_ifs_folded": squeezes,
