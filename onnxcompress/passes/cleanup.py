@@ -799,7 +799,8 @@ def _one_output_layer(value: ir.Value) -> tuple[ir.Node, int, ir.Node | None, in
     if weight.const_value.shape[axis] != 1:  # type: ignore[union-attr]
         return None
     if bias is not None:
-        if holder is not None or constant_array(bias) is None or constant_array(bias).size != 1:  # type: ignore[union-attr]
+        array = constant_array(bias)
+        if holder is not None or array is None or array.size != 1:
             return None
         holder, index = producer, 2
     return producer, axis, holder, index
