@@ -29,6 +29,7 @@ from onnxcompress.graph import (
     constant_value,
     detach_subgraphs,
     is_constant_initializer,
+    linear_layers,
     replace_value,
     set_constant,
     unique_name,
@@ -770,42 +771,6 @@ def _is_one(value: ir.Value | None, rank: int) -> bool:
     )
 
 
-def _one_output_layer(value: ir.Value) -> tuple[ir.Node, int, ir.Node | None, int] | None:
-    """``(layer, output axis of its weight, node holding its bias, that input's index)`` when ``value``
-    is the one-column output of a MatMul or Gemm with a constant weight, plus at most a constant bias
-    of one value (the Gemm's own, or an Add that alone reads the MatMul)."""
-    producer = value.producer()
-    if producer is None:
-        return None
-    holder: ir.Node | None = None
-    index = 0
-    if producer.op_type == "Add" and producer.domain in ("", "ai.onnx") and len(producer.inputs) == 2:
-        for slot in (0, 1):
-            product, bias = producer.inputs[slot], producer.inputs[1 - slot]
-            array = constant_array(bias)
-            if product is not None and array is not None and array.size == 1 and array.ndim <= 2:
-                holder, index, producer = producer, 1 - slot, product.producer()
-                if producer is None or producer.op_type != "MatMul" or len(product.uses()) != 1:
-                    return None
-                if product.is_graph_output():
-                    return None
-                break
-        else:
-            return None
-    found = _linear_weights(producer)
-    if found is None:
-        return None
-    weight, axis, bias = found
-    if weight.const_value.shape[axis] != 1:  # type: ignore[union-attr]
-        return None
-    if bias is not None:
-        array = constant_array(bias)
-        if holder is not None or array is None or array.size != 1:
-            return None
-        holder, index = producer, 2
-    return producer, axis, holder, index
-
-
 def complementary_sigmoids(model: ir.Model) -> int:
     """A binary classifier's probabilities ``Concat(1 - Sigmoid(z), Sigmoid(z))`` (scikit-learn's
     MLPClassifier), ``z`` one column of a linear layer, become ``Sigmoid`` of that layer made two
@@ -838,30 +803,34 @@ def complementary_sigmoids(model: ir.Model) -> int:
     if not candidates:
         return 0
     inferred = _inferred(model, [concat.outputs[0] for concat, *_ in candidates])
+    # One output column, its bias (Gemm's C, or the Add that alone reads a MatMul) one value.
+    layers = {
+        layer.output: layer
+        for layer in linear_layers(model)
+        if layer.d_out == 1 and (layer.bias is None or layer.bias.const_value.size == 1)  # type: ignore[union-attr]
+    }
     rewritten = 0
     for concat, sub, sigmoid, logit in candidates:
         shape = inferred[concat.outputs[0]][0]
         if shape is None or len(shape) < 1 or shape[-1] != 2:
             continue
         rank = len(shape)
-        layer = _one_output_layer(logit)
+        layer = layers.get(logit)
         if concat.attributes.get_int("axis", 0) % rank != rank - 1 or layer is None or not _is_one(sub.inputs[0], rank):
             continue
-        node, axis, holder, index = layer
-        weight = constant_array(node.inputs[1])
-        assert weight is not None and node.inputs[1] is not None
-        name = node.inputs[1].name or "weight"
-        both = constant_value(unique_name(graph, f"{name}_both"), np.concatenate([-weight, weight], axis=axis))
+        node, weight = layer.node, layer.weight.const_value.numpy()  # type: ignore[union-attr]
+        name = layer.weight.name or "weight"
+        both = constant_value(unique_name(graph, f"{name}_both"), np.concatenate([-weight, weight], layer.out_axis))
         graph.register_initializer(both)
         node.replace_input_with(1, both)
-        if holder is not None:
-            bias = constant_array(holder.inputs[index])
-            assert bias is not None
+        if layer.bias is not None:
+            holder = layer.bias_node or node
+            bias = layer.bias.const_value.numpy()  # type: ignore[union-attr]
             # The bias keeps the rank the exporter gave it: [1, 1] becomes [1, 2].
             paired = np.array([-bias.item(), bias.item()], bias.dtype).reshape(*bias.shape[:-1], 2)
             pair = constant_value(unique_name(graph, f"{name}_both_bias"), paired)
             graph.register_initializer(pair)
-            holder.replace_input_with(index, pair)
+            holder.replace_input_with(next(i for i, v in enumerate(holder.inputs) if v is layer.bias), pair)
         for value in {node.outputs[0], logit}:
             if value.shape is not None and len(value.shape) >= 1:
                 value.shape = ir.Shape([*value.shape[:-1], 2])

@@ -1854,31 +1854,9 @@ class Quantize(CompressionPass):
             if weight_use.value.name in self._static_activations:
                 self._static_matmul(build, weight_use, weight_kn, scale)
             else:
-                self._dynamic_matmul(build, weight_use, weight_kn, scale)
+                _dynamic_matmul(build, weight_use.node, weight_kn, scale)
             build.insert_before(weight_use.node)
             graph.remove(weight_use.node, safe=True)
-
-    def _dynamic_matmul(self, build: _Builder, use: WeightUse, weight_kn: ir.Value, scale: ir.Value) -> None:
-        """``y = x @ W`` as DynamicQuantizeLinear(x) -> MatMulInteger(x, ``weight_kn``: int8 codes
-        ``[K, N]``) -> Cast -> Mul(x_scale * ``scale``, one per output) (+ bias), the pattern
-        onnxruntime fuses into its integer DynamicQuantizeMatMul kernel."""
-        node = use.node
-        x = node.inputs[0]
-        assert x is not None
-        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-        alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
-        if alpha != 1.0:
-            scale = build.op("Mul", [scale, build.constant("alpha", np.array(alpha, np.float32))])
-        x_q, x_scale, x_zero = build.multi("DynamicQuantizeLinear", [x], outputs=3)
-        product = build.op("MatMulInteger", [x_q, weight_kn, x_zero])
-        scales = build.op("Mul", [x_scale, scale])
-        result = build.op("Mul", [build.op("Cast", [product], to=ir.DataType.FLOAT), scales])
-        if bias is not None:
-            beta = node.attributes.get_float("beta", 1.0)
-            if beta != 1.0:
-                bias = build.op("Mul", [bias, build.constant("beta", np.array(beta, np.float32))])
-            result = build.op("Add", [result, bias])
-        replace_value(node.outputs[0], result)
 
     def _static_matmul(self, build: _Builder, use: WeightUse, weight_kn: ir.Value, scale: ir.Value) -> None:
         """``y = x @ W (+ b)`` in QDQ form: ``x`` through QuantizeLinear and DequantizeLinear with
@@ -2428,6 +2406,28 @@ def _linear_producer(value: ir.Value) -> ir.Node | None:
     return None
 
 
+def _dynamic_matmul(build: _Builder, node: ir.Node, weight_kn: ir.Value, scale: ir.Value) -> None:
+    """``y = x @ W`` as DynamicQuantizeLinear(x) -> MatMulInteger(x, ``weight_kn``: int8 codes
+    ``[K, N]``) -> Cast -> Mul(x_scale * ``scale``, one per output) (+ bias), the pattern
+    onnxruntime fuses into its integer DynamicQuantizeMatMul kernel."""
+    x = node.inputs[0]
+    assert x is not None
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
+    if alpha != 1.0:
+        scale = build.op("Mul", [scale, build.constant("alpha", np.array(alpha, np.float32))])
+    x_q, x_scale, x_zero = build.multi("DynamicQuantizeLinear", [x], outputs=3)
+    product = build.op("MatMulInteger", [x_q, weight_kn, x_zero])
+    scales = build.op("Mul", [x_scale, scale])
+    result = build.op("Mul", [build.op("Cast", [product], to=ir.DataType.FLOAT), scales])
+    if bias is not None:
+        beta = node.attributes.get_float("beta", 1.0)
+        if beta != 1.0:
+            bias = build.op("Mul", [bias, build.constant("beta", np.array(beta, np.float32))])
+        result = build.op("Add", [result, bias])
+    replace_value(node.outputs[0], result)
+
+
 #: activations=auto: at most this many layers beyond the probe's choice are timed in the model.
 MEASURED_MAX_ADDED = 6
 
@@ -2452,16 +2452,9 @@ def _integer_variant(model: ir.Model, serialized: Any, uses: list[WeightUse]) ->
         transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB"))
         inputs, outputs = (weight.shape[1], weight.shape[0]) if transposed else weight.shape
         build = _Builder(copy.graph, "timed")
-        codes, scale, zero = build.multi("DynamicQuantizeLinear", [node.inputs[0]], outputs=3)
         integer_weight = build.constant("w", rng.integers(-127, 128, (inputs, outputs), dtype=np.int8))
-        product = build.op("MatMulInteger", [codes, integer_weight, zero])
-        scales = build.op("Mul", [scale, build.constant("s", np.full(outputs, 0.01, np.float32))])
-        result = build.op("Mul", [build.op("Cast", [product], to=ir.DataType.FLOAT), scales])
-        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-        if bias is not None:
-            result = build.op("Add", [result, bias])
+        _dynamic_matmul(build, node, integer_weight, build.constant("s", np.full(outputs, 0.01, np.float32)))
         build.insert_before(node)
-        replace_value(node.outputs[0], result)
         copy.graph.remove(node, safe=True)
     RemoveUnusedNodesPass()(copy)  # the replaced weights: onnxruntime rejects an initializer no node reads
     return copy
