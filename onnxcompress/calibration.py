@@ -263,7 +263,8 @@ _ROW_PRESERVING = frozenset(
 
 def _table_rows(table: ir.Value, axis: int, depth: int = 0) -> int | None:
     """Rows of the table a Gather reads on ``axis``: from the initializer, or, for a table decoded
-    from compressed storage at load, from the codes it is decoded from (row axis 0 only)."""
+    from compressed storage at load, from the codes it is decoded from or its share of a stack's
+    Split (row axis 0 only)."""
     if table.const_value is not None:
         dims = table.const_value.shape.numpy()  # an initializer's shape is static
         if not -len(dims) <= axis < len(dims):
@@ -276,6 +277,12 @@ def _table_rows(table: ir.Value, axis: int, depth: int = 0) -> int | None:
         producer.op_type in ("Unsqueeze", "Reshape") and _keeps_first_axis(producer)
     ):
         return _table_rows(producer.inputs[0], 0, depth + 1)
+    if producer.op_type == "Split" and producer.attributes.get_int("axis", 0) == 0 and len(producer.inputs) > 1:
+        # Tables stacked into one and split apart after decoding: each is its own rows of the stack.
+        sizes = constant_array(producer.inputs[1])
+        index = table.index()
+        if sizes is not None and index is not None and index < sizes.size:
+            return int(sizes.reshape(-1)[index])
     return None
 
 

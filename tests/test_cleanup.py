@@ -1176,6 +1176,11 @@ def test_stacks_become_one_concat_and_column_gathers_a_selection_matmul_on_expor
     column_gathers = [node for node in model.graph if node.op_type == "Gather" and node.attributes.get_int("axis", 0)]
     assert column_gathers == []
     assert stats["column_gathers_as_matmul"] == (0 if name == "mmoe" else 1)
+    for one_hot in (node for node in model.graph if node.op_type == "OneHot"):
+        # 28 column numbers of 64: a byte each, cast to the int32 onnxruntime's OneHot reads
+        cast = one_hot.inputs[0].producer()
+        assert cast.op_type == "Cast" and cast.attributes.get_int("to") == ir.DataType.INT32
+        assert cast.inputs[0].const_value.dtype == ir.DataType.UINT8 and cast.inputs[0].const_value.size == 28
     feeds = {key: array[:256] for key, array in np.load(files["feeds"]).items()}
     expected = runtime.make_session(files["onnx"], "disable").run(None, feeds)
     got = runtime.make_session(save_model(model, tmp_path / "clean.onnx"), "all").run(None, feeds)
@@ -1241,6 +1246,7 @@ def test_column_gathers_become_a_selection_matmul_only_where_it_is_exact_and_sma
     model = text_model(text, constants)
     assert Cleanup()(model).stats["column_gathers_as_matmul"] == 2
     assert op_types(model).count("OneHot") == 2 and op_types(model).count("Gather") == 3
+    assert "Cast" not in op_types(model)  # three int32 column numbers cost less than a Cast
     got = runtime.make_session(save_model(model, tmp_path / "selected.onnx"), "all").run(None, feeds)
     for exact, rewritten in zip(expected, got, strict=True):
         np.testing.assert_array_equal(rewritten, exact)

@@ -232,6 +232,110 @@ def test_low_bit_tables_are_bit_packed_and_unpacked_after_the_gather(
         assert relative_error(exact, approximate) < tolerance
 
 
+STACKABLE = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (int64[N] user, int64[N] item, int64[N] gender, int64[N] age, int64[N] zone, int64[N] genre,
+   float[300,16] users, float[400,16] items, float[2,16] genders, float[21,16] ages, float[11,16] zones,
+   float[6,8] genres) => (float[N,16] u, float[N,16] i, float[N,16] s, float[N,16] a, float[N,16] z,
+   float[N,8] e, float[N,16] again) {
+  u = Gather(users, user)
+  i = Gather(items, item)
+  s = Gather(genders, gender)
+  a = Gather(ages, age)
+  z = Gather(zones, zone)
+  e = Gather(genres, genre)
+  again = Gather(genders, gender)
+}
+"""
+STACKABLE_ROWS = {"users": 300, "items": 400, "genders": 2, "ages": 21, "zones": 11}
+
+
+def stackable_model() -> tuple[ir.Model, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    tables = {name: rng.standard_normal((rows, 16)).astype(np.float32) for name, rows in STACKABLE_ROWS.items()}
+    tables["genres"] = rng.standard_normal((6, 8)).astype(np.float32)
+    return text_model(STACKABLE, tables), tables
+
+
+@pytest.mark.parametrize("stack", [True, False])
+def test_tables_decoded_at_load_are_stacked_by_width_and_bits_and_split_after_decoding(
+    stack: bool, tmp_path: Path
+) -> None:
+    """Tables of one width and bits share one decode and one Split; the small ones the size rule
+    holds at 8 bits form a stack of their own, which at 544 values takes the 4 bits; a table of
+    another width stays alone. Every lookup reads its own rows, as close as unstacked."""
+    model, tables = stackable_model()
+    feeds = {
+        name: RNG.integers(0, rows, 40).astype(np.int64)
+        for name, rows in {"user": 300, "item": 400, "gender": 2, "age": 21, "zone": 11, "genre": 6}.items()
+    }
+    config = Quantize.Config(embedding_bits=4, low_bit_min_elements=512, stack_tables=stack)
+    stats = Quantize(config)(model).stats["tensors"]
+    splits = [node for node in model.graph if node.op_type == "Split"]
+    if stack:
+        assert {name: tensor["stacked"] for name, tensor in stats.items() if "stacked" in tensor} == {
+            "users_stack_rows": ["users", "items"],
+            "genders_stack_rows": ["genders", "ages", "zones"],
+        }
+        assert {name: tensor["bits"] for name, tensor in stats.items()} == {
+            "users_stack_rows": 4,
+            "genders_stack_rows": 4,
+            "genres": 8,
+        }
+        assert sorted(len(node.outputs) for node in splits) == [2, 3]
+        for split in splits:  # after the decode, which onnxruntime folds at load
+            assert all(node.op_type == "Gather" for output in split.outputs for node, _ in output.uses())
+    else:
+        assert not splits
+        assert {name: tensor["bits"] for name, tensor in stats.items()} == {
+            "users": 4,
+            "items": 4,
+            "genders": 8,
+            "ages": 8,
+            "zones": 8,
+            "genres": 8,
+        }
+    got = evaluate(model, tmp_path, feeds)
+    lookups = [("users", "user"), ("items", "item"), ("genders", "gender"), ("ages", "age"), ("zones", "zone")]
+    for (table, ids), values in zip(lookups, got, strict=False):
+        expected = tables[table][feeds[ids]]
+        assert values.shape == expected.shape
+        limit = 0.1 if stack or table in ("users", "items") else 0.01  # 4 bits a value, or 8
+        assert relative_error(expected, values) < limit
+    np.testing.assert_array_equal(got[2], got[6])  # the table read twice is one table
+
+
+def test_a_stack_stays_under_the_bytes_of_a_table_decoded_at_load() -> None:
+    """users (19,200 bytes) and items (25,600) together pass a 40,000-byte fold limit: each is then
+    a table of its own, gathered or folded as it was."""
+    model, _ = stackable_model()
+    config = Quantize.Config(embedding_bits=4, low_bit_min_elements=512, fold_tables_below=40_000)
+    stats = Quantize(config)(model).stats["tensors"]
+    assert {name: tensor.get("stacked") for name, tensor in stats.items() if tensor["kind"] == "embedding"} == {
+        "users": None,
+        "items": None,
+        "genders_stack_rows": ["genders", "ages", "zones"],
+        "genres": None,
+    }
+    assert sum(node.op_type == "Split" for node in model.graph) == 1
+
+
+def test_small_tables_whose_stack_is_still_under_the_size_rule_stay_apart_at_8_bits() -> None:
+    """At 8 bits each table keeps its own one scale: a stack would make them share it."""
+    model, _ = stackable_model()
+    model.graph.initializers["ages"].const_value = ir.tensor(np.ones((3, 16), np.float32), name="ages")
+    model.graph.initializers["zones"].const_value = ir.tensor(np.ones((3, 16), np.float32), name="zones")
+    stats = Quantize(Quantize.Config(embedding_bits=4, low_bit_min_elements=512))(model).stats["tensors"]
+    assert {name: tensor["bits"] for name, tensor in stats.items() if "stacked" not in tensor} == {
+        "genders": 8,
+        "ages": 8,
+        "zones": 8,
+        "genres": 8,
+    }
+    assert stats["users_stack_rows"]["stacked"] == ["users", "items"]
+    assert sum(node.op_type == "Split" for node in model.graph) == 1
+
+
 def test_a_table_tied_to_an_output_layer_is_quantized_once(tmp_path: Path) -> None:
     table = RNG.standard_normal((30, 8)).astype(np.float32)
     model = text_model(
@@ -1055,9 +1159,16 @@ def test_the_int4_preset_keeps_the_wide_logit_at_8_bits(tmp_path: Path) -> None:
     moved AUC by 0.0015 to save 12 bytes."""
     report = compress_with_preset("keras_wide_deep", "int4", tmp_path / "int4.onnx")
     tensors = next(record for record in report.passes if record.name == "quant").stats["tensors"]
-    bits = {name.split("/")[1]: tensor["bits"] for name, tensor in tensors.items()}
+    bits = {
+        name.split("/")[1]: tensor["bits"]
+        for stack, tensor in tensors.items()
+        for name in tensor.get("stacked", [stack])
+    }
     assert bits["wide_logit"] == 8 and bits["deep_logit"] == 8 and bits["deep_256"] == 4
-    assert bits["item_embedding"] == 4 and bits["gender_embedding"] == 8
+    # the user and item tables in one 4-bit stack; the small 4-wide ones, 192 values together, each
+    # alone at 8 bits
+    assert bits["item_embedding"] == 4 and bits["user_embedding"] == 4 and bits["gender_embedding"] == 8
+    assert bits["occupation_embedding"] == 8 and bits["zip_region_embedding"] == 8
     assert report.parity.passed and report.size_ratio > 6.2
 
 
@@ -1404,7 +1515,11 @@ def test_a_float16_export_keeps_its_types_and_quantizes_every_weight(tmp_path: P
     report = compress_with_preset("dlrm", preset, out, files=_float16_export("dlrm", tmp_path))
     assert report.parity.passed
     stats = next(record.stats for record in report.passes if record.name == "quant")
-    assert stats["weights_quantized"] == 13 and not stats.get("skipped")
+    stacked = [name for tensor in stats["tensors"].values() for name in tensor.get("stacked", [])]
+    if preset == "int4":  # the float16 tables stacked as float32 ones are: user and item, and the five small ones
+        assert len(stacked) == 7 and stats["weights_quantized"] == 8 and not stats.get("skipped")
+    else:
+        assert not stacked and stats["weights_quantized"] == 13 and not stats.get("skipped")
     saved = ir.load(out)
     assert [value.dtype for value in saved.graph.outputs] == [ir.DataType.FLOAT16]
     assert not [
@@ -1660,3 +1775,35 @@ def test_a_copy_timed_with_integer_layers_leaves_the_model_alone() -> None:
     feeds = {name: array[:4] for name, array in np.load(model_files("dlrm")["feeds"]).items()}
     (scores,) = runtime.make_session(copy, "all").run(None, feeds)
     assert scores.shape == (4,)
+
+
+def test_int4_dlrm_stacks_its_tables_and_is_seven_times_smaller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DLRM's user and item tables share one decode at 4 bits; its five small tables (gender, age,
+    occupation, zip region, year: 800 values), held at 8 bits each for their size, are a 4-bit table
+    of their own stacked; the upper triangle's 28 column numbers are bytes. Two layers go integer,
+    as on this machine: the probe's batch gain here grows with the layer's size."""
+    from onnxcompress.passes import quantize
+    from onnxcompress.speed import LayerTiming
+
+    costly_layers(monkeypatch, model_us=(12.0, 12.5))
+    us = 1e-6
+
+    def by_size(inputs: int, outputs: int, *args: object) -> LayerTiming:
+        return LayerTiming(4 * us, 4.7 * us, inputs * outputs * 0.03 * us, inputs * outputs * 0.02 * us)
+
+    monkeypatch.setattr(quantize, "probe_dynamic_matmul", by_size)
+    out = tmp_path / "int4.onnx"
+    report = compress_with_preset("dlrm", "int4", out)
+    quant = next(record for record in report.passes if record.name == "quant")
+    tensors = quant.stats["tensors"]
+    stacks = {name: (tensor["stacked"], tensor["bits"]) for name, tensor in tensors.items() if "stacked" in tensor}
+    assert sorted(stacks.values()) == [
+        ([f"embeddings.{index}.weight" for index in range(2)], 4),
+        ([f"embeddings.{index}.weight" for index in range(2, 7)], 4),
+    ]
+    assert quant.stats["integer_layers"] == 2
+    (score,) = report.parity.outputs
+    assert report.parity.passed and score.auc_delta is not None and abs(score.auc_delta) <= 0.001
+    assert report.size_ratio >= 7.0, out.stat().st_size

@@ -25,6 +25,7 @@ from onnx_ir.passes.common import (
 from onnxcompress import runtime
 from onnxcompress.bags import vectorize_bags
 from onnxcompress.graph import (
+    SPLIT_INPUT_OPSET,
     constant_array,
     constant_value,
     detach_subgraphs,
@@ -568,8 +569,6 @@ def strip_metadata(model: ir.Model) -> int:
 
 #: The shared Cast, Split and sizes cost about 60 bytes: from this many vectors packing pays.
 PACK_MIN_VECTORS = 4
-#: Split takes its sizes as an input from opset 13.
-_SPLIT_INPUT_OPSET = 13
 
 
 def pack_cast_vectors(model: ir.Model) -> int:
@@ -578,7 +577,7 @@ def pack_cast_vectors(model: ir.Model) -> int:
     about 33 bytes a vector, a Split output and its size about 11. Folded back at load. Returns the
     number of vectors packed."""
     graph = model.graph
-    if model.opset_imports.get("", 1) < _SPLIT_INPUT_OPSET or not len(graph):
+    if model.opset_imports.get("", 1) < SPLIT_INPUT_OPSET or not len(graph):
         return 0
     groups: dict[tuple[ir.DataType, int], list[ir.Node]] = defaultdict(list)
     for node in graph:
@@ -1639,19 +1638,29 @@ def gathers_as_selections(model: ir.Model) -> int:
             continue
         if indices.min() < -columns or indices.max() >= columns:
             continue
-        positive = np.where(indices < 0, indices + columns, indices).astype(np.int32)
-        picked = constant_value(unique_name(graph, "selection_columns"), positive)
+        positive = np.where(indices < 0, indices + columns, indices)
+        # onnxruntime's OneHot reads int32 or int64 column numbers, not uint8: a byte each and a
+        # Cast (about 20 bytes, folded at load) where that is smaller.
+        as_bytes = columns <= 256 and positive.size * 3 > SELECTION_CAST_BYTES
+        picked = constant_value(
+            unique_name(graph, "selection_columns"), positive.astype(np.uint8 if as_bytes else np.int32)
+        )
         depth = constant_value(unique_name(graph, "selection_rows"), np.array(columns, np.int32))
         values = constant_value(unique_name(graph, "selection_values"), np.array([0, 1], dtype.numpy()))  # type: ignore[union-attr]
         for constant in (picked, depth, values):
             graph.register_initializer(constant)
-        selection = ir.Node("", "OneHot", [picked, depth, values], attributes=[ir.AttrInt64("axis", 0)])
-        _replace_node(graph, node, [selection, ir.Node("", "MatMul", [node.inputs[0], selection.outputs[0]])])
+        nodes = [ir.Node("", "Cast", [picked], attributes=[ir.AttrInt64("to", ir.DataType.INT32)])] if as_bytes else []
+        column_numbers = nodes[0].outputs[0] if nodes else picked
+        selection = ir.Node("", "OneHot", [column_numbers, depth, values], attributes=[ir.AttrInt64("axis", 0)])
+        nodes += [selection, ir.Node("", "MatMul", [node.inputs[0], selection.outputs[0]])]
+        _replace_node(graph, node, nodes)
         replaced += 1
     return replaced
 
 
 _SELECTABLE = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16})
+#: Bytes of a Cast node in a saved graph with short names.
+SELECTION_CAST_BYTES = 20
 
 #: A middle-axis ReduceSum becomes a MatMul while ``summed * width * width`` (its multiply-adds a
 #: row) is at most this. Measured at batch 512: [7, 16] 84 → 22 µs, [3, 32] 74 → 35 µs, [20, 16]

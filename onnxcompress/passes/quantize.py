@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ from onnxcompress.errors import UsageError
 from onnxcompress.graph import (
     NO_WEIGHTS_HINT,
     OVERRIDABLE_WEIGHT,
+    SPLIT_INPUT_OPSET,
     WEIGHT_SLOTS,
     WeightUse,
     constant_array,
@@ -726,6 +727,15 @@ class Quantize(CompressionPass):
                 "max": 1.0,
             },
         )
+        stack_tables: bool = field(
+            default=True,
+            metadata={
+                "help": "tables decoded at load (under fold_tables_below) that share a width and their bits "
+                "(under 8) are stacked into one table, split after decoding: one set of decode nodes and "
+                "row scales; small tables held at 8 bits by low_bit_min_elements are stacked apart and "
+                "take embedding_bits when their stack reaches it (not with mixed)"
+            },
+        )
         low_bit_min_elements: int = field(
             default=0,
             metadata={
@@ -770,6 +780,7 @@ class Quantize(CompressionPass):
         self._one_scale = set()
         hessians = self._hessians(model, selected)
         plan, search = self._plan_bits(model, selected, hessians)
+        stacked = self._stack_tables(model, selected, plan)
         activations = self._plan_activations(model, selected, plan, hessians)
         equalized = self._equalize(model, selected, hessians)
         smoothing = self._apply_smoothing(model.graph, selected)
@@ -796,6 +807,8 @@ class Quantize(CompressionPass):
                 )
         order = {value.name or "weight": index for index, value in enumerate(selected)}
         tensors = dict(sorted(tensors.items(), key=lambda item: order[item[0]]))
+        for name, parts in stacked.items():
+            tensors[name]["stacked"] = parts
         for name, how in smoothing.items():
             tensors[name]["smoothing"] = how
         for name, next_layer in equalized.items():
@@ -868,6 +881,66 @@ class Quantize(CompressionPass):
             else:
                 selected[value] = uses
         return selected, skipped
+
+    def _stack_tables(
+        self, model: ir.Model, selected: dict[ir.Value, list[WeightUse]], plan: dict[ir.Value, int]
+    ) -> dict[str, list[str]]:
+        """Stack tables decoded at load that share a width, a dtype and their planned bits (under 8)
+        into one, split back into the tables after it is decoded (folded at load): one set of decode
+        nodes and row-scale parameters instead of one per table. Row-wise codes are the same stacked
+        or not.
+        Updates ``selected`` and ``plan`` in place; returns the stacks' names with the tables each
+        holds."""
+        config = self.config
+        if config.mixed or not config.stack_tables or model.opset_imports.get("", 1) < SPLIT_INPUT_OPSET:
+            return {}
+        graph = model.graph
+        groups: dict[tuple[int, ir.DataType, int, bool], list[ir.Value]] = {}
+        for value, uses in selected.items():
+            tensor = value.const_value
+            assert tensor is not None
+            shape = _static_shape(tensor)
+            if (
+                len(shape) == 2
+                and shape[1] >= NARROW_TABLE_WIDTH
+                and tensor.dtype.is_floating_point()
+                and tensor.nbytes < config.fold_tables_below
+                and 0 < plan[value] < 32
+                and self._pq_dims(shape, plan[value]) is None
+                and all(use.kind == "embedding" and use.node.op_type == "Gather" for use in uses)
+            ):
+                small = tensor.size < config.low_bit_min_elements
+                groups.setdefault((shape[1], tensor.dtype, plan[value], small), []).append(value)
+        stacked: dict[str, list[str]] = {}
+        for (width, _, bits, small), tables in _stacks_under(groups, config.fold_tables_below):
+            if len(tables) < 2:
+                continue
+            rows = np.array([_static_shape(table.const_value)[0] for table in tables], np.int64)  # type: ignore[arg-type]
+            if small and int(rows.sum()) * width >= config.low_bit_min_elements:
+                # Held at 8 bits for their size alone; stacked, they are one table of that size,
+                # in a stack of their own: their own row offsets and scales, which the few rows
+                # every example reads (gender, age) need.
+                bits = config.embedding_bits
+            if bits >= 8:
+                # 8-bit tables mostly take one scale each (enough at 8 bits); stacked, tables of
+                # different ranges would share one, or each row would pay for its own.
+                continue
+            names = [table.name or "table" for table in tables]
+            build = _Builder(graph, f"{names[0]}_stack")
+            stack = build.constant("rows", np.concatenate([table.const_value.numpy() for table in tables]))  # type: ignore[union-attr]
+            parts = build.multi("Split", [stack, build.constant("rows_each", rows)], outputs=len(tables), axis=0)
+            build.insert_before(_first(graph, [use for table in tables for use in selected[table]]))
+            for table, part in zip(tables, parts, strict=True):
+                for use in selected.pop(table):
+                    use.node.replace_input_with(use.input_index, part)
+                del plan[table]
+                graph.initializers.pop(table.name)  # type: ignore[arg-type]
+            split = parts[0].producer()
+            assert split is not None
+            selected[stack] = [WeightUse(split, 0, stack, "embedding", 0, None)]
+            plan[stack] = bits
+            stacked[stack.name or "stack"] = names
+        return stacked
 
     def _prepare_opset(self, model: ir.Model) -> bool:
         """Convert the model to opset 21 with the ONNX version converter (never just relabel it).
@@ -2235,6 +2308,24 @@ def _restore_output_blocks(quantized: QuantizedRows, channels: int, inputs: int)
 def _static_shape(tensor: ir.TensorProtocol) -> tuple[int, ...]:
     """An initializer's dimensions (always static) as plain ints."""
     return tuple(int(dim) for dim in tensor.shape.numpy())
+
+
+def _stacks_under(
+    groups: dict[tuple[int, ir.DataType, int, bool], list[ir.Value]], limit: int
+) -> Iterator[tuple[tuple[int, ir.DataType, int, bool], list[ir.Value]]]:
+    """Each group's tables in runs whose bytes together stay under ``limit`` (a stack is decoded at
+    load as its tables were)."""
+    for key, tables in groups.items():
+        run: list[ir.Value] = []
+        total = 0
+        for table in tables:
+            nbytes = int(table.const_value.nbytes)  # type: ignore[union-attr]
+            if run and total + nbytes >= limit:
+                yield key, run
+                run, total = [], 0
+            run.append(table)
+            total += nbytes
+        yield key, run
 
 
 def _is_table(uses: list[WeightUse]) -> bool:
