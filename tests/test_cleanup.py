@@ -328,8 +328,11 @@ def test_identical_constant_nodes_are_merged_and_outputs_stay_exact(tmp_path: Pa
     feeds = {"a": np.arange(3, dtype=np.float32), "b": np.ones(3, np.float32)}
     before = run_reference(model, tmp_path, feeds)
     result = Cleanup()(model)
-    assert result.stats["constants_merged"] == 1  # also_one; a graph output keeps its own node
-    assert op_types(model).count("Constant") == 3
+    assert result.stats["constants_merged"] == 1  # also_one; a graph output keeps its own node,
+    # until common subexpressions make the output the one node's value, under the output's name
+    assert result.stats["common_subexpressions"] == 1
+    assert op_types(model).count("Constant") == 2
+    assert [value.name for value in model.graph.outputs] == ["y", "bu", "z", "axes_out"]
     after = run_reference(model, tmp_path, feeds)
     for exact, merged in zip(before, after, strict=True):
         np.testing.assert_array_equal(exact, merged)
@@ -1292,3 +1295,31 @@ def test_a_middle_axis_sum_keeps_its_dims_and_larger_or_last_axis_sums_stay(tmp_
     for exact, rewritten in zip(expected, run_reference(model, tmp_path, feeds), strict=True):
         assert rewritten.shape == exact.shape
         np.testing.assert_allclose(rewritten, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_nodes_computing_the_same_thing_are_computed_once(tmp_path: Path) -> None:
+    """Two Relu of one input, and two Transpose of them alike, become one of each; a random op stays
+    as many as there are (each draws its own numbers)."""
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x) => (float[4,N] y, float[N,4] r, float[N,4] s) {
+          a = Relu(x)
+          b = Relu(x)
+          ta = Transpose <perm = [1, 0]> (a)
+          tb = Transpose <perm = [1, 0]> (b)
+          y = Add(ta, tb)
+          r = RandomNormalLike(x)
+          s = RandomNormalLike(x)
+        }
+        """
+    model = text_model(text)
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
+    (expected, *_) = run_reference(text_model(text), tmp_path, feeds)
+    stats = Cleanup()(model).stats
+    assert stats["common_subexpressions"] == 2
+    assert sorted(op_types(model)) == ["Add", "RandomNormalLike", "RandomNormalLike", "Relu", "Transpose"]
+    np.testing.assert_array_equal(run_reference(model, tmp_path, feeds)[0], expected)
+
+    model = text_model(text)
+    assert Cleanup(Cleanup.Config(common_subexpressions=False))(model).stats["common_subexpressions"] == 0
+    assert op_types(model).count("Relu") == 2

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import (
+    CommonSubexpressionEliminationPass,
     LiftConstantsToInitializersPass,
     RemoveUnusedFunctionsPass,
     RemoveUnusedNodesPass,
@@ -39,6 +40,7 @@ from onnxcompress.graph import (
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 from onnxcompress.passes.prune import remove_dead_units
+from onnxcompress.static_shapes import fold_shape_arithmetic
 
 __all__ = [
     "Cleanup",
@@ -1866,6 +1868,14 @@ class Cleanup(CompressionPass):
                 "layer made two columns wide, [-w, w] (scikit-learn MLPs; equal to float32 rounding)"
             },
         )
+        static_shapes: bool = field(
+            default=True,
+            metadata={
+                "help": "shape arithmetic whose values do not change with the input sizes becomes constants, "
+                "and a Reshape target that changes in one entry (the batch) a constant with -1 there "
+                "(TorchScript's attention); measured by running the shape nodes at four input sizes"
+            },
+        )
         concat_stacks: bool = field(
             default=True,
             metadata={
@@ -1890,6 +1900,13 @@ class Cleanup(CompressionPass):
         fuse_parallel: bool = field(
             default=True,
             metadata={"help": "make linear layers that read the same input one wider layer and a Split (Q/K/V)"},
+        )
+        common_subexpressions: bool = field(
+            default=True,
+            metadata={
+                "help": "compute once what several nodes compute alike (the same op on the same inputs: an "
+                "exporter's repeated Shape, Gather and Unsqueeze of one tensor)"
+            },
         )
         short_names: bool = field(
             default=False, metadata={"help": "drop node names and give internal values short names"}
@@ -1930,6 +1947,7 @@ class Cleanup(CompressionPass):
         remove_identities(model)
         bags = vectorize_bags(model, self.context.calibration) if self.config.vectorize_bags else {}
         squeezes = fold_static_squeezes(model)
+        shape_values, shape_targets = fold_shape_arithmetic(model) if self.config.static_shapes else (0, 0)
         stacks = concat_stacks(model) if self.config.concat_stacks else 0
         selections = gathers_as_selections(model) if self.config.select_columns else 0
         sums = sums_as_matmul(model) if self.config.sums_as_matmul else 0
@@ -1942,6 +1960,10 @@ class Cleanup(CompressionPass):
         RemoveUnusedFunctionsPass()(model)
         merged, merged_bytes = merge_identical_initializers(model) if self.config.merge_initializers else (0, 0)
         constants_merged = merge_identical_constants(model) if self.config.merge_initializers else 0
+        nodes_before_cse = len(model.graph)
+        if self.config.common_subexpressions:
+            CommonSubexpressionEliminationPass()(model)
+        common = nodes_before_cse - len(model.graph)
         RemoveUnusedNodesPass()(model)
         RemoveUnusedOpsetsPass()(model)
         lifted = 0
@@ -1966,6 +1988,7 @@ class Cleanup(CompressionPass):
             "initializers_removed": initializers_before - len(model.graph.initializers) - merged,
             "initializers_merged": merged,
             "constants_merged": constants_merged,
+            "common_subexpressions": common,
             "bytes_merged": merged_bytes,
             "affine_folded": affine,
             "linear_layers_fused": fused,
@@ -1977,6 +2000,8 @@ class Cleanup(CompressionPass):
             "contrib_ops_unfused": unfused,
             "weight_layouts_folded": weights_folded,
             "squeeze_ifs_folded": squeezes,
+            "shape_values_folded": shape_values,
+            "reshape_targets_folded": shape_targets,
             "stacks_concatenated": stacks,
             "column_gathers_as_matmul": selections,
             "sums_as_matmul": sums,
@@ -1995,6 +2020,7 @@ class Cleanup(CompressionPass):
             or stats["initializers_removed"]
             or merged
             or constants_merged
+            or common
             or stripped
             or renamed
             or lifted
@@ -2010,6 +2036,8 @@ class Cleanup(CompressionPass):
             or unfused
             or weights_folded
             or squeezes
+            or shape_values
+            or shape_targets
             or stacks
             or selections
             or sums
