@@ -136,6 +136,53 @@ def test_binary_weights_decode_by_testing_bits_against_masks(tmp_path: Path) -> 
     np.testing.assert_allclose(alpha, np.abs(weight).mean(axis=0), rtol=1e-3)  # the L2-optimal alpha
 
 
+def test_binary_weights_share_one_bit_stream_decoded_once_into_signs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three binary layers (20 outputs of 64 inputs: rows of 20 bits, not whole bytes) and a binary
+    table decoded at load: one packed stream, one BitwiseAnd, Cast and Where into signs, split
+    into each weight's, which a Reshape and a Mul by its alphas make the weight. The scores are
+    those of a decode per weight, bit for bit; the stream holds every sign once, unpadded."""
+    from onnxcompress.passes import quantize
+
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,64] x, int64[N] ids, float[64,20] w1, float[64,20] w2, float[64,20] w3, float[30,16] t)
+          => (float[N,20] y, float[N,16] e) {
+          h = MatMul(x, w1)
+          k = Gemm <transB = 1> (h, w2)
+          y = MatMul(k, w3)
+          e = Gather(t, ids)
+        }
+        """
+    rng = np.random.default_rng(6)
+    weights = {
+        "w1": rng.standard_normal((64, 20)),
+        "w2": rng.standard_normal((64, 20)),
+        "w3": rng.standard_normal((64, 20)),
+        "t": rng.standard_normal((30, 16)),
+    }
+    weights = {name: array.astype(np.float32) for name, array in weights.items()}
+    feeds = {"x": rng.standard_normal((5, 64)).astype(np.float32), "ids": np.arange(5)}
+    config = Quantize.Config(bits=1, embedding_bits=1)
+    shared = text_model(text, weights)
+    stats = Quantize(config)(shared).stats
+    assert stats["binary_weights_sharing_one_decode"] == 4
+    ops = [node.op_type for node in shared.graph]
+    assert ops.count("BitwiseAnd") == 1 and ops.count("Where") == 1 and "Neg" not in ops
+    assert ops.count("Mul") == 4
+    packed = [
+        value.const_value for value in shared.graph.initializers.values() if value.name.startswith("signs_packed")
+    ]
+    assert [tuple(tensor.shape) for tensor in packed] == [(-(-(3 * 64 * 20 + 30 * 16) // 8), 1)]  # every sign once
+    monkeypatch.setattr(quantize, "_share_sign_decoding", lambda graph: 0)
+    apart = text_model(text, weights)
+    Quantize(config)(apart)
+    assert [node.op_type for node in apart.graph].count("BitwiseAnd") == 4
+    for together, alone in zip(evaluate(shared, tmp_path, feeds), evaluate(apart, tmp_path, feeds), strict=True):
+        np.testing.assert_array_equal(together, alone)
+
+
 @pytest.mark.parametrize("bits", [8, 1])
 def test_gemm_weight_read_transposed_is_stored_as_inputs_by_outputs_with_a_scale_vector(
     bits: int, tmp_path: Path
