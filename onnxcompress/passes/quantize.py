@@ -818,7 +818,8 @@ class Quantize(CompressionPass):
                 "help": "tables decoded at load (under fold_tables_below) that share a width and their bits "
                 "(under 8) are stacked into one table, split after decoding: one set of decode nodes and "
                 "row scales; small tables held at 8 bits by low_bit_min_elements are stacked apart and "
-                "take embedding_bits when their stack reaches it (not with mixed)"
+                "take embedding_bits when their stack reaches it (with mixed: tables the search gave the "
+                "same bits)"
             },
         )
         low_bit_min_elements: int = field(
@@ -975,11 +976,11 @@ class Quantize(CompressionPass):
         """Stack tables decoded at load that share a width, a dtype and their planned bits (under 8)
         into one, split back into the tables after it is decoded (folded at load): one set of decode
         nodes and row-scale parameters instead of one per table. Row-wise codes are the same stacked
-        or not.
-        Updates ``selected`` and ``plan`` in place; returns the stacks' names with the tables each
-        holds."""
+        or not (with ``mixed``, the tables the search gave the same bits: their scale storage is then
+        chosen for the stack, which the parity gate checks). Updates ``selected`` and ``plan`` in
+        place; returns the stacks' names with the tables each holds."""
         config = self.config
-        if config.mixed or not config.stack_tables or model.opset_imports.get("", 1) < SPLIT_INPUT_OPSET:
+        if not config.stack_tables or model.opset_imports.get("", 1) < SPLIT_INPUT_OPSET:
             return {}
         graph = model.graph
         groups: dict[tuple[int, ir.DataType, int, bool], list[ir.Value]] = {}
