@@ -877,7 +877,8 @@ def test_product_codes_let_the_mixed_search_shrink_the_dlrm_further(tmp_path: Pa
         report = compress_with_preset("dlrm", "mixed", tmp_path / f"{codes}.onnx", f"quant.table_codes={codes}")
         assert report.parity.passed
         ratios[codes] = report.size_ratio
-    assert ratios["pq"] > 1.2 * ratios["scalar"]
+    # 10.13x against 8.97x (scalar tables with their row scales in a codebook: no longer 2 bytes a row)
+    assert ratios["pq"] > 1.1 * ratios["scalar"]
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
