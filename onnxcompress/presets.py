@@ -26,6 +26,19 @@ _FINAL_CLEANUP = {
 }
 
 
+#: The mixed-precision search and how its tables are stored: row scales in a codebook and offsets
+#: where they pay, as int4 stores its tables (over the sixteen models 9.41x -> 9.79x, geometric mean;
+#: SASRec-encoder (dynamo) 9.67x -> 10.17x; in max, dlrm 14.50x -> 15.02x, two-tower 6.60x -> 5.99x).
+_MIXED_QUANT = {
+    "mixed": True,
+    "granularity": "block",
+    "block_size": 32,
+    "table_codes": "pq",
+    "scale_codebook": True,
+    "embedding_symmetric": "auto",
+}
+
+
 @dataclass(frozen=True)
 class Preset:
     """A recipe: passes in order and a table of options per pass (labelled passes like
@@ -103,19 +116,7 @@ PRESETS: dict[str, Preset] = {
             "at 2 and 1 bits product-quantized, at 3 to 8 bits with row scales in a codebook and offsets "
             "where they pay",
             ("cleanup", "quant", "cleanup@final"),
-            {
-                # Scale codebooks and offsets where they pay, as int4 stores its tables: over the sixteen
-                # models 9.41x -> 9.79x (geometric mean), SASRec-encoder (dynamo) 9.67x -> 10.17x.
-                "quant": {
-                    "mixed": True,
-                    "granularity": "block",
-                    "block_size": 32,
-                    "table_codes": "pq",
-                    "scale_codebook": True,
-                    "embedding_symmetric": "auto",
-                },
-                "cleanup@final": _FINAL_CLEANUP,
-            },
+            {"quant": dict(_MIXED_QUANT), "cleanup@final": _FINAL_CLEANUP},
         ),
         Preset(
             "max",
@@ -141,13 +142,7 @@ PRESETS: dict[str, Preset] = {
                 # parity gate checks as a whole. A looser rank budget (0.997) took DeepFM to 46x at
                 # ΔAUC +0.0046 on test rows.
                 "quant": {
-                    "mixed": True,
-                    "granularity": "block",
-                    "block_size": 32,
-                    "table_codes": "pq",
-                    "scale_codebook": True,
-                    # dlrm 14.50x -> 15.02x, sasrec 8.79x -> 9.03x; two-tower 6.60x -> 5.99x
-                    "embedding_symmetric": "auto",
+                    **_MIXED_QUANT,
                     "mixed_min_cosine": 0.998,
                     # Without 3 bits: they took GRU4Rec from 7.5x to 8.9x but cost the EmbeddingBag
                     # DLRMs 6% of their ratio, and Wide&Deep crossed its AUC gate (-0.0033 at the
