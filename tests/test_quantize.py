@@ -171,6 +171,12 @@ def test_binary_weights_share_one_bit_stream_decoded_once_into_signs(
     ops = [node.op_type for node in shared.graph]
     assert ops.count("BitwiseAnd") == 1 and ops.count("Where") == 1 and "Neg" not in ops
     assert ops.count("Mul") == 4
+    reshapes = [
+        node for node in shared.graph if node.op_type == "Reshape" and node.inputs[0].producer().op_type == "Split"
+    ]
+    targets = {tuple(node.inputs[1].const_value.numpy()) for node in reshapes}
+    # one target a row width: w1 and w3 share theirs, w2 (read transposed) is stored in rows of 64
+    assert len(reshapes) == 4 and targets == {(-1, 20), (-1, 64), (-1, 16)}
     packed = [
         value.const_value for value in shared.graph.initializers.values() if value.name.startswith("signs_packed")
     ]

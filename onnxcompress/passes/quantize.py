@@ -525,7 +525,8 @@ def _share_sign_decoding(graph: ir.Graph) -> int:
     build.insert_before(next(iter(graph)))
     for chain, piece in zip(chains, pieces, strict=False):
         where = chain.nodes[0]
-        shape = build.constant("shape", np.array(chain.bits.shape, np.int64))
+        # [-1, width]: weights of one row width share the constant
+        shape = build.constant("shape", np.array([-1, chain.bits.shape[1]], np.int64))
         decoded = build.op("Mul", [build.op("Reshape", [piece, shape]), chain.alpha])
         build.insert_before(where)
         replace_value(chain.where, decoded)
