@@ -175,6 +175,8 @@ def test_binary_weights_share_one_bit_stream_decoded_once_into_signs(
         node for node in shared.graph if node.op_type == "Reshape" and node.inputs[0].producer().op_type == "Split"
     ]
     targets = {tuple(node.inputs[1].const_value.numpy()) for node in reshapes}
+    # nothing of the per-weight decodes is left to save (their packed bits, masks, slice bounds)
+    assert all(name.startswith("signs_") or "_scale" in name for name in shared.graph.initializers)
     # one target a row width: w1 and w3 share theirs, w2 (read transposed) is stored in rows of 64
     assert len(reshapes) == 4 and targets == {(-1, 20), (-1, 64), (-1, 16)}
     packed = [

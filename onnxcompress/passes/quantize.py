@@ -530,7 +530,11 @@ def _share_sign_decoding(graph: ir.Graph) -> int:
         decoded = build.op("Mul", [build.op("Reshape", [piece, shape]), chain.alpha])
         build.insert_before(where)
         replace_value(chain.where, decoded)
+        read = {value for node in chain.nodes for value in node.inputs if value is not None}
         graph.remove(list(chain.nodes), safe=True)
+        for value in read:  # the weight's packed bits and its decoding constants
+            if value.is_initializer() and not value.uses() and not value.is_graph_output():
+                graph.initializers.pop(value.name or "")
     return len(chains)
 
 
@@ -996,9 +1000,11 @@ class Quantize(CompressionPass):
                 and tensor.nbytes < config.fold_tables_below
                 and 0 < plan[value] < 32
                 and self._pq_dims(shape, plan[value]) is None
+                and not value.is_graph_output()
                 and all(use.kind == "embedding" and use.node.op_type == "Gather" for use in uses)
             ):
-                small = tensor.size < config.low_bit_min_elements
+                # The search plans every table's bits itself: the size rule is not applied then.
+                small = tensor.size < config.low_bit_min_elements and not config.mixed
                 groups.setdefault((shape[1], tensor.dtype, plan[value], small), []).append(value)
         stacked: dict[str, list[str]] = {}
         for (width, _, bits, small), tables in _stacks_under(groups, config.fold_tables_below):
