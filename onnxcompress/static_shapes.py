@@ -80,19 +80,21 @@ def shape_derived_values(graph: ir.Graph) -> list[ir.Value]:
 
 
 def _sample_shapes(model: ir.Model, round_index: int) -> tuple[dict[str, list[int]], int]:
-    """Concrete input shapes for one run: each symbolic dimension a size of its own."""
-    symbols: dict[str, int] = {}
+    """Concrete input shapes for one run: a symbolic first dimension is the batch, one size for every
+    input (tf2onnx names each input's batch apart: ``unk__6``, ``unk__7``); each other symbolic
+    dimension a size of its own."""
+    symbols: dict[str, int] = {"": 0}
     shapes: dict[str, list[int]] = {}
     base = SAMPLE_SIZES[round_index]
     for value in model.graph.inputs:
         if value.shape is None or value.is_initializer():
             continue
         dims = []
-        for dim in value.shape:
+        for axis, dim in enumerate(value.shape):
             if isinstance(dim, int):
                 dims.append(dim)
             else:
-                key = str(dim.value) if dim.value is not None else f"{value.name}/{len(dims)}"
+                key = "" if axis == 0 else str(dim.value) if dim.value is not None else f"{value.name}/{axis}"
                 symbols.setdefault(key, len(symbols))
                 dims.append(base + SYMBOL_STEP * symbols[key])
         shapes[value.name or ""] = dims

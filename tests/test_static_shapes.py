@@ -128,3 +128,31 @@ def test_a_model_that_cannot_run_at_the_sample_sizes_is_left_alone() -> None:
     model = text_model(text, {"fixed": np.array([4, 6]), "zero": np.array([0])})
     assert fold_shape_arithmetic(model) == (0, 0)
     assert [node.op_type for node in model.graph] == ["Reshape", "Shape", "Gather"]
+
+
+def test_inputs_whose_batch_axes_are_named_apart_are_sampled_at_one_batch_size(tmp_path: Path) -> None:
+    """tf2onnx names each input's batch dimension apart (unk__6, unk__7): they are one batch, so the
+    two inputs that are added together are sampled at one size and the target still folds."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[unk__6,6] x, float[unk__7,6] z, int64[1] zero, int64[1] three) => (float[M,3] y) {
+      t = Add(x, z)
+      s = Shape(t)
+      b = Gather(s, zero)
+      two = Add(b, b)
+      target = Concat <axis = 0> (two, three)
+      y = Reshape(t, target)
+    }
+    """
+    constants = {"zero": np.array([0]), "three": np.array([3])}
+    model = text_model(text, constants)
+    assert fold_shape_arithmetic(model) == (0, 1)
+    reshape = next(node for node in model.graph if node.op_type == "Reshape")
+    assert reshape.inputs[1].const_value.numpy().tolist() == [-1, 3]
+    rng = np.random.default_rng(0)
+    feeds = {key: rng.standard_normal((11, 6)).astype(np.float32) for key in ("x", "z")}
+    expected = runtime.make_session(save_model(text_model(text, constants), tmp_path / "a.onnx"), "disable").run(
+        None, feeds
+    )
+    got = runtime.make_session(save_model(model, tmp_path / "b.onnx"), "disable").run(None, feeds)
+    np.testing.assert_array_equal(got[0], expected[0])
