@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -22,6 +23,9 @@ import onnx_ir as ir
 from onnxcompress import runtime
 from onnxcompress.errors import InputModelError, UsageError
 from onnxcompress.graph import NO_WEIGHTS_HINT, constant_array
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = [
     "DEFAULT_DIM",
@@ -475,17 +479,7 @@ class Calibration:
     def iter_capture(self, model: ir.Model, values: Sequence[ir.Value]) -> Iterator[dict[str, np.ndarray]]:
         """Yield, batch by batch, the arrays of ``values`` (exposed as extra outputs) on the feeds."""
         names = [value.name for value in values]
-        if any(name is None for name in names):
-            raise ValueError("every captured value needs a name")
-        graph_outputs = list(model.graph.outputs)
-        added = [value for value in values if value not in graph_outputs]
-        for value in added:
-            model.graph.outputs.append(value)
-        try:
-            session = runtime.make_session(model, self.opt_level)
-        finally:
-            for value in added:
-                model.graph.outputs.remove(value)
+        session = session_reading(model, values, self.opt_level)
         for batch in runtime.batches(self.feeds.arrays, self.batch_size):
             yield runtime.run(session, batch, names, batch_size=None)  # type: ignore[arg-type]
 
@@ -496,6 +490,21 @@ class Calibration:
             for name, array in batch.items():
                 parts.setdefault(name, []).append(array)
         return {name: _join_batches(chunks) for name, chunks in parts.items()}
+
+
+def session_reading(model: ir.Model, values: Sequence[ir.Value], opt_level: str) -> ort.InferenceSession:
+    """An onnxruntime session on ``model`` with ``values`` (named) exposed as extra outputs; the
+    model is left as it was."""
+    if any(value.name is None for value in values):
+        raise ValueError("every captured value needs a name")
+    graph_outputs = list(model.graph.outputs)
+    added = [value for value in values if value not in graph_outputs]
+    model.graph.outputs.extend(added)
+    try:
+        return runtime.make_session(model, opt_level)
+    finally:
+        for value in added:
+            model.graph.outputs.remove(value)
 
 
 def _join_batches(chunks: list[np.ndarray]) -> np.ndarray:

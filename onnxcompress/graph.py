@@ -35,10 +35,10 @@ __all__ = [
     "weights_by_value",
 ]
 
-#: Why a model that stores no weights has nothing to compress and feeds that miss its parameters.
 #: From this opset Split takes its sizes as an input (before, as an attribute).
 SPLIT_INPUT_OPSET = 13
 
+#: Why a model that stores no weights has nothing to compress and feeds that miss its parameters.
 NO_WEIGHTS_HINT = (
     "the model stores no weights, so its parameters are graph inputs (torch.onnx.export(..., "
     "export_params=False)); re-export it with export_params=True"

@@ -18,8 +18,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import runtime
+from onnxcompress.calibration import session_reading, synthesize_feeds
 from onnxcompress.errors import CompressError
-from onnxcompress.graph import constant_array, constant_value, unique_name
+from onnxcompress.graph import constant_array, constant_value, is_constant_initializer, unique_name
 
 #: Each symbolic input dimension takes these sizes in turn (plus a step per symbol, so that no two
 #: symbols are ever equal): a value equal in all four runs is taken as static.
@@ -37,9 +38,8 @@ _RANDOM_OPS = frozenset({"RandomUniform", "RandomNormal", "RandomUniformLike", "
 
 
 def _is_constant(value: ir.Value) -> bool:
-    if value.is_graph_input():
-        return False
-    if value.const_value is not None:
+    """What :func:`constant_array` reads, without reading it."""
+    if is_constant_initializer(value):
         return True
     producer = value.producer()
     return producer is not None and producer.op_type == "Constant" and producer.domain in _STANDARD
@@ -104,18 +104,11 @@ def _sample_shapes(model: ir.Model, round_index: int) -> tuple[dict[str, list[in
 def _sampled(model: ir.Model, values: Sequence[ir.Value]) -> list[dict[str, np.ndarray]] | None:
     """The arrays of ``values`` on synthesized inputs at each of the sample sizes, or None when the
     model cannot be run that way (its own shapes fixed, inputs it cannot synthesize)."""
-    from onnxcompress.calibration import synthesize_feeds
-
     names = [value.name or "" for value in values]
-    added = [value for value in values if not value.is_graph_output()]
-    model.graph.outputs.extend(added)
     try:
-        session = runtime.make_session(model, "disable")
+        session = session_reading(model, values, "disable")
     except CompressError:
         return None
-    finally:
-        for value in added:
-            model.graph.outputs.remove(value)
     samples = []
     for round_index in range(len(SAMPLE_SIZES)):
         shapes, rows = _sample_shapes(model, round_index)

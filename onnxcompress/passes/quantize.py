@@ -149,6 +149,8 @@ PQ_MIN_ROWS = 256
 #: ``code_planes``, and of or-ing two planes together; 8 and 4 bits are read without unpacking.
 #: Measured on DeepFM's linear layers: 2 bits 190 bytes a weight more than 4 bits, 3 bits 470.
 UNPACK_PLANE_BYTES = 190
+#: Binary codes are tested bit by bit against these (position i of a byte: 1 << i).
+BIT_MASKS = (1 << np.arange(8)).astype(np.uint8)
 PLANE_JOIN_BYTES = 90
 
 
@@ -437,7 +439,7 @@ def _decode_signs(build: _Builder, stored: _Stored, rows: ir.Value, scale: ir.Va
     """Binary rows: each packed bit picks ``+alpha`` or ``-alpha`` of its row. The bits are tested
     with a mask per position and read as booleans (``Where``), which takes fewer nodes than
     shifting them down and computing ``(2 * bit - 1) * alpha``."""
-    masks = build.constant("bit_masks", (1 << np.arange(8)).astype(np.uint8))
+    masks = build.constant("bit_masks", BIT_MASKS)
     flat = build.op("Reshape", [build.op("BitwiseAnd", [rows, masks]), build.constant("merge", np.array([0, -1]))])
     if stored.elements % 8:
         start = build.constant("start", np.array([0], np.int64))
@@ -486,7 +488,7 @@ def _sign_chain(where: ir.Node) -> _SignChain | None:
     packed, masks = (constant_array(value) for value in masked.inputs)
     if packed is None or masks is None or packed.dtype != np.uint8 or packed.ndim != 3:
         return None
-    if not np.array_equal(masks, (1 << np.arange(8)).astype(np.uint8)):
+    if not np.array_equal(masks, BIT_MASKS):
         return None
     nodes += [reshape, masked]
     if any(len(output.uses()) != 1 or output.is_graph_output() for node in nodes[1:] for output in node.outputs):
@@ -505,10 +507,11 @@ def _share_sign_decoding(graph: ir.Graph) -> int:
         return 0
     stream = np.concatenate([chain.bits.reshape(-1) for chain in chains])
     padding = -stream.size % 8
-    masks = (1 << np.arange(8)).astype(np.uint8)
-    packed = (np.concatenate([stream, np.zeros(padding, bool)]).reshape(-1, 8) * masks).sum(axis=1, dtype=np.uint8)
+    packed = (np.concatenate([stream, np.zeros(padding, bool)]).reshape(-1, 8) * BIT_MASKS).sum(axis=1, dtype=np.uint8)
     build = _Builder(graph, "signs")
-    masked = build.op("BitwiseAnd", [build.constant("packed", packed.reshape(-1, 1)), build.constant("masks", masks)])
+    masked = build.op(
+        "BitwiseAnd", [build.constant("packed", packed.reshape(-1, 1)), build.constant("masks", BIT_MASKS)]
+    )
     signs = build.op(
         "Where",
         [
