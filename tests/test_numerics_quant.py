@@ -492,3 +492,34 @@ def test_static_activation_range_clips_a_heavy_tail_and_keeps_zero_exact() -> No
 
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": x})[0], chosen.fake_quantize(x), rtol=0, atol=1e-6)
+
+
+def test_alpha_codebook_is_the_best_choice_of_entries_for_the_summed_squared_log_ratio() -> None:
+    """Brute force over every way to cut nine weighted alphas (sorted) into three runs, each run's
+    entry its weighted mean in log: the codebook's error is the smallest; each alpha takes its
+    nearest entry (in log); an alpha alone keeps its own value."""
+    import itertools
+
+    from onnxcompress.numerics.quant import alpha_codebook
+
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        alphas = rng.lognormal(0, 1, 9)
+        weights = rng.integers(1, 5, 9).astype(np.float64)
+        logs = np.log(alphas)
+        order = np.argsort(logs)
+        best = min(
+            sum(
+                float((weights[run] * (logs[run] - np.average(logs[run], weights=weights[run])) ** 2).sum())
+                for run in np.split(order, cuts)
+            )
+            for cuts in itertools.combinations(range(1, 9), 2)
+        )
+        codebook, index = alpha_codebook(alphas, weights, 3, np.float64)
+        assert codebook.shape == (3,) and np.all(np.diff(codebook) > 0)
+        taken = np.log(codebook[index])
+        assert float((weights * (taken - logs) ** 2).sum()) == pytest.approx(best, rel=1e-9)
+        nearest = np.abs(np.log(codebook)[None, :] - logs[:, None]).argmin(axis=1)
+        np.testing.assert_array_equal(index, nearest)
+    codebook, index = alpha_codebook(np.array([0.25, 0.25, 3.0]), np.ones(3), 16, np.float16)
+    np.testing.assert_array_equal(codebook[index], np.array([0.25, 0.25, 3.0], np.float16))

@@ -183,12 +183,64 @@ def test_binary_weights_share_one_bit_stream_decoded_once_into_signs(
         value.const_value for value in shared.graph.initializers.values() if value.name.startswith("signs_packed")
     ]
     assert [tuple(tensor.shape) for tensor in packed] == [(-(-(3 * 64 * 20 + 30 * 16) // 8), 1)]  # every sign once
-    monkeypatch.setattr(quantize, "_share_sign_decoding", lambda graph: 0)
+    monkeypatch.setattr(quantize, "_share_sign_decoding", lambda graph: [])
     apart = text_model(text, weights)
     Quantize(config)(apart)
     assert [node.op_type for node in apart.graph].count("BitwiseAnd") == 4
     for together, alone in zip(evaluate(shared, tmp_path, feeds), evaluate(apart, tmp_path, feeds), strict=True):
         np.testing.assert_array_equal(together, alone)
+
+
+@pytest.mark.parametrize(("outputs", "coded"), [(64, 3), (8, 0)])
+def test_binary_alphas_share_one_codebook_of_sixteen_where_it_pays(outputs: int, coded: int, tmp_path: Path) -> None:
+    """Three binary layers' alphas (one a column) become 4-bit indices into one codebook of 16
+    decoded once, each alpha the entry nearest its own (signs unchanged), from 96 alphas (192 here;
+    80 stay float16). The table's alphas (one a row, [rows, 1]) stay apart."""
+    from onnxcompress.passes.quantize import ALPHA_CODEBOOK_MIN
+
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,64] x, int64[N] ids, float[64,{outputs}] w1, float[{outputs},64] w2, float[64,{outputs}] w3,
+           float[30,16] t) => (float[N,{outputs}] y, float[N,16] e) {{
+          h = MatMul(x, w1)
+          k = MatMul(h, w2)
+          y = MatMul(k, w3)
+          e = Gather(t, ids)
+        }}
+        """
+    rng = np.random.default_rng(7)
+    weights = {
+        "w1": rng.standard_normal((64, outputs)) * rng.lognormal(0, 0.3, outputs),
+        "w2": rng.standard_normal((outputs, 64)) * rng.lognormal(0, 0.3, 64),
+        "w3": rng.standard_normal((64, outputs)) * rng.lognormal(0, 0.3, outputs),
+        "t": rng.standard_normal((30, 16)),
+    }
+    weights = {name: array.astype(np.float32) for name, array in weights.items()}
+    model = text_model(text, weights)
+    config = Quantize.Config(bits=1, embedding_bits=1, scale_codebook=True, low_bit_min_elements=0)
+    stats = Quantize(config)(model).stats
+    assert stats.get("binary_alphas_in_one_codebook", 0) == coded
+    assert (outputs * 2 + 64 >= ALPHA_CODEBOOK_MIN) == bool(coded)
+    indices = [value for value in model.graph.initializers.values() if value.name.startswith("alphas_index")]
+    if not coded:
+        assert not indices
+        return
+    (index,) = indices
+    assert index.const_value.dtype == ir.DataType.UINT4 and tuple(index.const_value.shape) == (2 * outputs + 64,)
+    (codebook,) = [value for value in model.graph.initializers.values() if value.name.startswith("alphas_codebook")]
+    book = codebook.const_value.numpy().astype(np.float64)
+    assert book.shape == (16,)
+    assert [node.op_type for node in model.graph].count("Gather") == 2  # the codebook's and the table's
+    # the model computes each layer as its signs times the entry nearest (in log) its own alpha
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    got, _ = evaluate(model, tmp_path, {"x": x, "ids": np.arange(5)})
+    expected = x.astype(np.float64)
+    for name in ("w1", "w2", "w3"):
+        alpha = np.abs(weights[name]).mean(axis=0)
+        taken = book[np.abs(np.log(book)[:, None] - np.log(alpha)[None]).argmin(axis=0)]
+        assert np.all(np.abs(taken / alpha - 1) < 0.1)
+        expected = expected @ (np.where(weights[name] >= 0, 1.0, -1.0) * taken)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("bits", [8, 1])

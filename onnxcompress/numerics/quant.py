@@ -7,6 +7,7 @@ dequantized value is ``r = s * (q - z)`` (ONNX DequantizeLinear).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ import numpy as np
 __all__ = [
     "QuantizedRows",
     "RowSource",
+    "alpha_codebook",
     "binarize_rows",
     "cheapest_scale_storage",
     "code_planes",
@@ -25,6 +27,7 @@ __all__ = [
     "gptq_quantize",
     "gptq_quantize_output_blocks",
     "int8_requantize",
+    "nearest_in_log",
     "pack_codes",
     "packed_width",
     "quantize_rows",
@@ -321,6 +324,69 @@ def _snap_scales(
     return codebook[index].astype(np.float64).reshape(scales.shape), codebook, index
 
 
+def nearest_in_log(codebook: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """uint8 index of the entry of ascending ``codebook`` nearest in log to each of ``scales``."""
+    log_book = np.log(codebook.astype(np.float64))
+    log_scales = np.log(np.maximum(np.asarray(scales, dtype=np.float64), 1e-300))
+    position = np.clip(np.searchsorted(log_book, log_scales), 1, len(codebook) - 1)
+    nearer_below = log_scales - log_book[position - 1] <= log_book[position] - log_scales
+    return np.where(nearer_below, position - 1, position).astype(np.uint8)
+
+
+def alpha_codebook(
+    alphas: np.ndarray, weights: np.ndarray, size: int = SMALL_SCALE_CODEBOOK_SIZE, dtype: Any = np.float16
+) -> tuple[np.ndarray, np.ndarray]:
+    """A codebook of ``size`` entries for binary alphas and each alpha's uint8 index into it.
+
+    The entries minimise the summed squared log ratio between each alpha and its entry, weighted by
+    ``weights`` (the signs an alpha multiplies): an alpha off by a ratio adds error in proportion
+    to its own size, like a float's rounding. Optimal 1-D k-means by dynamic programming over the
+    alphas binned on a 256-step log grid; each alpha takes the entry nearest in log."""
+    logs = np.log(np.asarray(alphas, dtype=np.float64).reshape(-1))
+    counts = np.broadcast_to(np.asarray(weights, dtype=np.float64), logs.shape)
+    grid = np.linspace(logs.min(), logs.max(), SCALE_CODEBOOK_SIZE)
+    bins = _nearest(grid, logs)
+    mass = np.bincount(bins, weights=counts, minlength=len(grid))
+    live = mass > 0
+    mass, first, second = (
+        mass[live],
+        np.bincount(bins, weights=counts * logs, minlength=len(grid))[live],
+        np.bincount(bins, weights=counts * logs**2, minlength=len(grid))[live],
+    )
+    prefix = [np.concatenate([[0.0], np.cumsum(part)]) for part in (mass, first, second)]
+    count = len(mass)
+    index = np.arange(count)
+    # spread[a, b]: squared log distance of bins a..b (inclusive) from their weighted mean
+    total, linear, square = (part[index[None, :] + 1] - part[index[:, None]] for part in prefix)
+    spread = np.where(index[:, None] <= index[None, :], square - linear**2 / np.maximum(total, 1e-300), np.inf)
+    cost = spread[0]  # cost[b]: bins 0..b in the entries so far, at their best
+    starts: list[np.ndarray] = []
+    for _ in range(1, min(size, count)):
+        options = np.full((count, count), np.inf)
+        options[1:] = cost[:-1, None] + spread[1:]  # the new entry takes bins a..b, the others 0..a-1
+        starts.append(options.argmin(axis=0))
+        cost = options[starts[-1], index]
+    bounds = [count]
+    for start in reversed(starts):
+        bounds.append(int(start[bounds[-1] - 1]))
+    bounds = sorted({0, *bounds})
+    centres = np.array(
+        [
+            (prefix[1][stop] - prefix[1][begin]) / (prefix[0][stop] - prefix[0][begin])
+            for begin, stop in itertools.pairwise(bounds)
+        ]
+    )
+    codebook = np.unique(np.exp(centres).astype(dtype))
+    return codebook, _nearest(np.log(codebook.astype(np.float64)), logs).astype(np.uint8)
+
+
+def _nearest(ascending: np.ndarray, values: np.ndarray) -> np.ndarray:
+    position = np.clip(np.searchsorted(ascending, values), 1, max(len(ascending) - 1, 1))
+    below = ascending[position - 1]
+    above = ascending[np.minimum(position, len(ascending) - 1)]
+    return np.where(values - below <= above - values, position - 1, np.minimum(position, len(ascending) - 1))
+
+
 def with_scale_codebook(rows: Any, quantized: QuantizedRows, size: int = SCALE_CODEBOOK_SIZE) -> QuantizedRows:
     """``quantized`` with each row's scale replaced by a codebook entry, stored as a uint8 index
     (entries log-spaced; a codebook smaller than 256 is fitted to the scales).
@@ -337,10 +403,7 @@ def with_scale_codebook(rows: Any, quantized: QuantizedRows, size: int = SCALE_C
     else:
         codebook = scale_codebook(scales, size, quantized.scale.dtype)
     if quantized.bits == 1:
-        log_book, log_scales = np.log(codebook.astype(np.float64)), np.log(np.maximum(scales, 1e-300))
-        position = np.clip(np.searchsorted(log_book, log_scales), 1, len(codebook) - 1)
-        nearer_below = log_scales - log_book[position - 1] <= log_book[position] - log_scales
-        index = np.where(nearer_below, position - 1, position).astype(np.uint8)
+        index = nearest_in_log(codebook, scales)
         return replace(quantized, scale=codebook[index], codebook=codebook, scale_index=index)
     index = _index_at_least(codebook, scales)
     snapped = codebook[index].astype(np.float64)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from onnxcompress.numerics.quant import (
     ActivationPlan,
     QuantizedRows,
     StaticActivation,
+    alpha_codebook,
     binarize_rows,
     cheapest_scale_storage,
     code_planes,
@@ -115,6 +117,9 @@ SEARCH_MAX_ELEMENTS = 1 << 24
 #: Tables with fewer rows keep float16 scales: the byte a codebook saves per row must repay its
 #: 512-byte table and the decoding nodes (about 560 rows), with a margin.
 CODEBOOK_MIN_ROWS = 768
+#: Binary weights' alphas (one float16 a column) go into one 16-entry codebook from this many: 4
+#: bits an alpha, with a 32-byte codebook and four decode nodes (about 90 bytes) to pay for.
+ALPHA_CODEBOOK_MIN = 96
 #: GPTQ rounds in act-order only when its ``X^T X`` rests on this many calibration rows per input,
 #: and not under the mixed-precision search: act-order fits the calibration rows closer than it
 #: fits test rows where they are few (512 rows for the wide DLRM's 1024 inputs), and the search,
@@ -497,14 +502,15 @@ def _sign_chain(where: ir.Node) -> _SignChain | None:
     return _SignChain(where.outputs[0], alpha, bits[:, :elements] if elements is not None else bits, tuple(nodes))
 
 
-def _share_sign_decoding(graph: ir.Graph) -> int:
+def _share_sign_decoding(graph: ir.Graph) -> list[tuple[ir.Value, int]]:
     """Binary weights decoded at load, each by five nodes of its own, become one bit stream decoded
     once into signs (BitwiseAnd, Cast, Where, Reshape, Split) and, per weight, a Reshape and a Mul by
     its alphas: 14 bytes of graph fewer a weight, and no row padding to whole bytes. The values are
-    the same (a sign times alpha is exact). Returns how many weights share the stream."""
+    the same (a sign times alpha is exact). Returns the alphas of the weights that share the stream,
+    each with its weight's number of signs."""
     chains = [chain for node in graph if node.op_type == "Where" and (chain := _sign_chain(node)) is not None]
     if len(chains) < 2:
-        return 0
+        return []
     stream = np.concatenate([chain.bits.reshape(-1) for chain in chains])
     padding = -stream.size % 8
     packed = (np.concatenate([stream, np.zeros(padding, bool)]).reshape(-1, 8) * BIT_MASKS).sum(axis=1, dtype=np.uint8)
@@ -538,7 +544,62 @@ def _share_sign_decoding(graph: ir.Graph) -> int:
         for value in read:  # the weight's packed bits and its decoding constants
             if value.is_initializer() and not value.uses() and not value.is_graph_output():
                 graph.initializers.pop(value.name or "")
-    return len(chains)
+    return [(chain.alpha, chain.bits.size) for chain in chains]
+
+
+def _stored_alphas(alpha: ir.Value, readers: int) -> tuple[np.ndarray, list[ir.Node]] | None:
+    """A binary weight's alphas when they are one per column, stored as floats on their own and read
+    by nothing but the ``readers`` sign decodes: the values (as stored) and the Cast to float32 that
+    reads them, if any."""
+    if len(alpha.uses()) != readers:
+        return None
+    cast = alpha.producer()
+    casts = [cast] if cast is not None and cast.op_type == "Cast" else []
+    stored = casts[0].inputs[0] if casts else alpha
+    values = constant_array(stored)
+    if stored is None or values is None or values.ndim != 1 or values.dtype.kind != "f" or np.any(values <= 0):
+        return None
+    if alpha.is_graph_output() or (casts and len(stored.uses()) != 1):
+        return None
+    return values, casts
+
+
+def _alphas_from_one_codebook(graph: ir.Graph, alphas: Sequence[tuple[ir.Value, int]]) -> int:
+    """Binary weights' alphas, one float per column (two bytes each), become 4-bit indices into one
+    codebook of 16 fitted to all of them (:func:`alpha_codebook`), decoded once (Cast, Gather,
+    Cast, Split). Only where at least ``ALPHA_CODEBOOK_MIN`` alphas share it, below which the
+    decode nodes cost more than the indices save. ``alphas``: each with its weight's number of
+    signs. Returns how many weights read the codebook."""
+    readers = Counter(alpha for alpha, _ in alphas)
+    signs = dict(alphas)
+    found = [(alpha, stored) for alpha in readers if (stored := _stored_alphas(alpha, readers[alpha])) is not None]
+    values = [stored[0] for _, stored in found]
+    if len(found) < 2 or sum(len(part) for part in values) < ALPHA_CODEBOOK_MIN:
+        return 0
+    codebook, index = alpha_codebook(
+        np.concatenate([part.astype(np.float64) for part in values]),
+        np.concatenate(
+            [np.full(len(part), signs[alpha] / len(part)) for (alpha, _), part in zip(found, values, strict=True)]
+        ),
+    )
+    build = _Builder(graph, "alphas")
+    stored_index = build.constant("index", index.astype(ml_dtypes.uint4), ir.DataType.UINT4)
+    looked_up = build.op(
+        "Gather", [build.constant("codebook", codebook), build.op("Cast", [stored_index], to=ir.DataType.INT32)], axis=0
+    )
+    sizes = build.constant("sizes", np.array([len(part) for part in values], np.int64))
+    pieces = build.multi(
+        "Split", [build.op("Cast", [looked_up], to=ir.DataType.FLOAT), sizes], outputs=len(found), axis=0
+    )
+    build.insert_before(next(iter(graph)))
+    for (alpha, (_, casts)), piece in zip(found, pieces, strict=True):
+        read = [value for node in casts for value in node.inputs if value is not None]
+        replace_value(alpha, piece)
+        graph.remove(casts, safe=True)
+        for value in read or [alpha]:
+            if value.is_initializer() and not value.uses():
+                graph.initializers.pop(value.name or "")
+    return len(found)
 
 
 def _position(graph: ir.Graph, node: ir.Node) -> int:
@@ -907,7 +968,8 @@ class Quantize(CompressionPass):
             tensors[name]["smoothing"] = how
         for name, next_layer in equalized.items():
             tensors[name]["equalized_into"] = next_layer
-        shared_signs = _share_sign_decoding(model.graph)
+        shared_alphas = _share_sign_decoding(model.graph)
+        coded_alphas = _alphas_from_one_codebook(model.graph, shared_alphas) if self.config.scale_codebook else 0
         halved = _store_floats_as_float16(model.graph) if self.config.float_storage == "float16" else {}
         before = sum(entry["bytes_before"] for entry in tensors.values()) + sum(halved.values())
         after = sum(entry["bytes_after"] for entry in tensors.values()) + sum(halved.values()) // 2
@@ -917,7 +979,8 @@ class Quantize(CompressionPass):
             "bytes_after": after,
             "ratio": round(before / max(after, 1), 3),
             "float16_tensors": len(halved),
-            **({"binary_weights_sharing_one_decode": shared_signs} if shared_signs else {}),
+            **({"binary_weights_sharing_one_decode": len(shared_alphas)} if shared_alphas else {}),
+            **({"binary_alphas_in_one_codebook": coded_alphas} if coded_alphas else {}),
             "integer_layers": sum(entry.get("form") == "dynamic" for entry in tensors.values()),
             **({"mixed_precision": search} if search else {}),
             **({"activations": activations} if activations else {}),
