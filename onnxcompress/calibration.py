@@ -483,6 +483,125 @@ class Calibration:
         for batch in runtime.batches(self.feeds.arrays, self.batch_size):
             yield runtime.run(session, batch, names, batch_size=None)  # type: ignore[arg-type]
 
+    def lookup_hessians(self, model: ir.Model, tables: Sequence[str], budget: float) -> dict[str, np.ndarray]:
+        """For each table (an initializer read only by Gathers on axis 0): ``H`` ``[width, width]``,
+        the mean over calibration rows of ``sum g g^T`` over every float output and every row the
+        table's Gathers look up for the example, where ``g`` is the gradient of the output with
+        respect to that looked-up row. ``delta^T H delta`` is then how much a change ``delta`` of a
+        looked-up row moves the outputs, squared, to first order.
+
+        Gradients by forward differences, one column at a time, on the first
+        ``LOOKUP_HESSIAN_ROWS`` calibration rows. A Gather that looks up several rows an example (a
+        history, DeepFM's fields) moves each apart in its own copy of the rows when it looks up
+        ``EXACT_POSITIONS`` at most; otherwise ``SIGN_PROBES`` copies move every position at once
+        with random signs, whose cross terms cancel in expectation (``E[s_p s_q] = 0``).
+
+        Tables are taken largest first while the rows run (one run a column and one more, copies
+        included) times the model's bytes of weights, a rough measure of the work, fit in
+        ``budget``."""
+        feeds = self.feeds.head(LOOKUP_HESSIAN_ROWS)
+        rows = feeds.rows
+        names = set(tables)
+        readers = {
+            name: [node for node, _ in value.uses()]
+            for name, value in model.graph.initializers.items()
+            if name in names
+            and value.const_value is not None
+            and all(_gathers_rows(node, index) for node, index in value.uses())
+        }
+        looked_up = [node.outputs[0] for nodes in readers.values() for node in nodes]
+        if not looked_up:
+            return {}
+        session = session_reading(model, looked_up, self.opt_level)
+        shapes = {
+            name: array.shape
+            for name, array in runtime.run(session, feeds.arrays, [v.name for v in looked_up], None).items()  # type: ignore[misc]
+        }
+        arrays = {name: model.graph.initializers[name].const_value.numpy() for name in readers}  # type: ignore[union-attr]
+        chosen: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+        model_bytes = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
+        spent = 0
+        for name in sorted(readers, key=lambda name: -arrays[name].size):
+            width = arrays[name].shape[1]
+            outputs = [(node.outputs[0].name or "", shapes[node.outputs[0].name or ""]) for node in readers[name]]
+            if any(shape[0] != rows or shape[-1] != width for _, shape in outputs):
+                continue
+            cost = sum((width + 1) * rows * _copies(math.prod(shape[1:-1])) for _, shape in outputs) * model_bytes
+            if spent + cost > budget:
+                continue
+            spent += cost
+            chosen[name] = outputs
+        if not chosen:
+            return {}
+        copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        produced = {output.name: (node, output) for node in copy.graph for output in node.outputs}
+        for name, outputs in chosen.items():
+            dtype = ir.DataType.from_numpy(arrays[name].dtype)
+            for output_name, shape in outputs:
+                node, value = produced[output_name]
+                delta = ir.Value(
+                    name=f"{output_name}__delta", shape=ir.Shape([None] * len(shape)), type=ir.TensorType(dtype)
+                )
+                copy.graph.inputs.append(delta)
+                uses = list(value.uses())
+                moved = ir.node("Add", [value, delta])
+                for user, slot in uses:
+                    user.replace_input_with(slot, moved.outputs[0])
+                copy.graph.insert_after(node, moved)
+        session = runtime.make_session(copy, self.opt_level)
+        floats = ("tensor(float)", "tensor(double)", "tensor(float16)")
+        scored = [output.name for output in session.get_outputs() if output.type in floats]
+        every = [(output_name, shape) for outputs in chosen.values() for output_name, shape in outputs]
+        rng = np.random.default_rng(0)
+        hessians = {}
+        for name, outputs in chosen.items():
+            values = arrays[name]
+            width = values.shape[1]
+            step = 1e-2 * float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) or 1e-3
+            hessian = np.zeros((width, width))
+            for output_name, shape in outputs:
+                positions = math.prod(shape[1:-1])
+                copies = _copies(positions)
+                # Per copy and row, each position's factor: 1 for the copy's own position (exact),
+                # else a random sign, drawn per row so that cross terms cancel over the rows too.
+                signs = (
+                    np.broadcast_to(np.eye(positions)[:, None, :], (copies, rows, positions))
+                    if copies == positions
+                    else rng.choice(np.array([-1.0, 1.0]), size=(copies, rows, positions))
+                )
+                tiled = {
+                    key: np.concatenate([array] * copies) if array.ndim else array
+                    for key, array in feeds.arrays.items()
+                }
+                inputs = {
+                    **tiled,
+                    **{
+                        f"{other}__delta": np.zeros((rows * copies, *other_shape[1:]), values.dtype)
+                        for other, other_shape in every
+                    },
+                }
+                moved_input = f"{output_name}__delta"
+                base = self._scores(session, scored, inputs, rows * copies)
+                gradients = []
+                for column in range(width):
+                    move = np.zeros((copies, rows, positions, width), values.dtype)
+                    move[:, :, :, column] = step * signs
+                    move = move.reshape(rows * copies, *shape[1:])
+                    response = self._scores(session, scored, {**inputs, moved_input: move}, rows * copies)
+                    gradients.append((response - base) / step)
+                stacked = np.stack(gradients, axis=-1).reshape(-1, width)  # [copies * rows * outputs, width]
+                # random-sign copies each see every position: averaged over the copies
+                hessian += stacked.T @ stacked / (1 if copies == positions else copies)
+            hessians[name] = hessian / rows
+        return hessians
+
+    @staticmethod
+    def _scores(session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray], rows: int) -> np.ndarray:
+        """The float outputs with one row per example, side by side, as float64."""
+        results = runtime.run(session, feeds, names, batch_size=None)
+        kept = [array.reshape(rows, -1) for array in results.values() if array.shape[:1] == (rows,)]
+        return np.concatenate(kept, axis=1).astype(np.float64) if kept else np.zeros((rows, 0))
+
     def capture(self, model: ir.Model, values: Sequence[ir.Value]) -> dict[str, np.ndarray]:
         """The arrays of ``values`` over all calibration rows (keep the list short: it is all in memory)."""
         parts: dict[str, list[np.ndarray]] = {}
@@ -490,6 +609,32 @@ class Calibration:
             for name, array in batch.items():
                 parts.setdefault(name, []).append(array)
         return {name: _join_batches(chunks) for name, chunks in parts.items()}
+
+
+#: Calibration rows the lookup Hessians are measured on (the first ones).
+LOOKUP_HESSIAN_ROWS = 512
+#: A Gather looking up up to this many rows an example moves each in its own copy of the rows;
+#: beyond, ``SIGN_PROBES`` copies move them all with random signs. Against one copy a position
+#: (SASRec's 20-item history: 17.6 s), its Hessian within 4% (Frobenius) in 2.8 s; with 2 probes
+#: DeepFM's seven fields, whose gradients move together, were off by 100%, with 4 by 2%.
+EXACT_POSITIONS = 8
+SIGN_PROBES = 4
+
+
+def _copies(positions: int) -> int:
+    """Copies of the rows a Gather's differences run on: one per position, or the sign probes."""
+    return positions if positions <= EXACT_POSITIONS else SIGN_PROBES
+
+
+def _gathers_rows(node: ir.Node, index: int) -> bool:
+    """``node`` looks rows up in its input ``index`` (a Gather's data, axis 0) and its result is not a
+    graph output."""
+    return (
+        node.op_type == "Gather"
+        and index == 0
+        and node.attributes.get_int("axis", 0) == 0
+        and not node.outputs[0].is_graph_output()
+    )
 
 
 def session_reading(model: ir.Model, values: Sequence[ir.Value], opt_level: str) -> ort.InferenceSession:

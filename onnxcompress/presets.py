@@ -28,12 +28,14 @@ _FINAL_CLEANUP = {
 
 #: The mixed-precision search and how its tables are stored: row scales in a codebook and offsets
 #: where they pay, as int4 stores its tables (over the sixteen models 9.41x -> 9.79x, geometric mean;
-#: SASRec-encoder (dynamo) 9.67x -> 10.17x; in max, dlrm 14.50x -> 15.02x, two-tower 6.60x -> 5.99x).
+#: SASRec-encoder (dynamo) 9.67x -> 10.17x; in max, dlrm 14.50x -> 15.02x, two-tower 6.60x -> 5.99x);
+#: at 2 bits product codes or scalar rows, whichever moves the outputs less (GRU4Rec 9.15x -> 12.47x;
+#: DLRM keeps product codes for its 1-bit item table).
 _MIXED_QUANT = {
     "mixed": True,
     "granularity": "block",
     "block_size": 32,
-    "table_codes": "pq",
+    "table_codes": "auto",
     "scale_codebook": True,
     "embedding_symmetric": "auto",
 }
@@ -88,9 +90,9 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "int4",
             "4-bit weights: linear layers in blocks of 32 with GPTQ on calibration data (integer kernels "
-            "where faster, rounded to int8 at load), tables per row (offsets dropped where they cost more "
-            "than they buy); scales of weights with 768+ of them in a codebook; weights under 512 values "
-            "at 8 bits",
+            "where faster, rounded to int8 at load), tables per row rounded against how the outputs read them "
+            "(offsets dropped where they cost more than they buy); scales of weights with 768+ of them in a "
+            "codebook; weights under 512 values at 8 bits",
             ("cleanup", "quant", "cleanup@final"),
             {
                 "quant": {
@@ -112,9 +114,10 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "mixed",
-            "per-weight bit widths (8/4/3/2/1) chosen on calibration data within a fidelity budget; tables "
-            "at 2 and 1 bits product-quantized, at 3 to 8 bits with row scales in a codebook and offsets "
-            "where they pay",
+            "per-weight bit widths (8/4/3/2/1) chosen on calibration data within a fidelity budget; table "
+            "rows rounded against how the outputs read them; tables at 2 bits product-quantized or scalar, "
+            "whichever moves the outputs less, at 1 bit product-quantized, at 3 to 8 bits with row scales in "
+            "a codebook and offsets where they pay",
             ("cleanup", "quant", "cleanup@final"),
             {"quant": dict(_MIXED_QUANT), "cleanup@final": _FINAL_CLEANUP},
         ),

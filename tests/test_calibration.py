@@ -259,3 +259,53 @@ def test_inputs_with_different_row_counts_are_named_with_the_export_fix(tmp_path
     path = write_npz(tmp_path / "f.npz", dense=np.zeros((4, 2), np.float32), ids=np.zeros(12, np.int64))
     with pytest.raises(UsageError, match=r"different numbers of rows \(dense 4, ids 12\).*\[batch, length\]"):
         load_feeds(path, model)
+
+
+def test_lookup_hessians_measure_how_outputs_move_with_a_looked_up_row() -> None:
+    """Scores linear in the looked-up rows: for ``y = e @ W`` the gradient of output ``o`` is
+    ``W[:, o]`` for every row, so ``H = W W^T``; for a history of three positions read by
+    ``q = flatten(h) @ V``, each position's row has its own gradient ``V_p``, so ``H = sum_p V_p V_p^T``
+    (not the gradient of all positions moved at once). Differences are exact up to rounding for
+    linear scores. A table also read as a MatMul weight, or whose
+    runs exceed the budget, is left out; the model is unchanged."""
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((4, 2)).astype(np.float32)
+    history = rng.standard_normal((12, 1)).astype(np.float32)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] ids, int64[N,3] seen, float[10,4] t, float[8,4] h, float[6,4] u, float[4,2] w, float[12,1] v,
+           int64[2] flat) => (float[N,2] y, float[N,1] q, float[N,6] z) {
+          e = Gather(t, ids)
+          y = MatMul(e, w)
+          r = Gather(h, seen)
+          rf = Reshape(r, flat)
+          q = MatMul(rf, v)
+          f = Gather(u, ids)
+          z = MatMul(f, u_t)
+          u_t = Transpose(u)
+        }
+        """,
+        {
+            "t": rng.standard_normal((10, 4)).astype(np.float32),
+            "h": rng.standard_normal((8, 4)).astype(np.float32),
+            "u": rng.standard_normal((6, 4)).astype(np.float32),
+            "w": weight,
+            "v": history,
+            "flat": np.array([-1, 12]),
+        },
+    )
+    before = [node.op_type for node in model.graph]
+    feeds = Feeds({"ids": rng.integers(0, 6, 64), "seen": rng.integers(0, 8, (64, 3))}, "rows")
+    calibration = Calibration(feeds)
+    hessians = calibration.lookup_hessians(model, ["t", "h", "u"], budget=1e12)
+    assert set(hessians) == {"t", "h"}
+    np.testing.assert_allclose(hessians["t"], weight.astype(np.float64) @ weight.T, rtol=1e-3, atol=1e-4)
+    parts = history.astype(np.float64).reshape(3, 4)
+    np.testing.assert_allclose(hessians["h"], parts.T @ parts, rtol=1e-3, atol=1e-4)
+    # t first (the larger table), then the history's runs (five over three copies of the rows) do
+    # not fit: the budget counts rows run times the model's bytes
+    model_bytes = sum(value.const_value.nbytes for value in model.graph.initializers.values())
+    budget = (5 * 64 + 5 * 64 * 3) * model_bytes - 1
+    assert set(calibration.lookup_hessians(model, ["t", "h"], budget=budget)) == {"t"}
+    assert [node.op_type for node in model.graph] == before and len(model.graph.inputs) == 2

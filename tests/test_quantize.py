@@ -931,14 +931,36 @@ def test_widths_that_do_not_divide_a_byte_are_stored_as_bit_planes_and_decode_wi
     assert layer_error < 1.5 * 2.5 / (np.sqrt(12) * (2 ** (bits - 1) - 1))
 
 
-def test_product_codes_let_the_mixed_search_shrink_the_dlrm_further(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("spread", "expected"), [(1.0, "pq"), (3000.0, "row")])
+def test_auto_table_codes_take_whichever_moves_the_outputs_less_once_priced(spread: float, expected: str) -> None:
+    """At 2 bits, product codes against scalar rows refined against the lookups' Hessian: where the
+    outputs read every direction of a row alike (``H`` the identity), product codes' error beats
+    the scalar rows' once their scale and offset bits count (``2^(12 / 16)`` times their error);
+    where the outputs read a few directions (eigenvalues of ``H`` spanning 3,000x; DLRM's item
+    table measures 6,000x, SASRec's 260,000x), the refined rows win. Both errors are kept."""
+    rng = np.random.default_rng(12)
+    table = rng.standard_normal((1200, 16)).astype(np.float32)
+    basis, _ = np.linalg.qr(rng.standard_normal((16, 16)))
+    hessian = basis @ np.diag(np.geomspace(1.0, 1.0 / spread, 16)) @ basis.T
+    quantize = Quantize(Quantize.Config(embedding_bits=2, table_codes="auto", scale_codebook=True))
+    _, granularity, errors = quantize._table_codes(table, 2, True, [(1200, hessian)])
+    assert granularity == expected
+    priced = errors["lookup_output_gptq"] * 2 ** (12 / 16)
+    assert (priced < errors["lookup_output_pq"]) == (expected == "row")
+    # without a Hessian (no calibration rows) product codes, as table_codes=pq
+    assert quantize._table_codes(table, 2, True, None)[1] == "pq"
+
+
+def test_auto_table_codes_let_the_mixed_search_shrink_gru4rec_further(tmp_path: Path) -> None:
+    """GRU4Rec's tied 32-wide item table is read through a few directions of the session state:
+    at 2 bits its refined scalar rows move the outputs 9x less than product codes (0.014 against
+    0.120), so the mixed search takes it to 2 bits: 12.5x against 9.2x with product codes only."""
     ratios = {}
-    for codes in ("scalar", "pq"):
-        report = compress_with_preset("dlrm", "mixed", tmp_path / f"{codes}.onnx", f"quant.table_codes={codes}")
+    for codes in ("auto", "pq"):
+        report = compress_with_preset("gru4rec", "mixed", tmp_path / f"{codes}.onnx", f"quant.table_codes={codes}")
         assert report.parity.passed
         ratios[codes] = report.size_ratio
-    # 10.13x against 8.97x (scalar tables with their row scales in a codebook: no longer 2 bytes a row)
-    assert ratios["pq"] > 1.1 * ratios["scalar"]
+    assert ratios["auto"] > 1.2 * ratios["pq"]
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2, 1])
@@ -1919,3 +1941,30 @@ def test_int4_dlrm_stacks_its_tables_and_is_seven_times_smaller(
     (score,) = report.parity.outputs
     assert report.parity.passed and score.auc_delta is not None and abs(score.auc_delta) <= 0.001
     assert report.size_ratio >= 7.0, out.stat().st_size
+
+
+@pytest.mark.parametrize(("name", "table"), [("sasrec", "item_table.weight"), ("dlrm", "embeddings.1.weight")])
+def test_table_rows_are_rounded_against_how_the_outputs_read_them(
+    name: str, table: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int4 tables with calibration rows: codes rounded with error feedback against the Hessian of
+    the outputs in a looked-up row (SASRec's tied item table, read for the history and the
+    candidate; DLRM's tables in their stack, each run of rows with its own). The outputs' error
+    that the table causes halves or better, and the whole model's output error on the test rows
+    drops against the same pipeline with nearest rounding of the tables."""
+    from onnxcompress.passes import quantize
+
+    costly_layers(monkeypatch)
+    refined = compress_with_preset(name, "int4", tmp_path / "refined.onnx")
+    tensors = next(record for record in refined.passes if record.name == "quant").stats["tensors"]
+    entry = next(entry for key, entry in tensors.items() if key == table or table in entry.get("stacked", []))
+    assert entry["rounding"] == "gptq"
+    errors = entry["relative_error"]
+    assert errors["lookup_output_gptq"] < 0.65 * errors["lookup_output_nearest"]
+    monkeypatch.setattr(quantize.Quantize, "_table_hessians", lambda self, model, selected: {})
+    nearest = compress_with_preset(name, "int4", tmp_path / "nearest.onnx")
+    tensors = next(record for record in nearest.passes if record.name == "quant").stats["tensors"]
+    entry = next(entry for key, entry in tensors.items() if key == table or table in entry.get("stacked", []))
+    assert entry["rounding"] != "gptq" and "lookup_output_gptq" not in entry["relative_error"]
+    (with_feedback,), (without,) = (report.parity.outputs for report in (refined, nearest))
+    assert with_feedback.mean_abs < 0.9 * without.mean_abs

@@ -33,6 +33,7 @@ __all__ = [
     "quantize_rows",
     "quantize_tensor_rows",
     "quantized_row_error",
+    "refine_row_codes",
     "relative_error",
     "row_relative_error",
     "sample_rows",
@@ -613,6 +614,32 @@ def gptq_quantize(
         codebook=codebook,
         scale_index=scale_index,
     )
+
+
+def refine_row_codes(
+    rows: np.ndarray, quantized: QuantizedRows, hessian: np.ndarray, *, damping: float = 0.01
+) -> QuantizedRows:
+    """``quantized`` (one scale and zero point per row of ``rows``, kept as they are) with its codes
+    rounded again column by column, each column's error spread over the columns not yet rounded
+    (GPTQ's loop, in decreasing order of ``diag(hessian)``), so that ``delta^T H delta`` of each
+    row's error is small rather than its plain L2 norm. ``hessian`` ``[elements, elements]`` is one
+    for all rows: for an embedding table, how the model's outputs move with a looked-up row."""
+    if quantized.codes.shape != rows.shape or len(quantized.scale) != len(rows) or quantized.bits < 2:
+        raise ValueError("refine_row_codes takes codes of 2+ bits with one scale per row of the rows given")
+    low, high = _levels(quantized.bits, quantized.symmetric)
+    _, damped = _gptq_inputs(rows[:1], hessian, damping)
+    codes = np.empty_like(quantized.codes)
+    chunk = max(1, _STREAM_CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    scales = quantized.scale.astype(np.float64)
+    zeros = np.zeros(len(rows)) if quantized.zero_point is None else quantized.zero_point.astype(np.float64)
+    for start in range(0, len(rows), chunk):
+        stop = min(start + chunk, len(rows))
+        fixed = (scales[start:stop], zeros[start:stop])
+        part = np.array(rows[start:stop], dtype=np.float64)
+        width = rows.shape[1]
+        rounded = _gptq_round(part, damped, lambda *_, fixed=fixed: fixed, low, high, True, _GPTQ_BLOCK, width)
+        codes[start:stop] = rounded.astype(codes.dtype)
+    return replace(quantized, codes=codes)
 
 
 def gptq_quantize_output_blocks(
