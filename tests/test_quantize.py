@@ -339,6 +339,25 @@ def test_low_bit_tables_are_bit_packed_and_unpacked_after_the_gather(
         assert relative_error(exact, approximate) < tolerance
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_zero_points_of_low_bit_tables_decoded_at_load_take_four_bits(bits: int, tmp_path: Path) -> None:
+    """A 2- or 3-bit table with row offsets decoded at load stores each row's zero point (at most 7)
+    as UINT4, read by the decode's Cast: half a byte a row fewer, the same decoded rows as with
+    uint8 zero points."""
+    feeds = {"user": RNG.integers(0, 50, 30).astype(np.int64), "items": RNG.integers(0, 40, (30, 3)).astype(np.int64)}
+    model = table_model()
+    Quantize(Quantize.Config(embedding_bits=bits, embedding_symmetric=False, stack_tables=False))(model)
+    zeros = [value for name, value in model.graph.initializers.items() if name.startswith("users_zero_point")]
+    assert len(zeros) == 1 and zeros[0].const_value.dtype == ir.DataType.UINT4
+    assert tuple(zeros[0].const_value.shape) == (50, 1)
+    got = evaluate(model, tmp_path, feeds)
+    as_bytes = zeros[0].const_value.numpy().astype(np.uint8)
+    zeros[0].const_value = ir.tensor(as_bytes, name=zeros[0].name)
+    zeros[0].type = ir.TensorType(ir.DataType.UINT8)
+    for four_bits, eight_bits in zip(got, evaluate(model, tmp_path, feeds), strict=True):
+        np.testing.assert_array_equal(four_bits, eight_bits)
+
+
 STACKABLE = """
 <ir_version: 8, opset_import: ["" : 17]>
 g (int64[N] user, int64[N] item, int64[N] gender, int64[N] age, int64[N] zone, int64[N] genre,

@@ -360,7 +360,11 @@ def _store(
             # DequantizeLinear per row needs one per scale.
             zero_array = np.full(1 if column or along_rows else quantized.scale.size, offset, np.uint8)
             shape = () if column or along_rows else shape
-        zero = build.constant("zero_point", zero_array.reshape(shape))
+        if column and native_int4 and bits <= 4 and zero_array.size > 1:
+            # Read only by the Cast of the arithmetic decode: a 2- to 4-bit row's zero point in 4 bits.
+            zero = build.constant("zero_point", zero_array.astype(ml_dtypes.uint4).reshape(shape), ir.DataType.UINT4)
+        else:
+            zero = build.constant("zero_point", zero_array.reshape(shape))
     return _Stored(codes, scale, zero, bits, elements, binary, codebook, along_rows)
 
 
