@@ -327,11 +327,8 @@ def _snap_scales(
 
 def nearest_in_log(codebook: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """uint8 index of the entry of ascending ``codebook`` nearest in log to each of ``scales``."""
-    log_book = np.log(codebook.astype(np.float64))
     log_scales = np.log(np.maximum(np.asarray(scales, dtype=np.float64), 1e-300))
-    position = np.clip(np.searchsorted(log_book, log_scales), 1, len(codebook) - 1)
-    nearer_below = log_scales - log_book[position - 1] <= log_book[position] - log_scales
-    return np.where(nearer_below, position - 1, position).astype(np.uint8)
+    return _nearest(np.log(codebook.astype(np.float64)), log_scales).astype(np.uint8)
 
 
 def alpha_codebook(
@@ -382,6 +379,7 @@ def alpha_codebook(
 
 
 def _nearest(ascending: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per value, the index of the nearest entry of ``ascending`` (the lower one on a tie)."""
     position = np.clip(np.searchsorted(ascending, values), 1, max(len(ascending) - 1, 1))
     below = ascending[position - 1]
     above = ascending[np.minimum(position, len(ascending) - 1)]

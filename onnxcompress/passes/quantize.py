@@ -79,6 +79,7 @@ from onnxcompress.numerics.quant import (
     relative_error,
     row_relative_error,
     sample_rows,
+    scale_bits_per_row,
     static_activation_error,
     static_activation_range,
     tensor_scale,
@@ -361,7 +362,8 @@ def _store(
             zero_array = np.full(1 if column or along_rows else quantized.scale.size, offset, np.uint8)
             shape = () if column or along_rows else shape
         if column and native_int4 and bits <= 4 and zero_array.size > 1:
-            # Read only by the Cast of the arithmetic decode: a 2- to 4-bit row's zero point in 4 bits.
+            # Read only by the Cast of the arithmetic decode: a 2- or 3-bit row's zero point in 4 bits
+            # (4-bit codes take the branch above).
             zero = build.constant("zero_point", zero_array.astype(ml_dtypes.uint4).reshape(shape), ir.DataType.UINT4)
         else:
             zero = build.constant("zero_point", zero_array.reshape(shape))
@@ -511,6 +513,24 @@ def _sign_chain(where: ir.Node) -> _SignChain | None:
     return _SignChain(where.outputs[0], alpha, bits[:, :elements] if elements is not None else bits, tuple(nodes))
 
 
+def _lookup_output_error(
+    table: np.ndarray, restored: np.ndarray, lookups: list[tuple[int, np.ndarray | None]]
+) -> float:
+    """``sqrt(sum delta H delta^T / sum row H row^T)`` over the runs of rows that have an output
+    Hessian ``H``: how far ``restored`` moves the outputs against how far the rows do."""
+    error = reference = 0.0
+    start = 0
+    for count, hessian in lookups:
+        stop = start + count
+        if hessian is not None:
+            rows = np.asarray(table[start:stop], dtype=np.float64)
+            delta = np.asarray(restored[start:stop], dtype=np.float64).reshape(rows.shape) - rows
+            error += float(np.einsum("ij,jk,ik->", delta, hessian, delta))
+            reference += float(np.einsum("ij,jk,ik->", rows, hessian, rows))
+        start = stop
+    return float(np.sqrt(error / reference)) if reference else 0.0
+
+
 def _cheaper_table_codes(
     table: np.ndarray,
     product: tuple[ProductCodes, str, dict[str, float]],
@@ -520,23 +540,14 @@ def _cheaper_table_codes(
     """A 2-bit table's product codes or its scalar rows (refined against the lookups' Hessians),
     whichever moves the outputs less once priced: the scalar rows also store a scale (and maybe an
     offset) per row, ``b`` bits that count as ``2^(b / width)`` times their error (one more bit a
-    value halves it). The errors of both are kept with the choice."""
+    value halves it, as ``cheapest_scale_storage`` prices scale storage). The errors of both are
+    kept with the choice."""
     quantized = scalar[0]
-    width = table.shape[1]
-    scale_bits = 16 if quantized.codebook is None else 4 if len(quantized.codebook) <= SMALL_SCALE_CODEBOOK_SIZE else 8
-    row_bits = scale_bits + (0 if quantized.zero_point is None else 8)
-    restored = product_dequantize(product[0])
-    error = reference = 0.0
-    start = 0
-    for count, hessian in lookups:
-        stop = start + count
-        if hessian is not None:
-            rows = np.asarray(table[start:stop], dtype=np.float64)
-            delta = restored[start:stop].astype(np.float64) - rows
-            error += float(np.einsum("ij,jk,ik->", delta, hessian, delta))
-            reference += float(np.einsum("ij,jk,ik->", rows, hessian, rows))
-        start = stop
-    product_error = float(np.sqrt(error / reference)) if reference else 0.0
+    rows, width = table.shape
+    codebook = None if quantized.codebook is None else len(quantized.codebook)
+    row_bits = scale_bits_per_row(codebook, rows, 8 * quantized.scale.dtype.itemsize)
+    row_bits += 0 if quantized.zero_point is None else 8
+    product_error = _lookup_output_error(table, product_dequantize(product[0]), lookups)
     errors = {**scalar[2], **product[2], "lookup_output_pq": product_error}
     if scalar[2]["lookup_output_gptq"] * 2 ** (row_bits / width) < product_error:
         return quantized, scalar[1], errors
@@ -547,34 +558,26 @@ def _refined_for_lookups(
     table: np.ndarray, quantized: QuantizedRows, lookups: list[tuple[int, np.ndarray | None]]
 ) -> tuple[QuantizedRows, dict[str, float]]:
     """Row codes rounded again run by run of rows against each run's output Hessian (runs without
-    one keep theirs), with the output error ``sum delta H delta^T / sum row H row^T`` of the codes
-    before and after."""
+    one keep theirs), with the output error (``_lookup_output_error``) of the codes before and after."""
     codes = quantized.codes.copy()
-    errors = {"nearest": 0.0, "gptq": 0.0}
-    reference = 0.0
     start = 0
     for count, hessian in lookups:
         stop = start + count
         if hessian is not None:
-            rows = np.asarray(table[start:stop], dtype=np.float64)
             part = replace(
                 quantized,
                 codes=quantized.codes[start:stop],
                 scale=quantized.scale[start:stop],
                 zero_point=None if quantized.zero_point is None else quantized.zero_point[start:stop],
             )
-            refined = refine_row_codes(rows, part, hessian)
-            codes[start:stop] = refined.codes
-            for name, rounded in (("nearest", part), ("gptq", refined)):
-                delta = _dequantized(rounded).reshape(rows.shape) - rows
-                errors[name] += float(np.einsum("ij,jk,ik->", delta, hessian, delta))
-            reference += float(np.einsum("ij,jk,ik->", rows, hessian, rows))
+            codes[start:stop] = refine_row_codes(np.asarray(table[start:stop], dtype=np.float64), part, hessian).codes
         start = stop
-    relative = {
-        f"lookup_output_{name}": float(np.sqrt(error / reference)) if reference else 0.0
-        for name, error in errors.items()
+    refined = replace(quantized, codes=codes)
+    errors = {
+        f"lookup_output_{name}": _lookup_output_error(table, _dequantized(rounded), lookups)
+        for name, rounded in (("nearest", quantized), ("gptq", refined))
     }
-    return replace(quantized, codes=codes), relative
+    return refined, errors
 
 
 def _share_sign_decoding(graph: ir.Graph) -> list[tuple[ir.Value, int]]:
@@ -1430,7 +1433,7 @@ class Quantize(CompressionPass):
         so their codes are rounded with GPTQ's error feedback against it. A row's error then lies
         where the model reads little of it: SASRec's item table alone at 3 bits, ΔAUC -0.0012 -> -0.0002
         on the test rows, its output error 0.072 -> 0.033. Not for models above
-        ``MIXED_SEARCH_MAX_BYTES`` of weights (a session and two runs per column of each table)."""
+        ``MIXED_SEARCH_MAX_BYTES`` of weights (a session and a run per column of each table)."""
         config = self.config
         calibration = self.context.calibration
         low_bits = config.mixed or 2 <= config.embedding_bits < 8
@@ -1440,20 +1443,17 @@ class Quantize(CompressionPass):
             MIXED_SEARCH_MAX_BYTES
         ):
             return {}
-        tables = [
-            value.name
+        tables = {
+            value.name: shape[0]
             for value, uses in selected.items()
             if value.name
             and all(use.kind == "embedding" and use.node.op_type == "Gather" for use in uses)
-            and len(_static_shape(value.const_value)) == 2  # type: ignore[arg-type]
-            and _static_shape(value.const_value)[1] >= NARROW_TABLE_WIDTH  # type: ignore[arg-type]
+            and len(shape := _static_shape(value.const_value)) == 2  # type: ignore[arg-type]
+            and shape[1] >= NARROW_TABLE_WIDTH
             and value.const_value.dtype.is_floating_point()  # type: ignore[union-attr]
-        ]
-        measured = calibration.lookup_hessians(model, tables, LOOKUP_HESSIAN_BUDGET) if tables else {}
-        return {
-            name: [(_static_shape(model.graph.initializers[name].const_value)[0], hessian)]  # type: ignore[arg-type]
-            for name, hessian in measured.items()
         }
+        measured = calibration.lookup_hessians(model, list(tables), LOOKUP_HESSIAN_BUDGET) if tables else {}
+        return {name: [(tables[name], hessian)] for name, hessian in measured.items()}
 
     def _wants_gptq(self, use: WeightUse) -> bool:
         rounding = self.config.rounding
