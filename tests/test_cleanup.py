@@ -455,6 +455,50 @@ def test_gemm_layers_of_one_input_fuse_whatever_their_weight_layout(tmp_path: Pa
         np.testing.assert_allclose(exact, fused, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+def test_a_fused_layer_read_through_a_split_splits_into_its_pieces_and_back(op: str, tmp_path: Path) -> None:
+    """The inverse of the fusion, for pruning each piece's units on its own: one layer per piece of
+    the Split, the fused weight gone, the same outputs; fusing the pieces again restores one product."""
+    from onnxcompress.passes.cleanup import fuse_parallel_linear, split_fused_linear
+
+    rng = np.random.default_rng(6)
+    if op == "Gemm":
+        layer, shape = "h = Gemm <transB = 1> (x, w, b)", "9,6"
+    else:
+        layer, shape = "m = MatMul(x, w)\n          h = Add(m, b)", "6,9"
+    weight = rng.standard_normal([int(d) for d in shape.split(",")])
+    model = text_model(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,6] x, float[{shape}] w, float[9] b) => (float[N,4] p, float[N,2] q, float[N,3] r) {{
+          {layer}
+          sizes = Constant <value = int64[3] {{4, 2, 3}}> ()
+          a, c, r = Split <axis = -1> (h, sizes)
+          p = Relu(a)
+          q = Sigmoid(c)
+        }}
+        """,
+        {"w": weight.astype(np.float32), "b": rng.standard_normal(9).astype(np.float32)},
+    )
+    feeds = {"x": rng.standard_normal((5, 6)).astype(np.float32)}
+    before = run_reference(model, tmp_path, feeds)
+    sources = split_fused_linear(model)
+    assert [value.name for value in sources] == ["x"]
+    assert "Split" not in op_types(model) and op_types(model).count(op) == 3
+    assert "w" not in model.graph.initializers and "b" not in model.graph.initializers
+    widths = sorted(
+        value.const_value.numpy().size for name, value in model.graph.initializers.items() if "part" in name
+    )
+    assert widths == [2, 3, 4, 12, 18, 24]  # three biases and three weight slices of 6 rows
+    for exact, split in zip(before, run_reference(model, tmp_path, feeds), strict=True):
+        np.testing.assert_allclose(exact, split, rtol=1e-6, atol=1e-6)
+    assert fuse_parallel_linear(model, sources) == 2
+    assert op_types(model).count("Split") == 1 and op_types(model).count(op) == 1
+    assert not [name for name in model.graph.initializers if "part" in name and "fused" not in name]
+    for exact, fused in zip(before, run_reference(model, tmp_path, feeds), strict=True):
+        np.testing.assert_allclose(exact, fused, rtol=1e-6, atol=1e-6)
+
+
 def test_default_attributes_and_constant_nodes_cost_no_bytes(tmp_path: Path) -> None:
     """Softmax's axis defaults to the last one from opset 13: axis 1 goes on a [N, 3] input and
     stays on a [N, 3, 2] one."""

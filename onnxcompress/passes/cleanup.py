@@ -7,7 +7,7 @@ import itertools
 import logging
 import string
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1273,10 +1273,11 @@ def _parallel_member(node: ir.Node) -> _ParallelLinear | None:
     return member
 
 
-def fuse_parallel_linear(model: ir.Model) -> int:
+def fuse_parallel_linear(model: ir.Model, sources: Collection[ir.Value] | None = None) -> int:
     """Make linear layers that read the same input one wider layer followed by a Split: a
     transformer's query, key and value projections become one product (one weight read, one
-    activation quantization when it runs as an integer kernel).
+    activation quantization when it runs as an integer kernel). With ``sources``, only layers
+    reading one of those values.
 
     Exact algebra: ``[x W1 + b1, x W2 + b2] = x [W1 W2] + [b1 b2]``. Returns the number of layers
     fused away.
@@ -1290,7 +1291,7 @@ def fuse_parallel_linear(model: ir.Model) -> int:
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             continue
         member = _parallel_member(node)
-        if member is not None:
+        if member is not None and (sources is None or node.inputs[0] in sources):
             readers[node.inputs[0]][node.op_type].append(member)  # type: ignore[index]
     fused = 0
     for source, groups in readers.items():
@@ -1334,9 +1335,95 @@ def fuse_parallel_linear(model: ir.Model) -> int:
             graph.insert_before(first, added)
             for member, piece in zip(members, split.outputs, strict=True):
                 replace_value(member.output, piece)
-                graph.remove(member.nodes[::-1], safe=True)
+                _remove_with_constants(graph, member.nodes[::-1])
             fused += len(members) - 1
     return fused
+
+
+def split_fused_linear(model: ir.Model) -> list[ir.Value]:
+    """Undo ``fuse_parallel_linear``: a linear layer whose output only a Split on its last axis reads
+    (constant sizes) becomes one layer per piece, so that each piece's hidden units can be pruned on
+    their own (a fused MMoE's experts and gates: the gates' units feed a Softmax and stay, the
+    experts' can go). Returns the inputs of the layers split, for ``fuse_parallel_linear`` to join
+    them again.
+
+    Exact algebra, as the fusion's. A Split whose sizes are not constant, or on another axis, is
+    left alone.
+    """
+    graph = model.graph
+    sources: list[ir.Value] = []
+    for node in list(graph):
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        member = _parallel_member(node)
+        if member is None or member.output.is_graph_output() or len(member.output.uses()) != 1:
+            continue
+        ((split, index),) = member.output.uses()
+        if split.op_type != "Split" or split.domain not in ("", "ai.onnx") or index != 0:
+            continue
+        sizes = _split_sizes(split, member.shape[1])
+        if sizes is None:
+            continue
+        weight, bias = member.weight(), member.bias
+        source = node.inputs[0]
+        assert source is not None  # _parallel_member checked it
+        added: list[ir.Node] = []
+        pieces: list[ir.Value] = []
+        start = 0
+        for piece, size in enumerate(sizes):
+            columns = slice(start, start + size)
+            start += size
+            part = weight[:, columns] if member.axis == 1 else weight[:, columns].T
+            stored = constant_value(unique_name(graph, f"{member.stored.name}_part{piece}"), np.ascontiguousarray(part))
+            graph.register_initializer(stored)
+            part_bias = None
+            if bias is not None:
+                part_bias = constant_value(unique_name(graph, f"{stored.name}_bias"), bias[columns].astype(np.float32))
+                graph.register_initializer(part_bias)
+            if node.op_type == "Gemm":
+                inputs = [source, stored] if part_bias is None else [source, stored, part_bias]
+                added.append(ir.node("Gemm", inputs, attributes={"transB": int(member.axis == 0)}))
+            else:
+                added.append(ir.node("MatMul", [source, stored]))
+                if part_bias is not None:
+                    added.append(ir.node("Add", [added[-1].outputs[0], part_bias]))
+            pieces.append(added[-1].outputs[0])
+        graph.insert_before(node, added)
+        for old, new in zip(split.outputs, pieces, strict=True):
+            replace_value(old, new)
+        _remove_with_constants(graph, [split, *member.nodes[::-1]])
+        sources.append(source)
+    return sources
+
+
+def _remove_with_constants(graph: ir.Graph, nodes: Sequence[ir.Node]) -> None:
+    """Remove ``nodes`` and the initializers they read that nothing else reads."""
+    held = [value for node in nodes for value in node.inputs if value is not None and is_constant_initializer(value)]
+    graph.remove(nodes, safe=True)
+    for value in held:
+        if value.name is not None and not value.uses() and not value.is_graph_input() and not value.is_graph_output():
+            graph.initializers.pop(value.name, None)
+
+
+def _split_sizes(split: ir.Node, width: int) -> list[int] | None:
+    """The sizes a Split on the last axis of ``[..., width]`` cuts, if constant; else None."""
+    axis = split.attributes.get_int("axis", 0)
+    rank = split.inputs[0].shape.rank() if split.inputs[0] is not None and split.inputs[0].shape else None
+    if axis != -1 and (rank is None or axis != rank - 1):
+        return None
+    if len(split.inputs) > 1 and split.inputs[1] is not None:
+        sizes = constant_array(split.inputs[1])
+        if sizes is None:
+            return None
+        result = [int(size) for size in sizes.reshape(-1)]
+    elif "split" in split.attributes:
+        result = list(split.attributes.get_ints("split") or [])
+    else:
+        count = len(split.outputs)
+        if width % count:
+            return None
+        result = [width // count] * count
+    return result if len(result) == len(split.outputs) and sum(result) == width and min(result) > 0 else None
 
 
 def fold_norm_into_next_linear(model: ir.Model) -> int:

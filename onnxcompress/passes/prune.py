@@ -613,6 +613,21 @@ class Prune(CompressionPass):
     # --- hidden units ---------------------------------------------------------------------------
 
     def _prune_units(self, model: ir.Model) -> CompressionResult:
+        """Remove hidden units. Layers fused into one product read through a Split (parallel
+        experts and gates) are split first, so that each piece's units go or stay on their own,
+        and fused again after."""
+        # cleanup imports this module (for remove_dead_units)
+        from onnxcompress.passes.cleanup import fuse_parallel_linear, split_fused_linear
+
+        sources = split_fused_linear(model)
+        result = self._prune_split_units(model)
+        if not sources:
+            return result
+        fuse_parallel_linear(model, sources)
+        stats = {**result.stats, "fused_layers_split": len(sources)}
+        return CompressionResult(model, modified=True, stats=stats)
+
+    def _prune_split_units(self, model: ir.Model) -> CompressionResult:
         links, skipped = mlp_links(model)
         chosen: list[HiddenLink] = []
         for link in links:
