@@ -499,6 +499,49 @@ def test_a_fused_layer_read_through_a_split_splits_into_its_pieces_and_back(op: 
         np.testing.assert_allclose(exact, fused, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(("fields", "columns"), [(5, [1, 2, 9, 0, 12, -1, 21, 16]), (8, None)])
+def test_pairwise_dots_computed_field_major_give_the_same_columns(
+    fields: int, columns: list[int] | None, tmp_path: Path
+) -> None:
+    """The chosen columns of ``X X^T`` (either orientation of a pair, the diagonal, negative
+    indices) come out the same from the field-major form, each pair taken at its smaller shift:
+    at most ``fields / 2 + 1`` shifts (DLRM's upper triangle of 8 fields: 4, not 7)."""
+    if columns is None:
+        columns = [i * fields + j for i in range(fields) for j in range(i + 1, fields)]
+    rng = np.random.default_rng(9)
+    chosen = np.array(columns, np.int64)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,{fields},3] x, int64[{len(columns)}] cols) => (float[N,{len(columns)}] z) {{
+          t = Transpose <perm = [0, 2, 1]> (x)
+          d = MatMul(x, t)
+          f = Flatten <axis = 1> (d)
+          z = Gather <axis = 1> (f, cols)
+        }}
+        """
+    feeds = {"x": rng.standard_normal((6, fields, 3)).astype(np.float32)}
+    before = run_reference(text_model(text, {"cols": chosen}), tmp_path, feeds)
+    assert Cleanup()(text_model(text, {"cols": chosen})).stats["dots_fields_major"] == 0  # off by default
+    model = text_model(text, {"cols": chosen})
+    stats = Cleanup(Cleanup.Config(dots_fields_major=True))(model).stats
+    assert stats["dots_fields_major"] == 1
+    assert "MatMul" not in op_types(model)
+    (partners,) = [value for name, value in model.graph.initializers.items() if name.startswith("dots_partners")]
+    assert partners.const_value.shape[0] <= fields // 2 + 1
+    np.testing.assert_allclose(run_reference(model, tmp_path, feeds)[0], before[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_dlrm_interaction_computed_field_major_keeps_the_scores(tmp_path: Path) -> None:
+    for name in ("dlrm", "dlrm_dynamo"):
+        model = ir.load(model_files(name)["onnx"])
+        feeds = {key: value[:512] for key, value in np.load(model_files(name)["feeds"]).items()}
+        before = runtime.run(runtime.make_session(model), feeds)
+        assert Cleanup(Cleanup.Config(dots_fields_major=True))(model).stats["dots_fields_major"] == 1
+        assert "Transpose" in op_types(model) and "OneHot" not in op_types(model)
+        after = runtime.run(runtime.make_session(model), feeds)
+        np.testing.assert_allclose(after["score"], before["score"], rtol=1e-5, atol=1e-6)
+
+
 def test_default_attributes_and_constant_nodes_cost_no_bytes(tmp_path: Path) -> None:
     """Softmax's axis defaults to the last one from opset 13: axis 1 goes on a [N, 3] input and
     stays on a [N, 3, 2] one."""

@@ -62,6 +62,9 @@ def configurations() -> list[tuple[str, str, list[str]]]:
     # What a user runs: the lossless cleanup first (its rewrites alone, then with half the units gone).
     runs.append(("cleanup alone", "cleanup", []))
     runs.append(("cleanup + units 50% refit", "cleanup,prune", list(CONFIGS["units 50%"][1])))
+    # for serving large batches: DLRM's interaction field-major (faster at batch 512, slower on one row)
+    large_batches = [*CONFIGS["units 50%"][1], "cleanup.dots_fields_major=true"]
+    runs.append(("cleanup for large batches + units 50% refit", "cleanup,prune", large_batches))
     runs.append(("80% refit + sparse", "prune,sparse", ["prune.sparsity=0.8"]))
     if "quant" in PASSES:  # the saving that pruning adds to quantization, once zeros are stored as bits
         runs.append(("quant alone", "quant", []))
