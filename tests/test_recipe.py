@@ -26,6 +26,7 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
         "static_shapes": True,
         "concat_stacks": True,
         "select_columns": True,
+        "dots_fields_major": False,
         "sums_as_matmul": True,
         "fuse_parallel": True,
         "common_subexpressions": True,
