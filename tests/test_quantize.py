@@ -799,6 +799,71 @@ def test_remaining_floats_are_stored_as_float16_and_cast_back(tmp_path: Path) ->
     assert relative_error(expected, got) < 0.01
 
 
+def test_smoothing_folds_into_tables_before_they_are_stacked_and_rescales_their_hessians() -> None:
+    """An integer layer reading two concatenated lookups: its smoothing factors go into the tables'
+    columns while each is still a constant of its own (stacked first, each part took a Mul: MMoE
+    int4 ran one row at 0.89x the original's speed), and each table's lookup Hessian follows its
+    columns, ``diag(1/f) H diag(1/f)``."""
+    from onnxcompress.numerics.quant import ActivationPlan
+
+    rng = np.random.default_rng(3)
+    tables = {
+        "t1": rng.standard_normal((40, 8)).astype(np.float32),
+        "t2": rng.standard_normal((30, 8)).astype(np.float32),
+    }
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] a, int64[N] b, float[40,8] t1, float[30,8] t2, float[16,4] w) => (float[N,4] y) {
+          x1 = Gather(t1, a)
+          x2 = Gather(t2, b)
+          x = Concat <axis = 1> (x1, x2)
+          y = MatMul(x, w)
+        }
+        """,
+        {**tables, "w": rng.standard_normal((16, 4)).astype(np.float32)},
+    )
+    for node in model.graph:  # shapes as an exporter declares them: the Concat splits the factors by width
+        if node.op_type in ("Gather", "Concat"):
+            node.outputs[0].shape = ir.Shape(["N", 8 if node.op_type == "Gather" else 16])
+    quantize = Quantize(Quantize.Config(embedding_bits=4, fold_tables_below=1 << 20, low_bit_min_elements=1))
+    selected, _ = quantize._select(model)
+    hessians = {name: rng.standard_normal((8, 8)) for name in tables}
+    quantize._lookup_hessians = {name: [(len(tables[name]), h @ h.T)] for name, h in hessians.items()}
+    scales = rng.uniform(0.5, 2.0, 16)
+    quantize._activation_plans = {"w": ActivationPlan(scales, 0.0, 0.0)}
+    quantize._integer_layers = {"w"}
+    assert quantize._apply_smoothing(model.graph, selected) == {"w": "folded"}
+    assert [node.op_type for node in model.graph].count("Mul") == 0
+    for index, name in enumerate(tables):
+        factors = 1.0 / scales[8 * index : 8 * index + 8]
+        np.testing.assert_allclose(
+            model.graph.initializers[name].const_value.numpy(), tables[name] * factors, rtol=1e-6
+        )
+        ((_, rescaled),) = quantize._lookup_hessians[name]
+        h = hessians[name] @ hessians[name].T
+        np.testing.assert_allclose(rescaled, h / np.outer(factors, factors), rtol=1e-6)
+    plan = {value: 4 for value in selected}
+    assert quantize._stack_tables(model, selected, plan)  # stacked after, as one decode
+
+
+def test_mmoe_int4_lookups_take_no_smoothing_mul_of_their_own(tmp_path: Path) -> None:
+    """MMoE's experts read seven lookups and the dense features: with integer activations their
+    smoothing folds into the (then stacked) tables; only the dense graph input keeps a Mul."""
+    report = compress_with_preset("mmoe", "int4", tmp_path / "int4.onnx", "quant.activations=dynamic")
+    assert report.parity.passed
+    quant = report.passes[1].stats
+    assert quant["tensors"]["experts.0.0.weight_fused"]["smoothing"] == "partly folded"
+    assert any("stacked" in entry for entry in quant["tensors"].values())
+    model = ir.load(tmp_path / "int4.onnx")
+    concat = next(node for node in model.graph if node.op_type == "DynamicQuantizeLinear").inputs[0].producer()
+    assert concat is not None and concat.op_type == "Concat"
+    muls = [
+        part.producer() for part in concat.inputs if part.producer() is not None and part.producer().op_type == "Mul"
+    ]
+    assert len(muls) == 1 and muls[0].inputs[0].name == "dense"
+
+
 def test_auto_activations_keep_float_where_8_bit_activations_would_cost_accuracy() -> None:
     from onnxcompress.calibration import Calibration, Feeds
     from onnxcompress.passes.base import PassContext
