@@ -16,6 +16,7 @@ __all__ = ["PRESETS", "Preset", "get_preset"]
 
 #: Shrinks what no runtime reads, after the compression passes.
 _FINAL_CLEANUP = {
+    "fold_sums": True,
     "strip_metadata": True,
     "short_names": True,
     "drop_default_attributes": True,

@@ -542,6 +542,48 @@ def test_the_dlrm_interaction_computed_field_major_keeps_the_scores(tmp_path: Pa
         np.testing.assert_allclose(after["score"], before["score"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layer", ["y = Gemm <transB = 1> (s, w, b)", "m = MatMul(s, v)\n          y = Add(m, b)"])
+def test_a_sum_over_stacked_vectors_folds_into_the_layer_that_reads_it(layer: str, tmp_path: Path) -> None:
+    """The sum of MMoE's gate-weighted experts before each tower, a MatMul with stacked identities
+    after the cleanup, goes into the tower's first layer: its weight tiled at load (no bytes
+    stored), one product less; off by default, as the weight is then no initializer of its own."""
+    rng = np.random.default_rng(8)
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3,4] x, float[5,4] w, float[4,5] v, float[5] b) => (float[N,5] y) {{
+          axes = Constant <value = int64[1] {{1}}> ()
+          s = ReduceSum <keepdims = 0> (x, axes)
+          {layer}
+        }}
+        """
+    weights = {
+        "w": rng.standard_normal((5, 4)).astype(np.float32),
+        "v": rng.standard_normal((4, 5)).astype(np.float32),
+        "b": rng.standard_normal(5).astype(np.float32),
+    }
+    feeds = {"x": rng.standard_normal((6, 3, 4)).astype(np.float32)}
+    before = run_reference(text_model(text, weights), tmp_path, feeds)
+    unfolded = text_model(text, weights)
+    assert Cleanup()(unfolded).stats["sums_folded_into_layers"] == 0
+    assert op_types(unfolded).count("MatMul") == 1 + ("MatMul(s" in layer)
+    model = text_model(text, weights)
+    assert Cleanup(Cleanup.Config(fold_sums=True))(model).stats["sums_folded_into_layers"] == 1
+    assert "EyeLike" not in op_types(model) and op_types(model).count("Tile") == 1
+    assert op_types(model).count("MatMul") == ("MatMul(s" in layer)
+    np.testing.assert_allclose(run_reference(model, tmp_path, feeds)[0], before[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_presets_fold_mmoe_expert_sums_into_the_towers_in_their_final_cleanup(tmp_path: Path) -> None:
+    # float activations: a tower layer the timing probe made integer reads no float weight to tile
+    report = compress_with_preset("mmoe", "int8", tmp_path / "int8.onnx", "quant.activations=none")
+    assert report.parity.passed
+    assert report.passes[-1].stats["sums_folded_into_layers"] == 2  # one a task
+    model = ir.load(tmp_path / "int8.onnx")
+    assert "EyeLike" not in op_types(model)
+    tiled = [node for node in model.graph if node.op_type == "Tile"]
+    assert len(tiled) == 2 and all(node.outputs[0].uses()[0][0].op_type == "Gemm" for node in tiled)
+
+
 def test_default_attributes_and_constant_nodes_cost_no_bytes(tmp_path: Path) -> None:
     """Softmax's axis defaults to the last one from opset 13: axis 1 goes on a [N, 3] input and
     stays on a [N, 3, 2] one."""

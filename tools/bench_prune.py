@@ -65,6 +65,9 @@ def configurations() -> list[tuple[str, str, list[str]]]:
     # for serving large batches: DLRM's interaction field-major (faster at batch 512, slower on one row)
     large_batches = [*CONFIGS["units 50%"][1], "cleanup.dots_fields_major=true"]
     runs.append(("cleanup for large batches + units 50% refit", "cleanup,prune", large_batches))
+    # the presets' last step: sums over stacked vectors folded into the layers reading them (MMoE)
+    finished = [*CONFIGS["units 50%"][1], "cleanup@final.fold_sums=true"]
+    runs.append(("cleanup + units 50% refit + final cleanup", "cleanup,prune,cleanup@final", finished))
     runs.append(("80% refit + sparse", "prune,sparse", ["prune.sparsity=0.8"]))
     if "quant" in PASSES:  # the saving that pruning adds to quantization, once zeros are stored as bits
         runs.append(("quant alone", "quant", []))

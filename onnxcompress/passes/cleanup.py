@@ -1902,6 +1902,50 @@ def sums_as_matmul(model: ir.Model) -> int:
     return replaced
 
 
+def fold_sums_into_linear(model: ir.Model) -> int:
+    """Fold ``sums_as_matmul``'s product (the rows of ``[batch, n, width]`` flattened, times ``n``
+    stacked identities) into the linear layer that alone reads it: that layer then reads the ``n``
+    vectors side by side, its weight stacked ``n`` times by a ``Tile`` onnxruntime folds at load
+    (no bytes stored; the weight itself stays as it is, quantized or not). MMoE's sum of the
+    gate-weighted experts before each tower: one product less a task. Exact algebra, ``(x S) W =
+    x (S W)``. For a final cleanup: the layer's weight is no longer an initializer of its own for
+    the passes after. Returns how many sums were folded."""
+    graph = model.graph
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.outputs[0].uses()) != 1:
+            continue
+        stacked = node.inputs[1].producer() if node.inputs[1] is not None else None
+        if stacked is None or stacked.op_type != "Tile":
+            continue
+        identity = stacked.inputs[0].producer() if stacked.inputs[0] is not None else None
+        repeats = constant_array(stacked.inputs[1])
+        if identity is None or identity.op_type != "EyeLike" or repeats is None or repeats.shape != (2,):
+            continue
+        if node.outputs[0].is_graph_output() or int(repeats[1]) != 1:
+            continue
+        ((layer, index),) = node.outputs[0].uses()
+        if index != 0 or layer.domain not in ("", "ai.onnx") or layer.inputs[1] is None:
+            continue
+        if layer.op_type == "Gemm":
+            if layer.attributes.get_int("transA", 0) or layer.attributes.get_float("alpha", 1.0) != 1.0:
+                continue
+            along = [1, int(repeats[0])] if layer.attributes.get_int("transB", 0) else [int(repeats[0]), 1]
+        elif layer.op_type == "MatMul" and layer.inputs[1].shape is not None and len(layer.inputs[1].shape) == 2:
+            along = [int(repeats[0]), 1]
+        else:
+            continue
+        times = constant_value(unique_name(graph, "sum_weight_repeats"), np.array(along, np.int64))
+        graph.register_initializer(times)
+        tile = ir.Node("", "Tile", [layer.inputs[1], times])
+        graph.insert_before(layer, [tile])
+        layer.replace_input_with(1, tile.outputs[0])
+        layer.replace_input_with(0, node.inputs[0])
+        graph.remove(node, safe=True)
+        folded += 1
+    return folded
+
+
 def _rank_two_source(value: ir.Value, depth: int = 0) -> bool | None:
     """Whether ``value`` is a Gemm's output (always two-dimensional), through elementwise ops."""
     producer = value.producer()
@@ -2074,6 +2118,14 @@ class Cleanup(CompressionPass):
                 "(DLRM at batch 512 131 -> 112 us), slower on one row (6.6 -> 13.6 us)"
             },
         )
+        fold_sums: bool = field(
+            default=False,
+            metadata={
+                "help": "a sum over stacked vectors done as a MatMul (sums_as_matmul) folds into the linear layer "
+                "that alone reads it, its weight tiled at load (MMoE's towers); the layer's weight is then no "
+                "longer an initializer of its own, so the presets set it in their final cleanup only"
+            },
+        )
         sums_as_matmul: bool = field(
             default=True,
             metadata={
@@ -2136,6 +2188,7 @@ class Cleanup(CompressionPass):
         dots = dots_fields_major(model) if self.config.dots_fields_major else 0
         selections = gathers_as_selections(model) if self.config.select_columns else 0
         sums = sums_as_matmul(model) if self.config.sums_as_matmul else 0
+        sums_folded = fold_sums_into_linear(model) if self.config.fold_sums else 0
         affine = fold_affine_into_linear(model) + fold_affine_into_next_linear(model) if self.config.fold_affine else 0
         fused = fuse_parallel_linear(model) if self.config.fuse_parallel else 0
         norms = fold_norm_into_next_linear(model) if self.config.fold_affine else 0
@@ -2191,6 +2244,7 @@ class Cleanup(CompressionPass):
             "dots_fields_major": dots,
             "column_gathers_as_matmul": selections,
             "sums_as_matmul": sums,
+            "sums_folded_into_layers": sums_folded,
             **({"embedding_bag_loops": bags} if bags else {}),
             "metadata_items_stripped": stripped,
             "names_shortened": renamed,
@@ -2227,6 +2281,7 @@ class Cleanup(CompressionPass):
             or stacks
             or selections
             or dots
+            or sums_folded
             or sums
             or any(not outcome.startswith("kept") for outcome in bags.values())
         )
