@@ -625,7 +625,8 @@ class Prune(CompressionPass):
             return result
         fuse_parallel_linear(model, sources)
         stats = {**result.stats, "fused_layers_split": len(sources)}
-        return CompressionResult(model, modified=True, stats=stats)
+        # split and fused again, the layers compute what they did unless units went
+        return CompressionResult(model, modified=result.modified, stats=stats)
 
     def _prune_split_units(self, model: ir.Model) -> CompressionResult:
         links, skipped = mlp_links(model)
