@@ -1323,12 +1323,7 @@ def fuse_parallel_linear(model: ir.Model, sources: Collection[ir.Value] | None =
                 graph.register_initializer(bias)
             sizes = constant_value(unique_name(graph, f"{weight.name}_split"), np.array(widths, np.int64))
             graph.register_initializer(sizes)
-            if op_type == "Gemm":
-                added = [ir.node("Gemm", [source, weight, bias] if bias is not None else [source, weight])]
-            else:
-                added = [ir.node("MatMul", [source, weight])]
-                if bias is not None:
-                    added.append(ir.node("Add", [added[0].outputs[0], bias]))
+            added = _linear_nodes(op_type, source, weight, bias)
             split = ir.node("Split", [added[-1].outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(members))
             added.append(split)
             first = min((member.nodes[0] for member in members), key=_position(graph))
@@ -1380,14 +1375,9 @@ def split_fused_linear(model: ir.Model) -> list[ir.Value]:
             if bias is not None:
                 part_bias = constant_value(unique_name(graph, f"{stored.name}_bias"), bias[columns].astype(np.float32))
                 graph.register_initializer(part_bias)
-            if node.op_type == "Gemm":
-                inputs = [source, stored] if part_bias is None else [source, stored, part_bias]
-                added.append(ir.node("Gemm", inputs, attributes={"transB": int(member.axis == 0)}))
-            else:
-                added.append(ir.node("MatMul", [source, stored]))
-                if part_bias is not None:
-                    added.append(ir.node("Add", [added[-1].outputs[0], part_bias]))
-            pieces.append(added[-1].outputs[0])
+            layer = _linear_nodes(node.op_type, source, stored, part_bias, transposed=member.axis == 0)
+            added += layer
+            pieces.append(layer[-1].outputs[0])
         graph.insert_before(node, added)
         for old, new in zip(split.outputs, pieces, strict=True):
             replace_value(old, new)
@@ -1403,6 +1393,20 @@ def _remove_with_constants(graph: ir.Graph, nodes: Sequence[ir.Node]) -> None:
     for value in held:
         if value.name is not None and not value.uses() and not value.is_graph_input() and not value.is_graph_output():
             graph.initializers.pop(value.name, None)
+
+
+def _linear_nodes(
+    op_type: str, source: ir.Value, weight: ir.Value, bias: ir.Value | None, *, transposed: bool = False
+) -> list[ir.Node]:
+    """``source @ weight + bias`` as a Gemm (``transposed``: the weight stored ``[N, K]``) or as a
+    MatMul and its bias Add; the last node's output is the layer's."""
+    if op_type == "Gemm":
+        inputs = [source, weight] if bias is None else [source, weight, bias]
+        return [ir.node("Gemm", inputs, attributes={"transB": 1} if transposed else None)]
+    nodes = [ir.node("MatMul", [source, weight])]
+    if bias is not None:
+        nodes.append(ir.node("Add", [nodes[0].outputs[0], bias]))
+    return nodes
 
 
 def _split_sizes(split: ir.Node, width: int) -> list[int] | None:

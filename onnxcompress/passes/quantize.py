@@ -1874,15 +1874,19 @@ class Quantize(CompressionPass):
     def _apply_smoothing(self, graph: ir.Graph, selected: dict[ir.Value, list[WeightUse]]) -> dict[str, str]:
         """Divide each smoothed integer layer's input by its factors, folded into the ops upstream where
         they allow it (before any weight is quantized, so the folded weights are quantized as such)."""
+        smoothed = []
+        for value, uses in selected.items():
+            scales = self._smoothing(uses, dynamic=(value.name or "") in self._integer_layers)
+            if scales is not None and uses[0].node.inputs[0] is not None:
+                smoothed.append((value.name or "", uses[0].node, scales))
+        if not smoothed:
+            return {}
         tables = {value.name: value for value in selected if value.name in self._lookup_hessians}
         columns = {name: _column_norms(value) for name, value in tables.items()}
-        applied = {}
-        for value, uses in selected.items():
-            name = value.name or ""
-            scales = self._smoothing(uses, dynamic=name in self._integer_layers)
-            x = uses[0].node.inputs[0]
-            if scales is not None and x is not None:
-                applied[name] = scale_last_axis(graph, x, 1.0 / scales, uses[0].node)
+        applied = {
+            name: scale_last_axis(graph, node.inputs[0], 1.0 / scales, node)  # type: ignore[arg-type]
+            for name, node, scales in smoothed
+        }
         for name, value in tables.items():
             # A table whose columns took factors f: a change d of a scaled row is d / f of the
             # original's, so the outputs read it through diag(1/f) H diag(1/f).
