@@ -6,12 +6,14 @@ is a data table (``WEIGHT_SLOTS``) rather than if-chains, so a new op is one row
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 __all__ = [
     "NO_WEIGHTS_HINT",
@@ -521,3 +523,23 @@ def replace_contents(model: ir.Model, source: ir.Model) -> None:
     model.ir_version = source.ir_version
     model.functions.clear()
     model.functions.update(source.functions)
+
+
+def inferred_shapes(
+    model: ir.Model, values: list[ir.Value]
+) -> dict[ir.Value, tuple[ir.Shape | None, ir.DataType | None]]:
+    """The shapes and element types onnx's shape inference gives ``values``; the model's own are left
+    as they were (inferred shapes written out would add value_info to every output file)."""
+    every = [*model.graph.inputs, *(output for node in model.graph for output in node.outputs)]
+    saved = [(value, value.shape, value.type) for value in every]
+    # Its warnings (a value with a shape but no type, inference failing) only mean fewer shapes here.
+    ir_logger = logging.getLogger("onnx_ir")
+    level = ir_logger.level
+    ir_logger.setLevel(logging.ERROR)
+    try:
+        ShapeInferencePass(strict_mode=False)(model)
+        return {value: (value.shape, value.dtype) for value in values}
+    finally:
+        ir_logger.setLevel(level)
+        for value, shape, type_ in saved:
+            value.shape, value.type = shape, type_

@@ -20,7 +20,6 @@ from onnx_ir.passes.common import (
     RemoveUnusedFunctionsPass,
     RemoveUnusedNodesPass,
     RemoveUnusedOpsetsPass,
-    ShapeInferencePass,
 )
 
 from onnxcompress import runtime
@@ -30,6 +29,7 @@ from onnxcompress.graph import (
     constant_array,
     constant_value,
     detach_subgraphs,
+    inferred_shapes,
     is_constant_initializer,
     linear_layers,
     replace_value,
@@ -40,6 +40,7 @@ from onnxcompress.graph import (
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 from onnxcompress.passes.prune import remove_dead_units
+from onnxcompress.select_early import select_early
 from onnxcompress.static_shapes import fold_shape_arithmetic
 
 __all__ = [
@@ -803,7 +804,7 @@ def complementary_sigmoids(model: ir.Model) -> int:
         candidates.append((concat, sub, sigmoid, logit))
     if not candidates:
         return 0
-    inferred = _inferred(model, [concat.outputs[0] for concat, *_ in candidates])
+    inferred = inferred_shapes(model, [concat.outputs[0] for concat, *_ in candidates])
     # One output column, its bias (Gemm's C, or the Add that alone reads a MatMul) one value.
     layers = {
         layer.output: layer
@@ -947,7 +948,7 @@ def _drop_last_axis_attributes(model: ir.Model) -> int:
     ]
     if not nodes:
         return 0
-    inferred = _inferred(model, [node.inputs[0] for node in nodes])  # type: ignore[misc]
+    inferred = inferred_shapes(model, [node.inputs[0] for node in nodes])  # type: ignore[misc]
     dropped = 0
     for node in nodes:
         shape = inferred[node.inputs[0]][0]  # type: ignore[index]
@@ -1632,24 +1633,6 @@ def _unsqueezed_axis(value: ir.Value, concat: ir.Node) -> int | None:
     return found[0] if found is not None and len(found) == 1 else None
 
 
-def _inferred(model: ir.Model, values: list[ir.Value]) -> dict[ir.Value, tuple[ir.Shape | None, ir.DataType | None]]:
-    """The shapes and element types onnx's shape inference gives ``values``; the model's own are left
-    as they were (inferred shapes written out would add value_info to every output file)."""
-    every = [*model.graph.inputs, *(output for node in model.graph for output in node.outputs)]
-    saved = [(value, value.shape, value.type) for value in every]
-    # Its warnings (a value with a shape but no type, inference failing) only mean fewer shapes here.
-    ir_logger = logging.getLogger("onnx_ir")
-    level = ir_logger.level
-    ir_logger.setLevel(logging.ERROR)
-    try:
-        ShapeInferencePass(strict_mode=False)(model)
-        return {value: (value.shape, value.dtype) for value in values}
-    finally:
-        ir_logger.setLevel(level)
-        for value, shape, type_ in saved:
-            value.shape, value.type = shape, type_
-
-
 def concat_stacks(model: ir.Model) -> int:
     """Replace a stack exported as Unsqueeze per tensor and a Concat (``torch.stack``: DLRM's
     interaction input, MMoE's experts) by one Concat of the tensors and a Reshape (exact). Each
@@ -1670,7 +1653,7 @@ def concat_stacks(model: ir.Model) -> int:
         node: [value.producer().inputs[0] for value in node.inputs]  # type: ignore[union-attr,misc]
         for node, _, _ in stacks
     }
-    inferred = _inferred(model, [value for values in sources.values() for value in values])
+    inferred = inferred_shapes(model, [value for values in sources.values() for value in values])
     rewritten = 0
     for node, axis, unsqueezed in stacks:
         found = [inferred[value][0] for value in sources[node]]
@@ -1741,7 +1724,7 @@ def dots_fields_major(model: ir.Model) -> int:
         candidates.append((node, columns, flat, product, turn))
     if not candidates or model.opset_imports.get("", 1) < 13:
         return 0
-    inferred = _inferred(model, [product.inputs[0] for _, _, _, product, _ in candidates])  # type: ignore[misc]
+    inferred = inferred_shapes(model, [product.inputs[0] for _, _, _, product, _ in candidates])  # type: ignore[misc]
     rewritten = 0
     for gather, columns, flat, product, turn in candidates:
         vectors = product.inputs[0]
@@ -1809,7 +1792,7 @@ def gathers_as_selections(model: ir.Model) -> int:
             candidates.append((node, indices))
     if not candidates or model.opset_imports.get("", 1) < 11:
         return 0
-    inferred = _inferred(model, [node.inputs[0] for node, _ in candidates])  # type: ignore[misc]
+    inferred = inferred_shapes(model, [node.inputs[0] for node, _ in candidates])  # type: ignore[misc]
     replaced = 0
     for node, indices in candidates:
         shape, dtype = inferred[node.inputs[0]]  # type: ignore[index]
@@ -1868,7 +1851,7 @@ def sums_as_matmul(model: ir.Model) -> int:
     ]
     if not candidates or model.opset_imports.get("", 1) < 9:
         return 0
-    inferred = _inferred(model, [node.inputs[0] for node in candidates])  # type: ignore[misc]
+    inferred = inferred_shapes(model, [node.inputs[0] for node in candidates])  # type: ignore[misc]
     sums: dict[tuple[int, int, ir.DataType], ir.Value] = {}
     replaced = 0
     for node in candidates:
@@ -2122,6 +2105,13 @@ class Cleanup(CompressionPass):
                 "(DLRM at batch 512 131 -> 112 us), slower on one row (6.6 -> 13.6 us)"
             },
         )
+        select_early: bool = field(
+            default=True,
+            metadata={
+                "help": "a Gather of one constant position (SASRec's last state) moves up through the ops that "
+                "work row by row, so they compute that position only (SASRec at batch 512: 1.45x)"
+            },
+        )
         fold_sums: bool = field(
             default=False,
             metadata={
@@ -2194,6 +2184,7 @@ class Cleanup(CompressionPass):
         sums = sums_as_matmul(model) if self.config.sums_as_matmul else 0
         sums_folded = fold_sums_into_linear(model) if self.config.fold_sums else 0
         affine = fold_affine_into_linear(model) + fold_affine_into_next_linear(model) if self.config.fold_affine else 0
+        selected = select_early(model) if self.config.select_early else 0
         fused = fuse_parallel_linear(model) if self.config.fuse_parallel else 0
         norms = fold_norm_into_next_linear(model) if self.config.fold_affine else 0
         dead_units = remove_dead_units(model) if self.config.remove_dead_units else 0
@@ -2249,6 +2240,7 @@ class Cleanup(CompressionPass):
             "column_gathers_as_matmul": selections,
             "sums_as_matmul": sums,
             "sums_folded_into_layers": sums_folded,
+            "nodes_computing_selection_only": selected,
             **({"embedding_bag_loops": bags} if bags else {}),
             "metadata_items_stripped": stripped,
             "names_shortened": renamed,
@@ -2286,6 +2278,7 @@ class Cleanup(CompressionPass):
             or selections
             or dots
             or sums_folded
+            or selected
             or sums
             or any(not outcome.startswith("kept") for outcome in bags.values())
         )
