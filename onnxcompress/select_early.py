@@ -5,7 +5,7 @@ the last position (``Gather(hidden, -1, axis=1)``). Every op of the last block t
 (the query projection, the attention scores and softmax of each query, the output projection, the
 residual adds, the norms, the feed-forward layers) then computes nineteen rows of twenty for nothing.
 This rewrite moves the selection up the graph as far as the ops allow, so those ops run on the one
-position; the keys and values, which every query reads, stay whole, and a ``Slice`` takes the
+position; the keys and values, which every query reads, stay whole, and a ``Gather`` of a one-element index takes the
 position from a value the rest of the graph still needs whole. The result is the same arithmetic on
 fewer rows.
 
@@ -28,7 +28,6 @@ from onnxcompress.graph import constant_array, constant_value, inferred_shapes, 
 __all__ = ["select_early"]
 
 _STANDARD = ("", "ai.onnx")
-_INT64_MAX = np.iinfo(np.int64).max
 #: Ops computed element by element with numpy broadcasting: a cut of the output is the same cut of
 #: every input that has the axis (an input of extent 1 there broadcasts and stays whole).
 _ELEMENTWISE = frozenset(
@@ -123,7 +122,8 @@ class _Rewrite:
         self.model = model
         self.graph = model.graph
         self.root = root
-        self.start, self.end = (position, _INT64_MAX) if position == -1 else (position, position + 1)
+        self.position = position
+        self.index: ir.Value | None = None
         self.fresh = 0
         self.shapes = self._concrete_shapes()
         self.demand: dict[ir.Value, _Cut | None] = {}
@@ -186,9 +186,10 @@ class _Rewrite:
         nodes = list(self.graph)
         position = {id(node): index for index, node in enumerate(nodes)}
         root_index = position[id(self.root)]
-        axis = _normalized(self.root.attributes.get_int("axis", 0), self.dims(self.root.inputs[0]))
-        if axis is None:
-            return False
+        dims = self.dims(self.root.inputs[0])
+        axis = _normalized(self.root.attributes.get_int("axis", 0), dims)
+        if axis is None or dims is None or dims[axis] == 1:
+            return False  # a position of one: nothing to cut, or cut already (a second cleanup)
         self.requests[self.root] = {0: _Cut(axis), 1: None}
         for node in reversed(nodes[:root_index]):
             if len(node.outputs) < 1 or node.domain not in _STANDARD:
@@ -217,7 +218,7 @@ class _Rewrite:
         return cuts.pop() if len(cuts) == 1 else None
 
     def _materializable(self, node: ir.Node, requests: dict[int, _Cut | None]) -> bool:
-        """Every input the node needs cut can be cut by a Slice (an outer cut needs the axes after it static)."""
+        """Every input the node needs cut can be cut (an outer cut needs the axes after it static)."""
         for index, cut in requests.items():
             if cut is None or cut.outer is None:
                 continue
@@ -288,7 +289,7 @@ class _Rewrite:
                 continue
             if dims[aligned] == out[cut.axis] and not str(dims[aligned]).startswith("?"):
                 requests[index] = _Cut(aligned, cut.outer)
-            elif self.start == -1 and cut.outer is None:
+            elif self.position == -1 and cut.outer is None:
                 requests[index] = _Cut(aligned)  # the last of one is itself: right whether it broadcasts or not
             else:
                 return None
@@ -406,7 +407,7 @@ class _Rewrite:
 
     def apply(self) -> int:
         """Rewrite the planned nodes in place (their inputs cut, Reshape targets adjusted) and cut
-        what they read whole with a Slice; returns how many nodes now run cut."""
+        what they read whole; returns how many nodes now run cut."""
         cut_values: dict[tuple[ir.Value, _Cut], ir.Value] = {}
         rewritten = 0
         for node in list(self.graph):
@@ -428,23 +429,29 @@ class _Rewrite:
                     continue  # rewritten in place
                 key = (value, cut)
                 if key not in cut_values:
-                    cut_values[key] = self._slice(node, value, cut)
+                    cut_values[key] = self._cut(node, value, cut)
                 node.replace_input_with(index, cut_values[key])
             if node is not self.root:
                 node.outputs[0].shape = None
                 rewritten += 1
-        index_value = self.root.inputs[1]
-        assert index_value is not None
-        dtype = constant_array(index_value).dtype  # type: ignore[union-attr]
-        self.root.replace_input_with(1, self._initializer("cut_index", np.zeros((), dtype)))
+        if self.position != -1:  # the last of one position is position 0 too
+            index_value = self.root.inputs[1]
+            assert index_value is not None
+            dtype = constant_array(index_value).dtype  # type: ignore[union-attr]
+            self.root.replace_input_with(1, self._initializer("cut_index", np.zeros((), dtype)))
         return rewritten
+
+    def _position_index(self) -> ir.Value:
+        if self.index is None:
+            self.index = self._initializer("cut_position", np.array([self.position], np.int64))
+        return self.index
 
     def _initializer(self, base: str, array: np.ndarray) -> ir.Value:
         value = constant_value(unique_name(self.graph, base), array)
         self.graph.register_initializer(value)
         return value
 
-    def _slice(self, reader: ir.Node, value: ir.Value, cut: _Cut) -> ir.Value:
+    def _cut(self, reader: ir.Node, value: ir.Value, cut: _Cut) -> ir.Value:
         """``value`` cut by nodes inserted before ``reader``."""
         nodes: list[ir.Node] = []
         source = value
@@ -456,10 +463,8 @@ class _Rewrite:
             split = self._initializer("cut_split", np.array([0] * cut.axis + [cut.outer, -1, *after], np.int64))
             nodes.append(ir.node("Reshape", [source, split]))
             source = nodes[-1].outputs[0]
-        starts = self._initializer("cut_start", np.array([self.start], np.int64))
-        ends = self._initializer("cut_end", np.array([self.end], np.int64))
-        axes = self._initializer("cut_axis", np.array([axis], np.int64))
-        nodes.append(ir.node("Slice", [source, starts, ends, axes]))
+        # A Gather of a one-element index keeps the axis, in one small initializer every cut shares.
+        nodes.append(ir.node("Gather", [source, self._position_index()], attributes={"axis": axis}))
         if cut.outer is not None:
             dims = self.dims(value)
             assert dims is not None

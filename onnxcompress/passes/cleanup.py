@@ -2184,11 +2184,11 @@ class Cleanup(CompressionPass):
         sums = sums_as_matmul(model) if self.config.sums_as_matmul else 0
         sums_folded = fold_sums_into_linear(model) if self.config.fold_sums else 0
         affine = fold_affine_into_linear(model) + fold_affine_into_next_linear(model) if self.config.fold_affine else 0
-        selected = select_early(model) if self.config.select_early else 0
         fused = fuse_parallel_linear(model) if self.config.fuse_parallel else 0
         norms = fold_norm_into_next_linear(model) if self.config.fold_affine else 0
         dead_units = remove_dead_units(model) if self.config.remove_dead_units else 0
         adds_merged = merge_constant_adds(model) if self.config.fold_affine else 0
+        selected = select_early(model) if self.config.select_early else 0
         RemoveUnusedNodesPass()(model)
         RemoveUnusedFunctionsPass()(model)
         merged, merged_bytes = merge_identical_initializers(model) if self.config.merge_initializers else (0, 0)
