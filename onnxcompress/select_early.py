@@ -391,8 +391,11 @@ class _Rewrite:
         return requests
 
     def _gather(self, node: ir.Node, cut: _Cut) -> dict[int, _Cut | None] | None:
+        """Through a lookup (ids computed or fed), not through a selection of constant positions:
+        cutting above one saves nothing unless its source is cut too, and a cut's own Gather would
+        otherwise move up again in every later cleanup."""
         data, indices = self.dims(node.inputs[0]), self.dims(node.inputs[1])
-        if data is None or indices is None:
+        if data is None or indices is None or constant_array(node.inputs[1]) is not None:
             return None
         axis = _normalized(node.attributes.get_int("axis", 0), data)
         if axis is None:
