@@ -16,6 +16,7 @@ The selection is tracked as a *cut*: an axis and the position on it (the selecte
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -42,6 +43,11 @@ _ELEMENTWISE = frozenset(
 #: is likely to equal, or to be a multiple of by chance.
 _SYMBOL_SIZES = (7919, 7927, 7933, 7937, 7949, 7951, 7963, 7993, 8009, 8011, 8017, 8039)
 _NORMALIZING = frozenset({"Softmax", "LogSoftmax", "LayerNormalization"})
+_CUTTABLE = (
+    _ELEMENTWISE
+    | _NORMALIZING
+    | {"Clip", "MatMul", "Gemm", "Transpose", "Reshape", "Concat", "Squeeze", "Unsqueeze", "Gather"}
+)
 
 
 @dataclass(frozen=True)
@@ -114,62 +120,60 @@ def _reshape_groups(source: Dims, target: Dims) -> list[tuple[list[int], list[in
     return groups
 
 
+def _concrete_shapes(model: ir.Model) -> dict[ir.Value, Dims | None]:
+    """Every value's dimensions with each symbolic input dimension set to a prime of its own:
+    shape inference then sizes every Reshape and Transpose after it, and a merged axis shows
+    which factors it holds (the batch times twenty positions is 20 * 7919). A dimension inference
+    leaves unknown is a symbol of its own ("?1", "?2", ...)."""
+    graph = model.graph
+    sizes: dict[object, int] = {}
+    primes = iter(_SYMBOL_SIZES)
+    saved = [(value, value.shape) for value in graph.inputs]
+    try:
+        for value in graph.inputs:
+            if value.shape is None:
+                continue
+            dims: list[int] = []
+            for dim in value.shape:
+                if isinstance(dim, int):
+                    dims.append(dim)
+                    continue
+                key = getattr(dim, "value", None) or object()
+                if key not in sizes:
+                    sizes[key] = next(primes, 0)
+                dims.append(sizes[key] or 1)
+            value.shape = ir.Shape(dims)
+        values = [value for node in graph for value in node.outputs] + list(graph.inputs)
+        inferred = inferred_shapes(model, values)
+    finally:
+        for value, shape in saved:
+            value.shape = shape
+    unknown = itertools.count(1)
+
+    def known(dim: object) -> int | str:
+        if isinstance(dim, int):
+            return dim
+        symbol = getattr(dim, "value", None)
+        return symbol if isinstance(symbol, str) else f"?{next(unknown)}"
+
+    return {value: None if shape is None else [known(dim) for dim in shape] for value, (shape, _) in inferred.items()}
+
+
 class _Rewrite:
     """One selection moved up: which nodes run cut (``requests``: the cut each of their inputs needs,
     None for an input read whole) and the rewrite that follows."""
 
-    def __init__(self, model: ir.Model, root: ir.Node, position: int) -> None:
+    def __init__(self, model: ir.Model, root: ir.Node, position: int, shapes: dict[ir.Value, Dims | None]) -> None:
         self.model = model
         self.graph = model.graph
         self.root = root
         self.position = position
         self.index: ir.Value | None = None
-        self.fresh = 0
-        self.shapes = self._concrete_shapes()
+        self.shapes = shapes
         self.demand: dict[ir.Value, _Cut | None] = {}
         self.requests: dict[ir.Node, dict[int, _Cut | None]] = {}
         opsets = model.opset_imports
         self.opset = opsets.get("", opsets.get("ai.onnx", 1))
-
-    def _concrete_shapes(self) -> dict[ir.Value, Dims | None]:
-        """Every value's dimensions with each symbolic input dimension set to a prime of its own:
-        shape inference then sizes every Reshape and Transpose after it, and a merged axis shows
-        which factors it holds (the batch times twenty positions is 20 * 7919)."""
-        sizes: dict[object, int] = {}
-        primes = iter(_SYMBOL_SIZES)
-        saved = [(value, value.shape) for value in self.graph.inputs]
-        try:
-            for value in self.graph.inputs:
-                if value.shape is None:
-                    continue
-                dims: list[int] = []
-                for dim in value.shape:
-                    if isinstance(dim, int):
-                        dims.append(dim)
-                        continue
-                    key = getattr(dim, "value", None) or object()
-                    if key not in sizes:
-                        sizes[key] = next(primes, 0)
-                    dims.append(sizes[key] or 1)
-                value.shape = ir.Shape(dims)
-            values = [value for node in self.graph for value in node.outputs] + list(self.graph.inputs)
-            inferred = inferred_shapes(self.model, values)
-        finally:
-            for value, shape in saved:
-                value.shape = shape
-        return {
-            value: None if shape is None else [self._dim(dim) for dim in shape]
-            for value, (shape, _) in inferred.items()
-        }
-
-    def _dim(self, dim: object) -> int | str:
-        if isinstance(dim, int):
-            return dim
-        value = getattr(dim, "value", None)
-        if isinstance(value, str):
-            return value
-        self.fresh += 1
-        return f"?{self.fresh}"
 
     def dims(self, value: ir.Value | None) -> Dims | None:
         if value is None:
@@ -518,7 +522,8 @@ def _selections(graph: ir.Graph) -> list[tuple[ir.Node, int]]:
             continue
         data, index = node.inputs
         array = constant_array(index)
-        if data is None or data.producer() is None or array is None or array.shape != ():
+        producer = data.producer() if data is not None else None
+        if producer is None or array is None or array.shape != () or producer.op_type not in _CUTTABLE:
             continue
         found.append((node, int(array)))
     return found
@@ -530,8 +535,12 @@ def select_early(model: ir.Model) -> int:
     # A dead reader (the Shape of a Reshape target folded to a constant) would keep its value whole.
     RemoveUnusedNodesPass()(model)
     total = 0
+    shapes: dict[ir.Value, Dims | None] | None = None
     for root, position in _selections(model.graph):
-        rewrite = _Rewrite(model, root, position)
+        if shapes is None:
+            shapes = _concrete_shapes(model)
+        rewrite = _Rewrite(model, root, position, shapes)
         if rewrite.plan():
             total += rewrite.apply()
+            shapes = None  # the cut values' shapes changed
     return total

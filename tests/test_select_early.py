@@ -177,3 +177,28 @@ def test_sasrec_last_block_runs_on_the_last_position(tmp_path: Path, name: str, 
         assignments=["cleanup.select_early=false"],
     )
     assert off.passes[0].stats["nodes_computing_selection_only"] == 0
+
+
+LOOKUP = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (int64[N,5] history, float[10,3] table, int64 position) => (float[N,3] y) {
+  rows = Gather(table, history)
+  scaled = Mul(rows, rows)
+  y = Gather <axis = 1> (scaled, position)
+}
+"""
+
+
+def test_a_lookup_is_cut_through_its_ids(tmp_path: Path) -> None:
+    """The last history item's embedding: the ids are cut, so one row per example is looked up."""
+    table = np.random.default_rng(4).normal(size=(10, 3)).astype(np.float32)
+    history = np.random.default_rng(5).integers(0, 10, size=(4, 5))
+    before = save_model(text_model(LOOKUP, {"table": table, "position": np.array(-1)}), tmp_path / "before.onnx")
+    model = text_model(LOOKUP, {"table": table, "position": np.array(-1)})
+    assert select_early(model) == 2
+    after = save_model(model, tmp_path / "after.onnx")
+    run = [runtime.run(runtime.make_session(path, "disable"), {"history": history})["y"] for path in (before, after)]
+    np.testing.assert_array_equal(run[1], run[0])
+    lookup = next(node for node in model.graph if node.op_type == "Gather" and node.inputs[0].name == "table")
+    cut = lookup.inputs[1].producer()
+    assert cut is not None and cut.op_type == "Gather" and cut.inputs[0].name == "history"
