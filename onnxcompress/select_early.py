@@ -206,7 +206,21 @@ class _Rewrite:
             if requests is not None and self._materializable(node, requests):
                 self.demand[output] = cut
                 self.requests[node] = requests
+        self._demote_reshapes()
         return any(node is not self.root for node in self.requests)
+
+    def _demote_reshapes(self) -> None:
+        """A Reshape whose input stays whole is cut after it instead: its view of the whole input
+        costs nothing, while cutting before it needs a target of its own (bytes in the file)."""
+        for node in self.graph:
+            output_cut = self.demand.get(node.outputs[0]) if node.outputs else None
+            if node is self.root or node.op_type != "Reshape" or output_cut is None or output_cut.outer is not None:
+                continue
+            source, wanted = node.inputs[0], self.requests[node][0]
+            if source is not None and self.demand.get(source) == wanted and source.producer() in self.requests:
+                continue
+            del self.requests[node]
+            del self.demand[node.outputs[0]]
 
     def _demanded(self, value: ir.Value) -> _Cut | None:
         """The cut every reader of ``value`` needs, or None when one needs it whole."""

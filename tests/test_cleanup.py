@@ -11,6 +11,7 @@ from conftest import compress_with_preset, mlp_model, model_files, save_model, t
 from onnx.reference import ReferenceEvaluator
 
 from onnxcompress import runtime
+from onnxcompress.graph import constant_array
 from onnxcompress.passes.cleanup import (
     PACK_MIN_VECTORS,
     Cleanup,
@@ -1452,3 +1453,55 @@ def test_nodes_computing_the_same_thing_are_computed_once(tmp_path: Path) -> Non
     model = text_model(text)
     assert Cleanup(Cleanup.Config(common_subexpressions=False))(model).stats["common_subexpressions"] == 0
     assert op_types(model).count("Relu") == 2
+
+
+def test_a_lifted_constant_merges_with_an_equal_initializer() -> None:
+    """A Constant node lifted to an initializer (lift_constants) that equals one already there (the
+    axes [-1] of a ReduceSum and a Reshape target [-1]) is stored once."""
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3] x, int64[1] flat) => (float[N] y, float[M] z) {
+          axes = Constant <value = int64[1] {-1}> ()
+          y = ReduceSum <keepdims = 0> (x, axes)
+          z = Reshape(x, flat)
+        }
+        """,
+        {"flat": np.array([-1], np.int64)},
+    )
+    Cleanup(Cleanup.Config(lift_constants=True))(model)
+    assert len(model.graph.initializers) == 1
+    reduce, reshape = (next(node for node in model.graph if node.op_type == op) for op in ("ReduceSum", "Reshape"))
+    assert reduce.inputs[1] is reshape.inputs[1]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "merged"),
+    [([1], [2], [1, 2]), ([0], [0], [0, 1]), ([2], [0], [0, 3]), ([1], [1, 3], [1, 2, 3])],
+)
+def test_an_unsqueeze_of_an_unsqueeze_is_one(
+    tmp_path: Path, first: list[int], second: list[int], merged: list[int]
+) -> None:
+    """mask[:, None, None, :] exported as two Unsqueezes: one Unsqueeze of both places, same output."""
+
+    def model() -> ir.Model:
+        return text_model(
+            """
+            <ir_version: 8, opset_import: ["" : 17]>
+            g (float[N,3] x, int64[F] first, int64[S] second) => (float y) {
+              middle = Unsqueeze(x, first)
+              y = Unsqueeze(middle, second)
+            }
+            """,
+            {"first": np.array(first, np.int64), "second": np.array(second, np.int64)},
+        )
+
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    before = run_reference(model(), tmp_path, feeds)[0]
+    merged_model = model()
+    assert Cleanup()(merged_model).stats["unsqueezes_merged"] == 1
+    (unsqueeze,) = [node for node in merged_model.graph if node.op_type == "Unsqueeze"]
+    assert list(constant_array(unsqueeze.inputs[1])) == merged  # type: ignore[arg-type]
+    after = run_reference(merged_model, tmp_path, feeds)[0]
+    assert after.shape == before.shape
+    np.testing.assert_array_equal(after, before)

@@ -1622,6 +1622,39 @@ def fold_static_squeezes(model: ir.Model) -> int:
     return folded
 
 
+def merge_unsqueezes(model: ir.Model) -> int:
+    """Make an Unsqueeze of an Unsqueeze one Unsqueeze of both axes (a transformer's padding mask,
+    ``mask[:, None, None, :]``): one node less on every call and in the file. Axes must be constant
+    and non-negative (their places are then known without the rank). Returns how many were merged."""
+    graph = model.graph
+    merged = 0
+    for outer in list(graph):
+        if outer.op_type != "Unsqueeze" or outer.domain not in ("", "ai.onnx"):
+            continue
+        middle = outer.inputs[0]
+        inner = middle.producer() if middle is not None else None
+        if middle is None or inner is None or inner.op_type != "Unsqueeze" or inner.domain not in ("", "ai.onnx"):
+            continue
+        if middle.is_graph_output() or len(middle.uses()) != 1:
+            continue
+        first, second = _constant_axes(inner), _constant_axes(outer)
+        if first is None or second is None or min(first + second, default=-1) < 0:
+            continue
+        # The k-th axis of the middle value is the k-th place of the result the second one leaves free.
+        free = (place for place in itertools.count() if place not in set(second))
+        places = list(itertools.islice(free, max(first) + 1))
+        axes = sorted({*second, *(places[axis] for axis in first)})
+        outer.replace_input_with(0, inner.inputs[0])
+        if len(outer.inputs) > 1:
+            constant = constant_value(unique_name(graph, "unsqueeze_axes"), np.array(axes, np.int64))
+            graph.register_initializer(constant)
+            outer.replace_input_with(1, constant)
+        else:
+            outer.attributes["axes"] = ir.AttrInt64s("axes", axes)
+        merged += 1
+    return merged
+
+
 def _unsqueezed_axis(value: ir.Value, concat: ir.Node) -> int | None:
     """The one axis an Unsqueeze inserted to make ``value``, when ``concat`` is its only reader."""
     producer = value.producer()
@@ -2177,6 +2210,7 @@ class Cleanup(CompressionPass):
         remove_identities(model)
         bags = vectorize_bags(model, self.context.calibration) if self.config.vectorize_bags else {}
         squeezes = fold_static_squeezes(model)
+        unsqueezes = merge_unsqueezes(model)
         shape_values, shape_targets = fold_shape_arithmetic(model) if self.config.static_shapes else (0, 0)
         stacks = concat_stacks(model) if self.config.concat_stacks else 0
         dots = dots_fields_major(model) if self.config.dots_fields_major else 0
@@ -2204,6 +2238,9 @@ class Cleanup(CompressionPass):
             constants = _op_counts(model).get("Constant", 0)
             LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
             lifted = constants - _op_counts(model).get("Constant", 0)
+            if self.config.merge_initializers:  # a lifted constant may equal an initializer
+                more, more_bytes = merge_identical_initializers(model)
+                merged, merged_bytes = merged + more, merged_bytes + more_bytes
         defaults = drop_default_attributes(model) if self.config.drop_default_attributes else 0
         narrowed = narrow_indices(model) if self.config.narrow_indices else 0
         masks = compact_masks(model) if self.config.compact_masks else 0
@@ -2233,6 +2270,7 @@ class Cleanup(CompressionPass):
             "contrib_ops_unfused": unfused,
             "weight_layouts_folded": weights_folded,
             "squeeze_ifs_folded": squeezes,
+            "unsqueezes_merged": unsqueezes,
             "shape_values_folded": shape_values,
             "reshape_targets_folded": shape_targets,
             "stacks_concatenated": stacks,
@@ -2272,6 +2310,7 @@ class Cleanup(CompressionPass):
             or unfused
             or weights_folded
             or squeezes
+            or unsqueezes
             or shape_values
             or shape_targets
             or stacks
