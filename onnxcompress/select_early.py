@@ -26,7 +26,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxcompress.graph import constant_array, constant_value, inferred_shapes, unique_name
 
-__all__ = ["select_early"]
+__all__ = ["concrete_shapes", "select_early"]
 
 _STANDARD = ("", "ai.onnx")
 #: Ops computed element by element with numpy broadcasting: a cut of the output is the same cut of
@@ -120,7 +120,7 @@ def _reshape_groups(source: Dims, target: Dims) -> list[tuple[list[int], list[in
     return groups
 
 
-def _concrete_shapes(model: ir.Model) -> dict[ir.Value, Dims | None]:
+def concrete_shapes(model: ir.Model) -> dict[ir.Value, Dims | None]:
     """Every value's dimensions with each symbolic input dimension set to a prime of its own:
     shape inference then sizes every Reshape and Transpose after it, and a merged axis shows
     which factors it holds (the batch times twenty positions is 20 * 7919). A dimension inference
@@ -552,7 +552,7 @@ def select_early(model: ir.Model) -> int:
     shapes: dict[ir.Value, Dims | None] | None = None
     for root, position in _selections(model.graph):
         if shapes is None:
-            shapes = _concrete_shapes(model)
+            shapes = concrete_shapes(model)
         rewrite = _Rewrite(model, root, position, shapes)
         if rewrite.plan():
             total += rewrite.apply()

@@ -1505,3 +1505,33 @@ def test_an_unsqueeze_of_an_unsqueeze_is_one(
     after = run_reference(merged_model, tmp_path, feeds)[0]
     assert after.shape == before.shape
     np.testing.assert_array_equal(after, before)
+
+
+EXPAND_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] x, float[N,1] n) => (float[N,4] y) {
+  shape = Shape(x)
+  wide = Expand(n, shape)
+  y = Div(x, wide)
+}
+"""
+
+
+def test_an_expand_its_reader_broadcasts_anyway_is_bypassed(tmp_path: Path) -> None:
+    """F.normalize's x / clamp_min(norm).expand_as(x): the Div broadcasts [N, 1] itself."""
+    feeds = {"x": np.arange(8, dtype=np.float32).reshape(2, 4), "n": np.array([[2.0], [4.0]], np.float32)}
+    before = run_reference(text_model(EXPAND_TEXT), tmp_path, feeds)[0]
+    model = text_model(EXPAND_TEXT)
+    assert Cleanup()(model).stats["expands_bypassed"] == 1
+    assert op_types(model) == ["Div"]
+    after = run_reference(model, tmp_path, feeds)[0]
+    np.testing.assert_array_equal(after, before)
+
+
+def test_an_expand_that_widens_the_result_stays() -> None:
+    """x [N, 1] times an Expand to [N, 4]: without it the product would stay [N, 1]."""
+    model = text_model(
+        EXPAND_TEXT.replace("y = Div(x, wide)", "y = Mul(n, wide)").replace("float[N,1] n)", "float[N,1] n)")
+    )
+    assert Cleanup()(model).stats["expands_bypassed"] == 0
+    assert "Expand" in op_types(model)

@@ -27,6 +27,7 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
         "concat_stacks": True,
         "select_columns": True,
         "dots_fields_major": False,
+        "drop_expands": True,
         "select_early": True,
         "fold_sums": False,
         "sums_as_matmul": True,

@@ -99,7 +99,8 @@ def test_torchscript_attention_loses_its_shape_arithmetic_and_keeps_its_scores(n
     shapes = sum(node.op_type == "Shape" for node in model.graph)
     stats = Cleanup()(model).stats
     shapes_left = [node.inputs[0].name for node in model.graph if node.op_type == "Shape"]
-    assert shapes_left == ["history"]
+    # dynamo's mask of zeros is an Expand the Where that reads it broadcasts anyway (drop_expands)
+    assert shapes_left == (["history"] if name == "sasrec_encoder" else [])
     if name == "sasrec_encoder":
         assert (nodes, shapes) == (411, 17)
         assert stats["reshape_targets_folded"] == 24 and len(model.graph) < nodes / 3

@@ -40,7 +40,7 @@ from onnxcompress.graph import (
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 from onnxcompress.passes.prune import remove_dead_units
-from onnxcompress.select_early import select_early
+from onnxcompress.select_early import concrete_shapes, select_early
 from onnxcompress.static_shapes import fold_shape_arithmetic
 
 __all__ = [
@@ -1655,6 +1655,61 @@ def merge_unsqueezes(model: ir.Model) -> int:
     return merged
 
 
+#: Ops that broadcast their inputs against each other, numpy-style.
+_BROADCASTING_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Equal", "Greater", "Less"})
+
+
+def drop_broadcast_expands(model: ir.Model) -> int:
+    """Bypass an Expand whose readers broadcast anyway: ``x / Expand(norm, shape)`` is ``x / norm``
+    when the other operands already have the expanded shape (F.normalize's ``clamp_min(...).expand_as(x)``
+    in the two-tower's towers; an Expand is a kernel call and a copy). Checked on concrete shapes: the
+    reader's output must come out the same without it. Returns how many were bypassed."""
+    graph = model.graph
+    candidates = [
+        node
+        for node in graph
+        if node.op_type == "Expand"
+        and node.domain in ("", "ai.onnx")
+        and not node.outputs[0].is_graph_output()
+        and node.outputs[0].uses()
+        and all(reader.op_type in _BROADCASTING_OPS for reader, _ in node.outputs[0].uses())
+    ]
+    if not candidates:
+        return 0
+    shapes = concrete_shapes(model)
+
+    def dims(value: ir.Value | None) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        array = constant_array(value)
+        found = list(array.shape) if array is not None else shapes.get(value)
+        return tuple(found) if found is not None and all(isinstance(dim, int) for dim in found) else None  # type: ignore[arg-type]
+
+    bypassed = 0
+    for node in candidates:
+        source, expanded = node.inputs[0], node.outputs[0]
+        if source is None or dims(source) is None:
+            continue
+        safe = True
+        for reader, _ in expanded.uses():
+            operands = [dims(source if value is expanded else value) for value in reader.inputs]
+            result = dims(reader.outputs[0])
+            if result is None or any(operand is None for operand in operands):
+                safe = False
+                break
+            try:
+                safe = np.broadcast_shapes(*operands) == result  # type: ignore[arg-type]
+            except ValueError:
+                safe = False
+            if not safe:
+                break
+        if safe:
+            for reader, index in list(expanded.uses()):
+                reader.replace_input_with(index, source)
+            bypassed += 1
+    return bypassed
+
+
 def _unsqueezed_axis(value: ir.Value, concat: ir.Node) -> int | None:
     """The one axis an Unsqueeze inserted to make ``value``, when ``concat`` is its only reader."""
     producer = value.producer()
@@ -2138,6 +2193,13 @@ class Cleanup(CompressionPass):
                 "(DLRM at batch 512 131 -> 112 us), slower on one row (6.6 -> 13.6 us)"
             },
         )
+        drop_expands: bool = field(
+            default=True,
+            metadata={
+                "help": "bypass an Expand whose readers broadcast to the same shape without it (F.normalize's "
+                "expand_as in a two-tower model), checked on shapes inferred with the batch set"
+            },
+        )
         select_early: bool = field(
             default=True,
             metadata={
@@ -2211,6 +2273,7 @@ class Cleanup(CompressionPass):
         bags = vectorize_bags(model, self.context.calibration) if self.config.vectorize_bags else {}
         squeezes = fold_static_squeezes(model)
         unsqueezes = merge_unsqueezes(model)
+        expands = drop_broadcast_expands(model) if self.config.drop_expands else 0
         shape_values, shape_targets = fold_shape_arithmetic(model) if self.config.static_shapes else (0, 0)
         stacks = concat_stacks(model) if self.config.concat_stacks else 0
         dots = dots_fields_major(model) if self.config.dots_fields_major else 0
@@ -2271,6 +2334,7 @@ class Cleanup(CompressionPass):
             "weight_layouts_folded": weights_folded,
             "squeeze_ifs_folded": squeezes,
             "unsqueezes_merged": unsqueezes,
+            "expands_bypassed": expands,
             "shape_values_folded": shape_values,
             "reshape_targets_folded": shape_targets,
             "stacks_concatenated": stacks,
@@ -2311,6 +2375,7 @@ class Cleanup(CompressionPass):
             or weights_folded
             or squeezes
             or unsqueezes
+            or expands
             or shape_values
             or shape_targets
             or stacks
