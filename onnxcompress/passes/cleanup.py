@@ -1665,15 +1665,13 @@ def drop_broadcast_expands(model: ir.Model) -> int:
     in the two-tower's towers; an Expand is a kernel call and a copy). Checked on concrete shapes: the
     reader's output must come out the same without it. Returns how many were bypassed."""
     graph = model.graph
-    candidates = [
-        node
-        for node in graph
-        if node.op_type == "Expand"
-        and node.domain in ("", "ai.onnx")
-        and not node.outputs[0].is_graph_output()
-        and node.outputs[0].uses()
-        and all(reader.op_type in _BROADCASTING_OPS for reader, _ in node.outputs[0].uses())
-    ]
+
+    def read_by_broadcasts(node: ir.Node) -> bool:
+        readers = [reader.op_type for reader, _ in node.outputs[0].uses()]
+        return bool(readers) and not node.outputs[0].is_graph_output() and set(readers) <= _BROADCASTING_OPS
+
+    candidates = [node for node in graph if node.op_type == "Expand" and node.domain in ("", "ai.onnx")]
+    candidates = [node for node in candidates if read_by_broadcasts(node)]
     if not candidates:
         return 0
     shapes = concrete_shapes(model)
