@@ -6,6 +6,7 @@ is a data table (``WEIGHT_SLOTS``) rather than if-chains, so a new op is one row
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -21,17 +22,21 @@ __all__ = [
     "RECURRENT_OPS",
     "RECURRENT_SLOTS",
     "WEIGHT_SLOTS",
+    "Dims",
     "HiddenLink",
     "LinearLayer",
     "WeightUse",
+    "concrete_shapes",
     "constant_value",
     "detach_subgraphs",
+    "inferred_shapes",
     "is_constant_initializer",
     "linear_layers",
     "mlp_links",
     "replace_contents",
     "replace_value",
     "set_constant",
+    "value_dims",
     "weight_slots",
     "weight_uses",
     "weights_by_value",
@@ -543,3 +548,56 @@ def inferred_shapes(
         ir_logger.setLevel(level)
         for value, shape, type_ in saved:
             value.shape, value.type = shape, type_
+
+
+Dims = list[int | str]
+#: Sizes given to the symbolic input dimensions for shape inference: primes no real dimension
+#: is likely to equal, or to be a multiple of by chance.
+_SYMBOL_SIZES = (7919, 7927, 7933, 7937, 7949, 7951, 7963, 7993, 8009, 8011, 8017, 8039)
+
+
+def concrete_shapes(model: ir.Model) -> dict[ir.Value, Dims | None]:
+    """Every value's dimensions with each symbolic input dimension set to a prime of its own:
+    shape inference then sizes every Reshape and Transpose after it, and a merged axis shows
+    which factors it holds (the batch times twenty positions is 20 * 7919). A dimension inference
+    leaves unknown is a symbol of its own ("?1", "?2", ...)."""
+    graph = model.graph
+    sizes: dict[object, int] = {}
+    primes = iter(_SYMBOL_SIZES)
+    saved = [(value, value.shape) for value in graph.inputs]
+    try:
+        for value in graph.inputs:
+            if value.shape is None:
+                continue
+            dims: list[int] = []
+            for dim in value.shape:
+                if isinstance(dim, int):
+                    dims.append(dim)
+                    continue
+                key = getattr(dim, "value", None) or object()
+                if key not in sizes:
+                    sizes[key] = next(primes, 0)
+                dims.append(sizes[key] or 1)
+            value.shape = ir.Shape(dims)
+        values = [value for node in graph for value in node.outputs] + list(graph.inputs)
+        inferred = inferred_shapes(model, values)
+    finally:
+        for value, shape in saved:
+            value.shape = shape
+    unknown = itertools.count(1)
+
+    def known(dim: object) -> int | str:
+        if isinstance(dim, int):
+            return dim
+        symbol = getattr(dim, "value", None)
+        return symbol if isinstance(symbol, str) else f"?{next(unknown)}"
+
+    return {value: None if shape is None else [known(dim) for dim in shape] for value, (shape, _) in inferred.items()}
+
+
+def value_dims(value: ir.Value | None, shapes: dict[ir.Value, Dims | None]) -> Dims | None:
+    """A value's dimensions: a constant's own, else those ``concrete_shapes`` found."""
+    if value is None:
+        return None
+    array = constant_array(value)
+    return list(array.shape) if array is not None else shapes.get(value)

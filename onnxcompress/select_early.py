@@ -16,7 +16,6 @@ The selection is tracked as a *cut*: an axis and the position on it (the selecte
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -24,9 +23,9 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxcompress.graph import constant_array, constant_value, inferred_shapes, unique_name
+from onnxcompress.graph import Dims, concrete_shapes, constant_array, constant_value, unique_name, value_dims
 
-__all__ = ["concrete_shapes", "select_early"]
+__all__ = ["select_early"]
 
 _STANDARD = ("", "ai.onnx")
 #: Ops computed element by element with numpy broadcasting: a cut of the output is the same cut of
@@ -39,9 +38,6 @@ _ELEMENTWISE = frozenset(
         "Identity", "HardSigmoid", "HardSwish", "Mish", "PRelu",
     }
 )  # fmt: skip
-#: Sizes given to the symbolic input dimensions for shape inference: primes no real dimension
-#: is likely to equal, or to be a multiple of by chance.
-_SYMBOL_SIZES = (7919, 7927, 7933, 7937, 7949, 7951, 7963, 7993, 8009, 8011, 8017, 8039)
 _NORMALIZING = frozenset({"Softmax", "LogSoftmax", "LayerNormalization"})
 _CUTTABLE = (
     _ELEMENTWISE
@@ -82,9 +78,6 @@ class _Product:
     __hash__ = None  # type: ignore[assignment]
 
 
-Dims = list[int | str]
-
-
 def _product(dims: Dims) -> _Product:
     result = _Product()
     for dim in dims:
@@ -120,45 +113,6 @@ def _reshape_groups(source: Dims, target: Dims) -> list[tuple[list[int], list[in
     return groups
 
 
-def concrete_shapes(model: ir.Model) -> dict[ir.Value, Dims | None]:
-    """Every value's dimensions with each symbolic input dimension set to a prime of its own:
-    shape inference then sizes every Reshape and Transpose after it, and a merged axis shows
-    which factors it holds (the batch times twenty positions is 20 * 7919). A dimension inference
-    leaves unknown is a symbol of its own ("?1", "?2", ...)."""
-    graph = model.graph
-    sizes: dict[object, int] = {}
-    primes = iter(_SYMBOL_SIZES)
-    saved = [(value, value.shape) for value in graph.inputs]
-    try:
-        for value in graph.inputs:
-            if value.shape is None:
-                continue
-            dims: list[int] = []
-            for dim in value.shape:
-                if isinstance(dim, int):
-                    dims.append(dim)
-                    continue
-                key = getattr(dim, "value", None) or object()
-                if key not in sizes:
-                    sizes[key] = next(primes, 0)
-                dims.append(sizes[key] or 1)
-            value.shape = ir.Shape(dims)
-        values = [value for node in graph for value in node.outputs] + list(graph.inputs)
-        inferred = inferred_shapes(model, values)
-    finally:
-        for value, shape in saved:
-            value.shape = shape
-    unknown = itertools.count(1)
-
-    def known(dim: object) -> int | str:
-        if isinstance(dim, int):
-            return dim
-        symbol = getattr(dim, "value", None)
-        return symbol if isinstance(symbol, str) else f"?{next(unknown)}"
-
-    return {value: None if shape is None else [known(dim) for dim in shape] for value, (shape, _) in inferred.items()}
-
-
 class _Rewrite:
     """One selection moved up: which nodes run cut (``requests``: the cut each of their inputs needs,
     None for an input read whole) and the rewrite that follows."""
@@ -176,20 +130,14 @@ class _Rewrite:
         self.opset = opsets.get("", opsets.get("ai.onnx", 1))
 
     def dims(self, value: ir.Value | None) -> Dims | None:
-        if value is None:
-            return None
-        array = constant_array(value)
-        if array is not None:
-            return list(array.shape)
-        return self.shapes.get(value)
+        return value_dims(value, self.shapes)
 
     # --- which nodes can run cut ------------------------------------------------------------------
 
     def plan(self) -> bool:
         """Walk the graph backwards from the selection; False when nothing before it can run cut."""
         nodes = list(self.graph)
-        position = {id(node): index for index, node in enumerate(nodes)}
-        root_index = position[id(self.root)]
+        root_index = nodes.index(self.root)
         dims = self.dims(self.root.inputs[0])
         axis = _normalized(self.root.attributes.get_int("axis", 0), dims)
         if axis is None or dims is None or dims[axis] == 1:
@@ -302,16 +250,24 @@ class _Rewrite:
             dims = self.dims(node.inputs[index])
             if dims is None:
                 return None
-            aligned = cut.axis - (len(out) - len(dims))
-            if aligned < 0 or dims[aligned] == 1:
-                continue
-            if dims[aligned] == out[cut.axis] and not str(dims[aligned]).startswith("?"):
-                requests[index] = _Cut(aligned, cut.outer)
-            elif self.position == -1 and cut.outer is None:
-                requests[index] = _Cut(aligned)  # the last of one is itself: right whether it broadcasts or not
-            else:
+            known, requests[index] = self._aligned(dims, cut, out, unknown_extent_ok=True)
+            if not known:
                 return None
         return requests
+
+    def _aligned(self, dims: Dims, cut: _Cut, out: Dims, *, unknown_extent_ok: bool) -> tuple[bool, _Cut | None]:
+        """Whether an operand broadcast against the output ``out`` can follow the cut, and its cut:
+        None when it lacks the axis or has extent 1 there (read whole). With
+        ``unknown_extent_ok`` and the last position, an unknown extent is cut anyway: the last of one
+        is itself, right whether it broadcasts or not."""
+        aligned = cut.axis - (len(out) - len(dims))
+        if aligned < 0 or dims[aligned] == 1:
+            return True, None
+        if dims[aligned] == out[cut.axis] and not str(dims[aligned]).startswith("?"):
+            return True, _Cut(aligned, cut.outer)
+        if unknown_extent_ok and self.position == -1 and cut.outer is None:
+            return True, _Cut(aligned)
+        return False, None
 
     def _matmul(self, node: ir.Node, cut: _Cut, out: Dims) -> dict[int, _Cut | None] | None:
         left, right = self.dims(node.inputs[0]), self.dims(node.inputs[1])
@@ -324,12 +280,8 @@ class _Rewrite:
             return {0: None, 1: _Cut(len(right) - 1, cut.outer)}
         requests: dict[int, _Cut | None] = {}
         for index, dims in ((0, left), (1, right)):
-            aligned = cut.axis - (rank - len(dims))
-            if aligned < 0 or dims[aligned] == 1:
-                requests[index] = None
-            elif dims[aligned] == out[cut.axis] and not str(dims[aligned]).startswith("?"):
-                requests[index] = _Cut(aligned, cut.outer)
-            else:
+            known, requests[index] = self._aligned(dims, cut, out, unknown_extent_ok=False)
+            if not known:
                 return None
         return requests
 
@@ -474,24 +426,19 @@ class _Rewrite:
 
     def _cut(self, reader: ir.Node, value: ir.Value, cut: _Cut) -> ir.Value:
         """``value`` cut by nodes inserted before ``reader``."""
-        nodes: list[ir.Node] = []
-        source = value
-        axis = cut.axis
-        if cut.outer is not None:
-            dims = self.dims(value)
-            assert dims is not None
-            after = [int(dim) for dim in dims[cut.axis + 1 :]]
-            split = self._initializer("cut_split", np.array([0] * cut.axis + [cut.outer, -1, *after], np.int64))
-            nodes.append(ir.node("Reshape", [source, split]))
-            source = nodes[-1].outputs[0]
         # A Gather of a one-element index keeps the axis, in one small initializer every cut shares.
-        nodes.append(ir.node("Gather", [source, self._position_index()], attributes={"axis": axis}))
+        gather = ir.node("Gather", [value, self._position_index()], attributes={"axis": cut.axis})
+        nodes = [gather]
         if cut.outer is not None:
+            # Read the axis as [outer, rest], take the position on outer, merge back.
             dims = self.dims(value)
             assert dims is not None
-            after = [int(dim) for dim in dims[cut.axis + 1 :]]
-            merge = self._initializer("cut_merge", np.array([0] * cut.axis + [-1, *after], np.int64))
-            nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], merge]))
+            before, after = [0] * cut.axis, [int(dim) for dim in dims[cut.axis + 1 :]]
+            split = self._initializer("cut_split", np.array([*before, cut.outer, -1, *after], np.int64))
+            merge = self._initializer("cut_merge", np.array([*before, -1, *after], np.int64))
+            nodes = [ir.node("Reshape", [value, split])]
+            gather.replace_input_with(0, nodes[0].outputs[0])
+            nodes += [gather, ir.node("Reshape", [gather.outputs[0], merge])]
         for inserted in nodes:
             inserted.outputs[0].name = unique_name(self.graph, "cut")
         self.graph.insert_before(reader, nodes)

@@ -26,6 +26,7 @@ from onnxcompress import runtime
 from onnxcompress.bags import vectorize_bags
 from onnxcompress.graph import (
     SPLIT_INPUT_OPSET,
+    concrete_shapes,
     constant_array,
     constant_value,
     detach_subgraphs,
@@ -35,12 +36,13 @@ from onnxcompress.graph import (
     replace_value,
     set_constant,
     unique_name,
+    value_dims,
     weight_slots,
 )
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 from onnxcompress.passes.prune import remove_dead_units
-from onnxcompress.select_early import concrete_shapes, select_early
+from onnxcompress.select_early import select_early
 from onnxcompress.static_shapes import fold_shape_arithmetic
 
 __all__ = [
@@ -1641,7 +1643,8 @@ def merge_unsqueezes(model: ir.Model) -> int:
         if first is None or second is None or min(first + second, default=-1) < 0:
             continue
         # The k-th axis of the middle value is the k-th place of the result the second one leaves free.
-        free = (place for place in itertools.count() if place not in set(second))
+        taken = set(second)
+        free = (place for place in itertools.count() if place not in taken)
         places = list(itertools.islice(free, max(first) + 1))
         axes = sorted({*second, *(places[axis] for axis in first)})
         outer.replace_input_with(0, inner.inputs[0])
@@ -1677,34 +1680,28 @@ def drop_broadcast_expands(model: ir.Model) -> int:
     shapes = concrete_shapes(model)
 
     def dims(value: ir.Value | None) -> tuple[int, ...] | None:
-        if value is None:
-            return None
-        array = constant_array(value)
-        found = list(array.shape) if array is not None else shapes.get(value)
+        found = value_dims(value, shapes)
         return tuple(found) if found is not None and all(isinstance(dim, int) for dim in found) else None  # type: ignore[arg-type]
+
+    def same_without(reader: ir.Node, expanded: ir.Value, source: ir.Value) -> bool:
+        """Whether ``reader`` gives the same shape reading ``source`` in place of ``expanded``."""
+        operands = [dims(source if value is expanded else value) for value in reader.inputs]
+        result = dims(reader.outputs[0])
+        if result is None or any(operand is None for operand in operands):
+            return False
+        try:
+            return np.broadcast_shapes(*operands) == result  # type: ignore[arg-type]
+        except ValueError:
+            return False
 
     bypassed = 0
     for node in candidates:
         source, expanded = node.inputs[0], node.outputs[0]
-        if source is None or dims(source) is None:
+        if source is None or not all(same_without(reader, expanded, source) for reader, _ in expanded.uses()):
             continue
-        safe = True
-        for reader, _ in expanded.uses():
-            operands = [dims(source if value is expanded else value) for value in reader.inputs]
-            result = dims(reader.outputs[0])
-            if result is None or any(operand is None for operand in operands):
-                safe = False
-                break
-            try:
-                safe = np.broadcast_shapes(*operands) == result  # type: ignore[arg-type]
-            except ValueError:
-                safe = False
-            if not safe:
-                break
-        if safe:
-            for reader, index in list(expanded.uses()):
-                reader.replace_input_with(index, source)
-            bypassed += 1
+        for reader, index in list(expanded.uses()):
+            reader.replace_input_with(index, source)
+        bypassed += 1
     return bypassed
 
 
