@@ -595,6 +595,12 @@ def concrete_shapes(model: ir.Model) -> dict[ir.Value, Dims | None]:
     return {value: None if shape is None else [known(dim) for dim in shape] for value, (shape, _) in inferred.items()}
 
 
+def varies_with_inputs(dim: int | str) -> bool:
+    """Whether a dimension ``concrete_shapes`` gave grows with a symbolic input dimension (the batch,
+    alone or merged with other axes) or is unknown."""
+    return isinstance(dim, str) or any(dim % size == 0 for size in _SYMBOL_SIZES)
+
+
 def value_dims(value: ir.Value | None, shapes: dict[ir.Value, Dims | None]) -> Dims | None:
     """A value's dimensions: a constant's own, else those ``concrete_shapes`` found."""
     if value is None:

@@ -77,6 +77,7 @@ PRESETS: dict[str, Preset] = {
             "lossless",
             "cleanup only: dead code, Identity/Dropout, duplicate initializers, BatchNorm folded",
             ("cleanup",),
+            {"cleanup": {"gemm_rows": True}},
         ),
         Preset(
             "int8",

@@ -10,12 +10,13 @@ import pytest
 from conftest import compress_with_preset, mlp_model, model_files, save_model, text_model
 from onnx.reference import ReferenceEvaluator
 
-from onnxcompress import runtime
-from onnxcompress.graph import constant_array
+from onnxcompress import compress, runtime
+from onnxcompress.graph import concrete_shapes, constant_array
 from onnxcompress.passes.cleanup import (
     PACK_MIN_VECTORS,
     Cleanup,
     identifier_names,
+    linear_rows_as_gemm,
     merge_identical_initializers,
     remove_inference_dropout,
     shorten_names,
@@ -1535,3 +1536,78 @@ def test_an_expand_that_widens_the_result_stays() -> None:
     )
     assert Cleanup()(model).stats["expands_bypassed"] == 0
     assert "Expand" in op_types(model)
+
+
+ROWS_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,5,4] x, float[4,6] w1, float[6] b1, float[6,3] w2, float[1,3] b2) => (float[N,5,3] y) {
+  h = MatMul(x, w1)
+  hb = Add(h, b1)
+  r = Relu(hb)
+  o = MatMul(r, w2)
+  y = Add(b2, o)
+}
+"""
+
+
+def _rows_weights(rows_text: str) -> ir.Model:
+    rng = np.random.default_rng(11)
+    arrays = {"w1": (4, 6), "b1": (6,), "w2": (6, 3), "b2": (1, 3)}
+    return text_model(rows_text, {name: rng.normal(size=shape).astype(np.float32) for name, shape in arrays.items()})
+
+
+def test_layers_over_several_rows_run_as_gemms(tmp_path: Path) -> None:
+    """Two layers with a ReLU between over [N, 5, 4] rows: one Flatten, two Gemms reading flat rows
+    (the ReLU reads the first Gemm directly), one Reshape back to [N, 5, 3]; equal outputs."""
+    feeds = {"x": np.random.default_rng(12).normal(size=(3, 5, 4)).astype(np.float32)}
+    before = run_reference(_rows_weights(ROWS_TEXT), tmp_path, feeds)[0]
+    model = _rows_weights(ROWS_TEXT)
+    assert linear_rows_as_gemm(model) == 2
+    assert op_types(model) == ["Flatten", "Gemm", "Relu", "Gemm", "Reshape"]
+    (reshape,) = [node for node in model.graph if node.op_type == "Reshape"]
+    assert list(constant_array(reshape.inputs[1])) == [-1, 5, 3]  # type: ignore[arg-type]
+    after = run_reference(model, tmp_path, feeds)[0]
+    assert after.shape == (3, 5, 3)
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rows_text", "why"),
+    [
+        (ROWS_TEXT.replace("float[N,5,4] x", "float[N,1,4] x").replace("[N,5,3]", "[N,1,3]"), "one row an example"),
+        (ROWS_TEXT.replace("float[N,5,4] x", "float[N,M,4] x").replace("[N,5,3]", "[N,M,3]"), "two varying axes"),
+        (
+            ROWS_TEXT.replace("hb = Add(h, b1)", "hb = Add(h, x2)").replace(
+                "float[N,5,4] x,", "float[N,5,4] x, float[6] x2,"
+            ),
+            "a bias the caller feeds",
+        ),
+    ],
+)
+def test_layers_that_gain_nothing_or_cannot_be_flattened_stay(rows_text: str, why: str) -> None:
+    model = _rows_weights(rows_text)
+    expected = 1 if why == "a bias the caller feeds" else 0  # the second layer is still fixed at load
+    assert linear_rows_as_gemm(model) == expected, why
+    assert op_types(model).count("MatMul") == 2 - expected
+
+
+@pytest.mark.parametrize(("name", "layers"), [("sasrec", 5), ("sasrec_encoder", 4), ("sasrec_encoder_dynamo", 4)])
+def test_sasrec_projections_run_as_gemms_in_the_lossless_preset(tmp_path: Path, name: str, layers: int) -> None:
+    """The lossless preset's cleanup: every layer over the twenty positions (the first block's Q/K/V,
+    output and feed-forward projections; the second block's keys and values) is a Gemm, no batched
+    MatMul is followed by a bias Add, and the scores are the same on the shipped rows. The
+    cleanup pass alone leaves them (its default)."""
+    report = compress_with_preset(name, "lossless", tmp_path / "out.onnx")
+    assert report.passes[0].stats["row_layers_as_gemm"] == layers
+    assert report.verdict == "passed"
+    assert all(output.max_abs < 1e-5 for output in report.parity.outputs)
+    model = ir.load(tmp_path / "out.onnx")
+    shapes = concrete_shapes(model)
+    for node in model.graph:
+        if node.op_type == "MatMul" and {reader.op_type for reader, _ in node.outputs[0].uses()} == {"Add"}:
+            dims = shapes[node.inputs[0]]  # type: ignore[index]
+            assert dims is not None and (len(dims) != 3 or dims[1] == 1), node.name
+    assert linear_rows_as_gemm(model) == 0
+    files = model_files(name)
+    plain = compress(files["onnx"], tmp_path / "plain.onnx", ["cleanup"], feeds=files["feeds"])
+    assert plain.passes[0].stats["row_layers_as_gemm"] == 0

@@ -29,6 +29,7 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
         "dots_fields_major": False,
         "drop_expands": True,
         "select_early": True,
+        "gemm_rows": False,
         "fold_sums": False,
         "sums_as_matmul": True,
         "fuse_parallel": True,
