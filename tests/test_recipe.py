@@ -30,6 +30,7 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
         "drop_expands": True,
         "select_early": True,
         "gemm_rows": False,
+        "merge_transposes": True,
         "fold_sums": False,
         "sums_as_matmul": True,
         "fuse_parallel": True,
