@@ -234,7 +234,7 @@ class _Builder:
         movement = plan.movement
         nodes: list[ir.Node] = []
         value = root
-        if movement.atoms != plan.root_dims:
+        if movement.atoms != plan.root_dims and (movement.selected or plan.transposes):
             atoms = [-1 if atom == plan.batch_atom else size for atom, size in enumerate(movement.atoms)]
             nodes.append(ir.Node("", "Reshape", [value, self.constant("moved_shape", np.array(atoms, np.int64))]))
             value = nodes[-1].outputs[0]

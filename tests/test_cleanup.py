@@ -15,6 +15,7 @@ from onnxcompress.graph import concrete_shapes, constant_array
 from onnxcompress.passes.cleanup import (
     PACK_MIN_VECTORS,
     Cleanup,
+    drop_default_attributes,
     identifier_names,
     linear_rows_as_gemm,
     merge_identical_initializers,
@@ -617,6 +618,23 @@ def test_default_attributes_and_constant_nodes_cost_no_bytes(tmp_path: Path) -> 
     assert reshape.inputs[1].is_initializer()
     for exact, cleaned in zip(before, run_reference(model, tmp_path, feeds), strict=True):
         np.testing.assert_array_equal(cleaned, exact)
+
+
+def test_allowzero_goes_where_the_target_holds_no_zero() -> None:
+    """dynamo writes allowzero=1 on every view: it only says what a 0 in the target means."""
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,6] x, int64[2] rows, int64[3] empty) => (float[M,3] y, float[0,2,3] z) {
+          y = Reshape <allowzero = 1> (x, rows)
+          z = Reshape <allowzero = 1> (x, empty)
+        }
+        """,
+        {"rows": np.array([-1, 3], np.int64), "empty": np.array([0, 2, 3], np.int64)},
+    )
+    assert drop_default_attributes(model) == 1
+    kept = [node.attributes.get_int("allowzero", 0) for node in model.graph]
+    assert kept == [0, 1]
 
 
 def test_a_layer_norms_scale_and_shift_fold_into_the_layers_that_read_it(tmp_path: Path) -> None:

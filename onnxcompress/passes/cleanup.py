@@ -932,7 +932,21 @@ def drop_default_attributes(model: ir.Model) -> int:
             if ir.serde.serialize_attribute(attr).SerializeToString() == default.SerializeToString():
                 del node.attributes[name]
                 dropped += 1
-    return dropped + _drop_last_axis_attributes(model)
+    return dropped + _drop_last_axis_attributes(model) + _drop_idle_allowzero(model)
+
+
+def _drop_idle_allowzero(model: ir.Model) -> int:
+    """``allowzero=1`` on a Reshape whose constant target holds no 0 (what dynamo writes on every
+    view): it only says what a 0 in the target means."""
+    dropped = 0
+    for node in model.graph:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or "allowzero" not in node.attributes:
+            continue
+        target = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if target is not None and bool(np.all(target != 0)):
+            del node.attributes["allowzero"]
+            dropped += 1
+    return dropped
 
 
 #: Ops whose ``axis`` defaults to the last axis from opset 13 (before, 1 with 2-D coercion).
