@@ -42,7 +42,7 @@ from onnxcompress.graph import (
 )
 from onnxcompress.numerics.layout import Movement, movement_of
 
-__all__ = ["merge_transposes"]
+__all__ = ["head_transposes_for_products", "merge_transposes"]
 
 _STANDARD = ("", "ai.onnx")
 #: Batch sizes the movement is traced at: the atom that grows with them holds the batch.
@@ -441,3 +441,78 @@ def merge_transposes(model: ir.Model) -> int:
     saved += _sink_row_transposes(model, build, shapes)
     saved += _merge_trees(model, build, shapes)
     return saved
+
+
+#: Largest head width for which a transpose swapping positions and heads runs faster as a 3-d
+#: transpose and a last-two-axes transpose that onnxruntime folds into the MatMul reading it
+#: (``[512, 20, heads, width]`` and the MatMul, one thread: width 8 1.44x, 16 1.18x, 32 0.90-0.99x,
+#: 64 0.69-0.88x).
+FAST_HEAD_WIDTH_MAX = 16
+
+
+def _read_by_products(value: ir.Value) -> bool:
+    """Whether every reader of ``value`` is a MatMul, or a Mul by a scalar constant (a scale
+    onnxruntime folds into the product) that only MatMuls read."""
+    readers = [reader for reader, _ in value.uses()]
+    if not readers or value.is_graph_output():
+        return False
+    for reader in readers:
+        if reader.domain not in _STANDARD:
+            return False
+        if reader.op_type == "Mul":
+            other = reader.inputs[1] if reader.inputs[0] is value else reader.inputs[0]
+            scale = constant_array(other)
+            if scale is None or scale.size != 1 or not _read_by_products_only(reader.outputs[0]):
+                return False
+        elif reader.op_type != "MatMul":
+            return False
+    return True
+
+
+def _read_by_products_only(value: ir.Value) -> bool:
+    readers = [reader for reader, _ in value.uses()]
+    return bool(readers) and not value.is_graph_output() and all(reader.op_type == "MatMul" for reader in readers)
+
+
+def head_transposes_for_products(model: ir.Model) -> int:
+    """Make a ``[batch, positions, heads, width] → [batch, heads, positions, width]`` transpose
+    that batched products read (attention's queries and values, width at most
+    ``FAST_HEAD_WIDTH_MAX``) a 3-d transpose of ``[batch, positions, heads · width]`` and a
+    transpose of the last two axes, which onnxruntime folds into the MatMul: it moves blocks of
+    ``width`` floats slowly and whole rows of a 3-d tensor quickly (SASRec-encoder at batch 512:
+    1.95x → 2.10x the original's throughput with half its FFN units). Exact. Returns how many."""
+    graph = model.graph
+    candidates = [
+        node
+        for node in graph
+        if node.op_type == "Transpose"
+        and node.domain in _STANDARD
+        and list(node.attributes.get_ints("perm", []) or []) == [0, 2, 1, 3]
+        and node.inputs[0] is not None
+        and _read_by_products(node.outputs[0])
+    ]
+    if not candidates:
+        return 0
+    shapes = concrete_shapes(model)
+    build = _Builder(graph)
+    rewritten = 0
+    for node in candidates:
+        dims = value_dims(node.inputs[0], shapes)
+        if dims is None or len(dims) != 4 or not all(isinstance(dim, int) for dim in dims[1:]):
+            continue
+        positions, heads, width = (int(dim) for dim in dims[1:])
+        if varies_with_inputs(positions) or varies_with_inputs(heads) or varies_with_inputs(width):
+            continue
+        if width > FAST_HEAD_WIDTH_MAX:
+            continue
+        rows = build.constant("moved_shape", np.array([-1, positions, heads * width], np.int64))
+        columns = build.constant("moved_shape", np.array([-1, heads, width, positions], np.int64))
+        flat = ir.Node("", "Reshape", [node.inputs[0], rows])
+        turned = ir.Node("", "Transpose", [flat.outputs[0]], attributes=[ir.AttrInt64s("perm", [0, 2, 1])])
+        split = ir.Node("", "Reshape", [turned.outputs[0], columns])
+        last = ir.Node("", "Transpose", [split.outputs[0]], attributes=[ir.AttrInt64s("perm", [0, 1, 3, 2])])
+        graph.insert_before(node, [flat, turned, split, last])
+        replace_value(node.outputs[0], last.outputs[0])
+        graph.remove(node, safe=True)
+        rewritten += 1
+    return rewritten

@@ -8,7 +8,7 @@ import pytest
 from conftest import compress_with_preset, save_model, text_model
 from onnx.reference import ReferenceEvaluator
 
-from onnxcompress.layouts import merge_transposes
+from onnxcompress.layouts import head_transposes_for_products, merge_transposes
 from onnxcompress.numerics.layout import Movement, movement_of
 
 
@@ -136,13 +136,70 @@ def test_nn_multihead_attention_exports_lose_their_layout_transposes(tmp_path: P
     """SASRec built from nn.TransformerEncoderLayer (TorchScript and dynamo): eight transposes in the
     first block and eight in the second (which scores one position) become four and two, the scores
     the same on the shipped rows; off by option, all sixteen stay."""
-    report = compress_with_preset(name, "lossless", tmp_path / "out.onnx")
+    report = compress_with_preset(name, "lossless", tmp_path / "out.onnx", "cleanup.head_transposes=false")
     assert report.passes[0].stats["transposes_merged"] == 10
     assert report.verdict == "passed"
     assert all(output.max_abs < 1e-5 for output in report.parity.outputs)
     model = ir.load(tmp_path / "out.onnx")
     assert [node.op_type for node in model.graph].count("Transpose") == 6
     assert merge_transposes(model) == 0  # a later cleanup finds nothing more
-    off = compress_with_preset(name, "lossless", tmp_path / "off.onnx", "cleanup.merge_transposes=false")
+    off = compress_with_preset(
+        name, "lossless", tmp_path / "off.onnx", "cleanup.merge_transposes=false", "cleanup.head_transposes=false"
+    )
     assert off.passes[0].stats["transposes_merged"] == 0
     assert [node.op_type for node in ir.load(tmp_path / "off.onnx").graph].count("Transpose") == 16
+
+
+HEADS = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,5,2,W] x, float[N,2,W,5] k) => (float[N,2,5,5] y) {
+  q = Transpose <perm = [0, 2, 1, 3]> (x)
+  y = MatMul(q, k)
+}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "width", "rewritten"),
+    [
+        (HEADS, 4, True),
+        (HEADS.replace("y = MatMul(q, k)", "s = Mul(q, half)\n  y = MatMul(s, k)"), 4, True),
+        (HEADS, 32, False),  # wide heads move quickly as they are
+        (HEADS.replace("y = MatMul(q, k)", "r = Relu(q)\n  y = MatMul(r, k)"), 4, False),  # not a product's
+    ],
+)
+def test_a_head_transpose_read_by_products_becomes_one_the_product_absorbs(
+    tmp_path: Path, text: str, width: int, rewritten: bool
+) -> None:
+    """[batch, positions, heads, width] -> [batch, heads, positions, width] before a MatMul (directly
+    or through a scalar scale): a 3-d transpose and a last-two-axes transpose onnxruntime folds
+    into the product; equal outputs."""
+    text = text.replace("W", str(width))
+    scaled = "half" in text
+    if scaled:
+        text = text.replace("(float[N,5,2,", "(float half, float[N,5,2,")
+    constants = {"half": np.array(0.5, np.float32)} if scaled else {}
+    rng = np.random.default_rng(9)
+    feeds = {
+        "x": rng.normal(size=(3, 5, 2, width)).astype(np.float32),
+        "k": rng.normal(size=(3, 2, width, 5)).astype(np.float32),
+    }
+    before = ReferenceEvaluator(str(save_model(text_model(text, constants), tmp_path / "b.onnx"))).run(None, feeds)[0]
+    model = text_model(text, constants)
+    assert head_transposes_for_products(model) == int(rewritten)
+    perms = [list(node.attributes.get_ints("perm", [])) for node in model.graph if node.op_type == "Transpose"]
+    assert perms == ([[0, 2, 1], [0, 1, 3, 2]] if rewritten else [[0, 2, 1, 3]])
+    after = ReferenceEvaluator(str(save_model(model, tmp_path / "after.onnx"))).run(None, feeds)[0]
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "sasrec_encoder", "sasrec_encoder_dynamo"])
+def test_sasrec_queries_and_values_take_the_transposes_products_absorb(tmp_path: Path, name: str) -> None:
+    """The first block's query and value and the second block's value (its query is one position)."""
+    report = compress_with_preset(name, "lossless", tmp_path / "out.onnx")
+    assert report.passes[0].stats["head_transposes_for_products"] == 3
+    assert report.verdict == "passed"
+    assert all(output.max_abs < 1e-5 for output in report.parity.outputs)
+    model = ir.load(tmp_path / "out.onnx")
+    perms = [tuple(node.attributes.get_ints("perm", [])) for node in model.graph if node.op_type == "Transpose"]
+    assert perms.count((0, 1, 3, 2)) == 3

@@ -31,6 +31,7 @@ def test_set_values_are_coerced_to_the_config_types() -> None:
         "select_early": True,
         "gemm_rows": False,
         "merge_transposes": True,
+        "head_transposes": True,
         "fold_sums": False,
         "sums_as_matmul": True,
         "fuse_parallel": True,

@@ -42,7 +42,7 @@ from onnxcompress.graph import (
     varies_with_inputs,
     weight_slots,
 )
-from onnxcompress.layouts import merge_transposes
+from onnxcompress.layouts import head_transposes_for_products, merge_transposes
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
 from onnxcompress.passes.prune import remove_dead_units
@@ -2357,6 +2357,14 @@ class Cleanup(CompressionPass):
                 "into and out of [positions, batch, width]: 16 -> 6 in SASRec's two blocks); exact"
             },
         )
+        head_transposes: bool = field(
+            default=True,
+            metadata={
+                "help": "a transpose of attention heads ([batch, positions, heads, width] -> [batch, heads, positions, "
+                "width], width <= 16) read by MatMuls becomes a 3-d transpose and one of the last two axes that "
+                "onnxruntime folds into the product (it moves small blocks slowly); exact"
+            },
+        )
         fold_sums: bool = field(
             default=False,
             metadata={
@@ -2438,6 +2446,7 @@ class Cleanup(CompressionPass):
         selected = select_early(model) if self.config.select_early else 0
         gemm_rows = linear_rows_as_gemm(model) if self.config.gemm_rows else 0
         transposes = merge_transposes(model) if self.config.merge_transposes else 0
+        heads = head_transposes_for_products(model) if self.config.head_transposes else 0
         RemoveUnusedNodesPass()(model)
         RemoveUnusedFunctionsPass()(model)
         merged, merged_bytes = merge_identical_initializers(model) if self.config.merge_initializers else (0, 0)
@@ -2497,6 +2506,7 @@ class Cleanup(CompressionPass):
             "nodes_computing_selection_only": selected,
             "row_layers_as_gemm": gemm_rows,
             "transposes_merged": transposes,
+            "head_transposes_for_products": heads,
             **({"embedding_bag_loops": bags} if bags else {}),
             "metadata_items_stripped": stripped,
             "names_shortened": renamed,
