@@ -507,12 +507,22 @@ def head_transposes_for_products(model: ir.Model) -> int:
             continue
         rows = build.constant("moved_shape", np.array([-1, positions, heads * width], np.int64))
         columns = build.constant("moved_shape", np.array([-1, heads, width, positions], np.int64))
-        flat = ir.Node("", "Reshape", [node.inputs[0], rows])
-        turned = ir.Node("", "Transpose", [flat.outputs[0]], attributes=[ir.AttrInt64s("perm", [0, 2, 1])])
+        source: ir.Value = node.inputs[0]  # type: ignore[assignment]
+        producer = source.producer()
+        if producer is not None and producer.op_type == "Reshape" and _only_reader(source) is node:
+            source = producer.inputs[0]  # type: ignore[assignment]  # the heads a Reshape split off
+        nodes: list[ir.Node] = []
+        source_dims = value_dims(source, shapes)
+        if source_dims is None or len(source_dims) != 3 or source_dims[1:] != [positions, heads * width]:
+            nodes.append(ir.Node("", "Reshape", [source, rows]))
+            source = nodes[-1].outputs[0]
+        turned = ir.Node("", "Transpose", [source], attributes=[ir.AttrInt64s("perm", [0, 2, 1])])
         split = ir.Node("", "Reshape", [turned.outputs[0], columns])
         last = ir.Node("", "Transpose", [split.outputs[0]], attributes=[ir.AttrInt64s("perm", [0, 1, 3, 2])])
-        graph.insert_before(node, [flat, turned, split, last])
+        graph.insert_before(node, [*nodes, turned, split, last])
         replace_value(node.outputs[0], last.outputs[0])
         graph.remove(node, safe=True)
+        if producer is not None and not producer.outputs[0].uses() and not producer.outputs[0].is_graph_output():
+            graph.remove(producer, safe=True)
         rewritten += 1
     return rewritten
