@@ -89,6 +89,7 @@ def test_dead_nodes_and_unused_initializers_are_removed() -> None:
     result = Cleanup()(model)
     assert result.stats["removed_by_op"] == {"Mul": 1}
     assert result.stats["initializers_removed"] == 1
+    assert result.stats["initializers_added"] == 0
     assert list(model.graph.initializers) == ["bias"]
 
 

@@ -138,6 +138,7 @@ def test_nn_multihead_attention_exports_lose_their_layout_transposes(tmp_path: P
     the same on the shipped rows; off by option, all sixteen stay."""
     report = compress_with_preset(name, "lossless", tmp_path / "out.onnx", "cleanup.head_transposes=false")
     assert report.passes[0].stats["transposes_merged"] == 10
+    assert report.passes[0].stats["initializers_added"] > 0 <= report.passes[0].stats["initializers_removed"]
     assert report.verdict == "passed"
     assert all(output.max_abs < 1e-5 for output in report.parity.outputs)
     model = ir.load(tmp_path / "out.onnx")

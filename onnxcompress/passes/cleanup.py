@@ -2420,7 +2420,7 @@ class Cleanup(CompressionPass):
 
     def call(self, model: ir.Model) -> CompressionResult:
         before = _op_counts(model)
-        initializers_before = len(model.graph.initializers)
+        initializers_before = set(model.graph.initializers)
         inputs_made_constant = constant_initializer_inputs(model) if self.config.initializer_inputs else 0
         dropout = remove_inference_dropout(model) if self.config.remove_dropout else 0
         unfused = unfuse_contrib_ops(model) if self.config.unfuse_contrib else 0
@@ -2479,7 +2479,9 @@ class Cleanup(CompressionPass):
             "removed_by_op": dict(sorted(removed_by_op.items())),
             "dropout_removed": dropout,
             "initializer_inputs_made_constant": inputs_made_constant,
-            "initializers_removed": initializers_before - len(model.graph.initializers) - merged,
+            "initializers_removed": len(initializers_before - set(model.graph.initializers)) - merged,
+            # the rewrites' constants (reshape targets, selection indices) and lifted Constant nodes
+            "initializers_added": len(set(model.graph.initializers) - initializers_before),
             "initializers_merged": merged,
             "constants_merged": constants_merged,
             "common_subexpressions": common,
