@@ -554,6 +554,9 @@ Dims = list[int | str]
 #: Sizes given to the symbolic input dimensions for shape inference: primes no real dimension
 #: is likely to equal, or to be a multiple of by chance.
 _SYMBOL_SIZES = (7919, 7927, 7933, 7937, 7949, 7951, 7963, 7993, 8009, 8011, 8017, 8039)
+#: The size ``concrete_shapes`` gives the first symbolic input dimension: the batch, where every
+#: input names it alike.
+FIRST_SYMBOL_SIZE = _SYMBOL_SIZES[0]
 
 
 def concrete_shapes(model: ir.Model) -> dict[ir.Value, Dims | None]:

@@ -10,7 +10,7 @@ alone, so a transpose of rows before it is the same transpose after it, and the 
 moved to where it meets the others, each value the attention reads is one transpose of the
 projection's output.
 
-Three rewrites, exact (elements are only moved):
+Three rewrites in :func:`merge_transposes`, exact (elements are only moved):
 
 * a transpose of rows read by a layer (``Flatten``/``Reshape`` to rows, ``Gemm``, ``Reshape``
   back) moves after it, where the data movement that follows takes it in;
@@ -19,6 +19,10 @@ Three rewrites, exact (elements are only moved):
   ``Squeeze``, ``Unsqueeze``, ``Flatten``, a ``Gather`` of one constant index) becomes one reshape,
   selection and transpose (:func:`onnxcompress.numerics.layout.movement_of`, from the flat
   indices run through it), when that takes fewer transposes.
+
+And one for onnxruntime's kernels (:func:`head_transposes_for_products`): a transpose of attention
+heads that batched products read becomes a 3-d transpose and a last-two-axes one the product
+absorbs.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.graph import (
+    FIRST_SYMBOL_SIZE,
     Dims,
     concrete_shapes,
     constant_array,
@@ -49,8 +54,6 @@ _STANDARD = ("", "ai.onnx")
 _TRACE_BATCHES = (7, 11)
 #: Sources larger than this many elements (at a traced batch) are not traced.
 _TRACE_MAX_ELEMENTS = 1 << 22
-#: The symbolic size concrete_shapes gives the batch.
-_BATCH_SYMBOL = 7919
 
 
 def _axes(node: ir.Node) -> list[int] | None:
@@ -109,7 +112,7 @@ def _move(node: ir.Node, array: np.ndarray) -> np.ndarray:
         return array
     index = constant_array(node.inputs[1])
     axis = node.attributes.get_int("axis", 0)
-    return np.take(array, index.reshape(index.shape), axis=axis)  # type: ignore[union-attr]
+    return np.take(array, index, axis=axis)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -147,8 +150,8 @@ def _traced_dims(dims: Dims | None, batch: int) -> list[int] | None:
     for dim in dims:
         if isinstance(dim, str):
             return None
-        if dim % _BATCH_SYMBOL == 0:
-            traced.append(dim // _BATCH_SYMBOL * batch)
+        if dim % FIRST_SYMBOL_SIZE == 0:
+            traced.append(dim // FIRST_SYMBOL_SIZE * batch)
         elif varies_with_inputs(dim):
             return None
         else:
