@@ -90,11 +90,11 @@ def report_view(report: Report) -> RenderableType:
         passes.add_column(column, overflow="fold")
     for record in report.passes:
         passes.add_row(
-            record.name,
+            Text(record.name),
             f"{record.seconds:.2f}s",
             f"{human_bytes(record.initializer_bytes_before)} → {human_bytes(record.initializer_bytes_after)}",
             f"{record.nodes_before} → {record.nodes_after}",
-            _stats_text(record.stats) or ("no change" if not record.modified else ""),
+            Text(_stats_text(record.stats) or ("no change" if not record.modified else "")),  # lists are not markup
         )
     parts.append(passes)
 
@@ -118,7 +118,7 @@ def report_view(report: Report) -> RenderableType:
             parity.add_column(column, overflow="fold")
         for output in report.parity.outputs:
             parity.add_row(
-                output.name,
+                Text(output.name),
                 output.kind,
                 f"{output.max_abs:.3g}" if output.kind != "integer" else f"{output.mismatch:.2%} differ",
                 f"{output.mean_abs:.3g}" if output.kind != "integer" else "—",
@@ -174,7 +174,8 @@ def pass_catalogue() -> RenderableType:
         for column in ("option", "type", "default", "help"):
             table.add_column(column)
         for option, kind, default, help_text in _option_rows(cls.Config):
-            table.add_row(f"{name}.{option}", kind, default, help_text)
+            # Text cells: a help's "[batch, rows, k]" is not rich markup
+            table.add_row(Text(f"{name}.{option}"), Text(kind), Text(default), Text(help_text))
         if dataclasses.fields(cls.Config):
             parts.append(table)
         parts.append(Text(""))

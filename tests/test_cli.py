@@ -66,6 +66,7 @@ def test_list_passes_shows_options_defaults_and_help(cli) -> None:
     assert result.code == 0
     assert "cleanup (lossless)" in result.out
     assert "cleanup.strip_metadata" in result.out and "False" in result.out
+    assert "[batch, rows, k]" in " ".join(result.out.split())  # help text in brackets is not taken for markup
 
 
 def test_recipe_file_selects_passes_and_options(cli, tmp_path: Path) -> None:
