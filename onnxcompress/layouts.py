@@ -357,7 +357,6 @@ def _sink_row_transposes(model: ir.Model, build: _Builder, shapes: dict[ir.Value
         if back_dims[:-1] != moved_dims[:-1]:
             continue
         prefix = _Prefix([*source_dims[:-1], back_dims[-1]], tuple(perm))
-        shapes.setdefault(gemm.outputs[0], [math.prod(dim for dim in back_dims[:-1]), back_dims[-1]])  # type: ignore[misc]
         rewritten = _rewrite_tree(build, gemm.outputs[0], back.outputs[0], prefix, shapes, 1, back)
         if rewritten is None:
             continue
@@ -453,28 +452,22 @@ def merge_transposes(model: ir.Model) -> int:
 FAST_HEAD_WIDTH_MAX = 16
 
 
-def _read_by_products(value: ir.Value) -> bool:
-    """Whether every reader of ``value`` is a MatMul, or a Mul by a scalar constant (a scale
-    onnxruntime folds into the product) that only MatMuls read."""
+def _read_by_products(value: ir.Value, scaled: bool = True) -> bool:
+    """Whether every reader of ``value`` is a MatMul, or (``scaled``) a Mul by a scalar constant, a
+    scale onnxruntime folds into the product, that only MatMuls read."""
     readers = [reader for reader, _ in value.uses()]
     if not readers or value.is_graph_output():
         return False
     for reader in readers:
         if reader.domain not in _STANDARD:
             return False
-        if reader.op_type == "Mul":
-            other = reader.inputs[1] if reader.inputs[0] is value else reader.inputs[0]
-            scale = constant_array(other)
-            if scale is None or scale.size != 1 or not _read_by_products_only(reader.outputs[0]):
+        if reader.op_type == "Mul" and scaled:
+            scale = constant_array(reader.inputs[1] if reader.inputs[0] is value else reader.inputs[0])
+            if scale is None or scale.size != 1 or not _read_by_products(reader.outputs[0], scaled=False):
                 return False
         elif reader.op_type != "MatMul":
             return False
     return True
-
-
-def _read_by_products_only(value: ir.Value) -> bool:
-    readers = [reader for reader, _ in value.uses()]
-    return bool(readers) and not value.is_graph_output() and all(reader.op_type == "MatMul" for reader in readers)
 
 
 def head_transposes_for_products(model: ir.Model) -> int:
