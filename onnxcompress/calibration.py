@@ -141,16 +141,20 @@ class Feeds:
 
 def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
     if not path.is_file():
-        raise UsageError(f"{what} {path}: no such file; give an .npz with one array per graph input")
+        raise UsageError(f"{what}: no such file; give an .npz with one array per graph input")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise UsageError(f"{what} {path}: a single .npy array, expected an .npz keyed by input name")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise UsageError(
+                f"{what}: a single array (.npy), not an .npz keyed by input name; "
+                "save the inputs with numpy.savez(path, name=array, ...)"
+            )
+        with loaded as archive:
             return {name: archive[name] for name in archive.files}
     except UsageError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise UsageError(f"{what} {path}: not a readable .npz file ({error}); save it with numpy.savez") from None
+        raise UsageError(f"{what}: not a readable .npz file ({error}); save it with numpy.savez") from None
 
 
 def _check_feeds(

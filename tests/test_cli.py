@@ -236,6 +236,20 @@ def test_bad_feeds(cli, tmp_path: Path, changes: dict, message: str) -> None:
     assert_clean_failure(result, 2, message, tmp_path)
 
 
+@pytest.mark.parametrize("flag", ["--feeds", "--calib"])
+def test_feeds_that_are_not_an_npz_archive(cli, tmp_path: Path, flag: str) -> None:
+    single = tmp_path / "in" / "dense.npy"
+    single.parent.mkdir()
+    np.save(single, np.zeros((4, 25), np.float32))
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--passes", "cleanup", flag, single)
+    message = f"{flag} {single}: a single array (.npy), not an .npz keyed by input name"
+    assert_clean_failure(result, 2, message, tmp_path)
+    truncated = tmp_path / "in" / "truncated.npz"
+    truncated.write_bytes(Path(DLRM["feeds"]).read_bytes()[:1000])
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--passes", "cleanup", flag, truncated)
+    assert_clean_failure(result, 2, f"{flag} {truncated}: not a readable .npz file", tmp_path)
+
+
 def test_bad_labels(cli, tmp_path: Path) -> None:
     labels = tmp_path / "labels.npy"
     np.save(labels, np.zeros(3))
