@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from onnxcompress import io, runtime
-from onnxcompress.calibration import Calibration, Feeds, load_feeds, load_labels, synthesize_feeds
+from onnxcompress.calibration import Calibration, Feeds, check_finite, load_feeds, load_labels, synthesize_feeds
 from onnxcompress.errors import InterruptedAfterWrite, ParityFailedError, UsageError
 from onnxcompress.parity import Budget, Budgets, ParityResult, budget_with, compare
 from onnxcompress.passes.base import PassContext
@@ -157,6 +157,10 @@ def compress(
         calib_label_arrays = {
             "": load_labels(Path(calib_labels), calib_feeds.rows, "--calib-labels", "the --calib rows")
         }
+    if calib is not None:
+        check_finite(calib_feeds, f"--calib {calib}")
+    elif feeds is not None:
+        check_finite(calib_feeds, f"--feeds {feeds} (the calibration rows without --calib)")
     calibration = Calibration(calib_feeds, labels=calib_label_arrays)
     pipeline = Pipeline(specs, PassContext(calibration=calibration, source=in_path))
     budgets = _budgets(pipeline.budget, tolerances, output_tolerances)

@@ -212,6 +212,21 @@ def load_feeds(path: Path, model: ir.Model, what: str = "--feeds") -> Feeds:
     return Feeds(arrays, f"{path} ({next(iter(arrays.values())).shape[0] if arrays else 0} rows)")
 
 
+def check_finite(feeds: Feeds, what: str) -> None:
+    """Calibration rows feed statistics (scales, Hessians, least squares) that one NaN or infinity
+    spoils for a whole layer: refuse them up front rather than fail parity with a broken model."""
+    for name, array in feeds.arrays.items():
+        if array.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(array)
+        if bad.any():
+            rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1)) if array.ndim else np.array([0])
+            raise UsageError(
+                f"{what}: {name} holds NaN or infinite values in {rows.size} of {feeds.rows} rows (first: row "
+                f"{int(rows[0])}); calibration needs finite rows: drop or impute them"
+            )
+
+
 def load_labels(path: Path, rows: int, what: str = "--labels", aligned_with: str = "the feeds") -> np.ndarray:
     """Read binary labels (.npy) aligned with the rows of ``aligned_with``."""
     path = Path(path)

@@ -198,6 +198,8 @@ def test_bad_input_models(cli, tmp_path: Path, make_input, message: str) -> None
         (["--passes", "cleanup", "--atol", "tight"], "--atol 'tight': expected a number or OUTPUT=NUMBER"),
         (["--passes", "cleanup", "--input-shape", "user"], "expected NAME=D0,D1"),
         (["--passes", "cleanup", "--config", "/nonexistent/r.toml"], "--config /nonexistent/r.toml: no such file"),
+        (["--passes", "quant", "--set", "quant.mixed_bits=8,9"], "quant.mixed_bits: each must be one of 8, 7"),
+        (["--passes", "quant", "--set", "quant.mixed_bits="], "quant.mixed_bits: each must be one of 8, 7"),
     ],
 )
 def test_usage_errors(cli, tmp_path: Path, args: list[str], message: str) -> None:
@@ -248,6 +250,24 @@ def test_feeds_that_are_not_an_npz_archive(cli, tmp_path: Path, flag: str) -> No
     truncated.write_bytes(Path(DLRM["feeds"]).read_bytes()[:1000])
     result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--passes", "cleanup", flag, truncated)
     assert_clean_failure(result, 2, f"{flag} {truncated}: not a readable .npz file", tmp_path)
+
+
+def test_calibration_rows_must_be_finite(cli, tmp_path: Path) -> None:
+    """One NaN in the calibration rows spoils a layer's scales: refused before any pass runs, whether
+    the rows come from --calib or from --feeds standing in for them. NaN feeds with finite --calib
+    rows are compared as they are: the report names the rows the original cannot score."""
+    dense = np.load(DLRM["feeds"])["dense"].copy()
+    dense[[5, 9], 3] = np.nan
+    dense[9, 4] = np.inf
+    feeds = feeds_with(tmp_path, dense=dense)
+    for flag in ("--calib", "--feeds"):
+        result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--preset", "int8", flag, feeds)
+        message = "dense holds NaN or infinite values in 2 of 10000 rows (first: row 5); calibration needs finite rows"
+        assert_clean_failure(result, 2, message, tmp_path)
+        assert result.error_lines[0].startswith(f"error: {flag} {feeds}")
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--preset", "int8", "--feeds", feeds, "--calib", DLRM["calib"])
+    assert result.code == 1 and not (tmp_path / "out.onnx").exists()
+    assert "the original gives NaN or infinity on 2 values where this model does not" in result.err
 
 
 def test_bad_labels(cli, tmp_path: Path) -> None:

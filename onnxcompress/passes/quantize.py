@@ -929,7 +929,8 @@ class Quantize(CompressionPass):
             },
         )
         mixed_bits: tuple[int, ...] = field(
-            default=(8, 4, 3, 2, 1), metadata={"help": "bit widths the mixed-precision search may assign"}
+            default=(8, 4, 3, 2, 1),
+            metadata={"help": "bit widths the mixed-precision search may assign", "item_choices": BIT_CHOICES},
         )
         mixed_min_rank_corr: float = field(
             default=0.998,
