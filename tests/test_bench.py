@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import bench
@@ -53,3 +54,41 @@ def test_preset_flag_names_an_onnxcompress_preset() -> None:
     assert method.name == "preset-lossless" and method.params == {"preset": "lossless"}
     with pytest.raises(argparse.ArgumentTypeError, match="unknown preset"):
         bench.preset_method("no_such_preset")
+
+
+def test_onnxsim_methods_get_the_calibration_rows_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SparseGPT gets the rows quantize_static gets, in batches of 128; the other onnxsim methods
+    only their keyword arguments. A stand-in module records the calls (onnxsim is an optional extra)."""
+    import sys
+    import types
+
+    import bench_lib
+    import onnx
+
+    calls: list[tuple[str, dict]] = []
+
+    def recorder(function: str) -> Callable[..., onnx.ModelProto]:
+        def run(path: str, **kwargs: object) -> onnx.ModelProto:
+            calls.append((function, kwargs))
+            return onnx.load(path)
+
+        return run
+
+    stand_in = types.ModuleType("onnxsim")
+    stand_in.__version__ = "0.8.1"  # type: ignore[attr-defined]
+    for method in bench.ONNXSIM:
+        setattr(stand_in, method.params["function"], recorder(method.params["function"]))
+    monkeypatch.setitem(sys.modules, "onnxsim", stand_in)
+    assert bench.onnxsim_methods() == (bench.ONNXSIM, "")
+    case = bench_lib.Case.from_dir(bench.MODELS, bench.QUICK_MODEL)
+    by_name = {method.name: method for method in bench.ONNXSIM}
+    for name in ("onnxsim-sparsegpt50", "onnxsim-units50"):
+        bench_lib.BUILDERS["onnxsim"](case.model, tmp_path / f"{name}.onnx", case, by_name[name].params)
+        assert (tmp_path / f"{name}.onnx").stat().st_size > 0
+    (sparsegpt, sparsegpt_kwargs), (units, units_kwargs) = calls
+    assert sparsegpt == "apply_sparsegpt_pruning" and sparsegpt_kwargs["sparsity"] == 0.5
+    batches = sparsegpt_kwargs["calibration_data"]
+    assert [len(batch["features"]) for batch in batches] == [128, 128, 128, 128]
+    assert units == "apply_structured_pruning" and units_kwargs == {"sparsity": 0.5}
+    del stand_in.apply_sparsegpt_pruning
+    assert bench.onnxsim_methods()[1].endswith("0.8.1 lacks apply_sparsegpt_pruning: its methods were skipped")

@@ -87,6 +87,18 @@ ONNXSIM = (
         {"function": "apply_magnitude_pruning", "kwargs": {"sparsity": 0.5}},
     ),
     lib.Method(
+        "onnxsim-sparsegpt50",
+        "onnxsim",
+        "onnxsim.apply_sparsegpt_pruning(in, calib.npz in batches of 128, sparsity=0.5)",
+        {"function": "apply_sparsegpt_pruning", "kwargs": {"sparsity": 0.5}, "calibration": True},
+    ),
+    lib.Method(
+        "onnxsim-units50",
+        "onnxsim",
+        "onnxsim.apply_structured_pruning(in, sparsity=0.5): half the hidden units by L2 norm",
+        {"function": "apply_structured_pruning", "kwargs": {"sparsity": 0.5}},
+    ),
+    lib.Method(
         "onnxsim-int8-wo",
         "onnxsim",
         "onnxsim.quantize_weight_only(in): int8 per channel",

@@ -149,7 +149,11 @@ def _ort_nbits(source: Path, out: Path, case: Case, params: Mapping[str, Any]) -
 def _onnxsim(source: Path, out: Path, case: Case, params: Mapping[str, Any]) -> dict[str, Any]:
     import onnxsim
 
-    model = getattr(onnxsim, params["function"])(str(source), **params.get("kwargs", {}))
+    kwargs = dict(params.get("kwargs", {}))
+    if params.get("calibration"):  # the same rows, in the same batches, as quantize_static gets
+        reader = NpzCalibrationReader(case.calib)
+        kwargs["calibration_data"] = list(iter(reader.get_next, None))
+    model = getattr(onnxsim, params["function"])(str(source), **kwargs)
     onnx.save(model, str(out))
     return {}
 
