@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -523,6 +525,12 @@ def test_alpha_codebook_is_the_best_choice_of_entries_for_the_summed_squared_log
         np.testing.assert_array_equal(index, nearest)
     codebook, index = alpha_codebook(np.array([0.25, 0.25, 3.0]), np.ones(3), 16, np.float16)
     np.testing.assert_array_equal(codebook[index], np.array([0.25, 0.25, 3.0], np.float16))
+    # Heavy weights (a table's signs: thousands per alpha) computed without an overflow warning,
+    # which would reach the user's console.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        codebook, index = alpha_codebook(RNG.lognormal(0, 1, 300), np.full(300, 1e5), 16, np.float16)
+    assert codebook.shape == (16,) and index.max() == 15
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -356,7 +356,9 @@ def alpha_codebook(
     index = np.arange(count)
     # spread[a, b]: squared log distance of bins a..b (inclusive) from their weighted mean
     total, linear, square = (part[index[None, :] + 1] - part[index[:, None]] for part in prefix)
-    spread = np.where(index[:, None] <= index[None, :], square - linear**2 / np.maximum(total, 1e-300), np.inf)
+    ordered = index[:, None] <= index[None, :]
+    # a > b has no bins (a negative total): divided by 1 there, so no overflow warning
+    spread = np.where(ordered, square - linear**2 / np.where(ordered, np.maximum(total, 1e-300), 1.0), np.inf)
     cost = spread[0]  # cost[b]: bins 0..b in the entries so far, at their best
     starts: list[np.ndarray] = []
     for _ in range(1, min(size, count)):
