@@ -18,7 +18,7 @@ from onnxcompress.parity import Budget, Budgets, ParityResult, budget_with, comp
 from onnxcompress.passes.base import PassContext
 from onnxcompress.pipeline import Pipeline
 from onnxcompress.recipe import PassSpec, build_specs
-from onnxcompress.report import Report
+from onnxcompress.report import PassRecord, Report
 
 __all__ = ["compress"]
 
@@ -37,6 +37,20 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[package] = "unknown"
     return versions
+
+
+def _non_finite_weights(records: Sequence[PassRecord]) -> list[str]:
+    """Weights a pass left alone because they hold NaN or infinity: a broken model, not a budget
+    too tight, is then why parity failed."""
+    return sorted(
+        {
+            name
+            for record in records
+            if isinstance(skipped := record.stats.get("skipped"), Mapping)
+            for name, reason in skipped.items()
+            if "NaN or infinity" in str(reason)
+        }
+    )
 
 
 def _budgets(
@@ -227,10 +241,13 @@ def compress(
         )
         if not write:
             names = ", ".join(output.name for output in result.failing)
-            raise ParityFailedError(
-                f"parity failed for {names}; nothing written (loosen the budget, or use --force to write anyway)",
-                report,
+            broken = _non_finite_weights(records)
+            fix = (
+                f"the model's own weights hold NaN or infinity ({', '.join(broken)}): fix or re-export the model"
+                if broken
+                else "loosen the budget, or use --force to write anyway"
             )
+            raise ParityFailedError(f"parity failed for {names}; nothing written ({fix})", report)
         return report
     finally:
         staged.discard()

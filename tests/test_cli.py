@@ -270,6 +270,23 @@ def test_calibration_rows_must_be_finite(cli, tmp_path: Path) -> None:
     assert "the original gives NaN or infinity on 2 values where this model does not" in result.err
 
 
+def test_a_model_with_nan_weights_fails_parity_naming_them_not_the_budget(cli, tmp_path: Path) -> None:
+    """One NaN in an embedding table: the quantizer leaves that table in float, the scores of the
+    rows that read it stay NaN and integer activations spread it, so parity fails; the message names
+    the broken weight instead of suggesting a looser budget."""
+    proto = onnx.load(str(DLRM["onnx"]))
+    table = next(init for init in proto.graph.initializer if init.name == "embeddings.0.weight")
+    values = onnx.numpy_helper.to_array(table).copy()
+    values[3, 2] = np.nan
+    table.CopyFrom(onnx.numpy_helper.from_array(values, table.name))
+    broken = tmp_path / "in" / "nan_weights.onnx"
+    broken.parent.mkdir()
+    onnx.save(proto, str(broken))
+    result = cli(broken, tmp_path / "out.onnx", "--preset", "int8", "--feeds", DLRM["feeds"])
+    message = "nothing written (the model's own weights hold NaN or infinity (embeddings.0.weight): fix or re-export"
+    assert_clean_failure(result, 1, message, tmp_path)
+
+
 def test_bad_labels(cli, tmp_path: Path) -> None:
     labels = tmp_path / "labels.npy"
     np.save(labels, np.zeros(3))
