@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -263,6 +264,10 @@ def command(
     Exit codes:
     """
     console = _console()
+    if not debug:
+        # numpy's arithmetic warnings (NaN or overflow met in a broken model's weights) are not
+        # actionable lines of their own: the report and the parity gate say what happened.
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"(numpy|onnxcompress)(\.|$)")
     try:
         if list_layers is not None:
             _list_layers(list_layers, calib)

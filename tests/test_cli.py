@@ -270,10 +270,8 @@ def test_calibration_rows_must_be_finite(cli, tmp_path: Path) -> None:
     assert "the original gives NaN or infinity on 2 values where this model does not" in result.err
 
 
-def test_a_model_with_nan_weights_fails_parity_naming_them_not_the_budget(cli, tmp_path: Path) -> None:
-    """One NaN in an embedding table: the quantizer leaves that table in float, the scores of the
-    rows that read it stay NaN and integer activations spread it, so parity fails; the message names
-    the broken weight instead of suggesting a looser budget."""
+def nan_weights(tmp_path: Path) -> Path:
+    """DLRM with one NaN in its user table."""
     proto = onnx.load(str(DLRM["onnx"]))
     table = next(init for init in proto.graph.initializer if init.name == "embeddings.0.weight")
     values = onnx.numpy_helper.to_array(table).copy()
@@ -282,9 +280,33 @@ def test_a_model_with_nan_weights_fails_parity_naming_them_not_the_budget(cli, t
     broken = tmp_path / "in" / "nan_weights.onnx"
     broken.parent.mkdir()
     onnx.save(proto, str(broken))
-    result = cli(broken, tmp_path / "out.onnx", "--preset", "int8", "--feeds", DLRM["feeds"])
-    message = "nothing written (the model's own weights hold NaN or infinity (embeddings.0.weight): fix or re-export"
-    assert_clean_failure(result, 1, message, tmp_path)
+    return broken
+
+
+NAN_WEIGHTS_MESSAGE = (
+    "nothing written (the model's own weights hold NaN or infinity (embeddings.0.weight): fix or re-export"
+)
+
+
+def test_a_model_with_nan_weights_fails_parity_naming_them_not_the_budget(cli, tmp_path: Path) -> None:
+    """One NaN in an embedding table: the quantizer leaves that table in float, the scores of the
+    rows that read it stay NaN and integer activations spread it, so parity fails; the message names
+    the broken weight instead of suggesting a looser budget."""
+    result = cli(nan_weights(tmp_path), tmp_path / "out.onnx", "--preset", "int8", "--feeds", DLRM["feeds"])
+    assert_clean_failure(result, 1, NAN_WEIGHTS_MESSAGE, tmp_path)
+
+
+def test_numpy_warnings_reach_the_console_only_with_debug(tmp_path: Path) -> None:
+    """The NaN-weight DLRM makes numpy warn while quantizing; a real process prints the report and
+    one error line, the warning only under --debug."""
+    broken = nan_weights(tmp_path)
+    command = [sys.executable, "-m", "onnxcompress", str(broken), str(tmp_path / "o.onnx"), "--preset", "int8",
+               "--feeds", str(DLRM["feeds"])]  # fmt: skip
+    plain = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+    assert plain.returncode == 1 and NAN_WEIGHTS_MESSAGE in plain.stderr
+    assert "Warning" not in plain.stderr and "Warning" not in plain.stdout
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, cwd=REPO, check=False)
+    assert debug.returncode == 1 and "RuntimeWarning" in debug.stderr
 
 
 def test_bad_labels(cli, tmp_path: Path) -> None:
