@@ -15,7 +15,7 @@ from onnxcompress import io, runtime
 from onnxcompress.calibration import Calibration, Feeds, check_finite, load_feeds, load_labels, synthesize_feeds
 from onnxcompress.errors import InterruptedAfterWrite, ParityFailedError, UsageError
 from onnxcompress.parity import Budget, Budgets, ParityResult, budget_with, compare
-from onnxcompress.passes.base import PassContext
+from onnxcompress.passes.base import NON_FINITE_WEIGHT, PassContext
 from onnxcompress.pipeline import Pipeline
 from onnxcompress.recipe import PassSpec, build_specs
 from onnxcompress.report import PassRecord, Report
@@ -48,7 +48,7 @@ def _non_finite_weights(records: Sequence[PassRecord]) -> list[str]:
             for record in records
             if isinstance(skipped := record.stats.get("skipped"), Mapping)
             for name, reason in skipped.items()
-            if "NaN or infinity" in str(reason)
+            if reason == NON_FINITE_WEIGHT
         }
     )
 

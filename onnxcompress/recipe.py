@@ -134,10 +134,8 @@ def coerce(field: dataclasses.Field[Any], value: Any, what: str) -> Any:
     if choices is not None and result not in choices:
         raise ValueError(f"{what}: must be one of {', '.join(map(str, choices))}; got {value!r}")
     item_choices = field.metadata.get("item_choices")
-    if item_choices is not None:
-        unknown = [item for item in result if item not in item_choices]
-        if unknown or not result:
-            raise ValueError(f"{what}: each must be one of {', '.join(map(str, item_choices))}; got {value!r}")
+    if item_choices is not None and (not result or any(item not in item_choices for item in result)):
+        raise ValueError(f"{what}: each must be one of {', '.join(map(str, item_choices))}; got {value!r}")
     low, high = field.metadata.get("min"), field.metadata.get("max")
     if isinstance(result, int | float) and not isinstance(result, bool):
         if low is not None and result < low:

@@ -93,6 +93,24 @@ def test_dead_nodes_and_unused_initializers_are_removed() -> None:
     assert list(model.graph.initializers) == ["bias"]
 
 
+def test_renamed_initializers_are_neither_removed_nor_added() -> None:
+    """short_names renames every initializer: the counts follow the values, not their names."""
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x, float[4] unused, float[4] bias) => (float[N,4] y) {
+          dead = Mul(x, unused)
+          y = Add(x, bias)
+        }
+        """,
+        {"unused": np.ones(4, np.float32), "bias": np.ones(4, np.float32)},
+    )
+    result = Cleanup(Cleanup.Config(short_names=True))(model)
+    assert list(model.graph.initializers) != ["bias"] and len(model.graph.initializers) == 1
+    assert result.stats["initializers_removed"] == 1
+    assert result.stats["initializers_added"] == 0
+
+
 def test_identical_initializers_are_merged_to_one_value() -> None:
     table = np.arange(12, dtype=np.float32).reshape(3, 4)
     model = text_model(

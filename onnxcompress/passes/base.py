@@ -15,7 +15,11 @@ from onnxcompress.parity import Budget
 if typing.TYPE_CHECKING:
     from onnxcompress.calibration import Calibration
 
-__all__ = ["CompressionPass", "CompressionResult", "PassContext", "config_fields"]
+__all__ = ["NON_FINITE_WEIGHT", "CompressionPass", "CompressionResult", "PassContext", "config_fields"]
+
+#: A pass's ``skipped`` reason for a weight holding NaN or infinity: the model is broken, and a
+#: parity failure is then reported as that, not as a budget too tight.
+NON_FINITE_WEIGHT = "holds NaN or infinity: fix the model; quantizing would hide it"
 
 
 @dataclasses.dataclass

@@ -2421,7 +2421,7 @@ class Cleanup(CompressionPass):
 
     def call(self, model: ir.Model) -> CompressionResult:
         before = _op_counts(model)
-        initializers_before = set(model.graph.initializers)
+        initializers_before = set(model.graph.initializers.values())  # values: short_names renames them
         inputs_made_constant = constant_initializer_inputs(model) if self.config.initializer_inputs else 0
         dropout = remove_inference_dropout(model) if self.config.remove_dropout else 0
         unfused = unfuse_contrib_ops(model) if self.config.unfuse_contrib else 0
@@ -2474,15 +2474,16 @@ class Cleanup(CompressionPass):
         drop_initializer_types(model)
         renamed = shorten_names(model) if self.config.short_names else 0
         after = _op_counts(model)
+        initializers_after = set(model.graph.initializers.values())
         removed_by_op = {op: before[op] - after.get(op, 0) for op in before if before[op] > after.get(op, 0)}
         stats = {
             "nodes_removed": sum(removed_by_op.values()),
             "removed_by_op": dict(sorted(removed_by_op.items())),
             "dropout_removed": dropout,
             "initializer_inputs_made_constant": inputs_made_constant,
-            "initializers_removed": len(initializers_before - set(model.graph.initializers)) - merged,
+            "initializers_removed": len(initializers_before - initializers_after) - merged,
             # the rewrites' constants (reshape targets, selection indices) and lifted Constant nodes
-            "initializers_added": len(set(model.graph.initializers) - initializers_before),
+            "initializers_added": len(initializers_after - initializers_before),
             "initializers_merged": merged,
             "constants_merged": constants_merged,
             "common_subexpressions": common,

@@ -87,7 +87,7 @@ from onnxcompress.numerics.quant import (
 )
 from onnxcompress.parity import LOSSY, Budget, Budgets, ParityResult, compare, score_column, scores_of
 from onnxcompress.passes import register
-from onnxcompress.passes.base import CompressionPass, CompressionResult
+from onnxcompress.passes.base import NON_FINITE_WEIGHT, CompressionPass, CompressionResult
 from onnxcompress.speed import (
     LayerTiming,
     ModelTiming,
@@ -1126,7 +1126,7 @@ class Quantize(CompressionPass):
             elif tensor.size < config.min_elements:
                 skipped[name] = f"fewer than quant.min_elements={config.min_elements} elements"
             elif tensor.size <= FINITE_CHECK_MAX_ELEMENTS and not np.isfinite(tensor.numpy()).all():
-                skipped[name] = "holds NaN or infinity: fix the model; quantizing would hide it"
+                skipped[name] = NON_FINITE_WEIGHT
             elif is_table and config.embedding_bits == 0:
                 skipped[name] = "embedding table and quant.embedding_bits=0"
             elif is_table and any(use.kind != "embedding" and use.out_axis != 0 for use in uses):
