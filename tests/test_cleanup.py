@@ -75,8 +75,9 @@ def test_dropout_in_training_mode_or_with_used_mask_is_kept() -> None:
     assert op_types(model).count("Dropout") == 2
 
 
-def test_dead_nodes_and_unused_initializers_are_removed() -> None:
-    model = text_model(
+def dead_node_model() -> ir.Model:
+    """A dead Mul reading the one initializer nothing else reads; ``bias`` stays."""
+    return text_model(
         """
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[N,4] x, float[4] unused, float[4] bias) => (float[N,4] y) {
@@ -86,6 +87,10 @@ def test_dead_nodes_and_unused_initializers_are_removed() -> None:
         """,
         {"unused": np.ones(4, np.float32), "bias": np.ones(4, np.float32)},
     )
+
+
+def test_dead_nodes_and_unused_initializers_are_removed() -> None:
+    model = dead_node_model()
     result = Cleanup()(model)
     assert result.stats["removed_by_op"] == {"Mul": 1}
     assert result.stats["initializers_removed"] == 1
@@ -95,16 +100,7 @@ def test_dead_nodes_and_unused_initializers_are_removed() -> None:
 
 def test_renamed_initializers_are_neither_removed_nor_added() -> None:
     """short_names renames every initializer: the counts follow the values, not their names."""
-    model = text_model(
-        """
-        <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N,4] x, float[4] unused, float[4] bias) => (float[N,4] y) {
-          dead = Mul(x, unused)
-          y = Add(x, bias)
-        }
-        """,
-        {"unused": np.ones(4, np.float32), "bias": np.ones(4, np.float32)},
-    )
+    model = dead_node_model()
     result = Cleanup(Cleanup.Config(short_names=True))(model)
     assert list(model.graph.initializers) != ["bias"] and len(model.graph.initializers) == 1
     assert result.stats["initializers_removed"] == 1
