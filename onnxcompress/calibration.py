@@ -113,6 +113,17 @@ def graph_inputs(model: ir.Model) -> list[InputSpec]:
     return specs
 
 
+def fixed_batch(specs: Sequence[InputSpec]) -> int | None:
+    """The batch a model fixes when every input of rank 1 or more declares the same number as its
+    first dimension (a model traced at batch 1): feeds may then hold any number of rows, which
+    ``runtime.run`` feeds it that many at a time."""
+    firsts = [spec.shape[0] for spec in specs if spec.shape]
+    if not firsts or not all(isinstance(dim, int) for dim in firsts) or len(set(firsts)) != 1:
+        return None
+    batch = firsts[0]
+    return batch if isinstance(batch, int) and batch > 0 else None
+
+
 @dataclass(frozen=True)
 class Feeds:
     """Named input arrays that share their first (row) dimension, and where they came from."""
@@ -123,20 +134,25 @@ class Feeds:
 
     @property
     def rows(self) -> int:
-        sizes = {array.shape[0] if array.ndim else 1 for array in self.arrays.values()}
-        return sizes.pop() if len(sizes) == 1 else 1
+        """Examples: the longest first dimension (an input the model declares as ``[1]`` is shared
+        by every row, and a 0-d one counts as one row)."""
+        return max((array.shape[0] for array in self.arrays.values() if array.ndim), default=1)
+
+    def _by_row(self, part: slice) -> dict[str, np.ndarray]:
+        rows = self.rows
+        return {
+            name: array[part] if array.ndim and array.shape[0] == rows else array for name, array in self.arrays.items()
+        }
 
     def head(self, rows: int) -> Feeds:
         """The first ``rows`` rows (all of them if there are fewer)."""
         if rows >= self.rows:
             return self
-        arrays = {name: array[:rows] if array.ndim else array for name, array in self.arrays.items()}
-        return Feeds(arrays, f"{self.source}, first {rows} rows", self.notes)
+        return Feeds(self._by_row(slice(rows)), f"{self.source}, first {rows} rows", self.notes)
 
     def tail(self, rows: int) -> Feeds:
         """The rows from ``rows`` on (none if there are fewer)."""
-        arrays = {name: array[rows:] if array.ndim else array for name, array in self.arrays.items()}
-        return Feeds(arrays, f"{self.source}, rows {rows} on", self.notes)
+        return Feeds(self._by_row(slice(rows, None)), f"{self.source}, rows {rows} on", self.notes)
 
 
 def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
@@ -176,6 +192,7 @@ def _check_feeds(
         if missing and hint:
             raise UsageError(f"{what}: {problem}; {hint}")
         raise UsageError(f"{what}: {problem}; the model expects {expected}")
+    batch = fixed_batch(specs)
     for spec in specs:
         array = arrays[spec.name]
         if array.dtype != spec.dtype:
@@ -190,11 +207,16 @@ def _check_feeds(
                     f"expects {spec.describe()}"
                 )
             for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
-                if isinstance(want, int) and got != want:
+                # A fixed batch takes any number of rows, run that many at a time.
+                if isinstance(want, int) and got != want and not (axis == 0 and batch is not None):
                     raise UsageError(
                         f"{what}: {spec.name} has {got} in dimension {axis} but the model expects {spec.describe()}"
                     )
-    rows = {array.shape[0] for array in arrays.values() if array.ndim}
+    # Inputs whose first dimension the model fixes while others are batched are shared by every row.
+    shared = {spec.name for spec in specs if batch is None and spec.shape and isinstance(spec.shape[0], int)}
+    rows = {array.shape[0] for name, array in arrays.items() if array.ndim and name not in shared}
+    if 0 in rows:
+        raise UsageError(f"{what}: the inputs have no rows; give at least one example per input")
     if len(rows) > 1:
         sizes = ", ".join(f"{name} {array.shape[0]}" for name, array in arrays.items() if array.ndim)
         raise UsageError(
@@ -209,7 +231,8 @@ def load_feeds(path: Path, model: ir.Model, what: str = "--feeds") -> Feeds:
     arrays = _read_npz(Path(path), f"{what} {path}")
     hint = NO_WEIGHTS_HINT if not model.graph.initializers else None
     _check_feeds(arrays, graph_inputs(model), f"{what} {path}", hint)
-    return Feeds(arrays, f"{path} ({next(iter(arrays.values())).shape[0] if arrays else 0} rows)")
+    feeds = Feeds(arrays, "")
+    return Feeds(arrays, f"{path} ({feeds.rows if arrays else 0} rows)")
 
 
 def check_finite(feeds: Feeds, what: str) -> None:
@@ -403,7 +426,8 @@ def synthesize_feeds(
             f"--input-shape names {', '.join(unknown)}, which the model does not take; inputs are: "
             f"{', '.join(spec.describe() for spec in specs)}"
         )
-    shapes = {spec.name: _concrete_shape(spec, input_shapes.get(spec.name), rows) for spec in specs}
+    batch = fixed_batch(specs)
+    shapes = {spec.name: _concrete_shape(spec, input_shapes.get(spec.name), rows, batch) for spec in specs}
     _check_feed_bytes(specs, shapes)
     ranges = id_ranges(model)
     rng = np.random.default_rng(seed)
@@ -460,7 +484,9 @@ def _check_feed_bytes(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int
         )
 
 
-def _concrete_shape(spec: InputSpec, override: Sequence[int] | None, rows: int) -> tuple[int, ...]:
+def _concrete_shape(
+    spec: InputSpec, override: Sequence[int] | None, rows: int, batch: int | None = None
+) -> tuple[int, ...]:
     if override is not None:
         if spec.shape is not None and len(override) != len(spec.shape):
             raise UsageError(
@@ -468,6 +494,8 @@ def _concrete_shape(spec: InputSpec, override: Sequence[int] | None, rows: int) 
             )
         if any(int(d) < 0 for d in override):
             raise UsageError(f"--input-shape {spec.name}: dimensions cannot be negative, got {list(override)}")
+        if override and int(override[0]) == 0:
+            raise UsageError(f"--input-shape {spec.name}: the first dimension counts the rows; give at least 1")
         return tuple(int(d) for d in override)
     if spec.shape is None:
         raise UsageError(f"{spec.name} has no declared shape; give it with --input-shape {spec.name}=D0,D1")
@@ -476,7 +504,12 @@ def _concrete_shape(spec: InputSpec, override: Sequence[int] | None, rows: int) 
             f"graph input {spec.describe()} declares a negative dimension; fix the model's input shapes"
         )
     return tuple(
-        dim if isinstance(dim, int) else (rows if axis == 0 else DEFAULT_DIM) for axis, dim in enumerate(spec.shape)
+        rows
+        if axis == 0 and (batch is not None or not isinstance(dim, int))
+        else dim
+        if isinstance(dim, int)
+        else DEFAULT_DIM
+        for axis, dim in enumerate(spec.shape)
     )
 
 

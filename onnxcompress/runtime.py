@@ -164,15 +164,27 @@ def make_session(source: Path | ir.Model, opt_level: str = "basic", threads: int
 
 
 def batches(feeds: Mapping[str, np.ndarray], batch_size: int | None) -> Iterator[dict[str, np.ndarray]]:
-    """Split feeds along axis 0 into batches of at most ``batch_size`` rows (all at once if None)."""
+    """Split feeds along axis 0 into batches of at most ``batch_size`` rows (all at once if None).
+
+    Arrays with fewer rows than the longest (an input the model declares as ``[1]``, a flag shared
+    by every row) and 0-d arrays go whole into every batch."""
     arrays = dict(feeds)
-    rows = {array.shape[0] if array.ndim else 1 for array in arrays.values()}
-    if batch_size is None or len(rows) != 1 or any(array.ndim == 0 for array in arrays.values()):
+    total = max((array.shape[0] for array in arrays.values() if array.ndim), default=0)
+    if batch_size is None or total <= batch_size:
         yield arrays
         return
-    (total,) = rows
     for start in range(0, total, batch_size):
-        yield {name: array[start : start + batch_size] for name, array in arrays.items()}
+        yield {
+            name: array[start : start + batch_size] if array.ndim and array.shape[0] == total else array
+            for name, array in arrays.items()
+        }
+
+
+def fixed_batch(session: ort.InferenceSession) -> int | None:
+    """The rows every call must have when the model's inputs fix their first dimension (a model
+    traced at batch 1, say): all the inputs that give a number there give the same one."""
+    dims = {shape[0] for shape in (spec.shape for spec in session.get_inputs()) if shape and isinstance(shape[0], int)}
+    return dims.pop() if len(dims) == 1 and min(dims) > 0 else None
 
 
 def _as_array(result: object) -> np.ndarray:
@@ -190,7 +202,8 @@ def run(
     output_names: Sequence[str] | None = None,
     batch_size: int | None = 4096,
 ) -> dict[str, np.ndarray]:
-    """Run ``session`` over the feeds in batches and concatenate each output along axis 0.
+    """Run ``session`` over the feeds in batches and concatenate each output along axis 0 (in
+    batches of the model's own size when its inputs fix one, :func:`fixed_batch`).
 
     Raises:
         UsageError: onnxruntime rejected the feeds (shape or value out of range).
@@ -198,7 +211,17 @@ def run(
     """
     names = list(output_names) if output_names is not None else [o.name for o in session.get_outputs()]
     pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for batch in batches(feeds, batch_size):
+    # A model whose inputs fix the batch takes the rows that many at a time; a last, shorter batch
+    # is filled up with copies of its rows and the copies' outputs dropped.
+    fixed = fixed_batch(session)
+    for batch in batches(feeds, fixed or batch_size):
+        rows = max((array.shape[0] for array in batch.values() if array.ndim), default=0)
+        short = fixed is not None and 0 < rows < fixed
+        if short:
+            batch = {
+                name: np.resize(array, (fixed, *array.shape[1:])) if array.ndim and array.shape[0] == rows else array
+                for name, array in batch.items()
+            }
         try:
             results = session.run(names, batch)
         except _ort_errors() as error:
@@ -209,5 +232,6 @@ def run(
                 ) from error
             raise UnsupportedModelError(f"onnxruntime failed while running the model ({message})") from error
         for name, result in zip(names, results, strict=True):
-            pieces[name].append(_as_array(result))
+            array = _as_array(result)
+            pieces[name].append(array[:rows] if short and array.ndim and array.shape[0] == fixed else array)
     return {name: parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0) for name, parts in pieces.items()}

@@ -266,8 +266,10 @@ def model_timings(models: Sequence[ir.Model | Path], feeds: Mapping[str, np.ndar
     for session in sessions:
         names = {spec.name for spec in session.get_inputs()}  # type: ignore[attr-defined]
         arrays = {name: array for name, array in feeds.items() if name in names}
+        fixed = runtime.fixed_batch(session)  # type: ignore[arg-type]
         for rows, calls in runners.items():
-            calls.append(_runner(session, {name: array[:rows] for name, array in arrays.items()}))
+            # A model whose inputs fix the batch is timed at that batch (it takes no other).
+            calls.append(_runner(session, {name: array[: fixed or rows] for name, array in arrays.items()}))
     single = _best_seconds(runners[1], repeats=5)
     batch = _best_seconds(runners[BATCH_ROWS], repeats=5)
     return [ModelTiming(one, many) for one, many in zip(single, batch, strict=True)]
