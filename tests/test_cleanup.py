@@ -782,6 +782,22 @@ def test_a_cast_to_its_own_type_goes_and_gather_indices_are_narrowed_to_int32(tm
     assert model.graph.initializers["pick"].const_value.dtype == ir.DataType.INT64  # does not fit int32
 
 
+def test_gather_nd_indices_stay_int64_which_is_all_it_takes(tmp_path: Path) -> None:
+    """dynamo exports DLRM's ``Z[:, li, lj]`` as a GatherND; int32 indices made the int8 file invalid."""
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[3,4] x, int64[2,2] pick) => (float[2] y) {
+          y = GatherND (x, pick)
+        }
+        """
+    model = text_model(text, {"pick": np.array([[0, 1], [2, 3]], np.int64)})
+    result = Cleanup(Cleanup.Config(narrow_indices=True))(model)
+    assert model.graph.initializers["pick"].const_value.dtype == ir.DataType.INT64
+    assert result.stats.get("indices_narrowed", 0) == 0
+    feeds = {"x": np.arange(12, dtype=np.float32).reshape(3, 4)}
+    np.testing.assert_array_equal(run_reference(model, tmp_path, feeds)[0], [1.0, 11.0])
+
+
 @pytest.mark.parametrize(
     ("mask", "expected"),
     [

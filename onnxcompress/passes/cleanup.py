@@ -344,7 +344,8 @@ def _casts_to_own_type(node: ir.Node) -> bool:
 
 
 #: Ops whose input 1 is gather indices: int32 or int64, by their type constraint.
-_INDEX_INPUTS = frozenset({"Gather", "GatherElements", "GatherND"})
+# GatherND (and ScatterND) take int64 indices only.
+_INDEX_INPUTS = frozenset({"Gather", "GatherElements"})
 _INT32 = np.iinfo(np.int32)
 
 
