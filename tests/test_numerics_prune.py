@@ -219,3 +219,17 @@ def test_sparsegpt_hits_the_sparsity_and_beats_plain_magnitude() -> None:
     assert error(pruned) < error(magnitude)
     nm = sparsegpt(system, 0.0, nm=(2, 4))
     assert ((nm.reshape(16, 4, 16) != 0).sum(axis=1) <= 2).all()
+
+
+def test_rows_holding_nan_are_left_out_of_the_least_squares_sums() -> None:
+    """An attention position every key is masked from is NaN (left padding under a -inf mask);
+    one such row made every refit weight NaN."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 4))
+    y = x @ rng.standard_normal((4, 2))
+    clean = Gram.of(x, y)
+    x_nan, y_nan = np.vstack([x, np.full((1, 4), np.nan)]), np.vstack([y, [[np.inf, 0.0]]])
+    gram = Gram.of(x_nan, y_nan)
+    assert gram.rows == 50
+    np.testing.assert_array_equal(gram.xtx, clean.xtx)
+    np.testing.assert_array_equal(gram.xty, clean.xty)

@@ -74,6 +74,9 @@ def test_nan_in_the_candidate_fails() -> None:
     (output,) = result.outputs
     assert not result.passed and output.failures == ("1 values are NaN or infinite where the original's are finite",)
     assert output.nonfinite_mismatch == 1
+    assert output.max_abs == np.inf and output.mean_abs == np.inf  # not 0 over the values both give
+    all_nan = compare({"y": np.ones(3)}, {"y": np.full(3, np.nan)}, Budgets(Budget())).outputs[0]
+    assert all_nan.max_abs == np.inf and np.isnan(all_nan.cosine)  # a table read "cosine 1.000000"
 
 
 def test_nan_in_the_original_is_named_as_the_original_s_and_left_out_of_ranks_and_auc() -> None:

@@ -181,6 +181,38 @@ def test_measured_scope_needs_rows_to_hold_out_and_otherwise_prunes_every_layer_
     assert set(result.stats["tensors"]["w1"]["held_out_score_error"]) == {"0.3", "0.5", "0.65", "0.8", "0.9", "0.95"}
 
 
+def test_layers_sharing_a_bias_are_priced_and_pruned_without_losing_it(tmp_path: Path) -> None:
+    """Two layers read one bias initializer (TorchScript's nn.MultiheadAttention out_proj): the
+    first write copies it, and the held-out pricing writes each layer again; that raised "not in list"."""
+    rng = np.random.default_rng(3)
+    weights = {
+        "w1": rng.standard_normal((8, 16)).astype(np.float32),
+        "w2": (rng.standard_normal((16, 16)) / 4).astype(np.float32),
+        "b": rng.standard_normal(16).astype(np.float32),
+        "w3": (rng.standard_normal((16, 1)) / 4).astype(np.float32),
+    }
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,8] x, float[8,16] w1, float[16,16] w2, float[16] b, float[16,1] w3) => (float[N,1] y) {
+      m1 = MatMul(x, w1)
+      h1 = Add(m1, b)
+      r1 = Relu(h1)
+      m2 = MatMul(r1, w2)
+      h2 = Add(m2, b)
+      r2 = Relu(h2)
+      y = MatMul(r2, w3)
+    }
+    """
+    model = text_model(text, weights)
+    x = RNG.standard_normal((256, 8)).astype(np.float32)
+    result = prune(model, calibration_for(x), sparsity=0.5)(model)
+    assert result.stats["scope"] == "measured"
+    adds = [node for node in model.graph if node.op_type == "Add"]
+    assert all(node.inputs[1] is not None and node.inputs[1].const_value is not None for node in adds)
+    (got,) = ReferenceEvaluator(str(save_model(model, tmp_path / "shared.onnx"))).run(None, {"x": x})
+    assert np.isfinite(got).all()
+
+
 def test_measured_scope_without_a_float_score_prunes_every_layer_alike() -> None:
     """A model that outputs only a class index has no score whose change could price a layer."""
     weights = {

@@ -50,9 +50,16 @@ class Gram:
         return gram
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Accumulate a batch: ``x`` ``[rows, d_in]`` and ``y`` ``[rows, d_out]`` (leading axes are flattened)."""
+        """Accumulate a batch: ``x`` ``[rows, d_in]`` and ``y`` ``[rows, d_out]`` (leading axes are flattened).
+
+        Rows holding NaN or infinity are left out: an attention position every key is masked from
+        (left padding under a -inf mask) is NaN in the model too, and downstream never reads it,
+        while one such row would make every sum NaN."""
         x64 = np.asarray(x, dtype=np.float64).reshape(-1, self.xtx.shape[0])
         y64 = np.asarray(y, dtype=np.float64).reshape(-1, self.xty.shape[1])
+        finite = np.isfinite(x64).all(axis=1) & np.isfinite(y64).all(axis=1)
+        if not finite.all():
+            x64, y64 = x64[finite], y64[finite]
         self.xtx += x64.T @ x64
         self.xty += x64.T @ y64
         self.x_sum += x64.sum(axis=0)

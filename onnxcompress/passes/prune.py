@@ -147,7 +147,18 @@ def _write_layer(graph: ir.Graph, layer: LinearLayer, weight: np.ndarray, bias: 
     target = (layer.d_out,) if int(np.prod(shape)) == 1 else shape
     array = bias.reshape(target).astype(layer.bias.const_value.dtype.numpy())  # type: ignore[union-attr]
     holder = layer.bias_node if layer.bias_node is not None else layer.node
-    _replace_constant(graph, holder, list(holder.inputs).index(layer.bias), array)
+    _replace_constant(graph, holder, _bias_index(layer, holder), array)
+
+
+def _bias_index(layer: LinearLayer, holder: ir.Node) -> int:
+    """Where ``holder`` reads the layer's bias: a bias shared with another layer (nn.MultiheadAttention's
+    out_proj) was copied on the first write, so later writes find the copy in its place."""
+    inputs = list(holder.inputs)
+    if layer.bias in inputs:
+        return inputs.index(layer.bias)
+    if holder is layer.node:  # Gemm's C
+        return 2
+    return next(index for index, value in enumerate(inputs) if value is not None and value.const_value is not None)
 
 
 def _capture(
