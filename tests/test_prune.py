@@ -204,7 +204,7 @@ def test_layers_sharing_a_bias_are_priced_and_pruned_without_losing_it(tmp_path:
     }
     """
     model = text_model(text, weights)
-    x = RNG.standard_normal((256, 8)).astype(np.float32)
+    x = rng.standard_normal((256, 8)).astype(np.float32)
     result = prune(model, calibration_for(x), sparsity=0.5)(model)
     assert result.stats["scope"] == "measured"
     adds = [node for node in model.graph if node.op_type == "Add"]
