@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +13,14 @@ from typing import Any
 
 import click
 
-from onnxcompress.errors import EXIT_CODES, CompressError, InterruptedAfterWrite, ParityFailedError, UsageError
+from onnxcompress.errors import (
+    EXIT_CODES,
+    CompressError,
+    InterruptedAfterWrite,
+    OutputPathError,
+    ParityFailedError,
+    UsageError,
+)
 from onnxcompress.presets import PRESETS
 
 __all__ = ["main"]
@@ -116,6 +124,46 @@ def _parse_labels(values: Sequence[str]) -> dict[str, Path] | None:
             raise UsageError(f"--labels {text}: {'output ' + name if name else 'the default labels'} given twice")
         files[name] = Path(path)
     return files
+
+
+def _check_report_path(report: Path, in_path: Path, out_path: Path, inputs: dict[str, Path | None]) -> None:
+    """Refuse, before any work, a --report path that would overwrite a file of the run or that
+    cannot be written: the report is written last, after OUT."""
+    from onnxcompress import io
+
+    fix = "choose another report path"
+    files = {"IN": in_path, "OUT": out_path, "OUT's data file": io.data_file_for(out_path.resolve()), **inputs}
+    for what, path in files.items():
+        if path is not None and io.same_file(report, path):
+            raise UsageError(f"--report {report}: is {what}, which the report would overwrite; {fix}")
+    # Only a file that exists can be the input's external data (a missing one fails the load).
+    if report.is_file() and io.references_data_file(in_path, report):
+        raise UsageError(f"--report {report}: is IN's external data, which the report would overwrite; {fix}")
+    if report.is_dir():
+        raise UsageError(f"--report {report}: is a directory; give a file name such as {report / 'report.json'}")
+    folder = report.resolve().parent
+    if not folder.is_dir():
+        raise UsageError(f"--report {report}: the folder {folder} does not exist; create it first")
+    # Opened as the final write will open it (permission bits do not stop root; /proc, read-only
+    # mounts do): appending to an existing file changes nothing, a new one is removed again.
+    try:
+        if report.exists():
+            with open(report, "a", encoding="utf-8"):
+                pass
+        else:
+            with open(report, "x", encoding="utf-8"):
+                pass
+            report.unlink()
+    except OSError as error:
+        raise UsageError(f"--report {report}: cannot be written ({error.strerror or error}); {fix}") from None
+
+
+def _write_report(path: Path, text: str, written: bool) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        outcome = "OUT was written" if written else "nothing was written"
+        raise OutputPathError(f"--report {path}: writing it failed ({error.strerror or error}); {outcome}") from error
 
 
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -274,6 +322,16 @@ def command(
             return
         if in_path is None or out_path is None:
             raise UsageError("give IN and OUT, e.g. onnxcompress model.onnx small.onnx --passes cleanup")
+        label_files = _parse_labels(labels)
+        if report_path is not None:
+            inputs = {
+                "the --config recipe": recipe,
+                "the --feeds file": feeds,
+                "the --calib file": calib,
+                "the --calib-labels file": calib_labels,
+            }
+            inputs.update({f"the --labels file {path}": path for path in (label_files or {}).values()})
+            _check_report_path(report_path, in_path, out_path, inputs)
         from onnxcompress.presets import get_preset
         from onnxcompress.recipe import read_recipe
 
@@ -293,8 +351,6 @@ def command(
                 tolerances[option] = overall
             for output, value in outputs.items():
                 per_output.setdefault(output, {})[option] = value
-        if report_path is not None and not report_path.resolve().parent.is_dir():
-            raise UsageError(f"--report {report_path}: the folder does not exist; create it first")
         report = _run(
             console,
             in_path,
@@ -304,7 +360,7 @@ def command(
             assignments=assignments,
             feeds=feeds,
             calib=calib,
-            labels=_parse_labels(labels),
+            labels=label_files,
             calib_labels=calib_labels,
             input_shapes=_parse_shapes(input_shapes),
             tolerances=tolerances,
@@ -320,7 +376,10 @@ def command(
 
         console.print(report_view(error.report))
         if report_path is not None:
-            report_path.write_text(error.report.to_json(), encoding="utf-8")
+            try:
+                _write_report(report_path, error.report.to_json(), error.report.written)
+            except OutputPathError as report_error:
+                _fail(report_error, debug)
         _fail(error, debug)
     except CompressError as error:
         _fail(error, debug)
@@ -332,14 +391,17 @@ def command(
         sys.exit(EXIT_INTERRUPTED)
     except Exception as error:
         if debug:
-            raise
+            traceback.print_exc()
         _error(f"internal error {type(error).__name__}: {error}; rerun with --debug and report it")
         sys.exit(EXIT_INTERNAL)
     from onnxcompress.render import report_view
 
     console.print(report_view(report))
     if report_path is not None:
-        report_path.write_text(report.to_json(), encoding="utf-8")
+        try:
+            _write_report(report_path, report.to_json(), report.written)
+        except OutputPathError as error:
+            _fail(error, debug)
 
 
 def _run(console: Any, *args: Any, **kwargs: Any) -> Any:
@@ -357,8 +419,9 @@ def _error(message: str) -> None:
 
 
 def _fail(error: CompressError, debug: bool) -> None:
+    # --debug adds the traceback and changes nothing else: scripts see the same exit code.
     if debug:
-        raise error
+        traceback.print_exception(error)
     _error(str(error))
     sys.exit(error.exit_code)
 

@@ -55,9 +55,10 @@ class UnsupportedModelError(CompressError):
 
 
 class PassFailedError(CompressError):
-    """A pass raised an unexpected error; nothing was written."""
+    """A pass raised an unexpected error: a bug of ours, not a model it cannot handle (that is
+    ``UnsupportedModelError``); nothing was written."""
 
-    exit_code = 3
+    exit_code = 4
 
 
 class ParityFailedError(CompressError):

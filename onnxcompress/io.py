@@ -8,7 +8,9 @@ parity check, an error or an interrupt never leaves a partial OUT or data file b
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import mmap
 import os
 import shutil
 import signal
@@ -33,6 +35,8 @@ __all__ = [
     "external_data_files",
     "initializer_bytes",
     "load",
+    "references_data_file",
+    "same_file",
     "stage",
 ]
 
@@ -296,8 +300,73 @@ def _first_line(error: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: equal once links and ``..`` are resolved, or one inode (a
+    hard link). A path that does not exist yet is compared by its resolved name."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def _proto_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in ``graph`` and its subgraphs: initializers and tensor attributes."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _attribute_tensors(node)
+
+
+def _attribute_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            yield attribute.t
+        yield from attribute.tensors
+        if attribute.HasField("g"):
+            yield from _proto_tensors(attribute.g)
+        for graph in attribute.graphs:
+            yield from _proto_tensors(graph)
+
+
+def references_data_file(model_path: Path, data_file: Path) -> bool:
+    """Whether the model file at ``model_path`` keeps tensors in ``data_file``.
+
+    Only the model's external-data locations are read (no tensor, no validation): a file that is
+    missing or not a readable model references nothing."""
+    names = {data_file.name.encode(), data_file.resolve().name.encode()}
+    try:
+        with open(model_path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            # Every location spells the data file's name, so a model whose bytes lack it cannot
+            # point at it; the scan spares parsing a large single-file model.
+            if not any(view.find(name) >= 0 for name in names):
+                return False
+        proto = onnx.load(model_path, load_external_data=False)
+    except Exception:  # missing, empty, a folder, not ONNX: then it references no data file
+        return False
+    function_tensors = (
+        tensor for function in proto.functions for node in function.node for tensor in _attribute_tensors(node)
+    )
+    for tensor in itertools.chain(_proto_tensors(proto.graph), function_tensors):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        if location and same_file(model_path.parent / location, data_file):
+            return True
+    return False
+
+
+def _foreign_data_error(out_path: Path, data_file: Path) -> OutputPathError:
+    return OutputPathError(
+        f"{out_path}: {data_file} already exists and is not OUT's own external data (OUT does not reference "
+        f"it, so it may belong to another model); remove it or choose another OUT name"
+    )
+
+
 def check_output_path(in_path: Path, out_path: Path, input_data_files: set[Path]) -> None:
-    """Refuse OUT when writing it could damage the input or cannot succeed."""
+    """Refuse OUT when writing it could damage the input or another file, or cannot succeed."""
     out_resolved = out_path.resolve()
     if out_resolved == in_path.resolve():
         raise OutputPathError(f"{out_path}: OUT is the input model; choose a different output path")
@@ -315,6 +384,11 @@ def check_output_path(in_path: Path, out_path: Path, input_data_files: set[Path]
         raise OutputPathError(f"{out_path}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputPathError(f"{out_path}: the folder {folder} is not writable; choose another output path")
+    # Saving replaces OUT.data, or removes it when the new OUT needs none: safe only for the data of
+    # the OUT being replaced. Any other file under that name (another model's data, left without
+    # its model) is refused now, before any work, rather than destroyed at the end.
+    if os.path.lexists(out_data) and not references_data_file(out_resolved, out_data):
+        raise _foreign_data_error(out_path, out_data)
 
 
 @dataclass
@@ -325,6 +399,8 @@ class StagedModel:
     model_path: Path
     data_path: Path | None
     out_path: Path
+    #: The previous OUT's own data file, removed once the new OUT (which needs none) is in place.
+    stale_data: Path | None = None
     #: Set once OUT is in place (a signal held during the commit is raised after that).
     committed: bool = False
 
@@ -345,9 +421,9 @@ class StagedModel:
                     self.data_path.replace(final_data)
                 self.model_path.replace(self.out_path)
                 self.committed = True
-                if self.data_path is None and final_data.exists():
-                    # A previous OUT's data file would otherwise be left behind, now unreferenced.
-                    final_data.unlink()
+                if self.stale_data is not None:
+                    # The previous OUT referenced it; left behind, it would look like OUT's data.
+                    self.stale_data.unlink(missing_ok=True)
         finally:
             self.discard()
 
@@ -436,13 +512,23 @@ def stage(model: ir.Model, out_path: Path, external_data: str = "auto") -> Stage
         detached = model.meta.get(DETACHED_OUTPUTS)
         if detached:
             _reattach(model_path, detached)
+        if data_path.exists() and data_path.stat().st_size == 0:
+            # ``always`` with every tensor under the size threshold: no tensor went out, and an
+            # empty data file that OUT does not reference must not appear beside it.
+            data_path.unlink()
+        writes_data = data_path.exists()
+        final_data = data_file_for(out_path)
+        own_data = os.path.lexists(final_data) and references_data_file(out_path, final_data)
+        if writes_data and os.path.lexists(final_data) and not own_data:
+            raise _foreign_data_error(out_path, final_data)
         # Still inside the try: an interrupt that lands while the result is handed back must not
         # leave the folder behind (a signal sent as soon as the staged files appear hit this).
         return StagedModel(
             staging_dir=staging_dir,
             model_path=model_path,
-            data_path=data_path if data_path.exists() else None,
+            data_path=data_path if writes_data else None,
             out_path=out_path,
+            stale_data=final_data if own_data and not writes_data else None,
         )
     except OSError as error:
         shutil.rmtree(staging_dir, ignore_errors=True)

@@ -169,6 +169,10 @@ def read_recipe(path: Path) -> tuple[list[str] | None, dict[str, dict[str, Any]]
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--config {path}: is a directory; give the path of a TOML recipe file") from None
+    except OSError as error:
+        raise UsageError(f"--config {path}: cannot be read ({error.strerror or error}); give a readable file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise UsageError(f"--config {path}: not valid TOML ({error}); fix the file") from None
     passes = data.pop("passes", None)

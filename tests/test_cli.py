@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
-from conftest import MODELS, REPO, files_in, model_files
+from conftest import MODELS, REPO, CliResult, files_in, model_files
+
+from onnxcompress.cli import main
+from onnxcompress.passes import PASSES, register
+from onnxcompress.passes.base import CompressionPass, CompressionResult
 
 DLRM = model_files("dlrm")
 
@@ -198,6 +205,7 @@ def test_bad_input_models(cli, tmp_path: Path, make_input, message: str) -> None
         (["--passes", "cleanup", "--atol", "tight"], "--atol 'tight': expected a number or OUTPUT=NUMBER"),
         (["--passes", "cleanup", "--input-shape", "user"], "expected NAME=D0,D1"),
         (["--passes", "cleanup", "--config", "/nonexistent/r.toml"], "--config /nonexistent/r.toml: no such file"),
+        (["--passes", "cleanup", "--config", MODELS], f"--config {MODELS}: is a directory; give the path of a TOML"),
         (["--passes", "quant", "--set", "quant.mixed_bits=8,9"], "quant.mixed_bits: each must be one of 8, 7"),
         (["--passes", "quant", "--set", "quant.mixed_bits="], "quant.mixed_bits: each must be one of 8, 7"),
     ],
@@ -469,5 +477,184 @@ def test_our_own_bug_inside_a_session_is_reported_as_ours_not_as_an_unsupported_
     monkeypatch.setattr(runtime, "_serialize_side_loading", broken)  # used for in-memory models
     files = model_files("deepfm")
     result = cli(files["onnx"], tmp_path / "out.onnx", "--passes", "prune", "--calib", files["calib"])
-    assert_clean_failure(result, 3, "pass prune failed: NameError: name 'helper' is not defined; rerun with", tmp_path)
+    assert_clean_failure(result, 4, "pass prune failed: NameError: name 'helper' is not defined; rerun with", tmp_path)
     assert "onnxruntime" not in result.err
+
+
+@pytest.fixture
+def cli_own_report(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """``cli`` without the --report that fixture adds (the last --report wins): for --report itself."""
+
+    def run(*args: str | Path) -> CliResult:
+        try:
+            main([str(arg) for arg in args])
+            code = 0
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def save_with_data(path: Path) -> None:
+    """The DLRM at ``path`` with its tensors in ``path.data``."""
+    onnx.save(onnx.load(str(DLRM["onnx"])), str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+
+
+REPORT_OVER_A_FILE_OF_THE_RUN = {
+    "IN": ("in.onnx", "is IN,"),
+    "IN-symlink": ("link.json", "is IN,"),
+    "IN-hard-link": ("hard.json", "is IN,"),
+    "IN-data": ("in.onnx.data", "is IN's external data"),
+    "OUT-dotdot": ("sub/../out.onnx", "is OUT,"),
+    "OUT-relative": ("out.onnx", "is OUT,"),
+    "OUT-data": ("out.onnx.data", "is OUT's data file"),
+    "feeds": ("feeds.npz", "is the --feeds file"),
+}
+
+
+@pytest.mark.parametrize("case", REPORT_OVER_A_FILE_OF_THE_RUN)
+def test_a_report_over_a_file_of_the_run_is_refused_before_any_work(
+    cli_own_report, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """--report naming IN, IN's data, OUT (from an earlier run) or its data, or the feeds, by any
+    spelling, was written over it at the end (exit 0)."""
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    save_with_data(run / "in.onnx")
+    save_with_data(run / "out.onnx")
+    (run / "feeds.npz").write_bytes(DLRM["feeds"].read_bytes())
+    (run / "link.json").symlink_to(run / "in.onnx")
+    os.link(run / "in.onnx", run / "hard.json")
+    before = snapshot(run)
+    name, message = REPORT_OVER_A_FILE_OF_THE_RUN[case]
+    monkeypatch.chdir(run)  # "out.onnx" is relative to it, OUT absolute
+    report = name if case == "OUT-relative" else run / name
+    feeds = run / "feeds.npz"
+    result = cli_own_report(
+        run / "in.onnx", run / "out.onnx", "--passes", "cleanup", "--feeds", feeds, "--report", report
+    )
+    assert_clean_failure(result, 2, f"--report {report}: {message}", run / "sub")
+    assert "which the report would overwrite; choose another report path" in result.error_lines[0]
+    assert snapshot(run) == before
+    assert sorted(files_in(run)) == sorted([*before, "sub"])
+
+
+@pytest.mark.parametrize(
+    ("report", "message"),
+    [
+        ("reports", "is a directory; give a file name such as"),
+        ("/proc/onnxcompress-report.json", "cannot be written (No such file or directory)"),
+    ],
+    ids=["folder", "cannot-create"],
+)
+def test_a_report_path_that_cannot_be_written_is_refused_before_any_work(
+    cli_own_report, tmp_path: Path, report: str, message: str
+) -> None:
+    """A folder as --report raised IsADirectoryError after OUT was written (traceback, exit 1)."""
+    (tmp_path / "reports").mkdir()
+    path = tmp_path / report if not report.startswith("/") else Path(report)
+    result = cli_own_report(DLRM["onnx"], tmp_path / "out.onnx", "--passes", "cleanup", "--report", path)
+    assert_clean_failure(result, 2, f"--report {path}: {message}", tmp_path)
+    assert files_in(tmp_path) == ["reports"] and files_in(tmp_path / "reports") == []
+
+
+def test_out_data_of_another_model_is_refused_and_kept(cli, tmp_path: Path) -> None:
+    """other.onnx keeps its tensors in model.onnx.data and no model.onnx exists: compressing into
+    model.onnx deleted that file as OUT's stale data (a single-file OUT) or replaced it, breaking
+    other.onnx. OUT's own data, from an earlier run into the same OUT, is still replaced."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    save_with_data(folder / "model.onnx")
+    (folder / "model.onnx").rename(folder / "other.onnx")
+    before = snapshot(folder)
+    for external in ("never", "always"):
+        result = cli(DLRM["onnx"], folder / "model.onnx", "--passes", "cleanup", "--external-data", external)
+        assert_clean_failure(result, 2, "model.onnx.data already exists and is not OUT's own external data", folder)
+        assert "remove it or choose another OUT name" in result.error_lines[0]
+        assert snapshot(folder) == before and files_in(folder) == ["model.onnx.data", "other.onnx"]
+    onnx.checker.check_model(str(folder / "other.onnx"), full_check=True)
+    own = tmp_path / "own"
+    own.mkdir()
+    source = own / "in.onnx"
+    save_with_data(source)
+    for _ in range(2):
+        result = cli(source, own / "out.onnx", "--passes", "cleanup")
+        assert result.code == 0, result.err
+        assert files_in(own) == ["in.onnx", "in.onnx.data", "out.onnx", "out.onnx.data"]
+    result = cli(source, own / "out.onnx", "--passes", "cleanup", "--external-data", "never")
+    assert result.code == 0, result.err
+    assert files_in(own) == ["in.onnx", "in.onnx.data", "out.onnx"]
+
+
+@pytest.fixture
+def crashing_pass() -> Iterator[None]:
+    """Test-only passes: one with a bug (ZeroDivisionError), one refusing a model it cannot handle."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    class Crash(CompressionPass):
+        """Divide by zero (tests only)."""
+
+        def call(self, model: ir.Model) -> CompressionResult:
+            raise ZeroDivisionError("division by zero")
+
+    class Refuse(CompressionPass):
+        """Refuse every model (tests only)."""
+
+        def requires(self, model: ir.Model) -> None:
+            raise ir.passes.PreconditionError("needs a graph this test does not have")
+
+        def call(self, model: ir.Model) -> CompressionResult:
+            return CompressionResult(model, modified=False)
+
+    Crash.Config = Refuse.Config = Config
+    register("crash")(Crash)
+    register("refuse")(Refuse)
+    yield
+    del PASSES["crash"], PASSES["refuse"]
+
+
+def test_a_crash_inside_a_pass_is_an_internal_error_not_an_unsupported_model(
+    cli, tmp_path: Path, crashing_pass: None
+) -> None:
+    """Exit 3 means the model uses something a pass or onnxruntime cannot handle; a pass's own
+    exception is a bug of ours (exit 4), as its message says ("report it")."""
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--passes", "cleanup,crash")
+    assert_clean_failure(result, 4, "pass crash failed: ZeroDivisionError: division by zero; rerun with", tmp_path)
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--passes", "refuse")
+    assert_clean_failure(result, 3, "pass refuse cannot run on this model: needs a graph this test does", tmp_path)
+
+
+def test_debug_adds_the_traceback_and_keeps_the_exit_code(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, perturb_pass: type
+) -> None:
+    """--debug re-raised every error, so the process exited 1 whatever the failure."""
+    from onnxcompress import api
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("an unexpected bug")
+
+    cases = [
+        (2, ["--passes", "cleanup", "--preset", "int3"], "unknown preset 'int3'"),
+        (1, ["--passes", "perturb", "--feeds", DLRM["feeds"]], "parity failed for score; nothing written"),
+        (4, ["--passes", "cleanup"], "internal error RuntimeError: an unexpected bug; rerun with --debug"),
+    ]
+    for code, args, message in cases:
+        if code == 4:
+            monkeypatch.setattr(api, "compress", broken)
+        for debug in ([], ["--debug"]):
+            result = cli(DLRM["onnx"], tmp_path / "out.onnx", *args, *debug)
+            assert result.code == code, (debug, result.err)
+            assert message in result.error_lines[-1]
+            assert result.err.strip().splitlines()[-1] == result.error_lines[-1]
+            assert ("Traceback" in result.err) == bool(debug), result.err
+            assert files_in(tmp_path) == (["report.json"] if code == 1 else [])

@@ -229,20 +229,21 @@ def test_the_same_refusal_through_another_spelling_of_the_path(
     assert snapshot(tmp_path / "in") == before
 
 
-def test_a_symlinked_out_data_is_replaced_not_written_through(
+def test_a_symlinked_out_data_that_out_does_not_own_is_refused_and_neither_file_touched(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """OUT.data is a link to the input's data: the commit renames over the link, the input stays."""
+    """OUT.data is a link to the input's data and no OUT references it: replacing the link could
+    break another model that reads through it, so the run is refused before any work."""
     source = external_dlrm(tmp_path / "in")
     before = snapshot(tmp_path / "in")
     (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "small.onnx"
     io.data_file_for(out).symlink_to(tmp_path / "in" / "model.onnx.data")
     outcome = run_cli(capfd, source, out, "--passes", "cleanup")
-    assert outcome.code == 0, outcome.err
-    assert not io.data_file_for(out).is_symlink()
+    assert outcome.code == 2, outcome.err
+    assert "is not OUT's own external data" in outcome.err
+    assert io.data_file_for(out).is_symlink() and not out.exists()
     assert snapshot(tmp_path / "in") == before
-    io.load(out)
 
 
 # ---- a model with external data through the data-driven passes ------------------------------------------

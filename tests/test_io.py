@@ -239,3 +239,43 @@ def test_a_map_input_is_refused_naming_the_export_option(tmp_path: Path) -> None
     onnx.save(model, str(path))
     with pytest.raises(InputModelError, match=r"graph input 'x' is a map.*zipmap"):
         io.load(path)
+
+
+def test_always_with_only_small_tensors_writes_no_empty_data_file(tmp_path: Path) -> None:
+    """Every tensor of the MLP is under the 1 KiB threshold: none goes out, and an empty OUT.data
+    that OUT does not reference once appeared beside it (replacing the previous OUT's own data)."""
+    out = tmp_path / "out.onnx"
+    io.stage(mlp_model(), out, external_data="always").commit()
+    assert files_in(tmp_path) == ["out.onnx"]
+    io.stage(io.load(external_model(tmp_path / "in")), out).commit()
+    io.check_output_path(tmp_path / "in" / "table.onnx", out, set())  # OUT references OUT.data: its own
+    io.stage(mlp_model(), out, external_data="always").commit()
+    assert files_in(tmp_path) == ["in", "out.onnx"]
+    io.load(out)
+
+
+def other_model_with_data_named_like(folder: Path, out_name: str) -> tuple[Path, bytes]:
+    """``other.onnx`` whose external data is ``OUT.data`` for OUT = ``folder/out_name``, which does not exist."""
+    other = external_model(folder)
+    (folder / "table.onnx.data").rename(folder / f"{out_name}.data")
+    rewrite_location(other, f"{out_name}.data")
+    other = other.rename(folder / "other.onnx")
+    return other, (folder / f"{out_name}.data").read_bytes()
+
+
+def test_an_out_data_file_that_out_does_not_reference_is_refused_and_kept(tmp_path: Path) -> None:
+    """Another model's data named like OUT's: saving OUT replaced it (OUT with external data) or
+    deleted it as stale (a single-file OUT), breaking that model."""
+    other, data = other_model_with_data_named_like(tmp_path, "out.onnx")
+    out = tmp_path / "out.onnx"
+    with pytest.raises(OutputPathError, match=r"out\.onnx\.data already exists and is not OUT's own external data"):
+        io.check_output_path(tmp_path / "in" / "m.onnx", out, set())
+    io.stage(mlp_model(), out).commit()  # a single-file OUT leaves the data alone
+    with pytest.raises(OutputPathError, match="is not OUT's own external data"):
+        io.stage(table_model(), out, external_data="always")
+    assert (tmp_path / "out.onnx.data").read_bytes() == data
+    assert files_in(tmp_path) == ["other.onnx", "out.onnx", "out.onnx.data"]
+    np.testing.assert_array_equal(
+        io.load(other).graph.initializers["table"].const_value.numpy(),
+        table_model().graph.initializers["table"].const_value.numpy(),
+    )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,9 @@ def test_recipe_type_errors_and_bad_toml(tmp_path: Path) -> None:
 
 def test_parse_assignment_splits_on_first_equals() -> None:
     assert parse_assignment("prune.include=a=b") == ("prune", "include", "a=b")
+
+
+def test_a_recipe_path_that_is_a_folder_is_a_usage_error(tmp_path: Path) -> None:
+    """IsADirectoryError once escaped read_recipe and the CLI reported an internal error (exit 4)."""
+    with pytest.raises(UsageError, match=re.escape(f"--config {tmp_path}: is a directory; give the path of a TOML")):
+        read_recipe(tmp_path)
