@@ -585,7 +585,8 @@ class Calibration:
             chosen[name] = outputs
         if not chosen:
             return {}
-        copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        # clone keeps external tensors' folder; a proto round trip would read them from the working directory.
+        copy = model.clone()
         produced = {output.name: (node, output) for node in copy.graph for output in node.outputs}
         for name, outputs in chosen.items():
             dtype = ir.DataType.from_numpy(arrays[name].dtype)

@@ -271,6 +271,24 @@ def test_quant_runs_on_a_model_whose_small_tensors_are_external(
     assert outcome.code == 0, outcome.err
 
 
+@pytest.mark.parametrize("preset", ["int4", "mixed"])
+def test_an_external_data_model_is_compressed_from_any_working_directory(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, preset: str
+) -> None:
+    """The lookup Hessians and the integer-kernel timings copied the model through its proto,
+    which drops where external tensors live: run from another folder, int4, mixed and max failed
+    with "No such file or directory: 'model.onnx.data'"."""
+    source = external_dlrm(tmp_path / "in")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "out.onnx"
+    calib = MODELS / "dlrm.calib.npz"
+    outcome = run_cli(capfd, source, out, "--preset", preset, "--calib", calib, "--feeds", MODELS / "dlrm.feeds.npz")
+    assert outcome.code == 0, outcome.err
+    assert out.exists()
+
+
 # ---- interrupted and failing writes, in a real process -------------------------------------------------
 
 BIG_DATA_BYTES = 2 * 600_000 * 64 * 4  # two 153.6 MB tables: saving takes a visible moment

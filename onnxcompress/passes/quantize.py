@@ -1761,10 +1761,8 @@ class Quantize(CompressionPass):
             return {}
         by_name = {value.name: value for value in selected}
         sets = [chosen | {name for name, _ in left[: count + 1]} for count in range(len(left))]
-        serialized = ir.serde.serialize_model(model)
         variants = [
-            _integer_variant(model, serialized, [use for name in layers for use in selected[by_name[name]]])
-            for layers in sets
+            _integer_variant(model, [use for name in layers for use in selected[by_name[name]]]) for layers in sets
         ]
         if any(variant is None for variant in variants):
             return {}
@@ -2857,11 +2855,12 @@ def _dynamic_matmul(build: _Builder, node: ir.Node, weight_kn: ir.Value, scale: 
 MEASURED_MAX_ADDED = 6
 
 
-def _integer_variant(model: ir.Model, serialized: Any, uses: list[WeightUse]) -> ir.Model | None:
-    """A copy of ``model`` (made from ``serialized``, its proto) whose MatMul/Gemm ``uses`` run as
-    DynamicQuantizeLinear + MatMulInteger with int8 weights of their shapes (values do not matter:
-    it is only timed), or None when one of them is not a plain 2-D weight."""
-    copy = ir.serde.deserialize_model(serialized)
+def _integer_variant(model: ir.Model, uses: list[WeightUse]) -> ir.Model | None:
+    """A copy of ``model`` whose MatMul/Gemm ``uses`` run as DynamicQuantizeLinear + MatMulInteger
+    with int8 weights of their shapes (values do not matter: it is only timed), or None when one of
+    them is not a plain 2-D weight. ``clone`` keeps external tensors' folder, which a round trip
+    through the proto loses (the copy then looked for the data file in the working directory)."""
+    copy = model.clone()
     order = {id(node): index for index, node in enumerate(model.graph)}
     nodes = list(copy.graph)
     rng = np.random.default_rng(0)
