@@ -282,8 +282,8 @@ def test_lookup_hessians_measure_how_outputs_move_with_a_looked_up_row() -> None
           rf = Reshape(r, flat)
           q = MatMul(rf, v)
           f = Gather(u, ids)
-          z = MatMul(f, u_t)
           u_t = Transpose(u)
+          z = MatMul(f, u_t)
         }
         """,
         {

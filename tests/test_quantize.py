@@ -1985,7 +1985,7 @@ def test_a_copy_timed_with_integer_layers_leaves_the_model_alone() -> None:
     before = ir.serde.serialize_model(model).SerializeToString()
     layers = [node for node in model.graph if node.op_type == "Gemm"][:2]
     uses = [WeightUse(node, 1, node.inputs[1], "linear", 0, 1) for node in layers]
-    copy = _integer_variant(model, ir.serde.serialize_model(model), uses)
+    copy = _integer_variant(model, uses)
     assert copy is not None and ir.serde.serialize_model(model).SerializeToString() == before
     ops = [node.op_type for node in copy.graph]
     assert ops.count("MatMulInteger") == ops.count("DynamicQuantizeLinear") == 2
