@@ -2052,3 +2052,35 @@ def test_table_rows_are_rounded_against_how_the_outputs_read_them(
     assert entry["rounding"] != "gptq" and "lookup_output_gptq" not in entry["relative_error"]
     (with_feedback,), (without,) = (report.parity.outputs for report in (refined, nearest))
     assert with_feedback.mean_abs < 0.9 * without.mean_abs
+
+
+@pytest.mark.parametrize("preset", ["int8", "int4"])
+@pytest.mark.parametrize("layer", ["MatMul (x, w)", "Gemm (x, w, b)"])
+def test_a_layer_of_one_input_feature_is_quantized(tmp_path: Path, preset: str, layer: str) -> None:
+    """A [1, 32] weight stored as MatMul reads it is one row of codes with one scale: int8 raised
+    'cannot reshape array of size 1 into shape (32,)'."""
+    from onnxcompress import compress
+    from onnxcompress.presets import get_preset
+
+    rng = np.random.default_rng(5)
+    model = text_model(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,1] x, float[1,32] w, float[32] b, float[32,1] v) => (float[N,1] y) {{
+          h = {layer}
+          r = Relu(h)
+          y = MatMul(r, v)
+        }}
+        """,
+        {
+            "w": rng.standard_normal((1, 32)).astype(np.float32),
+            "b": rng.standard_normal(32).astype(np.float32),
+            "v": rng.standard_normal((32, 1)).astype(np.float32),
+        },
+    )
+    recipe = get_preset(preset)
+    source = save_model(model, tmp_path / "in1.onnx")
+    report = compress(source, tmp_path / "out.onnx", list(recipe.passes), options=recipe.options)
+    assert report.written and report.parity.passed
+    quant = next(record for record in report.passes if record.name == "quant")
+    assert "w" in quant.stats["tensors"]
