@@ -489,7 +489,9 @@ def fitting_rows(model: ir.Model, calibration: Calibration | None, augment: int)
     arrays = dict(feeds.arrays)
     if augment > 0:
         mixed = mix_columns(arrays, augment, seed=0)
-        arrays = {name: np.concatenate([array, mixed[name]]) for name, array in arrays.items()}
+        arrays = {
+            name: np.concatenate([array, mixed[name]]) if name in mixed else array for name, array in arrays.items()
+        }
         source += f" + {augment} rows mixing their columns"
     mixed_feeds = Feeds(arrays, source, feeds.notes)
     return Fitting(Calibration(mixed_feeds, calibration.batch_size, calibration.opt_level), calibration, source)

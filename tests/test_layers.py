@@ -396,6 +396,27 @@ def test_mix_columns_draws_every_column_from_the_given_rows() -> None:
     assert {tuple(row.ravel()) for row in mixed["seq"]} <= {tuple(row.ravel()) for row in arrays["seq"]}
 
 
+def test_inputs_every_row_shares_are_not_mixed_and_fitting_rows_keep_them() -> None:
+    """A 0-d temperature input made mix_columns raise IndexError (the max preset and --list-layers)."""
+    arrays = {"x": np.arange(12.0).reshape(4, 3), "temperature": np.array(2.0), "flag": np.array([1.0])}
+    mixed = mix_columns(arrays, 10)
+    assert set(mixed) == {"x"} and mixed["x"].shape == (10, 3)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3] x, float temperature, float[3,4] w) => (float[N,4] y) {
+          h = MatMul(x, w)
+          y = Div(h, temperature)
+        }
+        """,
+        {"w": np.ones((3, 4), np.float32)},
+    )
+    feeds = {"x": np.ones((4, 3), np.float32), "temperature": np.array(2.0, np.float32)}
+    fitting = fitting_rows(model, Calibration(Feeds(feeds, "test")), augment=6)
+    assert fitting.calibration.feeds.arrays["x"].shape == (10, 3)
+    assert fitting.calibration.feeds.arrays["temperature"].shape == ()
+
+
 @pytest.mark.parametrize(
     ("a", "b", "expected"),
     [([[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [3.0, 1.0]], 0.0), ([[1.0, 0.0]], [[0.0, 2.0]], 1.0)],

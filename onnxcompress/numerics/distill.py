@@ -21,11 +21,16 @@ def mix_columns(arrays: Mapping[str, np.ndarray], rows: int, seed: int = 0) -> d
     """``rows`` new rows, each column of each input drawn from an independently chosen existing row.
 
     Columns are the last axis of 2-D inputs (one categorical field or dense feature each); inputs of
-    any other rank (a 1-D id, a ``[rows, length, dim]`` sequence) are drawn as whole rows.
+    any other rank (a 1-D id, a ``[rows, length, dim]`` sequence) are drawn as whole rows. Inputs
+    every row shares (a 0-d temperature, a ``[1]`` flag beside batched inputs) are left out: they
+    are no rows to mix.
     """
     rng = np.random.default_rng(seed)
+    total = max((array.shape[0] for array in arrays.values() if array.ndim), default=0)
     mixed = {}
     for name, array in arrays.items():
+        if array.ndim == 0 or array.shape[0] != total:
+            continue
         count = array.shape[0]
         if array.ndim == 2:
             picks = rng.integers(0, count, size=(rows, array.shape[1]))
