@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from onnxcompress.metrics import auc
-from onnxcompress.parity import LOSSLESS, LOSSY, Budget, Budgets, compare, score_column
+from onnxcompress.parity import LOSSLESS, LOSSY, Budget, Budgets, budget_with, compare, score_column
 
 
 def test_identical_outputs_pass_the_strict_budget() -> None:
@@ -122,3 +122,17 @@ def test_a_pipeline_is_held_to_its_loosest_lossy_pass_and_lossless_passes_never_
     assert Pipeline(build_specs(["cleanup", "quant", "cleanup@final"])).budget == LOSSY
     pruned = Pipeline(build_specs(["prune", "quant", "sparse"])).budget
     assert pruned.min_rank_corr == 0.98 and pruned.max_auc_drop == 0.003 and pruned.min_cosine == 0.99
+
+
+def test_the_lossless_budget_is_a_fraction_of_the_output_s_peak_above_one() -> None:
+    """A folded BatchNorm on a regression head reaching 3,590 differs by 7.9e-4 (float32 rounding,
+    2e-7 of the peak): the lossless default of 1e-5 absolute refused it. An --atol given stays absolute."""
+    reference = np.linspace(-3590.0, 3590.0, 101)
+    candidate = reference + 7.9e-4
+    assert compare({"y": reference}, {"y": candidate}, Budgets(LOSSLESS)).passed
+    absolute = budget_with(LOSSLESS, atol=1e-5)
+    failed = compare({"y": reference}, {"y": candidate}, Budgets(absolute)).outputs[0]
+    assert not failed.passed and failed.failures[0].startswith("max abs error 0.00079 exceeds atol 1e-05 (rtol 0)")
+    small = np.linspace(-0.5, 0.5, 101)
+    unit = compare({"y": small}, {"y": small + 2e-5}, Budgets(LOSSLESS)).outputs[0]
+    assert not unit.passed  # outputs within [-1, 1] keep 1e-5 absolute
