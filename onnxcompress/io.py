@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import mmap
 import os
 import shutil
@@ -148,6 +149,22 @@ def _check_embedded_tensor(tensor: ir.TensorProtoTensor, model_name: str) -> Non
         ) from error
 
 
+def _densify_sparse_initializers(graph: onnx.GraphProto) -> None:
+    """Store the graph's ``sparse_initializer`` entries as dense initializers: onnx-ir keeps no
+    sparse tensors, and dropping them left the nodes reading them without an input (onnxruntime
+    then refused the written model). Lossless; the ``sparse`` pass stores zeros compactly again."""
+    for sparse in graph.sparse_initializer:
+        values = ir.serde.deserialize_tensor(sparse.values).numpy()
+        indices = ir.serde.deserialize_tensor(sparse.indices).numpy().astype(np.int64)
+        shape = tuple(int(dim) for dim in sparse.dims)
+        dense = np.zeros(math.prod(shape), dtype=values.dtype)
+        # Indices are linear positions ``[nnz]`` or coordinates ``[nnz, rank]``.
+        flat = indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), shape)
+        dense[flat] = values.reshape(-1)
+        graph.initializer.append(ir.serde.serialize_tensor(ir.tensor(dense.reshape(shape), name=sparse.values.name)))
+    del graph.sparse_initializer[:]
+
+
 def load(path: str | os.PathLike[str]) -> ir.Model:
     """Load an ONNX model after checking the file, its external data and the ONNX checker.
 
@@ -166,6 +183,7 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
         proto = onnx.load(path, load_external_data=False)
         detached = _detach_zipmaps(proto)
         _check_no_maps(proto, name)
+        _densify_sparse_initializers(proto.graph)
         model = ir.serde.deserialize_model(proto)
     except InputModelError:
         raise

@@ -279,3 +279,33 @@ def test_an_out_data_file_that_out_does_not_reference_is_refused_and_kept(tmp_pa
         io.load(other).graph.initializers["table"].const_value.numpy(),
         table_model().graph.initializers["table"].const_value.numpy(),
     )
+
+
+@pytest.mark.parametrize("coordinates", [False, True])
+def test_sparse_initializers_are_loaded_as_dense_ones(tmp_path: Path, coordinates: bool) -> None:
+    """onnx-ir keeps no sparse tensors: W was dropped at load and onnxruntime refused the written
+    model ("Node input 'W' is not a graph input, initializer, or output of a previous node")."""
+    from onnxcompress import compress
+
+    dense = np.zeros((4, 3), np.float32)
+    dense[0, 1], dense[2, 0], dense[3, 2] = 1.5, -2.0, 0.25
+    positions = np.flatnonzero(dense)
+    indices = np.argwhere(dense) if coordinates else positions
+    sparse = onnx.helper.make_sparse_tensor(
+        onnx.numpy_helper.from_array(dense.reshape(-1)[positions], "W"),
+        onnx.numpy_helper.from_array(indices.astype(np.int64), "W_indices"),
+        [4, 3],
+    )
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])],
+        sparse_initializer=[sparse],
+    )
+    path = tmp_path / "sparse.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    model = io.load(path)
+    np.testing.assert_array_equal(model.graph.initializers["W"].const_value.numpy(), dense)
+    report = compress(path, tmp_path / "out.onnx", ["cleanup"])
+    assert report.written and report.parity.passed
