@@ -155,20 +155,33 @@ class Feeds:
         return Feeds(self._by_row(slice(rows, None)), f"{self.source}, rows {rows} on", self.notes)
 
 
-def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+def _not_a_file(path: Path, what: str, wanted: str) -> UsageError | None:
+    """The error for a path that is no regular file (missing, a folder, a device), else None."""
+    if path.is_dir():
+        return UsageError(f"{what}: is a directory; give {wanted}")
+    if not path.exists():
+        return UsageError(f"{what}: no such file; give {wanted}")
     if not path.is_file():
-        raise UsageError(f"{what}: no such file; give an .npz with one array per graph input")
+        return UsageError(f"{what}: is not a regular file; give {wanted}")
+    return None
+
+
+def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    problem = _not_a_file(path, what, "an .npz with one array per graph input")
+    if problem is not None:
+        raise problem
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+        kind = (
+            "a single array (.npy), not an .npz keyed by input name"
+            if magic == b"\x93NUMPY"
+            else "not a readable .npz file (truncated, corrupted or another format)"
+        )
+        raise UsageError(f"{what}: {kind}; save the inputs with numpy.savez(path, name=array, ...)")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise UsageError(
-                f"{what}: a single array (.npy), not an .npz keyed by input name; "
-                "save the inputs with numpy.savez(path, name=array, ...)"
-            )
-        with loaded as archive:
+        with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
-    except UsageError:
-        raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         raise UsageError(f"{what}: not a readable .npz file ({error}); save it with numpy.savez") from None
 
@@ -195,6 +208,8 @@ def _check_feeds(
     batch = fixed_batch(specs)
     for spec in specs:
         array = arrays[spec.name]
+        if spec.dtype.kind == "O" and array.dtype.kind in "US":
+            continue  # numpy strings; load_feeds hands them to onnxruntime as the str objects it takes
         if array.dtype != spec.dtype:
             raise UsageError(
                 f"{what}: {spec.name} is {array.dtype.name} but the model expects {spec.describe()}; "
@@ -230,7 +245,11 @@ def load_feeds(path: Path, model: ir.Model, what: str = "--feeds") -> Feeds:
     """Read and validate an .npz whose keys are the graph input names."""
     arrays = _read_npz(Path(path), f"{what} {path}")
     hint = NO_WEIGHTS_HINT if not model.graph.initializers else None
-    _check_feeds(arrays, graph_inputs(model), f"{what} {path}", hint)
+    specs = graph_inputs(model)
+    _check_feeds(arrays, specs, f"{what} {path}", hint)
+    # A string input (ids a LabelEncoder maps) is fed str objects; an .npz stores them as numpy strings.
+    strings = {spec.name for spec in specs if spec.dtype.kind == "O" and arrays[spec.name].dtype.kind in "US"}
+    arrays = {name: array.astype(object) if name in strings else array for name, array in arrays.items()}
     feeds = Feeds(arrays, "")
     return Feeds(arrays, f"{path} ({feeds.rows if arrays else 0} rows)")
 
@@ -253,8 +272,12 @@ def check_finite(feeds: Feeds, what: str) -> None:
 def load_labels(path: Path, rows: int, what: str = "--labels", aligned_with: str = "the feeds") -> np.ndarray:
     """Read binary labels (.npy) aligned with the rows of ``aligned_with``."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{what} {path}: no such file; give a .npy array with one label per row of {aligned_with}")
+    problem = _not_a_file(path, f"{what} {path}", f"a .npy array with one label per row of {aligned_with}")
+    if problem is not None:
+        raise problem
+    with open(path, "rb") as handle:
+        if handle.read(6) != b"\x93NUMPY":
+            raise UsageError(f"{what} {path}: not a .npy file; save the labels with numpy.save(path, labels)")
     try:
         labels = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:

@@ -154,6 +154,27 @@ def test_feeds_file_problems(tmp_path: Path) -> None:
     bad.write_bytes(b"not a zip")
     with pytest.raises(UsageError, match=r"not a readable \.npz"):
         load_feeds(bad, mlp_model())
+    with pytest.raises(UsageError, match=r"is a directory; give an \.npz"):  # said "no such file"
+        load_feeds(tmp_path, mlp_model())
+    with pytest.raises(UsageError, match=r"is a directory; give a \.npy"):
+        load_labels(tmp_path, 3)
+    with pytest.raises(UsageError, match=r"not a \.npy file; save the labels with numpy\.save"):
+        load_labels(bad, 3)  # numpy's own message suggested loading it with pickle allowed
+
+
+def test_string_inputs_take_numpy_strings_from_the_npz(tmp_path: Path) -> None:
+    """An .npz stores str ids as numpy strings ('<U5'); the graph's string input takes str objects."""
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (string[N] item) => (string[N] same) {
+          same = Identity(item)
+        }
+        """
+    )
+    np.savez(tmp_path / "ids.npz", item=np.array(["a12", "b7", "c"]))
+    feeds = load_feeds(tmp_path / "ids.npz", model)
+    assert feeds.arrays["item"].dtype == object and feeds.arrays["item"].tolist() == ["a12", "b7", "c"]
 
 
 def test_labels_must_align_and_be_binary(tmp_path: Path) -> None:
