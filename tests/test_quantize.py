@@ -99,6 +99,7 @@ def test_linear_weights_become_integer_initializers(
     assert result.modified and result.stats["weights_quantized"] == 3
     assert not {"w_mm", "w_gemm", "w_gemm_t"} & set(model.graph.initializers)
     assert model.opset_imports[""] == 21 and model.ir_version >= 10
+    assert result.stats["opset_converted"] == "17 -> 21"
     assert sum(node.op_type == "DequantizeLinear" for node in model.graph) == dq_count
     if dq_count == 0:  # fold form: every decode node reads only constants, so runtimes fold it
         assert all(node.op_type in ("MatMul", "Gemm", "Relu", "Concat") or _constant_only(node) for node in model.graph)

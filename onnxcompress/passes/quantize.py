@@ -1020,7 +1020,9 @@ class Quantize(CompressionPass):
             reason = NOTHING_TO_QUANTIZE if model.graph.initializers else NO_WEIGHTS_HINT
             found = {"skipped": skipped} if skipped else {"nothing_to_quantize": reason}
             return CompressionResult(model, modified=False, stats=found)
-        if self._prepare_opset(model):
+        opset = model.opset_imports.get("", 1)
+        converted = self._prepare_opset(model)
+        if converted:
             # Conversion through the ONNX C API rebuilds the graph: select from the new one.
             selected, skipped = self._select(model)
         self._one_scale = set()
@@ -1069,6 +1071,8 @@ class Quantize(CompressionPass):
         after = sum(entry["bytes_after"] for entry in tensors.values()) + sum(halved.values()) // 2
         stats = {
             "weights_quantized": len(tensors),
+            # The int4 types, block scales and float16 scales need opset 21: say the model moved.
+            **({"opset_converted": f"{opset} -> {QUANT_OPSET}"} if converted else {}),
             "bytes_before": before,
             "bytes_after": after,
             "ratio": round(before / max(after, 1), 3),
