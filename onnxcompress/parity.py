@@ -98,8 +98,10 @@ class OutputComparison:
     top10_overlap: float | None = None
     auc_reference: float | None = None
     auc_candidate: float | None = None
-    #: The loosest settings that would have made this output pass (``--atol`` etc.).
+    #: The figure each setting would need for this output to pass (``--atol`` etc.), checked or not.
     would_pass_with: Mapping[str, float] = field(default_factory=dict)
+    #: The settings whose budget this output missed: the flags worth loosening.
+    missed: tuple[str, ...] = ()
 
     @property
     def auc_delta(self) -> float | None:
@@ -179,10 +181,12 @@ def _compare_one(
             mismatches,
             mismatch=mismatch,
             would_pass_with={"max_mismatch": mismatch},
+            missed=("max_mismatch",) if mismatches else (),
         )
     ref = reference.astype(np.float64)
     cand = candidate.astype(np.float64)
     failures: list[str] = []
+    missed: list[str] = []
     # Compared as values: NaN matches NaN, +inf matches +inf.
     same = (ref == cand) | (np.isnan(ref) & np.isnan(cand))
     new_nonfinite = int((~np.isfinite(cand) & np.isfinite(ref)).sum())
@@ -217,8 +221,10 @@ def _compare_one(
         if needed["atol"] > allowed:
             scaled = f", {budget.atol:g} of the output's peak {peak:.3g}" if allowed != budget.atol else ""
             failures.append(f"max abs error {max_abs:.3g} exceeds atol {allowed:g}{scaled} (rtol {budget.rtol:g})")
+            missed.append("atol")
     if budget.min_cosine is not None and cosine < budget.min_cosine:
         failures.append(f"cosine {cosine:.6f} below {budget.min_cosine:g}")
+        missed.append("min_cosine")
     kind = "tensor"
     rank_corr = overlap = auc_ref = auc_cand = None
     column = score_column(shape)
@@ -237,12 +243,14 @@ def _compare_one(
         needed["min_rank_corr"] = rank_corr
         if budget.min_rank_corr is not None and rank_corr < budget.min_rank_corr:
             failures.append(f"rank correlation {rank_corr:.5f} below {budget.min_rank_corr:g}")
+            missed.append("min_rank_corr")
         if labels is not None and labels.size == ref_scores.size:
             auc_ref, auc_cand = auc(labels, ref_scores), auc(labels, cand_scores)
             drop = auc_ref - auc_cand
             needed["max_auc_drop"] = max(drop, 0.0)
             if budget.max_auc_drop is not None and not math.isnan(drop) and drop > budget.max_auc_drop:
                 failures.append(f"AUC dropped by {drop:.5f} (budget {budget.max_auc_drop:g})")
+                missed.append("max_auc_drop")
     return OutputComparison(
         name,
         kind,
@@ -259,6 +267,7 @@ def _compare_one(
         auc_reference=auc_ref,
         auc_candidate=auc_cand,
         would_pass_with=needed,
+        missed=tuple(missed),
     )
 
 

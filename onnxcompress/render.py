@@ -135,6 +135,7 @@ def report_view(report: Report) -> RenderableType:
             flags = " ".join(
                 f"--{key.replace('_', '-')} {output.name}={loosened(key, value)}"
                 for key, value in output.would_pass_with.items()
+                if key in output.missed
             )
             if not output.nonfinite_mismatch:  # no tolerance covers NaN where the other has a value
                 parts.append(Text(f"  {output.name} would pass with: {flags}"))

@@ -23,6 +23,8 @@ def test_failure_reports_the_tolerance_that_would_have_passed() -> None:
     (output,) = result.failing
     assert "exceeds atol 1e-05" in output.failures[0]
     assert output.would_pass_with["atol"] == pytest.approx(2e-4, rel=1e-3)
+    # Only the budget it missed is worth loosening (the report suggested --min-cosine at cosine 1.0).
+    assert output.missed == ("atol",) and "min_cosine" in output.would_pass_with
     loosened = compare(
         {"score": reference}, {"score": candidate}, Budgets(Budget(atol=output.would_pass_with["atol"] * 1.001))
     )
