@@ -719,8 +719,9 @@ def _round_readers(
 
 #: Why a model without a weight the pass reads is left as it was.
 NOTHING_TO_QUANTIZE = (
-    "no initializer is read as a MatMul, Gemm or Conv weight or as a Gather table "
-    "(a tree ensemble keeps its thresholds in node attributes)"
+    "no initializer is read as a weight (a MatMul's second input, a Gemm's B, a Conv's W) or as a "
+    "Gather table; a weight computed at run time (W @ x, a Cast from float16) or kept in node "
+    "attributes (a tree ensemble) is left as it is"
 )
 
 
