@@ -234,4 +234,8 @@ def run(
         for name, result in zip(names, results, strict=True):
             array = _as_array(result)
             pieces[name].append(array[:rows] if short and array.ndim and array.shape[0] == fixed else array)
-    return {name: parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0) for name, parts in pieces.items()}
+    # A model whose one fixed-size input is not a batch (a [20] history) may give a 0-d output per call.
+    return {
+        name: parts[0] if len(parts) == 1 else np.concatenate([np.atleast_1d(part) for part in parts], axis=0)
+        for name, parts in pieces.items()
+    }

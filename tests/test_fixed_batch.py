@@ -120,3 +120,23 @@ def test_an_input_the_model_fixes_beside_batched_ones_is_shared_by_every_row(tmp
     path = save_model(model, tmp_path / "shared.onnx")
     outputs = runtime.run(runtime.make_session(path), feeds.arrays, batch_size=4)["y"]
     np.testing.assert_array_equal(outputs, 2 * feeds.arrays["x"])
+
+
+def test_an_unbatched_input_of_fixed_size_runs_as_several_examples(tmp_path: Path) -> None:
+    """A [20] history with a 0-d score: each call of 20 values is one example, and the 0-d outputs
+    of several calls line up as a vector (numpy cannot concatenate 0-d arrays)."""
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[20] h, float[20] w) => (float s) {
+          p = Mul(h, w)
+          s = ReduceSum <keepdims = 0> (p)
+        }
+        """,
+        {"w": np.arange(20, dtype=np.float32)},
+    )
+    path = save_model(model, tmp_path / "history.onnx")
+    outputs = runtime.run(runtime.make_session(path), {"h": np.ones(40, np.float32)})
+    np.testing.assert_array_equal(outputs["s"], [190.0, 190.0])
+    report = compress(path, tmp_path / "out.onnx", ["cleanup"])
+    assert report.written and report.parity.passed
