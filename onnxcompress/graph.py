@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +33,7 @@ __all__ = [
     "is_constant_initializer",
     "linear_layers",
     "mlp_links",
+    "relu_chains",
     "replace_contents",
     "replace_value",
     "set_constant",
@@ -519,6 +520,31 @@ def mlp_links(model: ir.Model) -> tuple[list[HiddenLink], dict[str, str]]:
         else:
             links.append(found)
     return links, reasons
+
+
+def relu_chains(model: ir.Model, layers: Sequence[LinearLayer]) -> list[list[LinearLayer]]:
+    """Runs of two or more of ``layers``, each feeding the next through one Relu alone (an MLP's
+    hidden links, :func:`mlp_links`), in the order of ``layers``."""
+    links, _ = mlp_links(model)
+    by_node = {layer.node: layer for layer in layers}
+    following = {
+        link.producer.node: by_node[link.consumer.node]
+        for link in links
+        if [node.op_type for node in link.between] == ["Relu"]
+        and link.producer.node in by_node
+        and link.consumer.node in by_node
+    }
+    fed = {layer.node for layer in following.values()}
+    chains = []
+    for layer in layers:
+        if layer.node in fed:
+            continue
+        chain = [layer]
+        while chain[-1].node in following:
+            chain.append(following[chain[-1].node])
+        if len(chain) > 1:
+            chains.append(chain)
+    return chains
 
 
 def replace_contents(model: ir.Model, source: ir.Model) -> None:

@@ -12,7 +12,7 @@ from conftest import model_files, save_model, shipped_model_with_calibration, te
 from onnx.reference import ReferenceEvaluator
 
 from onnxcompress.calibration import Calibration, Feeds
-from onnxcompress.graph import OVERRIDABLE_WEIGHT, mlp_links
+from onnxcompress.graph import OVERRIDABLE_WEIGHT, linear_layers, mlp_links, relu_chains
 from onnxcompress.passes.base import PassContext
 from onnxcompress.passes.prune import Prune
 
@@ -168,6 +168,28 @@ def test_reconstruction_beats_plain_magnitude_on_calibration_activations(tmp_pat
     assert result.stats["tensors"]["w1"]["reconstructed"] is True
     assert result.stats["tensors"]["w2"]["sparsity"] == 0.5
     assert output_error(refit, weights, x, tmp_path) < 0.85 * output_error(plain, weights, x, tmp_path)
+
+
+def test_tuning_the_chain_jointly_beats_the_layer_by_layer_refit(tmp_path: Path) -> None:
+    """Block reconstruction: after the per-layer refits, the second layer is tuned together with
+    the first to make up for what the first lost (zeros kept)."""
+    x = np.random.default_rng(11).standard_normal((512, 8)).astype(np.float32)
+    errors = {}
+    for steps in (0, 1500):
+        model, weights = relu_chain()
+        result = prune(model, calibration_for(x), sparsity=0.75, scope="layer", tune_steps=steps)(model)
+        errors[steps] = output_error(model, weights, x, tmp_path)
+        assert result.stats["tensors"]["w1"]["sparsity"] == 0.75
+    (chain,) = result.stats["tuned_chains"].items()
+    assert chain[0] == "w1 .. w2" and chain[1]["held_out_error"][1] < chain[1]["held_out_error"][0]
+    assert errors[1500] < 0.95 * errors[0]
+
+
+def test_relu_chains_follow_hidden_links_through_a_lone_relu() -> None:
+    model, _ = relu_chain()
+    layers = linear_layers(model)
+    assert [[layer.weight.name for layer in run] for run in relu_chains(model, layers)] == [["w1", "w2"]]
+    assert relu_chains(model, layers[:1]) == []
 
 
 def test_measured_scope_needs_rows_to_hold_out_and_otherwise_prunes_every_layer_alike() -> None:

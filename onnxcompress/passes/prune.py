@@ -24,6 +24,7 @@ from onnxcompress.graph import (
     constant_value,
     linear_layers,
     mlp_links,
+    relu_chains,
     set_constant,
     weights_by_value,
 )
@@ -44,6 +45,7 @@ from onnxcompress.numerics.prune import (
     sparsegpt,
     topk_mask,
 )
+from onnxcompress.numerics.tune import CHECK_EVERY, MINIBATCH, chain_forward, tune_chain
 from onnxcompress.parity import STRUCTURAL
 from onnxcompress.passes import register
 from onnxcompress.passes.base import CompressionPass, CompressionResult
@@ -78,6 +80,9 @@ MEASURED_LEVELS = (0.0, 0.3, 0.5, 0.65, 0.8, 0.9, 0.95)
 MEASURED_ROUNDS_PER_LEVEL = 2
 #: Mixed-column refit rows scope=measured tries against none when prune.augment is auto.
 WEIGHT_AUGMENT_CANDIDATE = 4096
+#: tune_steps are cut to what this many multiply-adds (forward and backward, six per weight a row)
+#: allow for a chain: about ten seconds of numpy; the wide DLRM's top MLP gets about 50 steps.
+TUNE_FLOPS = 2e11
 #: Fewer calibration rows cannot be split into fitting and held-out rows worth measuring on.
 MEASURED_MIN_ROWS = 32
 
@@ -268,6 +273,15 @@ class Prune(CompressionPass):
                 "(as distill does): more rows than a layer has inputs keep the least squares from overfitting "
                 f"(auto: {NEURON_AUGMENT_ROWS} with structure=neurons; with scope=measured or N:M, 0 or "
                 f"{WEIGHT_AUGMENT_CANDIDATE}, whichever moves the score less on held-out calibration rows; else 0)",
+                "min": 0,
+            },
+        )
+        tune_steps: int = field(
+            default=0,
+            metadata={
+                "help": "after the refits, gradient steps that tune each chain of refit linear layers with ReLU "
+                "between (an MLP) jointly towards the original chain's output on the calibration rows, zeros "
+                "kept (block reconstruction: later layers make up for earlier ones; unstructured and N:M; 0: off)",
                 "min": 0,
             },
         )
@@ -531,6 +545,11 @@ class Prune(CompressionPass):
             per_tensor[weight.name] = entry
         for weight, sparsity in after_refits:
             self._lazy_magnitude(weight, sparsity)
+        tuned = (
+            self._tune_chains(model, calibration, refit, dense, originals)
+            if self.config.tune_steps and calibration is not None and refit
+            else {}
+        )
         zeros = 0.0
         total = 0
         for weight, sparsity in zip(weights, sparsities, strict=True):
@@ -558,10 +577,52 @@ class Prune(CompressionPass):
             "tensors": per_tensor,
             "skipped": skipped,
             **choice,
+            **({"tuned_chains": tuned} if tuned else {}),
         }
         if refit and augment and calibration is not None:
             stats["refit_rows"] = calibration.feeds.source
         return CompressionResult(model, modified=bool(weights), stats=stats)
+
+    def _tune_chains(
+        self,
+        model: ir.Model,
+        calibration: Calibration,
+        refit: list[LinearLayer],
+        dense: dict[ir.Value, np.ndarray],
+        originals: dict[LinearLayer, tuple[np.ndarray, np.ndarray]],
+    ) -> dict[str, dict[str, Any]]:
+        """Tune each chain of refit layers joined by a lone ReLU (:func:`relu_chains`) towards what the
+        original chain gave on the original model's input; the pruned model's own input to the chain
+        is what the tuned chain will see. Returns the held-out error before and after, by chain."""
+        report: dict[str, dict[str, Any]] = {}
+        for chain in relu_chains(model, refit):
+            first, last = chain[0], chain[-1]
+            teacher_in = dense[first.data].reshape(-1, first.d_in)
+            target = chain_forward(
+                [originals[layer][0] for layer in chain], [originals[layer][1] for layer in chain], teacher_in
+            )[-1]
+            (student_in,) = _capture(calibration, model, [first.data]).values()
+            flops = 6 * MINIBATCH * sum(layer.d_in * layer.d_out for layer in chain)
+            steps = min(self.config.tune_steps, int(TUNE_FLOPS // flops))
+            if steps < CHECK_EVERY:
+                continue
+            fit = tune_chain(
+                student_in.reshape(-1, first.d_in),
+                target,
+                [_effective(layer) for layer in chain],
+                [_bias_vector(layer) for layer in chain],
+                steps,
+                biased=[layer.bias is not None for layer in chain],
+            )
+            if fit.error_after < fit.error_before:
+                for layer, weight, bias in zip(chain, fit.weights, fit.biases, strict=True):
+                    _write_layer(model.graph, layer, weight, bias)
+            report[f"{first.weight.name} .. {last.weight.name}"] = {
+                "layers": len(chain),
+                "steps": fit.steps,
+                "held_out_error": [round(fit.error_before, 8), round(fit.error_after, 8)],
+            }
+        return report
 
     def _refit_masked(
         self,
