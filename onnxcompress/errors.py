@@ -16,6 +16,7 @@ __all__ = [
     "CompressError",
     "InputModelError",
     "InterruptedAfterWrite",
+    "InvalidOutputError",
     "OutputPathError",
     "ParityFailedError",
     "PassFailedError",
@@ -57,6 +58,12 @@ class UnsupportedModelError(CompressError):
 class PassFailedError(CompressError):
     """A pass raised an unexpected error: a bug of ours, not a model it cannot handle (that is
     ``UnsupportedModelError``); nothing was written."""
+
+    exit_code = 4
+
+
+class InvalidOutputError(CompressError):
+    """The compressed model fails the ONNX checker: a bug of ours; nothing was written."""
 
     exit_code = 4
 

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxcompress.errors import InputModelError, OutputPathError
+from onnxcompress.errors import InputModelError, InvalidOutputError, OutputPathError
 
 __all__ = [
     "AUTO_EXTERNAL_BYTES",
@@ -530,6 +530,15 @@ def stage(model: ir.Model, out_path: Path, external_data: str = "auto") -> Stage
         detached = model.meta.get(DETACHED_OUTPUTS)
         if detached:
             _reattach(model_path, detached)
+        try:
+            # onnxruntime runs some graphs the checker refuses (an output without its type); other
+            # tools will not, so such a file is never handed over.
+            onnx.checker.check_model(str(model_path))
+        except Exception as error:
+            raise InvalidOutputError(
+                f"{out_path}: the compressed model fails the ONNX checker ({_first_line(error)}); nothing "
+                "written: a bug, rerun with --debug and report it"
+            ) from error
         if data_path.exists() and data_path.stat().st_size == 0:
             # ``always`` with every tensor under the size threshold: no tensor went out, and an
             # empty data file that OUT does not reference must not appear beside it.

@@ -1660,3 +1660,28 @@ def test_sasrec_projections_run_as_gemms_in_the_lossless_preset(tmp_path: Path, 
     files = model_files(name)
     plain = compress(files["onnx"], tmp_path / "plain.onnx", ["cleanup"], feeds=files["feeds"])
     assert plain.passes[0].stats["row_layers_as_gemm"] == 0
+
+
+def test_an_affine_folded_into_the_last_layer_keeps_the_output_s_type(tmp_path: Path) -> None:
+    """Gemm -> Mul -> Add as the graph's output: the fold left the output without its element type,
+    which onnxruntime ran and the ONNX checker refuses."""
+    rng = np.random.default_rng(2)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x, float[3,4] w, float[3] b, float[3] m, float[3] a) => (float[N,3] out) {
+          h = Gemm <transB = 1> (x, w, b)
+          s = Mul(h, m)
+          out = Add(s, a)
+        }
+        """
+    constants = {
+        name: rng.standard_normal(shape).astype(np.float32)
+        for name, shape in {"w": (3, 4), "b": (3,), "m": (3,), "a": (3,)}.items()
+    }
+    model = text_model(text, constants)
+    Cleanup()(model)
+    assert [node.op_type for node in model.graph] == ["Gemm"]
+    output = model.graph.outputs[0]
+    assert output.name == "out" and output.dtype == ir.DataType.FLOAT
+    path = save_model(model, tmp_path / "folded.onnx")
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)

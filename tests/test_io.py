@@ -309,3 +309,17 @@ def test_sparse_initializers_are_loaded_as_dense_ones(tmp_path: Path, coordinate
     np.testing.assert_array_equal(model.graph.initializers["W"].const_value.numpy(), dense)
     report = compress(path, tmp_path / "out.onnx", ["cleanup"])
     assert report.written and report.parity.passed
+
+
+def test_a_staged_model_the_checker_refuses_is_never_handed_over(tmp_path: Path) -> None:
+    """onnxruntime ran an output that had lost its type (a fold onto the last layer); the checker
+    refuses it, and so does staging, with an internal error and no file left."""
+    from onnxcompress.errors import InvalidOutputError
+
+    model = mlp_model()
+    model.graph.outputs[0].type = None
+    out = tmp_path / "out" / "small.onnx"
+    out.parent.mkdir()
+    with pytest.raises(InvalidOutputError, match="fails the ONNX checker"):
+        io.stage(model, out)
+    assert files_in(out.parent) == []

@@ -1081,9 +1081,8 @@ def fold_affine_into_linear(model: ir.Model) -> int:
             scale, shift = affine
             total_scale = total_scale * scale
             b = b * scale + shift
-            ir.convenience.replace_all_uses_with(consumer.outputs[0], output, replace_graph_outputs=True)
-            if consumer.outputs[0].is_graph_output() or any(o is output for o in graph.outputs):
-                output.name = consumer.outputs[0].name
+            # A graph output keeps its name, type and shape (the checker requires the type).
+            replace_value(consumer.outputs[0], output)
             graph.remove(consumer, safe=True)
             changed += 1
         if not changed:
@@ -1527,7 +1526,7 @@ def _set_linear(graph: ir.Graph, member: _ParallelLinear, weight: np.ndarray, bi
         output = node.outputs[0]
         add = ir.node("Add", [output, new_bias])
         graph.insert_after(node, add)
-        ir.convenience.replace_all_uses_with(output, add.outputs[0], replace_graph_outputs=True)
+        replace_value(output, add.outputs[0])
         add.replace_input_with(0, output)
 
 
