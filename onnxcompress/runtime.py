@@ -111,6 +111,9 @@ def _serialize_side_loading(model: ir.Model, options: ort.SessionOptions) -> tup
             tensor = value.const_value
             if tensor is None or tensor.dtype not in _SIDE_LOAD_DTYPES or tensor.nbytes == 0:
                 continue
+            if not value.uses() and not value.is_graph_output():
+                # onnxruntime drops an unused initializer at load, then fails to find it to replace.
+                continue
             if tensor.nbytes < _SIDE_LOAD_MIN_BYTES and not isinstance(tensor, ir.ExternalTensor):
                 continue
             if isinstance(tensor, ir.ExternalTensor) and str(tensor.base_dir) == folder:

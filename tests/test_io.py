@@ -323,3 +323,14 @@ def test_a_staged_model_the_checker_refuses_is_never_handed_over(tmp_path: Path)
     with pytest.raises(InvalidOutputError, match="fails the ONNX checker"):
         io.stage(model, out)
     assert files_in(out.parent) == []
+
+
+def test_a_session_on_a_model_with_a_large_unused_initializer() -> None:
+    """Side-loaded tensors are matched to initializers after onnxruntime drops the unused ones:
+    side-loading a large unused one failed the session ('Failed to find existing initializer')."""
+    model = mlp_model()
+    unused = ir.Value(name="unused_big", const_value=ir.tensor(np.ones((256, 64), np.float32), name="unused_big"))
+    model.graph.register_initializer(unused)
+    session = runtime.make_session(model)
+    outputs = runtime.run(session, {"x": np.ones((3, 8), np.float32)})
+    assert outputs["score"].shape == (3,)
