@@ -323,7 +323,9 @@ def score_logits(model: ir.Model) -> list[ir.Value]:
     """
     outputs = _float_outputs(model)
     if not outputs:
-        raise UnsupportedModelError("distill needs a float score output; the model has none")
+        raise UnsupportedModelError(
+            "the model has no float output to score it by (it outputs integers only, such as a class index)"
+        )
     scores = [output for output in outputs if _is_score(output)]
     if not scores:  # shapes unknown: the first output with a Sigmoid behind it, else the first
         scores = [next((output for output in outputs if _logit_behind(output) is not None), outputs[0])]

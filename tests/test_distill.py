@@ -335,3 +335,37 @@ def test_a_budget_no_removal_meets_leaves_the_model_untouched() -> None:
     assert "min_rank_corr=0.999" in stats["skipped"] and list(stats["over_budget"]) == ["mlp.0"]
     # without the budget the same removal goes ahead
     assert distill(model, calibration, remove=1)["removed"] == ["mlp.0"]
+
+
+def test_the_max_preset_on_a_model_that_outputs_only_a_class_index(tmp_path: Path) -> None:
+    """Distillation and the pruning budget rank a float score; with none, both are skipped and say
+    why, and the preset's quantization still runs (the preset failed with exit 3)."""
+    from onnxcompress import compress
+    from onnxcompress.presets import get_preset
+
+    rng = np.random.default_rng(4)
+    model = text_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,16] x, float[16,64] w1, float[64,64] w2, float[64,3] w3) => (int64[N] label) {
+          h1 = MatMul(x, w1)
+          r1 = Relu(h1)
+          h2 = MatMul(r1, w2)
+          r2 = Relu(h2)
+          y = MatMul(r2, w3)
+          label = ArgMax <axis = 1, keepdims = 0> (y)
+        }
+        """,
+        {
+            "w1": rng.standard_normal((16, 64)).astype(np.float32),
+            "w2": (rng.standard_normal((64, 64)) / 8).astype(np.float32),
+            "w3": rng.standard_normal((64, 3)).astype(np.float32),
+        },
+    )
+    source = save_model(model, tmp_path / "classes.onnx")
+    recipe = get_preset("max")
+    report = compress(source, tmp_path / "out.onnx", list(recipe.passes), options=recipe.options, force=True)
+    stats = {record.name: record.stats for record in report.passes}
+    assert "no float output to score it by" in stats["distill"]["skipped"]
+    assert stats["prune"]["skipped"].startswith("min_rank_corr: the model has no float output")
+    assert stats["quant"]["weights_quantized"] == 3 and report.written

@@ -265,6 +265,14 @@ class Distill(CompressionPass):
             return CompressionResult(model, modified=False, stats={})
         if not discover(model):
             return CompressionResult(model, modified=False, stats={"skipped": "no removable layer found"})
+        named = isinstance(self.config.remove, str) and bool(self.config.remove.strip())
+        if not named:
+            try:
+                score_logits(model)
+            except UnsupportedModelError as error:
+                # Layers are chosen by how little the score moves; with no score there is nothing to
+                # choose by (a preset runs on: the other passes still apply).
+                return CompressionResult(model, modified=False, stats={"skipped": str(error)})
         fitting = fitting_rows(model, self.context.calibration, self.config.augment)
         teacher_model = model.clone()
         order, reports = self._order(teacher_model, fitting)

@@ -377,6 +377,11 @@ class Prune(CompressionPass):
     def call(self, model: ir.Model) -> CompressionResult:
         calibration = self.context.calibration
         if self.config.min_rank_corr and calibration is not None:
+            try:
+                score_logits(model)
+            except UnsupportedModelError as error:
+                # The budget is a rank correlation of the score: with none to rank, it cannot be kept.
+                return CompressionResult(model, modified=False, stats={"skipped": f"min_rank_corr: {error}"})
             return self._within_budget(model, calibration)
         if self.config.structure != "neurons":
             return self._prune_weights(model)
