@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,10 @@ from onnxcompress.report import PassRecord, Report
 __all__ = ["compress"]
 
 Progress = Callable[[str], None]
+
+
+#: Fewer feed rows than this get a note in the report: parity on them judges little.
+FEW_ROWS = 32
 
 
 def _bytes_on_disk(model_path: Path, data_files: set[Path]) -> int:
@@ -161,6 +166,12 @@ def compress(
         )
     else:
         parity_feeds = synthesize_feeds(model, input_shapes)
+    if parity_feeds.rows < FEW_ROWS:
+        few = (
+            f"only {parity_feeds.rows} rows: a check (and a calibration) on so few says little about other "
+            "inputs; give a few hundred held-out rows"
+        )
+        parity_feeds = dataclasses.replace(parity_feeds, notes=(*parity_feeds.notes, few))
     label_arrays = _load_labels(labels, parity_feeds.rows, model) if labels is not None else None
     calib_feeds: Feeds = calib_rows if calib_rows is not None else parity_feeds
     # --labels align with the feeds, which are the calibration rows unless both files were given.

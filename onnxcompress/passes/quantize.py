@@ -128,6 +128,14 @@ ALPHA_CODEBOOK_MIN = 96
 #: judging on those same rows, then spends more than test rows allow (mixed on the wide DLRM:
 #: 11.5x at dAUC -0.0020 against 10.9x at +0.0014; max on Wide&Deep fails its gate).
 ACT_ORDER_MIN_ROWS_PER_INPUT = 2
+#: GPTQ spreads rounding error along what the calibration rows span; on a handful of rows (a model
+#: traced at batch 1 given one row) that fits them and no others: a batch-1 MLP's int8 scored fresh
+#: rows with Spearman 0.61 after GPTQ on one row, 1.000 rounded to nearest. Below this many rows a
+#: layer is rounded without it.
+GPTQ_MIN_ROWS = 32
+#: The mixed-precision search judges every move on the calibration rows; on fewer than this the
+#: configured widths are used instead.
+MIXED_MIN_ROWS = 32
 #: Weights of at least this many bits may feed integer kernels: below 8 bits they are decoded and
 #: rounded to int8 per output channel at load (an int8-sized error on top of their own).
 MIN_INTEGER_BITS = 4
@@ -1254,6 +1262,13 @@ class Quantize(CompressionPass):
             return plan, {}
         if calibration is None:
             return plan, {"skipped": "no calibration data: the configured bits were used"}
+        if calibration.feeds.rows < MIXED_MIN_ROWS:
+            # Its budget is a rank correlation and a cosine over the rows: on one row a cosine is 1
+            # whatever the widths (a batch-1 MLP went to 2 bits and scored fresh rows at Spearman 0.41).
+            skipped = (
+                f"{calibration.feeds.rows} calibration rows, fewer than {MIXED_MIN_ROWS}: the configured bits were used"
+            )
+            return plan, {"skipped": skipped}
         ladder = sorted({bits for bits in config.mixed_bits if bits in BIT_CHOICES}, reverse=True)
         budget = Budgets(
             Budget(
@@ -1971,8 +1986,13 @@ class Quantize(CompressionPass):
             hessian = None if hessian is None else np.pad(hessian, ((0, padding), (0, padding)))
             inputs += padding
         one_scale = granularity == "channel" and bits == 8 and (uses[0].value.name or "") in self._one_scale
-        if hessian is not None and hessian.shape == (inputs, inputs) and granularity != "tensor":
-            samples = self._hessian_rows.get(uses[0].value.name or "", 0)
+        samples = self._hessian_rows.get(uses[0].value.name or "", 0)
+        if (
+            hessian is not None
+            and hessian.shape == (inputs, inputs)
+            and granularity != "tensor"
+            and samples >= GPTQ_MIN_ROWS
+        ):
             act_order = not config.mixed and samples >= ACT_ORDER_MIN_ROWS_PER_INPUT * inputs
             # An equalised layer: a codebook of one entry is one scale, fixed before GPTQ rounds.
             codebook = 1 if one_scale else self._codebook_size(rows.size // group, bits)
