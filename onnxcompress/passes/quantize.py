@@ -342,7 +342,7 @@ def _store(
         quantized = QuantizedRows(quantized.codes.reshape(rows_shape), quantized.scale, quantized.zero_point, bits)
     rows, elements = quantized.codes.shape
     shape: tuple[int, ...] = (elements,) if along_rows else (rows, 1) if column else (rows,)
-    if quantized.scale.size == 1 and int(np.prod(shape)) != 1:
+    if quantized.scale.size == 1 and (rows != 1 or int(np.prod(shape)) != 1):
         shape = ()  # one scale for the tensor (a layer of one input feature stored as read: one row)
     offset = 0
     if bits == 8:
