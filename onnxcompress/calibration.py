@@ -250,8 +250,8 @@ def load_feeds(path: Path, model: ir.Model, what: str = "--feeds") -> Feeds:
     # A string input (ids a LabelEncoder maps) is fed str objects; an .npz stores them as numpy strings.
     strings = {spec.name for spec in specs if spec.dtype.kind == "O" and arrays[spec.name].dtype.kind in "US"}
     arrays = {name: array.astype(object) if name in strings else array for name, array in arrays.items()}
-    feeds = Feeds(arrays, "")
-    return Feeds(arrays, f"{path} ({feeds.rows if arrays else 0} rows)")
+    rows = Feeds(arrays, "").rows if arrays else 0
+    return Feeds(arrays, f"{path} ({rows} rows)")
 
 
 def check_finite(feeds: Feeds, what: str) -> None:

@@ -47,6 +47,7 @@ from onnxcompress.numerics.distill import batchnorm_affine, cosine_distance, mix
 from onnxcompress.numerics.lstsq import ridge
 
 __all__ = [
+    "NO_SCORE",
     "Activations",
     "Fitting",
     "Layer",
@@ -312,6 +313,15 @@ def _logit_behind(output: ir.Value) -> ir.Value | None:
     return None
 
 
+#: Why a pass that ranks rows by the model's score cannot run on a model without one.
+NO_SCORE = "the model has no float output to score it by (it outputs integers only, such as a class index)"
+
+
+def has_score(model: ir.Model) -> bool:
+    """Whether the model has a float output :func:`score_logits` can rank rows by."""
+    return bool(_float_outputs(model))
+
+
 def score_logits(model: ir.Model) -> list[ir.Value]:
     """The values the model ranks rows by, one per score output (a multi-task model's click and
     conversion scores): the input of the Sigmoid behind each, else the output itself. A model
@@ -323,9 +333,7 @@ def score_logits(model: ir.Model) -> list[ir.Value]:
     """
     outputs = _float_outputs(model)
     if not outputs:
-        raise UnsupportedModelError(
-            "the model has no float output to score it by (it outputs integers only, such as a class index)"
-        )
+        raise UnsupportedModelError(NO_SCORE)
     scores = [output for output in outputs if _is_score(output)]
     if not scores:  # shapes unknown: the first output with a Sigmoid behind it, else the first
         scores = [next((output for output in outputs if _logit_behind(output) is not None), outputs[0])]

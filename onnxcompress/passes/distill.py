@@ -17,6 +17,7 @@ from onnxcompress.calibration import graph_inputs
 from onnxcompress.errors import InputModelError, UnsupportedModelError, UsageError
 from onnxcompress.graph import replace_contents
 from onnxcompress.layers import (
+    NO_SCORE,
     Activations,
     Fitting,
     Layer,
@@ -24,6 +25,7 @@ from onnxcompress.layers import (
     capture,
     discover,
     fitting_rows,
+    has_score,
     layer_params,
     linear_name,
     linear_weights,
@@ -266,13 +268,10 @@ class Distill(CompressionPass):
         if not discover(model):
             return CompressionResult(model, modified=False, stats={"skipped": "no removable layer found"})
         named = isinstance(self.config.remove, str) and bool(self.config.remove.strip())
-        if not named:
-            try:
-                score_logits(model)
-            except UnsupportedModelError as error:
-                # Layers are chosen by how little the score moves; with no score there is nothing to
-                # choose by (a preset runs on: the other passes still apply).
-                return CompressionResult(model, modified=False, stats={"skipped": str(error)})
+        if not named and not has_score(model):
+            # Layers are chosen by how little the score moves; with no score there is nothing to
+            # choose by (a preset runs on: the other passes still apply).
+            return CompressionResult(model, modified=False, stats={"skipped": NO_SCORE})
         fitting = fitting_rows(model, self.context.calibration, self.config.augment)
         teacher_model = model.clone()
         order, reports = self._order(teacher_model, fitting)

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.errors import UnsupportedModelError
 from onnxcompress.graph import (
     BATCHNORM_PARAMS,
     ELEMENTWISE_BINARY,
@@ -28,7 +27,7 @@ from onnxcompress.graph import (
     set_constant,
     weights_by_value,
 )
-from onnxcompress.layers import capture, fitting_rows, score_logit, score_logits
+from onnxcompress.layers import NO_SCORE, capture, fitting_rows, has_score, score_logits
 from onnxcompress.numerics.conv import ConvGeometry, conv_patches, filters, from_filters
 from onnxcompress.numerics.distill import logit_fidelity
 from onnxcompress.numerics.lstsq import Gram, NormalEquations
@@ -377,11 +376,9 @@ class Prune(CompressionPass):
     def call(self, model: ir.Model) -> CompressionResult:
         calibration = self.context.calibration
         if self.config.min_rank_corr and calibration is not None:
-            try:
-                score_logits(model)
-            except UnsupportedModelError as error:
+            if not has_score(model):
                 # The budget is a rank correlation of the score: with none to rank, it cannot be kept.
-                return CompressionResult(model, modified=False, stats={"skipped": f"min_rank_corr: {error}"})
+                return CompressionResult(model, modified=False, stats={"skipped": f"min_rank_corr: {NO_SCORE}"})
             return self._within_budget(model, calibration)
         if self.config.structure != "neurons":
             return self._prune_weights(model)
@@ -895,13 +892,7 @@ CALIBRATION_ROWS_ESTIMATE = 512
 def _priceable(model: ir.Model, calibration: Calibration | None) -> bool:
     """Whether held-out prices can be taken: enough calibration rows to hold a quarter out, and a
     float score to measure the change of."""
-    if calibration is None or calibration.feeds.rows < MEASURED_MIN_ROWS:
-        return False
-    try:
-        score_logit(model)
-    except UnsupportedModelError:
-        return False
-    return True
+    return calibration is not None and calibration.feeds.rows >= MEASURED_MIN_ROWS and has_score(model)
 
 
 class _HeldOutPrices:
