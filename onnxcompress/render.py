@@ -30,6 +30,16 @@ def human_bytes(count: int | float) -> str:
     return f"{value:.2f} GB"
 
 
+def size_change(before: int, after: int) -> str:
+    """"4.25x smaller", or the bytes when a ratio in two decimals would read 1.00x (a file that grew
+    by 646 bytes is not "1.00x smaller")."""
+    if after > before:
+        return f"{human_bytes(after - before)} larger" if after < before * 1.005 else f"{after / before:.2f}x larger"
+    if after >= before / 1.005:
+        return "same size" if after == before else f"{human_bytes(before - after)} smaller"
+    return f"{before / after:.2f}x smaller"
+
+
 def loosened(key: str, value: float) -> str:
     """A tolerance the output meets, in four significant digits rounded towards loosening it: down
     for a floor (``min_*``), up for a ceiling (``atol``, ``max_*``), so that the suggested flag
@@ -143,7 +153,7 @@ def report_view(report: Report) -> RenderableType:
     summary = Text()
     summary.append(f"{report.input_path}: {human_bytes(report.input_bytes)} → ")
     summary.append(f"{report.output_path}: {human_bytes(report.output_bytes)}")
-    summary.append(f"  ({report.size_ratio:.2f}x smaller)\n" if report.output_bytes else "\n")
+    summary.append(f"  ({size_change(report.input_bytes, report.output_bytes)})\n" if report.output_bytes else "\n")
     summary.append(f"feeds: {report.feeds}\n")
     for note in report.feed_notes:
         summary.append(f"  {note}\n")

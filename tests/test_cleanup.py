@@ -1685,3 +1685,24 @@ def test_an_affine_folded_into_the_last_layer_keeps_the_output_s_type(tmp_path: 
     assert output.name == "out" and output.dtype == ir.DataType.FLOAT
     path = save_model(model, tmp_path / "folded.onnx")
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def test_counts_add_up_from_the_input_to_the_output() -> None:
+    """Initializers before - removed + added = after, and the nodes a rewrite adds are listed beside
+    those it removes (DeepFM's field sums become MatMuls: ``removed_by_op`` alone showed 8 nodes
+    gone from a graph that grew by 3; a final cleanup reported ``initializers_removed=-1``)."""
+    model = ir.load(model_files("deepfm")["onnx"])
+    initializers, ops = len(model.graph.initializers), {}
+    for node in model.graph:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    stats = Cleanup(Cleanup.Config(sums_as_matmul=True, lift_constants=True))(model).stats
+    after: dict[str, int] = {}
+    for node in model.graph:
+        after[node.op_type] = after.get(node.op_type, 0) + 1
+    assert initializers - stats["initializers_removed"] + stats["initializers_added"] == len(model.graph.initializers)
+    assert stats["initializers_removed"] >= 0
+    assert stats["added_by_op"]["MatMul"] > 0 and stats["removed_by_op"]["ReduceSum"] > 0
+    changes = {op: after.get(op, 0) - ops.get(op, 0) for op in {*ops, *after}}
+    assert {op: -change for op, change in changes.items() if change < 0} == stats["removed_by_op"]
+    assert {op: change for op, change in changes.items() if change > 0} == stats["added_by_op"]
+    assert stats["nodes_added"] - stats["nodes_removed"] == sum(after.values()) - sum(ops.values())

@@ -775,3 +775,18 @@ def test_gru4recs_recurrent_weights_are_pruned_by_magnitude(
     assert report["verdict"] == "passed"
     output = score(report)
     assert abs(output["auc_candidate"] - output["auc_reference"]) <= auc_limit
+
+
+def test_stats_count_the_weights_zeroed_not_the_weights_looked_at() -> None:
+    """``elements_zeroed`` is what pruning removed (counted in the graph), ``elements`` the size of
+    the tensors pruned: DLRM at 80% said ``elements_pruned=18048``, all six layers' weights, where
+    14,474 were zero."""
+    model, calibration = shipped_model_with_calibration("dlrm")
+    linear = {value.name for value in model.graph.initializers.values() if value.name.endswith("weight")}
+    result = Prune(Prune.Config(sparsity=0.8), PassContext(calibration=calibration))(model)
+    pruned = [model.graph.initializers[name].const_value.numpy() for name in result.stats["tensors"]]
+    assert set(result.stats["tensors"]) <= linear
+    assert result.stats["elements"] == sum(weight.size for weight in pruned)
+    assert result.stats["elements_zeroed"] == sum(int((weight == 0).sum()) for weight in pruned)
+    assert 0.79 < result.stats["elements_zeroed"] / result.stats["elements"] < 0.81
+    assert "elements_pruned" not in result.stats

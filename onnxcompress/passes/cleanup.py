@@ -2476,12 +2476,17 @@ class Cleanup(CompressionPass):
         after = _op_counts(model)
         initializers_after = set(model.graph.initializers.values())
         removed_by_op = {op: before[op] - after.get(op, 0) for op in before if before[op] > after.get(op, 0)}
+        # The rewrites add nodes too (a MatMul for a ReduceSum, a Reshape for a Gather): both sides.
+        added_by_op = {op: after[op] - before.get(op, 0) for op in after if after[op] > before.get(op, 0)}
         stats = {
             "nodes_removed": sum(removed_by_op.values()),
             "removed_by_op": dict(sorted(removed_by_op.items())),
+            "nodes_added": sum(added_by_op.values()),
+            "added_by_op": dict(sorted(added_by_op.items())),
             "dropout_removed": dropout,
             "initializer_inputs_made_constant": inputs_made_constant,
-            "initializers_removed": len(initializers_before - initializers_after) - merged,
+            # initializers before - removed + added = after (a duplicate merged away counts as removed)
+            "initializers_removed": len(initializers_before - initializers_after),
             # the rewrites' constants (reshape targets, selection indices) and lifted Constant nodes
             "initializers_added": len(initializers_after - initializers_before),
             "initializers_merged": merged,
