@@ -149,6 +149,11 @@ def compress(
     input_bytes = _bytes_on_disk(in_path, input_data)
     seconds["load"] = time.perf_counter() - clock
 
+    outputs = [str(value.name) for value in model.graph.outputs]
+    for name, values in (output_tolerances or {}).items():
+        if name not in outputs:  # a typo would leave that output at the default budget, silently
+            flag = "--" + next(iter(values)).replace("_", "-")
+            raise UsageError(f"{flag} {name}=...: the model has no output {name!r}; its outputs: {', '.join(outputs)}")
     calib_rows = load_feeds(Path(calib), model, "--calib") if calib is not None else None
     if feeds is not None:
         if input_shapes:
@@ -206,6 +211,7 @@ def compress(
     staged = io.stage(model, out_path, external_data)
     try:  # first thing after the handoff, so an interrupt from here on discards the staged files
         seconds["save"] = time.perf_counter() - clock
+        per_run = any(node.op_type == "DynamicQuantizeLinear" for node in model.graph.all_nodes())
         # The transformed tensors are on disk now: free them (the graph is full of reference
         # cycles) before onnxruntime maps the candidate, so the two never add up in memory.
         del model
@@ -214,7 +220,10 @@ def compress(
         if parity:
             notify("checking parity")
             clock = time.perf_counter()
-            candidate = runtime.run(runtime.make_session(staged.model_path, opt_level), parity_feeds.arrays)
+            session = runtime.make_session(staged.model_path, opt_level)
+            candidate = runtime.run(session, parity_feeds.arrays)
+            run_rows = runtime.fixed_batch(session) or min(parity_feeds.rows, runtime.RUN_ROWS)
+            del session
             result = compare(
                 reference,
                 candidate,
@@ -224,6 +233,7 @@ def compress(
                 opt_level=opt_level,
                 feeds=parity_feeds.source,
             )
+            result = dataclasses.replace(result, run_rows=run_rows, per_run=per_run)
             seconds["parity"] = time.perf_counter() - clock
         write = not parity or result.passed or force
         output_bytes = staged.bytes_on_disk

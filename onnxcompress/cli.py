@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import traceback
@@ -28,6 +29,8 @@ __all__ = ["main"]
 EXIT_INTERNAL = 4
 EXIT_INTERRUPTED = 130
 TOLERANCE_OPTIONS = ("atol", "rtol", "min_cosine", "min_rank_corr", "max_auc_drop", "max_mismatch")
+NONNEGATIVE_TOLERANCES = ("atol", "rtol", "max_auc_drop", "max_mismatch")
+UNIT_TOLERANCES = ("min_cosine", "min_rank_corr")
 
 
 def _console() -> Any:
@@ -96,6 +99,7 @@ def _parse_shapes(values: Sequence[str]) -> dict[str, list[int]]:
 
 
 def _parse_tolerances(option: str, values: Sequence[str]) -> tuple[float | None, dict[str, float]]:
+    flag = f"--{option.replace('_', '-')}"
     overall: float | None = None
     per_output: dict[str, float] = {}
     for text in values:
@@ -103,7 +107,15 @@ def _parse_tolerances(option: str, values: Sequence[str]) -> tuple[float | None,
         try:
             value = float(number)
         except ValueError:
-            raise UsageError(f"--{option.replace('_', '-')} {text!r}: expected a number or OUTPUT=NUMBER") from None
+            value = math.nan
+        if not math.isfinite(value):  # a NaN bound compares false: it would pass everything
+            raise UsageError(f"{flag} {text!r}: expected a finite number or OUTPUT=NUMBER")
+        if option in NONNEGATIVE_TOLERANCES and value < 0:
+            raise UsageError(f"{flag} {text!r}: must be at least 0")
+        if option in UNIT_TOLERANCES and not -1 <= value <= 1:
+            raise UsageError(f"{flag} {text!r}: must be between -1 and 1")
+        if (sep and name in per_output) or (not sep and overall is not None):
+            raise UsageError(f"{flag} {text!r}: {'output ' + name if sep else 'the default'} given twice")
         if sep:
             per_output[name] = value
         else:
@@ -141,6 +153,9 @@ def _check_report_path(report: Path, in_path: Path, out_path: Path, inputs: dict
         raise UsageError(f"--report {report}: is IN's external data, which the report would overwrite; {fix}")
     if report.is_dir():
         raise UsageError(f"--report {report}: is a directory; give a file name such as {report / 'report.json'}")
+    if report.exists() and not report.is_file():
+        # Opening a pipe to check it blocks until something reads it; a device would swallow the report.
+        raise UsageError(f"--report {report}: is not a regular file (a device, pipe or socket); {fix}")
     folder = report.resolve().parent
     if not folder.is_dir():
         raise UsageError(f"--report {report}: the folder {folder} does not exist; create it first")
@@ -431,13 +446,38 @@ command.help = (command.help or "") + "".join(
 )
 
 
+def _repeated_option(args: Sequence[str]) -> str | None:
+    """The first option that takes one value and is given twice (click would keep the last
+    silently: ``--passes quant --passes prune`` ran prune alone)."""
+    single = {
+        name: param.opts[-1]
+        for param in command.params
+        if isinstance(param, click.Option) and not param.multiple and not param.is_flag
+        for name in param.opts
+    }
+    seen: set[str] = set()
+    for arg in args:
+        if arg == "--":
+            break
+        option = single.get(arg.partition("=")[0] if arg.startswith("--") else arg)
+        if option is None:
+            continue
+        if option in seen:
+            return option
+        seen.add(option)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: one-line usage errors, SIGTERM handled like Ctrl-C (nothing written)."""
     signal.signal(signal.SIGTERM, _interrupt)
+    args = list(argv) if argv is not None else sys.argv[1:]
+    repeated = _repeated_option(args)
+    if repeated is not None:
+        _error(f"{repeated} given twice; give it once (see onnxcompress --help)")
+        sys.exit(2)
     try:
-        code = command.main(
-            args=list(argv) if argv is not None else None, prog_name="onnxcompress", standalone_mode=False
-        )
+        code = command.main(args=args, prog_name="onnxcompress", standalone_mode=False)
         # Without standalone mode click returns, rather than raises, the code of an eager exit.
         if isinstance(code, int) and code:
             sys.exit(code)

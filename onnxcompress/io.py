@@ -397,6 +397,9 @@ def check_output_path(in_path: Path, out_path: Path, input_data_files: set[Path]
             )
     if out_path.is_dir():
         raise OutputPathError(f"{out_path}: is a directory; give a file name such as {out_path / 'model.onnx'}")
+    if out_resolved.exists() and not out_resolved.is_file():
+        # A device or a pipe would be replaced by the renamed model (OUT=/dev/null destroyed it).
+        raise OutputPathError(f"{out_path}: is not a regular file (a device, pipe or socket); give a file name")
     folder = out_resolved.parent
     if not folder.is_dir():
         raise OutputPathError(f"{out_path}: the folder {folder} does not exist; create it first")

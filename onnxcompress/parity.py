@@ -120,6 +120,10 @@ class ParityResult:
     rows: int = 0
     feeds: str = ""
     budget: Budget | None = None
+    #: Rows per onnxruntime call: a candidate that quantizes activations per call (``per_run``)
+    #: gives a row outputs that move slightly with the rows run beside it.
+    run_rows: int = 0
+    per_run: bool = False
 
     @property
     def passed(self) -> bool:

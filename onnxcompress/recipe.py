@@ -117,9 +117,12 @@ def _coerce_to(annotation: Any, value: Any, what: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{what}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{what}: expected a number, got {value!r}") from None
+        if number != number:  # NaN compares false with every bound: it would pass any range check
+            raise ValueError(f"{what}: expected a number, got {value!r}")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise ValueError(f"{what}: expected text, got {value!r}")
@@ -165,6 +168,9 @@ def parse_assignment(text: str) -> tuple[str, str, str]:
 
 def read_recipe(path: Path) -> tuple[list[str] | None, dict[str, dict[str, Any]]]:
     """Read a TOML recipe: an optional top-level ``passes = [...]`` and one table per pass."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # A pipe would block the read until something writes it.
+        raise UsageError(f"--config {path}: is not a regular file; give the path of a TOML recipe file")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -31,7 +31,7 @@ def human_bytes(count: int | float) -> str:
 
 
 def size_change(before: int, after: int) -> str:
-    """"4.25x smaller", or the bytes when a ratio in two decimals would read 1.00x (a file that grew
+    """ "4.25x smaller", or the bytes when a ratio in two decimals would read 1.00x (a file that grew
     by 646 bytes is not "1.00x smaller")."""
     if after > before:
         return f"{human_bytes(after - before)} larger" if after < before * 1.005 else f"{after / before:.2f}x larger"
@@ -110,7 +110,8 @@ def report_view(report: Report) -> RenderableType:
 
     if report.parity.checked:
         parity = Table(
-            title=f"parity (onnxruntime CPU, optimisation level {report.parity.opt_level}, {report.parity.rows} rows)",
+            title=f"parity (onnxruntime CPU, optimisation level {report.parity.opt_level}, {report.parity.rows} rows"
+            + (f", {report.parity.run_rows} a run)" if 0 < report.parity.run_rows < report.parity.rows else ")"),
             title_justify="left",
         )
         for column in (
@@ -140,6 +141,13 @@ def report_view(report: Report) -> RenderableType:
                 Text("pass", style="green") if output.passed else Text("FAIL", style="bold red"),
             )
         parts.append(parity)
+        if report.parity.per_run:
+            parts.append(
+                Text(
+                    "  OUT quantizes activations over the rows of each run (DynamicQuantizeLinear): a row's outputs "
+                    "move slightly with the rows run beside it"
+                )
+            )
         for output in report.parity.failing:
             parts.append(Text(f"  {output.name}: {'; '.join(output.failures)}"))
             flags = " ".join(

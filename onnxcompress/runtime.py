@@ -199,11 +199,15 @@ def _as_array(result: object) -> np.ndarray:
     return np.asarray(result)
 
 
+#: Rows per ``session.run`` call in the parity runs: bounded memory for any number of feed rows.
+RUN_ROWS = 4096
+
+
 def run(
     session: ort.InferenceSession,
     feeds: Mapping[str, np.ndarray],
     output_names: Sequence[str] | None = None,
-    batch_size: int | None = 4096,
+    batch_size: int | None = RUN_ROWS,
 ) -> dict[str, np.ndarray]:
     """Run ``session`` over the feeds in batches and concatenate each output along axis 0 (in
     batches of the model's own size when its inputs fix one, :func:`fixed_batch`).
