@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import traceback
@@ -387,14 +388,7 @@ def command(
             rank_group=rank_group,
         )
     except ParityFailedError as error:
-        from onnxcompress.render import report_view
-
-        console.print(report_view(error.report))
-        if report_path is not None:
-            try:
-                _write_report(report_path, error.report.to_json(), error.report.written)
-            except OutputPathError as report_error:
-                _fail(report_error, debug)
+        _show(console, error.report, report_path, debug)
         _fail(error, debug)
     except CompressError as error:
         _fail(error, debug)
@@ -409,14 +403,41 @@ def command(
             traceback.print_exc()
         _error(f"internal error {type(error).__name__}: {error}; rerun with --debug and report it")
         sys.exit(EXIT_INTERNAL)
-    from onnxcompress.render import report_view
+    _show(console, report, report_path, debug)
 
-    console.print(report_view(report))
+
+def _show(console: Any, report: Any, report_path: Path | None, debug: bool) -> None:
+    """Write the JSON report, then print the report: the file first, so that neither a broken
+    stderr (a closed pipe, a full disk) nor a fault in rendering loses it. Neither changes what
+    the exit code says about OUT (exit 1 means nothing was written)."""
     if report_path is not None:
         try:
             _write_report(report_path, report.to_json(), report.written)
         except OutputPathError as error:
             _fail(error, debug)
+    from onnxcompress.render import report_view
+
+    try:
+        console.print(report_view(report))
+    except OSError:
+        _silence_stderr()  # nobody is reading it: the exit code still tells
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+        outcome = "OUT was written and is complete" if report.written else "nothing was written"
+        _error(f"internal error {type(error).__name__} while printing the report ({error}); {outcome}")
+        sys.exit(EXIT_INTERNAL)
+
+
+def _silence_stderr() -> None:
+    """Point stderr at /dev/null, so that later messages and the flush at exit do not fail too."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except OSError:
+        pass
+    sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - lives until exit
 
 
 def _run(console: Any, *args: Any, **kwargs: Any) -> Any:
@@ -429,8 +450,12 @@ def _run(console: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _error(message: str) -> None:
-    """One unwrapped line on stderr, so scripts can grep it."""
-    click.echo(f"{click.style('error:', fg='red', bold=True)} {' '.join(message.split())}", err=True)
+    """One unwrapped line on stderr, so scripts can grep it (a broken stderr loses only the line:
+    the exit code that follows still tells)."""
+    try:
+        click.echo(f"{click.style('error:', fg='red', bold=True)} {' '.join(message.split())}", err=True)
+    except (OSError, ValueError):  # closed, full, or a pipe nobody reads
+        _silence_stderr()
 
 
 def _fail(error: CompressError, debug: bool) -> None:

@@ -737,3 +737,18 @@ def test_the_report_says_how_many_rows_a_parity_run_held_and_when_outputs_depend
     exact = cli(DLRM["onnx"], tmp_path / "c.onnx", "--passes", "cleanup", "--calib", DLRM["calib"])
     assert exact.report["parity"]["run_rows"] == 512 and exact.report["parity"]["per_run"] is False
     assert "512 rows)" in exact.err and "DynamicQuantizeLinear" not in exact.err
+
+
+def test_a_broken_stderr_loses_neither_the_report_file_nor_the_exit_code(tmp_path: Path) -> None:
+    """With stderr on a full disk (or a closed pipe: ``onnxcompress ... 2>&1 | head -1``), printing
+    the report failed after OUT was in place: exit 1 ("nothing written") with OUT written and no
+    --report file; a usage error exited 1 instead of 2."""
+    with open("/dev/full", "w") as full:
+        def run(*args: str | Path) -> int:
+            command = [sys.executable, "-m", "onnxcompress", *map(str, args)]
+            return subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=full, timeout=300).returncode
+
+        out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+        assert run(DLRM["onnx"], out, "--preset", "lossless", "--report", report) == 0
+        assert out.exists() and report.exists()
+        assert run(DLRM["onnx"], tmp_path / "missing" / "out.onnx", "--preset", "lossless") == 2
