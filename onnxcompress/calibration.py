@@ -450,7 +450,12 @@ def synthesize_feeds(
             f"{', '.join(spec.describe() for spec in specs)}"
         )
     batch = fixed_batch(specs)
-    shapes = {spec.name: _concrete_shape(spec, input_shapes.get(spec.name), rows, batch) for spec in specs}
+    symbols = _symbols_given(specs, input_shapes)
+    # The rows one input is given are every input's rows: DLRM's dense and ids share "batch".
+    given_rows = {int(shape[0]) for name, shape in input_shapes.items() if shape}
+    if len(given_rows) == 1 and batch is None:
+        rows = given_rows.pop()
+    shapes = {spec.name: _concrete_shape(spec, input_shapes.get(spec.name), rows, batch, symbols) for spec in specs}
     _check_feed_bytes(specs, shapes)
     ranges = id_ranges(model)
     rng = np.random.default_rng(seed)
@@ -507,8 +512,28 @@ def _check_feed_bytes(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int
         )
 
 
+def _symbols_given(specs: Sequence[InputSpec], input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """The named symbolic dims the ``--input-shape`` overrides fix, for the inputs that share them."""
+    symbols: dict[str, int] = {}
+    for spec in specs:
+        override = input_shapes.get(spec.name)
+        if override is None or spec.shape is None or len(override) != len(spec.shape):
+            continue
+        for dim, value in zip(spec.shape, override, strict=True):
+            if isinstance(dim, str) and dim and symbols.setdefault(dim, int(value)) != int(value):
+                raise UsageError(
+                    f"--input-shape gives the dimension {dim!r}, which several inputs share, both "
+                    f"{symbols[dim]} and {int(value)}; give it one value"
+                )
+    return symbols
+
+
 def _concrete_shape(
-    spec: InputSpec, override: Sequence[int] | None, rows: int, batch: int | None = None
+    spec: InputSpec,
+    override: Sequence[int] | None,
+    rows: int,
+    batch: int | None = None,
+    symbols: Mapping[str, int] | None = None,
 ) -> tuple[int, ...]:
     if override is not None:
         if spec.shape is not None and len(override) != len(spec.shape):
@@ -526,8 +551,11 @@ def _concrete_shape(
         raise InputModelError(
             f"graph input {spec.describe()} declares a negative dimension; fix the model's input shapes"
         )
+    symbols = symbols or {}
     return tuple(
-        rows
+        symbols[dim]
+        if isinstance(dim, str) and dim in symbols
+        else rows
         if axis == 0 and (batch is not None or not isinstance(dim, int))
         else dim
         if isinstance(dim, int)

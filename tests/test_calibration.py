@@ -330,3 +330,13 @@ def test_lookup_hessians_measure_how_outputs_move_with_a_looked_up_row() -> None
     budget = (5 * 64 + 5 * 64 * 3) * model_bytes - 1
     assert set(calibration.lookup_hessians(model, ["t", "h"], budget=budget)) == {"t"}
     assert [node.op_type for node in model.graph] == before and len(model.graph.inputs) == 2
+
+
+def test_an_input_shape_fixes_the_dimensions_other_inputs_share() -> None:
+    """DLRM's eight inputs share the symbolic dim ``batch``: ``--input-shape dense=3,25`` gave
+    dense 3 rows and the ids 512, and onnxruntime's Concat failed (exit 3, blaming the model)."""
+    model = io.load(MODELS / "dlrm.onnx")
+    feeds = synthesize_feeds(model, {"dense": [3, 25]})
+    assert {name: array.shape[0] for name, array in feeds.arrays.items()} == dict.fromkeys(feeds.arrays, 3)
+    with pytest.raises(UsageError, match="'batch', which several inputs share, both 40 and 41"):
+        synthesize_feeds(model, {"dense": [40, 25], "user": [41]})
