@@ -160,8 +160,12 @@ def report_view(report: Report) -> RenderableType:
 
     summary = Text()
     summary.append(f"{report.input_path}: {human_bytes(report.input_bytes)} → ")
-    summary.append(f"{report.output_path}: {human_bytes(report.output_bytes)}")
-    summary.append(f"  ({size_change(report.input_bytes, report.output_bytes)})\n" if report.output_bytes else "\n")
+    change = size_change(report.input_bytes, report.output_bytes) if report.output_bytes else ""
+    if report.written:
+        summary.append(f"{report.output_path}: {human_bytes(report.output_bytes)}  ({change})\n")
+    else:  # the size is the staged candidate's, which was discarded
+        would_be = f"{report.output_path} would have been {human_bytes(report.output_bytes)}"
+        summary.append(f"not written ({would_be}, {change})\n" if change else "not written\n")
     summary.append(f"feeds: {report.feeds}\n")
     for note in report.feed_notes:
         summary.append(f"  {note}\n")

@@ -92,6 +92,9 @@ def test_parity_failure_writes_nothing_and_names_the_fix(cli, tmp_path: Path, pe
     assert result.report["written"] is False
     assert "score would pass with: --min-cosine score=0.95 --min-rank-corr score=" in result.err
     assert "--atol" not in result.err  # not checked once a pass is lossy: nothing to loosen there
+    # The size is the discarded candidate's: not stated as OUT's.
+    text = "".join(result.err.split())  # the long path wraps
+    assert f"notwritten({out}wouldhavebeen" in text and f"{out}:" not in text
 
 
 @pytest.mark.parametrize("noise", [0.05, 0.2])
@@ -752,3 +755,16 @@ def test_a_broken_stderr_loses_neither_the_report_file_nor_the_exit_code(tmp_pat
         assert run(DLRM["onnx"], out, "--preset", "lossless", "--report", report) == 0
         assert out.exists() and report.exists()
         assert run(DLRM["onnx"], tmp_path / "missing" / "out.onnx", "--preset", "lossless") == 2
+
+
+def test_calibration_rows_that_overflow_inside_the_model_are_a_usage_error(cli, tmp_path: Path) -> None:
+    """Finite float32 feeds whose dense values (1e30 times the real ones) overflow in the first
+    layer: distillation had no finite row to fit and exited 4, 'report it'."""
+    rows = dict(np.load(DLRM["calib"]))
+    rows["dense"] = rows["dense"] * np.float32(1e30)
+    huge = tmp_path / "huge.npz"
+    np.savez(huge, **rows)
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    result = cli(DLRM["onnx"], out_dir / "out.onnx", "--preset", "max", "--feeds", huge)
+    assert_clean_failure(result, 2, "every calibration row becomes NaN or infinity inside the model", out_dir)
