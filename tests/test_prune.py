@@ -790,3 +790,13 @@ def test_stats_count_the_weights_zeroed_not_the_weights_looked_at() -> None:
     assert result.stats["elements_zeroed"] == sum(int((weight == 0).sum()) for weight in pruned)
     assert 0.79 < result.stats["elements_zeroed"] / result.stats["elements"] < 0.81
     assert "elements_pruned" not in result.stats
+
+
+def test_hidden_units_on_a_model_without_a_hidden_layer_say_why_nothing_changed() -> None:
+    """GRU4Rec has a recurrent cell and one output layer: nothing to remove units from. The stats
+    said layers_pruned=0 with an empty skipped list and claimed refit rows for a refit that never ran."""
+    model, calibration = shipped_model_with_calibration("gru4rec")
+    result = Prune(Prune.Config(structure="neurons"), PassContext(calibration=calibration))(model)
+    assert not result.modified and result.stats["layers_pruned"] == 0
+    assert result.stats["nothing_pruned"].startswith("no hidden layer")
+    assert "refit_rows" not in result.stats

@@ -56,6 +56,11 @@ __all__ = ["Prune"]
 
 logger = logging.getLogger(__name__)
 
+#: Why structure=neurons left a model as it was when it found nothing to consider.
+NO_HIDDEN_UNITS = (
+    "no hidden layer: units are removed between two linear layers (MatMul, Gemm) joined by elementwise "
+    "ops; recurrent cells, attention and a lone layer have none"
+)
 #: Rounds of OBS mask selection (each re-solves the kept weights); 8 beat 1 and 4 on every shipped
 #: model at 80% sparsity, measured by the score correlation with the unpruned model.
 OBS_ROUNDS = 8
@@ -783,7 +788,9 @@ class Prune(CompressionPass):
             "layers": per_layer,
             "skipped": skipped,
         }
-        if augment and calibration is not None and calibration is not real:
+        if not per_layer and not skipped:
+            stats["nothing_pruned"] = NO_HIDDEN_UNITS
+        if per_layer and augment and calibration is not None and calibration is not real:
             stats["refit_rows"] = calibration.feeds.source
         return CompressionResult(model, modified=bool(per_layer), stats=stats)
 
