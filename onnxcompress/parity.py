@@ -96,6 +96,10 @@ class OutputComparison:
     nonfinite_mismatch: int = 0
     spearman: float | None = None
     top10_overlap: float | None = None
+    #: With ``--rank-group``: Spearman and top-10 above are means over this many groups; the worst.
+    rank_groups: int = 1
+    worst_spearman: float | None = None
+    worst_top10_overlap: float | None = None
     auc_reference: float | None = None
     auc_candidate: float | None = None
     #: The figure each setting would need for this output to pass (``--atol`` etc.), checked or not.
@@ -231,6 +235,7 @@ def _compare_one(
         missed.append("min_cosine")
     kind = "tensor"
     rank_corr = overlap = auc_ref = auc_cand = None
+    grouped: dict[str, Any] = {}
     column = score_column(shape)
     if column is not None and reference.shape[0] > 1:
         kind = "score"
@@ -242,8 +247,15 @@ def _compare_one(
             labels = labels[scored] if labels is not None and labels.size == scored.size else None
             rank_group = None  # groups of rows no longer line up
         groups = _ranking_groups(ref_scores.size, rank_group)
-        rank_corr = float(np.mean([spearman(ref_scores[g], cand_scores[g]) for g in groups]))
-        overlap = float(np.mean([top_k_overlap(ref_scores[g], cand_scores[g], TOP_K) for g in groups]))
+        per_group = np.array([spearman(ref_scores[g], cand_scores[g]) for g in groups])
+        overlaps = np.array([top_k_overlap(ref_scores[g], cand_scores[g], TOP_K) for g in groups])
+        rank_corr, overlap = float(np.mean(per_group)), float(np.mean(overlaps))
+        if len(groups) > 1:
+            grouped = {
+                "rank_groups": len(groups),
+                "worst_spearman": float(np.min(per_group)),
+                "worst_top10_overlap": float(np.min(overlaps)),
+            }
         needed["min_rank_corr"] = rank_corr
         if budget.min_rank_corr is not None and rank_corr < budget.min_rank_corr:
             failures.append(f"rank correlation {rank_corr:.5f} below {budget.min_rank_corr:g}")
@@ -268,6 +280,7 @@ def _compare_one(
         nonfinite_mismatch=new_nonfinite + lost_nonfinite,
         spearman=rank_corr,
         top10_overlap=overlap,
+        **grouped,
         auc_reference=auc_ref,
         auc_candidate=auc_cand,
         would_pass_with=needed,

@@ -82,6 +82,11 @@ def _stats_text(stats: Mapping[str, Any]) -> str:
     )
 
 
+def _worst(value: float | None, groups: int, digits: int) -> str:
+    """Beside a mean over ``--rank-group`` groups: how many, and the worst group's figure."""
+    return "" if value is None else f" (mean of {groups}, worst {value:.{digits}f})"
+
+
 def _optional(value: float | None, digits: int = 5) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -135,8 +140,8 @@ def report_view(report: Report) -> RenderableType:
                 f"{output.mean_abs:.3g}" if output.kind != "integer" else "—",
                 f"{output.max_rel:.3g}" if output.kind != "integer" else "—",
                 f"{output.cosine:.6f}" if output.kind != "integer" else "—",
-                _optional(output.spearman),
-                _optional(output.top10_overlap, 2),
+                _optional(output.spearman) + _worst(output.worst_spearman, output.rank_groups, 5),
+                _optional(output.top10_overlap, 2) + _worst(output.worst_top10_overlap, output.rank_groups, 2),
                 _auc_cell(output),
                 Text("pass", style="green") if output.passed else Text("FAIL", style="bold red"),
             )

@@ -138,3 +138,18 @@ def test_the_lossless_budget_is_a_fraction_of_the_output_s_peak_above_one() -> N
     small = np.linspace(-0.5, 0.5, 101)
     unit = compare({"y": small}, {"y": small + 2e-5}, Budgets(LOSSLESS)).outputs[0]
     assert not unit.passed  # outputs within [-1, 1] keep 1e-5 absolute
+
+
+def test_grouped_rank_figures_are_means_and_the_worst_group_is_given() -> None:
+    """Per-user Spearman and top-10 are averaged over the groups: the report says over how many and
+    gives the worst group (two-tower int8: mean top-10 0.99 over 20 users, the worst user 0.90)."""
+    rng = np.random.default_rng(3)
+    reference = rng.standard_normal(60)
+    candidate = reference.copy()
+    candidate[40:] = rng.standard_normal(20)  # the third group is scrambled
+    (output,) = compare({"s": reference}, {"s": candidate}, Budgets(LOSSY), rank_group=20).outputs
+    assert output.rank_groups == 3
+    assert output.worst_spearman is not None and output.worst_spearman < 0.5 < output.spearman
+    assert output.worst_top10_overlap is not None and output.worst_top10_overlap < 1.0
+    (alone,) = compare({"s": reference}, {"s": candidate}, Budgets(LOSSY)).outputs
+    assert alone.rank_groups == 1 and alone.worst_spearman is None
