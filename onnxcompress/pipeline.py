@@ -8,8 +8,9 @@ from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
 
-from onnxcompress.errors import CompressError, PassFailedError, UnsupportedModelError
+from onnxcompress.errors import CompressError, PassFailedError, UnsupportedModelError, UsageError
 from onnxcompress.io import initializer_bytes
+from onnxcompress.numerics.lstsq import NoFiniteRows
 from onnxcompress.parity import LOSSLESS, LOSSY, Budget, loosest
 from onnxcompress.passes.base import CompressionResult, PassContext
 from onnxcompress.recipe import PassSpec
@@ -62,6 +63,11 @@ class Pipeline:
                 raise
             except ir.passes.PreconditionError as error:
                 raise UnsupportedModelError(f"pass {spec.name} cannot run on this model: {error}") from error
+            except NoFiniteRows as error:
+                raise UsageError(
+                    f"pass {spec.name}: every calibration row becomes NaN or infinity inside the model, so there "
+                    f"is nothing to fit on; give --calib rows in the range the model was trained on"
+                ) from error
             except Exception as error:
                 raise PassFailedError(
                     f"pass {spec.name} failed: {type(error).__name__}: {error}; rerun with --debug for the "

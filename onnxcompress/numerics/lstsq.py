@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Gram", "NormalEquations", "ridge", "solve_gram"]
+__all__ = ["Gram", "NoFiniteRows", "NormalEquations", "ridge", "solve_gram"]
 
 #: Memory bound of one stack of masked systems solved together.
 _STACK_BYTES = 64 * 1024 * 1024
@@ -67,6 +67,10 @@ class Gram:
         self.rows += x64.shape[0]
 
 
+class NoFiniteRows(ValueError):
+    """Every row of a fit held NaN or infinity (they are left out), or there were none."""
+
+
 def _solve_spd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     try:
         factor = np.linalg.cholesky(matrix)
@@ -101,7 +105,7 @@ class NormalEquations:
         x_mean = y_mean = None
         if fit_intercept:
             if gram.rows == 0:
-                raise ValueError("cannot fit an intercept without rows")
+                raise NoFiniteRows("cannot fit an intercept without rows")
             x_mean, y_mean = gram.x_sum / gram.rows, gram.y_sum / gram.rows
             xtx = xtx - gram.rows * np.outer(x_mean, x_mean)
             xty = xty - gram.rows * np.outer(x_mean, y_mean)
