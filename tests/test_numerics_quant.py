@@ -7,6 +7,7 @@ import pytest
 
 from onnxcompress.numerics.quant import (
     EQUALIZATION_MIN_FACTOR,
+    INT8_PAIR_LIMIT,
     QuantizedRows,
     binarize_rows,
     code_planes,
@@ -14,10 +15,14 @@ from onnxcompress.numerics.quant import (
     equalization_factors,
     gptq_quantize,
     gptq_quantize_output_blocks,
+    int8_requantize,
+    limit_pair_sums,
     pack_codes,
     packed_width,
+    quantize_pair_limited,
     quantize_rows,
     quantized_row_error,
+    relative_error,
     tensor_scale,
     unpack_codes,
     with_scale_codebook,
@@ -326,18 +331,21 @@ def test_scale_storage_is_priced_at_one_halving_of_the_error_per_bit_a_value() -
     assert cheapest_scale_storage(errors, 20, 16) is None
 
 
-def test_int8_requantization_of_decoded_rows_spans_127_levels_per_row() -> None:
-    from onnxcompress.numerics.quant import int8_requantize
-
+def test_int8_requantization_of_decoded_rows_spans_127_levels_per_pair_of_codes() -> None:
     plain = quantize_rows(RNG.standard_normal((40, 32)), 4, symmetric=True)
     decoded = dequantize_rows(plain).astype(np.float32)
     decoded[7] = 0.0
     codes, scale = int8_requantize(decoded)
     assert codes.dtype == np.int8 and scale.dtype == np.float32
-    assert np.all(np.abs(codes[np.arange(40) != 7]).max(axis=1) == 127) and not codes[7].any()
+    # The largest pair of each row spans the 127 levels (rounding can take it to 126 or 128).
+    magnitudes = np.abs(codes.astype(np.int64))
+    pair_sums = (magnitudes[:, 0::2] + magnitudes[:, 1::2]).max(axis=1)
+    assert np.all(np.abs(pair_sums[np.arange(40) != 7] - 127) <= 1) and not codes[7].any()
     assert scale[7] > 0  # an all-zero row divides by a tiny scale, not by 0
-    np.testing.assert_allclose(scale[:7], np.abs(decoded[:7]).max(axis=1) / np.float32(127), rtol=1e-7)
-    assert np.all(np.abs(codes * scale[:, None] - decoded) <= scale[:, None] / 2 * (1 + 1e-6))
+    pairs = np.abs(decoded[:7, 0::2]) + np.abs(decoded[:7, 1::2])
+    np.testing.assert_allclose(scale[:7], pairs.max(axis=1) / np.float32(127), rtol=1e-7)
+    # (a value halfway between two codes, rounded in float32, may land a few ulps past the half)
+    assert np.all(np.abs(codes * scale[:, None] - decoded) <= scale[:, None] / 2 * (1 + 1e-5))
 
 
 def test_smoothing_scales_shrink_only_channels_above_the_median() -> None:
@@ -563,3 +571,59 @@ def test_refined_row_codes_keep_the_scales_and_weigh_the_error_by_the_hessian(sy
     assert np.all(dequantize_rows(refined)[7] == 0.0)
     with pytest.raises(ValueError, match="one scale per row"):
         refine_row_codes(rows[:10], nearest, hessian)
+
+
+def _largest_pair_sum(codes: np.ndarray) -> int:
+    magnitudes = np.abs(codes.astype(np.int64))
+    return int((magnitudes[:, 0::2] + magnitudes[:, 1::2]).max())
+
+
+def test_int8_codes_for_integer_kernels_keep_each_pair_within_16_bits() -> None:
+    """onnxruntime's uint8 x int8 kernels without VNNI add two neighbouring products in 16 bits with
+    saturation: with activations up to 255, |w 2j| + |w 2j+1| <= 128 keeps the sum exact. Codes at
+    the plain scale max/127 break it (Gaussian rows: about 2% of pairs); the limited codes keep it
+    at close to the plain codes' error (a scale widened where the limit costs least)."""
+    rng = np.random.default_rng(11)
+    rows = rng.standard_normal((64, 256)).astype(np.float32)
+    plain = quantize_rows(rows, 8, symmetric=True)
+    assert _largest_pair_sum(plain.codes) > INT8_PAIR_LIMIT
+    plain_error = relative_error(rows, dequantize_rows(plain))
+    for one_scale in (False, True):
+        limited = quantize_pair_limited(rows, one_scale=one_scale)
+        assert _largest_pair_sum(limited.codes) <= INT8_PAIR_LIMIT
+        error = relative_error(rows, limited.codes * limited.scale.reshape(-1, 1).astype(np.float64))
+        assert error < 1.5 * plain_error + 0.002, (one_scale, error, plain_error)
+    # Cutting the pairs at the plain scale costs several times the rounding error.
+    targets = rows / plain.scale[:, None]
+    cut = limit_pair_sums(plain.codes, targets)
+    assert _largest_pair_sum(cut) <= INT8_PAIR_LIMIT
+    assert relative_error(rows, cut * plain.scale[:, None].astype(np.float64)) > 3 * plain_error
+
+
+def test_gptq_under_the_pair_limit_keeps_pairs_and_its_output_error() -> None:
+    rng = np.random.default_rng(12)
+    inputs = rng.standard_normal((1024, 64)) @ rng.standard_normal((64, 64))
+    weight = rng.standard_normal((32, 64))
+    hessian = inputs.T @ inputs
+    free = gptq_quantize(weight, hessian, 8)
+    limited = gptq_quantize(weight, hessian, 8, pair_limit=INT8_PAIR_LIMIT)
+    assert _largest_pair_sum(free.codes) > INT8_PAIR_LIMIT >= _largest_pair_sum(limited.codes)
+
+    def output_error(quantized: QuantizedRows) -> float:
+        return relative_error(inputs @ weight.T, inputs @ dequantize_rows(quantized).reshape(weight.shape).T)
+
+    assert output_error(limited) < 1.5 * output_error(free)
+    with pytest.raises(ValueError, match="pair_limit"):
+        gptq_quantize(weight, hessian, 8, group_size=32, pair_limit=INT8_PAIR_LIMIT)
+
+
+@pytest.mark.parametrize("inputs", [64, 63])
+def test_int8_codes_computed_at_load_keep_each_pair_within_16_bits(inputs: int) -> None:
+    """Codes a graph computes from decoded 4-bit weights take the largest pair sum over 127 as their
+    scale (an odd row: the peak over 64 levels), so no pair can pass the limit."""
+    rng = np.random.default_rng(13)
+    rows = (rng.integers(-7, 8, (48, inputs)) * 0.05).astype(np.float32)
+    codes, scale = int8_requantize(rows)
+    padded = np.pad(codes, ((0, 0), (0, inputs % 2)))
+    assert _largest_pair_sum(padded) <= INT8_PAIR_LIMIT
+    assert np.abs(codes.astype(np.float32) * scale[:, None] - rows).max() <= scale.max() / 2 + 1e-6

@@ -54,6 +54,8 @@ from onnxcompress.io import ExternalRows, initializer_bytes
 from onnxcompress.metrics import auc_difference
 from onnxcompress.numerics.pq import ProductCodes, product_assign, product_dequantize, product_quantize
 from onnxcompress.numerics.quant import (
+    INT8_GRAPH_LEVELS,
+    INT8_PAIR_LIMIT,
     SCALE_CODEBOOK_SIZE,
     SMALL_SCALE_CODEBOOK_SIZE,
     TINY_SCALE,
@@ -72,6 +74,7 @@ from onnxcompress.numerics.quant import (
     pack_codes,
     packed_width,
     plan_activations,
+    quantize_pair_limited,
     quantize_rows,
     quantize_tensor_rows,
     quantized_row_error,
@@ -175,12 +178,12 @@ PLANE_JOIN_BYTES = 90
 
 @dataclass
 class _Builder:
-    """Adds initializers and nodes named after the weight they replace; counts the bytes stored."""
+    """Adds initializers and nodes named after the weight they replace; keeps the initializers it made."""
 
     graph: ir.Graph
     prefix: str
     nodes: list[ir.Node] = field(default_factory=list)
-    stored_bytes: int = 0
+    created: list[ir.Value] = field(default_factory=list)
     _small: dict[tuple[str, str, bytes], ir.Value] = field(default_factory=dict)
     _taken: set[str] | None = None
 
@@ -192,7 +195,7 @@ class _Builder:
         name = self._unique(f"{self.prefix}_{suffix}")
         value = constant_value(name, array, dtype)
         self.graph.register_initializer(value)
-        self.stored_bytes += value.const_value.nbytes  # type: ignore[union-attr]
+        self.created.append(value)
         if key is not None:
             self._small[key] = value
         return value
@@ -1023,6 +1026,7 @@ class Quantize(CompressionPass):
     def call(self, model: ir.Model) -> CompressionResult:
         self._linear_cache = {}
         self._integer_choices = {}
+        self._created: dict[str, list[ir.Value]] = {}
         selected, skipped = self._select(model)
         if not selected:
             # A tree ensemble keeps its thresholds in attributes: say so rather than "no change".
@@ -1035,6 +1039,8 @@ class Quantize(CompressionPass):
             # Conversion through the ONNX C API rebuilds the graph: select from the new one.
             selected, skipped = self._select(model)
         self._one_scale = set()
+        # The pass's bytes are priced on the graph itself: what it removed against what it added.
+        initial = {value: _stored_bytes(value) for value in model.graph.initializers.values()}
         hessians = self._hessians(model, selected)
         self._lookup_hessians = self._table_hessians(model, selected)
         plan, search = self._plan_bits(model, selected, hessians)
@@ -1076,8 +1082,16 @@ class Quantize(CompressionPass):
         shared_alphas = _share_sign_decoding(model.graph)
         coded_alphas = _alphas_from_one_codebook(model.graph, shared_alphas) if self.config.scale_codebook else 0
         halved = _store_floats_as_float16(model.graph) if self.config.float_storage == "float16" else {}
-        before = sum(entry["bytes_before"] for entry in tensors.values()) + sum(halved.values())
-        after = sum(entry["bytes_after"] for entry in tensors.values()) + sum(halved.values()) // 2
+        final = set(model.graph.initializers.values())
+        for name, entry in tensors.items():
+            # Scales made float32 here and stored as float16 at the end are priced as stored.
+            entry["bytes_after"] = sum(
+                _stored_bytes(halved.get(value, value))
+                for value in self._created.get(name, ())
+                if value in final or value in halved
+            )
+        before = sum(size for value, size in initial.items() if value not in final)
+        after = sum(_stored_bytes(value) for value in final if value not in initial)
         stats = {
             "weights_quantized": len(tensors),
             # The int4 types, block scales and float16 scales need opset 21: say the model moved.
@@ -1997,7 +2011,14 @@ class Quantize(CompressionPass):
             # An equalised layer: a codebook of one entry is one scale, fixed before GPTQ rounds.
             codebook = 1 if one_scale else self._codebook_size(rows.size // group, bits)
             quantized = gptq_quantize(
-                rows, hessian, bits, group_size=group, symmetric=symmetric, act_order=act_order, codebook_size=codebook
+                rows,
+                hessian,
+                bits,
+                group_size=group,
+                symmetric=symmetric,
+                act_order=act_order,
+                codebook_size=codebook,
+                pair_limit=INT8_PAIR_LIMIT if dynamic and bits == 8 else None,
             )
             if one_scale and quantized.codebook is not None:
                 quantized = QuantizedRows(quantized.codes, quantized.codebook[:1].astype(np.float32), None, bits)
@@ -2011,6 +2032,9 @@ class Quantize(CompressionPass):
                 return (*chosen, dynamic, "gptq")
             return quantized, granularity, dynamic, "gptq"
         search = config.rounding in ("mse", "auto")
+        if dynamic and bits == 8:
+            quantized = quantize_pair_limited(rows, one_scale=one_scale)
+            return quantized, granularity, dynamic, "nearest"
         if one_scale:
             quantized = quantize_tensor_rows(rows, bits, search=search)
             return quantized, granularity, dynamic, "mse" if search else "nearest"
@@ -2127,6 +2151,7 @@ class Quantize(CompressionPass):
         quantized, granularity, dynamic, method = self._linear_codes(rows, uses, bits, hessian)
         shared_scale = granularity == "channel" and quantized.scale.size == 1 and channels > 1
         build = _Builder(graph, value.name)
+        self._created[value.name] = build.created
         # Codes rounded to int8 for an integer kernel must be decoded by ops onnxruntime folds at load:
         # it never folds DequantizeLinear, which would rerun the whole rounding on every call.
         dequantize = "fold" if dynamic else config.dequantize
@@ -2184,10 +2209,16 @@ class Quantize(CompressionPass):
             in_layout = use.out_axis == 1 or granularity == "block_outputs"
             weight_kn = output if in_layout else build.op("Transpose", [output], perm=[1, 0])
             axis = build.constant("axis", np.array([0]))
-            peak = build.op("ReduceMax", [build.op("Abs", [weight_kn]), axis], keepdims=0)
+            magnitudes = build.op("Abs", [weight_kn])
+            if inputs % 2 == 0:  # each channel's largest pair sum, as numerics.quant.int8_requantize
+                pairs = build.op("Reshape", [magnitudes, build.constant("pairs", np.array([-1, 2, channels]))])
+                sums = build.op("ReduceSum", [pairs, build.constant("pair_axis", np.array([1]))], keepdims=0)
+                peak, levels = build.op("ReduceMax", [sums, axis], keepdims=0), 127
+            else:
+                peak, levels = build.op("ReduceMax", [magnitudes, axis], keepdims=0), INT8_GRAPH_LEVELS
             if not np.abs(_restored(quantized, granularity, channels, inputs)).max(axis=1).all():
                 peak = build.op("Max", [peak, build.constant("tiny", np.array(TINY_SCALE, np.float32))])
-            scale = build.op("Div", [peak, build.constant("int8_levels", np.array(127, np.float32))])
+            scale = build.op("Div", [peak, build.constant("int8_levels", np.array(levels, np.float32))])
             codes = build.op("QuantizeLinear", [weight_kn, scale], axis=1, output_dtype=ir.DataType.INT8)
             self._integer_matmuls(build, graph, uses, codes, scale)
             form = "dynamic"
@@ -2220,7 +2251,7 @@ class Quantize(CompressionPass):
             ),
             "form": form,
             "bytes_before": tensor.nbytes,
-            "bytes_after": build.stored_bytes,
+            "bytes_after": 0,  # priced in call(), once the storage is final
         }
 
     def _activation_stats(self, name: str) -> dict[str, Any]:
@@ -2453,6 +2484,7 @@ class Quantize(CompressionPass):
         tensor = value.const_value
         assert tensor is not None and value.name is not None
         build = _Builder(graph, value.name)
+        self._created[value.name] = build.created
         quantized, granularity, errors = encoded
         folded = tensor.nbytes < config.fold_tables_below
         lookups = [use for use in uses if use.kind == "embedding"]
@@ -2498,7 +2530,7 @@ class Quantize(CompressionPass):
             else ("mse" if config.rounding != "nearest" and tensor.size <= SEARCH_MAX_ELEMENTS else "nearest"),
             "form": "fold" if folded else "gathered",
             "bytes_before": tensor.nbytes,
-            "bytes_after": build.stored_bytes,
+            "bytes_after": 0,  # priced in call(), once the storage is final
             "lookups": len(lookups),
         }
 
@@ -2516,6 +2548,7 @@ class Quantize(CompressionPass):
         tensor = value.const_value
         assert tensor is not None and value.name is not None
         build = _Builder(graph, value.name)
+        self._created[value.name] = build.created
         width = _static_shape(tensor)[1]
         sub_vectors = codes.codes.shape[1]
         packed = build.constant("pq_codes", _pack_rows(codes.codes, 4, 0))
@@ -2554,7 +2587,7 @@ class Quantize(CompressionPass):
             "rounding": "k-means",
             "form": "fold" if folded else "gathered",
             "bytes_before": tensor.nbytes,
-            "bytes_after": build.stored_bytes,
+            "bytes_after": 0,  # priced in call(), once the storage is final
             "lookups": len(lookups),
         }
 
@@ -2940,14 +2973,18 @@ _FLOAT16_MAX = 65504.0
 FLOAT16_MIN_VALUES = 16
 
 
-def _store_floats_as_float16(graph: ir.Graph) -> dict[str, int]:
+def _stored_bytes(value: ir.Value) -> int:
+    return value.const_value.nbytes if value.const_value is not None else 0
+
+
+def _store_floats_as_float16(graph: ir.Graph) -> dict[ir.Value, ir.Value]:
     """Store the remaining float32 initializers as float16 + a Cast that runtimes fold at load.
 
     Their float16 rounding (relative 5e-4) is far below the int8 weight error next to them. Tensors
     that would overflow or lose their small values, or that feed quantization ops, stay float32.
-    Returns ``{name: float32 bytes}`` of the tensors converted.
+    Returns ``{float32 initializer: its float16 replacement}``.
     """
-    converted: dict[str, int] = {}
+    converted: dict[ir.Value, ir.Value] = {}
     for value in list(graph.initializers.values()):
         tensor = value.const_value
         # Below FLOAT16_MIN_VALUES the Cast node costs about what the halving saves.
@@ -2970,5 +3007,5 @@ def _store_floats_as_float16(graph: ir.Graph) -> dict[str, int]:
         build.insert_before(first)
         value.replace_all_uses_with(restored)
         graph.initializers.pop(value.name)
-        converted[value.name] = tensor.nbytes
+        converted[value] = stored
     return converted
