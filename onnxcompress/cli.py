@@ -175,9 +175,14 @@ def _check_report_path(report: Path, in_path: Path, out_path: Path, inputs: dict
 
 
 def _write_report(path: Path, text: str, written: bool) -> None:
+    """Written beside its final name and renamed, as OUT is: a full disk leaves no half report."""
+    target = path.resolve()  # a link is written through, as before, not replaced
+    partial = target.with_name(f".{target.name}.partial")
     try:
-        path.write_text(text, encoding="utf-8")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(target)
     except OSError as error:
+        partial.unlink(missing_ok=True)
         outcome = "OUT was written" if written else "nothing was written"
         raise OutputPathError(f"--report {path}: writing it failed ({error.strerror or error}); {outcome}") from error
 

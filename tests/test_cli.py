@@ -768,3 +768,23 @@ def test_calibration_rows_that_overflow_inside_the_model_are_a_usage_error(cli, 
     out_dir.mkdir()
     result = cli(DLRM["onnx"], out_dir / "out.onnx", "--preset", "max", "--feeds", huge)
     assert_clean_failure(result, 2, "every calibration row becomes NaN or infinity inside the model", out_dir)
+
+
+def test_a_report_that_cannot_be_written_whole_leaves_none(cli_own_report, tmp_path: Path, monkeypatch) -> None:
+    """On a full disk the JSON report was left half written (8 KB of a longer file, not JSON). It is
+    written beside its name and renamed, as OUT is; a previous report stays as it was."""
+    import errno
+
+    report = tmp_path / "report.json"
+    report.write_text("{}", encoding="utf-8")
+    real_write = Path.write_text
+
+    def full_disk(self: Path, data: str, *args, **kwargs) -> int:
+        real_write(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    result = cli_own_report(DLRM["onnx"], tmp_path / "out.onnx", "--preset", "lossless", "--report", report)
+    assert result.code == 2 and "writing it failed (No space left on device); OUT was written" in result.err
+    assert report.read_text(encoding="utf-8") == "{}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.onnx", "report.json"]
