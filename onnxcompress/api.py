@@ -234,6 +234,12 @@ def compress(
                 feeds=parity_feeds.source,
             )
             result = dataclasses.replace(result, run_rows=run_rows, per_run=per_run)
+            if label_arrays and all(output.auc_reference is None for output in result.outputs):
+                unused = (
+                    "--labels were not used: no output holds one score per row (a score, or the positive "
+                    "column of a two-class probability), so no AUC and no --max-auc-drop"
+                )
+                parity_feeds = dataclasses.replace(parity_feeds, notes=(*parity_feeds.notes, unused))
             seconds["parity"] = time.perf_counter() - clock
         write = not parity or result.passed or force
         output_bytes = staged.bytes_on_disk

@@ -290,6 +290,11 @@ def load_labels(path: Path, rows: int, what: str = "--labels", aligned_with: str
     values = np.unique(labels)
     if not np.isin(values, (0, 1)).all():
         raise UsageError(f"{what} {path}: labels must be 0 or 1, found values such as {values[:5].tolist()}")
+    if len(values) < 2:  # the AUC would be undefined and its budget silently unchecked
+        raise UsageError(
+            f"{what} {path}: every label is {int(values[0])}; AUC needs rows of both classes, so give such rows "
+            "or drop the labels"
+        )
     return labels.astype(np.float32)
 
 

@@ -788,3 +788,33 @@ def test_a_report_that_cannot_be_written_whole_leaves_none(cli_own_report, tmp_p
     assert result.code == 2 and "writing it failed (No space left on device); OUT was written" in result.err
     assert report.read_text(encoding="utf-8") == "{}"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out.onnx", "report.json"]
+
+
+def test_labels_that_cannot_give_an_auc_are_refused_or_said_unused(cli, tmp_path: Path) -> None:
+    """One-class labels gave 'AUC nan→nan (+nan)' and a pass; on a three-class model the labels and
+    --max-auc-drop were dropped without a word."""
+    one_class = tmp_path / "ones.npy"
+    np.save(one_class, np.ones(10_000, np.int64))
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    result = cli(DLRM["onnx"], out_dir / "out.onnx", "--preset", "lossless", "--feeds", DLRM["feeds"], "--labels", one_class)
+    assert_clean_failure(result, 2, "every label is 1; AUC needs rows of both classes", out_dir)
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probs"], axis=1)],
+        "three_classes",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 3])],
+        [weight],
+    )
+    model = tmp_path / "three.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    feeds, labels = tmp_path / "feeds.npz", tmp_path / "labels.npy"
+    np.savez(feeds, x=np.random.default_rng(1).standard_normal((200, 4)).astype(np.float32))
+    np.save(labels, np.arange(200) % 2)
+    result = cli(model, tmp_path / "three.small.onnx", "--passes", "cleanup,quant", "--feeds", feeds, "--labels", labels)
+    assert result.code == 0, result.err
+    assert any("--labels were not used: no output holds one score per row" in note for note in result.report["feed_notes"])
