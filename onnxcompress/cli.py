@@ -408,7 +408,12 @@ def command(
             traceback.print_exc()
         _error(f"internal error {type(error).__name__}: {error}; rerun with --debug and report it")
         sys.exit(EXIT_INTERNAL)
-    _show(console, report, report_path, debug)
+    try:
+        _show(console, report, report_path, debug)
+    except KeyboardInterrupt:  # OUT is in place: "nothing was written" would be false
+        unfinished = "; the --report file was not written" if report_path and not report_path.exists() else ""
+        _error(f"interrupted after {out_path} was written; it is complete{unfinished}")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _show(console: Any, report: Any, report_path: Path | None, debug: bool) -> None:
@@ -506,6 +511,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if repeated is not None:
         _error(f"{repeated} given twice; give it once (see onnxcompress --help)")
         sys.exit(2)
+    try:
+        _main(args)
+    finally:
+        if argv is None:
+            # The work is done and the exit code chosen: a signal during the interpreter's
+            # shutdown would otherwise kill the process with its own code (-2, no message).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _main(args: list[str]) -> None:
     try:
         code = command.main(args=args, prog_name="onnxcompress", standalone_mode=False)
         # Without standalone mode click returns, rather than raises, the code of an eager exit.

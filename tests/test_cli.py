@@ -818,3 +818,19 @@ def test_labels_that_cannot_give_an_auc_are_refused_or_said_unused(cli, tmp_path
     result = cli(model, tmp_path / "three.small.onnx", "--passes", "cleanup,quant", "--feeds", feeds, "--labels", labels)
     assert result.code == 0, result.err
     assert any("--labels were not used: no output holds one score per row" in note for note in result.report["feed_notes"])
+
+
+def test_an_interrupt_after_out_is_in_place_says_so(cli_own_report, tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C while the report was printed, after OUT and its report were complete, said
+    'interrupted; nothing was written'."""
+    from onnxcompress import render
+
+    def interrupted(_report: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(render, "report_view", interrupted)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    result = cli_own_report(DLRM["onnx"], out, "--preset", "lossless", "--report", report)
+    assert result.code == 130
+    assert result.error_lines == [f"error: interrupted after {out} was written; it is complete"]
+    assert out.exists() and report.exists()
