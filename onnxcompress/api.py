@@ -41,7 +41,38 @@ def _versions() -> dict[str, str]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "unknown"
+    commit = _source_commit()
+    if commit:  # a checkout's 0.1.0 says nothing of which code ran
+        versions["onnxcompress_commit"] = commit
     return versions
+
+
+def _source_commit() -> str:
+    """The git commit of the checkout this package runs from (an editable install), or ""; read
+    from the .git folder, without running git."""
+    git = Path(__file__).resolve().parents[1] / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: PATH"
+            git = Path(git.read_text(encoding="utf-8").split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text(encoding="utf-8").strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        folders = [git]
+        common = git / "commondir"  # a worktree's branches live in the main repository
+        if common.is_file():
+            folders.append((git / common.read_text(encoding="utf-8").strip()).resolve())
+        for folder in folders:
+            if (folder / ref).is_file():
+                return (folder / ref).read_text(encoding="utf-8").strip()
+            packed = folder / "packed-refs"
+            if packed.is_file():
+                for line in packed.read_text(encoding="utf-8").splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split(" ", 1)[0]
+    except (OSError, IndexError):
+        pass
+    return ""
 
 
 def _non_finite_weights(records: Sequence[PassRecord]) -> list[str]:

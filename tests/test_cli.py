@@ -834,3 +834,12 @@ def test_an_interrupt_after_out_is_in_place_says_so(cli_own_report, tmp_path: Pa
     assert result.code == 130
     assert result.error_lines == [f"error: interrupted after {out} was written; it is complete"]
     assert out.exists() and report.exists()
+
+
+def test_the_report_names_the_commit_of_the_checkout_that_ran(cli, tmp_path: Path) -> None:
+    """'onnxcompress 0.1.0' alone could not tie a report to the code that wrote it."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    result = cli(DLRM["onnx"], tmp_path / "out.onnx", "--preset", "lossless", "--calib", DLRM["calib"])
+    assert result.report["versions"]["onnxcompress_commit"] == head.stdout.strip()
