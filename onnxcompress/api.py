@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
@@ -48,31 +49,18 @@ def _versions() -> dict[str, str]:
 
 
 def _source_commit() -> str:
-    """The git commit of the checkout this package runs from (an editable install), or ""; read
-    from the .git folder, without running git."""
-    git = Path(__file__).resolve().parents[1] / ".git"
+    """The git commit of the checkout this package runs from (an editable install), or "". Only
+    the package's own checkout: an installed copy inside some other repository is not asked."""
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / ".git").exists():
+        return ""
     try:
-        if git.is_file():  # a worktree: "gitdir: PATH"
-            git = Path(git.read_text(encoding="utf-8").split(":", 1)[1].strip())
-        head = (git / "HEAD").read_text(encoding="utf-8").strip()
-        if not head.startswith("ref: "):
-            return head
-        ref = head[5:]
-        folders = [git]
-        common = git / "commondir"  # a worktree's branches live in the main repository
-        if common.is_file():
-            folders.append((git / common.read_text(encoding="utf-8").strip()).resolve())
-        for folder in folders:
-            if (folder / ref).is_file():
-                return (folder / ref).read_text(encoding="utf-8").strip()
-            packed = folder / "packed-refs"
-            if packed.is_file():
-                for line in packed.read_text(encoding="utf-8").splitlines():
-                    if line.endswith(" " + ref):
-                        return line.split(" ", 1)[0]
-    except (OSError, IndexError):
-        pass
-    return ""
+        head = subprocess.run(
+            ["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
+        return ""
+    return head.stdout.strip() if head.returncode == 0 else ""
 
 
 def _non_finite_weights(records: Sequence[PassRecord]) -> list[str]:

@@ -579,8 +579,7 @@ def limit_pair_sums(codes: np.ndarray, targets: np.ndarray, limit: int = INT8_PA
     # Nearest (m, limit - m) to (|t1|, |t2|): m = (|t1| - |t2| + limit) / 2.
     magnitude = np.clip(np.rint((want_first - want_second + limit) / 2), max(limit - top, 0), min(top, limit))
     first[over] = (np.sign(targets[:, 0:even:2]) * magnitude)[over]
-    second[over] = (np.sign(targets[:, 1:even:2]) * (limit - magnitude))[over]
-    codes[:, 0:even:2], codes[:, 1:even:2] = first, second
+    second[over] = (np.sign(targets[:, 1:even:2]) * (limit - magnitude))[over]  # views: codes changes
     return codes
 
 
@@ -823,8 +822,7 @@ def _gptq_round(
     # Upper Cholesky factor of H^-1 (in the rounding order): row i holds column i's error weights.
     inverse = np.linalg.cholesky(np.linalg.inv(hessian[np.ix_(order, order)])).T
     codes = np.empty((columns, rows))
-    by_column = np.zeros((columns, rows)) if pair_limit is not None else None
-    rounded = np.zeros(columns, dtype=bool)
+    position_of = np.argsort(order)  # a column's place in the rounding order
     # Lazy batch updates (GPTQ's own): a column's error reaches the rest of its block at once and
     # the columns after the block in one matrix product.
     for block_start in range(0, columns, block):
@@ -837,13 +835,10 @@ def _gptq_round(
             column = part[offset]
             code = np.clip(np.rint(column / scale) + zero, low, high)
             code = np.where(pruned[position], zero, code)
-            if by_column is not None:
-                partner = order[position] ^ 1
-                if partner < columns and rounded[partner]:
-                    room = pair_limit - np.abs(by_column[partner])
-                    code = np.clip(code, -room, room)
-                by_column[order[position]] = code
-                rounded[order[position]] = True
+            partner = order[position] ^ 1
+            if pair_limit is not None and partner < columns and position_of[partner] < position:
+                room = pair_limit - np.abs(codes[position_of[partner]])
+                code = np.clip(code, -room, room)
             codes[position] = code
             error = (column - scale * (code - zero)) / inverse[position, position]
             part[offset + 1 :] -= np.outer(inverse[position, position + 1 : block_stop], error)
