@@ -616,15 +616,18 @@ def test_dynamic_activations_use_integer_matmul(tmp_path: Path) -> None:
     assert relative_error(expected, got) < 0.02
 
 
-@pytest.mark.parametrize("dequantize", ["fold", "linear"])
-def test_4_bit_weights_feed_integer_kernels_rounded_to_int8_at_load(dequantize: str, tmp_path: Path) -> None:
-    """Blocks of 4-bit codes stay the stored form; the graph decodes them and rounds them to int8 per
-    output channel (scales computed in the graph, none stored), which onnxruntime folds at load into
-    the weight of its fused integer kernel. The decode is the folding form even with
-    dequantize=linear: onnxruntime never folds DequantizeLinear."""
+@pytest.mark.parametrize(("bits", "dequantize"), [(4, "fold"), (4, "linear"), (3, "fold"), (2, "fold")])
+def test_low_bit_weights_feed_integer_kernels_rounded_to_int8_at_load(
+    bits: int, dequantize: str, tmp_path: Path
+) -> None:
+    """Blocks of 2- to 4-bit codes stay the stored form; the graph decodes them and rounds them to
+    int8 per output channel (scales computed in the graph, none stored), which onnxruntime folds at
+    load into the weight of its fused integer kernel. The decode is the folding form even with
+    dequantize=linear: onnxruntime never folds DequantizeLinear. Packed 2- and 3-bit codes too: the
+    mixed preset's widest layers (the wide DLRM's 1024x1024) go to 2 bits and ran at float speed."""
 
     feeds = {"x": RNG.standard_normal((20, 64)).astype(np.float32)}
-    config = {"bits": 4, "granularity": "block", "block_size": 16, "dequantize": dequantize}
+    config = {"bits": bits, "granularity": "block", "block_size": 16, "dequantize": dequantize}
     float_activations, model, result = with_integer_layers(config, feeds, tmp_path)
     assert result.stats["integer_layers"] == 3  # shown in the CLI's pass summary
     int8 = [v.name for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.INT8]
@@ -643,13 +646,15 @@ def with_integer_layers(
     config: dict, feeds: dict[str, np.ndarray], tmp_path: Path
 ) -> tuple[np.ndarray, ir.Model, CompressionResult]:
     """linear_model at ``config`` with float activations (its output on ``feeds``), and with every
-    layer an integer 4-bit layer (the model and the pass result)."""
+    layer an integer layer at the configured bits (the model and the pass result)."""
     weight_only = linear_model()
     Quantize(Quantize.Config(**config))(weight_only)
     (float_activations,) = evaluate(weight_only, tmp_path, feeds)
     model = linear_model()
     result = Quantize(Quantize.Config(**config, activations="dynamic"))(model)
-    assert {(entry["bits"], entry["form"]) for entry in result.stats["tensors"].values()} == {(4, "dynamic")}
+    assert {(entry["bits"], entry["form"]) for entry in result.stats["tensors"].values()} == {
+        (config["bits"], "dynamic")
+    }
     return float_activations, model, result
 
 
@@ -1205,6 +1210,27 @@ def test_weights_the_mixed_search_leaves_at_8_bits_take_one_scale_per_channel(tm
     config = Quantize.Config(mixed=True, mixed_bits=(8,), granularity="block", block_size=16)
     tensors = Quantize(config, context)(linear_model()).stats["tensors"]
     assert {(entry["bits"], entry["granularity"]) for entry in tensors.values()} == {(8, "channel")}
+
+
+def test_the_mixed_search_chooses_the_same_bits_whichever_layers_go_integer(tmp_path: Path) -> None:
+    """The bit widths are searched with float-activation codes; the activation check after it prices
+    the integer layers' codes and activations against those. Searched with the integer codes, the
+    scikit-learn MLP's first layer failed 4 bits (its labels flip), stayed at 8, and the file was
+    5.5x instead of 7.2x once that layer went back to float."""
+    reports = {
+        activations: compress_with_preset(
+            "sklearn_mlp", "mixed", tmp_path / f"{activations}.onnx", f"quant.activations={activations}", force=True
+        )
+        for activations in ("none", "dynamic")
+    }
+    bits = {
+        activations: next(record for record in report.passes if record.name == "quant").stats["mixed_precision"]["bits"]
+        for activations, report in reports.items()
+    }
+    assert bits["dynamic"] == bits["none"]
+    assert set(bits["none"].values()) == {4}
+    integer = next(record for record in reports["dynamic"].passes if record.name == "quant").stats["integer_layers"]
+    assert integer == 3
 
 
 def test_the_mixed_preset_leaves_the_sklearn_labels_a_margin_for_unseen_rows(tmp_path: Path) -> None:
@@ -2114,8 +2140,8 @@ def test_quant_bytes_are_priced_on_the_initializers_it_removed_and_added() -> No
 
 @pytest.mark.parametrize(
     "config",
-    [{"bits": 8}, {"bits": 4, "granularity": "block", "block_size": 16}],
-    ids=["int8-stored", "int4-rounded-to-int8-at-load"],
+    [{"bits": 8}, {"bits": 4, "granularity": "block", "block_size": 16}, {"bits": 2, "granularity": "block"}],
+    ids=["int8-stored", "int4-rounded-to-int8-at-load", "int2-rounded-to-int8-at-load"],
 )
 def test_integer_kernels_read_weights_whose_pairs_of_products_fit_16_bits(tmp_path: Path, config: dict) -> None:
     """onnxruntime's uint8 x int8 kernels on x86 without VNNI add each two neighbouring products in
