@@ -1267,6 +1267,23 @@ def test_int8_keeps_the_wide_dlrm_within_the_auc_target(tmp_path: Path) -> None:
     assert report.size_ratio > 3.9
 
 
+def test_the_mixed_preset_runs_the_wide_dlrms_2_bit_layers_as_integer_kernels(tmp_path: Path) -> None:
+    """The mixed search takes the wide DLRM's 1024-wide layers to 2 and 3 bits. Those feed integer
+    kernels (decoded and rounded to int8 at load), where onnxruntime times them faster; a layer
+    whose smoothing re-rounds its few levels worse than its activations gain goes without it before
+    any layer returns to float (with smoothing kept, all five returned to float)."""
+    report = compress_with_preset("dlrm_wide", "mixed", tmp_path / "mixed.onnx")
+    assert report.parity.passed and report.written
+    quant = next(record for record in report.passes if record.name == "quant")
+    activations = quant.stats["activations"]
+    dynamic = {name: tensor for name, tensor in quant.stats["tensors"].items() if tensor.get("form") == "dynamic"}
+    assert len(dynamic) == activations["integer_layers"] >= 4
+    assert {tensor["bits"] for tensor in dynamic.values()} >= {2, 3}
+    assert activations["unsmoothed"] and set(activations["unsmoothed"]) <= set(dynamic)
+    assert activations["measured"]["min_rank_corr"] >= activations["budget"]["min_rank_corr"]
+    assert report.size_ratio > 13
+
+
 def test_a_stricter_activation_budget_returns_more_layers_to_float(tmp_path: Path) -> None:
     loose = compress_with_preset("dlrm_wide", "int8", tmp_path / "a.onnx", "quant.activation_min_rank_corr=0.999")
     strict = compress_with_preset("dlrm_wide", "int8", tmp_path / "b.onnx", "quant.activation_min_rank_corr=0.99998")

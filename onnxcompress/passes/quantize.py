@@ -766,7 +766,7 @@ class Quantize(CompressionPass):
     _hessian_rows: dict[str, int]
     #: ``_linear_codes`` results by (weight, bits, integer layer), with the rows and Hessian they
     #: were computed from.
-    _linear_cache: dict[tuple[str, int, bool], tuple[np.ndarray, np.ndarray | None, Any]]
+    _linear_cache: dict[tuple[str, int, bool, bool], tuple[np.ndarray, np.ndarray | None, Any]]
     #: Per table (or stack of tables), its runs of rows with the Hessian of the model's outputs in
     #: a looked-up row (None: not measured), for rounding with error feedback (``_table_hessians``).
     _lookup_hessians: dict[str, list[tuple[int, np.ndarray | None]]]
@@ -1658,11 +1658,13 @@ class Quantize(CompressionPass):
         ]
         originals = {value: value.const_value for value in simulated}
         reference = runtime.run(runtime.make_session(model, "disable"), calibration.feeds.arrays)
-        # A weight's simulated values depend only on whether its own layer is integer (smoothed codes).
-        fakes: dict[tuple[ir.Value, bool], ir.TensorProtocol] = {}
+        # A weight's simulated values depend only on whether its own layer is integer, and smoothed.
+        fakes: dict[tuple[ir.Value, bool, bool], ir.TensorProtocol] = {}
 
         def fake(value: ir.Value, integer: set[str]) -> ir.TensorProtocol:
-            key = (value, value.name in integer)
+            name = value.name or ""
+            smoothed = name in self._activation_plans and self._activation_plans[name].scales is not None
+            key = (value, name in integer, smoothed)
             if key not in fakes:
                 previous, self._integer_layers = self._integer_layers, integer
                 try:
@@ -1732,11 +1734,29 @@ class Quantize(CompressionPass):
         eligible = {
             name: timing for name, timing in self._layer_timings.items() if MIN_INTEGER_BITS <= plan[by_name[name]] <= 8
         }
+        unsmoothed: list[str] = []
         while self._integer_layers:
             result = compare(reference, outputs_with(self._integer_layers), budget)
             figures = _figures(result)
             if result.passed:
                 break
+            # Smoothing was chosen on the activations' error alone; below 8 bits a smoothed layer's
+            # codes are rounded anew, on other rows, and can cost the model more than the
+            # activations save. Before any layer returns to float, those go without it (the wide
+            # DLRM's mixed file: none of five 2- and 3-bit layers integer with it, all five without).
+            smoothed = [
+                name
+                for name in self._integer_layers
+                if self._activation_plans[name].scales is not None
+                and self._activation_plans[name].error_unsmoothed <= config.activation_tolerance
+                and plan[by_name[name]] < 8
+            ]
+            if smoothed:
+                name = max(smoothed, key=lambda name: self._activation_plans[name].error)
+                error = self._activation_plans[name].error_unsmoothed
+                self._activation_plans[name] = ActivationPlan(None, error, error)
+                unsmoothed.append(name)
+                continue
             worst = max(self._integer_layers, key=lambda name: self._activation_plans[name].error)
             self._integer_layers.discard(worst)
             dropped.append(worst)
@@ -1755,6 +1775,7 @@ class Quantize(CompressionPass):
             **self._timing_stats(),
             **added,
             "returned_to_float": dropped,
+            **({"unsmoothed": unsmoothed} if unsmoothed else {}),
             "budget": {key: round(limit, 6) for key, limit in limits.items()},
             "weights_only": {key: round(figure, 6) for key, figure in weights_only.items()},
             "measured": {key: round(figure, 6) for key, figure in figures.items()},
@@ -1978,7 +1999,8 @@ class Quantize(CompressionPass):
     ) -> tuple[QuantizedRows, str, bool, str]:
         """Quantize ``rows`` ``[channels, inputs]``: (codes, granularity, dynamic, rounding). The
         codes of a smoothed integer layer are those of ``rows * scales``."""
-        key = (uses[0].value.name or "", bits, self._linear_plan(uses, rows.shape, bits)[2])
+        dynamic = self._linear_plan(uses, rows.shape, bits)[2]
+        key = (uses[0].value.name or "", bits, dynamic, self._smoothing(uses, dynamic) is not None)
         cached = self._linear_cache.get(key)
         if cached is not None and cached[1] is hessian and np.array_equal(cached[0], rows):
             return cached[2]
