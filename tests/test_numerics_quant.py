@@ -405,34 +405,6 @@ def test_gptq_scales_in_a_codebook_are_fixed_before_rounding(by_output: bool) ->
     assert error(booked) < 1.05 * error(free)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_gptq_in_natural_order_stores_its_scales_in_a_codebook_too(bits: int) -> None:
-    """In natural order (the mixed search's rounding) each block's scale is taken when the block
-    starts, from inputs the error feedback has moved; it is raised to an entry of a codebook that
-    spans the static scales with a margin either way, as it is taken. One byte a scale instead of
-    float16's two (0.25 bits a weight in blocks of 32) for about as little output error."""
-    rng = np.random.default_rng(21)
-    x = rng.standard_normal((600, 128)) @ (np.eye(128) + 0.3 * rng.standard_normal((128, 128)))
-    weight = rng.standard_normal((64, 128)) * rng.lognormal(0, 0.5, (64, 1))
-    hessian = x.T @ x
-
-    def error(quantized: QuantizedRows) -> float:
-        restored = dequantize_rows(quantized).reshape(64, 128)
-        return float(np.linalg.norm(x @ (restored - weight).T) / np.linalg.norm(x @ weight.T))
-
-    free, booked = (
-        gptq_quantize(weight, hessian, bits, group_size=32, act_order=False, codebook_size=size, scale_dtype=np.float16)
-        for size in (None, 256)
-    )
-    assert free.codebook is None
-    assert booked.codebook is not None and booked.codebook.dtype == np.float16 and len(booked.codebook) == 256
-    assert booked.scale_index is not None and booked.scale_index.dtype == np.uint8
-    assert booked.scale_index.shape == booked.scale.shape == (64 * 4,)
-    np.testing.assert_array_equal(booked.scale, booked.codebook[booked.scale_index])
-    assert np.unique(booked.scale_index).size > 32  # the entries in use spread over the range
-    assert error(booked) < 1.03 * error(free)
-
-
 @pytest.mark.parametrize("variant", ["act_order", "natural", "output_blocks"])
 def test_gptq_keeps_pruned_weights_at_zero_and_still_compensates(variant: str) -> None:
     """A weight pruned to 80% zeros: every zero decodes to exactly zero (the sparsity survives for

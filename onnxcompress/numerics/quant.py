@@ -76,10 +76,6 @@ INT8_PAIR_LIMIT = 128
 INT8_GRAPH_LEVELS = 64
 #: Columns GPTQ updates lazily before one matrix product applies their error to the rest.
 _GPTQ_BLOCK = 32
-#: GPTQ in natural order takes each group's scale from columns the error feedback has moved, which
-#: can reach past the weight's own range: its scale codebook spans the static scales widened by this
-#: factor each way.
-NATURAL_ORDER_CODEBOOK_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -653,11 +649,8 @@ def gptq_quantize(
         hessian: ``X^T X`` of the layer's calibration inputs, ``[in, in]``.
         group_size: one scale per ``group_size`` consecutive input columns (None: per output row).
         act_order: round in decreasing order of ``diag(H)`` (else in column order).
-        codebook_size: store the scales as uint8 indices into this many scales spaced evenly in
-            log (``scale_codebook``), each raised to its entry before its codes are chosen. Scales
-            fixed up front (act-order, or one group) span the codebook; in natural order it spans
-            the static scales widened by ``NATURAL_ORDER_CODEBOOK_MARGIN`` each way, and each group's
-            scale is raised to an entry when the group starts (symmetric codes only).
+        codebook_size: with scales fixed up front (act-order, or one group), store them as uint8
+            indices into this many scales spaced evenly in log (``scale_codebook``).
         pair_limit: symmetric codes only: keep ``|code 2j| + |code 2j+1| <= pair_limit`` in each
             row (``INT8_PAIR_LIMIT``): the second of a pair to be rounded is clipped to what the
             first leaves, and its error spread like any rounding error.
@@ -685,21 +678,6 @@ def gptq_quantize(
             extremes = _extremes(weight[:, index * group : (index + 1) * group], symmetric)
             scales[:, index], zeros[:, index] = _params(extremes, bits, symmetric, widening, scale_dtype)
         scales, codebook, scale_index = _snap_scales(scales, codebook_size, scale_dtype)
-    elif codebook_size is not None and symmetric:
-        static = np.stack(
-            [
-                _params(_extremes(weight[:, index * group : (index + 1) * group], True), bits, True, 1.0, scale_dtype)[
-                    0
-                ]
-                for index in range(groups)
-            ],
-            axis=1,
-        )
-        live = static[static > np.finfo(scale_dtype).tiny]
-        span = live if live.size else static.reshape(-1)
-        margin = NATURAL_ORDER_CODEBOOK_MARGIN
-        codebook = scale_codebook(np.array([span.min() / margin, span.max() * margin]), codebook_size, scale_dtype)
-        scale_index = np.zeros((rows, groups), np.uint8)
     group_of = np.arange(columns) // group
 
     def params_at(column: int, values: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
@@ -708,9 +686,6 @@ def gptq_quantize(
             # Natural order: a group's scale from its columns as they are when it starts.
             extremes = _extremes(values, symmetric)
             scales[:, index], zeros[:, index] = _params(extremes, bits, symmetric, 1.0, scale_dtype)
-            if codebook is not None and scale_index is not None:
-                scale_index[:, index] = _index_at_least(codebook, scales[:, index])
-                scales[:, index] = codebook[scale_index[:, index]]
         return scales[:, index], zeros[:, index]
 
     # Without fixed scales, blocks hold whole groups, so each group's scale sees every earlier
@@ -724,7 +699,7 @@ def gptq_quantize(
         zero_point=None if symmetric else zeros.reshape(-1).astype(np.uint8),
         bits=bits,
         codebook=codebook,
-        scale_index=None if scale_index is None else scale_index.reshape(-1),
+        scale_index=scale_index,
     )
 
 
