@@ -764,7 +764,7 @@ class Quantize(CompressionPass):
     _reference_timing: ModelTiming | None
     #: Calibration rows behind each linear weight's ``X^T X`` (set by ``_hessians``).
     _hessian_rows: dict[str, int]
-    #: ``_linear_codes`` results by (weight, bits, integer layer), with the rows and Hessian they
+    #: ``_linear_codes`` results by (weight, bits, integer layer, smoothed), with the rows and Hessian they
     #: were computed from.
     _linear_cache: dict[tuple[str, int, bool, bool], tuple[np.ndarray, np.ndarray | None, Any]]
     #: Per table (or stack of tables), its runs of rows with the Hessian of the model's outputs in
@@ -1640,8 +1640,8 @@ class Quantize(CompressionPass):
         """``activations=auto``: errors of 8-bit activations compound along a chain of layers, so the
         layers that pass alone are checked together. The model with every linear weight at its planned
         bits and every candidate layer's activations rounded as DynamicQuantizeLinear rounds them runs
-        on the calibration rows; while it misses the activation budget, the candidate with the largest
-        error returns to float."""
+        on the calibration rows; while it misses the activation budget, a smoothed candidate below 8
+        bits goes without its smoothing, else the candidate with the largest error returns to float."""
         config = self.config
         calibration = self.context.calibration
         by_name = {value.name: value for value in selected}
@@ -1662,9 +1662,7 @@ class Quantize(CompressionPass):
         fakes: dict[tuple[ir.Value, bool, bool], ir.TensorProtocol] = {}
 
         def fake(value: ir.Value, integer: set[str]) -> ir.TensorProtocol:
-            name = value.name or ""
-            smoothed = name in self._activation_plans and self._activation_plans[name].scales is not None
-            key = (value, name in integer, smoothed)
+            key = (value, value.name in integer, self._smoothing(selected[value], True) is not None)
             if key not in fakes:
                 previous, self._integer_layers = self._integer_layers, integer
                 try:
