@@ -9,10 +9,12 @@ from onnxcompress.numerics.quant import (
     EQUALIZATION_MIN_FACTOR,
     INT8_PAIR_LIMIT,
     QuantizedRows,
+    _refit_levels,
     binarize_rows,
     code_planes,
     dequantize_rows,
     equalization_factors,
+    gptq_levels,
     gptq_quantize,
     gptq_quantize_output_blocks,
     int8_requantize,
@@ -627,3 +629,85 @@ def test_int8_codes_computed_at_load_keep_each_pair_within_16_bits(inputs: int) 
     padded = np.pad(codes, ((0, 0), (0, inputs % 2)))
     assert _largest_pair_sum(padded) <= INT8_PAIR_LIMIT
     assert np.abs(codes.astype(np.float32) * scale[:, None] - rows).max() <= scale.max() / 2 + 1e-6
+
+
+def _layer_error(weight: np.ndarray, approximation: np.ndarray, x: np.ndarray) -> float:
+    return float(np.linalg.norm(x @ (approximation - weight).T) / np.linalg.norm(x @ weight.T))
+
+
+def test_fitted_levels_beat_evenly_spaced_2_bit_blocks_at_fewer_bytes() -> None:
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((1024, 64)) @ rng.standard_normal((64, 64))
+    weight = rng.standard_normal((48, 64)) * rng.uniform(0.2, 2.0, (48, 1))
+    hessian = x.T @ x
+    leveled = gptq_levels(weight, hessian, 2)
+    assert leveled.codes.shape == weight.shape and leveled.codes.dtype == np.uint8 and leveled.codes.max() < 4
+    assert leveled.levels is not None and leveled.levels.shape == (4,) and np.all(np.diff(leveled.levels) > 0)
+    assert leveled.scale.shape == (48,) and leveled.column_scale is None
+    blocks = gptq_quantize(weight, hessian, 2, group_size=32, act_order=False, scale_dtype=np.float16)
+    level_error = _layer_error(weight, dequantize_rows(leveled), x)
+    block_error = _layer_error(weight, dequantize_rows(blocks).reshape(weight.shape), x)
+    assert level_error < 0.6 * block_error
+    # Levels store a scale a row and four levels; blocks a scale per 32 values.
+    assert leveled.scale.size + leveled.levels.size < blocks.scale.size
+
+
+def test_levels_with_an_identity_hessian_are_the_nearest_level_of_each_value() -> None:
+    rng = np.random.default_rng(12)
+    weight = rng.standard_normal((20, 40))
+    leveled = gptq_levels(weight, np.eye(40), 3, damping=0.0)
+    assert leveled.levels is not None
+    normalized = weight / leveled.scale.astype(np.float64)[:, None]
+    nearest = np.abs(normalized[..., None] - leveled.levels.astype(np.float64)).argmin(axis=-1)
+    assert np.mean(leveled.codes == nearest) > 0.999  # ties aside
+
+
+def test_refitted_levels_are_the_least_squares_optimum_for_the_codes() -> None:
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((300, 24)) @ rng.standard_normal((24, 24))
+    weight = rng.standard_normal((10, 24))
+    codes = rng.integers(0, 4, weight.shape).astype(np.uint8)
+    scales = rng.uniform(0.5, 1.5, 10)
+    levels = _refit_levels(weight, x.T @ x, codes, scales, np.zeros(4))
+    # The same fit written out: the layer outputs x @ (S L[codes])^T are linear in the levels.
+    design = np.stack([(x @ np.where(codes == level, scales[:, None], 0.0).T).ravel() for level in range(4)], axis=1)
+    expected = np.linalg.lstsq(design, (x @ weight.T).ravel(), rcond=None)[0]
+    np.testing.assert_allclose(levels, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_column_scales_follow_inputs_of_unlike_magnitude() -> None:
+    rng = np.random.default_rng(14)
+    magnitudes = np.geomspace(0.01, 10.0, 32)
+    x = rng.standard_normal((512, 32)) / magnitudes  # small weights read large inputs, as one-hot next to dense
+    weight = rng.standard_normal((16, 32)) * magnitudes
+    hessian = x.T @ x
+    rows_only = gptq_levels(weight, hessian, 2)
+    with_columns = gptq_levels(weight, hessian, 2, column_scales=True)
+    assert with_columns.column_scale is not None and with_columns.column_scale.shape == (32,)
+    np.testing.assert_allclose(
+        dequantize_rows(with_columns),
+        with_columns.scale.astype(np.float64)[:, None]
+        * with_columns.levels.astype(np.float64)[with_columns.codes]  # type: ignore[union-attr]
+        * with_columns.column_scale.astype(np.float64),
+    )
+    assert _layer_error(weight, dequantize_rows(with_columns), x) < 0.5 * _layer_error(
+        weight, dequantize_rows(rows_only), x
+    )
+
+
+@pytest.mark.parametrize("bits", [1, 8])
+def test_levels_take_2_to_7_bits(bits: int) -> None:
+    with pytest.raises(ValueError, match="2 to 7 bits"):
+        gptq_levels(np.ones((2, 4)), np.eye(4), bits)
+
+
+def test_column_scales_of_inputs_apart_by_orders_of_magnitude_keep_the_hessian_invertible() -> None:
+    """Column scales are stored in float16; their products (1e-4 squared) must not be formed in it,
+    where they underflow to 0 and zero the Hessian's rows (a scikit-learn MLP's rarely set inputs)."""
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((256, 16))
+    weight = 0.05 * rng.standard_normal((8, 16))
+    weight[:, :3] *= 1e-4
+    leveled = gptq_levels(weight, x.T @ x, 3, column_scales=True)
+    assert leveled.column_scale is not None and leveled.column_scale.min() > 0
+    assert _layer_error(weight, dequantize_rows(leveled), x) < 0.2

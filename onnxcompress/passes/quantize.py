@@ -68,6 +68,7 @@ from onnxcompress.numerics.quant import (
     code_planes,
     dequantize_rows,
     equalization_factors,
+    gptq_levels,
     gptq_quantize,
     gptq_quantize_output_blocks,
     int8_requantize,
@@ -147,6 +148,12 @@ MIN_INTEGER_BITS = 2
 #: Cast, Mul, Reshape, Transpose, Abs, ReduceMax, Div, QuantizeLinear: 231 bytes in int4 SASRec,
 #: less the Cast that codes with one scale per channel need too).
 BLOCK_DECODE_BYTES = 207
+#: Graph bytes of a level decode beyond the unpacking (Cast, Gather, one or two Mul).
+LEVELS_DECODE_BYTES = 120
+#: Widths at which linear weights may take fitted levels (``level_codes``).
+LEVEL_BITS = (2, 3)
+#: A weight with more zeros than this is pruned: its codes stay evenly spaced, zero among them.
+LEVELS_MAX_ZERO_FRACTION = 0.05
 #: activations=auto: a layer that costs single-row latency must save at least this fraction of the
 #: model's batch time to be worth it.
 MIN_MODEL_BATCH_GAIN = 0.01
@@ -244,6 +251,9 @@ class _Stored:
     codebook: ir.Value | None = None
     #: Scales are one per column of the codes (``[elements]``, broadcast along the rows as stored).
     along_rows: bool = False
+    #: Codes index these values (then scaled per row, and per column by ``column_scale``).
+    levels: ir.Value | None = None
+    column_scale: ir.Value | None = None
 
     @property
     def per_row(self) -> bool:
@@ -360,6 +370,21 @@ def _store(
             zero = build.constant("zero_point", quantized.zero_point.astype(numpy_type).reshape(shape), int4_type)
         scale, codebook = _store_scale(build, quantized, shape, native_int4)
         return _Stored(codes, scale, zero, bits, elements, binary, codebook, along_rows)
+    elif quantized.levels is not None:
+        scale, codebook = _store_scale(build, quantized, shape, native_int4)
+        column_scale = None
+        if quantized.column_scale is not None:
+            column_scale = build.constant("column_scale", quantized.column_scale)
+        return _Stored(
+            build.constant("packed", _pack_rows(quantized.codes, bits, 0)),
+            scale,
+            None,
+            bits,
+            elements,
+            codebook=codebook,
+            levels=build.constant("levels", quantized.levels),
+            column_scale=column_scale,
+        )
     else:
         # Symmetric codes are stored offset by the zero point below, so every stored code is unsigned.
         offset = 2 ** (bits - 1) - 1 if quantized.symmetric and not binary else 0
@@ -437,6 +462,13 @@ def _decode_rows(
         return _decode_signs(build, stored, rows, scale)
     codes = _unpack(build, rows, stored.bits, stored.elements) if stored.packed else rows
     scale, scale_source = _scale_values(build, stored, scale)
+    if stored.levels is not None:
+        index = build.op("Cast", [codes], to=ir.DataType.INT32)
+        values = _float(build, build.op("Gather", [stored.levels, index], axis=0), stored.levels)
+        values = build.op("Mul", [values, _float(build, _column(build, scale, stored), scale_source)])
+        if stored.column_scale is not None:
+            values = build.op("Mul", [values, _float(build, stored.column_scale, stored.column_scale)])
+        return values
     if stored.binary:
         alpha = _float(build, _column(build, scale, stored), scale_source)
         doubled = build.op("Mul", [build.op("Cast", [codes], to=ir.DataType.FLOAT), build.op("Add", [alpha, alpha])])
@@ -772,6 +804,7 @@ class Quantize(CompressionPass):
     _lookup_hessians: dict[str, list[tuple[int, np.ndarray | None]]]
     #: Integer 4-bit layers: output error with blocks (after int8 rounding) and with channel scales.
     _integer_choices: dict[str, dict[str, float]]
+    _level_choices: dict[tuple[str, int], dict[str, Any]]
     #: Equalised 8-bit weights: one scale for all their channels (set by ``_equalize``).
     _one_scale: set[str]
 
@@ -793,6 +826,14 @@ class Quantize(CompressionPass):
             },
         )
         symmetric: bool = field(default=True, metadata={"help": "zero point 0 for linear weights (else min/max)"})
+        level_codes: bool = field(
+            default=False,
+            metadata={
+                "help": "linear weights of 2 and 3 bits with calibration data: codes index 2^bits levels fitted "
+                "to the weight, one scale per output channel (and per input where that pays), where their "
+                "output error, priced in bytes, is lower than evenly spaced codes in blocks"
+            },
+        )
         activations: str = field(
             default="none",
             metadata={
@@ -1027,6 +1068,7 @@ class Quantize(CompressionPass):
     def call(self, model: ir.Model) -> CompressionResult:
         self._linear_cache = {}
         self._integer_choices = {}
+        self._level_choices = {}
         self._created: dict[str, list[ir.Value]] = {}
         selected, skipped = self._select(model)
         if not selected:
@@ -2059,6 +2101,11 @@ class Quantize(CompressionPass):
                 name = uses[0].value.name or ""
                 chosen = self._integer_scales(name, unpadded_rows, unpadded_hessian, quantized, granularity, act_order)
                 return (*chosen, dynamic, "gptq")
+            if config.level_codes and bits in LEVEL_BITS and unpadded_hessian is not None and not one_scale:
+                name = uses[0].value.name or ""
+                leveled = self._level_choice(name, unpadded_rows, unpadded_hessian, quantized, granularity)
+                if leveled is not None:
+                    return leveled, "channel", dynamic, "gptq_levels"
             return quantized, granularity, dynamic, "gptq"
         search = config.rounding in ("mse", "auto")
         if dynamic and bits == 8:
@@ -2102,6 +2149,42 @@ class Quantize(CompressionPass):
         if channel_error <= block_error * 2.0**extra_bits:
             return per_channel, "channel"
         return blocks, granularity
+
+    def _level_choice(
+        self, name: str, rows: np.ndarray, hessian: np.ndarray, blocks: QuantizedRows, granularity: str
+    ) -> QuantizedRows | None:
+        """Codes indexing fitted levels (``gptq_levels``, with and without a scale per input) in
+        place of ``blocks``, when one of them has the smallest output error on the calibration
+        inputs once bytes are priced in: each bit a weight stored beyond the cheapest counts as
+        halving the squared error, as for integer layers' scales. None for a pruned weight (a level
+        need not be zero, so its zeros would not stay zeros)."""
+        if np.count_nonzero(rows == 0) > LEVELS_MAX_ZERO_FRACTION * rows.size:
+            return None
+        channels, inputs = rows.shape
+        scale_bytes = np.dtype(self.config.scale_dtype).itemsize
+        candidates: dict[str, tuple[QuantizedRows, float]] = {}
+        if blocks.codebook is None:
+            block_bytes = blocks.scale.size * scale_bytes
+        else:
+            block_bytes = blocks.scale.size + blocks.codebook.size * scale_bytes
+        if blocks.zero_point is not None:
+            block_bytes += blocks.zero_point.size
+        candidates["blocks"] = (blocks, block_bytes + BLOCK_DECODE_BYTES)
+        for key, column_scales in (("levels", False), ("levels_columns", True)):
+            leveled = gptq_levels(rows, hessian, blocks.bits, column_scales=column_scales, scale_dtype=np.float16)
+            extra = (channels + (inputs if column_scales else 0)) * 2 + leveled.levels.size * 2  # type: ignore[union-attr]
+            candidates[key] = (leveled, extra + LEVELS_DECODE_BYTES)
+        reference = max(_weighted_error(rows, hessian), 1e-30)
+        scores = {}
+        errors = {}
+        for key, (quantized, extra_bytes) in candidates.items():
+            restored = _restored(quantized, granularity if key == "blocks" else "channel", channels, inputs)
+            error = _weighted_error(restored - rows, hessian) / reference
+            errors[key] = round(float(np.sqrt(error)), 5)
+            scores[key] = error * 2.0 ** (8 * extra_bytes / rows.size)
+        best = min(scores, key=scores.__getitem__)
+        self._level_choices[(name, blocks.bits)] = {"chosen": best, "output_error": errors}
+        return None if best == "blocks" else candidates[best][0]
 
     def _rounding_errors(
         self,
@@ -2183,7 +2266,7 @@ class Quantize(CompressionPass):
         self._created[value.name] = build.created
         # Codes rounded to int8 for an integer kernel must be decoded by ops onnxruntime folds at load:
         # it never folds DequantizeLinear, which would rerun the whole rounding on every call.
-        dequantize = "fold" if dynamic else config.dequantize
+        dequantize = "fold" if dynamic or quantized.levels is not None else config.dequantize
         if dynamic and bits == 8:
             weight_kn = build.constant("q", quantized.codes.reshape(channels, inputs).T.copy())
             scale_shape = () if shared_scale else (channels,)
@@ -2278,6 +2361,12 @@ class Quantize(CompressionPass):
                 if dynamic and value.name in self._integer_choices
                 else {}
             ),
+            **(
+                {"level_choice": self._level_choices[(value.name, bits)]}
+                if (value.name, bits) in self._level_choices
+                else {}
+            ),
+            **({"levels": len(quantized.levels)} if quantized.levels is not None else {}),
             "form": form,
             "bytes_before": tensor.nbytes,
             "bytes_after": 0,  # priced in call(), once the storage is final
