@@ -695,9 +695,20 @@ def test_column_scales_follow_inputs_of_unlike_magnitude() -> None:
     )
 
 
-@pytest.mark.parametrize("bits", [1, 8])
-def test_levels_take_2_to_7_bits(bits: int) -> None:
-    with pytest.raises(ValueError, match="2 to 7 bits"):
+def test_two_fitted_levels_with_error_feedback_beat_signs_times_the_mean_magnitude() -> None:
+    rng = np.random.default_rng(16)
+    x = rng.standard_normal((1024, 64)) @ rng.standard_normal((64, 64))
+    weight = rng.standard_normal((48, 64)) * rng.uniform(0.2, 2.0, (48, 1))
+    leveled = gptq_levels(weight, x.T @ x, 1)
+    assert leveled.levels is not None and leveled.levels.shape == (2,) and leveled.codes.max() == 1
+    signs, alpha = binarize_rows(weight)
+    binary = (2.0 * signs - 1.0) * alpha[:, None]
+    assert _layer_error(weight, dequantize_rows(leveled), x) < 0.9 * _layer_error(weight, binary, x)  # 0.52, 0.59
+
+
+@pytest.mark.parametrize("bits", [0, 8])
+def test_levels_take_1_to_7_bits(bits: int) -> None:
+    with pytest.raises(ValueError, match="1 to 7 bits"):
         gptq_levels(np.ones((2, 4)), np.eye(4), bits)
 
 

@@ -814,8 +814,8 @@ def gptq_levels(
     Returns uint8 codes ``[rows, columns]`` with ``levels`` (ascending), row scales and
     ``column_scale`` in ``scale_dtype``.
     """
-    if not 1 < bits < 8:
-        raise ValueError(f"levels take 2 to 7 bits, not {bits}")
+    if not 1 <= bits < 8:
+        raise ValueError(f"levels take 1 to 7 bits, not {bits}")
     weight, hessian = _gptq_inputs(weight, hessian, damping)
     rows, columns = weight.shape
     scale_dtype = np.dtype(scale_dtype)
