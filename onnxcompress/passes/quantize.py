@@ -359,18 +359,7 @@ def _store(
     if quantized.scale.size == 1 and (rows != 1 or int(np.prod(shape)) != 1):
         shape = ()  # one scale for the tensor (a layer of one input feature stored as read: one row)
     offset = 0
-    if bits == 8:
-        codes = build.constant("q", quantized.codes)
-    elif native_int4 and bits == 4:
-        numpy_type = ml_dtypes.int4 if quantized.symmetric else ml_dtypes.uint4
-        int4_type = ir.DataType.INT4 if quantized.symmetric else ir.DataType.UINT4
-        codes = build.constant("q", quantized.codes.astype(numpy_type), int4_type)
-        zero = None
-        if quantized.zero_point is not None:
-            zero = build.constant("zero_point", quantized.zero_point.astype(numpy_type).reshape(shape), int4_type)
-        scale, codebook = _store_scale(build, quantized, shape, native_int4)
-        return _Stored(codes, scale, zero, bits, elements, binary, codebook, along_rows)
-    elif quantized.levels is not None:
+    if quantized.levels is not None:
         scale, codebook = _store_scale(build, quantized, shape, native_int4)
         column_scale = None
         if quantized.column_scale is not None:
@@ -385,6 +374,17 @@ def _store(
             levels=build.constant("levels", quantized.levels),
             column_scale=column_scale,
         )
+    if bits == 8:
+        codes = build.constant("q", quantized.codes)
+    elif native_int4 and bits == 4:
+        numpy_type = ml_dtypes.int4 if quantized.symmetric else ml_dtypes.uint4
+        int4_type = ir.DataType.INT4 if quantized.symmetric else ir.DataType.UINT4
+        codes = build.constant("q", quantized.codes.astype(numpy_type), int4_type)
+        zero = None
+        if quantized.zero_point is not None:
+            zero = build.constant("zero_point", quantized.zero_point.astype(numpy_type).reshape(shape), int4_type)
+        scale, codebook = _store_scale(build, quantized, shape, native_int4)
+        return _Stored(codes, scale, zero, bits, elements, binary, codebook, along_rows)
     else:
         # Symmetric codes are stored offset by the zero point below, so every stored code is unsigned.
         offset = 2 ** (bits - 1) - 1 if quantized.symmetric and not binary else 0
@@ -2773,6 +2773,7 @@ def _integer_codes(quantized: QuantizedRows, granularity: str, channels: int) ->
         and quantized.codes.shape[0] == channels
         and quantized.scale.size == channels
         and quantized.codebook is None
+        and quantized.levels is None
     )
 
 
