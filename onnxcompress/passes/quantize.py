@@ -2184,8 +2184,11 @@ class Quantize(CompressionPass):
             block_bytes += blocks.zero_point.size
         candidates["blocks"] = (blocks, block_bytes + BLOCK_DECODE_BYTES)
         for key, column_scales in (("levels", False), ("levels_columns", True)):
-            leveled = gptq_levels(rows, hessian, blocks.bits, column_scales=column_scales, scale_dtype=np.float16)
-            extra = (channels + (inputs if column_scales else 0)) * 2 + leveled.levels.size * 2  # type: ignore[union-attr]
+            leveled = gptq_levels(
+                rows, hessian, blocks.bits, column_scales=column_scales, scale_dtype=self.config.scale_dtype
+            )
+            stored = channels + (inputs if column_scales else 0) + leveled.levels.size  # type: ignore[union-attr]
+            extra = stored * scale_bytes
             candidates[key] = (leveled, extra + LEVELS_DECODE_BYTES)
         reference = max(_weighted_error(rows, hessian), 1e-30)
         scores = {}
