@@ -953,20 +953,18 @@ def _gptq_round(
             scale, zero = params_at(order[position], part[offset : offset + group].T, position)
             column = part[offset]
             if levels is not None and midpoints is not None:
-                nearest = np.searchsorted(midpoints, column / scale)
-                codes[position] = nearest
-                error = (column - scale * levels[nearest]) / inverse[position, position]
-                part[offset + 1 :] -= np.outer(inverse[position, position + 1 : block_stop], error)
-                errors[offset] = error
-                continue
-            code = np.clip(np.rint(column / scale) + zero, low, high)
-            code = np.where(pruned[position], zero, code)
-            partner = order[position] ^ 1
-            if pair_limit is not None and partner < columns and position_of[partner] < position:
-                room = pair_limit - np.abs(codes[position_of[partner]])
-                code = np.clip(code, -room, room)
+                code = np.searchsorted(midpoints, column / scale)
+                rounded = scale * levels[code]
+            else:
+                code = np.clip(np.rint(column / scale) + zero, low, high)
+                code = np.where(pruned[position], zero, code)
+                partner = order[position] ^ 1
+                if pair_limit is not None and partner < columns and position_of[partner] < position:
+                    room = pair_limit - np.abs(codes[position_of[partner]])
+                    code = np.clip(code, -room, room)
+                rounded = scale * (code - zero)
             codes[position] = code
-            error = (column - scale * (code - zero)) / inverse[position, position]
+            error = (column - rounded) / inverse[position, position]
             part[offset + 1 :] -= np.outer(inverse[position, position + 1 : block_stop], error)
             errors[offset] = error
         permuted[block_stop:] -= inverse[block_start:block_stop, block_stop:].T @ errors

@@ -2063,17 +2063,14 @@ class Quantize(CompressionPass):
         if scales is not None:
             rows = rows * scales
             hessian = None if hessian is None else hessian / np.outer(scales, scales)
+        name = uses[0].value.name or ""
+        samples = self._hessian_rows.get(name, 0)
         if bits == 1:
             codes, alpha = binarize_rows(rows)
             binary = QuantizedRows(codes, alpha, None, 1)
-            samples = self._hessian_rows.get(uses[0].value.name or "", 0)
-            if (
-                config.level_codes
-                and hessian is not None
-                and hessian.shape == (inputs, inputs)
-                and samples >= GPTQ_MIN_ROWS
-            ):
-                leveled = self._level_choice(uses[0].value.name or "", rows, hessian, binary, granularity)
+            calibrated = hessian is not None and hessian.shape == (inputs, inputs) and samples >= GPTQ_MIN_ROWS
+            if config.level_codes and calibrated and hessian is not None:
+                leveled = self._level_choice(name, rows, hessian, binary, granularity)
                 if leveled is not None:
                     return leveled, "channel", dynamic, "gptq_levels"
             return binary, granularity, dynamic, "binary"
@@ -2083,8 +2080,7 @@ class Quantize(CompressionPass):
             rows = np.pad(rows, ((0, 0), (0, padding)))
             hessian = None if hessian is None else np.pad(hessian, ((0, padding), (0, padding)))
             inputs += padding
-        one_scale = granularity == "channel" and bits == 8 and (uses[0].value.name or "") in self._one_scale
-        samples = self._hessian_rows.get(uses[0].value.name or "", 0)
+        one_scale = granularity == "channel" and bits == 8 and name in self._one_scale
         if (
             hessian is not None
             and hessian.shape == (inputs, inputs)
@@ -2111,11 +2107,9 @@ class Quantize(CompressionPass):
                 if by_output is not None:
                     quantized, granularity = by_output, "block_outputs"
             if dynamic and bits == 4 and group < inputs and unpadded_hessian is not None:
-                name = uses[0].value.name or ""
                 chosen = self._integer_scales(name, unpadded_rows, unpadded_hessian, quantized, granularity, act_order)
                 return (*chosen, dynamic, "gptq")
             if config.level_codes and bits in LEVEL_BITS and unpadded_hessian is not None and not one_scale:
-                name = uses[0].value.name or ""
                 leveled = self._level_choice(name, unpadded_rows, unpadded_hessian, quantized, granularity)
                 if leveled is not None:
                     return leveled, "channel", dynamic, "gptq_levels"
@@ -2149,10 +2143,7 @@ class Quantize(CompressionPass):
         channel_error = _weighted_error(_restored(per_channel, "channel", channels, inputs) - rows, hessian)
         reference = max(_weighted_error(rows, hessian), 1e-30)
         scale_bytes = np.dtype(self.config.scale_dtype).itemsize
-        if blocks.codebook is None:
-            block_scale_bytes = blocks.scale.size * scale_bytes
-        else:
-            block_scale_bytes = blocks.scale.size + blocks.codebook.size * scale_bytes
+        block_scale_bytes = _stored_scale_bytes(blocks, scale_bytes)
         extra_bits = 8 * (block_scale_bytes - channels * scale_bytes + BLOCK_DECODE_BYTES) / rows.size
         self._integer_choices[name] = {
             "blocks": round(float(np.sqrt(block_error / reference)), 5),
@@ -2176,10 +2167,7 @@ class Quantize(CompressionPass):
         channels, inputs = rows.shape
         scale_bytes = np.dtype(self.config.scale_dtype).itemsize
         candidates: dict[str, tuple[QuantizedRows, float]] = {}
-        if blocks.codebook is None:
-            block_bytes = blocks.scale.size * scale_bytes
-        else:
-            block_bytes = blocks.scale.size + blocks.codebook.size * scale_bytes
+        block_bytes = _stored_scale_bytes(blocks, scale_bytes)
         if blocks.zero_point is not None:
             block_bytes += blocks.zero_point.size
         candidates["blocks"] = (blocks, block_bytes + BLOCK_DECODE_BYTES)
@@ -2790,6 +2778,13 @@ def _figures(result: ParityResult) -> dict[str, float]:
             elif key == "max_mismatch":
                 figures[key] = max(figures.get(key, 0.0), figure)
     return figures
+
+
+def _stored_scale_bytes(quantized: QuantizedRows, scale_bytes: int) -> int:
+    """Bytes of ``quantized``'s scales as stored: float values, or a byte an index and the codebook."""
+    if quantized.codebook is None:
+        return quantized.scale.size * scale_bytes
+    return quantized.scale.size + quantized.codebook.size * scale_bytes
 
 
 def _flip_rate(measured: float, elements: int) -> float:
