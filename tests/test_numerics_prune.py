@@ -12,7 +12,8 @@ from onnxcompress.numerics.prune import (
     keep_count,
     magnitude_sample,
     nm_mask,
-    obs_mask,
+    obs_fit,
+    obs_path,
     obs_rows,
     pack_bits,
     parse_nm,
@@ -169,15 +170,49 @@ def test_obs_mask_recovers_the_support_of_a_sparse_layer() -> None:
     truth[[1, 6], 1] = [0.5, 3.0]
     truth[[2, 7], 2] = [-1.0, 1.5]
     system = NormalEquations.of(Gram.of(x, x @ truth), damping=1e-6)
-    keep = obs_mask(system, 0.75)
-    np.testing.assert_array_equal(keep, truth != 0)
-    nm = obs_mask(system, 0.0, nm=(1, 4))
+    fit = obs_fit(system, 0.75)
+    np.testing.assert_array_equal(fit.keep, truth != 0)
+    np.testing.assert_allclose(fit.weights, truth, atol=1e-4)
+    nm = obs_fit(system, 0.0, nm=(1, 4)).keep
     assert nm.sum(axis=0).tolist() == [2, 2, 2]
-    # Continuing from a half-sparse mask reaches the same support; the start is not modified.
-    half = obs_mask(system, 0.5, steps=2)
-    assert half.sum(axis=0).tolist() == [4, 4, 4] and np.all(half[truth != 0])
-    np.testing.assert_array_equal(obs_mask(system, 0.75, steps=2, start=half), truth != 0)
-    assert half.sum() == 12
+    # Continuing from the half-sparse mask reaches the same support.
+    half, three_quarters = obs_path(system, [0.5, 0.75], steps=2, steps_after=2)
+    assert half.keep.sum(axis=0).tolist() == [4, 4, 4] and np.all(half.keep[truth != 0])
+    np.testing.assert_array_equal(three_quarters.keep, truth != 0)
+
+
+def test_obs_path_narrows_each_columns_inverse_as_fresh_inverses_would() -> None:
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((500, 24)) @ (np.eye(24) + 0.4 * rng.standard_normal((24, 24)))
+    y = x @ rng.standard_normal((24, 5)) + 0.3 * rng.standard_normal((500, 5))
+    system = NormalEquations.of(Gram.of(x, y), damping=0.01, fit_intercept=True)
+    sparsities = [0.3, 0.5, 0.8, 0.95]
+    fits = obs_path(system, sparsities, steps=4, steps_after=2)
+    # The same rounds with each column's kept system inverted anew every round.
+    keep = np.ones((24, 5), dtype=bool)
+    kept, schedule = 24, []
+    for level, sparsity in enumerate(sparsities):
+        start, final, rounds = kept, keep_count(24, sparsity), 4 if level == 0 else 2
+        for step in range(1, rounds + 1):
+            kept = start - round((start - final) * step / rounds)
+            schedule.append((kept, step == rounds))
+    expected = []
+    for count, level_end in schedule:
+        saliency = np.full(keep.shape, -np.inf)
+        for column in range(5):
+            rows = np.flatnonzero(keep[:, column])
+            inverse = np.linalg.inv(system.a[np.ix_(rows, rows)])
+            weights = inverse @ system.b[rows, column]
+            saliency[rows, column] = weights**2 / np.diag(inverse)
+        keep = topk_mask(saliency, 1 - count / 24, axis=0)
+        if level_end:
+            expected.append(keep)
+    for fit, mask, sparsity in zip(fits, expected, sparsities, strict=True):
+        np.testing.assert_array_equal(fit.keep, mask)
+        assert fit.keep.sum(axis=0).tolist() == [keep_count(24, sparsity)] * 5
+        np.testing.assert_allclose(fit.weights, system.solve(fit.keep), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="rising"):
+        obs_path(system, [0.5, 0.3])
 
 
 def test_nm_masks_decided_in_rounds_leave_the_undecided_groups_to_compensate() -> None:
@@ -187,9 +222,10 @@ def test_nm_masks_decided_in_rounds_leave_the_undecided_groups_to_compensate() -
     system = NormalEquations.of(Gram.of(x, y), damping=1e-6)
     errors = []
     for steps in (1, 8):
-        keep = obs_mask(system, 0.0, steps, nm=(2, 4))
-        assert np.all(keep.reshape(8, 4, 8).sum(axis=1) == 2)
-        errors.append(np.linalg.norm(x @ system.solve(keep) - y) / np.linalg.norm(y))
+        fit = obs_fit(system, 0.0, steps, nm=(2, 4))
+        assert np.all(fit.keep.reshape(8, 4, 8).sum(axis=1) == 2)
+        np.testing.assert_allclose(fit.weights, system.solve(fit.keep), rtol=1e-6, atol=1e-9)
+        errors.append(np.linalg.norm(x @ fit.weights - y) / np.linalg.norm(y))
     # One shot on the dense solution: 0.38 relative error; eight rounds in input order: 0.22.
     assert errors[1] < 0.7 * errors[0]
 

@@ -72,11 +72,14 @@ class NoFiniteRows(ValueError):
 
 
 def _solve_spd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    # The Cholesky factorisation only tells a positive definite system from one that needs least
+    # squares: numpy has no triangular solve, and two general solves on the factors cost twice one on
+    # the system.
     try:
-        factor = np.linalg.cholesky(matrix)
+        np.linalg.cholesky(matrix)
     except np.linalg.LinAlgError:
         return np.linalg.lstsq(matrix, rhs, rcond=None)[0]
-    return np.linalg.solve(factor.T, np.linalg.solve(factor, rhs))
+    return np.linalg.solve(matrix, rhs)
 
 
 @dataclass(frozen=True)
@@ -150,8 +153,8 @@ class NormalEquations:
         weights = np.zeros(self.b.shape)
         for cols, rows, a_sub, b_sub in self.masked_systems(keep):
             try:
-                factor = np.linalg.cholesky(a_sub)
-                solved = np.linalg.solve(factor.transpose(0, 2, 1), np.linalg.solve(factor, b_sub))
+                np.linalg.cholesky(a_sub)  # positive definite, else least squares (as _solve_spd)
+                solved = np.linalg.solve(a_sub, b_sub)
             except np.linalg.LinAlgError:
                 solved = np.stack([_solve_spd(a, b) for a, b in zip(a_sub, b_sub, strict=True)])
             weights[rows, cols[:, None]] = solved[:, :, 0]

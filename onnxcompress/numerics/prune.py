@@ -7,7 +7,8 @@ sparsity matches the request instead of drifting with duplicate values.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,11 +16,13 @@ from onnxcompress.numerics.lstsq import NormalEquations
 
 __all__ = [
     "EXACT_OBS_FLOPS",
+    "ObsFit",
     "global_sparsities",
     "keep_count",
     "magnitude_sample",
     "nm_mask",
-    "obs_mask",
+    "obs_fit",
+    "obs_path",
     "obs_rows",
     "pack_bits",
     "parse_nm",
@@ -197,64 +200,164 @@ def unpack_bits(packed: np.ndarray, count: int) -> np.ndarray:
     return np.unpackbits(np.asarray(packed, dtype=np.uint8).reshape(-1), count=count, bitorder="little").astype(bool)
 
 
-def obs_mask(
-    system: NormalEquations,
-    sparsity: float,
-    steps: int = 4,
-    nm: tuple[int, int] | None = None,
-    start: np.ndarray | None = None,
-) -> np.ndarray:
-    """A ``[d_in, d_out]`` keep mask chosen by Optimal Brain Surgeon saliency on a ridge system.
+class ObsFit(NamedTuple):
+    """A ``[d_in, d_out]`` keep mask and the ridge solution over it (zero where pruned)."""
+
+    keep: np.ndarray
+    weights: np.ndarray
+
+
+def obs_fit(system: NormalEquations, sparsity: float, steps: int = 4, nm: tuple[int, int] | None = None) -> ObsFit:
+    """A keep mask chosen by Optimal Brain Surgeon saliency on a ridge system, and the refit over it.
 
     Removing input ``q`` from output column ``j`` and refitting the others raises the squared
     error by ``w_q^2 / [A_S^-1]_qq`` (``A_S`` the system over the inputs ``S`` still kept); the
     least salient inputs go first. Unstructured masks are reached in ``steps`` equal rounds, each
     re-solving the kept systems, because saliencies change as neighbours leave (one-shot OBS on
-    the dense solution is what SparseGPT approximates). N:M masks are decided group by group in
-    ``steps`` rounds (:func:`_obs_nm_mask`). Every column keeps the same count.
-
-    ``start``, a sparser-than-dense mask from an earlier call (every column keeping the same count),
-    continues from there: masks for rising sparsities then cost ``steps`` rounds each, not all the
-    rounds from dense.
+    the dense solution is what SparseGPT approximates). N:M masks (``sparsity`` is then moot) are
+    decided group by group in ``steps`` rounds in input order, each on the solution that keeps the
+    groups not yet decided dense: their weights absorb what the decided groups lose, as in
+    SparseGPT. Every column keeps the same count.
     """
-    d_in, d_out = system.b.shape
-    if nm is not None:
-        return _obs_nm_mask(system, nm, steps)
-    keep = np.ones((d_in, d_out), dtype=bool) if start is None else start.copy()
-    first = int(keep[:, 0].sum()) if d_out else d_in
-    final = keep_count(d_in, sparsity)
-    for step in range(1, steps + 1):
-        count = first - round((first - final) * step / steps)
-        keep = topk_mask(_obs_saliency(system, keep), 1.0 - count / d_in if d_in else 0.0, axis=0)
-    return keep
-
-
-def _obs_saliency(system: NormalEquations, keep: np.ndarray) -> np.ndarray:
-    """OBS saliency ``w_q^2 / [A_S^-1]_qq`` of every kept entry (``-inf`` elsewhere)."""
-    saliency = np.full(keep.shape, -np.inf)
-    for cols, rows, a_sub, b_sub in system.masked_systems(keep):
-        inverse = np.linalg.inv(a_sub)
-        weights = (inverse @ b_sub)[:, :, 0]
-        saliency[rows, cols[:, None]] = weights**2 / np.diagonal(inverse, axis1=1, axis2=2)
-    return saliency
-
-
-def _obs_nm_mask(system: NormalEquations, nm: tuple[int, int], steps: int) -> np.ndarray:
-    """N:M groups decided in ``steps`` rounds in input order, each on the solution that keeps the
-    groups not yet decided dense: their weights absorb what the decided groups lose, as in SparseGPT."""
+    if nm is None:
+        return obs_path(system, [sparsity], steps)[0]
     n, m = nm
+    groups = -(-system.b.shape[0] // m)
+    bounds = sorted({groups * step // steps for step in range(1, steps + 1)} - {0})
+
+    def decide(low: int, high: int) -> _Choose:
+        def choose(saliency: np.ndarray, keep: np.ndarray) -> np.ndarray:
+            chosen = keep.copy()
+            chosen[low:high] = nm_mask(saliency[low:high], n, m, axis=0)
+            return chosen
+
+        return choose
+
+    lows = [0, *bounds[:-1]]
+    return _obs_rounds(
+        system, [(decide(low * m, high * m), high == bounds[-1]) for low, high in zip(lows, bounds, strict=True)]
+    )[0]
+
+
+def obs_path(
+    system: NormalEquations, sparsities: Sequence[float], steps: int = 4, steps_after: int = 2
+) -> list[ObsFit]:
+    """:func:`obs_fit` (unstructured) at each of the rising ``sparsities``: the first reached from
+    dense in ``steps`` rounds, each later one from the one before in ``steps_after``. Pricing a
+    layer at several sparsities then costs a few rounds a level, not all the rounds from dense."""
+    d_in = system.b.shape[0]
+    rounds: list[tuple[_Choose, bool]] = []
+    kept = d_in
+    for level, sparsity in enumerate(sparsities):
+        final = keep_count(d_in, sparsity)
+        if final > kept:
+            raise ValueError(f"obs_path needs rising sparsities, got {list(sparsities)}")
+        count, start = (steps if level == 0 else steps_after), kept
+        for step in range(1, count + 1):
+            kept = start - round((start - final) * step / count)
+            rounds.append((_keep_most_salient(kept), step == count))
+    return _obs_rounds(system, rounds)
+
+
+_Choose = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _keep_most_salient(count: int) -> _Choose:
+    def choose(saliency: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        d_in = saliency.shape[0]
+        return topk_mask(saliency, 1.0 - count / d_in if d_in else 0.0, axis=0)
+
+    return choose
+
+
+def _obs_rounds(system: NormalEquations, rounds: Sequence[tuple[_Choose, bool]]) -> list[ObsFit]:
+    """Run OBS ``rounds`` over the columns, a chunk of columns at a time (each column's mask is its
+    own); each round's chooser maps the kept entries' saliencies (``-inf`` elsewhere) and the keep
+    mask to the next, narrower mask; rounds flagged True give an :class:`ObsFit`."""
     d_in, d_out = system.b.shape
-    keep = np.ones((d_in, d_out), dtype=bool)
-    groups = -(-d_in // m)
-    decided = 0
-    for step in range(1, steps + 1):
-        until = groups * step // steps
-        if until == decided:
-            continue
-        low, high = decided * m, min(until * m, d_in)
-        keep[low:high] = nm_mask(_obs_saliency(system, keep)[low:high], n, m, axis=0)
-        decided = until
-    return keep
+    fits = [ObsFit(np.zeros((d_in, d_out), dtype=bool), np.zeros((d_in, d_out))) for _, report in rounds if report]
+    dense_inverse = np.linalg.inv(system.a)
+    chunk = max(1, _OBS_BYTES // (8 * 3 * max(d_in, 1) ** 2))
+    for start in range(0, d_out, chunk):
+        columns = np.arange(start, min(start + chunk, d_out))
+        kept = _KeptInverses(system, columns, dense_inverse)
+        reported = 0
+        for choose, report in rounds:
+            keep = choose(kept.saliency(), kept.keep())
+            kept.restrict(keep)
+            if report:
+                fits[reported].keep[:, columns] = keep
+                fits[reported].weights[:, columns] = kept.weights()
+                reported += 1
+    return fits
+
+
+#: Bound on the memory of the per-column inverses :func:`_obs_rounds` carries (three of their size
+#: at a time): columns are taken in chunks under it.
+_OBS_BYTES = 192 * 1024 * 1024
+
+
+class _KeptInverses:
+    """For a chunk of output columns, each one's kept inputs (as many for every column) and the
+    inverse of the ridge system restricted to them.
+
+    Narrowing a kept set updates the inverse by a Schur complement instead of inverting anew: with
+    ``P`` the inverse over the kept inputs, ``T`` those that stay and ``R`` those that leave, the
+    inverse over ``T`` is ``P_TT - P_TR P_RR^-1 P_RT``, which costs ``|T|^2 |R|`` instead of
+    ``|T|^3``; every column starts from the one dense inverse, shared.
+    """
+
+    def __init__(self, system: NormalEquations, columns: np.ndarray, dense_inverse: np.ndarray) -> None:
+        d_in = system.b.shape[0]
+        self.columns = columns
+        self.rhs = system.b[:, columns].T  # [c, d_in]
+        self.rows = np.broadcast_to(np.arange(d_in), (columns.size, d_in))  # [c, k] kept inputs, ascending
+        self.inverse = dense_inverse  # [k, k] while every column keeps everything, then [c, k, k]
+
+    def weights(self) -> np.ndarray:
+        """``[d_in, c]`` ridge solutions over the kept inputs, zero elsewhere."""
+        rhs = np.take_along_axis(self.rhs, self.rows, axis=1)
+        solved = np.matmul(self.inverse, rhs[:, :, None])[:, :, 0]
+        full = np.zeros((self.rhs.shape[1], self.columns.size))
+        full[self.rows, np.arange(self.columns.size)[:, None]] = solved
+        return full
+
+    def keep(self) -> np.ndarray:
+        keep = np.zeros((self.rhs.shape[1], self.columns.size), dtype=bool)
+        keep[self.rows, np.arange(self.columns.size)[:, None]] = True
+        return keep
+
+    def saliency(self) -> np.ndarray:
+        """``[d_in, c]`` OBS saliency ``w_q^2 / [A_S^-1]_qq`` of every kept entry, ``-inf`` elsewhere."""
+        weights = self.weights()
+        diagonal = np.diagonal(self.inverse, axis1=-2, axis2=-1)
+        saliency = np.full(weights.shape, -np.inf)
+        index = (self.rows, np.arange(self.columns.size)[:, None])
+        saliency[index] = weights[index] ** 2 / diagonal
+        return saliency
+
+    def restrict(self, keep: np.ndarray) -> None:
+        """Keep only the inputs ``keep`` (``[d_in, c]``, a subset of the kept ones, as many a column)."""
+        stays = keep[self.rows, np.arange(self.columns.size)[:, None]]
+        count = int(stays[0].sum()) if stays.size else 0
+        if not np.all(stays.sum(axis=1) == count) or int(keep.sum()) != count * self.columns.size:
+            raise ValueError("every column must keep as many inputs, all of them kept before")
+        if count == self.rows.shape[1]:
+            return
+        order = np.argsort(~stays, axis=1, kind="stable")  # staying positions first, in input order
+        stay, leave = order[:, :count], order[:, count:]
+        p_tt = self._block(stay, stay)
+        p_tr = self._block(stay, leave)
+        p_rr = self._block(leave, leave)
+        self.inverse = p_tt - p_tr @ np.linalg.solve(p_rr, p_tr.transpose(0, 2, 1))
+        self.rows = np.take_along_axis(self.rows, stay, axis=1)
+
+    def _block(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """``[c, len(first), len(second)]`` entries of each column's inverse at kept positions."""
+        if self.inverse.ndim == 2:
+            return self.inverse[first[:, :, None], second[:, None, :]]
+        stack = np.arange(self.columns.size)[:, None, None]
+        return self.inverse[stack, first[:, :, None], second[:, None, :]]
 
 
 def obs_rows(system: NormalEquations, count: int, rounds: int = 8) -> np.ndarray:
@@ -277,7 +380,7 @@ def obs_rows(system: NormalEquations, count: int, rounds: int = 8) -> np.ndarray
     return kept
 
 
-#: Above this many flops (``d_out * d_in^3``) the exact per-column OBS of :func:`obs_mask` is too
+#: Above this many flops (``d_out * d_in^3``) the exact per-column OBS of :func:`obs_fit` is too
 #: slow (a 1024 x 1024 layer would take minutes) and :func:`sparsegpt` replaces it.
 EXACT_OBS_FLOPS = 5e9
 
@@ -294,9 +397,9 @@ def sparsegpt(
     exact method's ``O(d_out d_in^3)``; masks follow a per-block threshold, so rows may differ a
     little in sparsity while the layer's total is exact to the block.
     """
-    weights = system.solve().T.copy()  # [d_out, d_in]
-    d_in = weights.shape[1]
     inverse = np.linalg.inv(system.a)
+    weights = (inverse @ system.b).T.copy()  # [d_out, d_in]
+    d_in = weights.shape[1]
     factor = np.linalg.cholesky((inverse + inverse.T) / 2).T  # upper: factor.T @ factor = A^-1
     for start in range(0, d_in, block):
         stop = min(start + block, d_in)

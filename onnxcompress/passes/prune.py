@@ -38,7 +38,8 @@ from onnxcompress.numerics.prune import (
     keep_count,
     magnitude_sample,
     nm_mask,
-    obs_mask,
+    obs_fit,
+    obs_path,
     obs_rows,
     parse_nm,
     sparsegpt,
@@ -688,7 +689,7 @@ class Prune(CompressionPass):
         d_in, d_out = system.b.shape
         if d_out * d_in**3 > EXACT_OBS_FLOPS:
             return sparsegpt(system, sparsity, nm)
-        return system.solve(obs_mask(system, sparsity, OBS_ROUNDS, nm))
+        return obs_fit(system, sparsity, OBS_ROUNDS, nm).weights
 
     # --- hidden units ---------------------------------------------------------------------------
 
@@ -972,16 +973,13 @@ class _HeldOutPrices:
                 continue
             layer = self.layers[weight.name]
             system, weight0, bias0 = _refit_system(layer, dense[layer.data], dense[layer.data], config.refit_damping)
-            keep = None
+            exact = nm is None and layer.d_out * layer.d_in**3 <= EXACT_OBS_FLOPS
+            walked = [sparsity for sparsity in sparsities if sparsity > 0.0]
+            path = iter(obs_path(system, walked, OBS_ROUNDS, MEASURED_ROUNDS_PER_LEVEL) if exact else ())
             for column, sparsity in enumerate(sparsities):
                 if sparsity == 0.0 and nm is None:
                     continue
-                if nm is not None or layer.d_out * layer.d_in**3 > EXACT_OBS_FLOPS:
-                    new_weight = self.prune._sparse_solution(system, sparsity)
-                else:
-                    rounds = OBS_ROUNDS if keep is None else MEASURED_ROUNDS_PER_LEVEL
-                    keep = obs_mask(system, sparsity, rounds, start=keep)
-                    new_weight = system.solve(keep)
+                new_weight = next(path).weights if exact else self.prune._sparse_solution(system, sparsity)
                 _write_layer(self.trial.graph, layer, new_weight, system.intercept(new_weight))
                 after = self.next_layers.get(weight.name)
                 restore = self._absorb(after, rows, dense[after.data]) if after is not None else None
