@@ -185,6 +185,37 @@ def test_tuning_the_chain_jointly_beats_the_layer_by_layer_refit(tmp_path: Path)
     assert errors[1500] < 0.95 * errors[0]
 
 
+def test_n_m_pruning_tunes_the_mlp_chains_by_default(tmp_path: Path) -> None:
+    """tune_steps=auto: N:M takes the same share from every layer, the narrow first ones too, so the
+    chains are tuned after the refits (shipped DLRM at 2:4, test rows: Spearman 0.992 without, 0.996
+    with); unstructured pruning, whose sparsity goes where it costs least, is left as refit."""
+    from onnxcompress import compress
+    from onnxcompress.passes.prune import NM_TUNE_STEPS
+
+    assert Prune.Config(structure="2:4").chain_steps == NM_TUNE_STEPS
+    assert Prune.Config().chain_steps == 0 and Prune.Config(structure="neurons").chain_steps == 0
+    assert Prune.Config(structure="2:4", tune_steps=0).chain_steps == 0
+    with pytest.raises(ValueError, match="tune_steps must be a number or auto"):
+        Prune.Config(tune_steps="long")
+    files = model_files("dlrm")
+    spearman = {}
+    for steps in ("auto", "0"):
+        report = compress(
+            files["onnx"],
+            tmp_path / f"{steps}.onnx",
+            ["prune"],
+            assignments=["prune.structure=2:4", f"prune.tune_steps={steps}"],
+            feeds=files["feeds"],
+            calib=files["calib"],
+            force=True,
+        )
+        (score,) = report.parity.outputs
+        spearman[steps] = score.spearman
+        tuned = report.passes[0].stats.get("tuned_chains", {})
+        assert len(tuned) == (2 if steps == "auto" else 0)  # the bottom and the top MLP
+    assert spearman["auto"] > spearman["0"] + 0.002
+
+
 def test_relu_chains_follow_hidden_links_through_a_lone_relu() -> None:
     model, _ = relu_chain()
     layers = linear_layers(model)

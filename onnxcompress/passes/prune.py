@@ -88,6 +88,10 @@ WEIGHT_AUGMENT_CANDIDATE = 4096
 #: tune_steps are cut to what this many multiply-adds (forward and backward, six per weight a row)
 #: allow for a chain: about ten seconds of numpy; the wide DLRM's top MLP gets about 50 steps.
 TUNE_FLOPS = 2e11
+#: tune_steps=auto with N:M: chain tuning raised the test-row Spearman of every N:M-pruned model with
+#: MLP chains (2:4: DeepFM 0.983 -> 0.988, DLRM 0.992 -> 0.996, two-tower 0.940 -> 0.952); with the
+#: sparsity placed by scope=measured the gain is a few 1e-4 for two to eight times the run time.
+NM_TUNE_STEPS = 3000
 #: Fewer calibration rows cannot be split into fitting and held-out rows worth measuring on.
 MEASURED_MIN_ROWS = 32
 
@@ -281,12 +285,14 @@ class Prune(CompressionPass):
                 "min": 0,
             },
         )
-        tune_steps: int = field(
-            default=0,
+        tune_steps: int | str = field(
+            default="auto",
             metadata={
                 "help": "after the refits, gradient steps that tune each chain of refit linear layers with ReLU "
                 "between (an MLP) jointly towards the original chain's output on the calibration rows, zeros "
-                "kept (block reconstruction: later layers make up for earlier ones; unstructured and N:M; 0: off)",
+                "kept (block reconstruction: later layers make up for earlier ones; unstructured and N:M; "
+                f"auto: {NM_TUNE_STEPS} with N:M, which takes the same share from every layer wherever it hurts, "
+                "else 0; 0: off)",
                 "min": 0,
             },
         )
@@ -303,7 +309,7 @@ class Prune(CompressionPass):
 
         def __post_init__(self) -> None:
             _check_structure(self.structure)
-            for name in ("damping", "augment"):
+            for name in ("damping", "augment", "tune_steps"):
                 if isinstance(getattr(self, name), str) and getattr(self, name) != "auto":
                     raise ValueError(f"{name} must be a number or auto, not {getattr(self, name)!r}")
             for pattern in (self.include, self.exclude):
@@ -318,6 +324,12 @@ class Prune(CompressionPass):
             if self.damping == "auto":
                 return NEURON_DAMPING if self.structure == "neurons" else WEIGHT_DAMPING
             return float(self.damping)
+
+        @property
+        def chain_steps(self) -> int:
+            if self.tune_steps == "auto":
+                return NM_TUNE_STEPS if parse_nm(self.structure) is not None else 0
+            return int(self.tune_steps)
 
         @property
         def refit_augment(self) -> int:
@@ -555,7 +567,7 @@ class Prune(CompressionPass):
             self._lazy_magnitude(weight, sparsity)
         tuned = (
             self._tune_chains(model, calibration, refit, dense, originals)
-            if self.config.tune_steps and calibration is not None and refit
+            if self.config.chain_steps and calibration is not None and refit
             else {}
         )
         zeros = 0.0
@@ -612,7 +624,7 @@ class Prune(CompressionPass):
             )[-1]
             (student_in,) = _capture(calibration, model, [first.data]).values()
             flops = 6 * MINIBATCH * sum(layer.d_in * layer.d_out for layer in chain)
-            steps = min(self.config.tune_steps, int(TUNE_FLOPS // flops))
+            steps = min(self.config.chain_steps, int(TUNE_FLOPS // flops))
             if steps < CHECK_EVERY:
                 continue
             fit = tune_chain(
