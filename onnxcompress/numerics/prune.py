@@ -310,35 +310,38 @@ class _KeptInverses:
     def __init__(self, system: NormalEquations, columns: np.ndarray, dense_inverse: np.ndarray) -> None:
         d_in = system.b.shape[0]
         self.columns = columns
+        self.lanes = np.arange(columns.size)[:, None]  # indexes [d_in, c] arrays with self.rows
         self.rhs = system.b[:, columns].T  # [c, d_in]
         self.rows = np.broadcast_to(np.arange(d_in), (columns.size, d_in))  # [c, k] kept inputs, ascending
         self.inverse = dense_inverse  # [k, k] while every column keeps everything, then [c, k, k]
 
-    def weights(self) -> np.ndarray:
-        """``[d_in, c]`` ridge solutions over the kept inputs, zero elsewhere."""
+    def _solved(self) -> np.ndarray:
+        """``[c, k]`` ridge solutions over each column's kept inputs."""
         rhs = np.take_along_axis(self.rhs, self.rows, axis=1)
-        solved = np.matmul(self.inverse, rhs[:, :, None])[:, :, 0]
-        full = np.zeros((self.rhs.shape[1], self.columns.size))
-        full[self.rows, np.arange(self.columns.size)[:, None]] = solved
+        solved: np.ndarray = np.matmul(self.inverse, rhs[:, :, None])[:, :, 0]
+        return solved
+
+    def _full(self, kept: np.ndarray, fill: float | bool) -> np.ndarray:
+        """``[d_in, c]``: ``kept`` (``[c, k]``) at the kept inputs, ``fill`` elsewhere."""
+        full = np.full((self.rhs.shape[1], self.columns.size), fill, dtype=np.asarray(kept).dtype)
+        full[self.rows, self.lanes] = kept
         return full
 
+    def weights(self) -> np.ndarray:
+        """``[d_in, c]`` ridge solutions over the kept inputs, zero elsewhere."""
+        return self._full(self._solved(), 0.0)
+
     def keep(self) -> np.ndarray:
-        keep = np.zeros((self.rhs.shape[1], self.columns.size), dtype=bool)
-        keep[self.rows, np.arange(self.columns.size)[:, None]] = True
-        return keep
+        return self._full(np.ones(self.rows.shape, dtype=bool), False)
 
     def saliency(self) -> np.ndarray:
         """``[d_in, c]`` OBS saliency ``w_q^2 / [A_S^-1]_qq`` of every kept entry, ``-inf`` elsewhere."""
-        weights = self.weights()
         diagonal = np.diagonal(self.inverse, axis1=-2, axis2=-1)
-        saliency = np.full(weights.shape, -np.inf)
-        index = (self.rows, np.arange(self.columns.size)[:, None])
-        saliency[index] = weights[index] ** 2 / diagonal
-        return saliency
+        return self._full(self._solved() ** 2 / diagonal, -np.inf)
 
     def restrict(self, keep: np.ndarray) -> None:
         """Keep only the inputs ``keep`` (``[d_in, c]``, a subset of the kept ones, as many a column)."""
-        stays = keep[self.rows, np.arange(self.columns.size)[:, None]]
+        stays = keep[self.rows, self.lanes]
         count = int(stays[0].sum()) if stays.size else 0
         if not np.all(stays.sum(axis=1) == count) or int(keep.sum()) != count * self.columns.size:
             raise ValueError("every column must keep as many inputs, all of them kept before")
@@ -356,8 +359,7 @@ class _KeptInverses:
         """``[c, len(first), len(second)]`` entries of each column's inverse at kept positions."""
         if self.inverse.ndim == 2:
             return self.inverse[first[:, :, None], second[:, None, :]]
-        stack = np.arange(self.columns.size)[:, None, None]
-        return self.inverse[stack, first[:, :, None], second[:, None, :]]
+        return self.inverse[self.lanes[:, :, None], first[:, :, None], second[:, None, :]]
 
 
 def obs_rows(system: NormalEquations, count: int, rounds: int = 8) -> np.ndarray:
