@@ -30,7 +30,8 @@ def test_tuning_a_pruned_chain_lowers_its_held_out_error_and_keeps_its_zeros() -
 def test_nothing_to_gain_returns_the_given_weights() -> None:
     rng = np.random.default_rng(1)
     weights, biases = chain(rng)
-    x = rng.standard_normal((256, 12))
+    weights, biases = [w.astype(np.float32) for w in weights], [b.astype(np.float32) for b in biases]
+    x = rng.standard_normal((256, 12)).astype(np.float32)
     target = chain_forward(weights, biases, x)[-1]
     fit = tune_chain(x, target, weights, biases, steps=50)
     assert fit.error_before == fit.error_after == 0.0

@@ -67,14 +67,16 @@ def tune_chain(
     d_out]`` what the original chain gave on the same examples. Returns the weights with the least
     held-out error seen (the given ones when no step improved on them).
     """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
+    # Single precision: the steps are matrix products that take half the time of double ones,
+    # and the held-out error they chase is far above float32's rounding.
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y, dtype=np.float32)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
     count = max(1, int(len(x) * held_out))
     check, train = order[:count], order[count:]
-    weights = [np.array(w, dtype=np.float64) for w in weights]
-    biases = [np.array(b, dtype=np.float64) for b in biases]
+    weights = [np.array(w, dtype=np.float32) for w in weights]
+    biases = [np.array(b, dtype=np.float32) for b in biases]
     masks = [w != 0 for w in weights]
     bias_steps = [1.0 if has else 0.0 for has in (biased or [True] * len(biases))]
     scale = max(float(np.mean(y[train] ** 2)), 1e-30)

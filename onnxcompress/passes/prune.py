@@ -86,7 +86,7 @@ MEASURED_ROUNDS_PER_LEVEL = 2
 #: Mixed-column refit rows scope=measured tries against none when prune.augment is auto.
 WEIGHT_AUGMENT_CANDIDATE = 4096
 #: tune_steps are cut to what this many multiply-adds (forward and backward, six per weight a row)
-#: allow for a chain: about ten seconds of numpy; the wide DLRM's top MLP gets about 50 steps.
+#: allow for a chain: about six seconds of single-precision numpy; the wide DLRM's top MLP gets about 50 steps.
 TUNE_FLOPS = 2e11
 #: tune_steps=auto with N:M: chain tuning raised the test-row Spearman of every N:M-pruned model with
 #: MLP chains (2:4: DeepFM 0.983 -> 0.988, DLRM 0.992 -> 0.996, two-tower 0.940 -> 0.952); with the
