@@ -190,11 +190,11 @@ def test_n_m_and_high_sparsity_tune_the_mlp_chains_by_default(tmp_path: Path) ->
     chains are tuned after the refits (shipped DLRM at 2:4, test rows: Spearman 0.992 without, 0.996
     with); unstructured pruning, whose sparsity goes where it costs least, is tuned only from 80%."""
     from onnxcompress import compress
-    from onnxcompress.passes.prune import NM_TUNE_STEPS, UNSTRUCTURED_TUNE_MIN_SPARSITY
+    from onnxcompress.passes.prune import AUTO_TUNE_STEPS, UNSTRUCTURED_TUNE_MIN_SPARSITY
 
-    assert Prune.Config(structure="2:4").chain_steps == NM_TUNE_STEPS
+    assert Prune.Config(structure="2:4").chain_steps == AUTO_TUNE_STEPS
     assert Prune.Config().chain_steps == 0 and Prune.Config(structure="neurons").chain_steps == 0
-    assert Prune.Config(sparsity=UNSTRUCTURED_TUNE_MIN_SPARSITY).chain_steps == NM_TUNE_STEPS
+    assert Prune.Config(sparsity=UNSTRUCTURED_TUNE_MIN_SPARSITY).chain_steps == AUTO_TUNE_STEPS
     assert Prune.Config(sparsity=0.9, tune_steps=0).chain_steps == 0
     assert Prune.Config(structure="neurons", sparsity=0.9).chain_steps == 0
     assert Prune.Config(structure="2:4", tune_steps=0).chain_steps == 0

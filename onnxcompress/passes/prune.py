@@ -88,14 +88,14 @@ WEIGHT_AUGMENT_CANDIDATE = 4096
 #: tune_steps are cut to what this many multiply-adds (forward and backward, six per weight a row)
 #: allow for a chain: about six seconds of single-precision numpy; the wide DLRM's top MLP gets about 50 steps.
 TUNE_FLOPS = 2e11
-#: tune_steps=auto with N:M: chain tuning raised the test-row Spearman of every N:M-pruned model with
-#: MLP chains (2:4: DeepFM 0.983 -> 0.988, DLRM 0.992 -> 0.996, two-tower 0.940 -> 0.952); with the
-#: sparsity placed by scope=measured the gain is a few 1e-4 for two to eight times the run time.
-NM_TUNE_STEPS = 3000
-#: tune_steps=auto tunes unstructured pruning from this sparsity on: at 90% (prune alone, test rows)
-#: dlrm_bag's Spearman 0.989 -> 0.995 (dAUC +0.0039 -> +0.0009), two-tower 0.662 -> 0.694, Wide&Deep
-#: +0.0017 -> -0.0013, DLRM 0.981 -> 0.982; at 80% two-tower 0.853 -> 0.872, Wide&Deep 0.989 -> 0.992;
-#: at 50% the net was nil (DeepFM's dAUC -0.0009 -> -0.0003, scikit-learn's -0.0000 -> -0.0007).
+#: tune_steps=auto with N:M and from UNSTRUCTURED_TUNE_MIN_SPARSITY: chain tuning raised the test-row
+#: Spearman of every N:M-pruned model with MLP chains (2:4: DeepFM 0.983 -> 0.988, DLRM 0.992 -> 0.996,
+#: two-tower 0.940 -> 0.952).
+AUTO_TUNE_STEPS = 3000
+#: Below it scope=measured already places the sparsity where it costs least: at 50% (--passes prune,
+#: test rows) tuning gained a few 1e-4 of Spearman while the AUC moved either way (scikit-learn
+#: +0.0000 -> -0.0008); at 80% two-tower 0.853 -> 0.872, Wide&Deep 0.9895 -> 0.9909; at 90% dlrm_bag
+#: 0.989 -> 0.995 (dAUC +0.0039 -> +0.0009), two-tower 0.662 -> 0.694.
 UNSTRUCTURED_TUNE_MIN_SPARSITY = 0.8
 #: Fewer calibration rows cannot be split into fitting and held-out rows worth measuring on.
 MEASURED_MIN_ROWS = 32
@@ -296,7 +296,7 @@ class Prune(CompressionPass):
                 "help": "after the refits, gradient steps that tune each chain of refit linear layers with ReLU "
                 "between (an MLP) jointly towards the original chain's output on the calibration rows, zeros "
                 "kept (block reconstruction: later layers make up for earlier ones; unstructured and N:M; "
-                f"auto: {NM_TUNE_STEPS} with N:M, which takes the same share from every layer wherever it hurts, "
+                f"auto: {AUTO_TUNE_STEPS} with N:M, which takes the same share from every layer wherever it hurts, "
                 f"and from sparsity {UNSTRUCTURED_TUNE_MIN_SPARSITY} unstructured, else 0; 0: off)",
                 "min": 0,
             },
@@ -332,12 +332,10 @@ class Prune(CompressionPass):
 
         @property
         def chain_steps(self) -> int:
-            if self.tune_steps == "auto":
-                if parse_nm(self.structure) is not None:
-                    return NM_TUNE_STEPS
-                high = self.structure == "unstructured" and self.sparsity >= UNSTRUCTURED_TUNE_MIN_SPARSITY
-                return NM_TUNE_STEPS if high else 0
-            return int(self.tune_steps)
+            if self.tune_steps != "auto":
+                return int(self.tune_steps)
+            high = self.structure == "unstructured" and self.sparsity >= UNSTRUCTURED_TUNE_MIN_SPARSITY
+            return AUTO_TUNE_STEPS if high or parse_nm(self.structure) is not None else 0
 
         @property
         def refit_augment(self) -> int:
