@@ -25,6 +25,7 @@ __all__ = [
     "Dims",
     "HiddenLink",
     "LinearLayer",
+    "ReluChain",
     "WeightUse",
     "concrete_shapes",
     "constant_value",
@@ -522,27 +523,62 @@ def mlp_links(model: ir.Model) -> tuple[list[HiddenLink], dict[str, str]]:
     return links, reasons
 
 
-def relu_chains(model: ir.Model, layers: Sequence[LinearLayer]) -> list[list[LinearLayer]]:
-    """Runs of two or more of ``layers``, each feeding the next through one Relu alone (an MLP's
-    hidden links, :func:`mlp_links`), in the order of ``layers``."""
+@dataclass(frozen=True)
+class ReluChain:
+    """Linear layers, each feeding the next through a ReLU, optionally after an inference-mode
+    BatchNormalization: ``norms[i]`` is the per-unit ``(scale, shift)`` it applies to layer ``i``'s
+    output (``None`` for a lone ReLU; one entry per link, so one fewer than ``layers``)."""
+
+    layers: list[LinearLayer]
+    norms: list[tuple[np.ndarray, np.ndarray] | None]
+
+
+def _norm_affine(node: ir.Node, width: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """An inference-mode BatchNormalization on ``[batch, units]`` as per-unit ``(scale, shift)``, or
+    None when it is not one (training mode, parameters not constant, a scale of zero)."""
+    attributes = node.attributes
+    training = attributes.get("training_mode")
+    if len(node.outputs) != 1 or (training is not None and training.as_int()):
+        return None
+    params = [constant_array(value) for value in node.inputs[1:5]]
+    if any(param is None or param.size != width for param in params):
+        return None
+    gamma, beta, mean, var = (np.asarray(param, dtype=np.float64).reshape(-1) for param in params)  # type: ignore[arg-type]
+    epsilon = attributes.get_float("epsilon", 1e-5)
+    scale = gamma / np.sqrt(var + epsilon)
+    if not np.all(np.abs(scale) > 1e-12):
+        return None
+    return scale, beta - mean * scale
+
+
+def relu_chains(model: ir.Model, layers: Sequence[LinearLayer]) -> list[ReluChain]:
+    """Runs of two or more of ``layers``, each feeding the next through one Relu, alone or after
+    an inference-mode BatchNormalization (an MLP's hidden links, :func:`mlp_links`), in the order
+    of ``layers``."""
     links, _ = mlp_links(model)
     by_node = {layer.node: layer for layer in layers}
-    following = {
-        link.producer.node: by_node[link.consumer.node]
-        for link in links
-        if [node.op_type for node in link.between] == ["Relu"]
-        and link.producer.node in by_node
-        and link.consumer.node in by_node
-    }
-    fed = {layer.node for layer in following.values()}
+    following: dict[ir.Node, tuple[LinearLayer, tuple[np.ndarray, np.ndarray] | None]] = {}
+    for link in links:
+        if link.producer.node not in by_node or link.consumer.node not in by_node:
+            continue
+        ops = [node.op_type for node in link.between]
+        if ops == ["Relu"]:
+            following[link.producer.node] = (by_node[link.consumer.node], None)
+        elif ops == ["BatchNormalization", "Relu"]:
+            affine = _norm_affine(link.between[0], link.producer.d_out)
+            if affine is not None:
+                following[link.producer.node] = (by_node[link.consumer.node], affine)
+    fed = {layer.node for layer, _ in following.values()}
     chains = []
     for layer in layers:
         if layer.node in fed:
             continue
-        chain = [layer]
-        while chain[-1].node in following:
-            chain.append(following[chain[-1].node])
-        if len(chain) > 1:
+        chain = ReluChain([layer], [])
+        while chain.layers[-1].node in following:
+            successor, affine = following[chain.layers[-1].node]
+            chain.layers.append(successor)
+            chain.norms.append(affine)
+        if len(chain.layers) > 1:
             chains.append(chain)
     return chains
 

@@ -222,8 +222,76 @@ def test_n_m_and_high_sparsity_tune_the_mlp_chains_by_default(tmp_path: Path) ->
 def test_relu_chains_follow_hidden_links_through_a_lone_relu() -> None:
     model, _ = relu_chain()
     layers = linear_layers(model)
-    assert [[layer.weight.name for layer in run] for run in relu_chains(model, layers)] == [["w1", "w2"]]
+    assert [[layer.weight.name for layer in run.layers] for run in relu_chains(model, layers)] == [["w1", "w2"]]
     assert relu_chains(model, layers[:1]) == []
+
+
+def batch_norm_chain(gamma: np.ndarray) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """x -> Gemm -> BatchNormalization -> Relu -> MatMul + Add: DeepFM's MLP link."""
+    rng = np.random.default_rng(7)
+    weights = {
+        "w1": rng.standard_normal((16, 32)).astype(np.float32),
+        "b1": rng.standard_normal(32).astype(np.float32),
+        "gamma": gamma.astype(np.float32),
+        "beta": rng.standard_normal(32).astype(np.float32),
+        "mean": rng.standard_normal(32).astype(np.float32),
+        "var": rng.uniform(0.5, 4.0, 32).astype(np.float32),
+        "w2": rng.standard_normal((32, 4)).astype(np.float32),
+        "b2": rng.standard_normal(4).astype(np.float32),
+    }
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,16] x, float[16,32] w1, float[32] b1, float[32] gamma, float[32] beta, float[32] mean,
+       float[32] var, float[32,4] w2, float[4] b2) => (float[N,4] y) {
+      h = Gemm(x, w1, b1)
+      n = BatchNormalization<epsilon: float = 0.001>(h, gamma, beta, mean, var)
+      r = Relu(n)
+      o = MatMul(r, w2)
+      y = Add(o, b2)
+    }
+    """
+    return text_model(text, weights), weights
+
+
+def test_chains_are_tuned_through_a_batch_norm_before_the_relu(tmp_path: Path) -> None:
+    """DeepFM's links are Gemm -> BatchNormalization -> Relu: the norm is folded into the layer for
+    the steps and taken out when the weights are written, so the graph keeps its norm and zeros."""
+    rng = np.random.default_rng(11)
+    gamma = rng.uniform(0.5, 2.0, 32)
+    model, weights = batch_norm_chain(gamma)
+    (chain,) = relu_chains(model, linear_layers(model))
+    ((scale, shift),) = chain.norms
+    want_scale = gamma.astype(np.float32) / np.sqrt(weights["var"].astype(np.float64) + 1e-3)
+    np.testing.assert_allclose(scale, want_scale, rtol=1e-6)
+    np.testing.assert_allclose(shift, weights["beta"] - weights["mean"] * want_scale, rtol=1e-5, atol=1e-6)
+    dead_unit, _ = batch_norm_chain(np.where(np.arange(32) == 3, 0.0, gamma))
+    assert relu_chains(dead_unit, linear_layers(dead_unit)) == []
+
+    x = rng.standard_normal((512, 16)).astype(np.float32)
+    test_x = rng.standard_normal((2048, 16)).astype(np.float32)
+
+    def forward(params: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+        h = rows @ params["w1"] + params["b1"]
+        h = (h - params["mean"]) / np.sqrt(params["var"] + 1e-3) * params["gamma"] + params["beta"]
+        return np.maximum(h, 0) @ params["w2"] + params["b2"]
+
+    errors = {}
+    for steps in (0, 3000):
+        pruned, _ = batch_norm_chain(gamma)
+        result = prune(pruned, calibration_for(x), structure="2:4", tune_steps=steps)(pruned)
+        initializers = {name: value.const_value.numpy() for name, value in pruned.graph.initializers.items()}
+        for name in ("gamma", "beta", "mean", "var"):
+            np.testing.assert_array_equal(initializers[name], weights[name])
+        kept = (initializers["w1"] != 0).reshape(4, 4, 32).sum(axis=1)
+        assert np.all(kept == 2)  # 2 of every 4 inputs still, after the steps
+        tuned = result.stats.get("tuned_chains", {})
+        assert [entry["batch_norms_folded"] for entry in tuned.values()] == ([1] if steps else [])
+        want = forward(weights, test_x)
+        path = save_model(pruned, tmp_path / f"tuned{steps}.onnx")
+        (got,) = ReferenceEvaluator(str(path)).run(None, {"x": test_x})
+        np.testing.assert_allclose(got, forward(initializers, test_x), rtol=1e-4, atol=1e-4)
+        errors[steps] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert errors[3000] < 0.9 * errors[0]
 
 
 def test_measured_scope_needs_rows_to_hold_out_and_otherwise_prunes_every_layer_alike() -> None:

@@ -155,6 +155,20 @@ def _bias_vector(layer: LinearLayer) -> np.ndarray:
     return np.broadcast_to(layer.bias.const_value.numpy().astype(np.float64).reshape(-1), (layer.d_out,)).copy()  # type: ignore[union-attr]
 
 
+def _fold_norms(
+    weights: list[np.ndarray], biases: list[np.ndarray], norms: list[tuple[np.ndarray, np.ndarray] | None]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each layer's ``[d_in, d_out]`` weight and bias with the per-unit affine that follows it applied."""
+    folded_weights, folded_biases = [], []
+    for weight, bias, norm in zip(weights, biases, norms, strict=True):
+        if norm is not None:
+            scale, shift = norm
+            weight, bias = weight * scale, bias * scale + shift
+        folded_weights.append(weight)
+        folded_biases.append(bias)
+    return folded_weights, folded_biases
+
+
 def _write_layer(graph: ir.Graph, layer: LinearLayer, weight: np.ndarray, bias: np.ndarray | None) -> None:
     """Store float64 ``weight`` (``[d_in, d_out]``) and ``bias`` into the layer in its own layout and dtype."""
     dtype = layer.weight.const_value.dtype.numpy()  # type: ignore[union-attr]
@@ -618,34 +632,44 @@ class Prune(CompressionPass):
         dense: dict[ir.Value, np.ndarray],
         originals: dict[LinearLayer, tuple[np.ndarray, np.ndarray]],
     ) -> dict[str, dict[str, Any]]:
-        """Tune each chain of refit layers joined by a lone ReLU (:func:`relu_chains`) towards what the
+        """Tune each chain of refit layers joined by a ReLU (:func:`relu_chains`) towards what the
         original chain gave on the original model's input; the pruned model's own input to the chain
-        is what the tuned chain will see. Returns the held-out error before and after, by chain."""
+        is what the tuned chain will see. A BatchNormalization before a ReLU is folded into the layer
+        for the steps and taken out again when the weights are written, so the zeros stay where they
+        are. Returns the held-out error before and after, by chain."""
         report: dict[str, dict[str, Any]] = {}
         for chain in relu_chains(model, refit):
-            first, last = chain[0], chain[-1]
+            layers = chain.layers
+            first, last = layers[0], layers[-1]
+            norms = [*chain.norms, None]
             teacher_in = dense[first.data].reshape(-1, first.d_in)
             target = chain_forward(
-                [originals[layer][0] for layer in chain], [originals[layer][1] for layer in chain], teacher_in
+                *_fold_norms(
+                    [originals[layer][0] for layer in layers], [originals[layer][1] for layer in layers], norms
+                ),
+                teacher_in,
             )[-1]
             (student_in,) = _capture(calibration, model, [first.data]).values()
-            flops = 6 * MINIBATCH * sum(layer.d_in * layer.d_out for layer in chain)
+            flops = 6 * MINIBATCH * sum(layer.d_in * layer.d_out for layer in layers)
             steps = min(self.config.chain_steps, int(TUNE_FLOPS // flops))
             if steps < CHECK_EVERY:
                 continue
             fit = tune_chain(
                 student_in.reshape(-1, first.d_in),
                 target,
-                [_effective(layer) for layer in chain],
-                [_bias_vector(layer) for layer in chain],
+                *_fold_norms([_effective(layer) for layer in layers], [_bias_vector(layer) for layer in layers], norms),
                 steps,
-                biased=[layer.bias is not None for layer in chain],
+                biased=[layer.bias is not None for layer in layers],
             )
             if fit.error_after < fit.error_before:
-                for layer, weight, bias in zip(chain, fit.weights, fit.biases, strict=True):
+                for layer, weight, bias, norm in zip(layers, fit.weights, fit.biases, norms, strict=True):
+                    if norm is not None:
+                        scale, shift = norm
+                        weight, bias = weight / scale, (bias - shift) / scale
                     _write_layer(model.graph, layer, weight, bias)
             report[f"{first.weight.name} .. {last.weight.name}"] = {
-                "layers": len(chain),
+                "layers": len(layers),
+                **({"batch_norms_folded": sum(norm is not None for norm in norms)} if any(norms) else {}),
                 "steps": fit.steps,
                 "held_out_error": [round(fit.error_before, 8), round(fit.error_after, 8)],
             }
