@@ -34,6 +34,8 @@ def test_nothing_to_gain_returns_the_given_weights() -> None:
     x = rng.standard_normal((256, 12)).astype(np.float32)
     target = chain_forward(weights, biases, x)[-1]
     fit = tune_chain(x, target, weights, biases, steps=50)
-    assert fit.error_before == fit.error_after == 0.0
+    # The held-out rows' products can round differently from the full batch's in another BLAS.
+    assert fit.error_before < 1e-10
+    assert fit.error_after == fit.error_before
     for given, returned in zip(weights, fit.weights, strict=True):
         np.testing.assert_array_equal(given, returned)

@@ -308,8 +308,9 @@ class Prune(CompressionPass):
             default="auto",
             metadata={
                 "help": "after the refits, gradient steps that tune each chain of refit linear layers with ReLU "
-                "(after a BatchNormalization or not) between (an MLP) jointly towards the original chain's output on the calibration rows, zeros "
-                "kept (block reconstruction: later layers make up for earlier ones; unstructured and N:M; "
+                "(after a BatchNormalization or not) between (an MLP) jointly towards the original chain's output "
+                "on the calibration rows, zeros kept (block reconstruction: later layers make up for earlier ones; "
+                "unstructured and N:M; "
                 f"auto: {AUTO_TUNE_STEPS} with N:M, which takes the same share from every layer wherever it hurts, "
                 f"and from sparsity {UNSTRUCTURED_TUNE_MIN_SPARSITY} unstructured, else 0; 0: off)",
                 "min": 0,
