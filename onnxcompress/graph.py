@@ -583,6 +583,116 @@ def relu_chains(model: ir.Model, layers: Sequence[LinearLayer]) -> list[ReluChai
     return chains
 
 
+@dataclass(frozen=True)
+class ChainPair:
+    """Two chains whose outputs the model reads only through their row-wise dot product, of the
+    rows scaled to unit length when ``normalized`` (a two-tower model's cosine score)."""
+
+    first: ReluChain
+    second: ReluChain
+    normalized: bool
+
+
+#: Ops an L2 norm may pass through on its way to the division (a floor against zero, broadcasting).
+_NORM_PATH_OPS = frozenset({"Clip", "Max", "Expand", "Reshape", "Unsqueeze", "Identity", "Cast"})
+
+
+def dot_product_pairs(chains: Sequence[ReluChain]) -> list[ChainPair]:
+    """The pairs among ``chains`` whose last layers' outputs meet only in ``ReduceSum(a * b)`` over
+    their last axis, directly or each divided by its own L2 norm (``ReduceL2``, or
+    ``LpNormalization`` with p=2), in the order of ``chains``."""
+    ends: dict[ir.Value, tuple[ReluChain, bool]] = {}
+    for chain in chains:
+        found = _dot_operand(chain.layers[-1])
+        if found is not None:
+            ends[found[0]] = (chain, found[1])
+    pairs = []
+    for operand, (chain, normalized) in ends.items():
+        ((mul, index),) = operand.uses()
+        other = mul.inputs[1 - index]
+        if index != 0 or other is None or other not in ends:
+            continue
+        partner, partner_normalized = ends[other]
+        if partner_normalized == normalized and partner.layers[-1].d_out == chain.layers[-1].d_out:
+            pairs.append(ChainPair(chain, partner, normalized))
+    return pairs
+
+
+def _dot_operand(layer: LinearLayer) -> tuple[ir.Value, bool] | None:
+    """The value of ``layer``'s output (itself, or its unit rows) that enters a ``Mul`` whose only
+    reader sums its last axis, and whether it was normalised; None for anything else."""
+    rank = _output_rank(layer)
+    out = layer.output
+    if out.is_graph_output():
+        return None
+    uses = [node for node, _ in out.uses()]
+    operand, normalized = out, False
+    if len(uses) == 1 and uses[0].op_type == "LpNormalization":
+        node = uses[0]
+        if node.attributes.get_int("p", 2) != 2 or not _is_last_axis(node.attributes.get_int("axis", -1), rank):
+            return None
+        operand, normalized = node.outputs[0], True
+    elif len(uses) == 2:
+        unit = _unit_rows(out, rank)
+        if unit is None:
+            return None
+        operand, normalized = unit, True
+    if operand.is_graph_output():
+        return None
+    readers = list(operand.uses())
+    if len(readers) != 1 or readers[0][0].op_type != "Mul":
+        return None
+    mul = readers[0][0]
+    if mul.inputs[0] is mul.inputs[1] or mul.outputs[0].is_graph_output():
+        return None
+    sums = [node for node, _ in mul.outputs[0].uses()]
+    if len(sums) != 1 or sums[0].op_type != "ReduceSum" or not _reduces_last_axis(sums[0], rank):
+        return None
+    return operand, normalized
+
+
+def _output_rank(layer: LinearLayer) -> int | None:
+    if layer.node.op_type == "Gemm":
+        return 2
+    shape = layer.output.shape
+    return len(shape) if shape is not None else None
+
+
+def _is_last_axis(axis: int, rank: int | None) -> bool:
+    """Whether ``axis`` is the last one: -1, or ``rank - 1`` when the rank is known."""
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _reduces_last_axis(node: ir.Node, rank: int | None) -> bool:
+    axes = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if axes is None:
+        attribute = node.attributes.get("axes")
+        axes = np.asarray(attribute.as_ints()) if attribute is not None else None
+    return axes is not None and axes.size == 1 and _is_last_axis(int(axes.reshape(-1)[0]), rank)
+
+
+def _unit_rows(out: ir.Value, rank: int | None) -> ir.Value | None:
+    """``out / ReduceL2(out)`` over the last axis (through a floor and a broadcast), when those two
+    nodes are ``out``'s only readers: the normalised rows, else None."""
+    uses = list(out.uses())
+    divisions = [node for node, index in uses if node.op_type == "Div" and index == 0]
+    norms = [node for node, _ in uses if node.op_type == "ReduceL2" and _reduces_last_axis(node, rank)]
+    if len(divisions) != 1 or len(norms) != 1:
+        return None
+    value = divisions[0].inputs[1]
+    while value is not None and len(value.uses()) == 1 and not value.is_graph_output():
+        node = value.producer()
+        if node is norms[0]:
+            return divisions[0].outputs[0]
+        if node is None or node.op_type not in _NORM_PATH_OPS:
+            return None
+        shaping = node.op_type in ("Expand", "Reshape")
+        if not shaping and any(constant_array(extra) is None for extra in node.inputs[1:] if extra is not None):
+            return None
+        value = node.inputs[0]
+    return None
+
+
 def replace_contents(model: ir.Model, source: ir.Model) -> None:
     """Make ``model`` (the same object, which callers hold) hold ``source``'s graph and functions:
     how a pass keeps a result it built on a copy."""

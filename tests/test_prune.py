@@ -12,7 +12,7 @@ from conftest import model_files, save_model, shipped_model_with_calibration, te
 from onnx.reference import ReferenceEvaluator
 
 from onnxcompress.calibration import Calibration, Feeds
-from onnxcompress.graph import OVERRIDABLE_WEIGHT, linear_layers, mlp_links, relu_chains
+from onnxcompress.graph import OVERRIDABLE_WEIGHT, dot_product_pairs, linear_layers, mlp_links, relu_chains
 from onnxcompress.passes.base import PassContext
 from onnxcompress.passes.prune import Prune
 
@@ -224,6 +224,78 @@ def test_relu_chains_follow_hidden_links_through_a_lone_relu() -> None:
     layers = linear_layers(model)
     assert [[layer.weight.name for layer in run.layers] for run in relu_chains(model, layers)] == [["w1", "w2"]]
     assert relu_chains(model, layers[:1]) == []
+
+
+def dot_of_towers(normalized: bool, extra_reader: bool = False) -> ir.Model:
+    """Two ReLU chains (user and item towers) scored by ReduceSum(a * b), of unit rows or not."""
+    rng = np.random.default_rng(5)
+    shapes = {"u1": (6, 8), "u2": (8, 4), "i1": (5, 8), "i2": (8, 4)}
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    unit_rows = ["n{t} = ReduceL2<keepdims: int = 1>({t}, axes)", "f{t} = Clip(n{t}, eps)", "d{t} = Div({t}, f{t})"]
+    body = [
+        "axes = Constant<value = int64[1] {-1}>()",
+        "eps = Constant<value = float {1e-12}>()",
+        "hu = MatMul(x, u1)",
+        "ru = Relu(hu)",
+        "u = MatMul(ru, u2)",
+        "hi = MatMul(z, i1)",
+        "ri = Relu(hi)",
+        "i = MatMul(ri, i2)",
+        *([line.format(t=t) for t in "ui" for line in unit_rows] if normalized else []),
+        "p = Mul(du, di)" if normalized else "p = Mul(u, i)",
+        "s = ReduceSum<keepdims: int = 0>(p, axes)",
+        *(["t = Neg(u)"] if extra_reader else []),
+    ]
+    outputs = "float[N] s" + (", float[N,4] t" if extra_reader else "")
+    text = (
+        '<ir_version: 8, opset_import: ["" : 18]>\n'
+        f"g (float[N,6] x, float[N,5] z, float[6,8] u1, float[8,4] u2, float[5,8] i1, float[8,4] i2) => ({outputs}) "
+        "{\n" + "\n".join(body) + "\n}"
+    )
+    return text_model(text, weights)
+
+
+def test_towers_met_in_a_dot_product_are_paired() -> None:
+    shipped = ir.load(model_files("two_tower")["onnx"])
+    (pair,) = dot_product_pairs(relu_chains(shipped, linear_layers(shipped)))
+    assert [layer.weight.name for layer in pair.first.layers] == ["user_mlp.0.weight", "user_mlp.2.weight"]
+    assert [layer.weight.name for layer in pair.second.layers] == ["item_mlp.0.weight", "item_mlp.2.weight"]
+    assert pair.normalized
+    for normalized in (True, False):
+        model = dot_of_towers(normalized)
+        (pair,) = dot_product_pairs(relu_chains(model, linear_layers(model)))
+        assert pair.normalized is normalized
+        assert [layer.weight.name for layer in pair.first.layers + pair.second.layers] == ["u1", "u2", "i1", "i2"]
+    read_elsewhere = dot_of_towers(True, extra_reader=True)  # the user tower is also read by a Neg
+    assert dot_product_pairs(relu_chains(read_elsewhere, linear_layers(read_elsewhere))) == []
+    for name in ("deepfm", "dlrm", "sasrec"):
+        model = ir.load(model_files(name)["onnx"])
+        assert dot_product_pairs(relu_chains(model, linear_layers(model))) == []
+
+
+def test_two_towers_are_tuned_together_on_every_pair_of_rows(tmp_path: Path) -> None:
+    """The shipped two-tower's cosine score at 2:4: tuning both towers on their products, each
+    calibration or mixed row against every other, where each tower alone was tuned to its own
+    outputs (test rows: Spearman 0.952 that way, 0.973 now)."""
+    from onnxcompress import compress
+
+    files = model_files("two_tower")
+    report = compress(
+        files["onnx"],
+        tmp_path / "out.onnx",
+        ["prune"],
+        assignments=["prune.structure=2:4"],
+        feeds=files["feeds"],
+        calib=files["calib"],
+        force=True,
+    )
+    ((name, entry),) = report.passes[0].stats["tuned_chains"].items()
+    assert name == "user_mlp.0.weight .. user_mlp.2.weight x item_mlp.0.weight .. item_mlp.2.weight"
+    assert entry["dot_product"] == "cosine" and entry["layers"] == 4 and entry["rows"] == 512 + 4096
+    before, after = entry["held_out_error"]
+    assert after < 0.9 * before
+    (score,) = report.parity.outputs
+    assert score.spearman > 0.965
 
 
 def batch_norm_chain(gamma: np.ndarray) -> tuple[ir.Model, dict[str, np.ndarray]]:
