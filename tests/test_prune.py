@@ -273,10 +273,14 @@ def test_towers_met_in_a_dot_product_are_paired() -> None:
         assert dot_product_pairs(relu_chains(model, linear_layers(model))) == []
 
 
-def test_two_towers_are_tuned_together_on_every_pair_of_rows(tmp_path: Path) -> None:
-    """The shipped two-tower's cosine score at 2:4: tuning both towers on their products, each
-    calibration or mixed row against every other, where each tower alone was tuned to its own
-    outputs (test rows: Spearman 0.952 that way, 0.973 now)."""
+@pytest.mark.parametrize(("structure", "least_spearman"), [("2:4", 0.965), ("neurons", 0.945)])
+def test_two_towers_are_tuned_together_on_every_pair_of_rows(
+    structure: str, least_spearman: float, tmp_path: Path
+) -> None:
+    """The shipped two-tower's cosine score at 2:4 and with half its hidden units removed: both
+    towers tuned on their products, each calibration or mixed row against every other (test rows:
+    Spearman 0.952 and 0.925 before, with each tower tuned to its own outputs at 2:4 and untuned
+    with units removed; 0.973 and 0.959 now)."""
     from onnxcompress import compress
 
     files = model_files("two_tower")
@@ -284,7 +288,7 @@ def test_two_towers_are_tuned_together_on_every_pair_of_rows(tmp_path: Path) -> 
         files["onnx"],
         tmp_path / "out.onnx",
         ["prune"],
-        assignments=["prune.structure=2:4"],
+        assignments=[f"prune.structure={structure}"],
         feeds=files["feeds"],
         calib=files["calib"],
         force=True,
@@ -295,7 +299,7 @@ def test_two_towers_are_tuned_together_on_every_pair_of_rows(tmp_path: Path) -> 
     before, after = entry["held_out_error"]
     assert after < 0.9 * before
     (score,) = report.parity.outputs
-    assert score.spearman > 0.965
+    assert score.spearman > least_spearman
 
 
 def batch_norm_chain(gamma: np.ndarray) -> tuple[ir.Model, dict[str, np.ndarray]]:
@@ -779,13 +783,18 @@ def test_big_tables_are_pruned_after_the_refits(monkeypatch: pytest.MonkeyPatch)
 
 def test_a_fidelity_budget_halves_the_sparsity_until_held_out_rows_rank_alike() -> None:
     """two_tower's towers are fragile: at 50% and 25% of hidden units the held-out Spearman drops
-    below 0.98; a budget of 0.98 backs off to 12.5%, and 0.999 leaves the model untouched."""
+    below 0.99; a budget of 0.99 backs off to 12.5%, and 0.999 leaves the model untouched. A budget
+    of 0.98 is met at 25% with the towers tuned on their products, at 12.5% without."""
     model, calibration = shipped_model_with_calibration("two_tower")
     config = {"structure": "neurons", "sparsity": 0.5, "scope": "layer"}
-    stats = prune(model, calibration, **config, min_rank_corr=0.98)(model).stats
+    stats = prune(model, calibration, **config, min_rank_corr=0.99)(model).stats
     tried = stats["held_out_spearman"]
-    assert list(tried) == ["0.5", "0.25", "0.125"] and tried["0.5"] < tried["0.25"] < 0.98 <= tried["0.125"]
+    assert list(tried) == ["0.5", "0.25", "0.125"] and tried["0.5"] < tried["0.25"] < 0.99 <= tried["0.125"]
     assert stats["sparsity_chosen"] == 0.125 and stats["units_removed"] > 0
+    for steps, chosen in (("auto", 0.25), (0, 0.125)):
+        model, calibration = shipped_model_with_calibration("two_tower")
+        stats = prune(model, calibration, **config, min_rank_corr=0.98, tune_steps=steps)(model).stats
+        assert stats["sparsity_chosen"] == chosen
     model, calibration = shipped_model_with_calibration("two_tower")
     before = [tuple(value.const_value.shape) for value in model.graph.initializers.values()]
     result = prune(model, calibration, **config, min_rank_corr=0.999)(model)
