@@ -983,3 +983,17 @@ def test_hidden_units_on_a_model_without_a_hidden_layer_say_why_nothing_changed(
     assert not result.modified and result.stats["layers_pruned"] == 0
     assert result.stats["nothing_pruned"].startswith("no hidden layer")
     assert "refit_rows" not in result.stats
+
+
+def test_a_tower_left_out_by_exclude_is_not_tuned() -> None:
+    """Half of the user tower's units go; the item tower is excluded, so the pair is not tuned and
+    the item tower's weights stay as they were."""
+    model, calibration = shipped_model_with_calibration("two_tower")
+    item = {
+        name: value.const_value.numpy().copy() for name, value in model.graph.initializers.items() if "item_mlp" in name
+    }
+    stats = prune(model, calibration, structure="neurons", sparsity=0.5, scope="layer", exclude="item_mlp")(model).stats
+    assert len(stats["layers"]) == 1 and model.graph.initializers["user_mlp.0.weight"].const_value.shape[0] == 32
+    assert "tuned_chains" not in stats
+    for name, array in item.items():
+        np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(), array)

@@ -198,6 +198,11 @@ def _current(chain: ReluChain) -> tuple[list[np.ndarray], list[np.ndarray]]:
     )
 
 
+def _biased(chain: ReluChain) -> list[bool]:
+    """Which of the chain's layers store a bias (the others must stay without one)."""
+    return [layer.bias is not None for layer in chain.layers]
+
+
 def _original_output(
     chain: ReluChain, inputs: np.ndarray, originals: dict[ir.Node, tuple[np.ndarray, np.ndarray]]
 ) -> np.ndarray:
@@ -725,7 +730,7 @@ class Prune(CompressionPass):
                 target,
                 *_current(chain),
                 steps,
-                biased=[layer.bias is not None for layer in layers],
+                biased=_biased(chain),
             )
             if fit.error_after < fit.error_before:
                 _write_chain(model, chain, fit)
@@ -777,7 +782,7 @@ class Prune(CompressionPass):
                 (_current(pair.first), _current(pair.second)),
                 allowed,
                 pair.normalized,
-                biased=tuple([layer.bias is not None for layer in tower.layers] for tower in towers),  # type: ignore[arg-type]
+                biased=(_biased(pair.first), _biased(pair.second)),
                 judged_rows=judged,
             )
             if fit.first.error_after < fit.first.error_before:
@@ -890,8 +895,15 @@ class Prune(CompressionPass):
         consumers = [link.consumer for link in chosen]
         dense = _capture(calibration, model, [layer.data for layer in consumers]) if refit and chosen else {}
         originals = {layer: (_effective(layer), _bias_vector(layer)) for layer in consumers}
+        # Only the layers whose units go or that read them: include/exclude hold for the tuning too.
+        touched = {layer.node for link in chosen for layer in (link.producer, link.consumer)}
         pair_start = (
-            self._pair_start(model, dot_product_pairs(relu_chains(model, linear_layers(model))))
+            self._pair_start(
+                model,
+                dot_product_pairs(
+                    relu_chains(model, [layer for layer in linear_layers(model) if layer.node in touched])
+                ),
+            )
             if refit and chosen and self.config.pair_steps
             else None
         )
