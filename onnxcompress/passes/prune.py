@@ -100,10 +100,11 @@ AUTO_TUNE_STEPS = 3000
 #: +0.0000 -> -0.0008); at 80% two-tower 0.853 -> 0.872, Wide&Deep 0.9895 -> 0.9909; at 90% dlrm_bag
 #: 0.989 -> 0.995 (dAUC +0.0039 -> +0.0009), two-tower 0.662 -> 0.694.
 UNSTRUCTURED_TUNE_MIN_SPARSITY = 0.8
-#: Rows mixing the calibration rows' columns that a pair of towers is tuned on besides them (every
-#: pair of rows is a target, so the towers see many more inputs than the calibration rows): the
-#: shipped two-tower's test-row Spearman after the tuning, 80%: 0.919 with 4,096 of them, 0.87 with none.
-PAIR_MIXED_ROWS = 4096
+#: Rows mixing the calibration rows' columns that a pair of towers (and, with structure=neurons,
+#: every chain) is tuned on besides them (every pair of rows is a target, so the towers see many
+#: more inputs than the calibration rows): the shipped two-tower's test-row Spearman after the
+#: tuning, 80%: 0.919 with 4,096 of them, 0.87 with none.
+TUNE_MIXED_ROWS = 4096
 #: Fewer calibration rows cannot be split into fitting and held-out rows worth measuring on.
 MEASURED_MIN_ROWS = 32
 
@@ -177,12 +178,20 @@ def _fold_norms(
 
 
 @dataclass(frozen=True)
-class _PairStart:
+class _TuneStart:
+    """What tuning chains after pruning needs from the model before it."""
+
     rows: Fitting
-    #: The towers' first layers' inputs on ``rows``, and every tower layer's weights and bias, by
-    #: node, as the unpruned model had them.
+    #: The chains as they were, by their first layer's node (their norms at the old width).
+    chains: dict[ir.Node, ReluChain]
+    #: The chains' inputs on ``rows``, and every chain layer's weights and bias, by node.
     dense: dict[ir.Value, np.ndarray]
     originals: dict[ir.Node, tuple[np.ndarray, np.ndarray]]
+
+    def target(self, chain: ReluChain) -> np.ndarray:
+        """What ``chain`` gave on ``rows`` before pruning."""
+        before = self.chains[chain.layers[0].node]
+        return _original_output(before, self.dense[before.layers[0].data], self.originals)
 
 
 def _chain_name(chain: ReluChain) -> str:
@@ -213,7 +222,7 @@ def _original_output(
         [originals[layer.node][1] for layer in chain.layers],
         [*chain.norms, None],
     )
-    return chain_forward(weights, biases, inputs.reshape(-1, chain.layers[0].d_in))[-1]
+    return chain_forward(weights, biases, inputs.reshape(-1, weights[0].shape[0]))[-1]
 
 
 def _write_chain(model: ir.Model, chain: ReluChain, fit: ChainFit) -> None:
@@ -366,12 +375,12 @@ class Prune(CompressionPass):
                 "help": "after the refits, gradient steps that tune each chain of refit linear layers with ReLU "
                 "(after a BatchNormalization or not) between (an MLP) jointly towards the original chain's output "
                 "on the calibration rows, zeros kept (block reconstruction: later layers make up for earlier ones; "
-                "unstructured and N:M; two such chains read only through their dot product, as a two-tower "
-                f"model's towers, are tuned together on it, every row against every other, with {PAIR_MIXED_ROWS} "
-                "mixed rows, with structure=neurons too; "
+                f"with structure=neurons after the units go, on the calibration rows and {TUNE_MIXED_ROWS} mixed "
+                "rows; two such chains read only through their dot product, as a two-tower model's towers, are "
+                f"tuned together on it, every row against every other, with {TUNE_MIXED_ROWS} mixed rows; "
                 f"auto: {AUTO_TUNE_STEPS} with N:M, which takes the same share from every layer wherever it hurts, "
-                f"and from sparsity {UNSTRUCTURED_TUNE_MIN_SPARSITY} unstructured (and for towers with "
-                "structure=neurons), else 0; 0: off)",
+                f"with structure=neurons, and from sparsity {UNSTRUCTURED_TUNE_MIN_SPARSITY} unstructured, "
+                "else 0; 0: off)",
                 "min": 0,
             },
         )
@@ -409,16 +418,8 @@ class Prune(CompressionPass):
             if self.tune_steps != "auto":
                 return int(self.tune_steps)
             high = self.structure == "unstructured" and self.sparsity >= UNSTRUCTURED_TUNE_MIN_SPARSITY
-            return AUTO_TUNE_STEPS if high or parse_nm(self.structure) is not None else 0
-
-        @property
-        def pair_steps(self) -> int:
-            """Steps for towers met in a dot product: as for chains, and with structure=neurons too
-            (their hidden units removed, the shipped two-tower's test-row Spearman at 50% went
-            0.925 -> 0.959 with the tuning)."""
-            if self.tune_steps == "auto" and self.structure == "neurons":
-                return AUTO_TUNE_STEPS
-            return self.chain_steps
+            tuned = high or self.structure == "neurons" or parse_nm(self.structure) is not None
+            return AUTO_TUNE_STEPS if tuned else 0
 
         @property
         def refit_augment(self) -> int:
@@ -627,7 +628,7 @@ class Prune(CompressionPass):
         chains = relu_chains(model, refit) if self.config.chain_steps and calibration is not None else []
         pairs = dot_product_pairs(chains)
         paired = {id(chain) for pair in pairs for chain in (pair.first, pair.second)}
-        pair_start = self._pair_start(model, pairs)
+        pair_start = self._tune_start(model, [tower for pair in pairs for tower in (pair.first, pair.second)])
         dense_conv = _capture_raw(calibration, model, [node.inputs[0] for node in convs.values()]) if convs else {}
         originals = {layer: (_effective(layer), _bias_vector(layer)) for layer in refit}
         per_tensor: dict[str, dict[str, Any]] = {}
@@ -666,7 +667,7 @@ class Prune(CompressionPass):
             else {}
         )
         if pair_start is not None:
-            tuned.update(self._tune_pairs(model, pair_start, self.config.chain_steps))
+            tuned.update(self._tune_after(model, pair_start, self.config.chain_steps))
         zeros = 0.0
         total = 0
         for weight, sparsity in zip(weights, sparsities, strict=True):
@@ -742,32 +743,68 @@ class Prune(CompressionPass):
             }
         return report
 
-    def _pair_start(self, model: ir.Model, pairs: list[ChainPair]) -> _PairStart | None:
-        """What tuning ``pairs`` after pruning needs from the model before it: the calibration rows
-        with ``PAIR_MIXED_ROWS`` rows mixing their columns, the towers' inputs and weights there."""
+    def _tune_start(self, model: ir.Model, chains: list[ReluChain]) -> _TuneStart | None:
+        """Take from the model before pruning what :meth:`_tune_after` needs for ``chains``: the
+        calibration rows with ``TUNE_MIXED_ROWS`` rows mixing their columns, the chains' inputs
+        there, their weights."""
         real = self.context.calibration
-        if not pairs or real is None:
+        if not chains or real is None:
             return None
-        rows = fitting_rows(model, real, PAIR_MIXED_ROWS)
-        towers = [tower for pair in pairs for tower in (pair.first, pair.second)]
-        dense = _capture(rows.calibration, model, [tower.layers[0].data for tower in towers])
-        originals = {layer.node: (_effective(layer), _bias_vector(layer)) for tower in towers for layer in tower.layers}
-        return _PairStart(rows, dense, originals)
+        rows = fitting_rows(model, real, TUNE_MIXED_ROWS)
+        dense = _capture(rows.calibration, model, [chain.layers[0].data for chain in chains])
+        originals = {layer.node: (_effective(layer), _bias_vector(layer)) for chain in chains for layer in chain.layers}
+        return _TuneStart(rows, {chain.layers[0].node: chain for chain in chains}, dense, originals)
 
-    def _tune_pairs(self, model: ir.Model, start: _PairStart, steps: int) -> dict[str, dict[str, Any]]:
-        """Tune each pair of towers (:func:`dot_product_pairs`) that ``start`` saw before pruning
-        together on their dot products, every row against every other, on the calibration and mixed
-        rows, towards what the unpruned towers gave. Returns the held-out error of the calibration
-        rows' products before and after, by pair."""
+    def _tune_after(self, model: ir.Model, start: _TuneStart, steps: int) -> dict[str, dict[str, Any]]:
+        """Tune the chains ``start`` saw before pruning, as they are now (hidden units may have gone),
+        towards what they gave then, on its rows: each pair of towers (:func:`dot_product_pairs`)
+        together on their dot products, every row against every other, and each other chain on its
+        output. Returns the held-out error before and after, by chain or pair."""
         layers = [layer for layer in linear_layers(model) if layer.node in start.originals]
-        pairs = dot_product_pairs(relu_chains(model, layers))
-        rows, dense, originals = start.rows, start.dense, start.originals
+        chains = [chain for chain in relu_chains(model, layers) if chain.layers[0].node in start.chains]
+        pairs = dot_product_pairs(chains)
+        paired = {id(tower) for pair in pairs for tower in (pair.first, pair.second)}
+        report = self._tune_pairs(model, start, pairs, steps)
+        rows = start.rows.calibration
+        for chain in chains:
+            if id(chain) in paired:
+                continue
+            first = chain.layers[0]
+            flops = 6 * MINIBATCH * sum(layer.d_in * layer.d_out for layer in chain.layers)
+            allowed = min(steps, int(TUNE_FLOPS // flops))
+            if allowed < CHECK_EVERY:
+                continue
+            (student_in,) = _capture(rows, model, [first.data]).values()
+            fit = tune_chain(
+                student_in.reshape(-1, first.d_in),
+                start.target(chain),
+                *_current(chain),
+                allowed,
+                biased=_biased(chain),
+            )
+            if fit.error_after < fit.error_before:
+                _write_chain(model, chain, fit)
+            report[_chain_name(chain)] = {
+                "layers": len(chain.layers),
+                **({"batch_norms_folded": sum(norm is not None for norm in chain.norms)} if any(chain.norms) else {}),
+                "rows": len(student_in),
+                "steps": fit.steps,
+                "held_out_error": [round(fit.error_before, 8), round(fit.error_after, 8)],
+            }
+        return report
+
+    def _tune_pairs(
+        self, model: ir.Model, start: _TuneStart, pairs: list[ChainPair], steps: int
+    ) -> dict[str, dict[str, Any]]:
+        """Tune each pair of towers together on their dot products towards what they gave before
+        pruning (``start``); the held-out error is the calibration rows' products'."""
+        rows = start.rows
         report: dict[str, dict[str, Any]] = {}
         for pair in pairs:
             towers = (pair.first, pair.second)
             student = _capture(rows.calibration, model, [tower.layers[0].data for tower in towers])
             inputs = tuple(student[tower.layers[0].data] for tower in towers)
-            targets = tuple(_original_output(tower, dense[tower.layers[0].data], originals) for tower in towers)
+            targets = tuple(start.target(tower) for tower in towers)
             flops = 6 * MINIBATCH * sum(layer.d_in * layer.d_out for tower in towers for layer in tower.layers)
             flops += 8 * MINIBATCH * MINIBATCH * pair.first.layers[-1].d_out
             allowed = min(steps, int(TUNE_FLOPS // flops))
@@ -897,14 +934,11 @@ class Prune(CompressionPass):
         originals = {layer: (_effective(layer), _bias_vector(layer)) for layer in consumers}
         # Only the layers whose units go or that read them: include/exclude hold for the tuning too.
         touched = {layer.node for link in chosen for layer in (link.producer, link.consumer)}
-        pair_start = (
-            self._pair_start(
-                model,
-                dot_product_pairs(
-                    relu_chains(model, [layer for layer in linear_layers(model) if layer.node in touched])
-                ),
+        tune_start = (
+            self._tune_start(
+                model, relu_chains(model, [layer for layer in linear_layers(model) if layer.node in touched])
             )
-            if refit and chosen and self.config.pair_steps
+            if refit and chosen and self.config.chain_steps
             else None
         )
         per_layer: dict[str, dict[str, Any]] = {}
@@ -965,8 +999,8 @@ class Prune(CompressionPass):
             "layers": per_layer,
             "skipped": skipped,
         }
-        if pair_start is not None and per_layer:
-            tuned = self._tune_pairs(model, pair_start, self.config.pair_steps)
+        if tune_start is not None and per_layer:
+            tuned = self._tune_after(model, tune_start, self.config.chain_steps)
             if tuned:
                 stats["tuned_chains"] = tuned
         if not per_layer and not skipped:
