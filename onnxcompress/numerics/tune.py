@@ -29,6 +29,8 @@ LEARNING_RATE = 1e-3
 #: Rows a step; every ``CHECK_EVERY`` steps the held-out error is measured.
 MINIBATCH = 256
 CHECK_EVERY = 25
+#: The floor of a row's norm when normalising (as ``torch.nn.functional.normalize``'s eps).
+NORM_FLOOR = 1e-12
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,6 @@ def pair_loss(
 
 def _unit_rows(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), NORM_FLOOR)
-
-
-#: The floor of a row's norm when normalising (as ``torch.nn.functional.normalize``'s eps).
-NORM_FLOOR = 1e-12
 
 
 class _Chain:
