@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -188,8 +189,7 @@ def test_tuning_the_chain_jointly_beats_the_layer_by_layer_refit(tmp_path: Path)
 def test_n_m_and_high_sparsity_tune_the_mlp_chains_by_default(tmp_path: Path) -> None:
     """tune_steps=auto: N:M takes the same share from every layer, the narrow first ones too, so the
     chains are tuned after the refits (shipped DLRM at 2:4, test rows: Spearman 0.992 without, 0.996
-    with); unstructured pruning, whose sparsity goes where it costs least, is tuned only from 80%."""
-    from onnxcompress import compress
+    with); unstructured pruning, whose sparsity goes where it costs least, is tuned only from 80%; hidden units always."""
     from onnxcompress.passes.prune import AUTO_TUNE_STEPS, UNSTRUCTURED_TUNE_MIN_SPARSITY
 
     assert Prune.Config(structure="2:4").chain_steps == AUTO_TUNE_STEPS
@@ -200,23 +200,34 @@ def test_n_m_and_high_sparsity_tune_the_mlp_chains_by_default(tmp_path: Path) ->
     assert Prune.Config(structure="2:4", tune_steps=0).chain_steps == 0
     with pytest.raises(ValueError, match="tune_steps must be a number or auto"):
         Prune.Config(tune_steps="long")
-    files = model_files("dlrm")
-    spearman = {}
+    spearman, tuned = spearman_with_and_without_tuning(tmp_path, "dlrm", "prune.structure=2:4")
+    assert len(tuned["auto"]) == 2 and tuned["0"] == {}  # the bottom and the top MLP
+    assert spearman["auto"] > spearman["0"] + 0.002
+
+
+def spearman_with_and_without_tuning(
+    tmp_path: Path, name: str, *assignments: str
+) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """The shipped model pruned with tune_steps auto and 0: its test rows' Spearman with the
+    original and the tuned chains' stats, by setting."""
+    from onnxcompress import compress
+
+    files = model_files(name)
+    spearman, tuned = {}, {}
     for steps in ("auto", "0"):
         report = compress(
             files["onnx"],
             tmp_path / f"{steps}.onnx",
             ["prune"],
-            assignments=["prune.structure=2:4", f"prune.tune_steps={steps}"],
+            assignments=[*assignments, f"prune.tune_steps={steps}"],
             feeds=files["feeds"],
             calib=files["calib"],
             force=True,
         )
         (score,) = report.parity.outputs
         spearman[steps] = score.spearman
-        tuned = report.passes[0].stats.get("tuned_chains", {})
-        assert len(tuned) == (2 if steps == "auto" else 0)  # the bottom and the top MLP
-    assert spearman["auto"] > spearman["0"] + 0.002
+        tuned[steps] = report.passes[0].stats.get("tuned_chains", {})
+    return spearman, tuned
 
 
 def test_relu_chains_follow_hidden_links_through_a_lone_relu() -> None:
@@ -1005,22 +1016,6 @@ def test_chains_are_tuned_after_hidden_units_go(tmp_path: Path) -> None:
     """DeepFM, half of its hidden units removed: its MLP (BatchNormalization before each ReLU, now
     at half the width) is tuned towards what it gave before (test rows: Spearman 0.989 without,
     0.995 with)."""
-    from onnxcompress import compress
-
-    files = model_files("deepfm")
-    spearman = {}
-    for steps in ("auto", "0"):
-        report = compress(
-            files["onnx"],
-            tmp_path / f"{steps}.onnx",
-            ["prune"],
-            assignments=["prune.structure=neurons", f"prune.tune_steps={steps}"],
-            feeds=files["feeds"],
-            calib=files["calib"],
-            force=True,
-        )
-        (score,) = report.parity.outputs
-        spearman[steps] = score.spearman
-        tuned = report.passes[0].stats.get("tuned_chains", {})
-        assert [entry["batch_norms_folded"] for entry in tuned.values()] == ([3] if steps == "auto" else [])
+    spearman, tuned = spearman_with_and_without_tuning(tmp_path, "deepfm", "prune.structure=neurons")
+    assert [entry["batch_norms_folded"] for entry in tuned["auto"].values()] == [3] and tuned["0"] == {}
     assert spearman["auto"] > spearman["0"] + 0.003
