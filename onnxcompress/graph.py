@@ -22,14 +22,17 @@ __all__ = [
     "RECURRENT_OPS",
     "RECURRENT_SLOTS",
     "WEIGHT_SLOTS",
+    "ChainPair",
     "Dims",
     "HiddenLink",
     "LinearLayer",
     "ReluChain",
     "WeightUse",
     "concrete_shapes",
+    "constant_axes",
     "constant_value",
     "detach_subgraphs",
+    "dot_product_pairs",
     "inferred_shapes",
     "is_constant_initializer",
     "linear_layers",
@@ -463,8 +466,7 @@ def _is_scalar_constant(value: ir.Value | None) -> bool:
 def _walk(producer: LinearLayer, consumers: dict[ir.Node, LinearLayer]) -> HiddenLink | str:
     """Follow the producer's output through elementwise ops to the next linear layer, or say why not."""
     width = producer.d_out
-    shape = producer.output.shape
-    rank = 2 if producer.node.op_type == "Gemm" else (len(shape) if shape is not None else None)
+    rank = _output_rank(producer)
     value = producer.output
     between: list[ir.Node] = []
     fused: set[ir.Node] = set()
@@ -663,12 +665,19 @@ def _is_last_axis(axis: int, rank: int | None) -> bool:
     return axis == -1 or (rank is not None and axis == rank - 1)
 
 
+def constant_axes(node: ir.Node) -> list[int] | None:
+    """The constant ``axes`` of a Squeeze, Unsqueeze or reduction: an input from opset 13 (18 for
+    most reductions), an attribute before; None when not constant or absent."""
+    if len(node.inputs) > 1:
+        axes = constant_array(node.inputs[1])
+        return None if axes is None else [int(axis) for axis in axes.reshape(-1)]
+    attribute = node.attributes.get("axes")
+    return None if attribute is None else list(attribute.as_ints())
+
+
 def _reduces_last_axis(node: ir.Node, rank: int | None) -> bool:
-    axes = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    if axes is None:
-        attribute = node.attributes.get("axes")
-        axes = np.asarray(attribute.as_ints()) if attribute is not None else None
-    return axes is not None and axes.size == 1 and _is_last_axis(int(axes.reshape(-1)[0]), rank)
+    axes = constant_axes(node)
+    return axes is not None and len(axes) == 1 and _is_last_axis(axes[0], rank)
 
 
 def _unit_rows(out: ir.Value, rank: int | None) -> ir.Value | None:

@@ -30,6 +30,7 @@ from onnxcompress.graph import (
     Dims,
     concrete_shapes,
     constant_array,
+    constant_axes,
     constant_value,
     detach_subgraphs,
     inferred_shapes,
@@ -1603,19 +1604,9 @@ def _squeeze_if(node: ir.Node) -> tuple[ir.Value, int] | None:
     identity = _only_output_op(node.attributes["else_branch"].as_graph(), "Identity")
     if x is None or squeeze is None or identity is None or squeeze.inputs[0] is not x or identity.inputs[0] is not x:
         return None
-    if _constant_axes(squeeze) != [axis]:
+    if constant_axes(squeeze) != [axis]:
         return None
     return x, axis
-
-
-def _constant_axes(node: ir.Node) -> list[int] | None:
-    """The constant ``axes`` of a Squeeze, Unsqueeze or reduction: an input from opset 13 (18 for
-    most reductions), an attribute before; None when not constant or absent."""
-    if len(node.inputs) > 1:
-        axes = constant_array(node.inputs[1])
-        return None if axes is None else [int(axis) for axis in axes.reshape(-1)]
-    attribute = node.attributes.get("axes")
-    return None if attribute is None else list(attribute.as_ints())
 
 
 def fold_static_squeezes(model: ir.Model) -> int:
@@ -1658,7 +1649,7 @@ def merge_unsqueezes(model: ir.Model) -> int:
             continue
         if middle.is_graph_output() or len(middle.uses()) != 1:
             continue
-        first, second = _constant_axes(inner), _constant_axes(outer)
+        first, second = constant_axes(inner), constant_axes(outer)
         if first is None or second is None or min(first + second, default=-1) < 0:
             continue
         # The k-th axis of the middle value is the k-th place of the result the second one leaves free.
@@ -1731,7 +1722,7 @@ def _unsqueezed_axis(value: ir.Value, concat: ir.Node) -> int | None:
         return None
     if any(reader is not concat for reader, _ in value.uses()) or value.is_graph_output():
         return None
-    found = _constant_axes(producer)
+    found = constant_axes(producer)
     return found[0] if found is not None and len(found) == 1 else None
 
 
@@ -1949,7 +1940,7 @@ def sums_as_matmul(model: ir.Model) -> int:
         if node.op_type == "ReduceSum"
         and node.domain in ("", "ai.onnx")
         and node.inputs[0] is not None
-        and _constant_axes(node) in ([1], [-2])
+        and constant_axes(node) in ([1], [-2])
     ]
     if not candidates or model.opset_imports.get("", 1) < 9:
         return 0

@@ -663,7 +663,7 @@ class Prune(CompressionPass):
             self._tune_chains(
                 model, calibration, [chain for chain in chains if id(chain) not in paired], dense, originals
             )
-            if self.config.chain_steps and calibration is not None and refit
+            if chains and calibration is not None
             else {}
         )
         if pair_start is not None:
@@ -717,31 +717,35 @@ class Prune(CompressionPass):
         are. Returns the held-out error before and after, by chain."""
         report: dict[str, dict[str, Any]] = {}
         for chain in chains:
-            layers = chain.layers
-            first = layers[0]
-            norms = [*chain.norms, None]
-            target = _original_output(chain, dense[first.data], {layer.node: originals[layer] for layer in layers})
-            (student_in,) = _capture(calibration, model, [first.data]).values()
-            flops = 6 * MINIBATCH * sum(layer.d_in * layer.d_out for layer in layers)
-            steps = min(self.config.chain_steps, int(TUNE_FLOPS // flops))
-            if steps < CHECK_EVERY:
-                continue
-            fit = tune_chain(
-                student_in.reshape(-1, first.d_in),
-                target,
-                *_current(chain),
-                steps,
-                biased=_biased(chain),
+            target = _original_output(
+                chain, dense[chain.layers[0].data], {layer.node: originals[layer] for layer in chain.layers}
             )
-            if fit.error_after < fit.error_before:
-                _write_chain(model, chain, fit)
-            report[_chain_name(chain)] = {
-                "layers": len(layers),
-                **({"batch_norms_folded": sum(norm is not None for norm in norms)} if any(norms) else {}),
-                "steps": fit.steps,
-                "held_out_error": [round(fit.error_before, 8), round(fit.error_after, 8)],
-            }
+            entry = self._tune_one(model, calibration, chain, target, self.config.chain_steps)
+            if entry is not None:
+                report[_chain_name(chain)] = entry
         return report
+
+    def _tune_one(
+        self, model: ir.Model, rows: Calibration, chain: ReluChain, target: np.ndarray, steps: int
+    ) -> dict[str, Any] | None:
+        """Tune ``chain`` towards ``target`` (what the original chain gave on ``rows``), its input as
+        the model now computes it there, and write it back if the held-out error fell. Returns the
+        stats entry, or None when the multiply-add cap leaves too few steps."""
+        first = chain.layers[0]
+        flops = 6 * MINIBATCH * sum(layer.d_in * layer.d_out for layer in chain.layers)
+        allowed = min(steps, int(TUNE_FLOPS // flops))
+        if allowed < CHECK_EVERY:
+            return None
+        (student_in,) = _capture(rows, model, [first.data]).values()
+        fit = tune_chain(student_in.reshape(-1, first.d_in), target, *_current(chain), allowed, biased=_biased(chain))
+        if fit.error_after < fit.error_before:
+            _write_chain(model, chain, fit)
+        return {
+            "layers": len(chain.layers),
+            **({"batch_norms_folded": sum(norm is not None for norm in chain.norms)} if any(chain.norms) else {}),
+            "steps": fit.steps,
+            "held_out_error": [round(fit.error_before, 8), round(fit.error_after, 8)],
+        }
 
     def _tune_start(self, model: ir.Model, chains: list[ReluChain]) -> _TuneStart | None:
         """Take from the model before pruning what :meth:`_tune_after` needs for ``chains``: the
@@ -765,32 +769,12 @@ class Prune(CompressionPass):
         pairs = dot_product_pairs(chains)
         paired = {id(tower) for pair in pairs for tower in (pair.first, pair.second)}
         report = self._tune_pairs(model, start, pairs, steps)
-        rows = start.rows.calibration
         for chain in chains:
             if id(chain) in paired:
                 continue
-            first = chain.layers[0]
-            flops = 6 * MINIBATCH * sum(layer.d_in * layer.d_out for layer in chain.layers)
-            allowed = min(steps, int(TUNE_FLOPS // flops))
-            if allowed < CHECK_EVERY:
-                continue
-            (student_in,) = _capture(rows, model, [first.data]).values()
-            fit = tune_chain(
-                student_in.reshape(-1, first.d_in),
-                start.target(chain),
-                *_current(chain),
-                allowed,
-                biased=_biased(chain),
-            )
-            if fit.error_after < fit.error_before:
-                _write_chain(model, chain, fit)
-            report[_chain_name(chain)] = {
-                "layers": len(chain.layers),
-                **({"batch_norms_folded": sum(norm is not None for norm in chain.norms)} if any(chain.norms) else {}),
-                "rows": len(student_in),
-                "steps": fit.steps,
-                "held_out_error": [round(fit.error_before, 8), round(fit.error_after, 8)],
-            }
+            entry = self._tune_one(model, start.rows.calibration, chain, start.target(chain), steps)
+            if entry is not None:
+                report[_chain_name(chain)] = entry
         return report
 
     def _tune_pairs(
