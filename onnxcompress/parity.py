@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxcompress.metrics import auc, spearman, top_k_overlap
+from onnxcompress.metrics import auc, auc_difference, spearman, top_k_overlap
 
 __all__ = [
     "LOSSLESS",
@@ -102,6 +102,9 @@ class OutputComparison:
     worst_top10_overlap: float | None = None
     auc_reference: float | None = None
     auc_candidate: float | None = None
+    #: The standard error of the AUC change (paired, DeLong): a change within about two of these
+    #: is what the labelled rows cannot tell from no change.
+    auc_delta_error: float | None = None
     #: The figure each setting would need for this output to pass (``--atol`` etc.), checked or not.
     would_pass_with: Mapping[str, float] = field(default_factory=dict)
     #: The settings whose budget this output missed: the flags worth loosening.
@@ -234,7 +237,7 @@ def _compare_one(
         failures.append(f"cosine {cosine:.6f} below {budget.min_cosine:g}")
         missed.append("min_cosine")
     kind = "tensor"
-    rank_corr = overlap = auc_ref = auc_cand = None
+    rank_corr = overlap = auc_ref = auc_cand = auc_error = None
     grouped: dict[str, Any] = {}
     column = score_column(shape)
     if column is not None and reference.shape[0] > 1:
@@ -262,6 +265,7 @@ def _compare_one(
             missed.append("min_rank_corr")
         if labels is not None and labels.size == ref_scores.size:
             auc_ref, auc_cand = auc(labels, ref_scores), auc(labels, cand_scores)
+            auc_error = auc_difference(labels, ref_scores, cand_scores)[1]
             drop = auc_ref - auc_cand
             needed["max_auc_drop"] = max(drop, 0.0)
             if budget.max_auc_drop is not None and not math.isnan(drop) and drop > budget.max_auc_drop:
@@ -283,6 +287,7 @@ def _compare_one(
         **grouped,
         auc_reference=auc_ref,
         auc_candidate=auc_cand,
+        auc_delta_error=auc_error,
         would_pass_with=needed,
         missed=tuple(missed),
     )

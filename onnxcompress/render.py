@@ -18,7 +18,7 @@ from onnxcompress.passes.base import config_fields
 from onnxcompress.recipe import describe_field
 from onnxcompress.report import Report
 
-__all__ = ["human_bytes", "pass_catalogue", "report_view"]
+__all__ = ["auc_cell", "human_bytes", "pass_catalogue", "report_view"]
 
 
 def human_bytes(count: int | float) -> str:
@@ -91,10 +91,12 @@ def _optional(value: float | None, digits: int = 5) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _auc_cell(output: OutputComparison) -> str:
+def auc_cell(output: OutputComparison) -> str:
     if output.auc_reference is None or output.auc_candidate is None:
         return "—"
-    return f"{output.auc_reference:.4f}→{output.auc_candidate:.4f} ({output.auc_delta:+.4f})"
+    error = output.auc_delta_error
+    shown = "" if error is None else f" ± {error:.4f}" if error >= 0.00005 else " ± <0.0001"
+    return f"{output.auc_reference:.4f}→{output.auc_candidate:.4f} ({output.auc_delta:+.4f}{shown})"
 
 
 def report_view(report: Report) -> RenderableType:
@@ -128,7 +130,7 @@ def report_view(report: Report) -> RenderableType:
             "cosine",
             "spearman",
             "top-10",
-            "AUC",
+            "AUC (change ± s.e.)",
             "verdict",
         ):
             parity.add_column(column, overflow="fold")
@@ -142,7 +144,7 @@ def report_view(report: Report) -> RenderableType:
                 f"{output.cosine:.6f}" if output.kind != "integer" else "—",
                 _optional(output.spearman) + _worst(output.worst_spearman, output.rank_groups, 5),
                 _optional(output.top10_overlap, 2) + _worst(output.worst_top10_overlap, output.rank_groups, 2),
-                _auc_cell(output),
+                auc_cell(output),
                 Text("pass", style="green") if output.passed else Text("FAIL", style="bold red"),
             )
         parts.append(parity)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcompress.metrics import auc
+from onnxcompress.metrics import auc, auc_difference
 from onnxcompress.parity import LOSSLESS, LOSSY, Budget, Budgets, budget_with, compare, score_column
 
 
@@ -51,6 +51,13 @@ def test_auc_drop_and_rank_correlation_are_checked_against_labels() -> None:
     assert any("AUC dropped" in failure for failure in output.failures)
     assert any("rank correlation" in failure for failure in output.failures)
     assert output.would_pass_with["max_auc_drop"] == pytest.approx(-output.auc_delta)
+    assert output.auc_delta_error == pytest.approx(auc_difference(labels, reference, candidate)[1])
+    # Paired: a candidate that barely moves the scores has a far smaller error than one that moves
+    # them a lot, though each AUC alone is as uncertain as the other's.
+    close = compare(
+        {"score": reference}, {"score": reference + rng.normal(0, 0.01, 2000)}, Budgets(LOSSY), labels=labels
+    )
+    assert 0 < close.outputs[0].auc_delta_error < output.auc_delta_error / 5
 
 
 def test_per_output_budget_overrides_the_default() -> None:

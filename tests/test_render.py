@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from onnxcompress.render import size_change
+from onnxcompress.parity import OutputComparison
+from onnxcompress.render import auc_cell, size_change
 
 
 @pytest.mark.parametrize(
@@ -17,3 +18,18 @@ from onnxcompress.render import size_change
 )
 def test_the_summary_says_which_way_the_size_went(before: int, after: int, said: str) -> None:
     assert size_change(before, after) == said
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (0.00031, "0.6986→0.6980 (-0.0006 ± 0.0003)"),
+        (0.00002, "0.6986→0.6980 (-0.0006 ± <0.0001)"),  # not "± 0.0000": the change is not exact
+        (None, "0.6986→0.6980 (-0.0006)"),
+    ],
+)
+def test_the_auc_change_comes_with_its_standard_error(error: float | None, said: str) -> None:
+    output = OutputComparison(
+        "score", "score", (10,), True, auc_reference=0.6986, auc_candidate=0.698, auc_delta_error=error
+    )
+    assert auc_cell(output) == said
