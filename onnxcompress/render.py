@@ -95,7 +95,7 @@ def auc_cell(output: OutputComparison) -> str:
     if output.auc_reference is None or output.auc_candidate is None:
         return "—"
     error = output.auc_delta_error
-    shown = "" if error is None else f" ± {error:.4f}" if error >= 0.00005 else " ± <0.0001"
+    shown = "" if not error else f" ± {error:.4f}" if error >= 0.00005 else " ± <0.0001"
     return f"{output.auc_reference:.4f}→{output.auc_candidate:.4f} ({output.auc_delta:+.4f}{shown})"
 
 

@@ -23,6 +23,10 @@ def test_quick_run_measures_a_baseline_and_ours(tmp_path: Path, capsys: pytest.C
     assert rows["ours-cleanup"]["parity"] == "passed"
     assert rows["ours-cleanup"]["auc_delta"] == 0.0 and rows["ours-cleanup"]["max_abs_err"] == 0.0
     assert rows["ort-dynamic"]["size_ratio"] > 2 and rows["ort-dynamic"]["peak_rss_mib"] > 0
+    # The same scores: no change and no error; quantized ones move the AUC a little, known to within
+    # a small paired error.
+    assert rows["ours-cleanup"]["auc_delta_se"] == 0.0
+    assert 0 < rows["ort-dynamic"]["auc_delta_se"] < 0.002
     assert "MatMulInteger" in rows["ort-dynamic"]["op_changes"]
     for row in rows.values():
         for threads in data["settings"]["threads"]:
@@ -32,6 +36,7 @@ def test_quick_run_measures_a_baseline_and_ours(tmp_path: Path, capsys: pytest.C
 
     markdown = (tmp_path / "BENCHMARKS.md").read_text()
     assert f"## {bench.QUICK_MODEL}" in markdown and "| ours-cleanup |" in markdown
+    assert f"| {rows['ort-dynamic']['auc_delta']:+.4f} ± " in markdown
     assert markdown.strip() in capsys.readouterr().out
 
 

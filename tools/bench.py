@@ -197,6 +197,7 @@ class Row:
     size_ratio: float | None = None
     auc: float | None = None
     auc_delta: float | None = None
+    auc_delta_se: float | None = None
     max_abs_err: float | None = None
     mean_abs_err: float | None = None
     top10_overlap: float | None = None
@@ -282,6 +283,7 @@ def measure_quality(case: lib.Case, rows: Mapping[str, Row], paths: dict[str, Pa
         row.auc, row.max_abs_err, row.mean_abs_err = found.auc, found.max_abs_err, found.mean_abs_err
         row.top10_overlap = found.top10_overlap
         row.auc_delta = found.auc - reference_auc if reference_auc is not None else None
+        row.auc_delta_se = found.auc_delta_se
 
 
 def measure_speed(
@@ -368,6 +370,16 @@ def summary_table(rows: Sequence[Row], methods: Sequence[lib.Method], threads: S
     return lines
 
 
+def auc_change(row: Row) -> str:
+    """ΔAUC with its paired standard error (none for the same order of every row), "± <0.0001"
+    rather than a "± 0.0000" that reads as exact."""
+    if row.auc_delta is None:
+        return "—"
+    se = row.auc_delta_se
+    shown = "" if not se else f" ± {se:.4f}" if se >= 0.00005 else " ± <0.0001"
+    return f"{row.auc_delta:+.4f}{shown}"
+
+
 def model_tables(rows: Sequence[Row], threads: Sequence[int]) -> list[str]:
     has_top10 = any(row.top10_overlap is not None for row in rows)
     lines = [
@@ -384,7 +396,7 @@ def model_tables(rows: Sequence[Row], threads: Sequence[int]) -> list[str]:
         auc_text = f"failed: {row.error}" if row.error else fmt(row.auc, ".4f")
         lines.append(
             f"| {row.method} | {fmt((row.bytes or 0) / 1e3, '.1f')} | {fmt(row.size_ratio, '.2f')} | {auc_text} | "
-            f"{fmt(row.auc_delta, '+.4f')} | {fmt(row.max_abs_err, '.2e')} | {fmt(row.mean_abs_err, '.2e')} | "
+            f"{auc_change(row)} | {fmt(row.max_abs_err, '.2e')} | {fmt(row.mean_abs_err, '.2e')} | "
             + (f"{fmt(row.top10_overlap, '.3f')} | " if has_top10 else "")
             + f"{row.parity or '—'} | {fmt(row.compress_seconds, '.2f')} | {fmt(row.process_seconds, '.2f')} | "
             f"{fmt(row.peak_rss_mib, '.0f')} | {row.op_changes if row.method != ORIGINAL.name else ''} | "
@@ -438,7 +450,9 @@ def markdown(
         "- **Size**: bytes on disk of the model file plus its external data files; size ratio = original / method.",
         "- **Quality**: onnxruntime CPU at ORT_ENABLE_ALL (as deployed) on the model's test feeds "
         "(`NAME.feeds.npz`, labels `NAME.labels.npy`). The score is the meta.json's `score_output` "
-        "(column `score_column`), else the first float output. ΔAUC = method - original; score errors are "
+        "(column `score_column`), else the first float output. ΔAUC = method - original, ± its paired "
+        "standard error (DeLong: both models score the same rows, so a change that barely reorders them "
+        "has a small error; one within about two errors is one these rows cannot tell from none); score errors are "
         "against the original's scores. Top-10/user: mean over the 20 users of `two_tower.rank.npz` of the "
         "overlap between the original's and the method's 10 best-scored items of all 1682.",
         "- **Parity** (onnxcompress methods): the verdict of `compress(..., force=True)` with the test feeds, "

@@ -358,6 +358,8 @@ class Quality:
     """How one model's scores compare with the original's."""
 
     auc: float
+    #: Standard error of ``auc`` minus the reference's on the same rows (paired, DeLong).
+    auc_delta_se: float
     max_abs_err: float
     mean_abs_err: float
     top10_overlap: float | None
@@ -373,7 +375,7 @@ def quality(
     rank_reference: np.ndarray | None = None,
 ) -> Quality:
     """AUC on the test feeds, score error against the original, and mean top-10 overlap per user."""
-    from onnxcompress.metrics import auc, top_k_overlap
+    from onnxcompress.metrics import auc, auc_difference, top_k_overlap
 
     score = scores(session, feeds, case)
     error = np.abs(score - reference)
@@ -389,7 +391,8 @@ def quality(
                 ]
             )
         )
-    return Quality(auc(labels, score), float(error.max()), float(error.mean()), overlap)
+    delta_se = auc_difference(labels, reference, score)[1]
+    return Quality(auc(labels, score), delta_se, float(error.max()), float(error.mean()), overlap)
 
 
 def _calls_for(session: ort.InferenceSession, feeds: Feeds, target_seconds: float) -> int:

@@ -125,6 +125,7 @@ def bench_model(
                 "layers_pruned": stats.get("layers_pruned"),
                 "auc_reference": score["auc_reference"],
                 "auc_delta": score["auc_candidate"] - score["auc_reference"],
+                "auc_delta_se": score["auc_delta_error"],
                 "cosine": score["cosine"],
                 "spearman": score["spearman"],
                 "parity": report["verdict"],
@@ -184,9 +185,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         else:
             amount = "—"
         verdict = "pass" if row["parity"] == "passed" else "fail"
+        se = row.get("auc_delta_se")
+        change = f"{row['auc_delta']:+.4f}" + ("" if not se else f" ± {se:.4f}" if se >= 0.00005 else " ± <0.0001")
         lines.append(
             f"| {row['model']} | {row['config']} | {row['bytes_out'] / 1024:.1f} KB | "
-            f"{row['bytes_in'] / row['bytes_out']:.2f}x | {amount} | {row['auc_delta']:+.4f} | {row['cosine']:.4f} | "
+            f"{row['bytes_in'] / row['bytes_out']:.2f}x | {amount} | {change} | {row['cosine']:.4f} | "
             f"{row['spearman']:.4f} | {verdict} | {row['latency_b1_ratio']:.2f}x | "
             f"{row['throughput_b512_ratio']:.2f}x |"
         )
