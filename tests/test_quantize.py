@@ -2274,8 +2274,9 @@ def test_codes_indexing_levels_never_feed_an_integer_kernel_as_they_are() -> Non
 def test_smoothed_integer_layers_stay_only_if_the_model_timed_with_their_smoothing_is_faster(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_them_us: float, kept: bool
 ) -> None:
-    """The distilled DeepFM's first layer needs smoothing (its error 3% without, 0.4% with): a Mul
-    over its 137 inputs that the probe, timing the layer alone, never paid. On a VNNI host the probe
+    """The distilled DeepFM's first layer needs smoothing (its error 3% without, 0.4% with): Muls
+    over its 137 inputs (the embeddings are shared with the FM part, so the factors cannot fold
+    into the table) that the probe, timing the layer alone, never paid. On a VNNI host the probe
     chose it, and the written model was no faster at batch 512 while it lost 0.0004 AUC. So the
     model is timed with the smoothed layers integer, each input divided by its factors as written,
     against them in float; under 3% faster they go back to float. Timings are fixed here."""
@@ -2303,9 +2304,9 @@ def test_smoothed_integer_layers_stay_only_if_the_model_timed_with_their_smoothi
     (timed,) = confirmations
     without, with_them = ([node.op_type for node in copy.graph] for copy in timed)
     added = with_them.count("MatMulInteger") - without.count("MatMulInteger")
-    # the smoothing as written: each smoothed layer's input divided by its factors before it is rounded
-    rounded = [node.inputs[0] for node in timed[1].graph if node.op_type == "DynamicQuantizeLinear"]
-    assert sum(value.producer() is not None and value.producer().op_type == "Mul" for value in rounded) == added
+    # the smoothing as written: besides the two Muls of each integer layer's scales, a Mul at least
+    # divides each smoothed layer's input (here on the parts its input is concatenated from)
+    assert with_them.count("Mul") - without.count("Mul") >= 3 * added
     written = ir.load(tmp_path / "int8.onnx")
     integer = [node.op_type for node in written.graph].count("MatMulInteger")
     assert integer == activations["integer_layers"]

@@ -1826,19 +1826,26 @@ class Quantize(CompressionPass):
         }
 
     def _confirm_by_model_timing(self, model: ir.Model, selected: dict[ir.Value, list[WeightUse]]) -> dict[str, Any]:
-        """Keep the smoothed integer layers only if the model timed with them, their inputs divided
-        by their smoothing factors as written, is faster on a batch than with them in float (the
-        other integer layers integer in both). The probe timed each layer alone and without its
-        smoothing: the distilled DeepFM's first layer, 1.49x faster alone on a VNNI host, left the
-        written model no faster at batch 512 (a Mul over its 137 inputs) and slower on one row,
-        while it cost 0.0003 AUC. Returns the report's entry when they went back to float."""
+        """Keep the smoothed integer layers whose factors need a ``Mul`` (not folded upstream) only if
+        the model timed with them, their inputs divided by their factors as written, is faster on a
+        batch than with them in float (the other integer layers integer in both). The probe timed
+        each layer alone and without its smoothing: the distilled DeepFM's first layer, 1.49x faster
+        alone on a VNNI host, left the written model no faster at batch 512 (Muls over its 137
+        inputs) and slower on one row, while it cost 0.0003 AUC. Returns the report's entry when
+        they went back to float."""
         calibration = self.context.calibration
         if self.config.activations != "auto" or calibration is None:
             return {}
-        smoothed = sorted(name for name in self._integer_layers if self._activation_plans[name].scales is not None)
+        by_name = {value.name: value for value in selected}
+        smoothed = sorted(
+            name
+            for name in self._integer_layers
+            if (scales := self._activation_plans[name].scales) is not None
+            and (x := selected[by_name[name]][0].node.inputs[0]) is not None
+            and scaling_form(model.graph, x, 1.0 / scales) != "folded"
+        )
         if not smoothed or initializer_bytes(model) > REFERENCE_TIMING_MAX_BYTES:
             return {}
-        by_name = {value.name: value for value in selected}
 
         def uses(names: set[str]) -> list[WeightUse]:
             return [use for name in names for use in selected[by_name[name]]]
@@ -3099,10 +3106,10 @@ def _integer_variant(
 ) -> ir.Model | None:
     """A copy of ``model`` whose MatMul/Gemm ``uses`` run as DynamicQuantizeLinear + MatMulInteger
     with int8 weights of their shapes (values do not matter: it is only timed), or None when one of
-    them is not a plain 2-D weight. A use whose node (by ``id``) has ``smoothing`` factors first
-    divides its input by them, as the written layer does. ``clone`` keeps external tensors' folder,
-    which a round trip through the proto loses (the copy then looked for the data file in the
-    working directory)."""
+    them is not a plain 2-D weight. A use whose node (by ``id``) has ``smoothing`` factors reads its
+    input divided by them as the written layer does (folded upstream where it can be, else a
+    ``Mul``). ``clone`` keeps external tensors' folder, which a round trip through the proto loses
+    (the copy then looked for the data file in the working directory)."""
     copy = model.clone()
     order = {id(node): index for index, node in enumerate(model.graph)}
     nodes = list(copy.graph)
@@ -3121,8 +3128,7 @@ def _integer_variant(
         build = _Builder(copy.graph, "timed")
         factors = (smoothing or {}).get(id(use.node))
         if factors is not None:
-            inverse = build.constant("inverse", (1 / factors).astype(np.float32))
-            node.replace_input_with(0, build.op("Mul", [node.inputs[0], inverse]))
+            scale_last_axis(copy.graph, node.inputs[0], 1.0 / factors, node)
         integer_weight = build.constant("w", rng.integers(-127, 128, (inputs, outputs), dtype=np.int8))
         _dynamic_matmul(build, node, integer_weight, build.constant("s", np.full(outputs, 0.01, np.float32)))
         build.insert_before(node)
