@@ -18,7 +18,7 @@ from onnxcompress.passes.base import config_fields
 from onnxcompress.recipe import describe_field
 from onnxcompress.report import Report
 
-__all__ = ["auc_cell", "human_bytes", "pass_catalogue", "report_view"]
+__all__ = ["auc_cell", "auc_change", "human_bytes", "pass_catalogue", "report_view"]
 
 
 def human_bytes(count: int | float) -> str:
@@ -91,12 +91,18 @@ def _optional(value: float | None, digits: int = 5) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def auc_change(delta: float, error: float | None) -> str:
+    """An AUC change with its standard error: none for an unchanged order of every row, and
+    "± <0.0001" rather than a "± 0.0000" that reads as exact."""
+    shown = "" if not error else f" ± {error:.4f}" if error >= 0.00005 else " ± <0.0001"
+    return f"{delta:+.4f}{shown}"
+
+
 def auc_cell(output: OutputComparison) -> str:
     if output.auc_reference is None or output.auc_candidate is None:
         return "—"
-    error = output.auc_delta_error
-    shown = "" if not error else f" ± {error:.4f}" if error >= 0.00005 else " ± <0.0001"
-    return f"{output.auc_reference:.4f}→{output.auc_candidate:.4f} ({output.auc_delta:+.4f}{shown})"
+    change = auc_change(output.auc_candidate - output.auc_reference, output.auc_delta_error)
+    return f"{output.auc_reference:.4f}→{output.auc_candidate:.4f} ({change})"
 
 
 def report_view(report: Report) -> RenderableType:

@@ -36,6 +36,7 @@ from onnxcompress.errors import CompressError
 from onnxcompress.parity import LOSSY
 from onnxcompress.presets import get_preset
 from onnxcompress.recipe import build_specs
+from onnxcompress.render import auc_change
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -370,16 +371,6 @@ def summary_table(rows: Sequence[Row], methods: Sequence[lib.Method], threads: S
     return lines
 
 
-def auc_change(row: Row) -> str:
-    """ΔAUC with its paired standard error (none for the same order of every row), "± <0.0001"
-    rather than a "± 0.0000" that reads as exact."""
-    if row.auc_delta is None:
-        return "—"
-    se = row.auc_delta_se
-    shown = "" if not se else f" ± {se:.4f}" if se >= 0.00005 else " ± <0.0001"
-    return f"{row.auc_delta:+.4f}{shown}"
-
-
 def model_tables(rows: Sequence[Row], threads: Sequence[int]) -> list[str]:
     has_top10 = any(row.top10_overlap is not None for row in rows)
     lines = [
@@ -394,9 +385,10 @@ def model_tables(rows: Sequence[Row], threads: Sequence[int]) -> list[str]:
             lines.append("| " + " | ".join([row.method, f"failed: {row.error}"] + [""] * (columns - 2)) + " |")
             continue
         auc_text = f"failed: {row.error}" if row.error else fmt(row.auc, ".4f")
+        change = "—" if row.auc_delta is None else auc_change(row.auc_delta, row.auc_delta_se)
         lines.append(
             f"| {row.method} | {fmt((row.bytes or 0) / 1e3, '.1f')} | {fmt(row.size_ratio, '.2f')} | {auc_text} | "
-            f"{auc_change(row)} | {fmt(row.max_abs_err, '.2e')} | {fmt(row.mean_abs_err, '.2e')} | "
+            f"{change} | {fmt(row.max_abs_err, '.2e')} | {fmt(row.mean_abs_err, '.2e')} | "
             + (f"{fmt(row.top10_overlap, '.3f')} | " if has_top10 else "")
             + f"{row.parity or '—'} | {fmt(row.compress_seconds, '.2f')} | {fmt(row.process_seconds, '.2f')} | "
             f"{fmt(row.peak_rss_mib, '.0f')} | {row.op_changes if row.method != ORIGINAL.name else ''} | "

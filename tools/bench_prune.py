@@ -36,6 +36,7 @@ from bench_lib import first_rows, load_feeds, make_session, time_sessions  # noq
 from onnxcompress import compress  # noqa: E402
 from onnxcompress.errors import CompressError  # noqa: E402
 from onnxcompress.passes import PASSES  # noqa: E402
+from onnxcompress.render import auc_change  # noqa: E402
 
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "50%": ("prune", ["prune.sparsity=0.5"]),
@@ -185,8 +186,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         else:
             amount = "—"
         verdict = "pass" if row["parity"] == "passed" else "fail"
-        se = row.get("auc_delta_se")
-        change = f"{row['auc_delta']:+.4f}" + ("" if not se else f" ± {se:.4f}" if se >= 0.00005 else " ± <0.0001")
+        change = auc_change(row["auc_delta"], row.get("auc_delta_se"))
         lines.append(
             f"| {row['model']} | {row['config']} | {row['bytes_out'] / 1024:.1f} KB | "
             f"{row['bytes_in'] / row['bytes_out']:.2f}x | {amount} | {change} | {row['cosine']:.4f} | "

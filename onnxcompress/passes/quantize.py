@@ -1836,36 +1836,33 @@ class Quantize(CompressionPass):
         calibration = self.context.calibration
         if self.config.activations != "auto" or calibration is None:
             return {}
+        if initializer_bytes(model) > REFERENCE_TIMING_MAX_BYTES:
+            return {}
         by_name = {value.name: value for value in selected}
-        smoothed = sorted(
-            name
-            for name in self._integer_layers
+        factors = {
+            name: scales
+            for name in sorted(self._integer_layers)
             if (scales := self._activation_plans[name].scales) is not None
             and (x := selected[by_name[name]][0].node.inputs[0]) is not None
             and scaling_form(model.graph, x, 1.0 / scales) != "folded"
-        )
-        if not smoothed or initializer_bytes(model) > REFERENCE_TIMING_MAX_BYTES:
+        }
+        if not factors:
             return {}
 
         def uses(names: set[str]) -> list[WeightUse]:
             return [use for name in names for use in selected[by_name[name]]]
 
-        smoothing = {
-            id(use.node): scales
-            for name in smoothed
-            if (scales := self._activation_plans[name].scales) is not None
-            for use in selected[by_name[name]]
-        }
-        without = _integer_variant(model, uses(self._integer_layers - set(smoothed)))
+        smoothing = {id(use.node): scales for name, scales in factors.items() for use in selected[by_name[name]]}
+        without = _integer_variant(model, uses(self._integer_layers - set(factors)))
         with_them = _integer_variant(model, uses(self._integer_layers), smoothing)
         if without is None or with_them is None:
             return {}
         floating, integer = model_timings([without, with_them], calibration.feeds.arrays)
         if integer.batch <= (1 - CONFIRM_MIN_BATCH_GAIN) * floating.batch:
             return {}
-        self._integer_layers -= set(smoothed)
+        self._integer_layers -= set(factors)
         timed = {"float_batch": round(floating.batch * 1e6, 1), "integer_batch": round(integer.batch * 1e6, 1)}
-        return {"returned_to_float_by_model_timing": smoothed, "model_timing_us": timed}
+        return {"returned_to_float_by_model_timing": list(factors), "model_timing_us": timed}
 
     def _add_measured_layers(
         self,
