@@ -350,6 +350,24 @@ def test_int8_requantization_of_decoded_rows_spans_127_levels_per_pair_of_codes(
     assert np.all(np.abs(codes * scale[:, None] - decoded) <= scale[:, None] / 2 * (1 + 1e-5))
 
 
+@pytest.mark.parametrize("inputs", [32, 33])
+def test_binary_rows_round_to_int8_exactly(inputs: int) -> None:
+    """Signs times one alpha per row: over BINARY_PAIR_LEVELS every code is +-63 (+-64 for a row of
+    odd length) and codes times scale give the rows back; over 127 they round +-63.5 and every
+    output of the layer comes out 0.8% off."""
+    from onnxcompress.numerics.quant import BINARY_PAIR_LEVELS
+
+    alpha = RNG.uniform(0.01, 2.0, 24).astype(np.float32)
+    rows = np.where(RNG.random((24, inputs)) < 0.5, -1.0, 1.0).astype(np.float32) * alpha[:, None]
+    codes, scale = int8_requantize(rows, BINARY_PAIR_LEVELS)
+    assert set(np.unique(np.abs(codes))) == {63 if inputs % 2 == 0 else 64}
+    np.testing.assert_allclose(codes * scale[:, None], rows, rtol=1e-6)
+    if inputs % 2 == 0:
+        codes, scale = int8_requantize(rows)
+        # +-63.5 in float32 lands on either side of the half: 0.8% off, one way or the other
+        np.testing.assert_allclose(np.abs(np.abs(codes * scale[:, None]) / np.abs(rows) - 1), 0.5 / 63.5, rtol=1e-5)
+
+
 def test_smoothing_scales_shrink_only_channels_above_the_median() -> None:
     from onnxcompress.numerics.quant import smoothing_scales
 

@@ -75,6 +75,9 @@ INT8_PAIR_LIMIT = 128
 #: scale is a channel's largest pair sum over 127, or, for an odd number of inputs, its peak over
 #: 64 levels a side, whose pairs are within the limit whatever they hold.
 INT8_GRAPH_LEVELS = 64
+#: A binary row's pair sums are all ``2 alpha``: over 126 levels its codes are exactly +-63, where
+#: 127 would round +-63.5 up and scale every output of the layer by 64 / 63.5 (0.8% per layer).
+BINARY_PAIR_LEVELS = 126
 #: Columns GPTQ updates lazily before one matrix product applies their error to the rest.
 _GPTQ_BLOCK = 32
 
@@ -440,17 +443,17 @@ def with_scale_codebook(rows: Any, quantized: QuantizedRows, size: int = SCALE_C
     return replace(quantized, codes=codes, scale=codebook[index], codebook=codebook, scale_index=index)
 
 
-def int8_requantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def int8_requantize(rows: np.ndarray, pair_levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 codes per row of ``rows`` (weights already decoded from fewer bits) and their
     float32 scales, computed in float32 as a graph computes ``QuantizeLinear(rows, scale)`` to int8
     to feed an integer kernel. The scale is the row's largest pair sum ``|w 2j| + |w 2j+1|`` over
-    127, so that every pair of codes stays within ``INT8_PAIR_LIMIT`` (a row of odd length: its
-    peak over ``INT8_GRAPH_LEVELS``). An all-zero row gets scale ``TINY_SCALE`` (a graph would
-    otherwise divide 0 by 0)."""
+    ``pair_levels`` (127; ``BINARY_PAIR_LEVELS`` for signs times alpha), so that every pair of codes
+    stays within ``INT8_PAIR_LIMIT`` (a row of odd length: its peak over ``INT8_GRAPH_LEVELS``). An
+    all-zero row gets scale ``TINY_SCALE`` (a graph would otherwise divide 0 by 0)."""
     rows = np.asarray(rows, dtype=np.float32)
     if rows.shape[1] % 2 == 0:
         magnitudes = np.abs(rows)
-        peak, levels = (magnitudes[:, 0::2] + magnitudes[:, 1::2]).max(axis=1), 127
+        peak, levels = (magnitudes[:, 0::2] + magnitudes[:, 1::2]).max(axis=1), pair_levels
     else:
         peak, levels = np.abs(rows).max(axis=1), INT8_GRAPH_LEVELS
     scale = np.maximum(peak, np.float32(TINY_SCALE)) / np.float32(levels)
