@@ -54,6 +54,7 @@ from onnxcompress.io import ExternalRows, initializer_bytes
 from onnxcompress.metrics import auc_difference
 from onnxcompress.numerics.pq import ProductCodes, product_assign, product_dequantize, product_quantize
 from onnxcompress.numerics.quant import (
+    BINARY_PAIR_LEVELS,
     INT8_GRAPH_LEVELS,
     INT8_PAIR_LIMIT,
     SCALE_CODEBOOK_SIZE,
@@ -142,8 +143,10 @@ GPTQ_MIN_ROWS = 32
 MIXED_MIN_ROWS = 32
 #: Weights of at least this many bits may feed integer kernels: below 8 bits they are decoded and
 #: rounded to int8 per output channel at load (an int8-sized error on top of their own, small next
-#: to 2 bits'). Binary weights keep their sign decoding.
-MIN_INTEGER_BITS = 2
+#: to 2 bits'; binary signs and alpha round to int8 exactly, as +-63). The wide DLRM's
+#: mixed file takes its two 1024-wide layers to 1 bit, which onnxruntime times 5-6x faster as
+#: integer kernels.
+MIN_INTEGER_BITS = 1
 #: Bytes of graph that decode an integer layer's 4-bit blocks and round them to int8 at load (Cast,
 #: Cast, Mul, Reshape, Transpose, Abs, ReduceMax, Div, QuantizeLinear: 231 bytes in int4 SASRec,
 #: less the Cast that codes with one scale per channel need too).
@@ -154,6 +157,15 @@ LEVELS_DECODE_BYTES = 120
 LEVEL_BITS = (2, 3)
 #: A weight with more zeros than this is pruned: its codes stay evenly spaced, zero among them.
 LEVELS_MAX_ZERO_FRACTION = 0.05
+#: mixed with activations=auto: when layers the activation budget returned to float would each save
+#: at least this share of the model's batch time, the widths are searched again with room left for
+#: their activations (the wide DLRM: two 1024-wide 1-bit layers, 5-6x faster as integer kernels).
+ACTIVATION_RESERVE_MIN_BATCH_SHARE = 0.1
+#: ... and at most this share of the mixed budget is set aside for them, in at most this many searches
+#: (each reserve is measured on the widths of the search before, and widths searched anew can leave
+#: the activations less room than that: the wide DLRM needed a second try).
+ACTIVATION_RESERVE_MAX_SHARE = 0.5
+ACTIVATION_RESERVE_MAX_SEARCHES = 3
 #: activations=auto: a layer that costs single-row latency must save at least this fraction of the
 #: model's batch time to be worth it.
 MIN_MODEL_BATCH_GAIN = 0.01
@@ -1095,7 +1107,28 @@ class Quantize(CompressionPass):
             plan, search = self._plan_bits(model, selected, hessians)
         finally:
             self._integer_layers = candidates
-        activations = self._plan_activations(model, selected, plan, hessians)
+        activation_plans = dict(self._activation_plans)
+        reserve: dict[str, float] = {}
+        reserved_for: list[str] = []
+        for searches in range(1, ACTIVATION_RESERVE_MAX_SEARCHES + 1):
+            activations = self._plan_activations(
+                model, selected, plan, hessians, reserve, may_reserve=searches < ACTIVATION_RESERVE_MAX_SEARCHES
+            )
+            needed = activations.get("reserve_needed")
+            if needed is None:
+                break
+            # Integer layers that save much of the model's time did not fit the activation budget
+            # on top of the widths: the widths are searched again leaving them that much room.
+            reserve = {key: reserve.get(key, 0.0) + room for key, room in needed.items()}
+            reserved_for = activations["reserve_for"]
+            self._activation_plans, self._integer_layers = dict(activation_plans), set()
+            try:
+                plan, search = self._plan_bits(model, selected, hessians, reserve)
+            finally:
+                self._integer_layers = set(candidates)
+        if reserve:
+            activations["reserved_for"] = reserved_for
+            search["searches"] = searches
         equalized = self._equalize(model, selected, hessians)
         # Smoothing before stacking: a stacked table is no longer a constant the factors can fold
         # into, and each part would get a Mul (MMoE int4 one row 0.89x the original's speed).
@@ -1303,7 +1336,11 @@ class Quantize(CompressionPass):
     # --- mixed precision -------------------------------------------------------------------------
 
     def _plan_bits(
-        self, model: ir.Model, selected: dict[ir.Value, list[WeightUse]], hessians: dict[str, np.ndarray]
+        self,
+        model: ir.Model,
+        selected: dict[ir.Value, list[WeightUse]],
+        hessians: dict[str, np.ndarray],
+        reserve: dict[str, float] | None = None,
     ) -> tuple[dict[ir.Value, int], dict[str, Any]]:
         """Bits per weight: the configured widths, or with ``mixed`` a greedy search on calibration data.
 
@@ -1335,12 +1372,11 @@ class Quantize(CompressionPass):
             )
             return plan, {"skipped": skipped}
         ladder = sorted({bits for bits in config.mixed_bits if bits in BIT_CHOICES}, reverse=True)
+        # ``reserve``: what integer layers' activations are to have left (see ``call``).
+        min_rank_corr = config.mixed_min_rank_corr + (reserve or {}).get("min_rank_corr", 0.0)
+        min_cosine = config.mixed_min_cosine + (reserve or {}).get("min_cosine", 0.0)
         budget = Budgets(
-            Budget(
-                min_rank_corr=config.mixed_min_rank_corr,
-                min_cosine=config.mixed_min_cosine,
-                max_mismatch=config.mixed_max_mismatch,
-            )
+            Budget(min_rank_corr=min_rank_corr, min_cosine=min_cosine, max_mismatch=config.mixed_max_mismatch)
         )
         # Every evaluation hands the model with its simulated weights to onnxruntime: weights above
         # this size would be materialised in float each time, so they keep the configured bits.
@@ -1373,10 +1409,10 @@ class Quantize(CompressionPass):
             for output in result.outputs:
                 needed = output.would_pass_with
                 scored = labels is not None and output.name in labels
-                min_cosine = LOSSY.min_cosine if scored else config.mixed_min_cosine
-                min_rank_corr = LOSSY.min_rank_corr if scored else config.mixed_min_rank_corr
-                worst = max(worst, (min_cosine or 0.0) - needed.get("min_cosine", 1.0))
-                worst = max(worst, (min_rank_corr or 0.0) - needed.get("min_rank_corr", 1.0))
+                cosine_floor = LOSSY.min_cosine if scored else min_cosine
+                rank_floor = LOSSY.min_rank_corr if scored else min_rank_corr
+                worst = max(worst, (cosine_floor or 0.0) - needed.get("min_cosine", 1.0))
+                worst = max(worst, (rank_floor or 0.0) - needed.get("min_rank_corr", 1.0))
                 if "max_mismatch" in needed:
                     rate = _flip_rate(needed["max_mismatch"], reference[output.name].size)
                     worst = max(worst, rate - config.mixed_max_mismatch)
@@ -1435,8 +1471,8 @@ class Quantize(CompressionPass):
             "bits": {value.name: bits for value, bits in state.items()},
             "evaluations": evaluations,
             "budget": {
-                "min_rank_corr": config.mixed_min_rank_corr,
-                "min_cosine": config.mixed_min_cosine,
+                "min_rank_corr": round(min_rank_corr, 6),
+                "min_cosine": round(min_cosine, 6),
                 "max_mismatch": config.mixed_max_mismatch,
                 **({"max_auc_drop": config.max_auc_drop, "auc_confidence": 0.95} if labels else {}),
             },
@@ -1496,7 +1532,7 @@ class Quantize(CompressionPass):
         quantized, granularity, dynamic, _ = self._linear_codes(rows, uses, bits, hessians.get(value.name or ""))
         restored = _restored(quantized, granularity, *rows.shape)
         if dynamic and bits < 8 and not _integer_codes(quantized, granularity, rows.shape[0]):
-            codes, requantized = int8_requantize(restored)
+            codes, requantized = int8_requantize(restored, _pair_levels(quantized))
             restored = codes * requantized[:, None].astype(np.float64)
         scales = self._smoothing(uses, dynamic)
         if scales is not None:
@@ -1669,7 +1705,9 @@ class Quantize(CompressionPass):
         if config.activations in ("auto", "static"):
             self._layer_timings = timings
             costly = any(timing.faster_on_batch and timing.single_cost > 0 for timing in timings.values())
-            if costly:
+            # The mixed search prices integer layers' time against the model's (binary layers, the
+            # room reserved for activations), free ones too.
+            if costly or (config.mixed and any(timing.faster_on_batch for timing in timings.values())):
                 self._model_timing, self._reference_timing = self._model_timings(model, calibration)
             self._integer_layers = self._choose_integer_layers(timings)
         return hessians
@@ -1680,6 +1718,8 @@ class Quantize(CompressionPass):
         selected: dict[ir.Value, list[WeightUse]],
         plan: dict[ir.Value, int],
         hessians: dict[str, np.ndarray],
+        reserve: dict[str, float] | None = None,
+        may_reserve: bool = False,
     ) -> dict[str, Any]:
         """``activations=auto``: errors of 8-bit activations compound along a chain of layers, so the
         layers that pass alone are checked together. The model with every linear weight at its planned
@@ -1689,7 +1729,7 @@ class Quantize(CompressionPass):
         config = self.config
         calibration = self.context.calibration
         by_name = {value.name: value for value in selected}
-        candidates = [name for name in self._integer_layers if MIN_INTEGER_BITS <= plan[by_name[name]] <= 8]
+        candidates = [name for name in self._integer_layers if self._integer_width(name, plan[by_name[name]])]
         self._integer_layers = set(candidates)
         if config.activations not in ("auto", "static") or calibration is None:
             return {}
@@ -1768,13 +1808,19 @@ class Quantize(CompressionPass):
             "min_rank_corr": config.activation_min_rank_corr,
             "min_cosine": config.activation_min_cosine,
         }
-        limits = {key: min(limit, weights_only.get(key, 1.0) - (1 - limit)) for key, limit in ceilings.items()}
+        # With a reserve the widths left that much more room, which the activations may take.
+        limits = {
+            key: min(limit, weights_only.get(key, 1.0) - (1 - limit) - (reserve or {}).get(key, 0.0))
+            for key, limit in ceilings.items()
+        }
         limits["max_mismatch"] = weights_only.get("max_mismatch", 0.0) + config.activation_max_mismatch
         budget = Budgets(Budget(**limits))
         figures: dict[str, float] = {}
         dropped: list[str] = []
         eligible = {
-            name: timing for name, timing in self._layer_timings.items() if MIN_INTEGER_BITS <= plan[by_name[name]] <= 8
+            name: timing
+            for name, timing in self._layer_timings.items()
+            if self._integer_width(name, plan[by_name[name]])
         }
         unsmoothed: list[str] = []
         while self._integer_layers:
@@ -1799,7 +1845,7 @@ class Quantize(CompressionPass):
                 self._activation_plans[name] = ActivationPlan(None, error, error)
                 unsmoothed.append(name)
                 continue
-            worst = max(self._integer_layers, key=lambda name: self._activation_plans[name].error)
+            worst = max(self._integer_layers, key=self._float_return_priority)
             self._integer_layers.discard(worst)
             dropped.append(worst)
             if self._model_timing is not None:
@@ -1808,6 +1854,14 @@ class Quantize(CompressionPass):
                 self._integer_layers = self._choose_integer_layers(
                     {name: timing for name, timing in eligible.items() if name not in dropped}
                 )
+        readded = self._readd_dropped(dropped, eligible, outputs_with, reference, budget)
+        if readded:
+            figures = _figures(compare(reference, outputs_with(self._integer_layers), budget))
+        if may_reserve:
+            missed = [name for name in dropped if name not in readded]
+            needed = self._activation_reserve(missed, eligible, outputs_with, reference, limits, reserve or {})
+            if needed is not None:
+                return {"reserve_needed": needed[0], "reserve_for": needed[1]}
         # At 8 bits an integer layer stores what a folded one does; below, it adds channel scales
         # (Wide&Deep int4 with a third integer layer: 7.02x -> 6.99x), so only the probe's choice.
         eight_bit = {name: timing for name, timing in eligible.items() if plan[by_name[name]] == 8}
@@ -1818,12 +1872,104 @@ class Quantize(CompressionPass):
             **self._timing_stats(),
             **added,
             **confirmed,
-            "returned_to_float": dropped,
+            "returned_to_float": [name for name in dropped if name not in readded],
+            **({"integer_again": readded} if readded else {}),
             **({"unsmoothed": unsmoothed} if unsmoothed else {}),
             "budget": {key: round(limit, 6) for key, limit in limits.items()},
+            **({"reserve": {key: round(room, 6) for key, room in reserve.items()}} if reserve else {}),
             "weights_only": {key: round(figure, 6) for key, figure in weights_only.items()},
             "measured": {key: round(figure, 6) for key, figure in figures.items()},
         }
+
+    def _activation_reserve(
+        self,
+        missed: list[str],
+        eligible: dict[str, LayerTiming],
+        outputs_with: Callable[[set[str]], dict[str, np.ndarray]],
+        reference: dict[str, np.ndarray],
+        limits: dict[str, float],
+        reserved: dict[str, float],
+    ) -> tuple[dict[str, float], list[str]] | None:
+        """With ``mixed``: how much more room (Spearman, cosine) the widths must leave for the layers
+        the activation budget returned to float (``missed``) that each save at least
+        ``ACTIVATION_RESERVE_MIN_BATCH_SHARE`` of the model's batch time to fit beside the integer
+        layers kept, and those layers; when the one-row latency allows them, they flip no more labels
+        than the budget allows, and the room, with what was ``reserved`` before, is at most
+        ``ACTIVATION_RESERVE_MAX_SHARE`` of the mixed budget. Else None."""
+        config = self.config
+        if not config.mixed or self._model_timing is None:
+            return None
+        worth = ACTIVATION_RESERVE_MIN_BATCH_SHARE * self._model_timing.batch
+        missed = [name for name in missed if self._batch_gain(name) >= worth]
+        if not missed:
+            return None
+        trial = self._integer_layers | set(missed)
+        if not trial <= self._choose_integer_layers({name: eligible[name] for name in trial if name in eligible}):
+            return None
+        result = compare(reference, outputs_with(trial), Budgets(Budget(max_mismatch=limits["max_mismatch"])))
+        if not result.passed:
+            return None
+        figures = _figures(result)
+        needed = {key: max(limits[key] - figures.get(key, 1.0), 0.0) for key in ("min_rank_corr", "min_cosine")}
+        floors = {"min_rank_corr": config.mixed_min_rank_corr, "min_cosine": config.mixed_min_cosine}
+        if not any(needed.values()) or any(
+            reserved.get(key, 0.0) + needed[key] > ACTIVATION_RESERVE_MAX_SHARE * (1 - floors[key]) for key in needed
+        ):
+            return None
+        return needed, missed
+
+    def _readd_dropped(
+        self,
+        dropped: list[str],
+        eligible: dict[str, LayerTiming],
+        outputs_with: Callable[[set[str]], dict[str, np.ndarray]],
+        reference: dict[str, np.ndarray],
+        budget: Budgets,
+    ) -> list[str]:
+        """Layers returned to float one at a time may not all have needed to go: the last to go can
+        have been the one over budget, the others dropped before it would fit beside the rest. Each
+        is tried again, most batch time saved first, and kept if the model still meets the budget
+        (and, with timings, the one-row latency allows it)."""
+        readded: list[str] = []
+        for name in sorted(dropped, key=lambda name: -self._batch_gain(name)):
+            trial = self._integer_layers | {name}
+            if self._model_timing is not None and not trial <= self._choose_integer_layers(
+                {layer: eligible[layer] for layer in trial if layer in eligible}
+            ):
+                continue
+            if compare(reference, outputs_with(trial), budget).passed:
+                self._integer_layers = trial
+                readded.append(name)
+        return readded
+
+    def _integer_width(self, name: str, bits: int) -> bool:
+        """Whether a layer at ``bits`` may run as an integer kernel. A binary layer's integer form adds
+        the graph that rounds its signs to int8 (about 150 bytes) to a weight that may be a few
+        hundred: with ``activations=auto``, only where it saves ``ACTIVATION_RESERVE_MIN_BATCH_SHARE``
+        of the model's batch time (SASRec's 32x32 projections at 1 bit: 1.19x faster each, 2% larger
+        file)."""
+        if not MIN_INTEGER_BITS <= bits <= 8:
+            return False
+        if bits > 1 or self.config.activations != "auto":
+            return True
+        return (
+            self._model_timing is not None
+            and self._batch_gain(name) >= ACTIVATION_RESERVE_MIN_BATCH_SHARE * self._model_timing.batch
+        )
+
+    def _batch_gain(self, name: str) -> float:
+        timing = self._layer_timings.get(name)
+        return 0.0 if timing is None else timing.batch_gain
+
+    def _float_return_priority(self, name: str) -> float:
+        """Which integer layer returns to float first when the model misses the activation budget:
+        the largest activation error per second it saves on a batch, so a layer that saves most of
+        the model's time stays before one that saves little (the wide DLRM's 1024-wide 1-bit layer:
+        6x faster integer, returned first by error alone). Without timings, the largest error."""
+        error = self._activation_plans[name].error
+        if name not in self._layer_timings:
+            return error
+        return error / max(self._batch_gain(name), 1e-9)
 
     def _confirm_by_model_timing(self, model: ir.Model, selected: dict[ir.Value, list[WeightUse]]) -> dict[str, Any]:
         """Keep the smoothed integer layers whose factors need a ``Mul`` (not folded upstream) only if
@@ -2312,6 +2458,7 @@ class Quantize(CompressionPass):
         # Codes rounded to int8 for an integer kernel must be decoded by ops onnxruntime folds at load:
         # it never folds DequantizeLinear, which would rerun the whole rounding on every call.
         dequantize = "fold" if dynamic or quantized.levels is not None else config.dequantize
+        decoded_as_read = use.out_axis == 1  # the decoded weight is [inputs, outputs], as the kernels read
         if dynamic and bits == 8:
             weight_kn = build.constant("q", quantized.codes.reshape(channels, inputs).T.copy())
             scale_shape = () if shared_scale else (channels,)
@@ -2338,6 +2485,7 @@ class Quantize(CompressionPass):
             )
             stored = _store(build, by_column, binary=bits == 1, native_int4=True, along_rows=True)
             output = _decode_rows(build, stored, stored.codes, stored.scale, stored.zero, "fold")
+            decoded_as_read = True
             form = "fold"
         else:
             linear_form = dequantize == "linear"
@@ -2348,6 +2496,7 @@ class Quantize(CompressionPass):
                 # Rows of the codes are (input, block of outputs): decoded, they are the
                 # [inputs, outputs] layout MatMul reads, once the padding outputs are sliced off.
                 output = _without_padding(build, flat, (inputs, quantized.codes.size // inputs), channels)
+                decoded_as_read = True
                 if use.out_axis == 0 and not dynamic:  # the integer kernel reads [inputs, outputs]
                     if all(_gemm_transposed(weight_use) for weight_use in uses):
                         _read_as_stored(uses)
@@ -2363,14 +2512,13 @@ class Quantize(CompressionPass):
             # Stored at its own width; decoded and rounded to int8 per output channel at load (every
             # input is constant, so onnxruntime folds it, scales included: none is stored), then
             # read by the integer kernel. numerics.quant.int8_requantize computes the same.
-            in_layout = use.out_axis == 1 or granularity == "block_outputs"
-            weight_kn = output if in_layout else build.op("Transpose", [output], perm=[1, 0])
+            weight_kn = output if decoded_as_read else build.op("Transpose", [output], perm=[1, 0])
             axis = build.constant("axis", np.array([0]))
             magnitudes = build.op("Abs", [weight_kn])
             if inputs % 2 == 0:  # each channel's largest pair sum, as numerics.quant.int8_requantize
                 pairs = build.op("Reshape", [magnitudes, build.constant("pairs", np.array([-1, 2, channels]))])
                 sums = build.op("ReduceSum", [pairs, build.constant("pair_axis", np.array([1]))], keepdims=0)
-                peak, levels = build.op("ReduceMax", [sums, axis], keepdims=0), 127
+                peak, levels = build.op("ReduceMax", [sums, axis], keepdims=0), _pair_levels(quantized)
             else:
                 peak, levels = build.op("ReduceMax", [magnitudes, axis], keepdims=0), INT8_GRAPH_LEVELS
             if not np.abs(_restored(quantized, granularity, channels, inputs)).max(axis=1).all():
@@ -2793,6 +2941,12 @@ def _dequantized(quantized: QuantizedRows | ProductCodes) -> np.ndarray:
     if quantized.bits == 1 and quantized.levels is None:
         return (2.0 * quantized.codes.astype(np.float64) - 1.0) * quantized.scale.astype(np.float64)[:, None]
     return dequantize_rows(quantized)
+
+
+def _pair_levels(quantized: QuantizedRows) -> int:
+    """The levels an integer layer's largest pair sum is spread over when its decoded weights are
+    rounded to int8 (``numerics.quant.int8_requantize``): binary rows round exactly over 126."""
+    return BINARY_PAIR_LEVELS if quantized.bits == 1 and quantized.levels is None else 127
 
 
 def _integer_codes(quantized: QuantizedRows, granularity: str, channels: int) -> bool:
